@@ -1,0 +1,1 @@
+"""Decoupled Neural Interfaces pipeline: pure library code (math, schedule, wire format), no processes."""

@@ -1,0 +1,28 @@
+"""The seed task, binary addition, and how an epoch is cut into batches."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def to_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Integers (n,) -> (n, bits) of 0/1, most significant bit first."""
+    shifts = np.arange(bits - 1, -1, -1)
+    return ((values[:, None] >> shifts) & 1).astype(np.float64)
+
+
+def addition(bits: int, examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """x = [bits(a), bits(b)] (n, 2*bits), y = bits(a + b) (n, bits).
+
+    Operands are below 2**(bits-1), as in the seed, so every sum fits in
+    ``bits`` bits.
+    """
+    rng = np.random.default_rng([seed, 0xDA7A])
+    a = rng.integers(0, 2 ** (bits - 1), size=examples)
+    b = rng.integers(0, 2 ** (bits - 1), size=examples)
+    x = np.concatenate([to_bits(a, bits), to_bits(b, bits)], axis=1)
+    return x, to_bits(a + b, bits)
+
+
+def batch_slices(examples: int, batch_size: int) -> list[slice]:
+    """The batches of one epoch, in the seed's fixed order; the last may be short."""
+    return [slice(i, min(i + batch_size, examples)) for i in range(0, examples, batch_size)]

@@ -1,0 +1,28 @@
+"""Builds each layer of a run from the config: the same seeds in every process."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.nodes import HiddenLayer, OutputLayer
+
+
+def role_name(index: int, cfg: Config) -> str:
+    """Layer ``index`` (1-based, counting weight layers) -> its process role."""
+    return "output" if index == cfg.layers else f"layer{index}"
+
+
+def layer_rng(cfg: Config, index: int) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed, 0x1A7E, index])
+
+
+def make_hidden(cfg: Config, index: int) -> HiddenLayer:
+    d = cfg.dims
+    return HiddenLayer(index, d[index - 1], d[index], mode=cfg.mode,
+                       activation=cfg.activation, lr=cfg.lr, sg_lr=cfg.sg_lr,
+                       label_dim=d[-1], rng=layer_rng(cfg, index))
+
+
+def make_output(cfg: Config) -> OutputLayer:
+    d = cfg.dims
+    return OutputLayer(cfg.layers, d[-2], d[-1], lr=cfg.lr, rng=layer_rng(cfg, cfg.layers))
