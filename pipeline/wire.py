@@ -1,0 +1,193 @@
+"""The wire format: ``encode(msg) -> frames`` and ``decode(frames) -> msg``, pure and socket-free.
+
+Frame layout of one message (a ZeroMQ multipart message)::
+
+    frame 0      msgpack map, at most MAX_HEADER_BYTES, exactly these keys:
+                   v  int        PROTOCOL_VERSION
+                   k  str        message kind, one of KINDS
+                   r  str        run id (lets a worker drop frames of another run)
+                   b  int        batch id, -1 = none
+                   s  str        sender role, e.g. "layer1"
+                   t  int        sender's local update count, >= 0
+                   a  list       one [dtype_str, shape] per array, e.g. ["<f8", [32, 16]]
+                   m  map        small meta dict with str keys (metrics, config, ...)
+    frame 1..n   raw C-order little-endian bytes of array i, one frame per array
+
+msgpack only (bin type on, str map keys); never pickle, so a peer cannot run code here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_NDIM = 4
+
+HELLO = "hello"
+CONFIG = "config"
+READY = "ready"
+START = "start"
+ACT = "act"
+GRAD = "grad"
+EVAL = "eval"
+EOF = "eof"
+METRIC = "metric"
+DONE = "done"
+ERROR = "error"
+STOP = "stop"
+HEARTBEAT = "heartbeat"
+KINDS = frozenset({HELLO, CONFIG, READY, START, ACT, GRAD, EVAL, EOF,
+                   METRIC, DONE, ERROR, STOP, HEARTBEAT})
+
+# Wire dtype string (numpy ``dtype.str``, always little-endian) -> dtype.
+ALLOWED_DTYPES: dict[str, np.dtype] = {
+    np.dtype(s).str: np.dtype(s) for s in ("<f8", "<f4", "<i8", "<i4", "|u1")
+}
+_HEADER_KEYS = frozenset("vkrbstam")
+
+
+# eq=False: field-wise == on ndarray fields is ambiguous, and a dict field is unhashable.
+@dataclass(frozen=True, eq=False)
+class Message:
+    """One message. Decoded arrays are read-only views that keep their frame alive."""
+    kind: str
+    run_id: str
+    batch: int = -1  # batch id, -1 = none
+    sender: str = ""  # role name, e.g. "layer1"
+    step: int = 0  # sender's local update count
+    arrays: tuple[np.ndarray, ...] = ()
+    meta: dict = field(default_factory=dict)  # msgpack-able, str keys; tuples come back as lists
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # bool is an int subclass
+
+
+def _wire_array(arr: Any, i: int) -> np.ndarray:
+    """Return ``arr`` as a C-contiguous little-endian array, copying only if it is not one already."""
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"array {i} is a {type(arr).__name__}, not a numpy.ndarray")
+    le = arr.dtype.newbyteorder("<")  # no-op for "|u1" and for native dtypes on little-endian hosts
+    if le.str not in ALLOWED_DTYPES:
+        raise ValueError(f"array {i} has dtype {arr.dtype.str!r}; allowed: {sorted(ALLOWED_DTYPES)}")
+    return np.asarray(arr, dtype=le, order="C")  # unlike ascontiguousarray, keeps 0-d shapes
+
+
+def encode(msg: Message) -> list:
+    """Message -> [header bytes, one flat byte memoryview per array]; arrays already in wire form are not copied."""
+    if msg.kind not in KINDS:
+        raise ValueError(f"unknown message kind {msg.kind!r}")
+    arrays = [_wire_array(a, i) for i, a in enumerate(msg.arrays)]
+    header = {"v": PROTOCOL_VERSION, "k": msg.kind, "r": msg.run_id, "b": msg.batch,
+              "s": msg.sender, "t": msg.step, "m": msg.meta,
+              "a": [[a.dtype.str, list(a.shape)] for a in arrays]}
+    try:
+        packed = msgpack.packb(header, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ValueError(f"header cannot be packed with msgpack (check meta): {e}") from e
+    # Run the receiver's checks on our own header, so encode never emits what decode rejects.
+    _parse_header(memoryview(packed))
+    # reshape(-1) and view(uint8) are views of a contiguous array: no copy, even for 0-d or empty.
+    return [packed, *(memoryview(a.reshape(-1).view(np.uint8)) for a in arrays)]
+
+
+def _buffer(frame: Any, i: int) -> memoryview:
+    # zmq.Frame exposes its bytes as .buffer; bytes/memoryview/bytearray are buffers themselves.
+    try:
+        mv = memoryview(getattr(frame, "buffer", frame))
+    except TypeError as e:
+        raise ValueError(f"frame {i} is a {type(frame).__name__}, not a buffer") from e
+    if not mv.c_contiguous:
+        raise ValueError(f"frame {i} is not a contiguous buffer")
+    return mv
+
+
+def _parse_header(buf: memoryview) -> dict:
+    if buf.nbytes > MAX_HEADER_BYTES:
+        raise ValueError(f"header is {buf.nbytes} bytes, more than MAX_HEADER_BYTES={MAX_HEADER_BYTES}")
+    try:
+        h = msgpack.unpackb(buf, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise ValueError(f"header is not valid msgpack: {e}") from e
+    if not isinstance(h, dict):
+        raise ValueError(f"header is a msgpack {type(h).__name__}, not a map")
+    # Version first: another version may legitimately have other keys, and that is the real error.
+    if "v" not in h:
+        raise ValueError("header has no version key 'v'")
+    if not _is_int(h["v"]) or h["v"] != PROTOCOL_VERSION:
+        raise ValueError(f"protocol version mismatch: message has v={h['v']!r}, "
+                         f"this side speaks v={PROTOCOL_VERSION}")
+    if h.keys() != _HEADER_KEYS:
+        missing, extra = sorted(_HEADER_KEYS - h.keys()), sorted(map(repr, h.keys() - _HEADER_KEYS))
+        raise ValueError(f"header keys wrong: missing {missing}, extra {extra}")
+    if not isinstance(h["k"], str) or h["k"] not in KINDS:
+        raise ValueError(f"unknown message kind {h['k']!r}")
+    for key, name in (("r", "run id"), ("s", "sender")):
+        if not isinstance(h[key], str):
+            raise ValueError(f"{name} ({key!r}) must be a str, got {type(h[key]).__name__}")
+    for key, name, low in (("b", "batch", -1), ("t", "step", 0)):
+        if not _is_int(h[key]) or h[key] < low:
+            raise ValueError(f"{name} ({key!r}) must be an int >= {low}, got {h[key]!r}")
+    if not isinstance(h["m"], dict) or not all(isinstance(k, str) for k in h["m"]):
+        raise ValueError("meta ('m') must be a map with str keys")
+    specs = h["a"]
+    if not isinstance(specs, list):
+        raise ValueError(f"array specs ('a') must be a list, got {type(specs).__name__}")
+    for i, spec in enumerate(specs):
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+                and isinstance(spec[1], list) and all(map(_is_int, spec[1]))):
+            raise ValueError(f"array spec {i} must be [dtype str, list of int], got {spec!r}")
+        dtype, shape = spec
+        if dtype not in ALLOWED_DTYPES:
+            raise ValueError(f"array {i} has dtype {dtype!r}; allowed: {sorted(ALLOWED_DTYPES)}")
+        if len(shape) > MAX_NDIM:
+            raise ValueError(f"array {i} has {len(shape)} dims, more than {MAX_NDIM}")
+        if any(d < 0 for d in shape):
+            raise ValueError(f"array {i} has a negative dim in shape {shape}")
+    return h
+
+
+def decode(frames: Sequence[Any], *, run_id: str | None = None, max_bytes: int = 1 << 30) -> Message:
+    """Frames (bytes, memoryview or zmq.Frame) -> Message; any malformed input raises ValueError.
+
+    The arrays are zero-copy, read-only views over the frames: they stay valid as
+    long as they are referenced (they hold the frame), and np.array(x) gives a
+    writable copy. If ``run_id`` is given, a message of another run is rejected.
+    """
+    if isinstance(frames, (bytes, bytearray, memoryview, str)):
+        raise ValueError("decode takes a sequence of frames, not a single buffer")
+    try:
+        views = [_buffer(f, i) for i, f in enumerate(frames)]
+    except TypeError as e:  # not iterable
+        raise ValueError(f"frames must be a sequence of buffers: {e}") from e
+    if not views:
+        raise ValueError("empty frame list: a message needs at least a header frame")
+    total = sum(v.nbytes for v in views)
+    if total > max_bytes:
+        raise ValueError(f"message is {total} bytes, more than max_bytes={max_bytes}")
+    h = _parse_header(views[0])
+    if run_id is not None and h["r"] != run_id:
+        raise ValueError(f"foreign run id {h['r']!r} (expected {run_id!r})")
+    specs, bodies = h["a"], views[1:]
+    if len(bodies) != len(specs):
+        raise ValueError(f"header declares {len(specs)} arrays but {len(bodies)} array frames follow")
+    arrays = []
+    for i, ((dtype_str, shape), body) in enumerate(zip(specs, bodies)):
+        dtype = ALLOWED_DTYPES[dtype_str]
+        want = math.prod(shape) * dtype.itemsize  # Python ints: no overflow on hostile shapes
+        if body.nbytes != want:
+            raise ValueError(f"array {i} frame is {body.nbytes} bytes, but shape {shape} "
+                             f"of {dtype_str} needs {want}")
+        try:
+            arr = np.frombuffer(body, dtype=dtype).reshape(shape)
+        except (ValueError, OverflowError) as e:  # e.g. a zero-size shape with an absurd dim
+            raise ValueError(f"array {i} shape {shape} is not representable: {e}") from e
+        arr.flags.writeable = False  # frames may be writable (zmq.Frame, bytearray): keep views read-only
+        arrays.append(arr)
+    return Message(kind=h["k"], run_id=h["r"], batch=h["b"], sender=h["s"], step=h["t"],
+                   arrays=tuple(arrays), meta=h["m"])

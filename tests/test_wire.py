@@ -1,0 +1,364 @@
+"""Tests for pipeline.wire: round trips, zero-copy, every malformed-input rejection, fuzzing."""
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import wire
+from pipeline.wire import Message, decode, encode
+
+pytestmark = pytest.mark.timeout(60)
+
+ALL_KINDS = ["hello", "config", "ready", "start", "act", "grad", "eval", "eof",
+             "metric", "done", "error", "stop", "heartbeat"]
+WIRE_DTYPES = ["<f8", "<f4", "<i8", "<i4", "|u1"]
+SHAPES = [(), (0, 3), (1,), (7,), (2, 3), (1, 2, 3, 4)]
+
+
+def _sample(dtype: str, shape: tuple, seed: int = 0) -> np.ndarray:
+    """Distinct, exactly representable values, so equality is a real check."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(1, 250, size=shape).astype(dtype)
+    return np.asarray(x)  # a 0-d result would otherwise be a numpy scalar
+
+
+def _roundtrip(msg: Message, **kw) -> Message:
+    return decode(encode(msg), **kw)
+
+
+def _assert_same(got: Message, want: Message) -> None:
+    assert (got.kind, got.run_id, got.batch, got.sender, got.step, got.meta) == \
+        (want.kind, want.run_id, want.batch, want.sender, want.step, want.meta)
+    assert len(got.arrays) == len(want.arrays)
+    for g, w in zip(got.arrays, want.arrays):
+        assert g.dtype.str == w.dtype.newbyteorder("<").str
+        assert g.shape == w.shape
+        assert np.array_equal(g, w)
+        assert not g.flags.writeable
+
+
+# ---------------------------------------------------------------- constants
+
+def test_constants():
+    assert wire.PROTOCOL_VERSION == 1
+    assert wire.KINDS == frozenset(ALL_KINDS)
+    assert all(getattr(wire, k.upper()) == k for k in ALL_KINDS)
+    assert sorted(wire.ALLOWED_DTYPES) == sorted(WIRE_DTYPES)
+    assert all(wire.ALLOWED_DTYPES[s].str == s for s in WIRE_DTYPES)
+
+
+# ---------------------------------------------------------------- round trips
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_roundtrip_every_kind(kind):
+    msg = Message(kind, "run-7", batch=12, sender="layer2", step=5,
+                  arrays=(_sample("<f4", (3, 2)),),
+                  meta={"loss": 0.25, "epoch": 3, "tags": ["a", "b"], "blob": b"\x00\xff",
+                        "nested": {"ok": True, "none": None}})
+    _assert_same(_roundtrip(msg), msg)
+
+
+def test_roundtrip_defaults_no_arrays():
+    got = _roundtrip(Message("heartbeat", "r"))
+    assert (got.batch, got.sender, got.step, got.arrays, got.meta) == (-1, "", 0, (), {})
+
+
+@pytest.mark.parametrize("dtype", WIRE_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_roundtrip_every_dtype_and_shape(dtype, shape):
+    msg = Message("act", "r", batch=0, arrays=(_sample(dtype, shape),))
+    _assert_same(_roundtrip(msg), msg)
+
+
+def test_roundtrip_several_arrays_mixed():
+    arrays = tuple(_sample(d, s, seed=i) for i, (d, s) in
+                   enumerate(zip(WIRE_DTYPES, [(4, 3), (0, 3), (), (5,), (2, 2, 2)])))
+    msg = Message("grad", "r", batch=3, sender="layer3", step=9, arrays=arrays)
+    frames = encode(msg)
+    assert len(frames) == 1 + len(arrays)
+    _assert_same(decode(frames), msg)
+
+
+def test_float_specials_roundtrip_bitwise():
+    x = np.array([np.nan, np.inf, -np.inf, -0.0, 5e-324, 1.7976931348623157e308])
+    got = _roundtrip(Message("act", "r", arrays=(x,))).arrays[0]
+    assert got.tobytes() == x.tobytes()
+
+
+def test_non_contiguous_inputs_roundtrip():
+    base = _sample("<f8", (6, 8))
+    views = (base[:, ::2], base.T, np.asfortranarray(base), base[::3, 1:5][:, ::-1])
+    assert not any(v.flags.c_contiguous for v in views)
+    _assert_same(_roundtrip(Message("act", "r", arrays=views)), Message("act", "r", arrays=views))
+
+
+@pytest.mark.parametrize("dtype", [">f8", ">f4", ">i8", ">i4"])
+def test_big_endian_inputs_arrive_little_endian(dtype):
+    x = _sample(dtype, (3, 4))
+    frames = encode(Message("act", "r", arrays=(x,)))
+    spec = msgpack.unpackb(frames[0], raw=False)["a"][0]
+    assert spec == ["<" + dtype[1:], [3, 4]]
+    assert bytes(frames[1]) == x.astype("<" + dtype[1:]).tobytes()
+    got = decode(frames).arrays[0]
+    assert got.dtype.str == "<" + dtype[1:] and np.array_equal(got, x)
+
+
+def test_native_dtype_spellings_are_accepted():
+    x = np.arange(4, dtype=np.float64)  # "=f8" / native, not written "<f8"
+    assert decode(encode(Message("act", "r", arrays=(x,)))).arrays[0].dtype.str == "<f8"
+
+
+def test_header_layout():
+    h = msgpack.unpackb(encode(Message("act", "r", 1, "layer1", 2, (np.zeros((2, 3)),), {"x": 1}))[0],
+                        raw=False)
+    assert h == {"v": 1, "k": "act", "r": "r", "b": 1, "s": "layer1", "t": 2,
+                 "a": [["<f8", [2, 3]]], "m": {"x": 1}}
+
+
+# ---------------------------------------------------------------- zero copy
+
+@pytest.mark.parametrize("shape", [(100, 100), (), (0, 3)], ids=str)
+def test_encode_does_not_copy_contiguous_arrays(shape):
+    x = _sample("<f8", shape)
+    frame = encode(Message("act", "r", arrays=(x,)))[1]
+    assert isinstance(frame, memoryview) and frame.nbytes == x.nbytes
+    if x.size:
+        assert np.shares_memory(np.frombuffer(frame, np.uint8), x)
+    x[...] = 42.0  # the frame is a view: a write to the array shows through
+    assert np.all(np.frombuffer(frame, "<f8") == 42.0)
+
+
+def test_decode_is_zero_copy_and_read_only():
+    frames = [bytearray(f) for f in encode(Message("act", "r", arrays=(np.arange(6.0).reshape(2, 3),)))]
+    got = decode(frames).arrays[0]
+    frames[1][0:8] = np.float64(-1.0).tobytes()  # writing the frame shows in the view
+    assert got[0, 0] == -1.0
+    assert not got.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        got[0, 0] = 3.0
+
+
+def test_decoded_array_outlives_frame_list():
+    frames = [bytes(f) for f in encode(Message("act", "r", arrays=(np.arange(5, dtype="<i4"),)))]
+    got = decode(frames).arrays[0]
+    del frames
+    assert np.array_equal(got, np.arange(5))
+
+
+# ---------------------------------------------------------------- encode rejects
+
+@pytest.mark.parametrize("arr", [np.array([object()]), np.zeros(2, "<c16"), np.zeros(2, bool),
+                                 np.zeros(2, "<f2"), np.zeros(2, "<u4"), np.zeros(2, "<M8[s]")],
+                         ids=lambda a: a.dtype.str)
+def test_encode_rejects_bad_dtype(arr):
+    with pytest.raises(ValueError, match="dtype"):
+        encode(Message("act", "r", arrays=(arr,)))
+
+
+@pytest.mark.parametrize("msg, match", [
+    (Message("bogus", "r"), "unknown message kind"),
+    (Message("act", "r", meta={"x": object()}), "msgpack"),
+    (Message("act", "r", meta={"x": np.int64(3)}), "msgpack"),
+    (Message("act", "r", meta={"x": 2 ** 70}), "msgpack"),
+    (Message("act", "r", meta={1: "int key"}), "str keys|msgpack"),
+    (Message("act", "r", meta={"x": {1: "nested int key"}}), "msgpack"),
+    (Message("act", "r", meta=[1, 2]), "meta"),
+    (Message("act", "r", batch=True), "batch"),
+    (Message("act", "r", batch=-2), "batch"),
+    (Message("act", "r", step=-1), "step"),
+    (Message("act", "r", step=1.0), "step"),
+    (Message("act", 5), "run id"),
+    (Message("act", "r", sender=None), "sender"),
+    (Message("act", "r", arrays=([1.0, 2.0],)), "not a numpy.ndarray"),
+    (Message("act", "r", arrays=(np.zeros((1,) * 5),)), "5 dims"),
+    (Message("act", "r", meta={"big": "x" * (70 * 1024)}), "MAX_HEADER_BYTES"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_encode_rejects(msg, match):
+    with pytest.raises(ValueError, match=match):
+        encode(msg)
+
+
+# ---------------------------------------------------------------- decode rejects
+
+_DROP = object()
+
+
+def _header(**over) -> bytes:
+    h = {"v": 1, "k": "act", "r": "run", "b": 0, "s": "layer1", "t": 0,
+         "a": [["<f8", [2, 3]]], "m": {}}
+    for k, v in over.items():
+        if v is _DROP:
+            del h[k]
+        else:
+            h[k] = v
+    return msgpack.packb(h, use_bin_type=True)
+
+
+BODY = bytes(48)  # 2 * 3 * 8 bytes, matching the default header
+
+DECODE_CASES = [
+    ("empty", [], {}, "empty frame list"),
+    ("single buffer", _header(), {}, "not a single buffer"),
+    ("not iterable", 5, {}, "sequence of buffers"),
+    ("frame not buffer", [_header(), "text"], {}, "frame 1 is a str, not a buffer"),
+    ("frame not contiguous", [_header(), memoryview(bytes(96))[::2]], {}, "not a contiguous"),
+    ("garbage header", [b"\xc1\xc1\xc1", BODY], {}, "not valid msgpack"),
+    ("truncated header", [_header()[:-3], BODY], {}, "not valid msgpack"),
+    ("trailing header bytes", [_header() + b"\x00", BODY], {}, "not valid msgpack"),
+    ("bad utf8 header", [b"\xa2\xff\xfe", BODY], {}, "not valid msgpack"),
+    ("int map key", [msgpack.packb({1: 2}), BODY], {}, "not valid msgpack"),
+    ("header is list", [msgpack.packb([1, "act"]), BODY], {}, "msgpack list, not a map"),
+    ("header is int", [msgpack.packb(7)], {}, "msgpack int, not a map"),
+    ("oversized header", [_header(m={"x": "y" * 70000}), BODY], {}, "MAX_HEADER_BYTES"),
+    ("no version", [_header(v=_DROP), BODY], {}, "no version"),
+    ("wrong version", [_header(v=2), BODY], {}, r"version mismatch.*v=2.*speaks v=1"),
+    ("bool version", [_header(v=True), BODY], {}, "version mismatch"),
+    ("missing key", [_header(m=_DROP), BODY], {}, r"missing \['m'\]"),
+    ("extra key", [_header(x=1), BODY], {}, r"extra \[\"'x'\"\]"),
+    ("unknown kind", [_header(k="pickle"), BODY], {}, "unknown message kind 'pickle'"),
+    ("kind not str", [_header(k=3), BODY], {}, "unknown message kind 3"),
+    ("foreign run id", [_header(r="other"), BODY], {"run_id": "run"}, "foreign run id 'other'"),
+    ("run id bytes", [_header(r=b"run"), BODY], {}, r"run id \('r'\) must be a str"),
+    ("sender not str", [_header(s=1), BODY], {}, "sender"),
+    ("bool batch", [_header(b=True), BODY], {}, r"batch \('b'\) must be an int"),
+    ("str batch", [_header(b="3"), BODY], {}, "batch"),
+    ("batch below -1", [_header(b=-2), BODY], {}, "batch"),
+    ("float step", [_header(t=1.5), BODY], {}, r"step \('t'\) must be an int"),
+    ("negative step", [_header(t=-1), BODY], {}, "step"),
+    ("bool step", [_header(t=False), BODY], {}, "step"),
+    ("meta not map", [_header(m=[1]), BODY], {}, "meta"),
+    ("meta bytes key", [_header(m={b"k": 1}), BODY], {}, "str keys"),
+    ("specs not list", [_header(a={"x": 1}), BODY], {}, "must be a list"),
+    ("spec not pair", [_header(a=[["<f8"]]), BODY], {}, "array spec 0"),
+    ("spec shape not list", [_header(a=[["<f8", 48]]), BODY], {}, "array spec 0"),
+    ("spec float dim", [_header(a=[["<f8", [2.0, 3]]]), BODY], {}, "array spec 0"),
+    ("spec bool dim", [_header(a=[["<f8", [True, 6]]]), BODY], {}, "array spec 0"),
+    ("object dtype", [_header(a=[["|O", [6]]]), BODY], {}, "dtype '|O'"),
+    ("complex dtype", [_header(a=[["<c16", [3]]]), BODY], {}, "dtype '<c16'"),
+    ("big-endian dtype", [_header(a=[[">f8", [2, 3]]]), BODY], {}, "dtype '>f8'"),
+    ("negative dim", [_header(a=[["<f8", [-2, -3]]]), BODY], {}, "negative dim"),
+    ("five dims", [_header(a=[["<f8", [1, 1, 2, 1, 3]]]), BODY], {}, "5 dims"),
+    ("missing array frame", [_header()], {}, "declares 1 arrays but 0 array frames"),
+    ("extra array frame", [_header(), BODY, BODY], {}, "declares 1 arrays but 2 array frames"),
+    ("truncated array frame", [_header(), BODY[:-1]], {}, r"47 bytes, but shape \[2, 3\].*needs 48"),
+    ("long array frame", [_header(), BODY + b"\x00"], {}, "49 bytes"),
+    ("shape mismatch", [_header(a=[["<f8", [3, 3]]]), BODY], {}, "needs 72"),
+    ("itemsize mismatch", [_header(a=[["<i4", [2, 3]]]), BODY], {}, "needs 24"),
+    ("absurd empty shape", [_header(a=[["<f8", [0, 2 ** 63 - 1]]]), b""], {}, "not representable"),
+    ("over max_bytes", [_header(), BODY], {"max_bytes": 60}, "more than max_bytes=60"),
+]
+
+
+@pytest.mark.parametrize("frames, kw, match", [c[1:] for c in DECODE_CASES],
+                         ids=[c[0] for c in DECODE_CASES])
+def test_decode_rejects(frames, kw, match):
+    with pytest.raises(ValueError, match=match):
+        decode(frames, **kw)
+
+
+def test_decode_reference_frames_are_valid():
+    """The malformed cases above are one edit away from this frame list, which decodes."""
+    got = decode([_header(), BODY], run_id="run", max_bytes=len(_header()) + 48)
+    assert got.kind == "act" and got.arrays[0].shape == (2, 3) and not got.arrays[0].any()
+
+
+def test_decode_accepts_matching_run_id_and_any_run_id_by_default():
+    frames = encode(Message("stop", "abc"))
+    assert decode(frames, run_id="abc").run_id == "abc"
+    assert decode(frames).run_id == "abc"
+
+
+# ---------------------------------------------------------------- over a real socket
+
+@pytest.fixture
+def pair():
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        for s in (a, b):
+            s.linger = 0
+            s.rcvtimeo = 5000  # fail, don't hang
+            s.sndtimeo = 5000
+        port = a.bind_to_random_port("tcp://127.0.0.1")
+        b.connect(f"tcp://127.0.0.1:{port}")
+        yield a, b
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+        ctx.term()
+
+
+def test_roundtrip_over_zmq_pair(pair):
+    tx, rx = pair
+    # 100x100 float64 is above pyzmq's copy threshold, so copy=False really sends the buffer.
+    arrays = (_sample("<f8", (100, 100)), _sample("|u1", (0, 3)), _sample("<i8", ()),
+              _sample(">f4", (3, 5))[:, ::2])
+    msg = Message("act", "run-z", batch=4, sender="layer1", step=2, arrays=arrays, meta={"lr": 1e-3})
+    tx.send_multipart(encode(msg), copy=False)
+    frames = rx.recv_multipart(copy=False)
+    assert all(isinstance(f, zmq.Frame) for f in frames)
+    _assert_same(decode(frames, run_id="run-z"), msg)
+
+
+# ---------------------------------------------------------------- fuzzing
+
+def _check_decode_total(frames) -> None:
+    """decode either returns a consistent Message or raises ValueError: nothing else."""
+    try:
+        msg = decode(frames)
+    except ValueError as e:
+        assert str(e)
+        return
+    assert msg.kind in wire.KINDS and len(msg.arrays) == len(frames) - 1
+    assert all(not a.flags.writeable and a.nbytes == memoryview(f).nbytes
+               for a, f in zip(msg.arrays, frames[1:]))
+
+
+_msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1) | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4),
+    max_leaves=12,
+)
+# Near-valid headers, so the fuzzer gets past the msgpack layer into the field checks.
+_headers = st.fixed_dictionaries(
+    {"v": st.sampled_from([1, 1, 1, 2, True]), "k": st.sampled_from(ALL_KINDS + ["x", 1]),
+     "r": st.text(max_size=4) | st.binary(max_size=2), "b": st.integers(-3, 3) | st.booleans(),
+     "s": st.text(max_size=4), "t": st.integers(-2, 3),
+     "a": st.lists(st.tuples(st.sampled_from(WIRE_DTYPES + ["|O", ">f8", 3]),
+                             st.lists(st.integers(-1, 3), max_size=5)).map(list), max_size=3)
+          | _msgpack_values,
+     "m": st.dictionaries(st.text(max_size=3), _msgpack_values, max_size=3) | _msgpack_values},
+    optional={"x": _msgpack_values},
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=5))
+def test_fuzz_random_frames(frames):
+    _check_decode_total(frames)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_headers, st.lists(st.binary(max_size=80), max_size=4))
+def test_fuzz_near_valid_headers(header, bodies):
+    _check_decode_total([msgpack.packb(header, use_bin_type=True), *bodies])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_valid_messages(data):
+    arrays = (_sample("<f8", (2, 3)), _sample("|u1", (4,)))
+    frames = [bytes(f) for f in encode(Message("grad", "r", 1, "layer1", 1, arrays, {"k": [1, 2]}))]
+    i = data.draw(st.integers(0, len(frames) - 1))
+    f = bytearray(frames[i])
+    if data.draw(st.booleans()) and f:
+        f[data.draw(st.integers(0, len(f) - 1))] = data.draw(st.integers(0, 255))
+    else:
+        f = f[:data.draw(st.integers(0, len(f)))]
+    frames[i] = bytes(f)
+    _check_decode_total(frames)
