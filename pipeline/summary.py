@@ -1,0 +1,73 @@
+"""The run's summary (summary.json) and what the user reads on the terminal:
+the progress line and the closing table."""
+from __future__ import annotations
+
+from pipeline.config import Config
+
+
+def layer_entry(index: int, role: str, counters: dict, decode_errors: int) -> dict:
+    st = counters.get("staleness_steps", {"mean": 0.0, "max": 0})
+    return {"index": index, "role": role,
+            "forward_batches": counters.get("forward_batches", 0),
+            "sg_updates": counters.get("sg_updates", 0),
+            "true_gradients": counters.get("true_gradients", 0),
+            "staleness_steps": {"mean": st["mean"], "max": st["max"]},
+            "decode_errors": decode_errors}
+
+
+def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
+                  final: dict | None, layers: list[dict], error: dict | None = None,
+                  epochs_done: int = 0) -> dict:
+    final = final or {}
+    train_s = final.get("train_s") or 0.0
+    batches = final.get("batches", 0)
+    summary = {
+        "status": status,
+        "mode": cfg.mode,
+        "in_process": cfg.in_process,
+        "lockstep": cfg.lockstep,
+        "epochs": cfg.epochs,
+        "epochs_done": epochs_done,
+        "batches": batches,
+        "final_loss": final.get("final_loss"),
+        "train_accuracy": final.get("train_accuracy"),
+        "batches_per_s": batches / train_s if train_s > 0 else None,
+        "wall_s": wall_s,
+        "run_id": run_id,
+        "layers": layers,
+    }
+    if error:
+        summary["error"] = error
+    return summary
+
+
+def progress_line(epoch: int, epochs: int, loss: float, accuracy: float, elapsed: float,
+                  batches: int) -> str:
+    rate = batches / elapsed if elapsed > 0 else 0.0
+    return (f"epoch {epoch + 1:>{len(str(epochs))}}/{epochs}  loss {loss:8.4f}  "
+            f"exact {accuracy * 100:5.1f} %  {rate:7.0f} batches/s  {elapsed:6.1f} s")
+
+
+def table(summary: dict, run_dir: str) -> str:
+    s = summary
+    lines = [f"run {s['status']}: {run_dir}"]
+    if s.get("error"):
+        e = s["error"]
+        lines.append(f"  failed role {e.get('role')}: {e.get('message')}")
+    where = "in-process reference" if s["in_process"] else "pipeline"
+    lines.append(f"  {s['mode']} ({where}{', lockstep' if s['lockstep'] else ''}), "
+                 f"{s['epochs_done']}/{s['epochs']} epochs, {s['batches']} batches, "
+                 f"{s['wall_s']:.1f} s wall"
+                 + (f", {s['batches_per_s']:.0f} batches/s" if s["batches_per_s"] else ""))
+    if s["final_loss"] is not None:
+        lines.append(f"  final loss {s['final_loss']:.4f}   "
+                     f"exact sums {s['train_accuracy'] * 100:.1f} %")
+    if s["layers"]:
+        lines.append(f"  {'layer':>5} {'role':<8} {'forward':>8} {'sg_upd':>8} {'true_grad':>9} "
+                     f"{'stale mean':>10} {'stale max':>9} {'bad msgs':>8}")
+        for L in s["layers"]:
+            st = L["staleness_steps"]
+            lines.append(f"  {L['index']:>5} {L['role']:<8} {L['forward_batches']:>8} "
+                         f"{L['sg_updates']:>8} {L['true_gradients']:>9} {st['mean']:>10.2f} "
+                         f"{st['max']:>9} {L['decode_errors']:>8}")
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""Sockets for the workers: bound inboxes that validate and count, senders that
+never block past a stop, and a worker's control link to the supervisor.
+
+The math never sees a socket: this module is where ZeroMQ lives.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable, Sequence
+
+import numpy as np
+import zmq
+
+from pipeline import wire
+from pipeline.config import Config
+from pipeline.wire import Message
+
+POLL_MS = 200            # longest a worker blocks before it looks at its parent
+HEADER_SLACK = 4096      # bytes allowed on top of the arrays: the msgpack header
+
+
+class Stopped(Exception):
+    """The supervisor said stop (or went away): leave the loop, clean up, exit."""
+
+
+def context() -> zmq.Context:
+    return zmq.Context.instance()
+
+
+def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
+    s = ctx.socket(kind)
+    s.linger = 0
+    s.sndhwm = hwm
+    s.rcvhwm = hwm
+    return s
+
+
+def bind_inbox(ctx: zmq.Context, host: str, hwm: int, max_bytes: int) -> tuple[zmq.Socket, str]:
+    """A PULL socket on a free port of ``host``; returns it and its endpoint.
+
+    The OS picks the port at bind time, so two runs on one machine never race
+    for the same one. MAXMSGSIZE makes ZeroMQ refuse a frame that no valid
+    message of this run could need before it is ever buffered whole.
+    """
+    s = _socket(ctx, zmq.PULL, hwm)
+    s.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    s.bind(f"tcp://{host}:0")
+    return s, s.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def connect_outbox(ctx: zmq.Context, endpoint: str, hwm: int) -> zmq.Socket:
+    s = _socket(ctx, zmq.PUSH, hwm)
+    s.connect(endpoint)
+    return s
+
+
+class Inbox:
+    """Receives, decodes and checks messages; bad ones are counted and dropped.
+
+    ``check(msg)`` raises ValueError for a well-formed message this receiver
+    cannot use (wrong shape, unknown batch): it counts like a malformed one.
+    Each distinct reason is logged once, so a flood cannot fill the log.
+    """
+
+    def __init__(self, sock: zmq.Socket, run_id: str, max_bytes: int,
+                 check: Callable[[Message], None], log: Callable[[str], None]):
+        self.sock = sock
+        self.run_id = run_id
+        self.max_bytes = max_bytes
+        self.check = check
+        self.log = log
+        self.errors = 0
+        self._seen: set[str] = set()
+
+    def recv(self) -> Message | None:
+        """One message (the caller knows one is waiting), or None if dropped."""
+        frames = self.sock.recv_multipart(copy=False)
+        try:
+            msg = wire.decode(frames, run_id=self.run_id, max_bytes=self.max_bytes)
+            self.check(msg)
+        except ValueError as exc:
+            self.errors += 1
+            reason = str(exc)
+            if reason not in self._seen:
+                self._seen.add(reason)
+                self.log(f"dropped a bad message: {reason}")
+            return None
+        return msg
+
+
+def expect(msg: Message, kinds: Sequence[str], shapes: Sequence[tuple[int | None, int]],
+           dtype: np.dtype, max_rows: int) -> None:
+    """Raise ValueError unless ``msg`` is one of ``kinds`` carrying arrays of
+    these shapes ((None, w): any row count from 1 to max_rows, all equal)."""
+    if msg.kind not in kinds:
+        raise ValueError(f"unexpected message kind {msg.kind!r} on this socket")
+    if msg.kind == wire.EOF:
+        return
+    if len(msg.arrays) != len(shapes):
+        raise ValueError(f"{msg.kind} needs {len(shapes)} arrays, got {len(msg.arrays)}")
+    rows = msg.arrays[0].shape[0] if msg.arrays and msg.arrays[0].ndim == 2 else -1
+    for arr, (_, width) in zip(msg.arrays, shapes):
+        if arr.dtype != dtype or arr.ndim != 2 or arr.shape[1] != width:
+            raise ValueError(f"{msg.kind} array {arr.dtype}{list(arr.shape)} is not "
+                             f"{dtype}[n, {width}]")
+        if arr.shape[0] != rows or not 1 <= rows <= max_rows:
+            raise ValueError(f"{msg.kind} arrays have {arr.shape[0]} rows, need 1..{max_rows}, equal")
+
+
+def send(sock: zmq.Socket, msg: Message, control: "ControlLink") -> None:
+    """Send without blocking forever: while the peer is full (backpressure),
+    keep answering the supervisor, so a stop still gets through."""
+    frames = wire.encode(msg)
+    poller = None
+    while True:
+        try:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            return
+        except zmq.Again:
+            if poller is None:
+                poller = zmq.Poller()
+                poller.register(sock, zmq.POLLOUT)
+                poller.register(control.sock, zmq.POLLIN)
+            if control.sock in dict(poller.poll(POLL_MS)):
+                control.poll_stop()
+            control.check_parent()
+
+
+def max_message_bytes(cfg: Config) -> int:
+    """Bytes of the largest data message of this run: a batch of the widest
+    layer's activations plus its labels, and the header."""
+    widest = max(cfg.dims)
+    return cfg.batch_size * (widest + cfg.dims[-1]) * 8 + HEADER_SLACK
+
+
+class ControlLink:
+    """A worker's DEALER to the supervisor's ROUTER: handshake, events, reports."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, role: str, run_id: str):
+        self.role = role
+        self.run_id = run_id
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.setsockopt(zmq.IDENTITY, role.encode())
+        self.sock.connect(endpoint)
+        self.parent = os.getppid()
+
+    def send(self, kind: str, meta: dict | None = None, arrays: tuple = ()) -> None:
+        msg = Message(kind=kind, run_id=self.run_id, sender=self.role,
+                      arrays=arrays, meta=meta or {})
+        self.sock.send_multipart(wire.encode(msg), copy=False)
+
+    def event(self, event: dict) -> None:
+        self.send(wire.METRIC, event)
+
+    def check_parent(self) -> None:
+        # The supervisor died without a word (SIGKILL): never outlive it.
+        if os.getppid() != self.parent:
+            raise Stopped("supervisor is gone")
+
+    def recv(self, timeout_ms: int) -> Message | None:
+        """The next control message, or None after ``timeout_ms``. Control
+        messages come from our own supervisor; a malformed one is a bug there."""
+        if not self.sock.poll(timeout_ms):
+            self.check_parent()
+            return None
+        msg = wire.decode(self.sock.recv_multipart(copy=False), run_id=self.run_id)
+        if msg.kind == wire.STOP:
+            raise Stopped("stop requested")
+        return msg
+
+    def wait_for(self, kind: str) -> Message:
+        while True:
+            msg = self.recv(POLL_MS)
+            if msg is not None:
+                if msg.kind != kind:
+                    raise RuntimeError(f"expected {kind!r} from the supervisor, got {msg.kind!r}")
+                return msg
+
+    def poll_stop(self) -> None:
+        """Handle whatever control message is waiting (only stop matters mid-run)."""
+        while self.sock.poll(0):
+            self.recv(0)
+
+    def log(self, text: str) -> None:
+        print(f"[{self.role}] {text}", file=sys.stderr, flush=True)
+
+    def report_error(self, exc: BaseException) -> None:
+        tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        try:
+            self.send(wire.ERROR, {"error": f"{type(exc).__name__}: {exc}",
+                                   "traceback": "".join(tb)[-4000:]})
+            self.sock.linger = 2000
+        except zmq.ZMQError:
+            pass

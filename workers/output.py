@@ -1,0 +1,88 @@
+"""The output layer: loss, true gradient back upstream, its own update; then
+the evaluation pass that gives the run's final loss and accuracy."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import zmq
+
+from pipeline import wire
+from pipeline.config import Config
+from pipeline.model import make_output, role_name
+from pipeline.roles import run
+from pipeline.schedule import ends_epoch
+from pipeline.stats import EpochStats
+from pipeline.transport import (POLL_MS, ControlLink, Inbox, bind_inbox, connect_outbox,
+                                context, expect, max_message_bytes, send)
+
+F64 = np.dtype(np.float64)
+
+
+def main(link: ControlLink, cfg: Config) -> None:
+    out = make_output(cfg)
+    d = cfg.dims
+    upstream = role_name(cfg.layers - 1, cfg)
+    ctx = context()
+    hwm = cfg.max_inflight + 2
+    max_bytes = max_message_bytes(cfg)
+    next_batch = 0
+
+    def check_act(msg: wire.Message) -> None:
+        expect(msg, (wire.ACT, wire.EVAL, wire.EOF), [(None, d[-2]), (None, d[-1])],
+               F64, cfg.batch_size)
+        if msg.sender != upstream:
+            raise ValueError(f"activation from {msg.sender!r}, expected {upstream!r}")
+        if msg.kind == wire.ACT and msg.batch != next_batch:
+            raise ValueError(f"activation for batch {msg.batch}, expected {next_batch}")
+
+    act_sock, act_ep = bind_inbox(ctx, "127.0.0.1", hwm, max_bytes)
+    acts = Inbox(act_sock, link.run_id, max_bytes, check_act, link.log)
+    link.send(wire.READY, {"endpoints": {"act": act_ep}})
+    peers = link.wait_for(wire.START).meta["peers"]
+    up = connect_outbox(ctx, peers["upstream_grad"], hwm)
+
+    stats = EpochStats()
+    evaluation = EpochStats()
+    started = time.perf_counter()
+    train_s = 0.0
+    poller = zmq.Poller()
+    poller.register(link.sock, zmq.POLLIN)
+    poller.register(act_sock, zmq.POLLIN)
+    while True:
+        events = dict(poller.poll(POLL_MS))
+        if link.sock in events:
+            link.poll_stop()
+        link.check_parent()
+        if act_sock not in events:
+            continue
+        msg = acts.recv()
+        if msg is None:
+            continue
+        if msg.kind == wire.ACT:
+            x, y = msg.arrays
+            dx, loss, correct = out.train_step(x, y, need_dx=True)
+            next_batch += 1
+            send(up, wire.Message(wire.GRAD, link.run_id, batch=msg.batch, sender=link.role,
+                                  step=out.step, arrays=(dx,)), link)
+            stats.add(loss, correct, len(y))
+            if ends_epoch(msg.batch, cfg.batches_per_epoch):
+                train_s = time.perf_counter() - started
+                link.event(stats.epoch_event(link.role, msg.batch // cfg.batches_per_epoch,
+                                             train_s))
+        elif msg.kind == wire.EVAL:
+            x, y = msg.arrays
+            loss, correct = out.evaluate(x, y)
+            evaluation.add(loss, correct, len(y))
+        else:
+            break
+    final_loss, accuracy, _ = evaluation._take()
+    link.event({"event": "final", "role": link.role, "final_loss": final_loss,
+                "train_accuracy": accuracy, "batches": next_batch, "train_s": train_s})
+    weights = out.weights()
+    link.send(wire.DONE, {"counters": out.counters.as_dict(), "decode_errors": acts.errors,
+                          "weights": list(weights)}, tuple(weights.values()))
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,292 @@
+"""The supervisor (run by launch.py): starts one process per role, handshakes,
+shows progress, writes the run directory, and stops every process it started."""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+import zmq
+
+from pipeline import wire
+from pipeline.config import Config
+from pipeline.model import role_name
+from pipeline.reference import train_reference
+from pipeline.rundir import RunDir, default_path
+from pipeline.summary import build_summary, layer_entry, progress_line, table
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_S = 60.0     # a worker that has not said hello by then is broken
+STOP_GRACE_S = 3.0   # after "stop", time to exit before SIGTERM, then SIGKILL
+POLL_MS = 100
+
+
+class WorkerFailed(Exception):
+    def __init__(self, role: str, message: str):
+        super().__init__(f"{role}: {message}")
+        self.role = role
+        self.message = message
+
+
+def roles(cfg: Config) -> list[str]:
+    return ["source"] + [role_name(i, cfg) for i in range(1, cfg.layers + 1)]
+
+
+def module_of(role: str) -> str:
+    return {"source": "workers.source", "output": "workers.output"}.get(role, "workers.layer")
+
+
+class Progress:
+    """One line, redrawn in place on a terminal; every tenth of the run otherwise."""
+
+    def __init__(self, cfg: Config, stream: TextIO):
+        self.cfg = cfg
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = 0.0
+        self.epochs_done = 0
+        self.step = max(1, cfg.epochs // 10)
+
+    def epoch(self, event: dict) -> None:
+        self.epochs_done = event["epoch"] + 1
+        if self.cfg.quiet:
+            return
+        now = time.monotonic()
+        last_epoch = self.epochs_done == self.cfg.epochs
+        line = progress_line(event["epoch"], self.cfg.epochs, event["loss"], event["accuracy"],
+                             event["elapsed_s"], self.epochs_done * self.cfg.batches_per_epoch)
+        if self.tty:
+            if now - self.last >= 0.2 or last_epoch:
+                self.stream.write("\r" + line + ("\n" if last_epoch else ""))
+                self.stream.flush()
+                self.last = now
+        elif self.epochs_done % self.step == 0 or last_epoch:
+            print(line, file=self.stream, flush=True)
+
+    def finish(self) -> None:
+        if self.tty and not self.cfg.quiet and 0 < self.epochs_done < self.cfg.epochs:
+            self.stream.write("\n")
+
+
+def run(cfg: Config, stream: TextIO = sys.stdout) -> int:
+    """Run ``cfg`` to the end; returns the exit code (0 completed, 1 failed,
+    130 interrupted). The summary is written whatever happens."""
+    rd = RunDir(cfg.run_dir or default_path(cfg.mode))
+    run_id = secrets.token_hex(6)
+    if not cfg.quiet:
+        print(f"run directory: {rd.path}", file=stream, flush=True)
+    if cfg.in_process:
+        return _run_in_process(cfg, rd, run_id, stream)
+    return Supervisor(cfg, rd, run_id, stream).run()
+
+
+def _run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int:
+    rd.write_json("config.json", {"run_id": run_id, "config": cfg.to_dict(), "processes": {}})
+    progress = Progress(cfg, stream)
+
+    def emit(event: dict) -> None:
+        rd.metric(event)
+        if event["event"] == "epoch":
+            progress.epoch(event)
+
+    start = time.perf_counter()
+    status, final, layers = "completed", None, []
+    try:
+        result = train_reference(cfg, emit)
+        for layer in result.hidden:
+            rd.write_weights(role_name(layer.index, cfg), layer.weights())
+        rd.write_weights("output", result.output.weights())
+        final = {"final_loss": result.final_loss, "train_accuracy": result.train_accuracy,
+                 "batches": result.batches, "train_s": result.wall_s}
+        layers = [layer_entry(L.index, role_name(L.index, cfg), L.counters.as_dict(), 0)
+                  for L in [*result.hidden, result.output]]
+    except KeyboardInterrupt:
+        status = "interrupted"
+    progress.finish()
+    summary = build_summary(cfg, status=status, run_id=run_id, final=final, layers=layers,
+                            wall_s=time.perf_counter() - start,
+                            epochs_done=progress.epochs_done)
+    return _finish(rd, summary, stream)
+
+
+def _finish(rd: RunDir, summary: dict, stream: TextIO) -> int:
+    rd.write_json("summary.json", summary)
+    rd.close()
+    print(table(summary, str(rd.path)), file=stream, flush=True)
+    return {"completed": 0, "interrupted": 130}.get(summary["status"], 1)
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, rd: RunDir, run_id: str, stream: TextIO):
+        self.cfg = cfg
+        self.rd = rd
+        self.run_id = run_id
+        self.stream = stream
+        self.roles = roles(cfg)
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.bind("tcp://127.0.0.1:0")
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.hello: dict[str, wire.Message] = {}
+        self.ready: dict[str, wire.Message] = {}
+        self.done: dict[str, wire.Message] = {}
+        self.final: dict | None = None
+        self.progress = Progress(cfg, stream)
+
+    # -- processes ---------------------------------------------------------------
+    def _spawn(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(self.cfg.blas_threads)
+        for role in self.roles:
+            self.procs[role] = subprocess.Popen(
+                [sys.executable, "-m", module_of(role), "--control", self.endpoint,
+                 "--role", role, "--run-id", self.run_id],
+                env=env, stdin=subprocess.DEVNULL)
+
+    def _check_alive(self) -> None:
+        for role, p in self.procs.items():
+            code = p.poll()
+            if code is not None and role not in self.done:
+                # It may have said why just before exiting: give that a moment.
+                self._drain(500)
+                raise WorkerFailed(role, f"process exited with code {code}")
+
+    def _stop_all(self) -> None:
+        for role in self.procs:
+            self._send(role, wire.STOP)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            for p in self.procs.values():
+                if p.poll() is None and sig is not None:
+                    p.send_signal(sig)
+            for p in self.procs.values():
+                try:
+                    p.wait(max(0.05, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            if all(p.poll() is not None for p in self.procs.values()):
+                return
+            deadline = time.monotonic() + 1.0
+
+    # -- messages ------------------------------------------------------------------
+    def _send(self, role: str, kind: str, meta: dict | None = None) -> None:
+        msg = wire.Message(kind, self.run_id, sender="supervisor", meta=meta or {})
+        try:
+            self.router.send_multipart([role.encode(), *wire.encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the peer is gone; nothing to tell it
+
+    def _recv(self, timeout_ms: int) -> wire.Message | None:
+        if not self.router.poll(timeout_ms):
+            return None
+        ident, *frames = self.router.recv_multipart(copy=False)
+        role = bytes(ident.buffer).decode(errors="replace")
+        try:
+            msg = wire.decode(frames, run_id=self.run_id)
+        except ValueError as exc:
+            print(f"[supervisor] dropped a bad control message from {role!r}: {exc}",
+                  file=sys.stderr)
+            return None
+        if role not in self.procs or msg.sender != role:
+            return None
+        self._handle(msg)
+        return msg
+
+    def _drain(self, timeout_ms: int) -> None:
+        while self._recv(timeout_ms) is not None:
+            timeout_ms = 0
+
+    def _handle(self, msg: wire.Message) -> None:
+        if msg.kind == wire.ERROR:
+            raise WorkerFailed(msg.sender, msg.meta.get("error", "unknown error"))
+        if msg.kind == wire.METRIC:
+            event = dict(msg.meta)
+            self.rd.metric(event)
+            if event.get("event") == "epoch":
+                self.progress.epoch(event)
+            elif event.get("event") == "final":
+                self.final = event
+        elif msg.kind == wire.DONE:
+            self.done[msg.sender] = msg
+        elif msg.kind == wire.HELLO:
+            self.hello[msg.sender] = msg
+            self._send(msg.sender, wire.CONFIG, {"config": self.cfg.to_dict()})
+        elif msg.kind == wire.READY:
+            self.ready[msg.sender] = msg
+
+    def _wait_all(self, got: dict, kind: str, deadline: float) -> None:
+        """Until every role has sent ``kind`` (a handshake step, not a sleep)."""
+        while len(got) < len(self.roles):
+            if time.monotonic() > deadline:
+                missing = sorted(set(self.roles) - set(got))
+                raise WorkerFailed(missing[0], f"no {kind!r} within {STARTUP_S:.0f} s")
+            self._recv(POLL_MS)
+            self._check_alive()
+
+    # -- the run ---------------------------------------------------------------------
+    def run(self) -> int:
+        start = time.perf_counter()
+        status, error = "completed", None
+        try:
+            self._spawn()
+            deadline = time.monotonic() + STARTUP_S
+            self._wait_all(self.hello, wire.HELLO, deadline)
+            self._wait_all(self.ready, wire.READY, deadline)
+            endpoints = {r: self.ready[r].meta.get("endpoints", {}) for r in self.roles}
+            self.rd.write_json("config.json", {
+                "run_id": self.run_id, "config": self.cfg.to_dict(),
+                "supervisor": {"control": self.endpoint, "pid": os.getpid()},
+                "processes": {r: {"pid": self.procs[r].pid, "endpoints": endpoints[r]}
+                              for r in self.roles}})
+            for role, peers in self._peers(endpoints).items():
+                self._send(role, wire.START, {"peers": peers})
+            while len(self.done) < len(self.roles):
+                self._recv(POLL_MS)
+                self._check_alive()
+        except KeyboardInterrupt:
+            status = "interrupted"
+        except WorkerFailed as exc:
+            status, error = "failed", {"role": exc.role, "message": exc.message}
+        finally:
+            # A second Ctrl-C must not cut the clean-up short.
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            self._stop_all()
+            self.router.close()
+            self.ctx.term()
+            signal.signal(signal.SIGINT, previous)
+        self.progress.finish()
+        layers = []
+        for role in self.roles[1:]:
+            msg = self.done.get(role)
+            if msg is None:
+                continue
+            if status == "completed":
+                self.rd.write_weights(role, dict(zip(msg.meta["weights"], msg.arrays)))
+            layers.append(layer_entry(self.roles.index(role), role, msg.meta["counters"],
+                                      msg.meta["decode_errors"]))
+        summary = build_summary(self.cfg, status=status, run_id=self.run_id, final=self.final,
+                                layers=layers, error=error, epochs_done=self.progress.epochs_done,
+                                wall_s=time.perf_counter() - start)
+        return _finish(self.rd, summary, self.stream)
+
+    def _peers(self, ep: dict[str, dict]) -> dict[str, dict]:
+        """Who connects where: activations flow down, gradients up."""
+        r = self.roles
+        peers = {}
+        for i, role in enumerate(r):
+            p = {}
+            if i + 1 < len(r):
+                p["downstream"] = ep[r[i + 1]]["act"]
+            if i >= 2:
+                p["upstream_grad"] = ep[r[i - 1]]["grad"]
+            peers[role] = p
+        return peers
