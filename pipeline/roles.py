@@ -46,11 +46,8 @@ def worker_main(role_main: RoleMain, argv: list[str] | None = None) -> int:
     try:
         link.send(wire.HELLO)
         cfg = Config.from_dict(link.wait_for(wire.CONFIG).meta["config"])
-        role_main(link, cfg)
-        # Finished: stay until the supervisor says stop, so nothing we sent
-        # is cut off by closing early.
-        while True:
-            link.recv(1000)
+        role_main(link, cfg)  # returns only through Stopped (see ControlLink.finish)
+        raise RuntimeError("role ended without waiting for stop")
     except Stopped:
         return 0
     except BaseException as exc:  # report every failure, then exit non-zero

@@ -41,11 +41,13 @@ def bind_inbox(ctx: zmq.Context, host: str, hwm: int, max_bytes: int) -> tuple[z
     """A PULL socket on a free port of ``host``; returns it and its endpoint.
 
     The OS picks the port at bind time, so two runs on one machine never race
-    for the same one. MAXMSGSIZE makes ZeroMQ refuse a frame that no valid
-    message of this run could need before it is ever buffered whole.
+    for the same one. A frame far larger than any valid message of this run
+    (``max_bytes``) is refused by ZeroMQ itself, which drops the sender,
+    before it is ever buffered whole; a message somewhat too large still
+    arrives, and decode() counts and drops it.
     """
     s = _socket(ctx, zmq.PULL, hwm)
-    s.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+    s.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes + 64 * 1024)
     s.bind(f"tcp://{host}:0")
     return s, s.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -183,6 +185,18 @@ class ControlLink:
         """Handle whatever control message is waiting (only stop matters mid-run)."""
         while self.sock.poll(0):
             self.recv(0)
+
+    def finish(self, counters: dict, decode_errors: int, weights: dict) -> None:
+        """Report DONE with final counters and weights, then wait for stop.
+
+        Call it while the data sockets are still in scope: closing them (as
+        garbage collection does when a role's main returns) with linger=0
+        would drop messages that are queued but not yet on the wire.
+        """
+        self.send(wire.DONE, {"counters": counters, "decode_errors": decode_errors,
+                              "weights": list(weights)}, tuple(weights.values()))
+        while True:
+            self.recv(1000)  # raises Stopped
 
     def log(self, text: str) -> None:
         print(f"[{self.role}] {text}", file=sys.stderr, flush=True)

@@ -115,10 +115,7 @@ def main(link: ControlLink, cfg: Config) -> None:
             else:
                 eof = True
                 put(down, wire.EOF, msg.batch, ())
-    weights = layer.weights()
-    link.send(wire.DONE, {"counters": layer.counters.as_dict(),
-                          "decode_errors": acts.errors + grads.errors,
-                          "weights": list(weights)}, tuple(weights.values()))
+    link.finish(layer.counters.as_dict(), acts.errors + grads.errors, layer.weights())
 
 
 def _clock() -> float:

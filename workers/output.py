@@ -79,9 +79,7 @@ def main(link: ControlLink, cfg: Config) -> None:
     final_loss, accuracy, _ = evaluation._take()
     link.event({"event": "final", "role": link.role, "final_loss": final_loss,
                 "train_accuracy": accuracy, "batches": next_batch, "train_s": train_s})
-    weights = out.weights()
-    link.send(wire.DONE, {"counters": out.counters.as_dict(), "decode_errors": acts.errors,
-                          "weights": list(weights)}, tuple(weights.values()))
+    link.finish(out.counters.as_dict(), acts.errors, out.weights())
 
 
 if __name__ == "__main__":

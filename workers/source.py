@@ -32,7 +32,7 @@ def main(link: ControlLink, cfg: Config) -> None:
     for i, (xb, yb) in enumerate(batches):
         put(wire.EVAL, i, (xb, yb))
     put(wire.EOF, t, ())
-    link.send(wire.DONE, {"counters": {"forward_batches": t}, "decode_errors": 0})
+    link.finish({"forward_batches": t}, 0, {})
 
 
 if __name__ == "__main__":

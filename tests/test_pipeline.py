@@ -1,0 +1,204 @@
+"""The multi-process pipeline against the in-process reference, and how it
+ends: completed, interrupted, failed, or pelted with garbage."""
+from __future__ import annotations
+
+import signal
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from pipeline import wire
+from pipeline.config import Config
+from pipeline.model import role_name
+from pipeline.reference import train_reference
+from tests.conftest import assert_no_orphans
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def reference_weights(cfg: Config) -> dict[str, dict[str, np.ndarray]]:
+    result = train_reference(cfg)
+    out = {role_name(L.index, cfg): L.weights() for L in result.hidden}
+    out["output"] = result.output.weights()
+    return out
+
+
+def assert_bit_identical(run, expected: dict[str, dict[str, np.ndarray]]) -> None:
+    for role, arrays in expected.items():
+        got = run.weights(role)
+        assert sorted(got) == sorted(arrays), role
+        for name, want in arrays.items():
+            assert got[name].dtype == want.dtype
+            # Compare the bits, not the values: -0.0 vs 0.0 or NaN would hide here.
+            assert np.array_equal(got[name].view(np.uint64), want.view(np.uint64)), \
+                f"{role}.{name} differs from the reference"
+
+
+@pytest.mark.parametrize("mode", ["cdni", "dni", "backprop"])
+def test_lockstep_pipeline_equals_reference_bit_for_bit(launch, mode):
+    args = dict(mode=mode, epochs=15, layers=4, hidden=(32, 24, 16), seed=7, examples=37,
+                batch_size=8)
+    run = launch("--lockstep", "--quiet", "--mode", mode, "--epochs", "15", "--layers", "4",
+                 "--hidden", "32,24,16", "--seed", "7", "--examples", "37", "--batch-size", "8")
+    assert run.finish() == 0, run.err
+    cfg = Config(**args)
+    ref = train_reference(cfg)
+    assert_bit_identical(run, reference_weights(cfg))
+    s = run.summary()
+    assert s["status"] == "completed"
+    assert s["final_loss"] == ref.final_loss
+    assert s["train_accuracy"] == ref.train_accuracy
+    batches = cfg.total_batches
+    for layer in s["layers"]:
+        assert layer["forward_batches"] == batches
+        assert layer["true_gradients"] == batches
+        assert layer["staleness_steps"] == {"mean": 0.0, "max": 0}
+        assert layer["decode_errors"] == 0
+        expect_sg = batches if mode != "backprop" and layer["role"] != "output" else 0
+        assert layer["sg_updates"] == expect_sg
+
+
+def test_free_running_pipeline_solves_the_seed_task(launch):
+    run = launch()  # the defaults: cdni, --layers 3, the seed's addition task
+    assert run.finish() == 0, run.err
+    s = run.summary()
+    cfg = Config()
+    assert s["status"] == "completed"
+    assert s["train_accuracy"] == 1.0
+    assert [L["role"] for L in s["layers"]] == ["layer1", "layer2", "output"]
+    for layer in s["layers"]:
+        assert layer["forward_batches"] == cfg.total_batches
+        assert layer["true_gradients"] == cfg.total_batches
+    # Decoupled: the first layer ran ahead of its true gradients, within the bound.
+    first = s["layers"][0]["staleness_steps"]
+    assert 0 < first["mean"] and first["max"] <= cfg.max_inflight - 1
+    assert "exact sums 100.0 %" in run.out
+    lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert sum('"event": "epoch"' in line for line in lines) == cfg.epochs
+    config = run.config()
+    assert set(config["processes"]) == {"source", "layer1", "layer2", "output"}
+    assert config["processes"]["layer1"]["endpoints"]["act"].startswith("tcp://127.0.0.1:")
+
+
+def test_max_inflight_bounds_staleness(launch):
+    run = launch("--quiet", "--epochs", "40", "--max-inflight", "2")
+    assert run.finish() == 0, run.err
+    for layer in run.summary()["layers"]:
+        assert layer["staleness_steps"]["max"] <= 1
+
+
+def test_ctrl_c_ends_every_process_and_writes_interrupted(launch):
+    run = launch("--epochs", "100000")
+    run.wait_started()
+    run.wait_training()
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish(timeout=5) == 130
+    s = run.summary()
+    assert s["status"] == "interrupted"
+    assert 0 < s["epochs_done"] < 100000
+    assert_no_orphans(run)
+
+
+def test_killed_worker_fails_the_run_cleanly(launch):
+    run = launch("--epochs", "100000", "--quiet")
+    pids = run.wait_started()["processes"]
+    run.wait_training()
+    import os
+    os.kill(pids["layer2"]["pid"], signal.SIGKILL)
+    assert run.finish(timeout=10) == 1
+    s = run.summary()
+    assert s["status"] == "failed"
+    assert s["error"]["role"] == "layer2"
+    assert "-9" in s["error"]["message"]
+    assert "layer2" in run.out
+    assert_no_orphans(run)
+
+
+def _garbage(run_id: str, good_header: dict) -> list[list[bytes]]:
+    """One of each kind of bad message a data socket may see."""
+    def frames(header: dict, *arrays: bytes) -> list[bytes]:
+        return [msgpack.packb(header), *arrays]
+
+    def h(**changes) -> dict:
+        return {**good_header, **changes}
+
+    ok8 = np.zeros((2, 8)).tobytes()
+    return [
+        [b"not msgpack at all \xff\xfe"],                                   # malformed
+        frames(h(a=[["<f8", [2, 8]]]), ok8[:40]),                          # truncated
+        frames(h(r="another-run")),                                         # foreign run
+        frames(h(v=99)),                                                    # other version
+        frames(h(k="grad", a=[["<f8", [2, 8]]]), ok8),                     # wrong shape/batch
+        # Larger than any message of this run (max_bytes), but under the
+        # socket's hard limit, so it reaches decode() and is counted there.
+        frames(h(k="act", a=[["<f8", [100, 16]], ["<f8", [100, 8]]]),      # oversized
+               np.zeros((100, 16)).tobytes(), np.zeros((100, 8)).tobytes()),
+        frames(h(k="stop")),                                               # wrong kind here
+    ]
+
+
+def test_garbage_on_live_sockets_is_counted_and_harmless(launch):
+    """Bad messages on every data socket of a lockstep run: each is counted,
+    the run completes, and the weights are still the reference's, bit for bit."""
+    run = launch("--lockstep", "--quiet", "--epochs", "300", "--seed", "3")
+    config = run.wait_started()
+    ctx = zmq.Context()
+    sent: dict[str, int] = {}
+    try:
+        for role, proc in config["processes"].items():
+            for name, endpoint in proc["endpoints"].items():
+                sock = ctx.socket(zmq.PUSH)
+                sock.linger = 2000
+                sock.connect(endpoint)
+                header = {"v": wire.PROTOCOL_VERSION, "k": "act", "r": config["run_id"],
+                          "b": 123456, "s": "source", "t": 0, "a": [], "m": {}}
+                for msg in _garbage(config["run_id"], header):
+                    sock.send_multipart(msg)
+                    sent[role] = sent.get(role, 0) + 1
+                sock.close()
+                # Far past the hard limit: ZeroMQ refuses it and drops this
+                # sender; it never reaches the worker, so it is not counted.
+                huge = ctx.socket(zmq.PUSH)
+                huge.linger = 2000
+                huge.connect(endpoint)
+                huge.send(bytes(4 << 20))
+                huge.close()
+    finally:
+        ctx.term()
+    assert run.finish() == 0, run.err
+    s = run.summary()
+    assert s["status"] == "completed"
+    errors = {L["role"]: L["decode_errors"] for L in s["layers"]}
+    assert errors == {role: n for role, n in sent.items() if role != "source"}
+    assert "dropped a bad message" in run.err
+    assert_bit_identical(run, reference_weights(Config(lockstep=True, epochs=300, seed=3)))
+
+
+def test_two_runs_at_once_do_not_collide(launch):
+    a = launch("--lockstep", "--quiet", "--epochs", "30", "--seed", "1", name="a")
+    b = launch("--lockstep", "--quiet", "--epochs", "30", "--seed", "2", name="b")
+    assert a.finish() == 0 and b.finish() == 0, a.err + b.err
+    assert_bit_identical(a, reference_weights(Config(lockstep=True, epochs=30, seed=1)))
+    assert_bit_identical(b, reference_weights(Config(lockstep=True, epochs=30, seed=2)))
+
+
+def test_in_process_run_writes_the_same_run_directory(launch):
+    run = launch("--in-process", "--quiet", "--epochs", "20", "--mode", "backprop")
+    assert run.finish() == 0, run.err
+    s = run.summary()
+    assert s["status"] == "completed" and s["in_process"] is True
+    assert [L["role"] for L in s["layers"]] == ["layer1", "layer2", "output"]
+    assert_bit_identical(run, reference_weights(Config(mode="backprop", epochs=20)))
+    assert (run.run_dir / "metrics.jsonl").read_text().count('"event": "epoch"') == 20
+
+
+def test_run_dir_with_a_finished_run_is_refused(launch):
+    first = launch("--in-process", "--quiet", "--epochs", "2", name="same")
+    assert first.finish() == 0
+    before = (first.run_dir / "summary.json").read_text()
+    second = launch("--quiet", "--epochs", "2", name="same")
+    assert second.finish() == 2
+    assert "--run-dir" in second.err and len(second.err.strip().splitlines()) == 1
+    assert (first.run_dir / "summary.json").read_text() == before
