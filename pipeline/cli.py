@@ -4,13 +4,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import ACTIVATIONS, MODES, Config, ConfigError
+from pipeline.config import ACTIVATIONS, MODES, Config, ConfigError, default_hidden
 
 D = Config.__dataclass_fields__
 
 
 def _default(name: str):
     return D[name].default
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the empty ones and on/off flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, "", False) or isinstance(action.default, bool):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,14 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Train a network with Decoupled Neural Interfaces (synthetic "
                             "gradients), one operating-system process per layer, over ZeroMQ. "
                             "The task is binary addition, as in the seed notebook.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=_Help)
     net = p.add_argument_group("network")
     net.add_argument("--layers", type=int, default=_default("layers"),
                      help="weight layers, counting the output layer: 3 = two hidden layers "
                           "and the output layer, each its own process")
-    net.add_argument("--hidden", type=_widths, default="128,64",
+    net.add_argument("--hidden", type=_widths, default=None,
                      help="hidden widths, comma-separated; one number repeats for every "
-                          "hidden layer")
+                          "hidden layer (default: the seed's 128,64; deeper nets repeat 64)")
     net.add_argument("--activation", choices=ACTIVATIONS, default=_default("activation"),
                      help="hidden-layer non-linearity")
     net.add_argument("--mode", choices=MODES, default=_default("mode"),
@@ -47,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "activations only; backprop: locked true gradients (the baseline)")
     tr = p.add_argument_group("training")
     tr.add_argument("--epochs", type=int, default=_default("epochs"), help="passes over the data")
-    tr.add_argument("--batch-size", type=int, default=_default("batch_size"))
+    tr.add_argument("--batch-size", type=int, default=_default("batch_size"),
+                    help="examples per batch (the last batch of an epoch may be short)")
     tr.add_argument("--lr", type=float, default=_default("lr"),
                     help="layer learning rate (SGD on the batch-mean loss)")
     tr.add_argument("--sg-lr", type=float, default=_default("sg_lr"),
@@ -82,7 +92,8 @@ def parse(argv: list[str] | None = None) -> Config:
     p = build_parser()
     a = p.parse_args(argv)
     try:
-        return Config(layers=a.layers, hidden=a.hidden, activation=a.activation, mode=a.mode,
+        hidden = a.hidden if a.hidden is not None else default_hidden(a.layers)
+        return Config(layers=a.layers, hidden=hidden, activation=a.activation, mode=a.mode,
                       epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, sg_lr=a.sg_lr,
                       seed=a.seed, bits=a.bits, examples=a.examples, lockstep=a.lockstep,
                       max_inflight=a.max_inflight, blas_threads=a.blas_threads,

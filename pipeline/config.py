@@ -2,10 +2,20 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 MODES = ("cdni", "dni", "backprop")
 ACTIVATIONS = ("sigmoid", "relu")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def default_hidden(layers: int) -> tuple[int, ...]:
+    """The seed's widths, 128 then 64, the last repeated for deeper nets."""
+    return tuple(([128] + [64] * max(0, layers - 2))[: max(1, layers - 1)])
 
 
 class ConfigError(ValueError):
@@ -42,11 +52,34 @@ class Config:
     quiet: bool = False               # no progress line
 
     def __post_init__(self) -> None:
+        self._check_types()
         # A single width repeats for every hidden layer.
-        if len(self.hidden) == 1 and self.layers > 2:
-            object.__setattr__(self, "hidden", tuple(self.hidden) * (self.layers - 1))
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        hidden = tuple(self.hidden)
+        if len(hidden) == 1 and self.layers > 2:
+            hidden = hidden * (self.layers - 1)
+        object.__setattr__(self, "hidden", hidden)
         self.validate()
+
+    def _check_types(self) -> None:
+        """A config may come from the wire (a worker's handshake): wrong types
+        are bad input, refused with ValueError, never coerced."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            option = "--" + f.name.replace("_", "-")
+            if f.name == "hidden":
+                ok = isinstance(value, (tuple, list)) and all(_is_int(h) for h in value)
+                want = "a list of integers"
+            elif isinstance(f.default, bool):
+                ok, want = isinstance(value, bool), "true or false"
+            elif isinstance(f.default, int):
+                ok, want = _is_int(value), "an integer"
+            elif isinstance(f.default, float):
+                ok = _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+                want = "a finite number"
+            else:
+                ok, want = isinstance(value, str), "a string"
+            if not ok:
+                raise ConfigError(option, f"must be {want}, got {value!r}")
 
     def validate(self) -> None:
         def need(ok: bool, option: str, message: str) -> None:
@@ -96,7 +129,4 @@ class Config:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
-        d = dict(d)
-        if "hidden" in d:
-            d["hidden"] = tuple(d["hidden"])
         return cls(**d)

@@ -10,6 +10,7 @@ class EpochStats:
     correct: int = 0
     examples: int = 0
     batches: int = 0
+    last_elapsed: float = 0.0  # when the previous epoch ended, for throughput
 
     def add(self, batch_loss: float, correct: int, n: int) -> None:
         self.loss_sum += batch_loss * n
@@ -27,8 +28,10 @@ class EpochStats:
         """The output layer's epoch: mean training loss and exact-match rate
         over the batches as they were trained (weights moving)."""
         loss, acc, batches = self._take()
+        span, self.last_elapsed = elapsed - self.last_elapsed, elapsed
         return {"event": "epoch", "role": role, "epoch": epoch, "loss": loss,
-                "accuracy": acc, "batches": batches, "elapsed_s": elapsed}
+                "accuracy": acc, "batches": batches, "elapsed_s": elapsed,
+                "batches_per_s": batches / span if span > 0 else None}
 
     def sg_event(self, role: str, epoch: int, elapsed: float) -> dict:
         loss, _, batches = self._take()

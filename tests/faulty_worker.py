@@ -1,0 +1,16 @@
+"""A worker role that fails on purpose once the run has started (for the
+supervisor's tests; never used by launch.py)."""
+from __future__ import annotations
+
+from pipeline import wire
+from pipeline.roles import run
+
+
+def main(link, cfg) -> None:
+    link.send(wire.READY, {"endpoints": {"act": "tcp://127.0.0.1:9", "grad": "tcp://127.0.0.1:9"}})
+    link.wait_for(wire.START)
+    raise RuntimeError("injected failure in the layer math")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,256 @@
+"""Tests for pipeline.config and pipeline.cli: every rejection names its flag; launch.py's argv handling."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import parse
+from pipeline.config import Config, ConfigError
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- Config -----------------------------------------------------------------------------
+
+INVALID = [
+    (dict(layers=1), "--layers"),
+    (dict(layers=0, hidden=(8,)), "--layers"),
+    (dict(layers=-2, hidden=(8,)), "--layers"),
+    (dict(layers=4, hidden=(128, 64)), "--hidden"),
+    (dict(layers=3, hidden=(1, 2, 3)), "--hidden"),
+    (dict(layers=3, hidden=()), "--hidden"),
+    (dict(layers=3, hidden=(0,)), "--hidden"),
+    (dict(layers=3, hidden=(16, -1)), "--hidden"),
+    (dict(mode="foo"), "--mode"),
+    (dict(mode="DNI"), "--mode"),
+    (dict(activation="tanh"), "--activation"),
+    (dict(epochs=0), "--epochs"),
+    (dict(epochs=-5), "--epochs"),
+    (dict(batch_size=0), "--batch-size"),
+    (dict(lr=0.0), "--lr"),
+    (dict(lr=-1.0), "--lr"),
+    (dict(lr=math.nan), "--lr"),
+    (dict(sg_lr=0.0), "--sg-lr"),
+    (dict(sg_lr=-0.01), "--sg-lr"),
+    (dict(sg_lr=math.nan), "--sg-lr"),
+    (dict(seed=-1), "--seed"),
+    (dict(seed=2 ** 32), "--seed"),
+    (dict(bits=1), "--bits"),
+    (dict(bits=63), "--bits"),
+    (dict(examples=0), "--examples"),
+    (dict(max_inflight=0), "--max-inflight"),
+    (dict(blas_threads=0), "--blas-threads"),
+]
+
+
+@pytest.mark.parametrize("kw, flag", INVALID, ids=[f"{f}:{kw}" for kw, f in INVALID])
+def test_invalid_field_raises_config_error_naming_flag(kw, flag):
+    with pytest.raises(ConfigError) as info:
+        Config(**kw)
+    assert info.value.option == flag
+    assert str(info.value).startswith(f"argument {flag}: ")
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(seed=0), dict(seed=2 ** 32 - 1), dict(bits=2), dict(bits=62),
+    dict(layers=2, hidden=(7,)), dict(layers=2, hidden=[7]), dict(epochs=1, batch_size=1, examples=1),
+    dict(lr=1e-9, sg_lr=1e-9), dict(max_inflight=1, blas_threads=1), dict(mode="backprop"),
+    dict(mode="dni", activation="relu"),
+])
+def test_boundary_values_are_accepted(kw):
+    cfg = Config(**kw)
+    for k, v in kw.items():
+        assert getattr(cfg, k) == (tuple(v) if k == "hidden" else v)
+
+
+@pytest.mark.parametrize("layers, hidden, want", [
+    (2, (32,), (32,)),
+    (3, (32,), (32, 32)),
+    (5, (8,), (8, 8, 8, 8)),
+    (3, [16, 4], (16, 4)),
+    (4, (3, 2, 1), (3, 2, 1)),
+])
+def test_hidden_widths_single_repeats(layers, hidden, want):
+    cfg = Config(layers=layers, hidden=hidden)
+    assert cfg.hidden == want
+    assert type(cfg.hidden) is tuple and all(type(h) is int for h in cfg.hidden)
+
+
+@pytest.mark.parametrize("kw, dims, bpe, total", [
+    (dict(), [16, 128, 64, 8], 10, 8000),
+    (dict(bits=4, layers=4, hidden=(5,), examples=25, batch_size=10, epochs=3),
+     [8, 5, 5, 5, 4], 3, 9),
+    (dict(bits=3, layers=2, hidden=(2,), examples=7, batch_size=7, epochs=2), [6, 2, 3], 1, 2),
+    (dict(examples=1, batch_size=10, epochs=4), [16, 128, 64, 8], 1, 4),
+])
+def test_derived_sizes(kw, dims, bpe, total):
+    cfg = Config(**kw)
+    assert cfg.dims == dims
+    assert cfg.batches_per_epoch == bpe
+    assert cfg.total_batches == total
+
+
+def test_defaults_are_the_seed_task():
+    cfg = Config()
+    assert (cfg.layers, cfg.hidden, cfg.activation, cfg.bits, cfg.examples, cfg.batch_size) == \
+        (3, (128, 64), "sigmoid", 8, 100, 10)
+    assert cfg.mode == "cdni"
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().layers = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(layers=4, hidden=(9,), mode="dni", activation="relu", epochs=3, batch_size=4, lr=0.25,
+         sg_lr=0.001, seed=77, bits=5, examples=33, lockstep=True, max_inflight=2,
+         blas_threads=3, in_process=True, run_dir="runs/x", quiet=True),
+])
+def test_to_dict_from_dict_round_trip_through_json(kw):
+    cfg = Config(**kw)
+    d = cfg.to_dict()
+    assert set(d) == {f.name for f in dataclasses.fields(Config)}
+    assert d["hidden"] == list(cfg.hidden)
+    wire = json.loads(json.dumps(d))
+    back = Config.from_dict(wire)
+    assert back == cfg
+    assert wire["hidden"] == list(cfg.hidden)  # from_dict does not mutate its input
+    for k, v in kw.items():
+        if k != "hidden":
+            assert d[k] == v
+
+
+def test_from_dict_partial_uses_defaults():
+    assert Config.from_dict({}) == Config()
+    assert Config.from_dict({"mode": "dni", "hidden": [4]}).hidden == (4, 4)
+
+
+def test_from_dict_rejects_unknown_keys():
+    with pytest.raises(ValueError, match="hiden"):
+        Config.from_dict({"layers": 3, "hiden": [1, 2]})
+    with pytest.raises(ValueError, match="learning_rate"):
+        Config.from_dict({"learning_rate": 0.1})
+
+
+def test_from_dict_still_validates():
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict({"layers": 1})
+    assert info.value.option == "--layers"
+
+
+@pytest.mark.parametrize("d, option", [
+    ({"layers": "3"}, "--layers"), ({"hidden": 5}, "--hidden"), ({"hidden": ["8"]}, "--hidden"),
+    ({"lr": "0.1"}, "--lr"), ({"lr": float("inf")}, "--lr"), ({"epochs": 2.5}, "--epochs"),
+    ({"lockstep": 1}, "--lockstep"), ({"mode": 3}, "--mode"), ({"batch_size": True}, "--batch-size"),
+], ids=["layers-str", "hidden-int", "hidden-str", "lr-str", "lr-inf", "epochs-float",
+        "lockstep-int", "mode-int", "batch-bool"])
+def test_from_dict_rejects_wrong_types_with_value_error(d, option):
+    # A config arrives over the wire in a worker's handshake: bad types are
+    # bad input, refused with the flag named, never coerced.
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict(d)
+    assert info.value.option == option
+
+
+# --- the command line, in process ---------------------------------------------------------
+
+def test_parse_defaults_equal_config_defaults():
+    assert parse([]) == Config()
+
+
+def test_parse_every_option():
+    argv = ["--layers", "4", "--hidden", "128", "--activation", "relu", "--mode", "backprop",
+            "--epochs", "7", "--batch-size", "5", "--lr", "0.125", "--sg-lr", "0.0625",
+            "--seed", "9", "--bits", "6", "--examples", "40", "--lockstep", "--max-inflight", "3",
+            "--blas-threads", "2", "--in-process", "--run-dir", "out/r1", "--quiet"]
+    assert parse(argv) == Config(
+        layers=4, hidden=(128, 128, 128), activation="relu", mode="backprop", epochs=7,
+        batch_size=5, lr=0.125, sg_lr=0.0625, seed=9, bits=6, examples=40, lockstep=True,
+        max_inflight=3, blas_threads=2, in_process=True, run_dir="out/r1", quiet=True)
+
+
+@pytest.mark.parametrize("argv, hidden", [
+    (["--hidden", "128", "--layers", "4"], (128, 128, 128)),
+    (["--hidden", "32,16,8", "--layers", "4"], (32, 16, 8)),
+    (["--hidden", "5", "--layers", "2"], (5,)),
+    (["--layers", "2"], (128,)),              # no --hidden: the seed's widths,
+    (["--layers", "3"], (128, 64)),           # the last repeated for deeper nets
+    (["--layers", "5"], (128, 64, 64, 64)),
+])
+def test_parse_hidden(argv, hidden):
+    assert parse(argv).hidden == hidden
+
+
+def test_parse_error_in_process_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse(["--layers", "1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--layers" in err
+
+
+# --- the command line, as a user runs it ----------------------------------------------------
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=30)
+
+
+BAD_ARGS = [
+    (["--layers", "1"], "--layers"),
+    (["--layers", "0"], "--layers"),
+    (["--hidden", "1,2,3", "--layers", "3"], "--hidden"),
+    (["--hidden", "abc"], "--hidden"),
+    (["--hidden", "128,,64"], "--hidden"),
+    (["--hidden", "0"], "--hidden"),
+    (["--hidden"], "--hidden"),
+    (["--mode", "foo"], "--mode"),
+    (["--activation", "tanh"], "--activation"),
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "1.5"], "--epochs"),
+    (["--lr", "-1"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--sg-lr", "0"], "--sg-lr"),
+    (["--batch-size", "x"], "--batch-size"),
+    (["--seed", "-1"], "--seed"),
+    (["--bits", "63"], "--bits"),
+    (["--examples", "0"], "--examples"),
+    (["--max-inflight", "0"], "--max-inflight"),
+    (["--blas-threads", "0"], "--blas-threads"),
+    (["--bogus"], "--bogus"),
+    (["--layers", "3", "extra"], "extra"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_launch_rejects_bad_args_in_one_line(argv, flag):
+    proc = launch(*argv)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("launch.py: error: ")
+    assert flag in lines[0]
+
+
+def test_launch_help_lists_every_option():
+    proc = launch("-h")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    for opt in ["--layers", "--hidden", "--mode", "--epochs", "--batch-size", "--lr", "--sg-lr",
+                "--seed", "--lockstep", "--max-inflight", "--run-dir", "--quiet", "--bits",
+                "--examples", "--in-process", "--activation", "--blas-threads"]:
+        assert opt in proc.stdout, opt
+    for mode in ("cdni", "dni", "backprop"):
+        assert mode in proc.stdout
