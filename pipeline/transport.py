@@ -18,6 +18,7 @@ from pipeline.config import Config
 from pipeline.wire import Message
 
 POLL_MS = 200            # longest a worker blocks before it looks at its parent
+MAX_REASONS = 16         # distinct reasons for dropping a message that get logged
 HEADER_SLACK = 4096      # bytes allowed on top of the arrays: the msgpack header
 
 
@@ -63,7 +64,8 @@ class Inbox:
 
     ``check(msg)`` raises ValueError for a well-formed message this receiver
     cannot use (wrong shape, unknown batch): it counts like a malformed one.
-    Each distinct reason is logged once, so a flood cannot fill the log.
+    Each distinct reason is logged once, and at most MAX_REASONS of them, so
+    a flood of garbage cannot fill the log; the count keeps counting.
     """
 
     def __init__(self, sock: zmq.Socket, run_id: str, max_bytes: int,
@@ -85,9 +87,10 @@ class Inbox:
         except ValueError as exc:
             self.errors += 1
             reason = str(exc)
-            if reason not in self._seen:
+            if reason not in self._seen and len(self._seen) <= MAX_REASONS:
                 self._seen.add(reason)
-                self.log(f"dropped a bad message: {reason}")
+                self.log(reason if len(self._seen) <= MAX_REASONS else
+                         "more kinds of bad message; no longer logged, still counted")
             return None
         return msg
 
@@ -200,6 +203,12 @@ class ControlLink:
 
     def log(self, text: str) -> None:
         print(f"[{self.role}] {text}", file=sys.stderr, flush=True)
+
+    def dropped(self, reason: str) -> None:
+        """A bad message was dropped (each reason reported once): tell the
+        user on stderr and the run's metrics.jsonl."""
+        self.log(f"dropped a bad message: {reason}")
+        self.event({"event": "decode_error", "role": self.role, "reason": reason})
 
     def report_error(self, exc: BaseException) -> None:
         tb = traceback.format_exception(type(exc), exc, exc.__traceback__)

@@ -2,6 +2,7 @@
 ends: completed, interrupted, failed, or pelted with garbage."""
 from __future__ import annotations
 
+import json
 import signal
 
 import msgpack
@@ -89,11 +90,12 @@ def test_max_inflight_bounds_staleness(launch):
         assert layer["staleness_steps"]["max"] <= 1
 
 
-def test_ctrl_c_ends_every_process_and_writes_interrupted(launch):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_ends_every_process_and_writes_interrupted(launch, sig):
     run = launch("--epochs", "100000")
     run.wait_started()
     run.wait_training()
-    run.proc.send_signal(signal.SIGINT)
+    run.proc.send_signal(sig)
     assert run.finish(timeout=5) == 130
     s = run.summary()
     assert s["status"] == "interrupted"
@@ -173,6 +175,9 @@ def test_garbage_on_live_sockets_is_counted_and_harmless(launch):
     errors = {L["role"]: L["decode_errors"] for L in s["layers"]}
     assert errors == {role: n for role, n in sent.items() if role != "source"}
     assert "dropped a bad message" in run.err
+    events = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    reported = {e["role"] for e in events if e["event"] == "decode_error"}
+    assert reported == {"layer1", "layer2", "output"}
     assert_bit_identical(run, reference_weights(Config(lockstep=True, epochs=300, seed=3)))
 
 

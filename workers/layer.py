@@ -50,8 +50,8 @@ def main(link: ControlLink, cfg: Config) -> None:
 
     act_sock, act_ep = bind_inbox(ctx, "127.0.0.1", hwm, max_bytes)
     grad_sock, grad_ep = bind_inbox(ctx, "127.0.0.1", hwm, max_bytes)
-    acts = Inbox(act_sock, link.run_id, max_bytes, check_act, link.log)
-    grads = Inbox(grad_sock, link.run_id, max_bytes, check_grad, link.log)
+    acts = Inbox(act_sock, link.run_id, max_bytes, check_act, link.dropped)
+    grads = Inbox(grad_sock, link.run_id, max_bytes, check_grad, link.dropped)
     link.send(wire.READY, {"endpoints": {"act": act_ep, "grad": grad_ep}})
     peers = link.wait_for(wire.START).meta["peers"]
     down = connect_outbox(ctx, peers["downstream"], hwm)

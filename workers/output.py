@@ -37,7 +37,7 @@ def main(link: ControlLink, cfg: Config) -> None:
             raise ValueError(f"activation for batch {msg.batch}, expected {next_batch}")
 
     act_sock, act_ep = bind_inbox(ctx, "127.0.0.1", hwm, max_bytes)
-    acts = Inbox(act_sock, link.run_id, max_bytes, check_act, link.log)
+    acts = Inbox(act_sock, link.run_id, max_bytes, check_act, link.dropped)
     link.send(wire.READY, {"endpoints": {"act": act_ep}})
     peers = link.wait_for(wire.START).meta["peers"]
     up = connect_outbox(ctx, peers["upstream_grad"], hwm)

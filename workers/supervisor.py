@@ -73,9 +73,15 @@ class Progress:
             self.stream.write("\n")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run(cfg: Config, stream: TextIO = sys.stdout) -> int:
     """Run ``cfg`` to the end; returns the exit code (0 completed, 1 failed,
     130 interrupted). The summary is written whatever happens."""
+    # SIGTERM (a job scheduler, a plain `kill`) ends the run like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     rd = RunDir(cfg.run_dir or default_path(cfg.mode))
     run_id = secrets.token_hex(6)
     if not cfg.quiet:
@@ -150,7 +156,9 @@ class Supervisor:
             self.procs[role] = subprocess.Popen(
                 [sys.executable, "-m", module_of(role), "--control", self.endpoint,
                  "--role", role, "--run-id", self.run_id],
-                env=env, stdin=subprocess.DEVNULL)
+                # Their own session: a Ctrl-C at the terminal reaches the
+                # supervisor alone, which stops the workers in order.
+                env=env, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def _check_alive(self) -> None:
         for role, p in self.procs.items():
@@ -256,6 +264,9 @@ class Supervisor:
             status = "interrupted"
         except WorkerFailed as exc:
             status, error = "failed", {"role": exc.role, "message": exc.message}
+        except Exception as exc:  # a bug here must still stop the workers and say why
+            status, error = "failed", {"role": "supervisor",
+                                       "message": f"{type(exc).__name__}: {exc}"}
         finally:
             # A second Ctrl-C must not cut the clean-up short.
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -1,0 +1,92 @@
+"""Inboxes count and drop what they cannot use; expect() knows the shapes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zmq
+
+from pipeline import wire
+from pipeline.transport import MAX_REASONS, Inbox, bind_inbox, expect
+
+pytestmark = pytest.mark.timeout(30)
+F64 = np.dtype(np.float64)
+
+
+def act(batch: int, rows: int = 2, width: int = 4, run_id: str = "run1") -> wire.Message:
+    return wire.Message(wire.ACT, run_id, batch=batch, sender="source",
+                        arrays=(np.ones((rows, width)), np.zeros((rows, 3))))
+
+
+@pytest.fixture
+def pair():
+    ctx = zmq.Context()
+    sock, endpoint = bind_inbox(ctx, "127.0.0.1", hwm=100, max_bytes=4096 + 2 * 7 * 8 * 4)
+    out = ctx.socket(zmq.PUSH)
+    out.linger = 0
+    out.connect(endpoint)
+    try:
+        yield sock, out
+    finally:
+        sock.close()
+        out.close()
+        ctx.term()
+
+
+def recv_one(inbox: Inbox) -> wire.Message | None:
+    assert inbox.sock.poll(5000), "nothing arrived"
+    return inbox.recv()
+
+
+def test_inbox_passes_good_and_counts_bad_messages(pair):
+    sock, out = pair
+    logged: list[str] = []
+    check = lambda m: expect(m, (wire.ACT,), [(None, 4), (None, 3)], F64, max_rows=8)
+    inbox = Inbox(sock, "run1", 4096 + 2 * 7 * 8 * 4, check, logged.append)
+    out.send_multipart(wire.encode(act(0)))
+    out.send_multipart([b"\x00garbage"])
+    out.send_multipart(wire.encode(act(1, run_id="run2")))       # foreign
+    out.send_multipart(wire.encode(act(2, width=5)))             # wrong shape
+    out.send_multipart(wire.encode(act(3, rows=9)))              # too many rows
+    out.send_multipart(wire.encode(act(4)))
+    got = [recv_one(inbox) for _ in range(6)]
+    assert [m.batch if m else None for m in got] == [0, None, None, None, None, 4]
+    assert np.array_equal(got[0].arrays[0], np.ones((2, 4)))
+    assert inbox.errors == 4
+    assert len(logged) == 4
+    assert "run id" in logged[1] and "[2, 5]" in logged[2] and "rows" in logged[3]
+
+
+def test_inbox_logs_each_reason_once_and_at_most_a_few(pair):
+    sock, out = pair
+    logged: list[str] = []
+
+    def check(m: wire.Message) -> None:
+        raise ValueError(f"batch {m.batch} is not wanted")
+
+    inbox = Inbox(sock, "run1", 1 << 20, check, logged.append)
+    for b in [0, 0, 0] + list(range(1, 50)):
+        out.send_multipart(wire.encode(act(b)))
+    for _ in range(52):
+        assert recv_one(inbox) is None
+    assert inbox.errors == 52
+    assert logged[0] == "batch 0 is not wanted" and logged.count("batch 0 is not wanted") == 1
+    assert len(logged) == MAX_REASONS + 1
+    assert "no longer logged" in logged[-1]
+
+
+@pytest.mark.parametrize("msg, reason", [
+    (wire.Message(wire.GRAD, "r", arrays=(np.ones((2, 4)), np.ones((2, 3)))), "kind"),
+    (wire.Message(wire.ACT, "r", arrays=(np.ones((2, 4)),)), "needs 2 arrays"),
+    (wire.Message(wire.ACT, "r", arrays=(np.ones((2, 4), np.float32), np.ones((2, 3)))), "float32"),
+    (wire.Message(wire.ACT, "r", arrays=(np.ones((2, 4)), np.ones((3, 3)))), "rows"),
+    (wire.Message(wire.ACT, "r", arrays=(np.ones((0, 4)), np.ones((0, 3)))), "rows"),
+    (wire.Message(wire.ACT, "r", arrays=(np.ones(4), np.ones(3))), "n, 4"),
+])
+def test_expect_rejects(msg, reason):
+    with pytest.raises(ValueError, match=reason):
+        expect(msg, (wire.ACT, wire.EOF), [(None, 4), (None, 3)], F64, max_rows=8)
+
+
+def test_expect_accepts_eof_and_good_shapes():
+    expect(wire.Message(wire.EOF, "r"), (wire.ACT, wire.EOF), [(None, 4)], F64, 8)
+    expect(act(0), (wire.ACT,), [(None, 4), (None, 3)], F64, 8)
