@@ -5,36 +5,14 @@ import numpy as np
 import pytest
 
 from pipeline import nn
+from tests.numeric import EPS, numeric_grad, ref_act
 from pipeline.nodes import HiddenLayer, OutputLayer, Staleness
 
 pytestmark = pytest.mark.timeout(60)
 
-EPS = 1e-6
 RTOL = 1e-6
 ATOL = 1e-9
 FAN_IN, WIDTH, LABELS, N = 4, 5, 3, 6
-
-
-def numeric_grad(loss, arr: np.ndarray) -> np.ndarray:
-    """Central differences of ``loss()`` w.r.t. every entry of ``arr`` (perturbed in place)."""
-    grad = np.zeros_like(arr)
-    it = np.nditer(arr, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        keep = arr[i]
-        arr[i] = keep + EPS
-        up = loss()
-        arr[i] = keep - EPS
-        down = loss()
-        arr[i] = keep
-        grad[i] = (up - down) / (2 * EPS)
-    return grad
-
-
-def ref_act(name: str, z: np.ndarray) -> np.ndarray:
-    if name == "sigmoid":
-        return 0.5 * (1.0 + np.tanh(0.5 * z))
-    return np.where(z > 0, z, 0.0)
 
 
 def bce(logits: np.ndarray, y: np.ndarray) -> float:
