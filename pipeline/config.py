@@ -5,7 +5,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-MODES = ("cdni", "dni", "backprop")
+MODES = ("cdni", "dni", "backprop", "async-backprop")
+SG_MODES = ("cdni", "dni")
 ACTIVATIONS = ("sigmoid", "relu")
 
 
@@ -44,7 +45,15 @@ class Config:
     examples: int = 100               # training examples (seed: 100)
     # pipeline ------------------------------------------------------------------
     lockstep: bool = False            # deterministic schedule: bit-identical to the reference
-    max_inflight: int = 8             # batches a layer may hold awaiting their true gradient
+    max_inflight: int = 8             # batches a layer may hold awaiting gradients, beyond grad_delay
+    # staleness injection ------------------------------------------------------------
+    grad_delay: int = 0               # each true gradient applied exactly this many layer steps late
+    link_delay_ms: float = 0.0        # wall-clock delay on gradient links (free-running)
+    link_jitter_ms: float = 0.0       # +- uniform jitter on that delay (order is kept, as TCP does)
+    delay_activations: bool = False   # delay the activation links too
+    slow: tuple[tuple[int, float], ...] = ()  # (layer, factor): stragglers computing factor x slower
+    update_prob: float = 1.0          # each layer applies each weight update with this probability
+    drop_prob: float = 0.0            # each true-gradient message is lost with this probability
     blas_threads: int = 1             # BLAS threads per process, so processes share cores
     in_process: bool = False          # train with the in-process reference instead
     # output -----------------------------------------------------------------------
@@ -58,6 +67,7 @@ class Config:
         if len(hidden) == 1 and self.layers > 2:
             hidden = hidden * (self.layers - 1)
         object.__setattr__(self, "hidden", hidden)
+        object.__setattr__(self, "slow", tuple((int(i), float(f)) for i, f in self.slow))
         self.validate()
 
     def _check_types(self) -> None:
@@ -69,6 +79,12 @@ class Config:
             if f.name == "hidden":
                 ok = isinstance(value, (tuple, list)) and all(_is_int(h) for h in value)
                 want = "a list of integers"
+            elif f.name == "slow":
+                ok = isinstance(value, (tuple, list)) and all(
+                    isinstance(p, (tuple, list)) and len(p) == 2 and _is_int(p[0])
+                    and isinstance(p[1], (int, float)) and not isinstance(p[1], bool)
+                    and math.isfinite(p[1]) for p in value)
+                want = "a list of LAYER:FACTOR pairs"
             elif isinstance(f.default, bool):
                 ok, want = isinstance(value, bool), "true or false"
             elif isinstance(f.default, int):
@@ -102,6 +118,24 @@ class Config:
         need(2 <= self.bits <= 62, "--bits", "must be in [2, 62]")
         need(self.examples >= 1, "--examples", "must be at least 1")
         need(self.max_inflight >= 1, "--max-inflight", "must be at least 1")
+        need(self.grad_delay >= 0, "--grad-delay", "must be at least 0")
+        need(self.grad_delay == 0 or self.mode != "backprop", "--grad-delay",
+             "locked backprop cannot run ahead of its gradients; use --mode async-backprop")
+        need(self.link_delay_ms >= 0, "--link-delay", "must be at least 0 ms")
+        need(0 <= self.link_jitter_ms <= max(self.link_delay_ms, 0), "--link-delay",
+             "jitter must be between 0 and the delay")
+        need(not self.delay_activations or self.link_delay_ms > 0, "--delay-activations",
+             "needs --link-delay")
+        for index, factor in self.slow:
+            need(1 <= index <= self.layers, "--slow",
+                 f"layer {index} does not exist (layers are 1..{self.layers})")
+            need(factor >= 1, "--slow", f"factor must be at least 1, got {factor}")
+        need(len({i for i, _ in self.slow}) == len(self.slow), "--slow", "a layer is named twice")
+        need(0 <= self.update_prob <= 1, "--update-prob", "must be in [0, 1]")
+        need(0 <= self.drop_prob <= 1, "--drop-prob", "must be in [0, 1]")
+        wall_clock = self.link_delay_ms > 0 or bool(self.slow)
+        need(not (wall_clock and self.in_process), "--in-process",
+             "--link-delay and --slow act on real processes; the in-process reference has none")
         need(self.blas_threads >= 1, "--blas-threads", "must be at least 1")
 
     # derived -------------------------------------------------------------------
@@ -109,6 +143,14 @@ class Config:
     def dims(self) -> list[int]:
         """Widths from input to output: [2*bits, *hidden, bits]."""
         return [2 * self.bits, *self.hidden, self.bits]
+
+    @property
+    def uses_sg(self) -> bool:
+        return self.mode in SG_MODES
+
+    def slowdown(self, index: int) -> float:
+        """How many times slower layer ``index`` computes (1: not a straggler)."""
+        return dict(self.slow).get(index, 1.0)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -121,6 +163,7 @@ class Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
+        d["slow"] = [list(p) for p in self.slow]
         return d
 
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.nodes import HiddenLayer, OutputLayer
+from pipeline.nodes import Chance, HiddenLayer, OutputLayer
 
 
 def role_name(index: int, cfg: Config) -> str:
@@ -12,17 +12,24 @@ def role_name(index: int, cfg: Config) -> str:
     return "output" if index == cfg.layers else f"layer{index}"
 
 
-def layer_rng(cfg: Config, index: int) -> np.random.Generator:
-    return np.random.default_rng([cfg.seed, 0x1A7E, index])
+def layer_rng(cfg: Config, index: int, purpose: int = 0) -> np.random.Generator:
+    """A layer's own random stream; ``purpose`` keeps init, update and drop
+    draws apart, so turning one on never shifts the others."""
+    return np.random.default_rng([cfg.seed, 0x1A7E, index, purpose])
 
 
 def make_hidden(cfg: Config, index: int) -> HiddenLayer:
     d = cfg.dims
     return HiddenLayer(index, d[index - 1], d[index], mode=cfg.mode,
                        activation=cfg.activation, lr=cfg.lr, sg_lr=cfg.sg_lr,
-                       label_dim=d[-1], rng=layer_rng(cfg, index))
+                       label_dim=d[-1], rng=layer_rng(cfg, index),
+                       grad_delay=cfg.grad_delay,
+                       update=Chance(cfg.update_prob, layer_rng(cfg, index, 1)),
+                       drop=Chance(cfg.drop_prob, layer_rng(cfg, index, 2)))
 
 
 def make_output(cfg: Config) -> OutputLayer:
     d = cfg.dims
-    return OutputLayer(cfg.layers, d[-2], d[-1], lr=cfg.lr, rng=layer_rng(cfg, cfg.layers))
+    n = cfg.layers
+    return OutputLayer(n, d[-2], d[-1], lr=cfg.lr, rng=layer_rng(cfg, n),
+                       update=Chance(cfg.update_prob, layer_rng(cfg, n, 1)))

@@ -1,106 +1,128 @@
 """A layer's state and its updates: weights, SG module, in-flight cache, counters.
 
-Pure numpy. The worker processes and the in-process reference both drive
-these classes, so the same calls in the same order give the same bits.
+Pure numpy, no sockets. The worker processes and the in-process reference
+both drive these classes, so the same calls in the same order give the same
+bits. A layer's *clock* counts the training batches it has forwarded; a true
+gradient is applied once it has arrived and is *due* (the clock has moved
+``grad_delay`` steps past the batch), in batch order.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline import nn
-
-
-@dataclass
-class Staleness:
-    """Running count, sum and max of staleness in local update steps."""
-    count: int = 0
-    total: int = 0
-    max: int = 0
-
-    def add(self, steps: int) -> None:
-        self.count += 1
-        self.total += steps
-        self.max = max(self.max, steps)
-
-    def as_dict(self) -> dict:
-        mean = self.total / self.count if self.count else 0.0
-        return {"mean": mean, "max": self.max, "count": self.count}
+from pipeline.stats import Applied, LayerStats
 
 
 @dataclass
 class _Pending:
-    """What a hidden layer keeps for a batch until its true gradient returns."""
-    step: int                        # local update count after this batch's forward
+    """What a hidden layer keeps for a batch until its true gradient is applied."""
+    clock: int                       # the layer's clock right after this batch's forward
     sent_at: float                   # monotonic time of the forward pass
-    x: np.ndarray | None = None      # backprop: input, for the weight gradient
-    h: np.ndarray | None = None      # backprop: output, for f'(z)
+    x: np.ndarray | None = None      # backprop modes: input, for the weight gradient
+    h: np.ndarray | None = None      # backprop modes: output, for f'(z)
     sg_in: np.ndarray | None = None  # DNI: SG module input
     sg_pred: np.ndarray | None = None  # DNI: the synthetic gradient used
     sg_version: int = 0              # SG module version that made sg_pred
 
+    @property
+    def rows(self) -> int:
+        return (self.h if self.h is not None else self.sg_in).shape[0]
 
-@dataclass
-class LayerCounters:
-    forward_batches: int = 0
-    sg_updates: int = 0
-    true_gradients: int = 0
-    staleness: Staleness = field(default_factory=Staleness)
 
-    def as_dict(self) -> dict:
-        return {"forward_batches": self.forward_batches, "sg_updates": self.sg_updates,
-                "true_gradients": self.true_gradients,
-                "staleness_steps": self.staleness.as_dict()}
+class Chance:
+    """Yes with probability p, from the layer's own stream (so enabling one
+    kind of chance never shifts another's draws); no draw when p is 0 or 1."""
+
+    def __init__(self, p: float, rng: np.random.Generator):
+        self.p = p
+        self.rng = rng
+
+    def __call__(self) -> bool:
+        if self.p >= 1.0:
+            return True
+        if self.p <= 0.0:
+            return False
+        return bool(self.rng.random() < self.p)
+
+
+def _norm(a: np.ndarray) -> float:
+    return float(np.sqrt(np.sum(a * a)))
+
+
+def sg_quality(pred: np.ndarray, true: np.ndarray) -> tuple[float | None, float | None]:
+    """Cosine similarity and relative L2 error of a synthetic gradient against
+    the true one (None where a norm is zero and the figure is undefined)."""
+    np_, nt = _norm(pred), _norm(true)
+    cosine = float(np.sum(pred * true)) / (np_ * nt) if np_ > 0 and nt > 0 else None
+    rel = _norm(pred - true) / nt if nt > 0 else None
+    return cosine, rel
 
 
 class HiddenLayer:
-    """h = f(x W + b) with an optional synthetic-gradient module.
+    """h = f(x W + b), with a synthetic-gradient module in the DNI modes.
 
-    mode "backprop": forward caches (x, h); ``backward`` applies the true
-    gradient. Mode "dni"/"cdni": ``forward`` updates W with the synthetic
-    gradient at once; ``train_sg`` later regresses the SG module onto the true
-    gradient of that batch.
+    * dni/cdni: ``forward`` updates W at once with the synthetic gradient; a
+      true gradient later trains the SG module;
+    * backprop/async-backprop: ``forward`` only caches; a true gradient
+      updates W (with the weights as they are then: stale in async-backprop).
     """
 
     def __init__(self, index: int, fan_in: int, fan_out: int, *, mode: str,
                  activation: str, lr: float, sg_lr: float, label_dim: int,
-                 rng: np.random.Generator, dtype: np.dtype = np.float64):
+                 rng: np.random.Generator, grad_delay: int = 0,
+                 update: Chance | None = None, drop: Chance | None = None,
+                 dtype: np.dtype = np.float64):
         self.index = index
         self.mode = mode
         self.activation = activation
         self.lr = lr
         self.sg_lr = sg_lr
+        self.grad_delay = grad_delay
+        self.update = update or Chance(1.0, rng)
+        self.drop = drop or Chance(0.0, rng)
         self.w, self.b = nn.init_dense(rng, fan_in, fan_out, dtype)
         self.conditioned = mode == "cdni"
         self.uses_sg = mode in ("dni", "cdni")
         sg_in = fan_out + (label_dim if self.conditioned else 0)
         self.v, self.c = nn.init_sg(sg_in, fan_out, dtype) if self.uses_sg else (None, None)
-        self.step = 0          # local weight updates so far
+        self.clock = 0         # training batches forwarded
+        self.step = 0          # weight updates applied
         self.sg_version = 0    # SG module updates so far
         self.pending: dict[int, _Pending] = {}
-        self.counters = LayerCounters()
+        self.arrived: dict[int, np.ndarray] = {}   # true gradients not yet due
+        self.stats = LayerStats(seed=index)
 
     # -- forward --------------------------------------------------------------
+    def _update_weights(self, dw: np.ndarray, db: np.ndarray) -> None:
+        if self.update():
+            nn.sgd(self.w, dw, self.lr)
+            nn.sgd(self.b, db, self.lr)
+            self.step += 1
+            self.stats.weight_updates += 1
+        else:
+            self.stats.skipped_updates += 1
+
     def forward(self, batch: int, x: np.ndarray, y: np.ndarray | None, need_dx: bool
                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """Training forward pass of ``batch``. Returns (h, dx): dx is the
-        gradient to send upstream now (DNI), or None (backprop: it waits)."""
+        gradient to send upstream now (DNI), or None (backprop modes)."""
         assert batch not in self.pending, f"batch {batch} forwarded twice"
         h = nn.dense_forward(x, self.w, self.b, self.activation)
-        self.counters.forward_batches += 1
+        self.clock += 1
+        self.stats.forward_batches += 1
         if not self.uses_sg:
-            self.pending[batch] = _Pending(self.step, time.monotonic(), x=x, h=h)
+            self.pending[batch] = _Pending(self.clock, time.monotonic(), x=x, h=h)
             return h, None
         sg_in = nn.sg_input(h, y if self.conditioned else None)
         g = nn.sg_predict(sg_in, self.v, self.c)
         dz = g * nn.activation_slope(self.activation, h)
         dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
-        nn.sgd(self.w, dw, self.lr)
-        nn.sgd(self.b, db, self.lr)
-        self.step += 1
-        self.pending[batch] = _Pending(self.step, time.monotonic(), sg_in=sg_in,
+        self._update_weights(dw, db)
+        self.pending[batch] = _Pending(self.clock, time.monotonic(), sg_in=sg_in,
                                        sg_pred=g, sg_version=self.sg_version)
         return h, dx
 
@@ -108,29 +130,64 @@ class HiddenLayer:
         return nn.dense_forward(x, self.w, self.b, self.activation)
 
     # -- true gradients --------------------------------------------------------
-    def _arrival(self, batch: int) -> _Pending:
-        p = self.pending.pop(batch)
-        self.counters.true_gradients += 1
-        self.counters.staleness.add(self.step - p.step)
-        return p
+    def receive(self, batch: int, grad: np.ndarray) -> bool:
+        """A true gradient came in. False if the link lost it (--drop-prob):
+        the batch is evicted and will never be applied."""
+        assert batch in self.pending and batch not in self.arrived
+        if self.drop():
+            del self.pending[batch]
+            self.stats.dropped_gradients += 1
+            return False
+        self.arrived[batch] = grad
+        return True
 
-    def backward(self, batch: int, dh: np.ndarray, need_dx: bool) -> np.ndarray | None:
-        """Backprop: apply the true gradient of ``batch``; return dx for upstream."""
-        p = self._arrival(batch)
+    def lose(self, batch: int) -> None:
+        """The gradient of ``batch`` will never come (dropped downstream)."""
+        del self.pending[batch]
+        self.stats.lost_gradients += 1
+
+    def is_due(self, batch: int) -> bool:
+        return self.clock - self.pending[batch].clock >= self.grad_delay
+
+    def due_outstanding(self) -> int:
+        """Batches whose gradient is due but has not arrived yet."""
+        return sum(1 for b in self.pending if b not in self.arrived and self.is_due(b))
+
+    def apply_ready(self, need_dx: bool) -> list[Applied]:
+        """Apply every arrived gradient that is due, oldest batch first."""
+        done = []
+        for batch in sorted(self.arrived):
+            if not self.is_due(batch):
+                break  # later batches are due later still
+            grad = self.arrived.pop(batch)
+            p = self.pending.pop(batch)
+            if self.uses_sg:
+                a = self._train_sg(batch, p, grad)
+            else:
+                a = self._backward(batch, p, grad, need_dx)
+            self.stats.record(a)
+            done.append(a)
+        return done
+
+    def expire(self) -> int:
+        """Training is over: gradients still waiting to become due never will."""
+        n = len(self.pending)
+        self.pending.clear()
+        self.arrived.clear()
+        self.stats.expired_gradients += n
+        return n
+
+    def _backward(self, batch: int, p: _Pending, dh: np.ndarray, need_dx: bool) -> Applied:
         dz = dh * nn.activation_slope(self.activation, p.h)
         dw, db, dx = nn.dense_grads(p.x, dz, self.w, need_dx)
-        nn.sgd(self.w, dw, self.lr)
-        nn.sgd(self.b, db, self.lr)
-        self.step += 1
-        return dx
+        self._update_weights(dw, db)
+        return Applied(batch, dx, self.clock - p.clock, time.monotonic() - p.sent_at)
 
-    def train_sg(self, batch: int, target: np.ndarray) -> float:
-        """DNI: regress the SG module onto the true gradient of ``batch``.
-
-        Returns the SG loss. The prediction is recomputed only when the module
-        changed since the forward pass (same numbers otherwise, less work).
-        """
-        p = self._arrival(batch)
+    def _train_sg(self, batch: int, p: _Pending, target: np.ndarray) -> Applied:
+        """Regress the SG module onto the true gradient. The prediction is
+        recomputed only when the module changed since the forward pass (the
+        same numbers otherwise, for less work); quality is measured on the
+        synthetic gradient that was actually used."""
         pred = p.sg_pred
         if p.sg_version != self.sg_version:
             pred = nn.sg_predict(p.sg_in, self.v, self.c)
@@ -138,15 +195,10 @@ class HiddenLayer:
         nn.sgd(self.v, dv, self.sg_lr)
         nn.sgd(self.c, dc, self.sg_lr)
         self.sg_version += 1
-        self.counters.sg_updates += 1
-        return loss
-
-    def receive_gradient(self, batch: int, grad: np.ndarray, need_dx: bool
-                         ) -> tuple[np.ndarray | None, float | None]:
-        """Apply a true gradient in this layer's mode: (dx for upstream, SG loss)."""
-        if self.uses_sg:
-            return None, self.train_sg(batch, grad)
-        return self.backward(batch, grad, need_dx), None
+        self.stats.sg_updates += 1
+        cosine, rel = sg_quality(p.sg_pred, target)
+        return Applied(batch, None, self.clock - p.clock, time.monotonic() - p.sent_at,
+                       sg_loss=loss, cosine=cosine, rel_err=rel)
 
     def weights(self) -> dict[str, np.ndarray]:
         out = {"w": self.w, "b": self.b}
@@ -157,15 +209,18 @@ class HiddenLayer:
 
 class OutputLayer:
     """Sigmoid outputs with binary cross-entropy: computes the loss and the
-    true gradient, and updates with it (it has no SG module)."""
+    true gradient, and updates with it at once (it has no SG module)."""
 
     def __init__(self, index: int, fan_in: int, fan_out: int, *, lr: float,
-                 rng: np.random.Generator, dtype: np.dtype = np.float64):
+                 rng: np.random.Generator, update: Chance | None = None,
+                 dtype: np.dtype = np.float64):
         self.index = index
         self.lr = lr
+        self.update = update or Chance(1.0, rng)
         self.w, self.b = nn.init_dense(rng, fan_in, fan_out, dtype)
+        self.clock = 0
         self.step = 0
-        self.counters = LayerCounters()
+        self.stats = LayerStats(seed=index)
 
     def train_step(self, x: np.ndarray, y: np.ndarray, need_dx: bool
                    ) -> tuple[np.ndarray | None, float, int]:
@@ -174,12 +229,16 @@ class OutputLayer:
         loss = nn.bce_loss(p, y)
         dz = nn.bce_delta(p, y)
         dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
-        nn.sgd(self.w, dw, self.lr)
-        nn.sgd(self.b, db, self.lr)
-        self.step += 1
-        self.counters.forward_batches += 1
-        self.counters.true_gradients += 1
-        self.counters.staleness.add(0)
+        if self.update():
+            nn.sgd(self.w, dw, self.lr)
+            nn.sgd(self.b, db, self.lr)
+            self.step += 1
+            self.stats.weight_updates += 1
+        else:
+            self.stats.skipped_updates += 1
+        self.clock += 1
+        self.stats.forward_batches += 1
+        self.stats.record(Applied(self.clock, None, 0, 0.0))
         return dx, loss, nn.exact_matches(p, y)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:

@@ -16,7 +16,8 @@ from pipeline import data
 from pipeline.config import Config
 from pipeline.model import make_hidden, make_output, role_name
 from pipeline.nodes import HiddenLayer, OutputLayer
-from pipeline.stats import EpochStats
+from pipeline.schedule import ends_epoch
+from pipeline.stats import EpochStats, LayerEpoch
 
 Event = dict
 Emit = Callable[[Event], None]
@@ -50,19 +51,44 @@ def evaluate(hidden: list[HiddenLayer], output: OutputLayer, x: np.ndarray, y: n
 
 def train_reference(cfg: Config, emit: Emit | None = None,
                     should_stop: Callable[[], bool] | None = None) -> ReferenceResult:
-    """Train ``cfg`` in this process. Per batch t, as the seed does:
-    forward through every layer (DNI layers update at once with their
-    synthetic gradient), the output layer's update, then the gradients flow
-    back (backprop: each layer updates with them; DNI: each SG module is
-    trained on them)."""
+    """Train ``cfg`` in this process, under the pipeline's --lockstep rules.
+
+    Per batch t, as the seed does: forward through every layer (DNI layers
+    update at once with their synthetic gradient and send dx up), the output
+    layer's update, then, from the top layer down, every layer applies the
+    true gradients that have arrived and are due (backprop modes pass each
+    one further up). Each layer thus sees exactly the sequence of operations
+    it sees in the lockstep pipeline, which makes the weights bit-identical.
+    """
     emit = emit or (lambda event: None)
     x, y = data.addition(cfg.bits, cfg.examples, cfg.seed)
     slices = data.batch_slices(cfg.examples, cfg.batch_size)
     hidden = [make_hidden(cfg, k) for k in range(1, cfg.layers)]
     output = make_output(cfg)
     out_stats = EpochStats()
-    sg_stats = [EpochStats() for _ in hidden]
+    layer_epochs = [LayerEpoch() for _ in hidden]
+    per_epoch = cfg.batches_per_epoch
     start = time.perf_counter()
+
+    def deliver(k: int, batch: int, grad: np.ndarray) -> None:
+        """The gradient of ``batch`` reaches hidden layer k (0-based)."""
+        if k >= 0 and not hidden[k].receive(batch, grad):
+            lost(k - 1, batch)
+
+    def lost(k: int, batch: int) -> None:
+        """Backprop modes: a gradient lost at k+1 never reaches k either."""
+        if k >= 0 and not hidden[k].uses_sg:
+            hidden[k].lose(batch)
+            lost(k - 1, batch)
+
+    def settle(k: int, elapsed: float) -> None:
+        for a in hidden[k].apply_ready(need_dx=k > 0):
+            if a.dx is not None:
+                deliver(k - 1, a.batch, a.dx)
+            layer_epochs[k].add(a)
+            if ends_epoch(a.batch, per_epoch):
+                emit(layer_epochs[k].event(role_name(k + 1, cfg), a.batch // per_epoch, elapsed))
+
     t = 0
     for epoch in range(cfg.epochs):
         for s in slices:
@@ -70,23 +96,20 @@ def train_reference(cfg: Config, emit: Emit | None = None,
                 raise KeyboardInterrupt
             xb, yb = x[s], y[s]
             h = xb
-            upstream: list[np.ndarray | None] = []
             for k, layer in enumerate(hidden):
                 h, dx = layer.forward(t, h, yb, need_dx=k > 0)
-                upstream.append(dx)
+                if dx is not None:
+                    deliver(k - 1, t, dx)
             grad, loss, correct = output.train_step(h, yb, need_dx=True)
             out_stats.add(loss, correct, len(yb))
+            deliver(len(hidden) - 1, t, grad)
+            elapsed = time.perf_counter() - start
             for k in range(len(hidden) - 1, -1, -1):
-                dx, sg_loss = hidden[k].receive_gradient(t, grad, need_dx=k > 0)
-                if sg_loss is not None:
-                    sg_stats[k].add(sg_loss, 0, len(yb))
-                grad = upstream[k] if hidden[k].uses_sg else dx
+                settle(k, elapsed)
             t += 1
-        elapsed = time.perf_counter() - start
-        emit(out_stats.epoch_event("output", epoch, elapsed))
-        for k, st in enumerate(sg_stats):
-            if hidden[k].uses_sg:
-                emit(st.sg_event(role_name(k + 1, cfg), epoch, elapsed))
+        emit(out_stats.epoch_event("output", epoch, time.perf_counter() - start))
+    for layer in hidden:
+        layer.expire()
     wall = time.perf_counter() - start
     final_loss, acc = evaluate(hidden, output, x, y, slices)
     return ReferenceResult(hidden, output, wall, t, final_loss, acc)

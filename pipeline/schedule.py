@@ -3,19 +3,27 @@ and where a batch falls in the epochs."""
 from __future__ import annotations
 
 
-def may_take_batch(*, mode: str, lockstep: bool, pending: int, max_inflight: int) -> bool:
-    """May a layer read its next activation message, with ``pending`` batches
-    still waiting for their true gradient?
+def may_take_batch(*, mode: str, lockstep: bool, pending: int, due_outstanding: int,
+                   max_inflight: int, grad_delay: int) -> bool:
+    """May a layer read its next activation message?
+
+    ``pending``: batches forwarded whose gradient is not applied yet;
+    ``due_outstanding``: those among them whose gradient is due (the layer's
+    clock is ``grad_delay`` steps past them) but has not arrived.
 
     * backprop: locked, one batch at a time: the gradient of t before t+1;
-    * DNI under --lockstep: the same rule, so the layer's sequence of updates
-      is the reference's (forward t, SG update t, forward t+1, ...);
-    * DNI free-running: up to ``max_inflight`` batches in flight; past that it
-      stops reading, and ZeroMQ's high-water mark pushes back upstream.
+    * --lockstep: never step past a due gradient, so each gradient is applied
+      exactly ``grad_delay`` steps late and the sequence of updates is the
+      reference's;
+    * free-running: up to ``grad_delay + max_inflight`` batches in flight;
+      past that the layer stops reading and ZeroMQ's high-water mark pushes
+      back upstream.
     """
-    if mode == "backprop" or lockstep:
+    if mode == "backprop":
         return pending == 0
-    return pending < max_inflight
+    if lockstep:
+        return due_outstanding == 0
+    return pending < grad_delay + max_inflight
 
 
 def epoch_of(batch: int, batches_per_epoch: int) -> int:

@@ -33,7 +33,154 @@ class EpochStats:
                 "accuracy": acc, "batches": batches, "elapsed_s": elapsed,
                 "batches_per_s": batches / span if span > 0 else None}
 
-    def sg_event(self, role: str, epoch: int, elapsed: float) -> dict:
-        loss, _, batches = self._take()
-        return {"event": "sg", "role": role, "epoch": epoch, "sg_loss": loss,
-                "gradients": batches, "elapsed_s": elapsed}
+
+@dataclass
+class Applied:
+    """One true gradient, as a layer applied it (or used it to train its SG module)."""
+    batch: int
+    dx: object                     # np.ndarray for upstream (backprop modes) or None
+    staleness: int                 # layer steps between the batch's forward and now
+    staleness_s: float             # seconds between the two
+    sg_loss: float | None = None   # SG module's loss on this batch (DNI modes)
+    cosine: float | None = None    # cosine(synthetic gradient used, true gradient)
+    rel_err: float | None = None   # |synthetic - true| / |true|
+
+
+class Reservoir:
+    """At most ``size`` samples of a stream, uniformly drawn (algorithm R), so
+    a long run's percentiles cost constant memory."""
+
+    def __init__(self, size: int = 4096, seed: int = 0):
+        import numpy as np
+        self._np = np
+        self.values = np.empty(size)
+        self.seen = 0
+        self.total = 0.0
+        self._rng = np.random.default_rng(seed)
+
+    def add(self, value: float) -> None:
+        self.total += value
+        size = len(self.values)
+        if self.seen < size:
+            self.values[self.seen] = value
+        else:
+            j = int(self._rng.integers(0, self.seen + 1))
+            if j < size:
+                self.values[j] = value
+        self.seen += 1
+
+    def describe(self) -> dict | None:
+        if not self.seen:
+            return None
+        kept = self.values[:min(self.seen, len(self.values))]
+        p10, p50, p90 = self._np.percentile(kept, [10, 50, 90])
+        return {"mean": self.total / self.seen, "p10": float(p10), "p50": float(p50),
+                "p90": float(p90), "count": self.seen}
+
+
+class _Mean:
+    __slots__ = ("total", "count", "max")
+
+    def __init__(self) -> None:
+        self.total, self.count, self.max = 0.0, 0, None
+
+    def add(self, v: float | None) -> None:
+        if v is None:
+            return
+        self.total += v
+        self.count += 1
+        self.max = v if self.max is None else max(self.max, v)
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
+
+
+class LayerEpoch:
+    """A hidden layer's gradients of one epoch -> one ``layer`` event."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps, self.seconds = _Mean(), _Mean()
+        self.sg_loss, self.cosine, self.rel_err = _Mean(), _Mean(), _Mean()
+
+    def add(self, a: Applied) -> None:
+        self.steps.add(a.staleness)
+        self.seconds.add(a.staleness_s)
+        self.sg_loss.add(a.sg_loss)
+        self.cosine.add(a.cosine)
+        self.rel_err.add(a.rel_err)
+
+    def event(self, role: str, epoch: int, elapsed: float) -> dict:
+        e = {"event": "layer", "role": role, "epoch": epoch, "gradients": self.steps.count,
+             "staleness_steps_mean": self.steps.mean, "staleness_steps_max": self.steps.max,
+             "staleness_s_mean": self.seconds.mean, "staleness_s_max": self.seconds.max,
+             "sg_loss": self.sg_loss.mean, "sg_cosine": self.cosine.mean,
+             "sg_rel_err": self.rel_err.mean, "elapsed_s": elapsed}
+        self._reset()
+        return e
+
+
+@dataclass
+class Staleness:
+    """Running count, sum and max of staleness in layer steps."""
+    count: int = 0
+    total: int = 0
+    max: int = 0
+
+    def add(self, steps: int) -> None:
+        self.count += 1
+        self.total += steps
+        self.max = max(self.max, steps)
+
+    def as_dict(self) -> dict:
+        mean = self.total / self.count if self.count else 0.0
+        return {"mean": mean, "max": self.max, "count": self.count}
+
+
+class LayerStats:
+    """Whole-run counters of one layer, for summary.json."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.forward_batches = 0
+        self.weight_updates = 0
+        self.skipped_updates = 0     # updates not applied (--update-prob)
+        self.sg_updates = 0
+        self.true_gradients = 0      # gradients applied (or used to train the SG module)
+        self.dropped_gradients = 0   # lost on the way here (--drop-prob)
+        self.lost_gradients = 0      # never came: dropped further downstream
+        self.expired_gradients = 0   # not yet due when training ended (--grad-delay)
+        self.staleness_hist: dict[int, int] = {}
+        self.steps = Staleness()
+        self.seconds = _Mean()
+        self.sg_loss = Reservoir(seed=seed)
+        self.cosine = Reservoir(seed=seed + 1)
+        self.rel_err = Reservoir(seed=seed + 2)
+
+    def record(self, a: Applied) -> None:
+        self.true_gradients += 1
+        self.steps.add(a.staleness)
+        self.staleness_hist[a.staleness] = self.staleness_hist.get(a.staleness, 0) + 1
+        self.seconds.add(a.staleness_s)
+        for reservoir, value in ((self.sg_loss, a.sg_loss), (self.cosine, a.cosine),
+                                 (self.rel_err, a.rel_err)):
+            if value is not None:
+                reservoir.add(value)
+
+    def as_dict(self) -> dict:
+        quality = None
+        if self.sg_loss.seen:
+            quality = {"sg_loss": self.sg_loss.describe(), "cosine": self.cosine.describe(),
+                       "rel_err": self.rel_err.describe()}
+        return {"forward_batches": self.forward_batches, "weight_updates": self.weight_updates,
+                "skipped_updates": self.skipped_updates, "sg_updates": self.sg_updates,
+                "true_gradients": self.true_gradients,
+                "dropped_gradients": self.dropped_gradients,
+                "lost_gradients": self.lost_gradients,
+                "expired_gradients": self.expired_gradients,
+                "staleness_steps": self.steps.as_dict(),
+                "staleness_hist": {str(k): v for k, v in sorted(self.staleness_hist.items())},
+                "staleness_s": {"mean": self.seconds.mean or 0.0, "max": self.seconds.max or 0.0},
+                "sg_quality": quality}

@@ -6,13 +6,8 @@ from pipeline.config import Config
 
 
 def layer_entry(index: int, role: str, counters: dict, decode_errors: int) -> dict:
-    st = counters.get("staleness_steps", {"mean": 0.0, "max": 0})
-    return {"index": index, "role": role,
-            "forward_batches": counters.get("forward_batches", 0),
-            "sg_updates": counters.get("sg_updates", 0),
-            "true_gradients": counters.get("true_gradients", 0),
-            "staleness_steps": {"mean": st["mean"], "max": st["max"]},
-            "decode_errors": decode_errors}
+    """One layer's line in summary.json: its LayerStats plus decode errors."""
+    return {"index": index, "role": role, **counters, "decode_errors": decode_errors}
 
 
 def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,

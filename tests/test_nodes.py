@@ -6,7 +6,8 @@ import pytest
 
 from pipeline import nn
 from tests.numeric import EPS, numeric_grad, ref_act
-from pipeline.nodes import HiddenLayer, OutputLayer, Staleness
+from pipeline.nodes import HiddenLayer, OutputLayer
+from pipeline.stats import Staleness
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -2,15 +2,18 @@
 whenever they come back from downstream (or, in backprop mode, wait for them)."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import zmq
 
 from pipeline import wire
 from pipeline.config import Config
-from pipeline.model import make_hidden, role_name
+from pipeline.delay import DelayLine, straggle
+from pipeline.model import layer_rng, make_hidden, role_name
 from pipeline.roles import run
 from pipeline.schedule import ends_epoch, may_take_batch
-from pipeline.stats import EpochStats
+from pipeline.stats import Applied, LayerEpoch
 from pipeline.transport import (POLL_MS, ControlLink, Inbox, bind_inbox, connect_outbox,
                                 context, expect, max_message_bytes, send)
 
@@ -24,29 +27,32 @@ def main(link: ControlLink, cfg: Config) -> None:
     upstream = role_name(index - 1, cfg) if index > 1 else "source"
     downstream = role_name(index + 1, cfg)
     ctx = context()
-    hwm = cfg.max_inflight + 2
+    hwm = cfg.grad_delay + cfg.max_inflight + 2
     max_bytes = max_message_bytes(cfg)
-    next_batch = 0  # training batches arrive in order; anything else is not ours
+    acts_read = 0  # training batches arrive in order; anything else is not ours
 
     def check_act(msg: wire.Message) -> None:
+        nonlocal acts_read
         expect(msg, (wire.ACT, wire.EVAL, wire.EOF), [(None, d[index - 1]), (None, d[-1])],
                F64, cfg.batch_size)
         if msg.sender != upstream:
             raise ValueError(f"activation from {msg.sender!r}, expected {upstream!r}")
-        if msg.kind == wire.ACT and msg.batch != next_batch:
-            raise ValueError(f"activation for batch {msg.batch}, expected {next_batch}")
+        if msg.kind == wire.ACT:
+            if msg.batch != acts_read:
+                raise ValueError(f"activation for batch {msg.batch}, expected {acts_read}")
+            acts_read += 1
 
     def check_grad(msg: wire.Message) -> None:
-        expect(msg, (wire.GRAD,), [(None, d[index])], F64, cfg.batch_size)
+        lost = msg.meta.get("lost") is True
+        expect(msg, (wire.GRAD,), [] if lost else [(None, d[index])], F64, cfg.batch_size)
         if msg.sender != downstream:
             raise ValueError(f"gradient from {msg.sender!r}, expected {downstream!r}")
         p = layer.pending.get(msg.batch)
-        if p is None:
-            raise ValueError(f"gradient for batch {msg.batch}, which is not in flight")
-        rows = (p.h if p.h is not None else p.sg_in).shape[0]
-        if msg.arrays[0].shape[0] != rows:
+        if p is None or msg.batch in layer.arrived:
+            raise ValueError(f"gradient for batch {msg.batch}, which is not awaited")
+        if not lost and msg.arrays[0].shape[0] != p.rows:
             raise ValueError(f"gradient for batch {msg.batch} has {msg.arrays[0].shape[0]} "
-                             f"rows, the batch had {rows}")
+                             f"rows, the batch had {p.rows}")
 
     act_sock, act_ep = bind_inbox(ctx, "127.0.0.1", hwm, max_bytes)
     grad_sock, grad_ep = bind_inbox(ctx, "127.0.0.1", hwm, max_bytes)
@@ -57,70 +63,123 @@ def main(link: ControlLink, cfg: Config) -> None:
     down = connect_outbox(ctx, peers["downstream"], hwm)
     up = connect_outbox(ctx, peers["upstream_grad"], hwm) if index > 1 else None
 
-    def put(sock: zmq.Socket, kind: str, batch: int, arrays: tuple) -> None:
+    def put(sock: zmq.Socket, kind: str, batch: int, arrays: tuple, meta=None) -> None:
         send(sock, wire.Message(kind, link.run_id, batch=batch, sender=link.role,
-                                step=layer.step, arrays=arrays), link)
+                                step=layer.step, arrays=arrays, meta=meta or {}), link)
 
-    sg_stats = EpochStats()
-    started = _clock()
+    delay_s, jitter_s = cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000
+    grad_line = (DelayLine(delay_s, jitter_s, layer_rng(cfg, index, 3))
+                 if cfg.link_delay_ms > 0 else None)
+    act_line = (DelayLine(delay_s, jitter_s, layer_rng(cfg, index, 4))
+                if cfg.delay_activations else None)
+    slowdown = cfg.slowdown(index)
+    epoch_stats = LayerEpoch()
+    started = time.perf_counter()
+    per_epoch = cfg.batches_per_epoch
+
+    def applied(a: Applied) -> None:
+        if a.dx is not None:
+            put(up, wire.GRAD, a.batch, (a.dx,))
+        epoch_stats.add(a)
+        if ends_epoch(a.batch, per_epoch):
+            link.event(epoch_stats.event(link.role, a.batch // per_epoch,
+                                         time.perf_counter() - started))
+
+    def settle() -> None:
+        t0 = time.perf_counter()
+        done = layer.apply_ready(need_dx=up is not None)
+        if done:
+            straggle(t0, slowdown)
+        for a in done:
+            applied(a)
+
+    def lost_upstream(batch: int) -> None:
+        # Backprop modes: no gradient for this batch will go up; say so, or
+        # the layer above would wait for it forever.
+        if not layer.uses_sg and up is not None:
+            put(up, wire.GRAD, batch, (), {"lost": True})
 
     def on_gradient(msg: wire.Message) -> None:
-        dx, sg_loss = layer.receive_gradient(msg.batch, msg.arrays[0], need_dx=up is not None)
-        if dx is not None:
-            put(up, wire.GRAD, msg.batch, (dx,))
-        if sg_loss is not None:
-            sg_stats.add(sg_loss, 0, msg.arrays[0].shape[0])
-            if ends_epoch(msg.batch, cfg.batches_per_epoch):
-                link.event(sg_stats.sg_event(link.role, msg.batch // cfg.batches_per_epoch,
-                                             _clock() - started))
+        if msg.meta.get("lost") is True:
+            layer.lose(msg.batch)
+            lost_upstream(msg.batch)
+        elif not layer.receive(msg.batch, msg.arrays[0]):
+            lost_upstream(msg.batch)
+        settle()
+
+    def on_activation(msg: wire.Message) -> bool:
+        """Process one activation message; True at end of stream."""
+        if msg.kind == wire.ACT:
+            x, y = msg.arrays
+            t0 = time.perf_counter()
+            h, dx = layer.forward(msg.batch, x, y, need_dx=up is not None)
+            straggle(t0, slowdown)
+            put(down, wire.ACT, msg.batch, (h, y))
+            if dx is not None:
+                put(up, wire.GRAD, msg.batch, (dx,))
+            settle()  # the clock moved: gradients may have become due
+            return False
+        if msg.kind == wire.EVAL:
+            x, y = msg.arrays
+            put(down, wire.EVAL, msg.batch, (layer.forward_eval(x), y))
+            return False
+        put(down, wire.EOF, msg.batch, ())
+        return True
+
+    def may_take() -> bool:
+        return may_take_batch(mode=cfg.mode, lockstep=cfg.lockstep,
+                              pending=len(layer.pending),
+                              due_outstanding=layer.due_outstanding(),
+                              max_inflight=cfg.max_inflight, grad_delay=cfg.grad_delay)
 
     poller = zmq.Poller()
     poller.register(link.sock, zmq.POLLIN)
     poller.register(grad_sock, zmq.POLLIN)
-    eof = False
+    eof = eof_read = False
     reading = False
-    while not (eof and not layer.pending):
-        take = not eof and may_take_batch(mode=cfg.mode, lockstep=cfg.lockstep,
-                                          pending=len(layer.pending),
-                                          max_inflight=cfg.max_inflight)
-        if take != reading:  # backpressure: leave activations queued in ZeroMQ
+    while not (eof and layer.due_outstanding() == 0):
+        # Backpressure: leave activations queued in ZeroMQ while we may not
+        # take them (with a delayed link, while its line is full).
+        take = not eof_read and (may_take() if act_line is None else len(act_line) < hwm)
+        if take != reading:
             if take:
                 poller.register(act_sock, zmq.POLLIN)
             else:
                 poller.unregister(act_sock)
             reading = take
-        events = dict(poller.poll(POLL_MS))
+        now = time.monotonic()
+        waits = [line.wait_s(now) for line in (grad_line, act_line) if line is not None]
+        waits = [w for w in waits if w is not None]
+        timeout = min([POLL_MS] + [int(w * 1000) + 1 for w in waits])
+        events = dict(poller.poll(timeout))
         if link.sock in events:
             link.poll_stop()
         link.check_parent()
         if grad_sock in events:
             while grad_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 msg = grads.recv()
-                if msg is not None:
+                if msg is None:
+                    continue
+                if grad_line is not None:
+                    grad_line.push(msg, time.monotonic())
+                else:
                     on_gradient(msg)
+        if grad_line is not None:
+            for msg in grad_line.pop_ready(time.monotonic()):
+                on_gradient(msg)
         if take and act_sock in events:
             msg = acts.recv()
-            if msg is None:
-                continue
-            if msg.kind == wire.ACT:
-                x, y = msg.arrays
-                h, dx = layer.forward(msg.batch, x, y, need_dx=up is not None)
-                next_batch += 1
-                put(down, wire.ACT, msg.batch, (h, y))
-                if dx is not None:
-                    put(up, wire.GRAD, msg.batch, (dx,))
-            elif msg.kind == wire.EVAL:
-                x, y = msg.arrays
-                put(down, wire.EVAL, msg.batch, (layer.forward_eval(x), y))
-            else:
-                eof = True
-                put(down, wire.EOF, msg.batch, ())
-    link.finish(layer.counters.as_dict(), acts.errors + grads.errors, layer.weights())
-
-
-def _clock() -> float:
-    import time
-    return time.perf_counter()
+            if msg is not None:
+                if act_line is not None:
+                    act_line.push(msg, time.monotonic())
+                    eof_read = msg.kind == wire.EOF
+                else:
+                    eof = eof_read = on_activation(msg)
+        if act_line is not None:
+            while act_line.wait_s(time.monotonic()) == 0 and may_take():
+                eof = on_activation(act_line.pop()) or eof
+    layer.expire()  # not yet due when training ended: never will be
+    link.finish(layer.stats.as_dict(), acts.errors + grads.errors, layer.weights())
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import zmq
 
 from pipeline import wire
 from pipeline.config import Config
-from pipeline.model import make_output, role_name
+from pipeline.delay import DelayLine, straggle
+from pipeline.model import layer_rng, make_output, role_name
 from pipeline.roles import run
 from pipeline.schedule import ends_epoch
 from pipeline.stats import EpochStats
@@ -26,15 +27,19 @@ def main(link: ControlLink, cfg: Config) -> None:
     ctx = context()
     hwm = cfg.max_inflight + 2
     max_bytes = max_message_bytes(cfg)
-    next_batch = 0
+    next_batch = 0  # training batches done
+    acts_read = 0   # training batches arrive in order; anything else is not ours
 
     def check_act(msg: wire.Message) -> None:
+        nonlocal acts_read
         expect(msg, (wire.ACT, wire.EVAL, wire.EOF), [(None, d[-2]), (None, d[-1])],
                F64, cfg.batch_size)
         if msg.sender != upstream:
             raise ValueError(f"activation from {msg.sender!r}, expected {upstream!r}")
-        if msg.kind == wire.ACT and msg.batch != next_batch:
-            raise ValueError(f"activation for batch {msg.batch}, expected {next_batch}")
+        if msg.kind == wire.ACT:
+            if msg.batch != acts_read:
+                raise ValueError(f"activation for batch {msg.batch}, expected {acts_read}")
+            acts_read += 1
 
     act_sock, act_ep = bind_inbox(ctx, "127.0.0.1", hwm, max_bytes)
     acts = Inbox(act_sock, link.run_id, max_bytes, check_act, link.dropped)
@@ -46,22 +51,18 @@ def main(link: ControlLink, cfg: Config) -> None:
     evaluation = EpochStats()
     started = time.perf_counter()
     train_s = 0.0
-    poller = zmq.Poller()
-    poller.register(link.sock, zmq.POLLIN)
-    poller.register(act_sock, zmq.POLLIN)
-    while True:
-        events = dict(poller.poll(POLL_MS))
-        if link.sock in events:
-            link.poll_stop()
-        link.check_parent()
-        if act_sock not in events:
-            continue
-        msg = acts.recv()
-        if msg is None:
-            continue
+    slowdown = cfg.slowdown(cfg.layers)
+    act_line = (DelayLine(cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000,
+                          layer_rng(cfg, cfg.layers, 4)) if cfg.delay_activations else None)
+
+    def on_activation(msg: wire.Message) -> bool:
+        """Process one activation message; True at end of stream."""
+        nonlocal next_batch, train_s
         if msg.kind == wire.ACT:
             x, y = msg.arrays
+            t0 = time.perf_counter()
             dx, loss, correct = out.train_step(x, y, need_dx=True)
+            straggle(t0, slowdown)
             next_batch += 1
             send(up, wire.Message(wire.GRAD, link.run_id, batch=msg.batch, sender=link.role,
                                   step=out.step, arrays=(dx,)), link)
@@ -74,12 +75,32 @@ def main(link: ControlLink, cfg: Config) -> None:
             x, y = msg.arrays
             loss, correct = out.evaluate(x, y)
             evaluation.add(loss, correct, len(y))
-        else:
-            break
+        return msg.kind == wire.EOF
+
+    poller = zmq.Poller()
+    poller.register(link.sock, zmq.POLLIN)
+    poller.register(act_sock, zmq.POLLIN)
+    eof = False
+    while not eof:
+        wait = act_line.wait_s(time.monotonic()) if act_line else None
+        events = dict(poller.poll(POLL_MS if wait is None else min(POLL_MS, int(wait * 1000) + 1)))
+        if link.sock in events:
+            link.poll_stop()
+        link.check_parent()
+        if act_sock in events:
+            msg = acts.recv()
+            if msg is not None:
+                if act_line is None:
+                    eof = on_activation(msg)
+                else:
+                    act_line.push(msg, time.monotonic())
+        if act_line is not None:
+            for msg in act_line.pop_ready(time.monotonic()):
+                eof = on_activation(msg) or eof
     final_loss, accuracy, _ = evaluation._take()
     link.event({"event": "final", "role": link.role, "final_loss": final_loss,
                 "train_accuracy": accuracy, "batches": next_batch, "train_s": train_s})
-    link.finish(out.counters.as_dict(), acts.errors, out.weights())
+    link.finish(out.stats.as_dict(), acts.errors, out.weights())
 
 
 if __name__ == "__main__":
