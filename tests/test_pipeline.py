@@ -55,7 +55,8 @@ def test_lockstep_pipeline_equals_reference_bit_for_bit(launch, mode):
     for layer in s["layers"]:
         assert layer["forward_batches"] == batches
         assert layer["true_gradients"] == batches
-        assert layer["staleness_steps"] == {"mean": 0.0, "max": 0}
+        assert layer["staleness_steps"] == {"mean": 0.0, "max": 0, "count": batches}
+        assert layer["staleness_hist"] == {"0": batches}
         assert layer["decode_errors"] == 0
         expect_sg = batches if mode != "backprop" and layer["role"] != "output" else 0
         assert layer["sg_updates"] == expect_sg
@@ -207,3 +208,83 @@ def test_run_dir_with_a_finished_run_is_refused(launch):
     assert second.finish() == 2
     assert "--run-dir" in second.err and len(second.err.strip().splitlines()) == 1
     assert (first.run_dir / "summary.json").read_text() == before
+
+
+def _run_args(**kw) -> list[str]:
+    args = []
+    for k, v in kw.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, tuple):
+            v = ",".join(map(str, v))
+        args += [flag] if v is True else [flag, str(v)]
+    return args
+
+
+@pytest.mark.parametrize("mode, delay", [("cdni", 3), ("async-backprop", 2), ("dni", 0)])
+def test_grad_delay_under_lockstep_is_exact_and_matches_reference(launch, mode, delay):
+    kw = dict(mode=mode, grad_delay=delay, epochs=12, layers=4, hidden=(32, 24, 16), seed=5,
+              examples=30)
+    run = launch("--lockstep", "--quiet", *_run_args(**kw))
+    assert run.finish() == 0, run.err
+    cfg = Config(lockstep=True, **kw)
+    assert_bit_identical(run, reference_weights(cfg))
+    applied = cfg.total_batches - delay  # the last `delay` were not due when training ended
+    for layer in run.summary()["layers"][:-1]:
+        assert layer["staleness_hist"] == {str(delay): applied}, layer["role"]
+        assert layer["expired_gradients"] == delay
+
+
+def test_update_prob_zero_leaves_weights_untouched(launch):
+    run = launch("--lockstep", "--quiet", "--update-prob", "0", "--epochs", "5")
+    assert run.finish() == 0, run.err
+    cfg = Config(epochs=5)
+    from pipeline.model import make_hidden, make_output
+    initial = {role_name(k, cfg): make_hidden(cfg, k).weights() for k in range(1, cfg.layers)}
+    initial["output"] = make_output(cfg).weights()
+    for role, arrays in initial.items():
+        got = run.weights(role)
+        assert np.array_equal(got["w"], arrays["w"]) and np.array_equal(got["b"], arrays["b"])
+        if role != "output":  # the SG modules still learn
+            assert np.abs(got["sg_v"]).sum() > 0
+    for layer in run.summary()["layers"]:
+        assert layer["weight_updates"] == 0
+        assert layer["skipped_updates"] == cfg.total_batches
+
+
+@pytest.mark.parametrize("mode", ["cdni", "backprop"])
+def test_drop_prob_runs_finish_and_report_the_drops(launch, mode):
+    run = launch("--quiet", "--mode", mode, "--drop-prob", "0.25", "--epochs", "30")
+    assert run.finish() == 0, run.err
+    s = run.summary()
+    assert s["status"] == "completed"
+    total = Config(epochs=30).total_batches
+    layers = s["layers"]
+    assert all(L["dropped_gradients"] > 0 for L in layers[:-1])
+    for L in layers[:-1]:  # every batch is accounted for, once
+        assert (L["true_gradients"] + L["dropped_gradients"] + L["lost_gradients"]
+                + L["expired_gradients"]) == total
+    if mode == "backprop":  # a gradient lost at layer 2 never reaches layer 1
+        assert layers[0]["lost_gradients"] == layers[1]["dropped_gradients"]
+
+
+def test_link_delay_and_straggler_free_running(launch):
+    run = launch("--quiet", "--epochs", "20", "--link-delay", "3:1", "--slow", "2:2",
+                 "--mode", "async-backprop")
+    assert run.finish() == 0, run.err
+    s = run.summary()
+    assert s["status"] == "completed"
+    first = s["layers"][0]
+    # Two gradient hops of at least 2 ms each stand between layer 1 and its gradients.
+    assert first["staleness_s"]["mean"] >= 0.004
+    assert first["staleness_steps"]["max"] >= 1
+    events = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    layer_events = [e for e in events if e["event"] == "layer" and e["role"] == "layer1"]
+    assert len(layer_events) == 20 and all(e["staleness_s_mean"] >= 0.004 for e in layer_events)
+
+
+def test_sg_quality_is_reported(launch):
+    run = launch("--quiet", "--epochs", "100", "--lockstep")
+    assert run.finish() == 0, run.err
+    q = run.summary()["layers"][1]["sg_quality"]
+    assert q["cosine"]["count"] > 0 and -1 <= q["cosine"]["p10"] <= q["cosine"]["p90"] <= 1
+    assert q["rel_err"]["mean"] > 0 and q["sg_loss"]["count"] == Config(epochs=100).total_batches
