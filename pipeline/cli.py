@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 from pipeline.config import ACTIVATIONS, MODES, Config, ConfigError, default_hidden
 
@@ -54,12 +55,44 @@ def _straggler(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"expected LAYER:FACTOR like 2:3, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="launch.py",
-                description="Train a network with Decoupled Neural Interfaces (synthetic "
-                            "gradients), one operating-system process per layer, over ZeroMQ. "
-                            "The task is binary addition, as in the seed notebook.",
-                formatter_class=_Help)
+def _names(text: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    bad = [n for n in names if n not in MODES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected modes from {', '.join(MODES)}, got {text!r}")
+    return names
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2,4, got {text!r}") from None
+    return values
+
+
+def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
+    """The run's options; with ``sweep``, the grid's axes take lists instead."""
+    if sweep:
+        p = _Parser(prog="launch.py sweep", formatter_class=_Help,
+                    description="Run a grid of modes x gradient delays x seeds, one run "
+                                "directory per point, then write results.csv, results.md and "
+                                "a plot of final accuracy against staleness. Points already "
+                                "completed are not run again, so an interrupted sweep resumes.")
+        g = p.add_argument_group("sweep")
+        g.add_argument("--modes", type=_names, default=["cdni", "async-backprop"],
+                       help="comma-separated modes (backprop runs at delay 0 only)")
+        g.add_argument("--grad-delay", type=_ints, default=[0, 1, 2, 4, 8, 16],
+                       help="comma-separated injected gradient delays K")
+        g.add_argument("--seeds", type=int, default=3, help="seeds per point: --seed, --seed+1, ...")
+        g.add_argument("--out", default="", help="sweep directory (default: sweeps/<time>)")
+    else:
+        p = _Parser(prog="launch.py", formatter_class=_Help,
+                    description="Train a network with Decoupled Neural Interfaces (synthetic "
+                                "gradients), one operating-system process per layer, over "
+                                "ZeroMQ. The task is binary addition, as in the seed notebook.",
+                    epilog="Also: 'launch.py sweep -h' (a staleness sweep) and "
+                           "'launch.py report RUN_DIR' (plots of one run).")
     net = p.add_argument_group("network")
     net.add_argument("--layers", type=int, default=_default("layers"),
                      help="weight layers, counting the output layer: 3 = two hidden layers "
@@ -69,11 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "hidden layer (default: the seed's 128,64; deeper nets repeat 64)")
     net.add_argument("--activation", choices=ACTIVATIONS, default=_default("activation"),
                      help="hidden-layer non-linearity")
-    net.add_argument("--mode", choices=MODES, default=_default("mode"),
-                     help="cdni: synthetic gradients conditioned on the labels; dni: on the "
-                          "activations only; backprop: locked true gradients (the baseline); "
-                          "async-backprop: true gradients applied whenever they arrive, "
-                          "however stale")
+    if not sweep:
+        net.add_argument("--mode", choices=MODES, default=_default("mode"),
+                         help="cdni: synthetic gradients conditioned on the labels; dni: on "
+                              "the activations only; backprop: locked true gradients (the "
+                              "baseline); async-backprop: true gradients applied whenever they "
+                              "arrive, however stale")
     tr = p.add_argument_group("training")
     tr.add_argument("--epochs", type=int, default=_default("epochs"), help="passes over the data")
     tr.add_argument("--batch-size", type=int, default=_default("batch_size"),
@@ -101,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train the same configuration with the in-process reference "
                            "(the baseline to time against); writes the same run directory")
     st = p.add_argument_group("staleness: measure it, inject it")
-    st.add_argument("--grad-delay", type=int, default=_default("grad_delay"),
-                    help="apply every true gradient exactly K of the layer's steps late "
-                         "(exact under --lockstep; at least K free-running)")
+    if not sweep:
+        st.add_argument("--grad-delay", type=int, default=_default("grad_delay"),
+                        help="apply every true gradient exactly K of the layer's steps late "
+                             "(exact under --lockstep; at least K free-running)")
     st.add_argument("--link-delay", type=_link_delay, default=None, metavar="MS[:JITTER]",
                     help="wall-clock delay on the gradient links, with optional +-jitter "
                          "(order is kept); free-running only")
@@ -118,27 +153,69 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--drop-prob", type=float, default=_default("drop_prob"),
                     help="each true-gradient message is lost with this probability")
     out = p.add_argument_group("output")
-    out.add_argument("--run-dir", default="",
-                     help="directory for config.json, metrics.jsonl, summary.json and weights "
-                          "(default: runs/<time>-<mode>-<id>)")
+    if not sweep:
+        out.add_argument("--run-dir", default="",
+                         help="directory for config.json, metrics.jsonl, summary.json and "
+                              "weights (default: runs/<time>-<mode>-<id>)")
     out.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
 
-def parse(argv: list[str] | None = None) -> Config:
-    p = build_parser()
-    a = p.parse_args(argv)
+def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Config:
+    fields = dict(vars(a))
+    fields.update(override)
+    hidden = fields["hidden"] if fields["hidden"] is not None else default_hidden(fields["layers"])
+    delay, jitter = fields["link_delay"] or (0.0, 0.0)
     try:
-        hidden = a.hidden if a.hidden is not None else default_hidden(a.layers)
-        delay, jitter = a.link_delay or (0.0, 0.0)
-        return Config(layers=a.layers, hidden=hidden, activation=a.activation, mode=a.mode,
-                      epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, sg_lr=a.sg_lr,
-                      seed=a.seed, bits=a.bits, examples=a.examples, lockstep=a.lockstep,
-                      max_inflight=a.max_inflight, blas_threads=a.blas_threads,
-                      grad_delay=a.grad_delay, link_delay_ms=delay, link_jitter_ms=jitter,
-                      delay_activations=a.delay_activations, slow=tuple(a.slow),
-                      update_prob=a.update_prob, drop_prob=a.drop_prob,
-                      in_process=a.in_process, run_dir=a.run_dir, quiet=a.quiet)
+        return Config(layers=fields["layers"], hidden=hidden, activation=fields["activation"],
+                      mode=fields["mode"], epochs=fields["epochs"],
+                      batch_size=fields["batch_size"], lr=fields["lr"], sg_lr=fields["sg_lr"],
+                      seed=fields["seed"], bits=fields["bits"], examples=fields["examples"],
+                      lockstep=fields["lockstep"], max_inflight=fields["max_inflight"],
+                      blas_threads=fields["blas_threads"], grad_delay=fields["grad_delay"],
+                      link_delay_ms=delay, link_jitter_ms=jitter,
+                      delay_activations=fields["delay_activations"], slow=tuple(fields["slow"]),
+                      update_prob=fields["update_prob"], drop_prob=fields["drop_prob"],
+                      in_process=fields["in_process"], run_dir=fields["run_dir"],
+                      quiet=fields["quiet"])
     except ConfigError as exc:
         p.error(str(exc))
         raise  # unreachable: error() exits
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    p = build_parser()
+    return _config(p, p.parse_args(argv))
+
+
+@dataclass(frozen=True)
+class SweepArgs:
+    base: Config            # every run option; mode, delay and seed vary per point
+    modes: list[str]
+    delays: list[int]
+    seeds: list[int]
+    out: str
+
+
+def parse_sweep(argv: list[str]) -> SweepArgs:
+    p = build_parser(sweep=True)
+    a = p.parse_args(argv)
+    if a.seeds < 1:
+        p.error("argument --seeds: must be at least 1")
+    if min(a.grad_delay) < 0:
+        p.error("argument --grad-delay: delays must be at least 0")
+    seeds = list(range(a.seed, a.seed + a.seeds))
+    # Check every point's configuration now, not an hour into the sweep.
+    for mode in a.modes:
+        for delay in ([0] if mode == "backprop" else a.grad_delay):
+            base = _config(p, a, mode=mode, grad_delay=delay, run_dir="")
+    base = _config(p, a, mode=a.modes[0], grad_delay=0, run_dir="")
+    return SweepArgs(base, a.modes, a.grad_delay, seeds, a.out)
+
+
+def parse_report(argv: list[str]) -> str:
+    p = _Parser(prog="launch.py report",
+                description="Summarise one run directory and draw its loss curves, SG quality "
+                            "and staleness histogram to RUN_DIR/report.png.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by launch.py")
+    return p.parse_args(argv).run_dir

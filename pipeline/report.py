@@ -1,0 +1,158 @@
+"""The ``report`` command: read a finished run directory, summarise it as text, and have plots.py draw report.png."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from pipeline import plots
+
+HIST_WIDTH = 30  # characters of the longest bar in the text histogram
+
+
+def load_run(run_dir: str | os.PathLike) -> dict:
+    """{"path", "summary", "config", "events", "bad_lines"} of a finished run.
+
+    Lines of metrics.jsonl that are not JSON objects (a run killed mid-write
+    leaves half a line) are skipped and counted in ``bad_lines``. Raises
+    ValueError naming the file if the directory is not a finished run.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory")
+    summary_path, metrics_path = path / "summary.json", path / "metrics.jsonl"
+    if not summary_path.is_file():
+        raise ValueError(f"{summary_path}: missing (the run has not finished, "
+                         "or this is not a run directory)")
+    if not metrics_path.is_file():
+        raise ValueError(f"{metrics_path}: missing")
+    summary = _json_object(summary_path)
+    config_path = path / "config.json"
+    config = _json_object(config_path) if config_path.is_file() else {}
+
+    events: list[dict] = []
+    bad = 0
+    with open(metrics_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+            else:
+                bad += 1
+    return {"path": path, "summary": summary, "config": config, "events": events,
+            "bad_lines": bad}
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _f(value, fmt: str, scale: float = 1.0, unit: str = "") -> str:
+    """A number from the run's files as text; null is "n/a", and a value of
+    the wrong type is shown as it is rather than crashing the report."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if fmt.endswith("d"):
+        return f"{int(value):{fmt}}{unit}"
+    return f"{value * scale:{fmt}}{unit}"
+
+
+def _histogram(hist: dict) -> list[str]:
+    counts = sorted((int(k), int(v)) for k, v in hist.items())
+    if not counts:
+        return []
+    top = max(v for _, v in counts) or 1
+    kw = max(len(str(k)) for k, _ in counts)
+    return [f"{k:>{kw}} | {'#' * max(1 if v else 0, round(v / top * HIST_WIDTH)):<{HIST_WIDTH}} {v}"
+            for k, v in counts]
+
+
+def _layer_lines(L: dict) -> list[str]:
+    lines = [f"  layer {L.get('index', '?')} {L.get('role', '?')}"]
+    lines.append(f"    gradients applied {L.get('true_gradients', 'n/a')}   "
+                 f"dropped {L.get('dropped_gradients', 0)}   lost {L.get('lost_gradients', 0)}   "
+                 f"expired {L.get('expired_gradients', 0)}   "
+                 f"bad msgs {L.get('decode_errors', 0)}")
+    steps = L.get("staleness_steps") or {}
+    secs = L.get("staleness_s") or {}
+    lines.append(f"    staleness {_f(steps.get('mean'), '.2f')} mean, {_f(steps.get('max'), 'd')} max "
+                 f"(layer steps);  {_f(secs.get('mean'), '.2f', 1e3, ' ms')} mean, "
+                 f"{_f(secs.get('max'), '.2f', 1e3, ' ms')} max")
+    lines += ["      " + h for h in _histogram(L.get("staleness_hist") or {})]
+    q = L.get("sg_quality")
+    if q:
+        parts = []
+        for name in ("cosine", "rel_err", "sg_loss"):
+            d = q.get(name)
+            if d:
+                parts.append(f"{name} mean {_f(d.get('mean'), '.3f')} p50 {_f(d.get('p50'), '.3f')}")
+        if parts:
+            lines.append("    SG " + "   ".join(parts))
+    return lines
+
+
+def text_report(run: dict) -> str:
+    """The run as a few lines for the terminal."""
+    s = run["summary"]
+    lines = [f"run {s.get('status', '?')}: {run.get('path', '')}"]
+    err = s.get("error")
+    if err:
+        lines.append(f"  failed role {err.get('role')}: {err.get('message')}")
+    where = "in-process reference" if s.get("in_process") else "pipeline"
+    rate = s.get("batches_per_s")
+    lines.append(f"  {s.get('mode', '?')} ({where}{', lockstep' if s.get('lockstep') else ''}), "
+                 f"{s.get('epochs_done', '?')}/{s.get('epochs', '?')} epochs, "
+                 f"{s.get('batches', '?')} batches, {_f(s.get('wall_s'), '.1f')} s wall"
+                 + (f", {rate:.0f} batches/s" if rate else ""))
+    lines.append(f"  final loss {_f(s.get('final_loss'), '.4f')}   "
+                 f"exact sums {_f(s.get('train_accuracy'), '.1f', 100, ' %')}")
+    kinds: dict[str, int] = {}
+    for e in run["events"]:
+        kinds[str(e.get("event"))] = kinds.get(str(e.get("event")), 0) + 1
+    line = (f"  metrics.jsonl: {len(run['events'])} events ("
+            + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + ")")
+    if run.get("bad_lines"):
+        line += f"; {run['bad_lines']} line(s) not valid JSON, skipped"
+    lines.append(line)
+    for L in s.get("layers") or []:
+        lines += _layer_lines(L)
+    return "\n".join(lines)
+
+
+def main(run_dir: str | os.PathLike, stream: TextIO) -> int:
+    """``launch.py report RUN_DIR``: print the text report and write report.png."""
+    try:
+        run = load_run(run_dir)
+    except ValueError as exc:
+        print(f"report: error: {exc}", file=sys.stderr)
+        return 2
+    print(text_report(run), file=stream)
+    if not plots.available():
+        print(plots.HINT, file=stream)
+        return 0
+    try:
+        png = plots.run_report(run_dir)
+    except ValueError as exc:  # a value in the run's files that cannot be drawn
+        print(f"report: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. a read-only run directory
+        print(f"report: error: cannot write the plot: {exc}", file=sys.stderr)
+        return 1
+    print(f"plots: {png}", file=stream)
+    return 0

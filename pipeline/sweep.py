@@ -1,0 +1,113 @@
+"""A staleness sweep as data: the grid of points, and the tables made from
+their summaries (results.csv, results.md). No processes, no plotting."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Config
+
+CSV_FIELDS = ["mode", "grad_delay", "seed", "status", "final_loss", "train_accuracy",
+              "staleness_mean", "staleness_max", "sg_cosine_mean", "batches_per_s", "wall_s",
+              "run_dir"]
+
+
+@dataclass(frozen=True)
+class Point:
+    mode: str
+    grad_delay: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode}-delay{self.grad_delay}-seed{self.seed}"
+
+
+def grid(modes: list[str], delays: list[int], seeds: list[int]) -> list[Point]:
+    """Every mode x delay x seed. Locked backprop cannot be delayed: it runs
+    at delay 0 only, the reference line the other modes are read against."""
+    points = []
+    for mode in modes:
+        for delay in ([0] if mode == "backprop" else delays):
+            points.extend(Point(mode, delay, seed) for seed in seeds)
+    return points
+
+
+def point_config(base: Config, p: Point, out: Path) -> Config:
+    return dataclasses.replace(base, mode=p.mode, grad_delay=p.grad_delay, seed=p.seed,
+                               run_dir=str(out / "runs" / p.name), quiet=True)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def row(p: Point, summary: dict, run_dir: str) -> dict:
+    """One CSV row: the point, its outcome, and its staleness averaged over
+    the hidden layers."""
+    hidden = [L for L in summary.get("layers", []) if L.get("role") != "output"]
+    cosines = [L["sg_quality"]["cosine"]["mean"] for L in hidden
+               if L.get("sg_quality") and L["sg_quality"].get("cosine")]
+    return {"mode": p.mode, "grad_delay": p.grad_delay, "seed": p.seed,
+            "status": summary.get("status"), "final_loss": summary.get("final_loss"),
+            "train_accuracy": summary.get("train_accuracy"),
+            "staleness_mean": _mean([L["staleness_steps"]["mean"] for L in hidden]),
+            "staleness_max": max((L["staleness_steps"]["max"] for L in hidden), default=None),
+            "sg_cosine_mean": _mean(cosines),
+            "batches_per_s": summary.get("batches_per_s"), "wall_s": summary.get("wall_s"),
+            "run_dir": run_dir}
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    m = sum(values) / len(values)
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, sd
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation over seeds, per (mode, delay),
+    of the completed runs; in grid order."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["mode"], r["grad_delay"]), []).append(r)
+    out = []
+    for (mode, delay), rs in groups.items():
+        ok = [r for r in rs if r["status"] == "completed" and r["final_loss"] is not None]
+        loss_m, loss_sd = _mean_sd([r["final_loss"] for r in ok])
+        acc_m, acc_sd = _mean_sd([r["train_accuracy"] for r in ok])
+        stale = [r["staleness_mean"] for r in ok if r["staleness_mean"] is not None]
+        out.append({"mode": mode, "grad_delay": delay, "n": len(ok), "runs": len(rs),
+                    "loss_mean": loss_m, "loss_std": loss_sd,
+                    "accuracy_mean": acc_m, "accuracy_std": acc_sd,
+                    "staleness_mean": _mean(stale)})
+    return out
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def markdown(agg: list[dict]) -> str:
+    def pm(m: float | None, sd: float | None, fmt: str, scale: float = 1.0) -> str:
+        if m is None:
+            return "n/a"
+        return f"{m * scale:{fmt}} ± {sd * scale:{fmt}}"
+
+    lines = ["| mode | grad delay K | seeds | final loss | exact sums % | measured staleness |",
+             "|---|---|---|---|---|---|"]
+    for a in agg:
+        stale = "n/a" if a["staleness_mean"] is None else f"{a['staleness_mean']:.2f}"
+        seeds = f"{a['n']}" + (f" of {a['runs']}" if a["n"] != a["runs"] else "")
+        lines.append(f"| {a['mode']} | {a['grad_delay']} | {seeds} | "
+                     f"{pm(a['loss_mean'], a['loss_std'], '.4f')} | "
+                     f"{pm(a['accuracy_mean'], a['accuracy_std'], '.1f', 100)} | {stale} |")
+    return "\n".join(lines) + "\n"
