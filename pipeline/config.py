@@ -19,6 +19,12 @@ def default_hidden(layers: int) -> tuple[int, ...]:
     return tuple(([128] + [64] * max(0, layers - 2))[: max(1, layers - 1)])
 
 
+def flag(field: str) -> str:
+    """The command-line flag a Config field comes from."""
+    return {"link_delay_ms": "--link-delay",
+            "link_jitter_ms": "--link-delay"}.get(field, "--" + field.replace("_", "-"))
+
+
 class ConfigError(ValueError):
     """A bad setting; ``option`` names the command-line flag it came from."""
 
@@ -75,7 +81,7 @@ class Config:
         are bad input, refused with ValueError, never coerced."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            option = "--" + f.name.replace("_", "-")
+            option = flag(f.name)
             if f.name == "hidden":
                 ok = isinstance(value, (tuple, list)) and all(_is_int(h) for h in value)
                 want = "a list of integers"

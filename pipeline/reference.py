@@ -16,7 +16,6 @@ from pipeline import data
 from pipeline.config import Config
 from pipeline.model import make_hidden, make_output, role_name
 from pipeline.nodes import HiddenLayer, OutputLayer
-from pipeline.schedule import ends_epoch
 from pipeline.stats import EpochStats, LayerEpoch
 
 Event = dict
@@ -66,8 +65,8 @@ def train_reference(cfg: Config, emit: Emit | None = None,
     hidden = [make_hidden(cfg, k) for k in range(1, cfg.layers)]
     output = make_output(cfg)
     out_stats = EpochStats()
-    layer_epochs = [LayerEpoch() for _ in hidden]
-    per_epoch = cfg.batches_per_epoch
+    layer_epochs = [LayerEpoch(role_name(k, cfg), cfg.batches_per_epoch)
+                    for k in range(1, cfg.layers)]
     start = time.perf_counter()
 
     def deliver(k: int, batch: int, grad: np.ndarray) -> None:
@@ -85,9 +84,9 @@ def train_reference(cfg: Config, emit: Emit | None = None,
         for a in hidden[k].apply_ready(need_dx=k > 0):
             if a.dx is not None:
                 deliver(k - 1, a.batch, a.dx)
-            layer_epochs[k].add(a)
-            if ends_epoch(a.batch, per_epoch):
-                emit(layer_epochs[k].event(role_name(k + 1, cfg), a.batch // per_epoch, elapsed))
+            event = layer_epochs[k].add(a, elapsed)
+            if event:
+                emit(event)
 
     t = 0
     for epoch in range(cfg.epochs):
@@ -108,8 +107,11 @@ def train_reference(cfg: Config, emit: Emit | None = None,
                 settle(k, elapsed)
             t += 1
         emit(out_stats.epoch_event("output", epoch, time.perf_counter() - start))
-    for layer in hidden:
-        layer.expire()
     wall = time.perf_counter() - start
+    for layer, epochs in zip(hidden, layer_epochs):
+        layer.expire()
+        event = epochs.flush(wall)
+        if event:
+            emit(event)
     final_loss, acc = evaluate(hidden, output, x, y, slices)
     return ReferenceResult(hidden, output, wall, t, final_loss, acc)

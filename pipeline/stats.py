@@ -97,24 +97,39 @@ class _Mean:
 
 
 class LayerEpoch:
-    """A hidden layer's gradients of one epoch -> one ``layer`` event."""
+    """A hidden layer's applied gradients, grouped by the epoch of their
+    batch -> one ``layer`` event per epoch. An epoch is closed when a
+    gradient of a later epoch is applied, or at the end (``flush``): its last
+    batch's gradient may never come (dropped, or expired under a delay)."""
 
-    def __init__(self) -> None:
+    def __init__(self, role: str, batches_per_epoch: int) -> None:
+        self.role = role
+        self.per_epoch = batches_per_epoch
+        self.epoch: int | None = None
         self._reset()
 
     def _reset(self) -> None:
         self.steps, self.seconds = _Mean(), _Mean()
         self.sg_loss, self.cosine, self.rel_err = _Mean(), _Mean(), _Mean()
 
-    def add(self, a: Applied) -> None:
+    def add(self, a: Applied, elapsed: float) -> dict | None:
+        """Count ``a``; returns the event of the epoch this closes, if any."""
+        epoch = a.batch // self.per_epoch
+        closed = self.flush(elapsed) if self.epoch is not None and epoch != self.epoch else None
+        self.epoch = epoch
         self.steps.add(a.staleness)
         self.seconds.add(a.staleness_s)
         self.sg_loss.add(a.sg_loss)
         self.cosine.add(a.cosine)
         self.rel_err.add(a.rel_err)
+        return closed
 
-    def event(self, role: str, epoch: int, elapsed: float) -> dict:
-        e = {"event": "layer", "role": role, "epoch": epoch, "gradients": self.steps.count,
+    def flush(self, elapsed: float) -> dict | None:
+        """The open epoch's event (None if nothing was applied since)."""
+        if self.epoch is None or not self.steps.count:
+            return None
+        e = {"event": "layer", "role": self.role, "epoch": self.epoch,
+             "gradients": self.steps.count,
              "staleness_steps_mean": self.steps.mean, "staleness_steps_max": self.steps.max,
              "staleness_s_mean": self.seconds.mean, "staleness_s_max": self.seconds.max,
              "sg_loss": self.sg_loss.mean, "sg_cosine": self.cosine.mean,

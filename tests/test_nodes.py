@@ -1,19 +1,23 @@
-"""Tests for pipeline.nodes: layer updates against finite differences, SG training, staleness tables, counters."""
+"""Tests for pipeline.nodes: layer updates against finite differences, SG training, the
+clock-based staleness and due-gradient rules against exact tables, drop/lose/expire, chances."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import nn
-from tests.numeric import EPS, numeric_grad, ref_act
-from pipeline.nodes import HiddenLayer, OutputLayer
-from pipeline.stats import Staleness
+from pipeline import nn, nodes
+from pipeline.config import MODES
+from pipeline.nodes import Chance, HiddenLayer, OutputLayer
+from pipeline.stats import Applied
+from tests.numeric import numeric_grad, ref_act
 
 pytestmark = pytest.mark.timeout(60)
 
 RTOL = 1e-6
 ATOL = 1e-9
 FAN_IN, WIDTH, LABELS, N = 4, 5, 3, 6
+BACKPROP_MODES = ("backprop", "async-backprop")
+SG_MODES = ("dni", "cdni")
 
 
 def bce(logits: np.ndarray, y: np.ndarray) -> float:
@@ -22,9 +26,9 @@ def bce(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def hidden(mode: str, act: str = "sigmoid", lr: float = 0.1, sg_lr: float = 0.05,
-           seed: int = 0) -> HiddenLayer:
+           seed: int = 0, **kw) -> HiddenLayer:
     return HiddenLayer(1, FAN_IN, WIDTH, mode=mode, activation=act, lr=lr, sg_lr=sg_lr,
-                       label_dim=LABELS, rng=np.random.default_rng(seed))
+                       label_dim=LABELS, rng=np.random.default_rng(seed), **kw)
 
 
 def batch(seed: int, layer: HiddenLayer | None = None):
@@ -39,11 +43,44 @@ def batch(seed: int, layer: HiddenLayer | None = None):
     return x, y
 
 
-# --- backprop mode ----------------------------------------------------------------------
+def grad_of(t: int) -> np.ndarray:
+    """The true gradient the tests deliver for batch t (N, WIDTH)."""
+    return np.random.default_rng(1000 + t).standard_normal((N, WIDTH)) * 1e-3
 
+
+def deliver(layer: HiddenLayer, t: int, grad: np.ndarray, need_dx: bool = True
+            ) -> list[Applied]:
+    """A gradient arrives and the layer settles, as a worker does."""
+    assert layer.receive(t, grad)
+    return layer.apply_ready(need_dx)
+
+
+class Script:
+    """A stand-in for a Chance that answers from a fixed list (and fails past its end)."""
+
+    def __init__(self, answers: list[bool]):
+        self.answers = list(answers)
+
+    def __call__(self) -> bool:
+        return self.answers.pop(0)
+
+
+class FakeTime:
+    """Replaces ``nodes.time``: the monotonic clock moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+# --- backprop modes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", BACKPROP_MODES)
 @pytest.mark.parametrize("act", ["sigmoid", "relu"])
-def test_backprop_update_is_finite_difference_gradient_of_network_loss(act):
-    layer = hidden("backprop", act, lr=0.3)
+def test_backprop_update_is_finite_difference_gradient_of_network_loss(act, mode):
+    layer = hidden(mode, act, lr=0.3)
     out = OutputLayer(2, WIDTH, LABELS, lr=0.2, rng=np.random.default_rng(1))
     x, y = batch(2, layer)
     w1, b1, w2, b2 = layer.w.copy(), layer.b.copy(), out.w.copy(), out.b.copy()
@@ -62,32 +99,66 @@ def test_backprop_update_is_finite_difference_gradient_of_network_loss(act):
     np.testing.assert_array_equal(layer.w, w1)  # no update before the gradient
     grad, loss, _ = out.train_step(h, y, need_dx=True)
     assert loss == pytest.approx(loss0, rel=1e-12)
-    dx, sg_loss = layer.receive_gradient(0, grad, need_dx=True)
-    assert sg_loss is None
+    assert layer.receive(0, grad)
+    np.testing.assert_array_equal(layer.w, w1)  # arriving is not applying
+    [a] = layer.apply_ready(need_dx=True)
+    assert (a.batch, a.staleness, a.sg_loss, a.cosine, a.rel_err) == (0, 0, None, None, None)
 
     np.testing.assert_allclose((w1 - layer.w) / 0.3, g_w1, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose((b1 - layer.b) / 0.3, g_b1, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose((w2 - out.w) / 0.2, g_w2, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose((b2 - out.b) / 0.2, g_b2, rtol=RTOL, atol=ATOL)
     # per-example gradient: dl_i/dx_i = N * dL/dx_i
-    np.testing.assert_allclose(dx, N * g_x, rtol=RTOL, atol=ATOL)
-    assert layer.step == 1 and not layer.pending
+    np.testing.assert_allclose(a.dx, N * g_x, rtol=RTOL, atol=ATOL)
+    assert layer.step == 1 and layer.clock == 1 and not layer.pending and not layer.arrived
 
 
-def test_backprop_backward_without_dx_still_updates():
-    layer = hidden("backprop")
+@pytest.mark.parametrize("mode", BACKPROP_MODES)
+def test_backprop_backward_without_dx_still_updates(mode):
+    layer = hidden(mode)
     x, _ = batch(3)
     w0 = layer.w.copy()
     layer.forward(0, x, None, need_dx=False)
-    dh = np.random.default_rng(4).standard_normal((N, WIDTH))
-    assert layer.backward(0, dh, need_dx=False) is None
+    [a] = deliver(layer, 0, np.random.default_rng(4).standard_normal((N, WIDTH)), need_dx=False)
+    assert a.dx is None
     assert not np.array_equal(layer.w, w0)
 
 
-def test_backprop_layer_has_no_sg_module():
-    layer = hidden("backprop")
+@pytest.mark.parametrize("mode", BACKPROP_MODES)
+def test_backprop_layer_has_no_sg_module(mode):
+    layer = hidden(mode)
     assert layer.v is None and layer.c is None and not layer.uses_sg
     assert set(layer.weights()) == {"w", "b"}
+
+
+@pytest.mark.parametrize("mode", BACKPROP_MODES)
+def test_stale_backward_uses_the_cached_batch_and_the_current_weights(mode):
+    # F0 F1 G0 G1: the gradient of batch 1 is applied after batch 0's update.
+    # Written out: z_t = x_t W0 + b0 (both forwards before any update);
+    # dz_t = g_t * h_t (1 - h_t); W1 = W0 - lr x_0^T dz_0 / N;
+    # dx_1 = dz_1 W1^T (the weights as they are now), W2 = W1 - lr x_1^T dz_1 / N.
+    lr = 0.7
+    layer = hidden(mode, lr=lr)
+    w0, b0 = layer.w.copy(), layer.b.copy()
+    (x0, _), (x1, _) = batch(50), batch(51)
+    g0, g1 = (np.random.default_rng(s).standard_normal((N, WIDTH)) for s in (52, 53))
+    layer.forward(0, x0, None, need_dx=True)
+    layer.forward(1, x1, None, need_dx=True)
+    h0, h1 = ref_act("sigmoid", x0 @ w0 + b0), ref_act("sigmoid", x1 @ w0 + b0)
+    dz0, dz1 = g0 * h0 * (1 - h0), g1 * h1 * (1 - h1)
+    w1, b1 = w0 - lr * x0.T @ dz0 / N, b0 - lr * dz0.sum(0) / N
+    w2, b2 = w1 - lr * x1.T @ dz1 / N, b1 - lr * dz1.sum(0) / N
+
+    [a0] = deliver(layer, 0, g0)
+    np.testing.assert_allclose(a0.dx, dz0 @ w0.T, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(layer.w, w1, rtol=1e-12, atol=1e-15)
+    [a1] = deliver(layer, 1, g1)
+    np.testing.assert_allclose(a1.dx, dz1 @ w1.T, rtol=1e-12, atol=1e-15)
+    assert not np.allclose(a1.dx, dz1 @ w0.T, rtol=1e-6, atol=0)  # not the forward-time W
+    np.testing.assert_allclose(layer.w, w2, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(layer.b, b2, rtol=1e-12, atol=1e-15)
+    assert (a0.staleness, a1.staleness) == (1, 0)  # counted in forwards, not updates
+    assert layer.step == 2 and layer.clock == 2
 
 
 # --- output layer -------------------------------------------------------------------------
@@ -120,22 +191,41 @@ def test_output_train_step_is_finite_difference_gradient_of_bce():
     assert out.train_step(x, y, need_dx=False)[0] is None
 
 
-def test_output_counters_and_zero_staleness():
+def test_output_stats_and_zero_staleness():
     out = OutputLayer(2, WIDTH, LABELS, lr=0.1, rng=np.random.default_rng(0))
     _, y = batch(0)
     x = np.random.default_rng(1).standard_normal((N, WIDTH))
     for _ in range(4):
         out.train_step(x, y, need_dx=True)
-    assert out.step == 4
-    assert out.counters.as_dict() == {
-        "forward_batches": 4, "sg_updates": 0, "true_gradients": 4,
-        "staleness_steps": {"mean": 0.0, "max": 0, "count": 4}}
+    assert out.step == 4 and out.clock == 4
+    assert out.stats.as_dict() == {
+        "forward_batches": 4, "weight_updates": 4, "skipped_updates": 0, "sg_updates": 0,
+        "true_gradients": 4, "dropped_gradients": 0, "lost_gradients": 0,
+        "expired_gradients": 0, "staleness_steps": {"mean": 0.0, "max": 0, "count": 4},
+        "staleness_hist": {"0": 4}, "staleness_s": {"mean": 0.0, "max": 0.0},
+        "sg_quality": None}
     assert set(out.weights()) == {"w", "b"}
+
+
+def test_output_update_prob_zero_keeps_weights_but_sends_the_gradient():
+    out = OutputLayer(2, WIDTH, LABELS, lr=0.1, rng=np.random.default_rng(0),
+                      update=Chance(0.0, np.random.default_rng(1)))
+    _, y = batch(0)
+    x = np.random.default_rng(1).standard_normal((N, WIDTH))
+    w, b = out.w.copy(), out.b.copy()
+    for _ in range(3):
+        dx, _, _ = out.train_step(x, y, need_dx=True)
+        p = 1.0 / (1.0 + np.exp(-(x @ w + b)))
+        np.testing.assert_allclose(dx, (p - y) @ w.T, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(out.w, w)
+    np.testing.assert_array_equal(out.b, b)
+    assert (out.step, out.clock, out.stats.weight_updates, out.stats.skipped_updates) == \
+        (0, 3, 0, 3)
 
 
 # --- DNI / cDNI forward ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["dni", "cdni"])
+@pytest.mark.parametrize("mode", SG_MODES)
 def test_first_dni_forward_with_zero_sg_leaves_weights_and_sends_zero(mode):
     layer = hidden(mode)
     x, y = batch(5)
@@ -149,12 +239,12 @@ def test_first_dni_forward_with_zero_sg_leaves_weights_and_sends_zero(mode):
     np.testing.assert_array_equal(layer.b, b0)
     assert dx.shape == x.shape
     np.testing.assert_array_equal(dx, 0.0)
-    assert layer.counters.forward_batches == 1
+    assert layer.stats.forward_batches == 1 and layer.clock == 1
     assert set(layer.weights()) == {"w", "b", "sg_v", "sg_c"}
 
 
 @pytest.mark.parametrize("act", ["sigmoid", "relu"])
-@pytest.mark.parametrize("mode", ["dni", "cdni"])
+@pytest.mark.parametrize("mode", SG_MODES)
 def test_dni_forward_update_is_finite_difference_of_synthetic_loss(mode, act):
     # With the SG prediction g fixed, the layer descends L(W, b) = mean_i <g_i, f(x_i W + b)>,
     # and sends dl_i/dx_i of the same surrogate upstream.
@@ -176,7 +266,7 @@ def test_dni_forward_update_is_finite_difference_of_synthetic_loss(mode, act):
     np.testing.assert_allclose((w - layer.w) / 0.25, g_w, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose((b - layer.b) / 0.25, g_b, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(dx, N * g_x, rtol=RTOL, atol=ATOL)
-    assert layer.step == 1
+    assert layer.step == 1 and layer.stats.weight_updates == 1
 
 
 def test_dni_ignores_labels_and_cdni_uses_them():
@@ -194,7 +284,7 @@ def test_dni_ignores_labels_and_cdni_uses_them():
 
 # --- SG training ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["dni", "cdni"])
+@pytest.mark.parametrize("mode", SG_MODES)
 def test_train_sg_regresses_towards_target(mode):
     layer = hidden(mode, lr=1e-3, sg_lr=0.05)
     rng = np.random.default_rng(20)
@@ -210,44 +300,51 @@ def test_train_sg_regresses_towards_target(mode):
 
     want_loss = sg_loss()
     g_v, g_c = numeric_grad(sg_loss, v), numeric_grad(sg_loss, c)
-    got_loss = layer.train_sg(0, target)
-    assert got_loss == pytest.approx(want_loss, rel=1e-12)
+    [a] = deliver(layer, 0, target)
+    assert a.dx is None  # DNI sent its gradient upstream at forward time
+    assert a.sg_loss == pytest.approx(want_loss, rel=1e-12)
     np.testing.assert_allclose((v - layer.v) / 0.05, g_v, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose((c - layer.c) / 0.05, g_c, rtol=RTOL, atol=ATOL)
     v[...], c[...] = layer.v, layer.c
     assert sg_loss() < want_loss  # the same input now predicts closer to the target
 
     # Replaying the batch through the layer: the SG loss it reports strictly drops.
-    losses = [got_loss]
+    losses = [a.sg_loss]
     for t in range(1, 6):
         layer.forward(t, x, y, need_dx=False)
-        losses.append(layer.train_sg(t, target))
+        [a] = deliver(layer, t, target)
+        losses.append(a.sg_loss)
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert layer.stats.sg_updates == layer.sg_version == 6
 
 
-@pytest.mark.parametrize("mode", ["dni", "cdni"])
-def test_receive_gradient_in_dni_mode_trains_the_sg_module(mode):
+@pytest.mark.parametrize("mode", SG_MODES)
+def test_true_gradient_in_dni_mode_trains_only_the_sg_module(mode):
     layer = hidden(mode)
     x, y = batch(22)
     layer.forward(0, x, y, need_dx=True)
     w, v = layer.w.copy(), layer.v.copy()
     target = np.random.default_rng(23).standard_normal((N, WIDTH))
-    dx, loss = layer.receive_gradient(0, target, need_dx=True)
-    assert dx is None  # DNI sent its gradient upstream at forward time
-    # zero module: the loss is that of a zero prediction
-    assert loss == pytest.approx(0.5 * np.sum(target ** 2) / N, rel=1e-12)
+    [a] = deliver(layer, 0, target)
+    assert a.dx is None
+    # zero module: the loss is that of a zero prediction, its cosine undefined,
+    # its relative error exactly 1
+    assert a.sg_loss == pytest.approx(0.5 * np.sum(target ** 2) / N, rel=1e-12)
+    assert a.cosine is None and a.rel_err == 1.0
     np.testing.assert_array_equal(layer.w, w)  # the true gradient trains only the SG module
     assert not np.array_equal(layer.v, v)
+    assert layer.step == 1  # the forward's own (zero) update, nothing more
 
 
 def _fresh_prediction_checks(mode, order, monkeypatch):
     """Run ``order`` (("F"|"G", batch)); at every G check the loss against a
-    prediction computed here from the module at arrival time, and count how
-    often the layer called sg_predict inside train_sg."""
+    prediction computed here from the module at arrival time, the quality
+    figures against the prediction used at forward time, and count how often
+    the layer called sg_predict while applying the gradient."""
     layer = hidden(mode, lr=0.05, sg_lr=0.1)
     rng = np.random.default_rng(30)
     layer.v[...] = 0.1 * rng.standard_normal(layer.v.shape)
-    inputs, sg_ins, targets, forward_pred = {}, {}, {}, {}
+    sg_ins, targets, forward_pred = {}, {}, {}
     calls = []
     real_predict = nn.sg_predict
     monkeypatch.setattr(nn, "sg_predict", lambda *a: calls.append(1) or real_predict(*a))
@@ -264,22 +361,28 @@ def _fresh_prediction_checks(mode, order, monkeypatch):
             want = float(np.mean(0.5 * np.sum((fresh - targets[t]) ** 2, axis=1)))
             want_v = layer.v - 0.1 * sg_ins[t].T @ (fresh - targets[t]) / N
             stale_changed = not np.allclose(fresh, forward_pred[t], rtol=1e-12, atol=0)
+            used, true = forward_pred[t].ravel(), targets[t].ravel()
+            want_cos = used @ true / np.sqrt((used @ used) * (true @ true))
+            want_rel = np.sqrt(np.sum((used - true) ** 2) / np.sum(true ** 2))
             calls.clear()
-            got = layer.train_sg(t, targets[t])
-            assert got == pytest.approx(want, rel=1e-12)
+            [a] = deliver(layer, t, targets[t])
+            assert a.batch == t
+            assert a.sg_loss == pytest.approx(want, rel=1e-12)
+            assert a.cosine == pytest.approx(want_cos, rel=1e-12)
+            assert a.rel_err == pytest.approx(want_rel, rel=1e-12)
             np.testing.assert_allclose(layer.v, want_v, rtol=1e-12, atol=1e-15)
             recomputes.append((len(calls), stale_changed))
     return recomputes
 
 
-@pytest.mark.parametrize("mode", ["dni", "cdni"])
+@pytest.mark.parametrize("mode", SG_MODES)
 def test_sg_prediction_reused_when_module_unchanged(mode, monkeypatch):
     rec = _fresh_prediction_checks(mode, [("F", 0), ("G", 0), ("F", 1), ("G", 1)], monkeypatch)
     # the module did not change between each forward and its gradient
     assert rec == [(0, False), (0, False)]
 
 
-@pytest.mark.parametrize("mode", ["dni", "cdni"])
+@pytest.mark.parametrize("mode", SG_MODES)
 def test_sg_prediction_recomputed_when_module_changed(mode, monkeypatch):
     order = [("F", 0), ("F", 1), ("F", 2), ("G", 0), ("G", 1), ("F", 3), ("G", 3), ("G", 2)]
     rec = _fresh_prediction_checks(mode, order, monkeypatch)
@@ -288,78 +391,348 @@ def test_sg_prediction_recomputed_when_module_changed(mode, monkeypatch):
     assert rec == [(0, False), (1, True), (0, False), (1, True)]
 
 
-# --- staleness and counters -------------------------------------------------------------------
+# --- staleness, due gradients: exact tables -----------------------------------------------------
 
-def run_events(layer: HiddenLayer, order: str) -> list[int]:
-    """Events like "F0 F1 G0"; returns the staleness of each gradient, in arrival order."""
+def run_events(layer: HiddenLayer, order: str) -> list[tuple[int, int]]:
+    """Events like "F0 F1 G0 L1": F forwards a batch, G delivers its true gradient,
+    L announces it lost; after each the layer applies what is ready, as a worker
+    does. Returns (batch, staleness) of each gradient applied, in application order."""
     got = []
     for ev in order.split():
         kind, t = ev[0], int(ev[1:])
         if kind == "F":
             x, y = batch(t)
             layer.forward(t, x, y, need_dx=True)
+        elif kind == "G":
+            layer.receive(t, grad_of(t))
         else:
-            before = layer.counters.staleness.total
-            grad = np.random.default_rng(t).standard_normal((N, WIDTH)) * 1e-3
-            layer.receive_gradient(t, grad, need_dx=True)
-            got.append(layer.counters.staleness.total - before)
+            layer.lose(t)
+        for a in layer.apply_ready(need_dx=True):
+            assert (a.dx is not None) == (not layer.uses_sg)
+            got.append((a.batch, a.staleness))
     return got
 
 
-# DNI: each forward is an update step; a gradient counts the forwards since its own.
-DNI_STALENESS = [
+def staleness_of(layer: HiddenLayer, order: str) -> list[int]:
+    return [s for _, s in run_events(layer, order)]
+
+
+# grad_delay 0: a gradient is applied as it arrives; staleness counts the layer's
+# forwards since the batch's own, in every mode (in backprop modes this is no longer
+# the count of weight updates: "F0 F1 G0 G1" was [0, 1] then, it is [1, 0] now).
+STALENESS = [
     ("F0 F1 F2 F3 G0 G1 G2 G3", [3, 2, 1, 0]),
     ("F0 G0 F1 G1 F2 G2", [0, 0, 0]),
+    ("F0 F1 G0 F2 G1 G2", [1, 1, 0]),
     ("F0 F1 G0 F2 G1 G2 F3 G3", [1, 1, 0, 0]),
     ("F0 F1 F2 G2 G0 G1", [0, 2, 1]),
-    ("F0 F1 G1 F2 F3 G0 G3 G2", [0, 3, 0, 1]),
-]
-# backprop: each true gradient is an update step; forwards are not.
-BACKPROP_STALENESS = [
-    ("F0 G0 F1 G1 F2 G2", [0, 0, 0]),
-    ("F0 F1 G0 G1", [0, 1]),
-    ("F0 F1 F2 G0 G1 G2", [0, 1, 2]),
     ("F0 F1 F2 G2 G1 G0", [0, 1, 2]),
-    ("F0 F1 G0 F2 G2 G1", [0, 0, 2]),
+    ("F0 F1 G1 F2 F3 G0 G3 G2", [0, 3, 0, 1]),
+    ("F0 F1 G0 G1", [1, 0]),
+    ("F0 F1 F2 G0 G1 G2", [2, 1, 0]),
 ]
 
 
-@pytest.mark.parametrize("mode", ["dni", "cdni"])
-@pytest.mark.parametrize("order, want", DNI_STALENESS)
-def test_dni_staleness_table(mode, order, want):
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order, want", STALENESS)
+def test_staleness_table_without_delay(mode, order, want):
     layer = hidden(mode)
+    assert staleness_of(layer, order) == want
+    assert layer.stats.as_dict()["staleness_steps"] == \
+        {"mean": sum(want) / len(want), "max": max(want), "count": len(want)}
+    hist = {}
+    for s in want:
+        hist[str(s)] = hist.get(str(s), 0) + 1
+    assert layer.stats.as_dict()["staleness_hist"] == dict(sorted(hist.items()))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weight_updates_differ_by_mode_but_staleness_does_not(mode):
+    layer = hidden(mode)
+    assert staleness_of(layer, "F0 F1 F2 G0 G1") == [2, 1]
+    # DNI: one update per forward; backprop modes: one per true gradient
+    assert layer.step == layer.stats.weight_updates == (3 if mode in SG_MODES else 2)
+    assert layer.clock == 3
+
+
+# grad_delay 2: batch t (forwarded at clock t+1) is due from clock t+3, i.e. after
+# the forward of t+2; arrived gradients are applied oldest batch first, stopping at
+# the first one not yet due. -> (batch, staleness) in application order.
+DELAY_2 = [
+    ("F0 G0 F1 F2 F3", [(0, 2)]),                             # early: waits until due
+    ("F0 F1 F2 G0 G1 G2 F3 F4", [(0, 2), (1, 2), (2, 2)]),    # each when its clock comes
+    ("F0 F1 G1 G0 F2 F3", [(0, 2), (1, 2)]),                  # arrival order does not matter
+    ("F0 G0 F1 G1 F2 F3 F4", [(0, 2), (1, 2)]),
+    ("F0 F1 F2 F3 G0 G1", [(0, 3), (1, 2)]),                  # late: as soon as it comes
+    ("F0 F1 F2 F3 F4 G1 G0", [(1, 3), (0, 4)]),               # due: not held for an older one
+    ("F0 F1 F2 G0 F3 G1 F4 G2", [(0, 2), (1, 2), (2, 2)]),    # lockstep: exactly 2
+]
+DELAY_1 = [
+    ("F0 G0 F1 G1 F2", [(0, 1), (1, 1)]),
+    ("F0 F1 G1 G0 F2", [(0, 1), (1, 1)]),
+    ("F0 F1 F2 G2 G1 G0 F3", [(1, 1), (0, 2), (2, 1)]),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("delay, order, want", [(2, o, w) for o, w in DELAY_2]
+                         + [(1, o, w) for o, w in DELAY_1])
+def test_due_gradient_table(mode, delay, order, want):
+    layer = hidden(mode, grad_delay=delay)
     assert run_events(layer, order) == want
-    d = layer.counters.staleness.as_dict()
-    assert d == {"mean": sum(want) / len(want), "max": max(want), "count": len(want)}
+    applied = {b for b, _ in want}
+    delivered = {int(ev[1:]) for ev in order.split() if ev[0] == "G"}
+    forwarded = {int(ev[1:]) for ev in order.split() if ev[0] == "F"}
+    assert set(layer.arrived) == delivered - applied  # arrived, not yet due
+    assert set(layer.pending) == forwarded - applied
+    assert layer.stats.true_gradients == len(want)
+    assert layer.stats.as_dict()["staleness_hist"] == {
+        str(s): [x for _, x in want].count(s) for s in sorted({x for _, x in want})}
 
 
-@pytest.mark.parametrize("order, want", BACKPROP_STALENESS)
-def test_backprop_staleness_table(order, want):
-    layer = hidden("backprop")
-    assert run_events(layer, order) == want
-    assert layer.counters.staleness.as_dict()["max"] == max(want)
+@pytest.mark.parametrize("mode", MODES)
+def test_arrived_gradient_is_not_outstanding_even_before_it_is_applied(mode):
+    layer = hidden(mode, grad_delay=1)
+    for t in range(3):
+        layer.forward(t, *batch(t), need_dx=True)
+    assert layer.due_outstanding() == 2  # batches 0 and 1; batch 2 is not due yet
+    assert layer.receive(1, grad_of(1))
+    assert layer.due_outstanding() == 1
+    assert layer.receive(0, grad_of(0))
+    assert layer.due_outstanding() == 0
+    assert [a.batch for a in layer.apply_ready(True)] == [0, 1]
 
 
-def test_staleness_example_mean_and_max():
-    layer = hidden("dni")
-    run_events(layer, "F0 F1 F2 F3 G0 G1 G2 G3")
-    assert layer.counters.staleness.as_dict() == {"mean": 1.5, "max": 3, "count": 4}
+@pytest.mark.parametrize("mode", SG_MODES)
+def test_early_gradient_changes_nothing_until_due(mode):
+    layer = hidden(mode, grad_delay=2)
+    x, y = batch(0)
+    layer.forward(0, x, y, need_dx=True)
+    v = layer.v.copy()
+    assert layer.receive(0, grad_of(0)) and layer.apply_ready(True) == []
+    layer.forward(1, *batch(1), need_dx=True)
+    assert layer.apply_ready(True) == []
+    np.testing.assert_array_equal(layer.v, v)
+    layer.forward(2, *batch(2), need_dx=True)
+    [a] = layer.apply_ready(True)
+    assert (a.batch, a.staleness) == (0, 2) and not np.array_equal(layer.v, v)
 
 
-def test_empty_staleness():
-    assert Staleness().as_dict() == {"mean": 0.0, "max": 0, "count": 0}
+# Lockstep with grad_delay 2: due_outstanding after each event. A layer may take
+# its next batch only at 0, which is what makes every staleness exactly 2.
+DUE_TRACE = [
+    ("F0 F1 F2 G0 F3 G1 F4 G2", [0, 0, 1, 0, 1, 0, 1, 0]),
+    ("F0 F1 G0 G1 F2 F3 F4", [0, 0, 0, 0, 0, 0, 1]),         # arrived early: never outstanding
+    ("F0 F1 F2 F3 F4", [0, 0, 1, 2, 3]),
+    ("F0 F1 F2 F3 G1 G0", [0, 0, 1, 2, 1, 0]),
+    ("F0 F1 F2 F3 L0 G1", [0, 0, 1, 2, 1, 0]),                # a lost batch is not awaited
+]
 
 
-@pytest.mark.parametrize("mode, sg_updates", [("dni", 2), ("cdni", 2), ("backprop", 0)])
+@pytest.mark.parametrize("mode, order, want", [
+    (mode, order, want) for mode in MODES for order, want in DUE_TRACE
+    if mode in BACKPROP_MODES or "L" not in order])  # only backprop modes lose gradients
+def test_due_outstanding_trace(mode, order, want):
+    layer = hidden(mode, grad_delay=2)
+    trace = []
+    for ev in order.split():
+        run_events(layer, ev)
+        trace.append(layer.due_outstanding())
+    assert trace == want
+
+
+# --- drop, lose, expire ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropped_gradient_is_gone_and_later_batches_still_apply(mode):
+    layer = hidden(mode, drop=Script([False, True, False]))
+    for t in range(3):
+        layer.forward(t, *batch(t), need_dx=True)
+    w, v = layer.w.copy(), None if layer.v is None else layer.v.copy()
+    assert layer.receive(0, grad_of(0)) is True
+    assert layer.receive(1, grad_of(1)) is False
+    assert 1 not in layer.pending and 1 not in layer.arrived
+    # the drop alone changes nothing
+    np.testing.assert_array_equal(layer.w, w)
+    if v is not None:
+        np.testing.assert_array_equal(layer.v, v)
+    assert layer.receive(2, grad_of(2)) is True
+    assert [(a.batch, a.staleness) for a in layer.apply_ready(True)] == [(0, 2), (2, 0)]
+    st = layer.stats.as_dict()
+    assert (st["dropped_gradients"], st["true_gradients"], st["lost_gradients"]) == (1, 2, 0)
+    assert not layer.pending and not layer.arrived
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropped_gradient_does_not_hold_back_a_delayed_layer(mode):
+    layer = hidden(mode, grad_delay=2, drop=Script([True, False]))
+    for t in range(3):
+        layer.forward(t, *batch(t), need_dx=True)
+    assert layer.due_outstanding() == 1
+    assert layer.receive(0, grad_of(0)) is False
+    assert layer.due_outstanding() == 0 and layer.apply_ready(True) == []
+    assert layer.receive(1, grad_of(1)) is True and layer.apply_ready(True) == []  # not due
+    layer.forward(3, *batch(3), need_dx=True)
+    assert [(a.batch, a.staleness) for a in layer.apply_ready(True)] == [(1, 2)]
+
+
+@pytest.mark.parametrize("p, want", [(1.0, [False, False, False]), (0.0, [True, True, True])])
+def test_drop_chance_extremes(p, want):
+    layer = hidden("dni", drop=Chance(p, np.random.default_rng(0)))
+    got = []
+    for t in range(3):
+        layer.forward(t, *batch(t), need_dx=True)
+        got.append(layer.receive(t, grad_of(t)))
+    assert got == want
+    assert layer.stats.dropped_gradients == want.count(False)
+
+
+def test_drop_chance_draws_from_its_stream():
+    twin = np.random.default_rng(5)
+    want = [not (twin.random() < 0.5) for _ in range(20)]
+    layer = hidden("async-backprop", drop=Chance(0.5, np.random.default_rng(5)))
+    got = []
+    for t in range(20):
+        layer.forward(t, *batch(t), need_dx=True)
+        got.append(layer.receive(t, grad_of(t)))
+        layer.apply_ready(True)
+    assert got == want and 0 < want.count(False) < 20
+    assert layer.stats.dropped_gradients == want.count(False)
+    assert layer.stats.true_gradients == want.count(True)
+
+
+@pytest.mark.parametrize("mode", BACKPROP_MODES)
+def test_lose_evicts_a_batch_whose_gradient_will_not_come(mode):
+    layer = hidden(mode)
+    for t in range(3):
+        layer.forward(t, *batch(t), need_dx=True)
+    assert layer.due_outstanding() == 3
+    layer.lose(1)
+    assert sorted(layer.pending) == [0, 2] and layer.due_outstanding() == 2
+    assert staleness_of(layer, "G2 G0") == [0, 2]
+    st = layer.stats.as_dict()
+    assert (st["lost_gradients"], st["dropped_gradients"], st["true_gradients"]) == (1, 0, 2)
+    assert layer.step == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_expire_evicts_everything_still_pending(mode):
+    layer = hidden(mode, grad_delay=2)
+    assert run_events(layer, "F0 F1 F2 G1 G2") == []  # nothing due: batch 0 never came
+    w, v = layer.w.copy(), None if layer.v is None else layer.v.copy()
+    assert layer.expire() == 3
+    assert not layer.pending and not layer.arrived and layer.due_outstanding() == 0
+    assert layer.apply_ready(True) == []
+    np.testing.assert_array_equal(layer.w, w)
+    if v is not None:
+        np.testing.assert_array_equal(layer.v, v)
+    st = layer.stats.as_dict()
+    assert (st["expired_gradients"], st["true_gradients"]) == (3, 0)
+    assert layer.expire() == 0 and layer.stats.expired_gradients == 3
+
+
+# --- update chance ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_certain_chance_draws_nothing(p):
+    rng = np.random.default_rng(3)
+    state = rng.bit_generator.state
+    chance = Chance(p, rng)
+    assert [chance() for _ in range(10)] == [p == 1.0] * 10
+    assert rng.bit_generator.state == state
+
+
+def test_chance_draws_one_number_per_call():
+    twin = np.random.default_rng(11)
+    want = [twin.random() < 0.5 for _ in range(50)]
+    chance = Chance(0.5, np.random.default_rng(11))
+    assert [chance() for _ in range(50)] == want
+    assert 10 < sum(want) < 40
+
+
+@pytest.mark.parametrize("mode", SG_MODES)
+def test_update_prob_zero_dni_weights_frozen_but_sg_module_learns(mode):
+    layer = hidden(mode, update=Chance(0.0, np.random.default_rng(0)))
+    layer.v[...] = np.random.default_rng(1).standard_normal(layer.v.shape)  # nonzero SG
+    w, b, v, c = layer.w.copy(), layer.b.copy(), layer.v.copy(), layer.c.copy()
+    dxs = []
+    for t in range(4):
+        _, dx = layer.forward(t, *batch(t), need_dx=True)
+        dxs.append(dx)
+        deliver(layer, t, grad_of(t))
+    np.testing.assert_array_equal(layer.w, w)
+    np.testing.assert_array_equal(layer.b, b)
+    assert not np.array_equal(layer.v, v) and not np.array_equal(layer.c, c)
+    assert all(np.abs(dx).max() > 0 for dx in dxs)  # upstream still gets its gradient
+    st = layer.stats
+    assert (layer.step, st.weight_updates, st.skipped_updates, st.sg_updates) == (0, 0, 4, 4)
+
+
+@pytest.mark.parametrize("mode", BACKPROP_MODES)
+def test_update_prob_zero_backprop_weights_frozen_dx_from_initial_weights(mode):
+    layer = hidden(mode, update=Chance(0.0, np.random.default_rng(0)))
+    w, b = layer.w.copy(), layer.b.copy()
+    for t in range(3):
+        x, _ = batch(t)
+        layer.forward(t, x, None, need_dx=True)
+        g = grad_of(t)
+        [a] = deliver(layer, t, g)
+        h = ref_act("sigmoid", x @ w + b)
+        np.testing.assert_allclose(a.dx, (g * h * (1 - h)) @ w.T, rtol=1e-12, atol=1e-18)
+    np.testing.assert_array_equal(layer.w, w)
+    np.testing.assert_array_equal(layer.b, b)
+    st = layer.stats
+    assert (layer.step, st.weight_updates, st.skipped_updates, st.true_gradients) == (0, 0, 3, 3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_update_chance_decides_each_weight_update(mode):
+    twin = np.random.default_rng(21)
+    draws = [twin.random() < 0.5 for _ in range(12)]
+    layer = hidden(mode, update=Chance(0.5, np.random.default_rng(21)))
+    if layer.uses_sg:
+        layer.v[...] = np.random.default_rng(1).standard_normal(layer.v.shape)
+    changed = []
+    for t in range(12):
+        w = layer.w.copy()
+        layer.forward(t, *batch(t), need_dx=True)
+        deliver(layer, t, grad_of(t))
+        changed.append(not np.array_equal(layer.w, w))
+    assert changed == draws  # one draw per weight update: per forward (DNI), per gradient
+    assert layer.step == layer.stats.weight_updates == sum(draws)
+    assert layer.stats.skipped_updates == 12 - sum(draws)
+    if layer.uses_sg:
+        assert layer.stats.sg_updates == 12  # SG updates are not subject to the chance
+
+
+def test_staleness_seconds_measured_from_forward_to_application(monkeypatch):
+    clock = FakeTime()
+    monkeypatch.setattr(nodes, "time", clock)
+    layer = hidden("dni", grad_delay=1)
+    layer.forward(0, *batch(0), need_dx=True)       # at 100.0
+    clock.now = 100.5
+    layer.forward(1, *batch(1), need_dx=True)       # at 100.5
+    clock.now = 101.0
+    assert layer.receive(0, grad_of(0)) and layer.receive(1, grad_of(1))
+    [a0] = layer.apply_ready(True)                  # applied at 101.0
+    clock.now = 103.0
+    layer.forward(2, *batch(2), need_dx=True)
+    [a1] = layer.apply_ready(True)                  # applied at 103.0
+    assert (a0.staleness_s, a1.staleness_s) == (1.0, 2.5)
+    assert layer.stats.as_dict()["staleness_s"] == {"mean": 1.75, "max": 2.5}
+
+
+@pytest.mark.parametrize("mode, sg_updates", [("dni", 2), ("cdni", 2), ("backprop", 0),
+                                              ("async-backprop", 0)])
 def test_counters(mode, sg_updates):
     layer = hidden(mode)
     run_events(layer, "F0 F1 G0 F2 G1")
-    assert layer.counters.as_dict()["forward_batches"] == 3
-    assert layer.counters.as_dict()["true_gradients"] == 2
-    assert layer.counters.as_dict()["sg_updates"] == sg_updates
+    st = layer.stats.as_dict()
+    assert (st["forward_batches"], st["true_gradients"], st["sg_updates"]) == (3, 2, sg_updates)
     assert layer.sg_version == sg_updates
     assert sorted(layer.pending) == [2]
-    assert layer.step == (3 if mode != "backprop" else 2)
+    assert layer.step == (3 if mode in SG_MODES else 2)
+    assert (st["sg_quality"] is None) == (mode not in SG_MODES)
 
 
 def test_forward_eval_changes_nothing():
@@ -370,4 +743,5 @@ def test_forward_eval_changes_nothing():
     h = layer.forward_eval(x)
     np.testing.assert_allclose(h, ref_act("sigmoid", x @ w + layer.b), rtol=1e-14)
     np.testing.assert_array_equal(layer.w, w)
-    assert layer.counters.forward_batches == 0 and not layer.pending and layer.step == 0
+    assert layer.stats.forward_batches == 0 and not layer.pending and layer.step == 0
+    assert layer.clock == 0

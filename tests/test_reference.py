@@ -1,14 +1,16 @@
-"""Tests for pipeline.reference: equal to plain numpy loops written here; learns the seed task as measured."""
+"""Tests for pipeline.reference: equal to plain numpy loops written here (also with gradient
+delay, update and drop probability); learns the seed task as measured."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
 import pytest
 
 from pipeline import data
-from pipeline.config import Config
-from pipeline.model import make_hidden, make_output
+from pipeline.config import MODES, Config
+from pipeline.model import layer_rng, make_hidden, make_output
 from pipeline.reference import train_reference
 
 pytestmark = pytest.mark.timeout(60)
@@ -99,6 +101,116 @@ def plain_dni(cfg: Config):
     return layers, (wo, bo), sgs
 
 
+class Draws:
+    """Yes with probability p from layer ``index``'s own stream ``purpose``
+    (1: weight updates, 2: arriving gradients lost); no draw at p = 0 or 1."""
+
+    def __init__(self, cfg: Config, index: int, purpose: int, p: float):
+        self.rng, self.p = layer_rng(cfg, index, purpose), p
+
+    def __call__(self) -> bool:
+        if self.p in (0.0, 1.0):
+            return self.p == 1.0
+        return bool(self.rng.random() < self.p)
+
+
+def plain_stale_backprop(cfg: Config):
+    """async-backprop under the reference's rules, written as a queue: the
+    gradient of batch t is computed by the output layer at step t and flows
+    down through the hidden layers at step t + K, each using the activations
+    cached at step t and its weights as they are at t + K. A gradient lost on
+    its way to a layer never reaches the layers below it."""
+    x, y = data.addition(cfg.bits, cfg.examples, cfg.seed)
+    layers, (wo, bo) = initial_weights(cfg)
+    n_hidden = len(layers)
+    update = [Draws(cfg, k + 1, 1, cfg.update_prob) for k in range(n_hidden)]
+    drop = [Draws(cfg, k + 1, 2, cfg.drop_prob) for k in range(n_hidden)]
+    out_update = Draws(cfg, cfg.layers, 1, cfg.update_prob)
+    queue = []                                          # (activations, gradient for the top)
+    for _ in range(cfg.epochs):
+        for start in range(0, cfg.examples, cfg.batch_size):
+            xb, yb = x[start:start + cfg.batch_size], y[start:start + cfg.batch_size]
+            n = len(xb)
+            hs = [xb]
+            for w, b in layers:
+                hs.append(act(cfg.activation, hs[-1] @ w + b))
+            p = act("sigmoid", hs[-1] @ wo + bo)
+            d = p - yb
+            top = d @ wo.T
+            if out_update():
+                wo -= cfg.lr * hs[-1].T @ d / n
+                bo -= cfg.lr * d.sum(0) / n
+            queue.append((hs, None if drop[-1]() else top))
+            if len(queue) <= cfg.grad_delay:
+                continue
+            hs, dh = queue.pop(0)
+            n = len(hs[0])
+            for k in range(n_hidden - 1, -1, -1):
+                if dh is None:
+                    break
+                w, b = layers[k]
+                dz = dh * slope(cfg.activation, hs[k + 1])
+                down = dz @ w.T                         # the weights before this update
+                if update[k]():
+                    w -= cfg.lr * hs[k].T @ dz / n
+                    b -= cfg.lr * dz.sum(0) / n
+                dh = None if k > 0 and drop[k - 1]() else down
+    return layers, (wo, bo)
+
+
+def plain_stale_dni(cfg: Config):
+    """The seed's DNI loop with each SG module trained K steps late (on its
+    input cached at step t, with the module as it is at t + K), updates and
+    arriving targets subject to their chances."""
+    x, y = data.addition(cfg.bits, cfg.examples, cfg.seed)
+    layers, (wo, bo) = initial_weights(cfg)
+    n_hidden = len(layers)
+    sgs = []
+    for w, _ in layers:
+        width = w.shape[1]
+        rows = width + (cfg.bits if cfg.mode == "cdni" else 0)
+        sgs.append((np.zeros((rows, width)), np.zeros(width)))
+    update = [Draws(cfg, k + 1, 1, cfg.update_prob) for k in range(n_hidden)]
+    drop = [Draws(cfg, k + 1, 2, cfg.drop_prob) for k in range(n_hidden)]
+    out_update = Draws(cfg, cfg.layers, 1, cfg.update_prob)
+    queue = []                                          # per batch: [sg input, target] per layer
+    for _ in range(cfg.epochs):
+        for start in range(0, cfg.examples, cfg.batch_size):
+            xb, yb = x[start:start + cfg.batch_size], y[start:start + cfg.batch_size]
+            n = len(xb)
+            h = xb
+            cache = []
+            for k, ((w, b), (v, c)) in enumerate(zip(layers, sgs)):
+                h_in = h
+                h = act(cfg.activation, h_in @ w + b)
+                s_in = np.hstack([h, yb]) if cfg.mode == "cdni" else h
+                dz = (s_in @ v + c) * slope(cfg.activation, h)
+                down = dz @ w.T
+                if update[k]():
+                    w -= cfg.lr * h_in.T @ dz / n
+                    b -= cfg.lr * dz.sum(0) / n
+                cache.append([s_in, None])
+                if k > 0:
+                    cache[k - 1][1] = None if drop[k - 1]() else down
+            p = act("sigmoid", h @ wo + bo)
+            d = p - yb
+            target = d @ wo.T
+            if out_update():
+                wo -= cfg.lr * h.T @ d / n
+                bo -= cfg.lr * d.sum(0) / n
+            cache[-1][1] = None if drop[-1]() else target
+            queue.append(cache)
+            if len(queue) <= cfg.grad_delay:
+                continue
+            for (s_in, target), (v, c) in zip(queue.pop(0), sgs):
+                if target is None:
+                    continue
+                err = s_in @ v + c - target
+                v -= cfg.sg_lr * s_in.T @ err / len(s_in)
+                c -= cfg.sg_lr * err.sum(0) / len(s_in)
+    return layers, (wo, bo), sgs
+
+
 def max_diff(a, b) -> float:
     return float(np.max(np.abs(a - b)))
 
@@ -156,18 +268,172 @@ def test_dni_reference_equals_plain_numpy_loop(mode, kw):
     assert max_diff(res.output.b, bo) <= 1e-12
 
 
-def test_emitted_events_per_epoch():
-    cfg = Config(mode="cdni", epochs=3, examples=25, quiet=True)
+@pytest.mark.parametrize("mode", ["cdni", "backprop"])
+def test_emitted_events_per_epoch(mode):
+    cfg = Config(mode=mode, epochs=3, examples=25, quiet=True)
     events = []
     res = train_reference(cfg, emit=events.append)
     epochs = [e for e in events if e["event"] == "epoch"]
-    sg = [e for e in events if e["event"] == "sg"]
+    layer = [e for e in events if e["event"] == "layer"]
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
     assert all(e["role"] == "output" and e["batches"] == 3 for e in epochs)
-    assert sorted((e["role"], e["epoch"]) for e in sg) == \
+    assert sorted((e["role"], e["epoch"]) for e in layer) == \
         [(r, ep) for r in ("layer1", "layer2") for ep in range(3)]
-    assert all(e["gradients"] == 3 for e in sg)
+    for e in layer:
+        assert e["gradients"] == 3
+        # lockstep rules, no delay: every gradient is applied in its own step
+        assert (e["staleness_steps_mean"], e["staleness_steps_max"]) == (0, 0)
+        assert 0 <= e["staleness_s_mean"] <= e["staleness_s_max"]
+        if mode == "cdni":
+            assert e["sg_loss"] > 0 and e["sg_rel_err"] > 0
+            assert -1 <= e["sg_cosine"] <= 1
+        else:
+            assert e["sg_loss"] is None and e["sg_cosine"] is None and e["sg_rel_err"] is None
     assert res.batches == 9
+
+
+# An epoch whose every gradient is lost has nothing to report; with 10 batches
+# per epoch and drop 0.5, this seed loses none whole (and the sum still checks).
+@pytest.mark.parametrize("kw", [dict(grad_delay=1, examples=25),
+                                dict(drop_prob=0.5, examples=100)],
+                         ids=["grad-delay-1", "drop-0.5"])
+def test_every_epoch_has_its_layer_event(kw):
+    cfg = Config(mode="cdni", epochs=3, quiet=True, **kw)
+    events = []
+    res = train_reference(cfg, emit=events.append)
+    layer = [e for e in events if e["event"] == "layer"]
+    for k, h in enumerate(res.hidden, start=1):
+        mine = [e for e in layer if e["role"] == f"layer{k}"]
+        assert [e["epoch"] for e in mine] == [0, 1, 2]
+        assert sum(e["gradients"] for e in mine) == h.stats.true_gradients
+
+
+STALE_BACKPROP = [
+    dict(mode="async-backprop", epochs=4, grad_delay=2),
+    dict(mode="async-backprop", epochs=3, grad_delay=1, update_prob=0.7, drop_prob=0.3),
+    dict(mode="async-backprop", epochs=3, layers=4, hidden=(16, 12, 8), examples=25,
+         activation="relu", lr=0.1, grad_delay=3, drop_prob=0.2),
+    dict(mode="backprop", epochs=3, update_prob=0.6, drop_prob=0.25),
+]
+STALE_DNI = [
+    dict(epochs=4, grad_delay=2),
+    dict(epochs=3, grad_delay=1, update_prob=0.6, drop_prob=0.3),
+    dict(epochs=3, layers=4, hidden=(16, 12, 8), examples=25, activation="relu", lr=0.1,
+         grad_delay=3, drop_prob=0.2),
+]
+
+
+def _ids(kw: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in kw.items())
+
+
+def _assert_injected(cfg: Config, res) -> None:
+    """The chances did fire, so the loops agree on more than the trivial case."""
+    dropped = sum(h.stats.dropped_gradients for h in res.hidden)
+    skipped = sum(h.stats.skipped_updates for h in res.hidden) + res.output.stats.skipped_updates
+    assert (dropped > 0) == (cfg.drop_prob > 0)
+    assert (skipped > 0) == (cfg.update_prob < 1)
+
+
+def test_async_backprop_without_delay_is_backprop():
+    cfg = Config(mode="async-backprop", epochs=4, quiet=True)
+    layers, (wo, bo) = plain_backprop(cfg)
+    res = train_reference(cfg)
+    for (w, b), layer in zip(layers, res.hidden):
+        assert max_diff(layer.w, w) <= 1e-12 and max_diff(layer.b, b) <= 1e-12
+    assert max_diff(res.output.w, wo) <= 1e-12
+
+
+@pytest.mark.parametrize("kw", STALE_BACKPROP, ids=_ids)
+def test_stale_backprop_reference_equals_plain_numpy_loop(kw):
+    cfg = Config(quiet=True, **kw)
+    layers, (wo, bo) = plain_stale_backprop(cfg)
+    res = train_reference(cfg)
+    for (w, b), layer in zip(layers, res.hidden):
+        assert max_diff(layer.w, w) <= 1e-12
+        assert max_diff(layer.b, b) <= 1e-12
+        assert not layer.pending and not layer.arrived  # expired at the end
+        assert set(layer.stats.staleness_hist) <= {cfg.grad_delay}  # exactly K late
+    _assert_injected(cfg, res)
+    assert max_diff(res.output.w, wo) <= 1e-12
+    assert max_diff(res.output.b, bo) <= 1e-12
+    # the delayed run is not the plain one: the injection did something
+    assert max_diff(res.output.w, plain_backprop(dataclasses.replace(cfg, mode="backprop",
+                    grad_delay=0, update_prob=1.0, drop_prob=0.0))[1][0]) > 1e-6
+
+
+@pytest.mark.parametrize("mode", ["dni", "cdni"])
+@pytest.mark.parametrize("kw", STALE_DNI, ids=_ids)
+def test_stale_dni_reference_equals_plain_numpy_loop(mode, kw):
+    cfg = Config(mode=mode, quiet=True, **kw)
+    layers, (wo, bo), sgs = plain_stale_dni(cfg)
+    res = train_reference(cfg)
+    for (w, b), (v, c), layer in zip(layers, sgs, res.hidden):
+        assert max_diff(layer.w, w) <= 1e-12
+        assert max_diff(layer.b, b) <= 1e-12
+        assert max_diff(layer.v, v) <= 1e-12
+        assert max_diff(layer.c, c) <= 1e-12
+        # every gradient applied exactly grad_delay steps late
+        assert set(layer.stats.staleness_hist) == {cfg.grad_delay}
+    _assert_injected(cfg, res)
+    # the top SG module learned (those below may still predict zero: their
+    # targets come from the modules above, K steps late at each layer)
+    assert np.abs(sgs[-1][0]).max() > 0
+    assert max_diff(res.output.w, wo) <= 1e-12
+    assert max_diff(res.output.b, bo) <= 1e-12
+
+
+@pytest.mark.parametrize("mode, delay", [("cdni", 2), ("async-backprop", 2), ("backprop", 0)])
+def test_gradients_not_due_at_the_end_expire(mode, delay):
+    cfg = Config(mode=mode, epochs=2, examples=25, grad_delay=delay, quiet=True)
+    res = train_reference(cfg)
+    for layer in res.hidden:
+        st = layer.stats.as_dict()
+        assert st["expired_gradients"] == delay
+        assert st["true_gradients"] == cfg.total_batches - delay
+        assert st["staleness_hist"] == {str(delay): cfg.total_batches - delay}
+        assert st["forward_batches"] == cfg.total_batches
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_update_prob_zero_freezes_every_weight_but_not_the_sg_modules(mode):
+    cfg = Config(mode=mode, epochs=3, examples=25, update_prob=0.0, quiet=True)
+    (hidden0, (wo0, bo0)) = initial_weights(cfg)
+    res = train_reference(cfg)
+    total = cfg.total_batches
+    for (w, b), layer in zip(hidden0, res.hidden):
+        np.testing.assert_array_equal(layer.w, w)
+        np.testing.assert_array_equal(layer.b, b)
+        st = layer.stats.as_dict()
+        assert (st["weight_updates"], st["skipped_updates"], st["true_gradients"]) == \
+            (0, total, total)
+        if layer.uses_sg:
+            assert np.abs(layer.v).max() > 0 and st["sg_updates"] == total
+    np.testing.assert_array_equal(res.output.w, wo0)
+    np.testing.assert_array_equal(res.output.b, bo0)
+    assert res.output.stats.skipped_updates == total
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_drop_prob_one_no_true_gradient_reaches_a_hidden_layer(mode):
+    cfg = Config(mode=mode, layers=4, hidden=(6,), epochs=2, examples=25, drop_prob=1.0,
+                 quiet=True)
+    (hidden0, (wo0, _)) = initial_weights(cfg)
+    res = train_reference(cfg)
+    total = cfg.total_batches
+    for k, ((w, b), layer) in enumerate(zip(hidden0, res.hidden)):
+        # DNI: the SG modules never learn, so they predict zero and W never moves
+        np.testing.assert_array_equal(layer.w, w)
+        np.testing.assert_array_equal(layer.b, b)
+        st = layer.stats.as_dict()
+        top = k == len(res.hidden) - 1
+        # backprop modes: dropped on the way to the top layer, so lost to the ones below
+        want = (total, 0) if top or layer.uses_sg else (0, total)
+        assert (st["dropped_gradients"], st["lost_gradients"]) == want
+        assert st["true_gradients"] == 0 and not layer.pending
+        if layer.uses_sg:
+            assert not layer.v.any()
+    assert max_diff(res.output.w, wo0) > 1e-3  # the output layer trains on its own
 
 
 def test_should_stop_interrupts():

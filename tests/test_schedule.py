@@ -1,55 +1,118 @@
-"""Tests for pipeline.schedule: the admission rule and the epoch arithmetic against exact tables."""
+"""Tests for pipeline.schedule: the admission rule and the epoch arithmetic against exact tables,
+and the admission rule driving a real layer."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from pipeline.config import MODES, Config
+from pipeline.nodes import HiddenLayer
 from pipeline.schedule import ends_epoch, epoch_of, may_take_batch
 
 pytestmark = pytest.mark.timeout(30)
 
-# (pending, max_inflight) -> may a *locked* layer take a batch? (backprop, or any mode under --lockstep)
-LOCKED = {
-    (0, 1): True, (1, 1): False,
-    (0, 8): True, (1, 8): False, (7, 8): False, (8, 8): False, (9, 8): False,
-    (0, 2): True, (1, 2): False, (2, 2): False,
-}
-# ... and a free-running DNI layer: up to max_inflight batches in flight.
-FREE = {
-    (0, 1): True, (1, 1): False,
-    (0, 8): True, (1, 8): True, (7, 8): True, (8, 8): False, (9, 8): False,
-    (0, 2): True, (1, 2): True, (2, 2): False,
+# (pending, due_outstanding, max_inflight, grad_delay) -> may the layer take a batch?
+#   locked backprop:   only with nothing pending (the gradient of t before t+1);
+#   --lockstep:        only with no due gradient outstanding;
+#   free-running:      while pending < grad_delay + max_inflight.
+# Rows are states a layer can be in: due <= pending - grad_delay, and with no
+# delay every pending batch is due (an arrived one is applied at once).
+ADMIT = {
+    # pending, due, inflight, delay: backprop, lockstep, free
+    (0, 0, 1, 0): (True, True, True),
+    (1, 1, 1, 0): (False, False, False),
+    (0, 0, 8, 0): (True, True, True),
+    (1, 1, 8, 0): (False, False, True),
+    (7, 7, 8, 0): (False, False, True),
+    (8, 8, 8, 0): (False, False, False),
+    (9, 9, 8, 0): (False, False, False),
+    (1, 0, 1, 1): (False, True, True),
+    (2, 0, 1, 1): (False, True, False),    # lockstep may run past max_inflight + delay:
+    (2, 1, 1, 1): (False, False, False),   # nothing due is outstanding there
+    (2, 0, 2, 3): (False, True, True),
+    (3, 0, 2, 3): (False, True, True),
+    (4, 1, 2, 3): (False, False, True),
+    (5, 0, 2, 3): (False, True, False),
+    (5, 2, 2, 3): (False, False, False),
+    (9, 2, 8, 3): (False, False, True),
+    (10, 0, 8, 3): (False, True, True),
+    (11, 0, 8, 3): (False, True, False),
 }
 
 TABLE = []
-for (pending, max_inflight), locked in LOCKED.items():
+for (pending, due, max_inflight, delay), (bp, lock, free) in ADMIT.items():
     for mode in MODES:
         for lockstep in (False, True):
-            free_running = mode != "backprop" and not lockstep
-            want = FREE[(pending, max_inflight)] if free_running else locked
-            TABLE.append((mode, lockstep, pending, max_inflight, want))
+            want = bp if mode == "backprop" else lock if lockstep else free
+            TABLE.append((mode, lockstep, pending, due, max_inflight, delay, want))
 
 
 def test_table_covers_every_mode():
-    assert set(MODES) == {"backprop", "dni", "cdni"}
-    assert len(TABLE) == len(LOCKED) * len(MODES) * 2
+    assert set(MODES) == {"backprop", "async-backprop", "dni", "cdni"}
+    assert len(TABLE) == len(ADMIT) * len(MODES) * 2
 
 
-@pytest.mark.parametrize("mode, lockstep, pending, max_inflight, want", TABLE)
-def test_may_take_batch(mode, lockstep, pending, max_inflight, want):
-    assert may_take_batch(mode=mode, lockstep=lockstep, pending=pending,
-                          max_inflight=max_inflight) is want
+@pytest.mark.parametrize("mode, lockstep, pending, due, max_inflight, delay, want", TABLE)
+def test_may_take_batch(mode, lockstep, pending, due, max_inflight, delay, want):
+    assert may_take_batch(mode=mode, lockstep=lockstep, pending=pending, due_outstanding=due,
+                          max_inflight=max_inflight, grad_delay=delay) is want
 
 
-@pytest.mark.parametrize("mode", ["dni", "cdni"])
-def test_free_running_dni_admits_exactly_max_inflight_batches(mode):
-    # Forward only, no gradient returns: how many batches does the layer take?
+def _layer(mode: str, delay: int) -> HiddenLayer:
+    return HiddenLayer(1, 3, 4, mode=mode, activation="sigmoid", lr=0.1, sg_lr=0.01,
+                       label_dim=2, rng=np.random.default_rng(0), grad_delay=delay)
+
+
+def _may_take(layer: HiddenLayer, lockstep: bool, max_inflight: int) -> bool:
+    return may_take_batch(mode=layer.mode, lockstep=lockstep, pending=len(layer.pending),
+                          due_outstanding=layer.due_outstanding(),
+                          max_inflight=max_inflight, grad_delay=layer.grad_delay)
+
+
+X, Y = np.ones((2, 3)), np.zeros((2, 2))
+
+
+@pytest.mark.parametrize("mode", ["dni", "cdni", "async-backprop"])
+@pytest.mark.parametrize("delay", [0, 1, 3])
+def test_free_running_admits_exactly_delay_plus_max_inflight(mode, delay):
+    # Forward only, no gradient returns: how many batches does a layer take?
     for max_inflight in (1, 2, 8):
-        pending = 0
-        while may_take_batch(mode=mode, lockstep=False, pending=pending, max_inflight=max_inflight):
-            pending += 1
-            assert pending <= 100
-        assert pending == max_inflight
+        layer = _layer(mode, delay)
+        while _may_take(layer, False, max_inflight):
+            layer.forward(layer.clock, X, Y, need_dx=True)
+            assert layer.clock <= 100
+        assert layer.clock == delay + max_inflight
+
+
+@pytest.mark.parametrize("mode, delay, lockstep", [
+    ("backprop", 0, False), ("backprop", 0, True), ("dni", 0, True), ("dni", 2, True),
+    ("cdni", 3, True), ("async-backprop", 0, True), ("async-backprop", 2, True)])
+def test_locked_layer_without_gradients_admits_delay_plus_one(mode, delay, lockstep):
+    layer = _layer(mode, delay)
+    while _may_take(layer, lockstep, max_inflight=8):
+        layer.forward(layer.clock, X, Y, need_dx=True)
+        assert layer.clock <= 100
+    assert layer.clock == delay + 1  # the first batch falls due, and has not come
+    assert layer.due_outstanding() == 1
+
+
+@pytest.mark.parametrize("mode, delay", [("backprop", 0), ("dni", 0), ("dni", 1), ("cdni", 2),
+                                         ("async-backprop", 0), ("async-backprop", 3)])
+def test_lockstep_applies_every_gradient_exactly_delay_steps_late(mode, delay):
+    # A driver that takes a batch whenever the rule allows and otherwise
+    # delivers the oldest due gradient, until every due gradient is in (as a
+    # worker ends): every staleness is exactly the delay.
+    layer = _layer(mode, delay)
+    staleness, batches = [], 12
+    while layer.clock < batches or layer.due_outstanding():
+        if layer.clock < batches and _may_take(layer, lockstep=True, max_inflight=8):
+            layer.forward(layer.clock, X, Y, need_dx=True)
+        else:
+            oldest = min(b for b in layer.pending if b not in layer.arrived)
+            assert layer.receive(oldest, np.full((2, 4), 0.01))
+        staleness += [a.staleness for a in layer.apply_ready(need_dx=True)]
+    assert staleness == [delay] * (batches - delay)
+    assert len(layer.pending) == delay  # the last ``delay`` batches are not due yet
 
 
 # batch -> (epoch, ends its epoch?) for a few epoch lengths

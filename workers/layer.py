@@ -12,7 +12,7 @@ from pipeline.config import Config
 from pipeline.delay import DelayLine, straggle
 from pipeline.model import layer_rng, make_hidden, role_name
 from pipeline.roles import run
-from pipeline.schedule import ends_epoch, may_take_batch
+from pipeline.schedule import may_take_batch
 from pipeline.stats import Applied, LayerEpoch
 from pipeline.transport import (POLL_MS, ControlLink, Inbox, bind_inbox, connect_outbox,
                                 context, expect, max_message_bytes, send)
@@ -73,17 +73,15 @@ def main(link: ControlLink, cfg: Config) -> None:
     act_line = (DelayLine(delay_s, jitter_s, layer_rng(cfg, index, 4))
                 if cfg.delay_activations else None)
     slowdown = cfg.slowdown(index)
-    epoch_stats = LayerEpoch()
+    epoch_stats = LayerEpoch(link.role, cfg.batches_per_epoch)
     started = time.perf_counter()
-    per_epoch = cfg.batches_per_epoch
 
     def applied(a: Applied) -> None:
         if a.dx is not None:
             put(up, wire.GRAD, a.batch, (a.dx,))
-        epoch_stats.add(a)
-        if ends_epoch(a.batch, per_epoch):
-            link.event(epoch_stats.event(link.role, a.batch // per_epoch,
-                                         time.perf_counter() - started))
+        event = epoch_stats.add(a, time.perf_counter() - started)
+        if event:
+            link.event(event)
 
     def settle() -> None:
         t0 = time.perf_counter()
@@ -179,6 +177,9 @@ def main(link: ControlLink, cfg: Config) -> None:
             while act_line.wait_s(time.monotonic()) == 0 and may_take():
                 eof = on_activation(act_line.pop()) or eof
     layer.expire()  # not yet due when training ended: never will be
+    event = epoch_stats.flush(time.perf_counter() - started)
+    if event:
+        link.event(event)
     link.finish(layer.stats.as_dict(), acts.errors + grads.errors, layer.weights())
 
 
