@@ -62,6 +62,17 @@ def sg_quality(pred: np.ndarray, true: np.ndarray) -> tuple[float | None, float 
     return cosine, rel
 
 
+def _descend(layer: "HiddenLayer | OutputLayer", dw: np.ndarray, db: np.ndarray) -> None:
+    """One SGD step on W and b, if the layer's update chance says yes."""
+    if layer.update():
+        nn.sgd(layer.w, dw, layer.lr)
+        nn.sgd(layer.b, db, layer.lr)
+        layer.step += 1
+        layer.stats.weight_updates += 1
+    else:
+        layer.stats.skipped_updates += 1
+
+
 class HiddenLayer:
     """h = f(x W + b), with a synthetic-gradient module in the DNI modes.
 
@@ -98,13 +109,7 @@ class HiddenLayer:
 
     # -- forward --------------------------------------------------------------
     def _update_weights(self, dw: np.ndarray, db: np.ndarray) -> None:
-        if self.update():
-            nn.sgd(self.w, dw, self.lr)
-            nn.sgd(self.b, db, self.lr)
-            self.step += 1
-            self.stats.weight_updates += 1
-        else:
-            self.stats.skipped_updates += 1
+        _descend(self, dw, db)
 
     def forward(self, batch: int, x: np.ndarray, y: np.ndarray | None, need_dx: bool
                 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -229,13 +234,7 @@ class OutputLayer:
         loss = nn.bce_loss(p, y)
         dz = nn.bce_delta(p, y)
         dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
-        if self.update():
-            nn.sgd(self.w, dw, self.lr)
-            nn.sgd(self.b, db, self.lr)
-            self.step += 1
-            self.stats.weight_updates += 1
-        else:
-            self.stats.skipped_updates += 1
+        _descend(self, dw, db)
         self.clock += 1
         self.stats.forward_batches += 1
         self.stats.record(Applied(self.clock, None, 0, 0.0))

@@ -114,6 +114,29 @@ def expect(msg: Message, kinds: Sequence[str], shapes: Sequence[tuple[int | None
             raise ValueError(f"{msg.kind} arrays have {arr.shape[0]} rows, need 1..{max_rows}, equal")
 
 
+class ActivationCheck:
+    """The check of a layer's activation inbox: act/eval/eof from the one
+    upstream role, (n, width) inputs with (n, labels) labels, and training
+    batches in order (anything else cannot be ours)."""
+
+    def __init__(self, upstream: str, width: int, labels: int, max_rows: int,
+                 dtype: np.dtype = np.dtype(np.float64)):
+        self.upstream = upstream
+        self.shapes = [(None, width), (None, labels)]
+        self.max_rows = max_rows
+        self.dtype = dtype
+        self.read = 0  # training batches accepted so far
+
+    def __call__(self, msg: Message) -> None:
+        expect(msg, (wire.ACT, wire.EVAL, wire.EOF), self.shapes, self.dtype, self.max_rows)
+        if msg.sender != self.upstream:
+            raise ValueError(f"activation from {msg.sender!r}, expected {self.upstream!r}")
+        if msg.kind == wire.ACT:
+            if msg.batch != self.read:
+                raise ValueError(f"activation for batch {msg.batch}, expected {self.read}")
+            self.read += 1
+
+
 def send(sock: zmq.Socket, msg: Message, control: "ControlLink") -> None:
     """Send without blocking forever: while the peer is full (backpressure),
     keep answering the supervisor, so a stop still gets through."""

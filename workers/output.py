@@ -14,8 +14,8 @@ from pipeline.model import layer_rng, make_output, role_name
 from pipeline.roles import run
 from pipeline.schedule import ends_epoch
 from pipeline.stats import EpochStats
-from pipeline.transport import (POLL_MS, ControlLink, Inbox, bind_inbox, connect_outbox,
-                                context, expect, max_message_bytes, send)
+from pipeline.transport import (POLL_MS, ActivationCheck, ControlLink, Inbox, bind_inbox,
+                                connect_outbox, context, max_message_bytes, send)
 
 F64 = np.dtype(np.float64)
 
@@ -28,18 +28,7 @@ def main(link: ControlLink, cfg: Config) -> None:
     hwm = cfg.max_inflight + 2
     max_bytes = max_message_bytes(cfg)
     next_batch = 0  # training batches done
-    acts_read = 0   # training batches arrive in order; anything else is not ours
-
-    def check_act(msg: wire.Message) -> None:
-        nonlocal acts_read
-        expect(msg, (wire.ACT, wire.EVAL, wire.EOF), [(None, d[-2]), (None, d[-1])],
-               F64, cfg.batch_size)
-        if msg.sender != upstream:
-            raise ValueError(f"activation from {msg.sender!r}, expected {upstream!r}")
-        if msg.kind == wire.ACT:
-            if msg.batch != acts_read:
-                raise ValueError(f"activation for batch {msg.batch}, expected {acts_read}")
-            acts_read += 1
+    check_act = ActivationCheck(upstream, d[-2], d[-1], cfg.batch_size)
 
     act_sock, act_ep = bind_inbox(ctx, "127.0.0.1", hwm, max_bytes)
     acts = Inbox(act_sock, link.run_id, max_bytes, check_act, link.dropped)
