@@ -1,7 +1,9 @@
 """Train a network of DNI layers, one process per layer: ``python launch.py --layers 3``.
 
-Also ``python launch.py sweep ...`` (a staleness sweep) and
-``python launch.py report RUN_DIR`` (one run's plots).
+Also ``python launch.py sweep ...`` (a staleness sweep),
+``python launch.py report RUN_DIR`` (one run's plots),
+``python launch.py keys --out DIR`` (CURVE keys for a cluster) and
+``python launch.py --cluster FILE [--role ROLE]`` (a run across machines).
 """
 from __future__ import annotations
 
@@ -18,12 +20,22 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.cli import parse_report
         from pipeline.report import main as report
         return report(parse_report(argv[1:]), sys.stdout)
-    from pipeline.cli import parse
-    from workers.supervisor import run
-    cfg = parse(argv)
     try:
-        return run(cfg)
-    except ValueError as exc:  # e.g. a run directory that already holds a run
+        if argv[:1] == ["keys"]:
+            from pipeline.cli import parse_keys
+            from pipeline.security import generate_keys, role_names
+            out, layers = parse_keys(argv[1:])
+            for path in generate_keys(out, role_names(layers)):
+                print(path)
+            return 0
+        if any(a == "--cluster" or a.startswith("--cluster=") for a in argv):
+            from pipeline.cli import parse_cluster
+            from workers.host import run_cluster
+            return run_cluster(parse_cluster(argv), sys.stdout)
+        from pipeline.cli import parse
+        from workers.supervisor import run
+        return run(parse(argv))
+    except ValueError as exc:  # bad input found past parsing: a file, a directory
         print(f"launch.py: error: {exc}", file=sys.stderr)
         return 2
 

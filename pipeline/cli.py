@@ -219,3 +219,50 @@ def parse_report(argv: list[str]) -> str:
                             "and staleness histogram to RUN_DIR/report.png.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by launch.py")
     return p.parse_args(argv).run_dir
+
+
+@dataclass(frozen=True)
+class ClusterArgs:
+    cluster: str
+    role: str | None
+    insecure: bool
+    run_dir: str
+    quiet: bool
+
+
+def parse_cluster(argv: list[str]) -> ClusterArgs:
+    p = _Parser(prog="launch.py --cluster",
+                description="Run the roles of a cluster file: the one named by --role, or "
+                            "every role the file assigns to this host. The run's options "
+                            "are the file's [run] table.")
+    p.add_argument("--cluster", required=True, metavar="FILE", help="cluster file (TOML or JSON)")
+    p.add_argument("--role", help="run only this role (coordinator, source, layer1, ..., output)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow non-loopback addresses without CURVE keys (traffic in the clear)")
+    p.add_argument("--run-dir", default="", help="the coordinator's run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    a = p.parse_args(argv)
+    return ClusterArgs(a.cluster, a.role, a.insecure, a.run_dir, a.quiet)
+
+
+def parse_keys(argv: list[str]) -> tuple[str, int]:
+    p = _Parser(prog="launch.py keys",
+                description="Generate one CURVE keypair per role (<role>.key public, "
+                            "<role>.key_secret secret). Copy the directory to every host "
+                            "and name it in the cluster file: only these keys may connect.")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the keys")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--layers", type=int, default=None, help="weight layers of the run")
+    g.add_argument("--cluster", metavar="FILE", help="take the layers from a cluster file")
+    a = p.parse_args(argv)
+    if a.cluster:
+        from pipeline import cluster
+        try:
+            layers = cluster.load(a.cluster).config().layers
+        except ValueError as exc:
+            p.error(f"argument --cluster: {exc}")
+    else:
+        layers = a.layers if a.layers is not None else _default("layers")
+    if layers < 2:
+        p.error("argument --layers: must be at least 2")
+    return a.out, layers

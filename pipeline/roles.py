@@ -1,8 +1,10 @@
 """What every worker process does around its own loop: arguments, signals,
-the handshake with the supervisor, and reporting a failure before exiting."""
+where it listens, the handshake with the supervisor, and reporting a failure
+before exiting."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import signal
 import sys
@@ -10,9 +12,10 @@ from typing import Callable
 
 from pipeline import wire
 from pipeline.config import Config
-from pipeline.transport import ControlLink, Stopped, context
+from pipeline.control import ControlLink
+from pipeline.transport import Net, Stopped, context
 
-RoleMain = Callable[[ControlLink, Config], None]
+RoleMain = Callable[[ControlLink, Config, Net], None]
 
 
 def _die_with_parent() -> None:
@@ -30,23 +33,58 @@ def _terminate(signum, frame) -> None:
     raise Stopped(f"signal {signum}")
 
 
+def placement(args: argparse.Namespace) -> tuple[Net, str, contextlib.AbstractContextManager]:
+    """(Net, supervisor endpoint, security guard) for a local or a cluster worker."""
+    ctx = context()
+    if args.cluster is None:
+        if args.control is None:
+            raise SystemExit("a worker needs --control (local run) or --cluster")
+        return Net(ctx), args.control, contextlib.nullcontext()
+    from pipeline import cluster, security
+    c = cluster.load(args.cluster)
+    if args.role not in c.roles:
+        raise SystemExit(f"role {args.role!r} is not in {args.cluster}")
+    hosts = [p.host for p in c.roles.values()]
+    policy = security.check_policy(hosts, str(c.keys) if c.keys else None, args.insecure)
+    keys = security.load_keys(c.keys, args.role) if policy == "curve" else None
+    me = c.roles[args.role]
+    guard = security.Guard(ctx, keys) if keys else contextlib.nullcontext()
+    return (Net(ctx, me.host, me.port, keys),
+            c.roles["coordinator"].endpoint(), guard)
+
+
 def worker_main(role_main: RoleMain, argv: list[str] | None = None) -> int:
-    """Entry point of a worker: ``python -m workers.<role> --control EP --role R --run-id ID``."""
+    """Entry point of a worker: ``python -m workers.<role> --role R`` with
+    ``--control EP`` (started by a local supervisor) or ``--cluster FILE``."""
     p = argparse.ArgumentParser(description="A pipeline worker; started by launch.py.")
-    p.add_argument("--control", required=True, help="supervisor's control endpoint")
     p.add_argument("--role", required=True, help="role name, e.g. layer1")
-    p.add_argument("--run-id", required=True)
+    p.add_argument("--control", help="supervisor's control endpoint (local runs)")
+    p.add_argument("--cluster", help="cluster file (runs across machines)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback address without CURVE keys")
     args = p.parse_args(argv)
-    # Ctrl-C reaches the whole process group; the supervisor alone decides
-    # how the run ends and tells the workers, so they ignore it.
+    # Ctrl-C is the supervisor's to handle; it tells the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
     _die_with_parent()
-    link = ControlLink(context(), args.control, args.role, args.run_id)
+    net, control, guard = placement(args)
+    try:
+        with guard:
+            return _serve(role_main, net, control, args.role)
+    finally:
+        # After the guard: each socket closes with its own linger (data sockets
+        # drop what is queued, the control link delivers an error report).
+        context().destroy()
+
+
+def _serve(role_main: RoleMain, net: Net, control: str, role: str) -> int:
+    link = ControlLink(net, control, role)
     try:
         link.send(wire.HELLO)
-        cfg = Config.from_dict(link.wait_for(wire.CONFIG).meta["config"])
-        role_main(link, cfg)  # returns only through Stopped (see ControlLink.finish)
+        reply = link.wait_for(wire.CONFIG)
+        link.run_id = reply.meta["run_id"]
+        cfg = Config.from_dict(reply.meta["config"])
+        role_main(link, cfg, net)  # returns only through Stopped (see ControlLink.finish)
         raise RuntimeError("role ended without waiting for stop")
     except Stopped:
         return 0
@@ -54,10 +92,6 @@ def worker_main(role_main: RoleMain, argv: list[str] | None = None) -> int:
         link.report_error(exc)
         link.log(f"failed: {type(exc).__name__}: {exc}")
         return 1
-    finally:
-        # Each socket closes with its own linger: data sockets drop what is
-        # queued, the control link gets a moment to deliver an error report.
-        context().destroy()
 
 
 def run(role_main: RoleMain) -> None:

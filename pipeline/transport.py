@@ -1,20 +1,18 @@
-"""Sockets for the workers: bound inboxes that validate and count, senders that
-never block past a stop, and a worker's control link to the supervisor.
+"""Sockets for the workers: where they listen and how they are secured,
+inboxes that validate and count, and sends that never block past a stop.
 
 The math never sees a socket: this module is where ZeroMQ lives.
 """
 from __future__ import annotations
 
-import os
-import sys
-import traceback
 from typing import Callable, Sequence
 
 import numpy as np
 import zmq
 
-from pipeline import wire
+from pipeline import security, wire
 from pipeline.config import Config
+from pipeline.security import Keys
 from pipeline.wire import Message
 
 POLL_MS = 200            # longest a worker blocks before it looks at its parent
@@ -38,25 +36,61 @@ def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
     return s
 
 
-def bind_inbox(ctx: zmq.Context, host: str, hwm: int, max_bytes: int) -> tuple[zmq.Socket, str]:
-    """A PULL socket on a free port of ``host``; returns it and its endpoint.
+class Net:
+    """Where a process listens and how its sockets are secured.
 
-    The OS picks the port at bind time, so two runs on one machine never race
-    for the same one. A frame far larger than any valid message of this run
-    (``max_bytes``) is refused by ZeroMQ itself, which drops the sender,
-    before it is ever buffered whole; a message somewhat too large still
-    arrives, and decode() counts and drops it.
+    Local runs: loopback, ports the OS picks at bind time (two runs on one
+    machine never race for a port), no encryption. Cluster runs: the host
+    and ports of the cluster file, and CURVE when the file names keys: every
+    bound socket is a CURVE server, every connecting one a client that knows
+    its server's public key.
     """
-    s = _socket(ctx, zmq.PULL, hwm)
-    s.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes + 64 * 1024)
-    s.bind(f"tcp://{host}:0")
-    return s, s.getsockopt_string(zmq.LAST_ENDPOINT)
 
+    def __init__(self, ctx: zmq.Context, host: str = "127.0.0.1", port: int = 0,
+                 keys: "Keys | None" = None):
+        self.ctx = ctx
+        self.host = host
+        self.port = port
+        self.keys = keys
 
-def connect_outbox(ctx: zmq.Context, endpoint: str, hwm: int) -> zmq.Socket:
-    s = _socket(ctx, zmq.PUSH, hwm)
-    s.connect(endpoint)
-    return s
+    def endpoint(self, offset: int = 0) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{self.port + offset if self.port else 0}"
+
+    def bind(self, kind: int, offset: int = 0, hwm: int = 1000) -> tuple[zmq.Socket, str]:
+        s = _socket(self.ctx, kind, hwm)
+        if self.keys is not None:
+            security.make_server(s, self.keys)
+        s.bind(self.endpoint(offset))
+        return s, s.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def connect(self, kind: int, endpoint: str, server_role: str, hwm: int = 1000,
+                identity: bytes | None = None) -> zmq.Socket:
+        s = _socket(self.ctx, kind, hwm)
+        if identity is not None:
+            s.setsockopt(zmq.IDENTITY, identity)  # before connect, or it does not count
+        if self.keys is not None:
+            security.make_client(s, self.keys, server_role)
+        s.connect(endpoint)
+        return s
+
+    def inbox(self, offset: int, hwm: int, max_bytes: int) -> tuple[zmq.Socket, str]:
+        """A PULL socket for data; returns it and its endpoint.
+
+        A frame far larger than any valid message of this run (``max_bytes``)
+        is refused by ZeroMQ itself, which drops the sender, before it is
+        ever buffered whole; a message somewhat too large still arrives, and
+        decode() counts and drops it.
+        """
+        s = _socket(self.ctx, zmq.PULL, hwm)
+        s.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes + 64 * 1024)
+        if self.keys is not None:
+            security.make_server(s, self.keys)
+        s.bind(self.endpoint(offset))
+        return s, s.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def outbox(self, endpoint: str, server_role: str, hwm: int) -> zmq.Socket:
+        return self.connect(zmq.PUSH, endpoint, server_role, hwm)
 
 
 class Inbox:
@@ -137,7 +171,7 @@ class ActivationCheck:
             self.read += 1
 
 
-def send(sock: zmq.Socket, msg: Message, control: "ControlLink") -> None:
+def send(sock: zmq.Socket, msg: Message, control) -> None:
     """Send without blocking forever: while the peer is full (backpressure),
     keep answering the supervisor, so a stop still gets through."""
     frames = wire.encode(msg)
@@ -153,7 +187,7 @@ def send(sock: zmq.Socket, msg: Message, control: "ControlLink") -> None:
                 poller.register(control.sock, zmq.POLLIN)
             if control.sock in dict(poller.poll(POLL_MS)):
                 control.poll_stop()
-            control.check_parent()
+            control.tick()
 
 
 def max_message_bytes(cfg: Config) -> int:
@@ -161,83 +195,3 @@ def max_message_bytes(cfg: Config) -> int:
     layer's activations plus its labels, and the header."""
     widest = max(cfg.dims)
     return cfg.batch_size * (widest + cfg.dims[-1]) * 8 + HEADER_SLACK
-
-
-class ControlLink:
-    """A worker's DEALER to the supervisor's ROUTER: handshake, events, reports."""
-
-    def __init__(self, ctx: zmq.Context, endpoint: str, role: str, run_id: str):
-        self.role = role
-        self.run_id = run_id
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.linger = 0
-        self.sock.setsockopt(zmq.IDENTITY, role.encode())
-        self.sock.connect(endpoint)
-        self.parent = os.getppid()
-
-    def send(self, kind: str, meta: dict | None = None, arrays: tuple = ()) -> None:
-        msg = Message(kind=kind, run_id=self.run_id, sender=self.role,
-                      arrays=arrays, meta=meta or {})
-        self.sock.send_multipart(wire.encode(msg), copy=False)
-
-    def event(self, event: dict) -> None:
-        self.send(wire.METRIC, event)
-
-    def check_parent(self) -> None:
-        # The supervisor died without a word (SIGKILL): never outlive it.
-        if os.getppid() != self.parent:
-            raise Stopped("supervisor is gone")
-
-    def recv(self, timeout_ms: int) -> Message | None:
-        """The next control message, or None after ``timeout_ms``. Control
-        messages come from our own supervisor; a malformed one is a bug there."""
-        if not self.sock.poll(timeout_ms):
-            self.check_parent()
-            return None
-        msg = wire.decode(self.sock.recv_multipart(copy=False), run_id=self.run_id)
-        if msg.kind == wire.STOP:
-            raise Stopped("stop requested")
-        return msg
-
-    def wait_for(self, kind: str) -> Message:
-        while True:
-            msg = self.recv(POLL_MS)
-            if msg is not None:
-                if msg.kind != kind:
-                    raise RuntimeError(f"expected {kind!r} from the supervisor, got {msg.kind!r}")
-                return msg
-
-    def poll_stop(self) -> None:
-        """Handle whatever control message is waiting (only stop matters mid-run)."""
-        while self.sock.poll(0):
-            self.recv(0)
-
-    def finish(self, counters: dict, decode_errors: int, weights: dict) -> None:
-        """Report DONE with final counters and weights, then wait for stop.
-
-        Call it while the data sockets are still in scope: closing them (as
-        garbage collection does when a role's main returns) with linger=0
-        would drop messages that are queued but not yet on the wire.
-        """
-        self.send(wire.DONE, {"counters": counters, "decode_errors": decode_errors,
-                              "weights": list(weights)}, tuple(weights.values()))
-        while True:
-            self.recv(1000)  # raises Stopped
-
-    def log(self, text: str) -> None:
-        print(f"[{self.role}] {text}", file=sys.stderr, flush=True)
-
-    def dropped(self, reason: str) -> None:
-        """A bad message was dropped (each reason reported once): tell the
-        user on stderr and the run's metrics.jsonl."""
-        self.log(f"dropped a bad message: {reason}")
-        self.event({"event": "decode_error", "role": self.role, "reason": reason})
-
-    def report_error(self, exc: BaseException) -> None:
-        tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-        try:
-            self.send(wire.ERROR, {"error": f"{type(exc).__name__}: {exc}",
-                                   "traceback": "".join(tb)[-4000:]})
-            self.sock.linger = 2000
-        except zmq.ZMQError:
-            pass

@@ -6,7 +6,7 @@ from pipeline import wire
 from pipeline.roles import run
 
 
-def main(link, cfg) -> None:
+def main(link, cfg, net) -> None:
     link.send(wire.READY, {"endpoints": {"act": "tcp://127.0.0.1:9", "grad": "tcp://127.0.0.1:9"}})
     link.wait_for(wire.START)
     raise RuntimeError("injected failure in the layer math")

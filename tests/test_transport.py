@@ -6,7 +6,7 @@ import pytest
 import zmq
 
 from pipeline import wire
-from pipeline.transport import MAX_REASONS, Inbox, bind_inbox, expect
+from pipeline.transport import MAX_REASONS, Inbox, Net, expect
 
 pytestmark = pytest.mark.timeout(30)
 F64 = np.dtype(np.float64)
@@ -20,7 +20,7 @@ def act(batch: int, rows: int = 2, width: int = 4, run_id: str = "run1") -> wire
 @pytest.fixture
 def pair():
     ctx = zmq.Context()
-    sock, endpoint = bind_inbox(ctx, "127.0.0.1", hwm=100, max_bytes=4096 + 2 * 7 * 8 * 4)
+    sock, endpoint = Net(ctx).inbox(0, hwm=100, max_bytes=4096 + 2 * 7 * 8 * 4)
     out = ctx.socket(zmq.PUSH)
     out.linger = 0
     out.connect(endpoint)

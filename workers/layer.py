@@ -14,19 +14,19 @@ from pipeline.model import layer_rng, make_hidden, role_name
 from pipeline.roles import run
 from pipeline.schedule import may_take_batch
 from pipeline.stats import Applied, LayerEpoch
-from pipeline.transport import (POLL_MS, ActivationCheck, ControlLink, Inbox, bind_inbox,
-                                connect_outbox, context, expect, max_message_bytes, send)
+from pipeline.control import ControlLink
+from pipeline.transport import (POLL_MS, ActivationCheck, Inbox, Net, expect,
+                                max_message_bytes, send)
 
 F64 = np.dtype(np.float64)
 
 
-def main(link: ControlLink, cfg: Config) -> None:
+def main(link: ControlLink, cfg: Config, net: Net) -> None:
     index = int(link.role.removeprefix("layer"))
     layer = make_hidden(cfg, index)
     d = cfg.dims
     upstream = role_name(index - 1, cfg) if index > 1 else "source"
     downstream = role_name(index + 1, cfg)
-    ctx = context()
     hwm = cfg.grad_delay + cfg.max_inflight + 2
     max_bytes = max_message_bytes(cfg)
     check_act = ActivationCheck(upstream, d[index - 1], d[-1], cfg.batch_size)
@@ -43,14 +43,14 @@ def main(link: ControlLink, cfg: Config) -> None:
             raise ValueError(f"gradient for batch {msg.batch} has {msg.arrays[0].shape[0]} "
                              f"rows, the batch had {p.rows}")
 
-    act_sock, act_ep = bind_inbox(ctx, "127.0.0.1", hwm, max_bytes)
-    grad_sock, grad_ep = bind_inbox(ctx, "127.0.0.1", hwm, max_bytes)
+    act_sock, act_ep = net.inbox(0, hwm, max_bytes)
+    grad_sock, grad_ep = net.inbox(1, hwm, max_bytes)
     acts = Inbox(act_sock, link.run_id, max_bytes, check_act, link.dropped)
     grads = Inbox(grad_sock, link.run_id, max_bytes, check_grad, link.dropped)
     link.send(wire.READY, {"endpoints": {"act": act_ep, "grad": grad_ep}})
     peers = link.wait_for(wire.START).meta["peers"]
-    down = connect_outbox(ctx, peers["downstream"], hwm)
-    up = connect_outbox(ctx, peers["upstream_grad"], hwm) if index > 1 else None
+    down = net.outbox(*peers["downstream"], hwm)
+    up = net.outbox(*peers["upstream_grad"], hwm) if index > 1 else None
 
     def put(sock: zmq.Socket, kind: str, batch: int, arrays: tuple, meta=None) -> None:
         send(sock, wire.Message(kind, link.run_id, batch=batch, sender=link.role,
@@ -141,7 +141,7 @@ def main(link: ControlLink, cfg: Config) -> None:
         events = dict(poller.poll(timeout))
         if link.sock in events:
             link.poll_stop()
-        link.check_parent()
+        link.tick()
         if grad_sock in events:
             while grad_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 msg = grads.recv()

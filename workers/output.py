@@ -14,27 +14,26 @@ from pipeline.model import layer_rng, make_output, role_name
 from pipeline.roles import run
 from pipeline.schedule import ends_epoch
 from pipeline.stats import EpochStats
-from pipeline.transport import (POLL_MS, ActivationCheck, ControlLink, Inbox, bind_inbox,
-                                connect_outbox, context, max_message_bytes, send)
+from pipeline.control import ControlLink
+from pipeline.transport import POLL_MS, ActivationCheck, Inbox, Net, max_message_bytes, send
 
 F64 = np.dtype(np.float64)
 
 
-def main(link: ControlLink, cfg: Config) -> None:
+def main(link: ControlLink, cfg: Config, net: Net) -> None:
     out = make_output(cfg)
     d = cfg.dims
     upstream = role_name(cfg.layers - 1, cfg)
-    ctx = context()
     hwm = cfg.max_inflight + 2
     max_bytes = max_message_bytes(cfg)
     next_batch = 0  # training batches done
     check_act = ActivationCheck(upstream, d[-2], d[-1], cfg.batch_size)
 
-    act_sock, act_ep = bind_inbox(ctx, "127.0.0.1", hwm, max_bytes)
+    act_sock, act_ep = net.inbox(0, hwm, max_bytes)
     acts = Inbox(act_sock, link.run_id, max_bytes, check_act, link.dropped)
     link.send(wire.READY, {"endpoints": {"act": act_ep}})
     peers = link.wait_for(wire.START).meta["peers"]
-    up = connect_outbox(ctx, peers["upstream_grad"], hwm)
+    up = net.outbox(*peers["upstream_grad"], hwm)
 
     stats = EpochStats()
     evaluation = EpochStats()
@@ -75,7 +74,7 @@ def main(link: ControlLink, cfg: Config) -> None:
         events = dict(poller.poll(POLL_MS if wait is None else min(POLL_MS, int(wait * 1000) + 1)))
         if link.sock in events:
             link.poll_stop()
-        link.check_parent()
+        link.tick()
         if act_sock in events:
             msg = acts.recv()
             if msg is not None:

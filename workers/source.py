@@ -7,19 +7,21 @@ import numpy as np
 from pipeline import data, wire
 from pipeline.config import Config
 from pipeline.roles import run
-from pipeline.transport import ControlLink, connect_outbox, context, send
+from pipeline.control import ControlLink
+from pipeline.transport import Net, send
 
 
-def main(link: ControlLink, cfg: Config) -> None:
+def main(link: ControlLink, cfg: Config, net: Net) -> None:
     x, y = data.addition(cfg.bits, cfg.examples, cfg.seed)
     slices = data.batch_slices(cfg.examples, cfg.batch_size)
     # Contiguous copies: each batch goes on the wire as its own zero-copy frame.
     batches = [(np.ascontiguousarray(x[s]), np.ascontiguousarray(y[s])) for s in slices]
     link.send(wire.READY, {"endpoints": {}})
     peers = link.wait_for(wire.START).meta["peers"]
-    out = connect_outbox(context(), peers["downstream"], hwm=cfg.max_inflight + 2)
+    out = net.outbox(*peers["downstream"], hwm=cfg.max_inflight + 2)
 
     def put(kind: str, batch: int, arrays: tuple) -> None:
+        link.tick()
         send(out, wire.Message(kind, link.run_id, batch=batch, sender=link.role,
                                arrays=arrays), link)
 

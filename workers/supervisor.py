@@ -2,6 +2,7 @@
 shows progress, writes the run directory, and stops every process it started."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -13,15 +14,19 @@ from typing import TextIO
 
 import zmq
 
-from pipeline import wire
+from pipeline import security, wire
+from pipeline.cluster import Cluster
+from pipeline.control import HEARTBEAT_S, LIVENESS_S
 from pipeline.config import Config
 from pipeline.model import role_name
 from pipeline.reference import train_reference
 from pipeline.rundir import RunDir, default_path
 from pipeline.summary import build_summary, layer_entry, progress_line, table
+from pipeline.transport import Net
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_S = 60.0     # a worker that has not said hello by then is broken
+CLUSTER_STARTUP_S = 600.0  # roles started by hand on other hosts get longer
 STOP_GRACE_S = 3.0   # after "stop", time to exit before SIGTERM, then SIGKILL
 POLL_MS = 100
 
@@ -128,23 +133,49 @@ def _finish(rd: RunDir, summary: dict, stream: TextIO) -> int:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, rd: RunDir, run_id: str, stream: TextIO):
+    """Runs one training run: spawns the worker roles it is to start, waits
+    for every role to say hello (also roles started by hand on other hosts,
+    in a cluster run), wires them together, and watches them to the end."""
+
+    def __init__(self, cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
+                 cluster: "Cluster | None" = None, spawn: list[str] | None = None,
+                 insecure: bool = False):
         self.cfg = cfg
         self.rd = rd
         self.run_id = run_id
         self.stream = stream
+        self.cluster = cluster
+        self.insecure = insecure
         self.roles = roles(cfg)
+        self.spawn_roles = self.roles if spawn is None else spawn
         self.ctx = zmq.Context()
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.linger = 0
-        self.router.bind("tcp://127.0.0.1:0")
-        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.guard = contextlib.ExitStack()
+        net = Net(self.ctx)
+        if cluster is not None:
+            me = cluster.roles["coordinator"]
+            keys = None
+            hosts = [p.host for p in cluster.roles.values()]
+            key_dir = str(cluster.keys) if cluster.keys else None
+            if security.check_policy(hosts, key_dir, insecure) == "curve":
+                keys = security.load_keys(cluster.keys, "coordinator")
+                self.guard.enter_context(security.Guard(self.ctx, keys))
+            net = Net(self.ctx, me.host, me.port, keys)
+        self.router, self.endpoint = net.bind(zmq.ROUTER)
+        # A role restarted on its own reconnects under the same identity: let
+        # the new connection take over, so it can rejoin a waiting run.
+        self.router.router_handover = 1
         self.procs: dict[str, subprocess.Popen] = {}
         self.hello: dict[str, wire.Message] = {}
         self.ready: dict[str, wire.Message] = {}
         self.done: dict[str, wire.Message] = {}
+        self.last_seen: dict[str, float] = {}
+        self.last_beat = 0.0
+        self.started = False
         self.final: dict | None = None
         self.progress = Progress(cfg, stream)
+
+    def host(self, role: str) -> str:
+        return self.cluster.roles[role].host if self.cluster else "localhost"
 
     # -- processes ---------------------------------------------------------------
     def _spawn(self) -> None:
@@ -152,10 +183,13 @@ class Supervisor:
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(self.cfg.blas_threads)
-        for role in self.roles:
+        for role in self.spawn_roles:
+            if self.cluster is None:
+                where = ["--control", self.endpoint]
+            else:
+                where = ["--cluster", str(self.cluster.path)] + (["--insecure"] if self.insecure else [])
             self.procs[role] = subprocess.Popen(
-                [sys.executable, "-m", module_of(role), "--control", self.endpoint,
-                 "--role", role, "--run-id", self.run_id],
+                [sys.executable, "-m", module_of(role), "--role", role, *where],
                 # Their own session: a Ctrl-C at the terminal reaches the
                 # supervisor alone, which stops the workers in order.
                 env=env, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -167,9 +201,18 @@ class Supervisor:
                 # It may have said why just before exiting: give that a moment.
                 self._drain(500)
                 raise WorkerFailed(role, f"process exited with code {code}")
+        now = time.monotonic()
+        for role, seen in self.last_seen.items():
+            if now - seen > LIVENESS_S and role not in self.done:
+                raise WorkerFailed(role, f"no word from {role} on {self.host(role)} "
+                                         f"for {LIVENESS_S:.0f} s: taken for dead")
+        if now - self.last_beat >= HEARTBEAT_S:
+            for role in self.hello:
+                self._send(role, wire.HEARTBEAT)
+            self.last_beat = now
 
     def _stop_all(self) -> None:
-        for role in self.procs:
+        for role in self.hello:
             self._send(role, wire.STOP)
         deadline = time.monotonic() + STOP_GRACE_S
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
@@ -199,13 +242,17 @@ class Supervisor:
         ident, *frames = self.router.recv_multipart(copy=False)
         role = bytes(ident.buffer).decode(errors="replace")
         try:
-            msg = wire.decode(frames, run_id=self.run_id)
+            # Hello comes before the worker knows the run id; nothing else may.
+            msg = wire.decode(frames)
+            if msg.kind != wire.HELLO and msg.run_id != self.run_id:
+                raise ValueError(f"foreign run id {msg.run_id!r}")
         except ValueError as exc:
             print(f"[supervisor] dropped a bad control message from {role!r}: {exc}",
                   file=sys.stderr)
             return None
-        if role not in self.procs or msg.sender != role:
+        if role not in self.roles or msg.sender != role:
             return None
+        self.last_seen[role] = time.monotonic()
         self._handle(msg)
         return msg
 
@@ -214,8 +261,9 @@ class Supervisor:
             timeout_ms = 0
 
     def _handle(self, msg: wire.Message) -> None:
+        role = msg.sender
         if msg.kind == wire.ERROR:
-            raise WorkerFailed(msg.sender, msg.meta.get("error", "unknown error"))
+            raise WorkerFailed(role, msg.meta.get("error", "unknown error"))
         if msg.kind == wire.METRIC:
             event = dict(msg.meta)
             self.rd.metric(event)
@@ -224,19 +272,26 @@ class Supervisor:
             elif event.get("event") == "final":
                 self.final = event
         elif msg.kind == wire.DONE:
-            self.done[msg.sender] = msg
+            self.done[role] = msg
         elif msg.kind == wire.HELLO:
-            self.hello[msg.sender] = msg
-            self._send(msg.sender, wire.CONFIG, {"config": self.cfg.to_dict()})
+            if self.started:
+                raise WorkerFailed(role, f"{role} on {self.host(role)} restarted mid-run; "
+                                         "its state is lost (resume from a checkpoint)")
+            if role in self.hello and not self.cfg.quiet:
+                print(f"[supervisor] {role} rejoined", file=sys.stderr)
+            self.hello[role] = msg
+            self.ready.pop(role, None)
+            self._send(role, wire.CONFIG, {"config": self.cfg.to_dict(), "run_id": self.run_id})
         elif msg.kind == wire.READY:
-            self.ready[msg.sender] = msg
+            self.ready[role] = msg
 
     def _wait_all(self, got: dict, kind: str, deadline: float) -> None:
         """Until every role has sent ``kind`` (a handshake step, not a sleep)."""
         while len(got) < len(self.roles):
             if time.monotonic() > deadline:
                 missing = sorted(set(self.roles) - set(got))
-                raise WorkerFailed(missing[0], f"no {kind!r} within {STARTUP_S:.0f} s")
+                raise WorkerFailed(missing[0], f"no {kind!r} from {missing[0]} on "
+                                               f"{self.host(missing[0])} in time")
             self._recv(POLL_MS)
             self._check_alive()
 
@@ -246,15 +301,19 @@ class Supervisor:
         status, error = "completed", None
         try:
             self._spawn()
-            deadline = time.monotonic() + STARTUP_S
-            self._wait_all(self.hello, wire.HELLO, deadline)
-            self._wait_all(self.ready, wire.READY, deadline)
+            deadline = time.monotonic() + (STARTUP_S if self.cluster is None else CLUSTER_STARTUP_S)
+            while len(self.ready) < len(self.roles):  # a rejoin may take a ready back
+                self._wait_all(self.hello, wire.HELLO, deadline)
+                self._wait_all(self.ready, wire.READY, deadline)
             endpoints = {r: self.ready[r].meta.get("endpoints", {}) for r in self.roles}
             self.rd.write_json("config.json", {
                 "run_id": self.run_id, "config": self.cfg.to_dict(),
                 "supervisor": {"control": self.endpoint, "pid": os.getpid()},
-                "processes": {r: {"pid": self.procs[r].pid, "endpoints": endpoints[r]}
+                "cluster": str(self.cluster.path) if self.cluster else None,
+                "processes": {r: {"host": self.host(r), "endpoints": endpoints[r],
+                                  "pid": self.procs[r].pid if r in self.procs else None}
                               for r in self.roles}})
+            self.started = True
             for role, peers in self._peers(endpoints).items():
                 self._send(role, wire.START, {"peers": peers})
             while len(self.done) < len(self.roles):
@@ -263,15 +322,18 @@ class Supervisor:
         except KeyboardInterrupt:
             status = "interrupted"
         except WorkerFailed as exc:
-            status, error = "failed", {"role": exc.role, "message": exc.message}
+            status = "failed"
+            error = {"role": exc.role, "host": self.host(exc.role) if exc.role in self.roles
+                     else "localhost", "message": exc.message}
         except Exception as exc:  # a bug here must still stop the workers and say why
-            status, error = "failed", {"role": "supervisor",
+            status, error = "failed", {"role": "supervisor", "host": "localhost",
                                        "message": f"{type(exc).__name__}: {exc}"}
         finally:
             # A second Ctrl-C must not cut the clean-up short.
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
             self._stop_all()
             self.router.close()
+            self.guard.close()
             self.ctx.term()
             signal.signal(signal.SIGINT, previous)
         self.progress.finish()
@@ -290,14 +352,15 @@ class Supervisor:
         return _finish(self.rd, summary, self.stream)
 
     def _peers(self, ep: dict[str, dict]) -> dict[str, dict]:
-        """Who connects where: activations flow down, gradients up."""
+        """Who connects where: activations flow down, gradients up; with the
+        role behind each endpoint, whose public key a CURVE client needs."""
         r = self.roles
         peers = {}
         for i, role in enumerate(r):
             p = {}
             if i + 1 < len(r):
-                p["downstream"] = ep[r[i + 1]]["act"]
+                p["downstream"] = [ep[r[i + 1]]["act"], r[i + 1]]
             if i >= 2:
-                p["upstream_grad"] = ep[r[i - 1]]["grad"]
+                p["upstream_grad"] = [ep[r[i - 1]]["grad"], r[i - 1]]
             peers[role] = p
         return peers

@@ -1,0 +1,68 @@
+"""Cluster runs on one host (``launch.py --cluster FILE``): the coordinator
+if this host has it, and every worker role the file puts here, or just the
+one named by --role."""
+from __future__ import annotations
+
+import importlib
+import secrets
+import signal
+import subprocess
+import sys
+from typing import TextIO
+
+from pipeline import cluster as clusters
+from pipeline import security
+from pipeline.cli import ClusterArgs
+from pipeline.rundir import RunDir, default_path
+from pipeline.roles import worker_main
+from workers import supervisor
+
+
+def run_cluster(args: ClusterArgs, stream: TextIO) -> int:
+    c = clusters.load(args.cluster)
+    if args.role is not None:
+        if args.role not in c.roles:
+            raise ValueError(f"argument --role: {args.role!r} is not a role of {c.path} "
+                             f"({', '.join(c.roles)})")
+        here = [args.role]
+    else:
+        here = c.local_roles()
+        if not here:
+            raise ValueError(f"argument --cluster: no role of {c.path} listens on an address "
+                             "of this host; name one with --role")
+    # Refuse plain text across machines before anything listens.
+    policy = security.check_policy([p.host for p in c.roles.values()],
+                                   str(c.keys) if c.keys else None, args.insecure)
+    if policy == "insecure":
+        print("WARNING: --insecure: traffic between hosts is NOT encrypted, and anyone who can "
+              "reach these ports can send the run messages", file=sys.stderr, flush=True)
+    workers = [r for r in here if r != "coordinator"]
+    if "coordinator" in here:
+        cfg = c.config(run_dir=args.run_dir or c.run.get("run_dir", ""), quiet=args.quiet)
+        rd = RunDir(cfg.run_dir or default_path(cfg.mode))
+        if not cfg.quiet:
+            print(f"run directory: {rd.path}", file=stream, flush=True)
+        signal.signal(signal.SIGTERM, supervisor._interrupt)
+        return supervisor.Supervisor(cfg, rd, secrets.token_hex(6), stream, cluster=c,
+                                     spawn=workers, insecure=args.insecure).run()
+    extra = ["--cluster", str(c.path)] + (["--insecure"] if args.insecure else [])
+    if len(workers) == 1:  # this process becomes the worker
+        module = importlib.import_module(supervisor.module_of(workers[0]))
+        return worker_main(module.main, ["--role", workers[0], *extra])
+    return _run_workers(workers, extra)
+
+
+def _run_workers(roles: list[str], extra: list[str]) -> int:
+    """Several worker roles on this host, without the coordinator: start
+    them, wait for them, and pass a Ctrl-C on as a stop."""
+    procs = [subprocess.Popen([sys.executable, "-m", supervisor.module_of(r), "--role", r,
+                               *extra], start_new_session=True) for r in roles]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        codes = [p.wait() for p in procs]
+        return 130
+    return max(codes, default=0)
