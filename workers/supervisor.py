@@ -277,9 +277,12 @@ class Supervisor:
             if self.started:
                 raise WorkerFailed(role, f"{role} on {self.host(role)} restarted mid-run; "
                                          "its state is lost (resume from a checkpoint)")
-            if role in self.hello and not self.cfg.quiet:
-                print(f"[supervisor] {role} rejoined", file=sys.stderr)
+            rejoined = role in self.hello
             self.hello[role] = msg
+            if self.cluster is not None:  # roles started by hand: say who is here
+                print(f"[coordinator] {role} {'rejoined' if rejoined else 'joined'} from "
+                      f"{self.host(role)} ({len(self.hello)}/{len(self.roles)} roles)",
+                      file=sys.stderr, flush=True)
             self.ready.pop(role, None)
             self._send(role, wire.CONFIG, {"config": self.cfg.to_dict(), "run_id": self.run_id})
         elif msg.kind == wire.READY:

@@ -1,0 +1,250 @@
+"""Cluster runs on loopback: a cluster file, CURVE keys, roles started one by
+one, a role killed mid-run, a role that rejoins, and intruders kept out."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from pipeline import security, wire
+from pipeline.config import Config
+from tests.conftest import _alive
+from tests.test_pipeline import assert_bit_identical, reference_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(90)
+
+
+def free_ports(n: int) -> list[int]:
+    """n ports, each with the next one free too (hidden layers use PORT+1)."""
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            ports.append(port)
+    return ports
+
+
+def write_cluster(tmp: Path, run: dict, keys: bool = True) -> Path:
+    c, l1, l2, out = free_ports(4)
+    lines = ['keys = "keys"'] if keys else []
+    lines += ["[run]"] + [f"{k} = {json.dumps(v)}" for k, v in run.items()]
+    lines += ["[roles]", f'coordinator = "127.0.0.1:{c}"', 'source = "127.0.0.1"',
+              f'layer1 = "127.0.0.1:{l1}"', f'layer2 = "127.0.0.1:{l2}"',
+              f'output = "127.0.0.1:{out}"']
+    path = tmp / "cluster.toml"
+    path.write_text("\n".join(lines) + "\n")
+    if keys:
+        security.generate_keys(tmp / "keys", security.role_names(run.get("layers", 3)))
+    return path
+
+
+class Roles:
+    """Launch processes of one cluster run, each in its own group, all ended
+    by the test (by pid) whatever happens."""
+
+    def __init__(self, tmp: Path, cluster: Path):
+        self.tmp, self.cluster = tmp, cluster
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, role: str | None, *extra: str) -> subprocess.Popen:
+        name = role or "host"
+        log = open(self.tmp / f"{name}.log", "w")
+        p = subprocess.Popen([sys.executable, "launch.py", "--cluster", str(self.cluster),
+                              *(["--role", role] if role else []), "--quiet", *extra],
+                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def log(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text()
+
+    def end(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.fixture
+def roles(tmp_path):
+    made: list[Roles] = []
+
+    def make(cluster: Path) -> Roles:
+        made.append(Roles(tmp_path, cluster))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.end()
+
+
+def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)  # polling interval of a condition, not a synchronisation
+
+
+def epoch_logged(run_dir: Path) -> bool:
+    m = run_dir / "metrics.jsonl"
+    return m.exists() and '"event": "epoch"' in m.read_text()
+
+
+def test_cluster_run_with_keys_converges_and_writes_the_run_directory(tmp_path, roles):
+    cluster = write_cluster(tmp_path, {"epochs": 600})
+    r = roles(cluster)
+    host = r.start(None, "--run-dir", str(tmp_path / "run"))
+    assert host.wait(60) == 0, r.log("host")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["train_accuracy"] == 1.0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["cluster"] == str(cluster)
+    assert {p["host"] for p in config["processes"].values()} == {"127.0.0.1"}
+    assert (tmp_path / "run" / "weights" / "layer1.npz").exists()
+
+
+def test_roles_started_one_by_one_equal_the_reference(tmp_path, roles):
+    """Each role its own process, the coordinator last; under lockstep the
+    weights are the reference's bit for bit: the cluster path changes nothing."""
+    cluster = write_cluster(tmp_path, {"epochs": 20, "lockstep": True, "seed": 4})
+    r = roles(cluster)
+    for role in ["output", "layer2", "layer1", "source"]:
+        r.start(role)
+    coord = r.start("coordinator", "--run-dir", str(tmp_path / "run"))
+    assert coord.wait(60) == 0, r.log("coordinator")
+    for role in ["output", "layer2", "layer1", "source"]:
+        assert r.procs[role].wait(10) == 0, r.log(role)
+
+    class Run:
+        def weights(self, role):
+            with np.load(tmp_path / "run" / "weights" / f"{role}.npz") as z:
+                return {k: z[k] for k in z.files}
+    assert_bit_identical(Run(), reference_weights(Config(epochs=20, lockstep=True, seed=4)))
+
+
+def test_role_killed_mid_run_fails_the_run_naming_role_and_host(tmp_path, roles):
+    cluster = write_cluster(tmp_path, {"epochs": 100000})
+    r = roles(cluster)
+    for role in ["source", "layer1", "layer2", "output"]:
+        r.start(role)
+    coord = r.start("coordinator", "--run-dir", str(tmp_path / "run"))
+    wait_for(lambda: epoch_logged(tmp_path / "run"), "training to start")
+    r.procs["layer2"].send_signal(signal.SIGKILL)
+    assert coord.wait(15) == 1, r.log("coordinator")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert summary["error"]["role"] == "layer2" and summary["error"]["host"] == "127.0.0.1"
+    assert "taken for dead" in summary["error"]["message"]
+    for role in ["source", "layer1", "output"]:  # told to stop, they do
+        r.procs[role].wait(10)
+    assert not [n for n, p in r.procs.items() if _alive(p.pid)]
+
+
+def test_a_role_restarted_before_the_start_rejoins(tmp_path, roles):
+    cluster = write_cluster(tmp_path, {"epochs": 30})
+    r = roles(cluster)
+    coord = r.start("coordinator", "--run-dir", str(tmp_path / "run"))
+    coord_log = lambda: r.log("coordinator")  # noqa: E731
+    for role in ["source", "layer1", "layer2"]:
+        r.start(role)
+    # The coordinator announces each role that joins: a handshake to wait on.
+    wait_for(lambda: "layer2 joined" in coord_log(), "layer2 to join")
+    first = r.procs["layer2"]
+    first.send_signal(signal.SIGKILL)
+    first.wait(5)
+    r.start("layer2")          # it comes back on its own...
+    wait_for(lambda: "layer2 rejoined" in coord_log(), "layer2 to rejoin")
+    r.start("output")          # ...and once the last role is there, the run begins
+    assert coord.wait(60) == 0, coord_log()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_non_loopback_without_keys_is_refused(tmp_path):
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text('[roles]\ncoordinator = "127.0.0.1:47900"\nsource = "127.0.0.1"\n'
+                       'layer1 = "10.254.254.1:47902"\nlayer2 = "127.0.0.1:47904"\n'
+                       'output = "127.0.0.1:47906"\n')
+    done = subprocess.run([sys.executable, "launch.py", "--cluster", str(cluster), "--role",
+                           "coordinator"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "10.254.254.1" in done.stderr and "keys" in done.stderr and "--insecure" in done.stderr
+
+
+@pytest.mark.parametrize("intruder", ["foreign-key", "no-curve"])
+def test_a_peer_without_a_listed_key_reaches_nothing(tmp_path, roles, intruder):
+    """Messages from a peer whose key is not in the cluster's key directory
+    (or who speaks without CURVE) never reach a worker: no decode error is
+    even counted, and the weights are the reference's bit for bit."""
+    cluster = write_cluster(tmp_path, {"epochs": 200, "lockstep": True, "seed": 2})
+    r = roles(cluster)
+    coord = r.start(None, "--run-dir", str(tmp_path / "run"))
+    wait_for(lambda: (tmp_path / "run" / "config.json").exists(), "the start")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    keys = security.load_keys(tmp_path / "keys", "source")
+    if intruder == "foreign-key":
+        security.generate_keys(tmp_path / "foreign", ["source"])
+        foreign = security.load_keys(tmp_path / "foreign", "source")
+        keys = security.Keys("source", foreign.public, foreign.secret, keys.peers,
+                             keys.directory)
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.PUSH)
+        sock.linger = 0
+        if intruder == "foreign-key":
+            security.make_client(sock, keys, "layer1")
+        sock.connect(config["processes"]["layer1"]["endpoints"]["act"])
+        msg = wire.Message(wire.ACT, config["run_id"], batch=5, sender="source",
+                           arrays=(np.ones((10, 16)), np.ones((10, 8))))
+        for _ in range(20):
+            try:
+                sock.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        sock.close()
+    finally:
+        ctx.term()
+    assert coord.wait(60) == 0, r.log("host")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [L["decode_errors"] for L in summary["layers"]] == [0, 0, 0]
+
+    class Run:
+        def weights(self, role):
+            with np.load(tmp_path / "run" / "weights" / f"{role}.npz") as z:
+                return {k: z[k] for k in z.files}
+    assert_bit_identical(Run(), reference_weights(Config(epochs=200, lockstep=True, seed=2)))
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("[roles\n", "not valid TOML"),
+    ('[roles]\ncoordinator = "127.0.0.1:5000"\n', "missing"),
+    ('[run]\nlayers = 3\nfoo = 1\n[roles]\n', "run options"),
+    ('bogus = 1\n', "unknown keys"),
+    ('[roles]\ncoordinator = "127.0.0.1:5000"\nsource = "127.0.0.1"\nlayer1 = "127.0.0.1:4999"\n'
+     'layer2 = "127.0.0.1:5004"\noutput = "127.0.0.1:5006"\n', "both listen"),
+    ('[roles]\ncoordinator = "127.0.0.1"\nsource = "127.0.0.1"\nlayer1 = "127.0.0.1:5002"\n'
+     'layer2 = "127.0.0.1:5004"\noutput = "127.0.0.1:5006"\n', "needs a port"),
+])
+def test_bad_cluster_file_is_one_clear_error(tmp_path, text, reason):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    done = subprocess.run([sys.executable, "launch.py", "--cluster", str(path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert reason in done.stderr and str(path) in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
