@@ -33,8 +33,14 @@ def main(argv: list[str] | None = None) -> int:
             from workers.host import run_cluster
             return run_cluster(parse_cluster(argv), sys.stdout)
         from pipeline.cli import parse
-        from workers.supervisor import run
-        return run(parse(argv))
+        from workers.supervisor import resume_config, run
+        cfg = parse(argv)
+        if "--resume" in " ".join(argv):
+            from pipeline.cli import build_parser
+            a = build_parser().parse_args(argv)
+            cfg, states = resume_config(a.resume, a.quiet)
+            return run(cfg, resume=states)
+        return run(cfg)
     except ValueError as exc:  # bad input found past parsing: a file, a directory
         print(f"launch.py: error: {exc}", file=sys.stderr)
         return 2

@@ -134,6 +134,15 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
     pipe.add_argument("--in-process", action="store_true",
                       help="train the same configuration with the in-process reference "
                            "(the baseline to time against); writes the same run directory")
+    ft = p.add_argument_group("faults")
+    ft.add_argument("--checkpoint-every", type=int, default=_default("checkpoint_every"),
+                    metavar="N", help="every N epochs, save every layer's weights, SG module "
+                                      "and counters to RUN_DIR/checkpoints (0: never)")
+    if not sweep:
+        ft.add_argument("--resume", metavar="RUN_DIR",
+                        help="go on with an interrupted or failed run from its last "
+                             "checkpoint (its own settings; other options are ignored "
+                             "but --quiet)")
     st = p.add_argument_group("staleness: measure it, inject it")
     if not sweep:
         st.add_argument("--grad-delay", type=int, default=_default("grad_delay"),
@@ -176,6 +185,7 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Co
                       link_delay_ms=delay, link_jitter_ms=jitter,
                       delay_activations=fields["delay_activations"], slow=tuple(fields["slow"]),
                       update_prob=fields["update_prob"], drop_prob=fields["drop_prob"],
+                      checkpoint_every=fields["checkpoint_every"],
                       in_process=fields["in_process"], run_dir=fields["run_dir"],
                       quiet=fields["quiet"])
     except ConfigError as exc:
@@ -228,6 +238,7 @@ class ClusterArgs:
     insecure: bool
     run_dir: str
     quiet: bool
+    resume: str | None = None
 
 
 def parse_cluster(argv: list[str]) -> ClusterArgs:
@@ -240,9 +251,11 @@ def parse_cluster(argv: list[str]) -> ClusterArgs:
     p.add_argument("--insecure", action="store_true",
                    help="allow non-loopback addresses without CURVE keys (traffic in the clear)")
     p.add_argument("--run-dir", default="", help="the coordinator's run directory")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="the coordinator goes on from this run directory's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     a = p.parse_args(argv)
-    return ClusterArgs(a.cluster, a.role, a.insecure, a.run_dir, a.quiet)
+    return ClusterArgs(a.cluster, a.role, a.insecure, a.run_dir, a.quiet, a.resume)
 
 
 def parse_keys(argv: list[str]) -> tuple[str, int]:

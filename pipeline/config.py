@@ -62,6 +62,9 @@ class Config:
     drop_prob: float = 0.0            # each true-gradient message is lost with this probability
     blas_threads: int = 1             # BLAS threads per process, so processes share cores
     in_process: bool = False          # train with the in-process reference instead
+    # faults -------------------------------------------------------------------------
+    checkpoint_every: int = 0         # save every layer's state every N epochs (0: never)
+    start_epoch: int = 0              # set by --resume: the first epoch still to train
     # output -----------------------------------------------------------------------
     run_dir: str = ""                 # where results go; empty: runs/<time>-<mode>
     quiet: bool = False               # no progress line
@@ -138,7 +141,13 @@ class Config:
             need(factor >= 1, "--slow", f"factor must be at least 1, got {factor}")
         need(len({i for i, _ in self.slow}) == len(self.slow), "--slow", "a layer is named twice")
         need(0 <= self.update_prob <= 1, "--update-prob", "must be in [0, 1]")
+        need(self.checkpoint_every >= 0, "--checkpoint-every", "must be at least 0")
+        need(0 <= self.start_epoch < self.epochs, "--resume",
+             f"nothing left to train: the checkpoint is at epoch {self.start_epoch} "
+             f"of {self.epochs}")
         need(0 <= self.drop_prob <= 1, "--drop-prob", "must be in [0, 1]")
+        need(not (self.in_process and (self.checkpoint_every or self.start_epoch)),
+             "--in-process", "checkpoints and --resume are the process pipeline's")
         wall_clock = self.link_delay_ms > 0 or bool(self.slow)
         need(not (wall_clock and self.in_process), "--in-process",
              "--link-delay and --slow act on real processes; the in-process reference has none")

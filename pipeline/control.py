@@ -9,7 +9,7 @@ import traceback
 
 import zmq
 
-from pipeline import wire
+from pipeline import security, wire
 from pipeline.transport import POLL_MS, Net, Stopped
 from pipeline.wire import Message
 
@@ -28,15 +28,54 @@ class ControlLink:
     def __init__(self, net: Net, endpoint: str, role: str, run_id: str = ""):
         self.role = role
         self.run_id = run_id
-        self.sock = net.connect(zmq.DEALER, endpoint, "coordinator", identity=role.encode())
+        self.endpoint = endpoint
+        self.refusals: security.Refusals | None = None
+
+        def watch(sock: zmq.Socket) -> None:  # a refused key is an error, not a hang
+            self.refusals = security.Refusals(sock)
+
+        self.sock = net.connect(zmq.DEALER, endpoint, "coordinator", identity=role.encode(),
+                                before=watch if net.keys is not None else None)
         self.parent = os.getppid()
         self.last_sent = self.last_heard = time.monotonic()
+        self.joined = False  # the handshake is done: from now on, silence means death
+        self.resume: tuple[dict, dict] | None = None  # (state, weights) of a resumed run
+
+    def checkpoint(self, epoch: int, layer) -> None:
+        """Send this layer's state at the checkpoint after ``epoch`` to the
+        coordinator, which writes it into the run directory."""
+        from pipeline.nodes import layer_state
+        meta, arrays = layer_state(layer)
+        self.send(wire.CHECKPOINT, {"epoch": epoch, "state": meta, "weights": list(arrays)},
+                  tuple(arrays.values()))
 
     def send(self, kind: str, meta: dict | None = None, arrays: tuple = ()) -> None:
+        """Send without ever blocking for good: a link that cannot take a
+        message (a coordinator that refused our key drops the connection for
+        good) is an error after a few seconds, not a hang. A heartbeat that
+        cannot go is simply skipped."""
         msg = Message(kind=kind, run_id=self.run_id, sender=self.role,
                       arrays=arrays, meta=meta or {})
-        self.sock.send_multipart(wire.encode(msg), copy=False)
-        self.last_sent = time.monotonic()
+        frames = wire.encode(msg)
+        deadline = time.monotonic() + LIVENESS_S
+        while True:
+            try:
+                self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                self.last_sent = time.monotonic()
+                return
+            except zmq.Again:
+                if kind == wire.HEARTBEAT:
+                    return
+                self._check_refused()
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cannot reach the coordinator at {self.endpoint}")
+                self.sock.poll(POLL_MS, zmq.POLLOUT)
+
+    def _check_refused(self) -> None:
+        if self.refusals is not None and self.refusals.poll(0):
+            raise RuntimeError(f"the coordinator at {self.endpoint} refused this role: "
+                               f"{self.refusals.reasons[0]} (is this host's key for "
+                               f"{self.role} the one in the cluster's key directory?)")
 
     def event(self, event: dict) -> None:
         self.send(wire.METRIC, event)
@@ -47,10 +86,11 @@ class ControlLink:
         # A local supervisor killed outright (SIGKILL): never outlive it.
         if os.getppid() != self.parent:
             raise Stopped("supervisor is gone")
+        self._check_refused()
         now = time.monotonic()
         if now - self.last_sent >= HEARTBEAT_S:
             self.send(wire.HEARTBEAT)
-        if now - self.last_heard > LIVENESS_S:
+        if self.joined and now - self.last_heard > LIVENESS_S:
             self.poll_stop()  # its heartbeats may be waiting unread
             if time.monotonic() - self.last_heard > LIVENESS_S:
                 raise RuntimeError(f"the coordinator has been silent for {LIVENESS_S:.0f} s")
@@ -73,8 +113,12 @@ class ControlLink:
             if msg.kind != wire.HEARTBEAT:
                 return msg
 
-    def wait_for(self, kind: str) -> Message:
+    def wait_for(self, kind: str, timeout_s: float | None = None) -> Message:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
+            if deadline is not None and time.monotonic() > deadline:
+                raise RuntimeError(f"no {kind!r} from the coordinator at {self.endpoint} "
+                                   f"within {timeout_s:.0f} s")
             msg = self.recv(POLL_MS)
             if msg is not None:
                 if msg.kind != kind:
@@ -108,10 +152,14 @@ class ControlLink:
         self.event({"event": "decode_error", "role": self.role, "reason": reason})
 
     def report_error(self, exc: BaseException) -> None:
+        """Tell the supervisor why we fail, if it can be told at once: a link
+        that is down (the reason we fail, perhaps) must not delay the exit."""
         tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        msg = Message(kind=wire.ERROR, run_id=self.run_id, sender=self.role,
+                      meta={"error": f"{type(exc).__name__}: {exc}",
+                            "traceback": "".join(tb)[-4000:]})
         try:
-            self.send(wire.ERROR, {"error": f"{type(exc).__name__}: {exc}",
-                                   "traceback": "".join(tb)[-4000:]})
+            self.sock.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
             self.sock.linger = 2000
         except zmq.ZMQError:
             pass

@@ -8,6 +8,7 @@ gradient is applied once it has arrived and is *due* (the clock has moved
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -71,6 +72,38 @@ def _descend(layer: "HiddenLayer | OutputLayer", dw: np.ndarray, db: np.ndarray)
         layer.stats.weight_updates += 1
     else:
         layer.stats.skipped_updates += 1
+
+
+def _rng_state(chance: Chance) -> str:
+    # JSON text: the generator's 128-bit integers do not fit msgpack.
+    return json.dumps(chance.rng.bit_generator.state)
+
+
+def layer_state(layer: "HiddenLayer | OutputLayer") -> tuple[dict, dict[str, np.ndarray]]:
+    """A layer's checkpoint: (meta, arrays). Taken at a checkpoint barrier,
+    when no gradient is due, so the in-flight cache holds only gradients not
+    yet due (under --grad-delay); those are not kept and count as expired."""
+    meta = {"clock": layer.clock, "step": layer.step, "stats": layer.stats.state(),
+            "update_rng": _rng_state(layer.update)}
+    if isinstance(layer, HiddenLayer):
+        meta.update(sg_version=layer.sg_version, drop_rng=_rng_state(layer.drop),
+                    expired=len(layer.pending))
+    # Copies: the arrays leave as zero-copy frames, sent while the layer
+    # trains on and updates its weights in place.
+    return meta, {k: v.copy() for k, v in layer.weights().items()}
+
+
+def load_layer_state(layer: "HiddenLayer | OutputLayer", meta: dict,
+                     arrays: dict[str, np.ndarray]) -> None:
+    for name, value in arrays.items():
+        getattr(layer, {"w": "w", "b": "b", "sg_v": "v", "sg_c": "c"}[name])[...] = value
+    layer.clock, layer.step = int(meta["clock"]), int(meta["step"])
+    layer.stats.load_state(meta["stats"])
+    layer.update.rng.bit_generator.state = json.loads(meta["update_rng"])
+    if isinstance(layer, HiddenLayer):
+        layer.sg_version = int(meta["sg_version"])
+        layer.drop.rng.bit_generator.state = json.loads(meta["drop_rng"])
+        layer.stats.expired_gradients += int(meta["expired"])
 
 
 class HiddenLayer:

@@ -16,6 +16,7 @@ from pipeline.control import ControlLink
 from pipeline.transport import Net, Stopped, context
 
 RoleMain = Callable[[ControlLink, Config, Net], None]
+HANDSHAKE_S = 600.0  # how long a worker waits for the coordinator's reply to its hello
 
 
 def _die_with_parent() -> None:
@@ -81,9 +82,14 @@ def _serve(role_main: RoleMain, net: Net, control: str, role: str) -> int:
     link = ControlLink(net, control, role)
     try:
         link.send(wire.HELLO)
-        reply = link.wait_for(wire.CONFIG)
+        # Roles started by hand may wait long for the coordinator to come up.
+        reply = link.wait_for(wire.CONFIG, timeout_s=HANDSHAKE_S)
         link.run_id = reply.meta["run_id"]
+        link.joined = True
         cfg = Config.from_dict(reply.meta["config"])
+        if "state" in reply.meta:  # a resumed run: this role's checkpoint
+            link.resume = (reply.meta["state"],
+                           dict(zip(reply.meta["weights"], reply.arrays)))
         role_main(link, cfg, net)  # returns only through Stopped (see ControlLink.finish)
         raise RuntimeError("role ended without waiting for stop")
     except Stopped:

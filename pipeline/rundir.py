@@ -21,13 +21,23 @@ def default_path(mode: str) -> Path:
 
 
 class RunDir:
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, resume: bool = False):
+        """``resume``: go on in a directory whose run was interrupted or failed."""
         self.path = Path(path)
-        if (self.path / "summary.json").exists():
-            raise ValueError(f"argument --run-dir: {self.path} already holds a finished run; "
-                             "choose another directory")
+        if resume:
+            self.check_resumable(self.path)
+        elif (self.path / "summary.json").exists():
+            raise ValueError(f"argument --run-dir: {self.path} already holds a finished "
+                             "run; choose another directory (or --resume it)")
         self.path.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")
+
+    @staticmethod
+    def check_resumable(path: Path) -> None:
+        summary = path / "summary.json"
+        if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
+            raise ValueError(f"argument --resume: the run in {path} completed; "
+                             "there is nothing to resume")
 
     def _atomic(self, name: str, write) -> Path:
         final = self.path / name
@@ -48,8 +58,24 @@ class RunDir:
         self._metrics.write(json.dumps(event, default=_jsonable) + "\n")
         self._metrics.flush()
 
+    def write_npz(self, name: str, arrays: dict[str, np.ndarray]) -> Path:
+        return self._atomic(name, lambda f: np.savez(f, **arrays))
+
     def write_weights(self, role: str, arrays: dict[str, np.ndarray]) -> Path:
-        return self._atomic(f"weights/{role}.npz", lambda f: np.savez(f, **arrays))
+        return self.write_npz(f"weights/{role}.npz", arrays)
+
+    def write_checkpoint(self, epoch: int, role: str, state: dict,
+                         arrays: dict[str, np.ndarray]) -> None:
+        d = f"checkpoints/epoch-{epoch:06d}"
+        self.write_npz(f"{d}/{role}.npz", arrays)
+        self.write_json(f"{d}/{role}.json", state)
+
+    def commit_checkpoint(self, epoch: int) -> None:
+        """Every role's state of ``epoch`` is on disk: make it the one to
+        resume from. Written last and atomically, so a crash mid-checkpoint
+        leaves the previous one in force."""
+        self.write_json("checkpoints/latest.json", {"epoch": epoch,
+                                                     "dir": f"epoch-{epoch:06d}"})
 
     def close(self) -> None:
         self._metrics.close()
@@ -61,3 +87,29 @@ def _jsonable(value):
     if isinstance(value, (Path, tuple)):
         return str(value) if isinstance(value, Path) else list(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def load_checkpoint(path: str | os.PathLike, roles: list[str]
+                    ) -> tuple[dict, int, dict[str, tuple[dict, dict[str, np.ndarray]]]]:
+    """(config dict, epoch, {role: (state, arrays)}) of a run directory's
+    latest checkpoint; ValueError naming what is missing."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())["config"]
+        latest = json.loads((path / "checkpoints" / "latest.json").read_text())
+    except FileNotFoundError as exc:
+        raise ValueError(f"argument --resume: {path} has no {Path(exc.filename).name}: "
+                         "was it run with --checkpoint-every, and did a checkpoint complete?"
+                         ) from None
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"argument --resume: {path}: unreadable run files ({exc})") from None
+    d = path / "checkpoints" / latest["dir"]
+    states = {}
+    for role in roles:
+        try:
+            state = json.loads((d / f"{role}.json").read_text())
+            with np.load(d / f"{role}.npz") as z:
+                states[role] = (state, {k: z[k] for k in z.files})
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"argument --resume: checkpoint {d} lacks {role}: {exc}") from None
+    return config, int(latest["epoch"]), states

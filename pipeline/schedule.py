@@ -33,3 +33,10 @@ def epoch_of(batch: int, batches_per_epoch: int) -> int:
 def ends_epoch(batch: int, batches_per_epoch: int) -> bool:
     """Is ``batch`` the last of its epoch?"""
     return batch % batches_per_epoch == batches_per_epoch - 1
+
+
+def checkpoint_due(epoch: int, cfg) -> bool:
+    """Is there a checkpoint after ``epoch``? Every ``checkpoint_every``
+    epochs, except after the last (the run's end saves the weights anyway)."""
+    every = cfg.checkpoint_every
+    return every > 0 and (epoch + 1) % every == 0 and epoch + 1 < cfg.epochs

@@ -184,6 +184,24 @@ class LayerStats:
             if value is not None:
                 reservoir.add(value)
 
+    COUNTERS = ("forward_batches", "weight_updates", "skipped_updates", "sg_updates",
+                "true_gradients", "dropped_gradients", "lost_gradients", "expired_gradients")
+
+    def state(self) -> dict:
+        """What a checkpoint keeps: the counters and the staleness histogram
+        (the SG-quality samples start afresh after a resume)."""
+        return {**{k: getattr(self, k) for k in self.COUNTERS},
+                "staleness_hist": {str(k): v for k, v in self.staleness_hist.items()}}
+
+    def load_state(self, state: dict) -> None:
+        for k in self.COUNTERS:
+            setattr(self, k, int(state[k]))
+        self.staleness_hist = {int(k): int(v) for k, v in state["staleness_hist"].items()}
+        for steps, n in self.staleness_hist.items():
+            self.steps.count += n
+            self.steps.total += steps * n
+            self.steps.max = max(self.steps.max, steps)
+
     def as_dict(self) -> dict:
         quality = None
         if self.sg_loss.seen:

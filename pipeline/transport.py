@@ -65,12 +65,16 @@ class Net:
         return s, s.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def connect(self, kind: int, endpoint: str, server_role: str, hwm: int = 1000,
-                identity: bytes | None = None) -> zmq.Socket:
+                identity: bytes | None = None,
+                before: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
+        """``before(sock)`` runs just before connecting (to watch the handshake)."""
         s = _socket(self.ctx, kind, hwm)
         if identity is not None:
             s.setsockopt(zmq.IDENTITY, identity)  # before connect, or it does not count
         if self.keys is not None:
             security.make_client(s, self.keys, server_role)
+        if before is not None:
+            before(s)
         s.connect(endpoint)
         return s
 
@@ -135,7 +139,9 @@ def expect(msg: Message, kinds: Sequence[str], shapes: Sequence[tuple[int | None
     these shapes ((None, w): any row count from 1 to max_rows, all equal)."""
     if msg.kind not in kinds:
         raise ValueError(f"unexpected message kind {msg.kind!r} on this socket")
-    if msg.kind == wire.EOF:
+    if msg.kind in (wire.EOF, wire.CHECKPOINT):
+        if msg.arrays:
+            raise ValueError(f"{msg.kind} carries no arrays, got {len(msg.arrays)}")
         return
     if len(msg.arrays) != len(shapes):
         raise ValueError(f"{msg.kind} needs {len(shapes)} arrays, got {len(msg.arrays)}")
@@ -154,15 +160,16 @@ class ActivationCheck:
     batches in order (anything else cannot be ours)."""
 
     def __init__(self, upstream: str, width: int, labels: int, max_rows: int,
-                 dtype: np.dtype = np.dtype(np.float64)):
+                 dtype: np.dtype = np.dtype(np.float64), first_batch: int = 0):
         self.upstream = upstream
         self.shapes = [(None, width), (None, labels)]
         self.max_rows = max_rows
         self.dtype = dtype
-        self.read = 0  # training batches accepted so far
+        self.read = first_batch  # the next training batch expected (resumed runs start later)
 
     def __call__(self, msg: Message) -> None:
-        expect(msg, (wire.ACT, wire.EVAL, wire.EOF), self.shapes, self.dtype, self.max_rows)
+        expect(msg, (wire.ACT, wire.EVAL, wire.EOF, wire.CHECKPOINT), self.shapes, self.dtype,
+               self.max_rows)
         if msg.sender != self.upstream:
             raise ValueError(f"activation from {msg.sender!r}, expected {self.upstream!r}")
         if msg.kind == wire.ACT:

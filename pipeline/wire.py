@@ -41,7 +41,8 @@ DONE = "done"
 ERROR = "error"
 STOP = "stop"
 HEARTBEAT = "heartbeat"
-KINDS = frozenset({HELLO, CONFIG, READY, START, ACT, GRAD, EVAL, EOF,
+CHECKPOINT = "checkpoint"
+KINDS = frozenset({HELLO, CONFIG, READY, START, ACT, GRAD, EVAL, EOF, CHECKPOINT,
                    METRIC, DONE, ERROR, STOP, HEARTBEAT})
 
 # Wire dtype string (numpy ``dtype.str``, always little-endian) -> dtype.

@@ -167,6 +167,9 @@ def hosts():
             reason += f" (and teardown failed: {problems})"
         warnings.warn(reason)  # shown in the warnings summary, not only with -rs
         pytest.skip(reason)
+    except BaseException:  # a timeout or Ctrl-C half way: still leave nothing behind
+        _teardown(namespaces, links)
+        raise
     try:
         yield Hosts(ns, dict(HOSTS))
     finally:
@@ -366,21 +369,25 @@ def test_host_killed_mid_run_fails_cleanly_naming_role_and_host(hosts, tmp_path)
     assert 0 < summary["epochs_done"] < 100000
 
 
-@pytest.mark.timeout(90)
-def test_wrong_key_cannot_join(hosts, tmp_path):
-    cluster = write_cluster(tmp_path / "cluster.toml", hosts, {"layers": 3, "epochs": 20}, 47340)
+def wrong_key_for_b(tmp_path: Path, hosts: Hosts, port: int) -> tuple[Path, Path]:
+    """The run's cluster file, and host B's: the same, but naming a key
+    directory whose layer1 keypair the other hosts have never seen."""
+    run = {"layers": 3, "epochs": 20}
+    cluster = write_cluster(tmp_path / "cluster.toml", hosts, run, port)
     make_keys(tmp_path / "keys", cluster)
     make_keys(tmp_path / "foreign", cluster)
-    # Host B holds the run's public keys, but a keypair for layer1 that the
-    # other hosts have never seen.
     shutil.copytree(tmp_path / "keys", tmp_path / "keys_b")
     for name in ("layer1.key", "layer1.key_secret"):
         shutil.copy2(tmp_path / "foreign" / name, tmp_path / "keys_b" / name)
     assert (tmp_path / "keys_b" / "layer1.key").read_bytes() != \
         (tmp_path / "keys" / "layer1.key").read_bytes()
     assert (tmp_path / "keys_b" / "layer1.key_secret").stat().st_mode & 0o777 == 0o600
-    cluster_b = write_cluster(tmp_path / "cluster_b.toml", hosts,
-                              {"layers": 3, "epochs": 20}, 47340, keys="keys_b")
+    return cluster, write_cluster(tmp_path / "cluster_b.toml", hosts, run, port, keys="keys_b")
+
+
+@pytest.mark.timeout(90)
+def test_wrong_key_cannot_join(hosts, tmp_path):
+    cluster, cluster_b = wrong_key_for_b(tmp_path, hosts, 47340)
     run_dir = tmp_path / "run"
     with Launchers(tmp_path, hosts) as run:
         run.start("A", cluster, run_dir)
@@ -407,3 +414,25 @@ def test_wrong_key_cannot_join(hosts, tmp_path):
     assert not (run_dir / "config.json").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["epochs_done"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_refused_role_gives_up_and_says_why(hosts, tmp_path):
+    """The role with the wrong key cannot reach the coordinator: it sees the
+    refused handshake, exits non-zero and says why, instead of waiting forever."""
+    cluster, cluster_b = wrong_key_for_b(tmp_path, hosts, 47360)
+    run_dir = tmp_path / "run"
+    with Launchers(tmp_path, hosts) as run:
+        run.start("A", cluster, run_dir)
+        run.start("B", cluster_b, run_dir)
+        try:
+            code = run.procs["B"].wait(15)
+        except subprocess.TimeoutExpired:
+            code = None
+        run.kill("A", signal.SIGINT)
+        run.wait("A", 15)
+        run.kill("B")
+        assert not run.wait_all_gone("AB", 10), run.logs()
+    err = (tmp_path / "hostB.err").read_text()
+    assert code not in (None, 0), f"host B still ran 15 s after its key was refused\n{err}"
+    assert "refused this role" in err and "key" in err, err

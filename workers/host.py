@@ -38,13 +38,18 @@ def run_cluster(args: ClusterArgs, stream: TextIO) -> int:
               "reach these ports can send the run messages", file=sys.stderr, flush=True)
     workers = [r for r in here if r != "coordinator"]
     if "coordinator" in here:
-        cfg = c.config(run_dir=args.run_dir or c.run.get("run_dir", ""), quiet=args.quiet)
-        rd = RunDir(cfg.run_dir or default_path(cfg.mode))
+        resume = None
+        if args.resume:
+            cfg, resume = supervisor.resume_config(args.resume, args.quiet)
+        else:
+            cfg = c.config(run_dir=args.run_dir or c.run.get("run_dir", ""), quiet=args.quiet)
+        rd = RunDir(cfg.run_dir or default_path(cfg.mode), resume=resume is not None)
         if not cfg.quiet:
             print(f"run directory: {rd.path}", file=stream, flush=True)
         signal.signal(signal.SIGTERM, supervisor._interrupt)
         return supervisor.Supervisor(cfg, rd, secrets.token_hex(6), stream, cluster=c,
-                                     spawn=workers, insecure=args.insecure).run()
+                                     spawn=workers, insecure=args.insecure,
+                                     resume=resume).run()
     extra = ["--cluster", str(c.path)] + (["--insecure"] if args.insecure else [])
     if len(workers) == 1:  # this process becomes the worker
         module = importlib.import_module(supervisor.module_of(workers[0]))

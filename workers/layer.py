@@ -11,6 +11,7 @@ from pipeline import wire
 from pipeline.config import Config
 from pipeline.delay import DelayLine, straggle
 from pipeline.model import layer_rng, make_hidden, role_name
+from pipeline.nodes import load_layer_state
 from pipeline.roles import run
 from pipeline.schedule import may_take_batch
 from pipeline.stats import Applied, LayerEpoch
@@ -24,12 +25,15 @@ F64 = np.dtype(np.float64)
 def main(link: ControlLink, cfg: Config, net: Net) -> None:
     index = int(link.role.removeprefix("layer"))
     layer = make_hidden(cfg, index)
+    if link.resume:
+        load_layer_state(layer, *link.resume)
     d = cfg.dims
     upstream = role_name(index - 1, cfg) if index > 1 else "source"
     downstream = role_name(index + 1, cfg)
     hwm = cfg.grad_delay + cfg.max_inflight + 2
     max_bytes = max_message_bytes(cfg)
-    check_act = ActivationCheck(upstream, d[index - 1], d[-1], cfg.batch_size)
+    check_act = ActivationCheck(upstream, d[index - 1], d[-1], cfg.batch_size,
+                                first_batch=cfg.start_epoch * cfg.batches_per_epoch)
 
     def check_grad(msg: wire.Message) -> None:
         lost = msg.meta.get("lost") is True
@@ -52,7 +56,8 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     down = net.outbox(*peers["downstream"], hwm)
     up = net.outbox(*peers["upstream_grad"], hwm) if index > 1 else None
 
-    def put(sock: zmq.Socket, kind: str, batch: int, arrays: tuple, meta=None) -> None:
+    def put(sock: zmq.Socket, kind: str, batch: int, arrays: tuple, meta: dict | None = None
+            ) -> None:
         send(sock, wire.Message(kind, link.run_id, batch=batch, sender=link.role,
                                 step=layer.step, arrays=arrays, meta=meta or {}), link)
 
@@ -110,10 +115,25 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
             x, y = msg.arrays
             put(down, wire.EVAL, msg.batch, (layer.forward_eval(x), y))
             return False
+        if msg.kind == wire.CHECKPOINT:
+            # A barrier: take nothing more until every due gradient is in.
+            barrier.append(msg)
+            return False
         put(down, wire.EOF, msg.batch, ())
         return True
 
+    barrier: list[wire.Message] = []
+
+    def at_barrier() -> None:
+        """Save this layer's state to the coordinator, then pass the barrier on."""
+        if barrier and layer.due_outstanding() == 0:
+            msg = barrier.pop()
+            link.checkpoint(msg.meta["epoch"], layer)
+            put(down, wire.CHECKPOINT, msg.batch, (), msg.meta)
+
     def may_take() -> bool:
+        if barrier:
+            return False
         return may_take_batch(mode=cfg.mode, lockstep=cfg.lockstep,
                               pending=len(layer.pending),
                               due_outstanding=layer.due_outstanding(),
@@ -127,6 +147,7 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     while not (eof and layer.due_outstanding() == 0):
         # Backpressure: leave activations queued in ZeroMQ while we may not
         # take them (with a delayed link, while its line is full).
+        at_barrier()
         take = not eof_read and (may_take() if act_line is None else len(act_line) < hwm)
         if take != reading:
             if take:

@@ -11,6 +11,7 @@ from pipeline import wire
 from pipeline.config import Config
 from pipeline.delay import DelayLine, straggle
 from pipeline.model import layer_rng, make_output, role_name
+from pipeline.nodes import load_layer_state
 from pipeline.roles import run
 from pipeline.schedule import ends_epoch
 from pipeline.stats import EpochStats
@@ -22,12 +23,15 @@ F64 = np.dtype(np.float64)
 
 def main(link: ControlLink, cfg: Config, net: Net) -> None:
     out = make_output(cfg)
+    if link.resume:
+        load_layer_state(out, *link.resume)
     d = cfg.dims
     upstream = role_name(cfg.layers - 1, cfg)
     hwm = cfg.max_inflight + 2
     max_bytes = max_message_bytes(cfg)
     next_batch = 0  # training batches done
-    check_act = ActivationCheck(upstream, d[-2], d[-1], cfg.batch_size)
+    check_act = ActivationCheck(upstream, d[-2], d[-1], cfg.batch_size,
+                                first_batch=cfg.start_epoch * cfg.batches_per_epoch)
 
     act_sock, act_ep = net.inbox(0, hwm, max_bytes)
     acts = Inbox(act_sock, link.run_id, max_bytes, check_act, link.dropped)
@@ -63,6 +67,8 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
             x, y = msg.arrays
             loss, correct = out.evaluate(x, y)
             evaluation.add(loss, correct, len(y))
+        elif msg.kind == wire.CHECKPOINT:  # nothing in flight here: save at once
+            link.checkpoint(msg.meta["epoch"], out)
         return msg.kind == wire.EOF
 
     poller = zmq.Poller()

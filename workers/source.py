@@ -7,6 +7,7 @@ import numpy as np
 from pipeline import data, wire
 from pipeline.config import Config
 from pipeline.roles import run
+from pipeline.schedule import checkpoint_due
 from pipeline.control import ControlLink
 from pipeline.transport import Net, send
 
@@ -20,16 +21,18 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     peers = link.wait_for(wire.START).meta["peers"]
     out = net.outbox(*peers["downstream"], hwm=cfg.max_inflight + 2)
 
-    def put(kind: str, batch: int, arrays: tuple) -> None:
+    def put(kind: str, batch: int, arrays: tuple, meta: dict | None = None) -> None:
         link.tick()
         send(out, wire.Message(kind, link.run_id, batch=batch, sender=link.role,
-                               arrays=arrays), link)
+                               arrays=arrays, meta=meta or {}), link)
 
-    t = 0
-    for _ in range(cfg.epochs):
+    t = cfg.start_epoch * len(batches)  # a resumed run goes on where its checkpoint was
+    for epoch in range(cfg.start_epoch, cfg.epochs):
         for xb, yb in batches:
             put(wire.ACT, t, (xb, yb))
             t += 1
+        if checkpoint_due(epoch, cfg):
+            put(wire.CHECKPOINT, t - 1, (), {"epoch": epoch})
         link.poll_stop()
     for i, (xb, yb) in enumerate(batches):
         put(wire.EVAL, i, (xb, yb))

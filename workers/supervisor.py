@@ -82,18 +82,39 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def run(cfg: Config, stream: TextIO = sys.stdout) -> int:
+def run(cfg: Config, stream: TextIO = sys.stdout, resume: dict | None = None) -> int:
     """Run ``cfg`` to the end; returns the exit code (0 completed, 1 failed,
-    130 interrupted). The summary is written whatever happens."""
+    130 interrupted). The summary is written whatever happens. ``resume``:
+    each layer role's checkpointed state, for a run that goes on from one."""
     # SIGTERM (a job scheduler, a plain `kill`) ends the run like Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
-    rd = RunDir(cfg.run_dir or default_path(cfg.mode))
+    rd = RunDir(cfg.run_dir or default_path(cfg.mode), resume=resume is not None)
     run_id = secrets.token_hex(6)
     if not cfg.quiet:
         print(f"run directory: {rd.path}", file=stream, flush=True)
+        if resume is not None:
+            print(f"resuming at epoch {cfg.start_epoch + 1}", file=stream, flush=True)
     if cfg.in_process:
         return _run_in_process(cfg, rd, run_id, stream)
-    return Supervisor(cfg, rd, run_id, stream).run()
+    return Supervisor(cfg, rd, run_id, stream, resume=resume).run()
+
+
+def resume_config(run_dir: str, quiet: bool) -> tuple[Config, dict]:
+    """The config of an interrupted run, set to go on after its last
+    checkpoint, and every layer's state there."""
+    from pipeline.rundir import load_checkpoint
+    import json
+    from pathlib import Path
+    config = json.loads((Path(run_dir) / "config.json").read_text())["config"] \
+        if (Path(run_dir) / "config.json").exists() else None
+    if config is None:
+        raise ValueError(f"argument --resume: {run_dir} is not a run directory")
+    RunDir.check_resumable(Path(run_dir))
+    cfg = Config.from_dict(config)
+    config, epoch, states = load_checkpoint(run_dir, roles(cfg)[1:])
+    cfg = Config.from_dict({**config, "start_epoch": epoch + 1, "run_dir": str(run_dir),
+                            "quiet": quiet})
+    return cfg, states
 
 
 def _run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int:
@@ -139,7 +160,7 @@ class Supervisor:
 
     def __init__(self, cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
                  cluster: "Cluster | None" = None, spawn: list[str] | None = None,
-                 insecure: bool = False):
+                 insecure: bool = False, resume: dict | None = None):
         self.cfg = cfg
         self.rd = rd
         self.run_id = run_id
@@ -147,6 +168,8 @@ class Supervisor:
         self.cluster = cluster
         self.insecure = insecure
         self.roles = roles(cfg)
+        self.resume = resume or {}   # role -> (state, arrays) from a checkpoint
+        self.checkpoints: dict[int, set[str]] = {}
         self.spawn_roles = self.roles if spawn is None else spawn
         self.ctx = zmq.Context()
         self.guard = contextlib.ExitStack()
@@ -229,8 +252,9 @@ class Supervisor:
             deadline = time.monotonic() + 1.0
 
     # -- messages ------------------------------------------------------------------
-    def _send(self, role: str, kind: str, meta: dict | None = None) -> None:
-        msg = wire.Message(kind, self.run_id, sender="supervisor", meta=meta or {})
+    def _send(self, role: str, kind: str, meta: dict | None = None, arrays: tuple = ()) -> None:
+        msg = wire.Message(kind, self.run_id, sender="supervisor", meta=meta or {},
+                           arrays=arrays)
         try:
             self.router.send_multipart([role.encode(), *wire.encode(msg)], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -284,9 +308,24 @@ class Supervisor:
                       f"{self.host(role)} ({len(self.hello)}/{len(self.roles)} roles)",
                       file=sys.stderr, flush=True)
             self.ready.pop(role, None)
-            self._send(role, wire.CONFIG, {"config": self.cfg.to_dict(), "run_id": self.run_id})
+            meta, arrays = {"config": self.cfg.to_dict(), "run_id": self.run_id}, ()
+            if role in self.resume:
+                state, weights = self.resume[role]
+                meta.update(state=state, weights=list(weights))
+                arrays = tuple(weights.values())
+            self._send(role, wire.CONFIG, meta, arrays)
         elif msg.kind == wire.READY:
             self.ready[role] = msg
+        elif msg.kind == wire.CHECKPOINT:
+            epoch = int(msg.meta["epoch"])
+            self.rd.write_checkpoint(epoch, role, msg.meta["state"],
+                                     dict(zip(msg.meta["weights"], msg.arrays)))
+            got = self.checkpoints.setdefault(epoch, set())
+            got.add(role)
+            if got >= set(self.roles[1:]):
+                self.rd.commit_checkpoint(epoch)
+                self.rd.metric({"event": "checkpoint", "epoch": epoch})
+                del self.checkpoints[epoch]
 
     def _wait_all(self, got: dict, kind: str, deadline: float) -> None:
         """Until every role has sent ``kind`` (a handshake step, not a sleep)."""
