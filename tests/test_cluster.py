@@ -94,6 +94,17 @@ def roles(tmp_path):
         r.end()
 
 
+class Weights:
+    """A finished run directory, as assert_bit_identical reads it."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def weights(self, role: str) -> dict[str, np.ndarray]:
+        with np.load(self.run_dir / "weights" / f"{role}.npz") as z:
+            return {k: z[k] for k in z.files}
+
+
 def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -131,11 +142,7 @@ def test_roles_started_one_by_one_equal_the_reference(tmp_path, roles):
     for role in ["output", "layer2", "layer1", "source"]:
         assert r.procs[role].wait(10) == 0, r.log(role)
 
-    class Run:
-        def weights(self, role):
-            with np.load(tmp_path / "run" / "weights" / f"{role}.npz") as z:
-                return {k: z[k] for k in z.files}
-    assert_bit_identical(Run(), reference_weights(Config(epochs=20, lockstep=True, seed=4)))
+    assert_bit_identical(Weights(tmp_path / "run"), reference_weights(Config(epochs=20, lockstep=True, seed=4)))
 
 
 def test_role_killed_mid_run_fails_the_run_naming_role_and_host(tmp_path, roles):
@@ -223,11 +230,7 @@ def test_a_peer_without_a_listed_key_reaches_nothing(tmp_path, roles, intruder):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert [L["decode_errors"] for L in summary["layers"]] == [0, 0, 0]
 
-    class Run:
-        def weights(self, role):
-            with np.load(tmp_path / "run" / "weights" / f"{role}.npz") as z:
-                return {k: z[k] for k in z.files}
-    assert_bit_identical(Run(), reference_weights(Config(epochs=200, lockstep=True, seed=2)))
+    assert_bit_identical(Weights(tmp_path / "run"), reference_weights(Config(epochs=200, lockstep=True, seed=2)))
 
 
 @pytest.mark.parametrize("text, reason", [
