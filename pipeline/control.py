@@ -3,6 +3,7 @@ events, heartbeats both ways, and the report of a failure."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 import traceback
@@ -66,10 +67,18 @@ class ControlLink:
             except zmq.Again:
                 if kind == wire.HEARTBEAT:
                     return
+                self._check_parent()
                 self._check_refused()
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"cannot reach the coordinator at {self.endpoint}")
                 self.sock.poll(POLL_MS, zmq.POLLOUT)
+
+    def _check_parent(self) -> None:
+        # A local supervisor killed outright (SIGKILL): never outlive it, and
+        # give the clean exit 3 s at most.
+        if os.getppid() != self.parent:
+            signal.alarm(3)
+            raise Stopped("supervisor is gone")
 
     def _check_refused(self) -> None:
         if self.refusals is not None and self.refusals.poll(0):
@@ -83,9 +92,7 @@ class ControlLink:
     def tick(self) -> None:
         """Called from every wait of a worker's loop: say we are alive, and
         make sure the supervisor still is."""
-        # A local supervisor killed outright (SIGKILL): never outlive it.
-        if os.getppid() != self.parent:
-            raise Stopped("supervisor is gone")
+        self._check_parent()
         self._check_refused()
         now = time.monotonic()
         if now - self.last_sent >= HEARTBEAT_S:

@@ -31,6 +31,10 @@ def _die_with_parent() -> None:
 
 
 def _terminate(signum, frame) -> None:
+    # A clean exit, but a bounded one: a second SIGTERM, or 3 s of clean-up,
+    # ends the process by the kernel's default action.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.alarm(3)
     raise Stopped(f"signal {signum}")
 
 
