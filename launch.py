@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             from workers.host import run_cluster
             return run_cluster(parse_cluster(argv), sys.stdout)
         from pipeline.cli import parse
-        from workers.supervisor import resume_config, run
+        from pipeline.rundir import resume_config
+        from workers.supervisor import run
         cfg = parse(argv)
         if "--resume" in " ".join(argv):
             from pipeline.cli import build_parser

@@ -12,6 +12,11 @@ def role_name(index: int, cfg: Config) -> str:
     return "output" if index == cfg.layers else f"layer{index}"
 
 
+def roles(cfg: Config) -> list[str]:
+    """Every worker role of a run, source first, in pipeline order."""
+    return ["source"] + [role_name(i, cfg) for i in range(1, cfg.layers + 1)]
+
+
 def layer_rng(cfg: Config, index: int, purpose: int = 0) -> np.random.Generator:
     """A layer's own random stream; ``purpose`` keeps init, update and drop
     draws apart, so turning one on never shifts the others."""

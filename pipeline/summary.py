@@ -2,6 +2,9 @@
 the progress line and the closing table."""
 from __future__ import annotations
 
+import time
+from typing import TextIO
+
 from pipeline.config import Config
 
 
@@ -66,3 +69,35 @@ def table(summary: dict, run_dir: str) -> str:
                          f"{L['sg_updates']:>8} {L['true_gradients']:>9} {st['mean']:>10.2f} "
                          f"{st['max']:>9} {L['decode_errors']:>8}")
     return "\n".join(lines)
+
+
+class Progress:
+    """One line, redrawn in place on a terminal; every tenth of the run otherwise."""
+
+    def __init__(self, cfg: Config, stream: TextIO):
+        self.cfg = cfg
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = 0.0
+        self.epochs_done = 0
+        self.step = max(1, cfg.epochs // 10)
+
+    def epoch(self, event: dict) -> None:
+        self.epochs_done = event["epoch"] + 1
+        if self.cfg.quiet:
+            return
+        now = time.monotonic()
+        last_epoch = self.epochs_done == self.cfg.epochs
+        line = progress_line(event["epoch"], self.cfg.epochs, event["loss"], event["accuracy"],
+                             event["elapsed_s"], self.epochs_done * self.cfg.batches_per_epoch)
+        if self.tty:
+            if now - self.last >= 0.2 or last_epoch:
+                self.stream.write("\r" + line + ("\n" if last_epoch else ""))
+                self.stream.flush()
+                self.last = now
+        elif self.epochs_done % self.step == 0 or last_epoch:
+            print(line, file=self.stream, flush=True)
+
+    def finish(self) -> None:
+        if self.tty and not self.cfg.quiet and 0 < self.epochs_done < self.cfg.epochs:
+            self.stream.write("\n")

@@ -13,7 +13,7 @@ from typing import TextIO
 from pipeline import cluster as clusters
 from pipeline import security
 from pipeline.cli import ClusterArgs
-from pipeline.rundir import RunDir, default_path
+from pipeline.rundir import RunDir, default_path, resume_config
 from pipeline.roles import worker_main
 from workers import supervisor
 
@@ -40,7 +40,7 @@ def run_cluster(args: ClusterArgs, stream: TextIO) -> int:
     if "coordinator" in here:
         resume = None
         if args.resume:
-            cfg, resume = supervisor.resume_config(args.resume, args.quiet)
+            cfg, resume = resume_config(args.resume, args.quiet)
         else:
             cfg = c.config(run_dir=args.run_dir or c.run.get("run_dir", ""), quiet=args.quiet)
         rd = RunDir(cfg.run_dir or default_path(cfg.mode), resume=resume is not None)

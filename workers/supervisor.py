@@ -18,10 +18,10 @@ from pipeline import security, wire
 from pipeline.cluster import Cluster
 from pipeline.control import HEARTBEAT_S, LIVENESS_S
 from pipeline.config import Config
-from pipeline.model import role_name
+from pipeline.model import role_name, roles
 from pipeline.reference import train_reference
 from pipeline.rundir import RunDir, default_path
-from pipeline.summary import build_summary, layer_entry, progress_line, table
+from pipeline.summary import Progress, build_summary, layer_entry, table
 from pipeline.transport import Net
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,44 +38,8 @@ class WorkerFailed(Exception):
         self.message = message
 
 
-def roles(cfg: Config) -> list[str]:
-    return ["source"] + [role_name(i, cfg) for i in range(1, cfg.layers + 1)]
-
-
 def module_of(role: str) -> str:
     return {"source": "workers.source", "output": "workers.output"}.get(role, "workers.layer")
-
-
-class Progress:
-    """One line, redrawn in place on a terminal; every tenth of the run otherwise."""
-
-    def __init__(self, cfg: Config, stream: TextIO):
-        self.cfg = cfg
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.last = 0.0
-        self.epochs_done = 0
-        self.step = max(1, cfg.epochs // 10)
-
-    def epoch(self, event: dict) -> None:
-        self.epochs_done = event["epoch"] + 1
-        if self.cfg.quiet:
-            return
-        now = time.monotonic()
-        last_epoch = self.epochs_done == self.cfg.epochs
-        line = progress_line(event["epoch"], self.cfg.epochs, event["loss"], event["accuracy"],
-                             event["elapsed_s"], self.epochs_done * self.cfg.batches_per_epoch)
-        if self.tty:
-            if now - self.last >= 0.2 or last_epoch:
-                self.stream.write("\r" + line + ("\n" if last_epoch else ""))
-                self.stream.flush()
-                self.last = now
-        elif self.epochs_done % self.step == 0 or last_epoch:
-            print(line, file=self.stream, flush=True)
-
-    def finish(self) -> None:
-        if self.tty and not self.cfg.quiet and 0 < self.epochs_done < self.cfg.epochs:
-            self.stream.write("\n")
 
 
 def _interrupt(signum, frame) -> None:
@@ -97,24 +61,6 @@ def run(cfg: Config, stream: TextIO = sys.stdout, resume: dict | None = None) ->
     if cfg.in_process:
         return _run_in_process(cfg, rd, run_id, stream)
     return Supervisor(cfg, rd, run_id, stream, resume=resume).run()
-
-
-def resume_config(run_dir: str, quiet: bool) -> tuple[Config, dict]:
-    """The config of an interrupted run, set to go on after its last
-    checkpoint, and every layer's state there."""
-    from pipeline.rundir import load_checkpoint
-    import json
-    from pathlib import Path
-    config = json.loads((Path(run_dir) / "config.json").read_text())["config"] \
-        if (Path(run_dir) / "config.json").exists() else None
-    if config is None:
-        raise ValueError(f"argument --resume: {run_dir} is not a run directory")
-    RunDir.check_resumable(Path(run_dir))
-    cfg = Config.from_dict(config)
-    config, epoch, states = load_checkpoint(run_dir, roles(cfg)[1:])
-    cfg = Config.from_dict({**config, "start_epoch": epoch + 1, "run_dir": str(run_dir),
-                            "quiet": quiet})
-    return cfg, states
 
 
 def _run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int:
