@@ -79,6 +79,9 @@ def worker_main(role_main: RoleMain, argv: list[str] | None = None) -> int:
     finally:
         # After the guard: each socket closes with its own linger (data sockets
         # drop what is queued, the control link delivers an error report).
+        # Closing has been seen to hang in zmq_ctx_term, where no Python signal
+        # handler runs: the alarm's default action ends the process regardless.
+        signal.alarm(5)
         context().destroy()
 
 
