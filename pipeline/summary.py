@@ -18,7 +18,9 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
                   epochs_done: int = 0) -> dict:
     final = final or {}
     train_s = final.get("train_s") or 0.0
-    batches = final.get("batches", 0)
+    # Without the final evaluation (a run cut short), the output layer's
+    # finished epochs tell how many batches were trained.
+    batches = final.get("batches", epochs_done * cfg.batches_per_epoch)
     summary = {
         "status": status,
         "mode": cfg.mode,

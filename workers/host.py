@@ -3,7 +3,6 @@ if this host has it, and every worker role the file puts here, or just the
 one named by --role."""
 from __future__ import annotations
 
-import importlib
 import secrets
 import signal
 import subprocess
@@ -14,7 +13,6 @@ from pipeline import cluster as clusters
 from pipeline import security
 from pipeline.cli import ClusterArgs
 from pipeline.rundir import RunDir, default_path, resume_config
-from pipeline.roles import worker_main
 from workers import supervisor
 
 
@@ -51,17 +49,15 @@ def run_cluster(args: ClusterArgs, stream: TextIO) -> int:
                                      spawn=workers, insecure=args.insecure,
                                      resume=resume).run()
     extra = ["--cluster", str(c.path)] + (["--insecure"] if args.insecure else [])
-    if len(workers) == 1:  # this process becomes the worker
-        module = importlib.import_module(supervisor.module_of(workers[0]))
-        return worker_main(module.main, ["--role", workers[0], *extra])
-    return _run_workers(workers, extra)
+    return _run_workers(workers, extra, supervisor.worker_env(c.config().blas_threads))
 
 
-def _run_workers(roles: list[str], extra: list[str]) -> int:
-    """Several worker roles on this host, without the coordinator: start
-    them, wait for them, and pass a Ctrl-C on as a stop."""
+def _run_workers(roles: list[str], extra: list[str], env: dict[str, str]) -> int:
+    """The worker roles of this host, without the coordinator: start them
+    (each its own process, its BLAS threads capped before numpy loads), wait
+    for them, and pass a Ctrl-C on as a stop."""
     procs = [subprocess.Popen([sys.executable, "-m", supervisor.module_of(r), "--role", r,
-                               *extra], start_new_session=True) for r in roles]
+                               *extra], env=env, start_new_session=True) for r in roles]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:

@@ -42,6 +42,16 @@ def module_of(role: str) -> str:
     return {"source": "workers.source", "output": "workers.output"}.get(role, "workers.layer")
 
 
+def worker_env(blas_threads: int) -> dict[str, str]:
+    """A worker's environment: the project importable, and its BLAS threads
+    capped (they must be set before numpy loads), so processes share cores."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(blas_threads)
+    return env
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -148,10 +158,7 @@ class Supervisor:
 
     # -- processes ---------------------------------------------------------------
     def _spawn(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = str(self.cfg.blas_threads)
+        env = worker_env(self.cfg.blas_threads)
         for role in self.spawn_roles:
             if self.cluster is None:
                 where = ["--control", self.endpoint]
