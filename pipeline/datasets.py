@@ -1,0 +1,122 @@
+"""Classification data from files: MNIST-format IDX (plain or .gz, as MNIST
+and Fashion-MNIST ship) and NumPy archives, checked on load.
+
+Not yet wired to the command line (the real-data issue is open): these
+readers are the part that stands on its own.
+"""
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# IDX magic: two zero bytes, a type code, the number of dimensions.
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+@dataclass(frozen=True)
+class Split:
+    x: np.ndarray   # (n, features) float32 in [0, 1]
+    y: np.ndarray   # (n,) int64 class labels
+
+
+def _fail(path: Path, message: str) -> ValueError:
+    return ValueError(f"{path}: {message}")
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (optionally gzip-compressed) as an array of its shape."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except OSError as exc:
+        raise _fail(path, f"cannot read it ({exc.strerror or exc})") from None
+    except EOFError:
+        raise _fail(path, "truncated gzip stream") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise _fail(path, f"not an IDX file (magic bytes {raw[:4].hex() or 'missing'})")
+    ndim = raw[3]
+    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+        raise _fail(path, f"IDX header truncated or empty ({ndim} dimensions)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    body = memoryview(raw)[4 + 4 * ndim:]
+    if len(body) != want:
+        raise _fail(path, f"header says {shape} of {dtype} ({want} bytes), "
+                          f"file holds {len(body)} bytes: truncated or not this format")
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
+
+
+def _find(directory: Path, name: str) -> Path:
+    for candidate in (directory / name, directory / f"{name}.gz"):
+        if candidate.exists():
+            return candidate
+    raise ValueError(f"{directory}: no {name} (or {name}.gz) here")
+
+
+def _split(x: np.ndarray, y: np.ndarray, where: str, classes: int | None) -> Split:
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"{where}: {len(x)} inputs of shape {x.shape[1:]} but labels of "
+                         f"shape {y.shape}: they must pair up one to one")
+    if len(y) == 0:
+        raise ValueError(f"{where}: no examples")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{where}: labels must be integers, got {y.dtype}")
+    top = classes if classes is not None else int(y.max()) + 1
+    if y.min() < 0 or y.max() >= top:
+        raise ValueError(f"{where}: labels must lie in 0..{top - 1}, "
+                         f"found {int(y.min())}..{int(y.max())}")
+    x = x.reshape(len(x), -1)
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float32) / np.float32(np.iinfo(x.dtype).max)  # pixels to [0, 1]
+    else:
+        x = x.astype(np.float32)
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{where}: inputs hold NaN or infinity")
+    return Split(x, y.astype(np.int64))
+
+
+def load_mnist(directory: str | Path, classes: int = 10) -> dict[str, Split]:
+    """{"train": Split, "test": Split} from the four MNIST (or Fashion-MNIST)
+    IDX files in ``directory``, plain or .gz."""
+    directory = Path(directory)
+    out = {}
+    for part, (images, labels) in MNIST_FILES.items():
+        xi, yi = _find(directory, images), _find(directory, labels)
+        x, y = read_idx(xi), read_idx(yi)
+        if x.ndim != 3:
+            raise _fail(xi, f"images must be 3-d (n, rows, cols), got shape {x.shape}")
+        if y.ndim != 1:
+            raise _fail(yi, f"labels must be 1-d, got shape {y.shape}")
+        out[part] = _split(x, y, f"{xi.name} / {yi.name}", classes)
+    return out
+
+
+def load_npz(path: str | Path) -> dict[str, Split]:
+    """{"train": Split[, "test": Split]} from an archive with x_train, y_train
+    and optionally x_test, y_test (integer class labels)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise _fail(path, f"not a readable NumPy archive ({exc})") from None
+    for key in ("x_train", "y_train"):
+        if key not in arrays:
+            raise _fail(path, f"needs arrays x_train and y_train; has {sorted(arrays)}")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise _fail(path, "x_test and y_test come together or not at all")
+    classes = int(max(arrays["y_train"].max(initial=0), arrays.get("y_test", np.zeros(1, int)).max(initial=0))) + 1
+    out = {"train": _split(arrays["x_train"], arrays["y_train"], f"{path} train", classes)}
+    if "x_test" in arrays:
+        out["test"] = _split(arrays["x_test"], arrays["y_test"], f"{path} test", classes)
+        if out["test"].x.shape[1] != out["train"].x.shape[1]:
+            raise _fail(path, "x_test and x_train have different numbers of features")
+    return out
