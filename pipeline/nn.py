@@ -121,3 +121,56 @@ def sg_grads(inp: np.ndarray, pred: np.ndarray, target: np.ndarray
     err = pred - target
     loss = float(0.5 * np.sum(err * err) / n)
     return loss, inp.T @ err / n, err.sum(axis=0) / n
+
+
+# --- classification output and Adam (for the real-data work; not wired yet) ---------
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, shifted by the row max so exp never overflows."""
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def one_hot(labels: np.ndarray, classes: int, dtype=np.float64) -> np.ndarray:
+    out = np.zeros((len(labels), classes), dtype=dtype)
+    out[np.arange(len(labels)), labels] = 1
+    return out
+
+
+def softmax_ce_loss(z: np.ndarray, labels: np.ndarray) -> float:
+    """Batch-mean cross-entropy of integer ``labels`` under softmax(z),
+    from log-sum-exp so that confident wrong answers stay finite."""
+    m = z.max(axis=1, keepdims=True)
+    log_norm = m[:, 0] + np.log(np.exp(z - m).sum(axis=1))
+    return float(np.mean(log_norm - z[np.arange(len(labels)), labels]))
+
+
+def softmax_ce_delta(p: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """dl_i/dz_i for softmax + cross-entropy: p - onehot(labels)."""
+    return p - one_hot(labels, p.shape[1], p.dtype)
+
+
+def correct_classes(z: np.ndarray, labels: np.ndarray) -> int:
+    return int((z.argmax(axis=1) == labels).sum())
+
+
+class Adam:
+    """Adam (Kingma & Ba 2015) for one parameter array, updated in place:
+    m, v are running means of g and g**2, bias-corrected by step t."""
+
+    def __init__(self, shape: tuple[int, ...], lr: float, beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-8, dtype=np.float64):
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.m = np.zeros(shape, dtype)
+        self.v = np.zeros(shape, dtype)
+        self.t = 0
+
+    def step(self, param: np.ndarray, grad: np.ndarray) -> None:
+        self.t += 1
+        self.m *= self.beta1
+        self.m += (1 - self.beta1) * grad
+        self.v *= self.beta2
+        self.v += (1 - self.beta2) * grad * grad
+        m_hat = self.m / (1 - self.beta1 ** self.t)
+        v_hat = self.v / (1 - self.beta2 ** self.t)
+        param -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
