@@ -6,8 +6,12 @@ import json
 import socket
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.config import Config
+
+if TYPE_CHECKING:
+    from pipeline.security import Keys
 
 try:
     import tomllib
@@ -35,6 +39,18 @@ class Cluster:
 
     def config(self, **overrides) -> Config:
         return Config.from_dict({**self.run, **overrides})
+
+    def policy(self, insecure: bool) -> str:
+        """"curve", "plain" (loopback only) or "insecure"; ValueError for a
+        non-loopback address without keys and without --insecure."""
+        from pipeline import security
+        return security.check_policy([p.host for p in self.roles.values()],
+                                     str(self.keys) if self.keys else None, insecure)
+
+    def keys_for(self, role: str, insecure: bool) -> "Keys | None":
+        """``role``'s CURVE keys, or None where the policy is not CURVE."""
+        from pipeline import security
+        return security.load_keys(self.keys, role) if self.policy(insecure) == "curve" else None
 
     def local_roles(self) -> list[str]:
         """The roles this machine is to run: those whose host is one of its addresses."""

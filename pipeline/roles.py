@@ -49,9 +49,7 @@ def placement(args: argparse.Namespace) -> tuple[Net, str, contextlib.AbstractCo
     c = cluster.load(args.cluster)
     if args.role not in c.roles:
         raise SystemExit(f"role {args.role!r} is not in {args.cluster}")
-    hosts = [p.host for p in c.roles.values()]
-    policy = security.check_policy(hosts, str(c.keys) if c.keys else None, args.insecure)
-    keys = security.load_keys(c.keys, args.role) if policy == "curve" else None
+    keys = c.keys_for(args.role, args.insecure)
     me = c.roles[args.role]
     guard = security.Guard(ctx, keys) if keys else contextlib.nullcontext()
     return (Net(ctx, me.host, me.port, keys),

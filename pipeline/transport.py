@@ -57,8 +57,13 @@ class Net:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp://{host}:{self.port + offset if self.port else 0}"
 
-    def bind(self, kind: int, offset: int = 0, hwm: int = 1000) -> tuple[zmq.Socket, str]:
+    def bind(self, kind: int, offset: int = 0, hwm: int = 1000,
+             max_frame: int | None = None) -> tuple[zmq.Socket, str]:
+        """A bound socket and its endpoint; ``max_frame``: ZeroMQ drops a
+        sender whose frame is larger."""
         s = _socket(self.ctx, kind, hwm)
+        if max_frame is not None:
+            s.setsockopt(zmq.MAXMSGSIZE, max_frame)
         if self.keys is not None:
             security.make_server(s, self.keys)
         s.bind(self.endpoint(offset))
@@ -86,12 +91,7 @@ class Net:
         ever buffered whole; a message somewhat too large still arrives, and
         decode() counts and drops it.
         """
-        s = _socket(self.ctx, zmq.PULL, hwm)
-        s.setsockopt(zmq.MAXMSGSIZE, 2 * max_bytes + 64 * 1024)
-        if self.keys is not None:
-            security.make_server(s, self.keys)
-        s.bind(self.endpoint(offset))
-        return s, s.getsockopt_string(zmq.LAST_ENDPOINT)
+        return self.bind(zmq.PULL, offset, hwm, max_frame=2 * max_bytes + 64 * 1024)
 
     def outbox(self, endpoint: str, server_role: str, hwm: int) -> zmq.Socket:
         return self.connect(zmq.PUSH, endpoint, server_role, hwm)

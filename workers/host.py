@@ -10,7 +10,6 @@ import sys
 from typing import TextIO
 
 from pipeline import cluster as clusters
-from pipeline import security
 from pipeline.cli import ClusterArgs
 from pipeline.rundir import RunDir, default_path, resume_config
 from workers import supervisor
@@ -29,9 +28,7 @@ def run_cluster(args: ClusterArgs, stream: TextIO) -> int:
             raise ValueError(f"argument --cluster: no role of {c.path} listens on an address "
                              "of this host; name one with --role")
     # Refuse plain text across machines before anything listens.
-    policy = security.check_policy([p.host for p in c.roles.values()],
-                                   str(c.keys) if c.keys else None, args.insecure)
-    if policy == "insecure":
+    if c.policy(args.insecure) == "insecure":
         print("WARNING: --insecure: traffic between hosts is NOT encrypted, and anyone who can "
               "reach these ports can send the run messages", file=sys.stderr, flush=True)
     workers = [r for r in here if r != "coordinator"]

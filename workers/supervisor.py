@@ -132,11 +132,8 @@ class Supervisor:
         net = Net(self.ctx)
         if cluster is not None:
             me = cluster.roles["coordinator"]
-            keys = None
-            hosts = [p.host for p in cluster.roles.values()]
-            key_dir = str(cluster.keys) if cluster.keys else None
-            if security.check_policy(hosts, key_dir, insecure) == "curve":
-                keys = security.load_keys(cluster.keys, "coordinator")
+            keys = cluster.keys_for("coordinator", insecure)
+            if keys is not None:
                 self.guard.enter_context(security.Guard(self.ctx, keys))
             net = Net(self.ctx, me.host, me.port, keys)
         self.router, self.endpoint = net.bind(zmq.ROUTER)
