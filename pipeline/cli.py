@@ -5,13 +5,21 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from pipeline.config import ACTIVATIONS, MODES, Config, ConfigError, default_hidden
+from pipeline import tasks
+from pipeline.config import (ACTIVATIONS, CLASSIFICATION_DEFAULTS, DTYPES, MODES, OPTIMIZERS,
+                             Config, ConfigError, default_hidden, defaults_for)
 
 D = Config.__dataclass_fields__
 
 
 def _default(name: str):
     return D[name].default
+
+
+def _task_default(name: str) -> str:
+    """Help text for an option whose default depends on the task."""
+    return (f" (default: {_default(name)} on addition, {CLASSIFICATION_DEFAULTS[name]} on "
+            "classification data)")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -90,7 +98,8 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
         p = _Parser(prog="launch.py", formatter_class=_Help,
                     description="Train a network with Decoupled Neural Interfaces (synthetic "
                                 "gradients), one operating-system process per layer, over "
-                                "ZeroMQ. The task is binary addition, as in the seed notebook.",
+                                "ZeroMQ. The task is binary addition, as in the seed notebook, or "
+                                "classification data from MNIST-format or NumPy files.",
                     epilog="Also: 'launch.py sweep -h' (a staleness sweep) and "
                            "'launch.py report RUN_DIR' (plots of one run).")
     net = p.add_argument_group("network")
@@ -100,8 +109,14 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
     net.add_argument("--hidden", type=_widths, default=None,
                      help="hidden widths, comma-separated; one number repeats for every "
                           "hidden layer (default: the seed's 128,64; deeper nets repeat 64)")
-    net.add_argument("--activation", choices=ACTIVATIONS, default=_default("activation"),
-                     help="hidden-layer non-linearity")
+    net.add_argument("--activation", choices=ACTIVATIONS, default=None,
+                     help="hidden-layer non-linearity" + _task_default("activation"))
+    net.add_argument("--batchnorm", action="store_true",
+                     help="batch normalisation in every hidden layer (Linear, BN, "
+                          "non-linearity), as the paper's MNIST nets")
+    net.add_argument("--sg-hidden", type=_widths, default=None,
+                     help="hidden ReLU widths of every synthetic-gradient module, "
+                          "comma-separated (default: none, a linear module)")
     if not sweep:
         net.add_argument("--mode", choices=MODES, default=_default("mode"),
                          help="cdni: synthetic gradients conditioned on the labels; dni: on "
@@ -109,19 +124,42 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
                               "baseline); async-backprop: true gradients applied whenever they "
                               "arrive, however stale")
     tr = p.add_argument_group("training")
-    tr.add_argument("--epochs", type=int, default=_default("epochs"), help="passes over the data")
-    tr.add_argument("--batch-size", type=int, default=_default("batch_size"),
-                    help="examples per batch (the last batch of an epoch may be short)")
-    tr.add_argument("--lr", type=float, default=_default("lr"),
-                    help="layer learning rate (SGD on the batch-mean loss)")
-    tr.add_argument("--sg-lr", type=float, default=_default("sg_lr"),
-                    help="learning rate of the synthetic-gradient modules")
+    tr.add_argument("--epochs", type=int, default=None,
+                    help="passes over the data" + _task_default("epochs"))
+    tr.add_argument("--batch-size", type=int, default=None,
+                    help="examples per batch (the last batch of an epoch may be short)"
+                         + _task_default("batch_size"))
+    tr.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                    help="for every layer and every SG module, each with its own state"
+                         + _task_default("optimizer"))
+    tr.add_argument("--lr", type=float, default=None,
+                    help="layer learning rate, on the batch-mean loss" + _task_default("lr"))
+    tr.add_argument("--sg-lr", type=float, default=None,
+                    help="learning rate of the synthetic-gradient modules"
+                         + _task_default("sg_lr"))
+    tr.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="floating-point type of the math and the messages"
+                         + _task_default("dtype"))
     tr.add_argument("--seed", type=int, default=_default("seed"),
                     help="seeds the data and every layer's initial weights")
-    task = p.add_argument_group("task: binary addition")
-    task.add_argument("--bits", type=int, default=_default("bits"), help="bits per operand and sum")
-    task.add_argument("--examples", type=int, default=_default("examples"),
-                      help="training examples")
+    task = p.add_argument_group("data")
+    task.add_argument("--dataset", default=_default("dataset"), metavar="NAME",
+                      help="addition (the seed task: binary addition of --bits numbers), "
+                           "mnist (the MNIST or Fashion-MNIST IDX files in --data-dir, plain "
+                           "or .gz) or npz:PATH (a NumPy archive with x_train, y_train and "
+                           "optionally x_test, y_test)")
+    task.add_argument("--data-dir", default="", metavar="DIR",
+                      help="--dataset mnist: the directory holding train-images-idx3-ubyte, "
+                           "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+                           "t10k-labels-idx1-ubyte")
+    task.add_argument("--bits", type=int, default=_default("bits"),
+                      help="addition: bits per operand and sum")
+    task.add_argument("--examples", type=int, default=None,
+                      help="training examples (default: 100 on addition; a dataset's "
+                           "first N, default all)")
+    task.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None,
+                      help="reshuffle the training batches every epoch, from --seed "
+                           "(default: on for classification data, off on addition)")
     pipe = p.add_argument_group("pipeline")
     pipe.add_argument("--lockstep", action="store_true",
                       help="deterministic schedule: the same weights, bit for bit, as the "
@@ -170,15 +208,29 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
     return p
 
 
+TASK_OPTIONS = ("activation", "hidden", "epochs", "batch_size", "optimizer", "lr", "sg_lr",
+                "dtype", "examples", "shuffle")
+
+
 def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Config:
     fields = dict(vars(a))
     fields.update(override)
-    hidden = fields["hidden"] if fields["hidden"] is not None else default_hidden(fields["layers"])
+    # Options left unsaid take the task's defaults, then the Config's.
+    task = {"hidden": default_hidden(fields["layers"]), **defaults_for(fields["dataset"])}
+    all_examples = fields["examples"] is None and fields["dataset"] != "addition"
+    for name in TASK_OPTIONS:
+        if fields[name] is None:
+            fields[name] = task.get(name, _default(name))
+    hidden = fields["hidden"]
     delay, jitter = fields["link_delay"] or (0.0, 0.0)
     try:
-        return Config(layers=fields["layers"], hidden=hidden, activation=fields["activation"],
+        cfg = Config(layers=fields["layers"], hidden=hidden, activation=fields["activation"],
                       mode=fields["mode"], epochs=fields["epochs"],
                       batch_size=fields["batch_size"], lr=fields["lr"], sg_lr=fields["sg_lr"],
+                      optimizer=fields["optimizer"], sg_hidden=fields["sg_hidden"] or (),
+                      batchnorm=fields["batchnorm"], dtype=fields["dtype"],
+                      dataset=fields["dataset"], data_dir=fields["data_dir"],
+                      shuffle=fields["shuffle"],
                       seed=fields["seed"], bits=fields["bits"], examples=fields["examples"],
                       lockstep=fields["lockstep"], max_inflight=fields["max_inflight"],
                       blas_threads=fields["blas_threads"], grad_delay=fields["grad_delay"],
@@ -188,6 +240,7 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Co
                       checkpoint_every=fields["checkpoint_every"],
                       in_process=fields["in_process"], run_dir=fields["run_dir"],
                       quiet=fields["quiet"])
+        return tasks.resolve(cfg, limit_examples=not all_examples)
     except ConfigError as exc:
         p.error(str(exc))
         raise  # unreachable: error() exits

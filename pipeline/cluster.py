@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config import Config
+from pipeline.config import Config, defaults_for
 
 if TYPE_CHECKING:
     from pipeline.security import Keys
@@ -38,7 +38,8 @@ class Cluster:
     keys: Path | None               # CURVE key directory, None: no encryption
 
     def config(self, **overrides) -> Config:
-        return Config.from_dict({**self.run, **overrides})
+        return Config.from_dict({**defaults_for(self.run.get("dataset", "addition")),
+                                 **self.run, **overrides})
 
     def policy(self, insecure: bool) -> str:
         """"curve", "plain" (loopback only) or "insecure"; ValueError for a
@@ -123,7 +124,7 @@ def load(path: str | Path) -> Cluster:
     if not isinstance(run, dict) or set(run) - names:
         raise _fail(path, f"[run] may only set run options, not {sorted(set(run) - names)}")
     try:
-        cfg = Config.from_dict(run)
+        cfg = Config.from_dict({**defaults_for(run.get("dataset", "addition")), **run})
     except ValueError as exc:
         raise _fail(path, f"[run]: {exc}") from None
     roles_doc = doc.get("roles")

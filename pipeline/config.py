@@ -5,9 +5,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 MODES = ("cdni", "dni", "backprop", "async-backprop")
 SG_MODES = ("cdni", "dni")
 ACTIVATIONS = ("sigmoid", "relu")
+OPTIMIZERS = ("sgd", "adam")
+DTYPES = ("float64", "float32")
+DATASETS = ("addition", "mnist", "npz:PATH")
 
 
 def _is_int(value: object) -> bool:
@@ -19,10 +24,24 @@ def default_hidden(layers: int) -> tuple[int, ...]:
     return tuple(([128] + [64] * max(0, layers - 2))[: max(1, layers - 1)])
 
 
+# What a classification run uses where the command line or cluster file says
+# nothing: the paper's feed-forward MNIST setting (256-unit ReLU layers, Adam,
+# batches of 256), float32, with a learning rate and length that fit a laptop.
+CLASSIFICATION_DEFAULTS = {"activation": "relu", "hidden": (256,), "epochs": 10,
+                           "batch_size": 256, "lr": 3e-4, "sg_lr": 1e-4,
+                           "optimizer": "adam", "dtype": "float32", "shuffle": True}
+
+
+def defaults_for(dataset: str) -> dict:
+    """The defaults of the options that depend on the task."""
+    return {} if dataset == "addition" else dict(CLASSIFICATION_DEFAULTS)
+
+
 def flag(field: str) -> str:
     """The command-line flag a Config field comes from."""
-    return {"link_delay_ms": "--link-delay",
-            "link_jitter_ms": "--link-delay"}.get(field, "--" + field.replace("_", "-"))
+    return {"link_delay_ms": "--link-delay", "link_jitter_ms": "--link-delay",
+            "features": "--dataset", "classes": "--dataset",
+            "test_examples": "--dataset"}.get(field, "--" + field.replace("_", "-"))
 
 
 class ConfigError(ValueError):
@@ -46,9 +65,20 @@ class Config:
     lr: float = 0.5                   # layer SGD step on the batch-mean loss (seed: 0.05 on the sum of 10)
     sg_lr: float = 0.03               # SG module step; at the layer lr it diverges
     seed: int = 1                     # data, initial weights: every random draw
-    # task: binary addition ------------------------------------------------------
-    bits: int = 8                     # width of operands and sum (seed: 8)
-    examples: int = 100               # training examples (seed: 100)
+    optimizer: str = "sgd"            # sgd or adam, for every layer and SG module (each its own state)
+    sg_hidden: tuple[int, ...] = ()   # hidden ReLU widths of the SG modules; () is linear
+    batchnorm: bool = False           # batch normalisation in the hidden layers (Linear, BN, f)
+    dtype: str = "float64"            # arrays in the math and on the wire
+    # data ------------------------------------------------------------------------
+    dataset: str = "addition"         # addition (the seed task), mnist, or npz:PATH
+    data_dir: str = ""                # --dataset mnist: the directory of the IDX files
+    bits: int = 8                     # addition: width of operands and sum (seed: 8)
+    examples: int = 100               # training examples (seed: 100; files: the first N)
+    shuffle: bool = False             # reshuffle the training batches every epoch, from the seed
+    # read from the data files at launch (tasks.resolve), not set by hand ---------------
+    features: int = 0                 # input width of a file dataset
+    classes: int = 0                  # classes of a file dataset
+    test_examples: int = 0            # size of its test split (0: none)
     # pipeline ------------------------------------------------------------------
     lockstep: bool = False            # deterministic schedule: bit-identical to the reference
     max_inflight: int = 8             # batches a layer may hold awaiting gradients, beyond grad_delay
@@ -76,6 +106,7 @@ class Config:
         if len(hidden) == 1 and self.layers > 2:
             hidden = hidden * (self.layers - 1)
         object.__setattr__(self, "hidden", hidden)
+        object.__setattr__(self, "sg_hidden", tuple(self.sg_hidden))
         object.__setattr__(self, "slow", tuple((int(i), float(f)) for i, f in self.slow))
         self.validate()
 
@@ -85,7 +116,7 @@ class Config:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             option = flag(f.name)
-            if f.name == "hidden":
+            if f.name in ("hidden", "sg_hidden"):
                 ok = isinstance(value, (tuple, list)) and all(_is_int(h) for h in value)
                 want = "a list of integers"
             elif f.name == "slow":
@@ -126,6 +157,10 @@ class Config:
         need(0 <= self.seed < 2 ** 32, "--seed", "must be in [0, 2**32)")
         need(2 <= self.bits <= 62, "--bits", "must be in [2, 62]")
         need(self.examples >= 1, "--examples", "must be at least 1")
+        need(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        need(all(h >= 1 for h in self.sg_hidden), "--sg-hidden", "widths must be positive")
+        need(self.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}")
+        self._validate_data(need)
         need(self.max_inflight >= 1, "--max-inflight", "must be at least 1")
         need(self.grad_delay >= 0, "--grad-delay", "must be at least 0")
         need(self.grad_delay == 0 or self.mode != "backprop", "--grad-delay",
@@ -153,11 +188,44 @@ class Config:
              "--link-delay and --slow act on real processes; the in-process reference has none")
         need(self.blas_threads >= 1, "--blas-threads", "must be at least 1")
 
+    def _validate_data(self, need) -> None:
+        files = self.dataset != "addition"
+        need(self.dataset in ("addition", "mnist")
+             or (self.dataset.startswith("npz:") and len(self.dataset) > 4), "--dataset",
+             f"must be addition, mnist or npz:PATH, got {self.dataset!r}")
+        need(bool(self.data_dir) == (self.dataset == "mnist"), "--data-dir",
+             "--dataset mnist needs --data-dir DIR (the directory of the IDX files); "
+             "other datasets take none")
+        need(min(self.features, self.classes, self.test_examples) >= 0, "--dataset",
+             "features, classes and test examples cannot be negative")
+        need(files or not (self.features or self.classes or self.test_examples), "--dataset",
+             "the addition task has no data files to describe")
+        need(not files or self.features == 0 or self.classes >= 2, "--dataset",
+             "a classification dataset needs at least 2 classes")
+
     # derived -------------------------------------------------------------------
     @property
+    def classification(self) -> bool:
+        """A file dataset: softmax over classes, one-hot labels on the wire."""
+        return self.dataset != "addition"
+
+    @property
     def dims(self) -> list[int]:
-        """Widths from input to output: [2*bits, *hidden, bits]."""
-        return [2 * self.bits, *self.hidden, self.bits]
+        """Widths from input to output: [2*bits, *hidden, bits] for addition,
+        [features, *hidden, classes] for a file dataset."""
+        if not self.classification:
+            return [2 * self.bits, *self.hidden, self.bits]
+        if not self.features:
+            raise ValueError(f"dataset {self.dataset} not resolved: call tasks.resolve first")
+        return [self.features, *self.hidden, self.classes]
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    @property
+    def test_batches(self) -> int:
+        return -(-self.test_examples // self.batch_size)
 
     @property
     def uses_sg(self) -> bool:
@@ -178,6 +246,7 @@ class Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
+        d["sg_hidden"] = list(self.sg_hidden)
         d["slow"] = [list(p) for p in self.slow]
         return d
 

@@ -1,9 +1,5 @@
 """Classification data from files: MNIST-format IDX (plain or .gz, as MNIST
-and Fashion-MNIST ship) and NumPy archives, checked on load.
-
-Not yet wired to the command line (the real-data issue is open): these
-readers are the part that stands on its own.
-"""
+and Fashion-MNIST ship) and NumPy archives, checked on load."""
 from __future__ import annotations
 
 import gzip
@@ -55,9 +51,11 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def _find(directory: Path, name: str) -> Path:
-    for candidate in (directory / name, directory / f"{name}.gz"):
-        if candidate.exists():
-            return candidate
+    # Some copies spell train-images-idx3-ubyte as train-images.idx3-ubyte.
+    dotted = name.replace("-idx", ".idx")
+    for candidate in (name, f"{name}.gz", dotted, f"{dotted}.gz"):
+        if (directory / candidate).exists():
+            return directory / candidate
     raise ValueError(f"{directory}: no {name} (or {name}.gz) here")
 
 

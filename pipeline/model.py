@@ -30,11 +30,15 @@ def make_hidden(cfg: Config, index: int) -> HiddenLayer:
                        label_dim=d[-1], rng=layer_rng(cfg, index),
                        grad_delay=cfg.grad_delay,
                        update=Chance(cfg.update_prob, layer_rng(cfg, index, 1)),
-                       drop=Chance(cfg.drop_prob, layer_rng(cfg, index, 2)))
+                       drop=Chance(cfg.drop_prob, layer_rng(cfg, index, 2)),
+                       dtype=cfg.np_dtype, optimizer=cfg.optimizer, sg_hidden=cfg.sg_hidden,
+                       batchnorm=cfg.batchnorm)
 
 
 def make_output(cfg: Config) -> OutputLayer:
     d = cfg.dims
     n = cfg.layers
     return OutputLayer(n, d[-2], d[-1], lr=cfg.lr, rng=layer_rng(cfg, n),
-                       update=Chance(cfg.update_prob, layer_rng(cfg, n, 1)))
+                       update=Chance(cfg.update_prob, layer_rng(cfg, n, 1)),
+                       dtype=cfg.np_dtype, optimizer=cfg.optimizer,
+                       softmax=cfg.classification)

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import nn
+from pipeline import batchnorm as bn
+from pipeline import nn, optim
 from pipeline.stats import Applied, LayerStats
+from pipeline.synthetic import SGModule
 
 
 @dataclass
@@ -25,8 +27,10 @@ class _Pending:
     sent_at: float                   # monotonic time of the forward pass
     x: np.ndarray | None = None      # backprop modes: input, for the weight gradient
     h: np.ndarray | None = None      # backprop modes: output, for f'(z)
+    norm: tuple | None = None        # backprop modes with --batchnorm: the batch statistics
     sg_in: np.ndarray | None = None  # DNI: SG module input
     sg_pred: np.ndarray | None = None  # DNI: the synthetic gradient used
+    sg_acts: list | None = None      # DNI: the SG module's layer inputs for that prediction
     sg_version: int = 0              # SG module version that made sg_pred
 
     @property
@@ -63,11 +67,10 @@ def sg_quality(pred: np.ndarray, true: np.ndarray) -> tuple[float | None, float 
     return cosine, rel
 
 
-def _descend(layer: "HiddenLayer | OutputLayer", dw: np.ndarray, db: np.ndarray) -> None:
-    """One SGD step on W and b, if the layer's update chance says yes."""
+def _descend(layer: "HiddenLayer | OutputLayer", grads: dict[str, np.ndarray]) -> None:
+    """One optimiser step on the layer's parameters, if its update chance says yes."""
     if layer.update():
-        nn.sgd(layer.w, dw, layer.lr)
-        nn.sgd(layer.b, db, layer.lr)
+        layer.opt.step(grads)
         layer.step += 1
         layer.stats.weight_updates += 1
     else:
@@ -85,41 +88,62 @@ def layer_state(layer: "HiddenLayer | OutputLayer") -> tuple[dict, dict[str, np.
     yet due (under --grad-delay); those are not kept and count as expired."""
     meta = {"clock": layer.clock, "step": layer.step, "stats": layer.stats.state(),
             "update_rng": _rng_state(layer.update)}
+    # Copies: the arrays leave as zero-copy frames, sent while the layer
+    # trains on and updates its weights in place.
+    arrays = {k: v.copy() for k, v in layer.weights().items()}
+    for prefix, opt in _optimizers(layer).items():
+        opt_meta, opt_arrays = opt.state()
+        meta[prefix] = opt_meta
+        arrays.update({f"{prefix}.{k}": v for k, v in opt_arrays.items()})
     if isinstance(layer, HiddenLayer):
         meta.update(sg_version=layer.sg_version, drop_rng=_rng_state(layer.drop),
                     expired=len(layer.pending))
-    # Copies: the arrays leave as zero-copy frames, sent while the layer
-    # trains on and updates its weights in place.
-    return meta, {k: v.copy() for k, v in layer.weights().items()}
+    return meta, arrays
+
+
+def _optimizers(layer: "HiddenLayer | OutputLayer") -> dict[str, optim.SGD | optim.Adam]:
+    out = {"opt": layer.opt}
+    if getattr(layer, "sg", None) is not None:
+        out["sg_opt"] = layer.sg.opt
+    return out
 
 
 def load_layer_state(layer: "HiddenLayer | OutputLayer", meta: dict,
                      arrays: dict[str, np.ndarray]) -> None:
+    live = layer.weights()
     for name, value in arrays.items():
-        getattr(layer, {"w": "w", "b": "b", "sg_v": "v", "sg_c": "c"}[name])[...] = value
+        if "." not in name:
+            live[name][...] = value
+    for prefix, opt in _optimizers(layer).items():
+        opt.load_state(meta.get(prefix, {}), {k.removeprefix(prefix + "."): v
+                                              for k, v in arrays.items()
+                                              if k.startswith(prefix + ".")})
     layer.clock, layer.step = int(meta["clock"]), int(meta["step"])
     layer.stats.load_state(meta["stats"])
     layer.update.rng.bit_generator.state = json.loads(meta["update_rng"])
     if isinstance(layer, HiddenLayer):
-        layer.sg_version = int(meta["sg_version"])
+        layer.sg.version = int(meta["sg_version"]) if layer.sg else 0
         layer.drop.rng.bit_generator.state = json.loads(meta["drop_rng"])
         layer.stats.expired_gradients += int(meta["expired"])
 
 
 class HiddenLayer:
-    """h = f(x W + b), with a synthetic-gradient module in the DNI modes.
+    """h = f(x W + b), or f(BN(x W + b)) with batch normalisation, and a
+    synthetic-gradient module in the DNI modes.
 
-    * dni/cdni: ``forward`` updates W at once with the synthetic gradient; a
-      true gradient later trains the SG module;
+    * dni/cdni: ``forward`` updates the layer at once with the synthetic
+      gradient; a true gradient later trains the SG module;
     * backprop/async-backprop: ``forward`` only caches; a true gradient
-      updates W (with the weights as they are then: stale in async-backprop).
+      updates the layer (with the weights as they are then: stale in
+      async-backprop).
     """
 
     def __init__(self, index: int, fan_in: int, fan_out: int, *, mode: str,
                  activation: str, lr: float, sg_lr: float, label_dim: int,
                  rng: np.random.Generator, grad_delay: int = 0,
                  update: Chance | None = None, drop: Chance | None = None,
-                 dtype: np.dtype = np.float64):
+                 dtype: np.dtype = np.float64, optimizer: str = "sgd",
+                 sg_hidden: tuple[int, ...] = (), batchnorm: bool = False):
         self.index = index
         self.mode = mode
         self.activation = activation
@@ -129,43 +153,86 @@ class HiddenLayer:
         self.update = update or Chance(1.0, rng)
         self.drop = drop or Chance(0.0, rng)
         self.w, self.b = nn.init_dense(rng, fan_in, fan_out, dtype)
+        self.norm = bn.init_bn(fan_out, dtype) if batchnorm else None
         self.conditioned = mode == "cdni"
         self.uses_sg = mode in ("dni", "cdni")
         sg_in = fan_out + (label_dim if self.conditioned else 0)
-        self.v, self.c = nn.init_sg(sg_in, fan_out, dtype) if self.uses_sg else (None, None)
+        self.sg = (SGModule(rng, sg_in, fan_out, sg_hidden, dtype, optimizer, sg_lr)
+                   if self.uses_sg else None)
+        self.opt = optim.make(optimizer, self._trainable(), lr)
         self.clock = 0         # training batches forwarded
         self.step = 0          # weight updates applied
-        self.sg_version = 0    # SG module updates so far
         self.pending: dict[int, _Pending] = {}
         self.arrived: dict[int, np.ndarray] = {}   # true gradients not yet due
         self.stats = LayerStats(seed=index)
 
-    # -- forward --------------------------------------------------------------
-    def _update_weights(self, dw: np.ndarray, db: np.ndarray) -> None:
-        _descend(self, dw, db)
+    @property
+    def v(self) -> np.ndarray | None:
+        """The SG module's (last) weight matrix; None without one."""
+        return self.sg.v if self.sg else None
 
+    @property
+    def c(self) -> np.ndarray | None:
+        return self.sg.c if self.sg else None
+
+    @property
+    def sg_version(self) -> int:
+        return self.sg.version if self.sg else 0
+
+    def _trainable(self) -> dict[str, np.ndarray]:
+        out = {"w": self.w, "b": self.b}
+        if self.norm is not None:
+            out.update(gamma=self.norm[0], beta=self.norm[1])
+        return out
+
+    # -- the layer's own math ----------------------------------------------------
+    def _forward(self, x: np.ndarray, train: bool) -> tuple[np.ndarray, tuple | None]:
+        """(h, batch-norm cache): training batches normalise with their own
+        statistics (and track them), evaluation with the tracked ones."""
+        z = x @ self.w + self.b
+        cache = None
+        if self.norm is not None:
+            gamma, beta, mean, var = self.norm
+            if train:
+                z, cache = bn.bn_train(z, gamma, beta)
+                bn.bn_track(mean, var, cache[2], cache[3], rows=x.shape[0])
+            else:
+                z = bn.bn_eval(z, gamma, beta, mean, var)
+        return nn.activate(self.activation, z), cache
+
+    def _grads(self, x: np.ndarray, h: np.ndarray, cache: tuple | None, dh: np.ndarray,
+               need_dx: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Parameter gradients (batch-mean loss) and the per-example dx, from
+        the per-example gradient dh at the output, with the current weights."""
+        dz = dh * nn.activation_slope(self.activation, h)
+        extra = {}
+        if cache is not None:
+            dz, extra["gamma"], extra["beta"] = bn.bn_backward(dz, cache, self.norm[0])
+        dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
+        return {"w": dw, "b": db, **extra}, dx
+
+    # -- forward --------------------------------------------------------------
     def forward(self, batch: int, x: np.ndarray, y: np.ndarray | None, need_dx: bool
                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """Training forward pass of ``batch``. Returns (h, dx): dx is the
         gradient to send upstream now (DNI), or None (backprop modes)."""
         assert batch not in self.pending, f"batch {batch} forwarded twice"
-        h = nn.dense_forward(x, self.w, self.b, self.activation)
+        h, cache = self._forward(x, train=True)
         self.clock += 1
         self.stats.forward_batches += 1
         if not self.uses_sg:
-            self.pending[batch] = _Pending(self.clock, time.monotonic(), x=x, h=h)
+            self.pending[batch] = _Pending(self.clock, time.monotonic(), x=x, h=h, norm=cache)
             return h, None
         sg_in = nn.sg_input(h, y if self.conditioned else None)
-        g = nn.sg_predict(sg_in, self.v, self.c)
-        dz = g * nn.activation_slope(self.activation, h)
-        dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
-        self._update_weights(dw, db)
-        self.pending[batch] = _Pending(self.clock, time.monotonic(), sg_in=sg_in,
-                                       sg_pred=g, sg_version=self.sg_version)
+        g, acts = self.sg.predict(sg_in)
+        grads, dx = self._grads(x, h, cache, g, need_dx)
+        _descend(self, grads)
+        self.pending[batch] = _Pending(self.clock, time.monotonic(), sg_in=sg_in, sg_pred=g,
+                                       sg_acts=acts, sg_version=self.sg.version)
         return h, dx
 
     def forward_eval(self, x: np.ndarray) -> np.ndarray:
-        return nn.dense_forward(x, self.w, self.b, self.activation)
+        return self._forward(x, train=False)[0]
 
     # -- true gradients --------------------------------------------------------
     def receive(self, batch: int, grad: np.ndarray) -> bool:
@@ -216,9 +283,8 @@ class HiddenLayer:
         return n
 
     def _backward(self, batch: int, p: _Pending, dh: np.ndarray, need_dx: bool) -> Applied:
-        dz = dh * nn.activation_slope(self.activation, p.h)
-        dw, db, dx = nn.dense_grads(p.x, dz, self.w, need_dx)
-        self._update_weights(dw, db)
+        grads, dx = self._grads(p.x, p.h, p.norm, dh, need_dx)
+        _descend(self, grads)
         return Applied(batch, dx, self.clock - p.clock, time.monotonic() - p.sent_at)
 
     def _train_sg(self, batch: int, p: _Pending, target: np.ndarray) -> Applied:
@@ -226,56 +292,69 @@ class HiddenLayer:
         recomputed only when the module changed since the forward pass (the
         same numbers otherwise, for less work); quality is measured on the
         synthetic gradient that was actually used."""
-        pred = p.sg_pred
-        if p.sg_version != self.sg_version:
-            pred = nn.sg_predict(p.sg_in, self.v, self.c)
-        loss, dv, dc = nn.sg_grads(p.sg_in, pred, target)
-        nn.sgd(self.v, dv, self.sg_lr)
-        nn.sgd(self.c, dc, self.sg_lr)
-        self.sg_version += 1
+        pred, acts = p.sg_pred, p.sg_acts
+        if p.sg_version != self.sg.version:
+            pred, acts = self.sg.predict(p.sg_in)
+        loss = self.sg.train(acts, pred, target)
         self.stats.sg_updates += 1
         cosine, rel = sg_quality(p.sg_pred, target)
         return Applied(batch, None, self.clock - p.clock, time.monotonic() - p.sent_at,
                        sg_loss=loss, cosine=cosine, rel_err=rel)
 
     def weights(self) -> dict[str, np.ndarray]:
-        out = {"w": self.w, "b": self.b}
+        """Every array of the layer's state, by name (live, not copies)."""
+        out = self._trainable()
+        if self.norm is not None:
+            out.update(bn_mean=self.norm[2], bn_var=self.norm[3])
         if self.uses_sg:
-            out.update(sg_v=self.v, sg_c=self.c)
+            out.update(self.sg.params())
         return out
 
 
 class OutputLayer:
-    """Sigmoid outputs with binary cross-entropy: computes the loss and the
-    true gradient, and updates with it at once (it has no SG module)."""
+    """The output layer: sigmoid outputs with binary cross-entropy (addition)
+    or softmax with cross-entropy (classification). It computes the loss and
+    the true gradient, and updates with it at once (it has no SG module)."""
 
     def __init__(self, index: int, fan_in: int, fan_out: int, *, lr: float,
                  rng: np.random.Generator, update: Chance | None = None,
-                 dtype: np.dtype = np.float64):
+                 dtype: np.dtype = np.float64, optimizer: str = "sgd",
+                 softmax: bool = False):
         self.index = index
         self.lr = lr
+        self.softmax = softmax
         self.update = update or Chance(1.0, rng)
         self.w, self.b = nn.init_dense(rng, fan_in, fan_out, dtype)
+        self.opt = optim.make(optimizer, self.weights(), lr)
         self.clock = 0
         self.step = 0
         self.stats = LayerStats(seed=index)
 
+    def _loss(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int]:
+        """(per-example dl_i/dz_i, batch-mean loss, correct examples); ``y`` is
+        the sum's bits, or one-hot labels under softmax."""
+        z = x @ self.w + self.b
+        if self.softmax:
+            labels = y.argmax(axis=1)
+            return (nn.softmax(z) - y, nn.softmax_ce_loss(z, labels),
+                    nn.correct_classes(z, labels))
+        p = nn.sigmoid(z)
+        return nn.bce_delta(p, y), nn.bce_loss(p, y), nn.exact_matches(p, y)
+
     def train_step(self, x: np.ndarray, y: np.ndarray, need_dx: bool
                    ) -> tuple[np.ndarray | None, float, int]:
-        """Forward, loss, update. Returns (dx for upstream, loss, exact matches)."""
-        p = nn.sigmoid(x @ self.w + self.b)
-        loss = nn.bce_loss(p, y)
-        dz = nn.bce_delta(p, y)
+        """Forward, loss, update. Returns (dx for upstream, loss, correct examples)."""
+        dz, loss, correct = self._loss(x, y)
         dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
-        _descend(self, dw, db)
+        _descend(self, {"w": dw, "b": db})
         self.clock += 1
         self.stats.forward_batches += 1
         self.stats.record(Applied(self.clock, None, 0, 0.0))
-        return dx, loss, nn.exact_matches(p, y)
+        return dx, loss, correct
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
-        p = nn.sigmoid(x @ self.w + self.b)
-        return nn.bce_loss(p, y), nn.exact_matches(p, y)
+        _, loss, correct = self._loss(x, y)
+        return loss, correct
 
     def weights(self) -> dict[str, np.ndarray]:
         return {"w": self.w, "b": self.b}

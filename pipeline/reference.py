@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline import data
+from pipeline import data, tasks
 from pipeline.config import Config
 from pipeline.model import make_hidden, make_output, role_name
 from pipeline.nodes import HiddenLayer, OutputLayer
@@ -30,22 +30,23 @@ class ReferenceResult:
     batches: int
     final_loss: float
     train_accuracy: float
+    test_loss: float | None = None       # after the last epoch, on the test split
+    test_accuracy: float | None = None
 
 
 def evaluate(hidden: list[HiddenLayer], output: OutputLayer, x: np.ndarray, y: np.ndarray,
              slices: list[slice]) -> tuple[float, float]:
-    """Mean loss and exact-match rate with the current weights, batch by batch
-    (the same batches the pipeline's evaluation pass uses)."""
-    loss = 0.0
-    correct = 0
+    """Mean loss and accuracy (exact sums, or correct classes) with the
+    current weights, batch by batch (the batches of the pipeline's
+    evaluation pass), no updates."""
+    stats = EpochStats()
     for s in slices:
         h = x[s]
         for layer in hidden:
             h = layer.forward_eval(h)
-        batch_loss, batch_correct = output.evaluate(h, y[s])
-        loss += batch_loss * (s.stop - s.start)
-        correct += batch_correct
-    return loss / len(x), correct / len(x)
+        stats.add(*output.evaluate(h, y[s]), s.stop - s.start)
+    loss, accuracy, _ = stats.take()
+    return loss, accuracy
 
 
 def train_reference(cfg: Config, emit: Emit | None = None,
@@ -60,8 +61,8 @@ def train_reference(cfg: Config, emit: Emit | None = None,
     it sees in the lockstep pipeline, which makes the weights bit-identical.
     """
     emit = emit or (lambda event: None)
-    x, y = data.addition(cfg.bits, cfg.examples, cfg.seed)
-    slices = data.batch_slices(cfg.examples, cfg.batch_size)
+    task = tasks.load(cfg)
+    x, y = task.x, task.y
     hidden = [make_hidden(cfg, k) for k in range(1, cfg.layers)]
     output = make_output(cfg)
     out_stats = EpochStats()
@@ -89,8 +90,9 @@ def train_reference(cfg: Config, emit: Emit | None = None,
                 emit(event)
 
     t = 0
+    test = None
     for epoch in range(cfg.epochs):
-        for s in slices:
+        for s in tasks.epoch_batches(cfg, epoch):
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
             xb, yb = x[s], y[s]
@@ -106,12 +108,17 @@ def train_reference(cfg: Config, emit: Emit | None = None,
             for k in range(len(hidden) - 1, -1, -1):
                 settle(k, elapsed)
             t += 1
-        emit(out_stats.epoch_event("output", epoch, time.perf_counter() - start))
+        event = out_stats.epoch_event("output", epoch, time.perf_counter() - start)
+        if task.test_x is not None:  # as the pipeline does: between this epoch and the next
+            test = evaluate(hidden, output, task.test_x, task.test_y, tasks.test_batches(cfg))
+            event.update(test_loss=test[0], test_accuracy=test[1])
+        emit(event)
     wall = time.perf_counter() - start
     for layer, epochs in zip(hidden, layer_epochs):
         layer.expire()
         event = epochs.flush(wall)
         if event:
             emit(event)
-    final_loss, acc = evaluate(hidden, output, x, y, slices)
-    return ReferenceResult(hidden, output, wall, t, final_loss, acc)
+    final_loss, acc = evaluate(hidden, output, x, y, data.batch_slices(cfg.examples,
+                                                                      cfg.batch_size))
+    return ReferenceResult(hidden, output, wall, t, final_loss, acc, *(test or (None, None)))

@@ -18,7 +18,8 @@ class EpochStats:
         self.examples += n
         self.batches += 1
 
-    def _take(self) -> tuple[float, float, int]:
+    def take(self) -> tuple[float, float, int]:
+        """(mean loss, accuracy, batches) so far, and start afresh."""
         n = max(self.examples, 1)
         out = (self.loss_sum / n, self.correct / n, self.batches)
         self.loss_sum, self.correct, self.examples, self.batches = 0.0, 0, 0, 0
@@ -27,7 +28,7 @@ class EpochStats:
     def epoch_event(self, role: str, epoch: int, elapsed: float) -> dict:
         """The output layer's epoch: mean training loss and exact-match rate
         over the batches as they were trained (weights moving)."""
-        loss, acc, batches = self._take()
+        loss, acc, batches = self.take()
         span, self.last_elapsed = elapsed - self.last_elapsed, elapsed
         return {"event": "epoch", "role": role, "epoch": epoch, "loss": loss,
                 "accuracy": acc, "batches": batches, "elapsed_s": elapsed,

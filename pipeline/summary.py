@@ -31,6 +31,9 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
         "batches": batches,
         "final_loss": final.get("final_loss"),
         "train_accuracy": final.get("train_accuracy"),
+        "test_loss": final.get("test_loss"),
+        "test_accuracy": final.get("test_accuracy"),
+        "dataset": cfg.dataset,
         "batches_per_s": batches / train_s if train_s > 0 else None,
         "wall_s": wall_s,
         "run_id": run_id,
@@ -42,10 +45,12 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
 
 
 def progress_line(epoch: int, epochs: int, loss: float, accuracy: float, elapsed: float,
-                  batches: int) -> str:
+                  batches: int, test_accuracy: float | None = None,
+                  what: str = "exact") -> str:
     rate = batches / elapsed if elapsed > 0 else 0.0
+    test = f"  test {test_accuracy * 100:5.1f} %" if test_accuracy is not None else ""
     return (f"epoch {epoch + 1:>{len(str(epochs))}}/{epochs}  loss {loss:8.4f}  "
-            f"exact {accuracy * 100:5.1f} %  {rate:7.0f} batches/s  {elapsed:6.1f} s")
+            f"{what} {accuracy * 100:5.1f} %{test}  {rate:7.0f} batches/s  {elapsed:6.1f} s")
 
 
 def table(summary: dict, run_dir: str) -> str:
@@ -60,8 +65,11 @@ def table(summary: dict, run_dir: str) -> str:
                  f"{s['wall_s']:.1f} s wall"
                  + (f", {s['batches_per_s']:.0f} batches/s" if s["batches_per_s"] else ""))
     if s["final_loss"] is not None:
+        what = "exact sums" if s.get("dataset", "addition") == "addition" else "train accuracy"
+        test = (f"   test accuracy {s['test_accuracy'] * 100:.2f} %"
+                if s.get("test_accuracy") is not None else "")
         lines.append(f"  final loss {s['final_loss']:.4f}   "
-                     f"exact sums {s['train_accuracy'] * 100:.1f} %")
+                     f"{what} {s['train_accuracy'] * 100:.1f} %{test}")
     if s["layers"]:
         lines.append(f"  {'layer':>5} {'role':<8} {'forward':>8} {'sg_upd':>8} {'true_grad':>9} "
                      f"{'stale mean':>10} {'stale max':>9} {'bad msgs':>8}")
@@ -91,7 +99,9 @@ class Progress:
         now = time.monotonic()
         last_epoch = self.epochs_done == self.cfg.epochs
         line = progress_line(event["epoch"], self.cfg.epochs, event["loss"], event["accuracy"],
-                             event["elapsed_s"], self.epochs_done * self.cfg.batches_per_epoch)
+                             event["elapsed_s"], self.epochs_done * self.cfg.batches_per_epoch,
+                             event.get("test_accuracy"),
+                             "acc" if self.cfg.classification else "exact")
         if self.tty:
             if now - self.last >= 0.2 or last_epoch:
                 self.stream.write("\r" + line + ("\n" if last_epoch else ""))

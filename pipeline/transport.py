@@ -172,10 +172,16 @@ class ActivationCheck:
                self.max_rows)
         if msg.sender != self.upstream:
             raise ValueError(f"activation from {msg.sender!r}, expected {self.upstream!r}")
+        if msg.kind == wire.EVAL and not _is_epoch(msg.meta.get("test", 0)):
+            raise ValueError(f"eval message names test epoch {msg.meta.get('test')!r}")
         if msg.kind == wire.ACT:
             if msg.batch != self.read:
                 raise ValueError(f"activation for batch {msg.batch}, expected {self.read}")
             self.read += 1
+
+
+def _is_epoch(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def send(sock: zmq.Socket, msg: Message, control) -> None:
@@ -201,4 +207,4 @@ def max_message_bytes(cfg: Config) -> int:
     """Bytes of the largest data message of this run: a batch of the widest
     layer's activations plus its labels, and the header."""
     widest = max(cfg.dims)
-    return cfg.batch_size * (widest + cfg.dims[-1]) * 8 + HEADER_SLACK
+    return cfg.batch_size * (widest + cfg.dims[-1]) * cfg.np_dtype.itemsize + HEADER_SLACK

@@ -11,6 +11,7 @@ from typing import TextIO
 
 from pipeline import cluster as clusters
 from pipeline.cli import ClusterArgs
+from pipeline import tasks
 from pipeline.rundir import RunDir, default_path, resume_config
 from workers import supervisor
 
@@ -37,7 +38,9 @@ def run_cluster(args: ClusterArgs, stream: TextIO) -> int:
         if args.resume:
             cfg, resume = resume_config(args.resume, args.quiet)
         else:
-            cfg = c.config(run_dir=args.run_dir or c.run.get("run_dir", ""), quiet=args.quiet)
+            cfg = tasks.resolve(c.config(run_dir=args.run_dir or c.run.get("run_dir", ""),
+                                         quiet=args.quiet),
+                                limit_examples="examples" in c.run)
         rd = RunDir(cfg.run_dir or default_path(cfg.mode), resume=resume is not None)
         if not cfg.quiet:
             print(f"run directory: {rd.path}", file=stream, flush=True)

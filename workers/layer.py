@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import zmq
 
 from pipeline import wire
@@ -19,9 +18,6 @@ from pipeline.control import ControlLink
 from pipeline.transport import (POLL_MS, ActivationCheck, Inbox, Net, expect,
                                 max_message_bytes, send)
 
-F64 = np.dtype(np.float64)
-
-
 def main(link: ControlLink, cfg: Config, net: Net) -> None:
     index = int(link.role.removeprefix("layer"))
     layer = make_hidden(cfg, index)
@@ -32,12 +28,13 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     downstream = role_name(index + 1, cfg)
     hwm = cfg.grad_delay + cfg.max_inflight + 2
     max_bytes = max_message_bytes(cfg)
-    check_act = ActivationCheck(upstream, d[index - 1], d[-1], cfg.batch_size,
+    check_act = ActivationCheck(upstream, d[index - 1], d[-1], cfg.batch_size, cfg.np_dtype,
                                 first_batch=cfg.start_epoch * cfg.batches_per_epoch)
 
     def check_grad(msg: wire.Message) -> None:
         lost = msg.meta.get("lost") is True
-        expect(msg, (wire.GRAD,), [] if lost else [(None, d[index])], F64, cfg.batch_size)
+        expect(msg, (wire.GRAD,), [] if lost else [(None, d[index])], cfg.np_dtype,
+               cfg.batch_size)
         if msg.sender != downstream:
             raise ValueError(f"gradient from {msg.sender!r}, expected {downstream!r}")
         p = layer.pending.get(msg.batch)
@@ -113,7 +110,7 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
             return False
         if msg.kind == wire.EVAL:
             x, y = msg.arrays
-            put(down, wire.EVAL, msg.batch, (layer.forward_eval(x), y))
+            put(down, wire.EVAL, msg.batch, (layer.forward_eval(x), y), msg.meta)
             return False
         if msg.kind == wire.CHECKPOINT:
             # A barrier: take nothing more until every due gradient is in.

@@ -1,10 +1,10 @@
-"""The output layer: loss, true gradient back upstream, its own update; then
-the evaluation pass that gives the run's final loss and accuracy."""
+"""The output layer: loss, true gradient back upstream, its own update; the
+test split's evaluation after every epoch; then the evaluation pass that gives
+the run's final loss and accuracy."""
 from __future__ import annotations
 
 import time
 
-import numpy as np
 import zmq
 
 from pipeline import wire
@@ -18,9 +18,6 @@ from pipeline.stats import EpochStats
 from pipeline.control import ControlLink
 from pipeline.transport import POLL_MS, ActivationCheck, Inbox, Net, max_message_bytes, send
 
-F64 = np.dtype(np.float64)
-
-
 def main(link: ControlLink, cfg: Config, net: Net) -> None:
     out = make_output(cfg)
     if link.resume:
@@ -30,7 +27,7 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     hwm = cfg.max_inflight + 2
     max_bytes = max_message_bytes(cfg)
     next_batch = 0  # training batches done
-    check_act = ActivationCheck(upstream, d[-2], d[-1], cfg.batch_size,
+    check_act = ActivationCheck(upstream, d[-2], d[-1], cfg.batch_size, cfg.np_dtype,
                                 first_batch=cfg.start_epoch * cfg.batches_per_epoch)
 
     act_sock, act_ep = net.inbox(0, hwm, max_bytes)
@@ -41,6 +38,9 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
 
     stats = EpochStats()
     evaluation = EpochStats()
+    test = EpochStats()
+    last_test: dict = {}
+    held: list[dict] = []  # an epoch's event, until its test split is evaluated
     started = time.perf_counter()
     train_s = 0.0
     slowdown = cfg.slowdown(cfg.layers)
@@ -61,12 +61,22 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
             stats.add(loss, correct, len(y))
             if ends_epoch(msg.batch, cfg.batches_per_epoch):
                 train_s = time.perf_counter() - started
-                link.event(stats.epoch_event(link.role, msg.batch // cfg.batches_per_epoch,
-                                             train_s))
+                event = stats.epoch_event(link.role, msg.batch // cfg.batches_per_epoch, train_s)
+                if cfg.test_examples:
+                    held.append(event)
+                else:
+                    link.event(event)
+        elif msg.kind == wire.EVAL and "test" in msg.meta:
+            x, y = msg.arrays
+            test.add(*out.evaluate(x, y), len(y))
+            if test.batches == cfg.test_batches:
+                loss, accuracy, _ = test.take()
+                last_test.update(test_loss=loss, test_accuracy=accuracy)
+                if held:  # the epoch just trained (a resumed run trains it first too)
+                    link.event({**held.pop(), **last_test})
         elif msg.kind == wire.EVAL:
             x, y = msg.arrays
-            loss, correct = out.evaluate(x, y)
-            evaluation.add(loss, correct, len(y))
+            evaluation.add(*out.evaluate(x, y), len(y))
         elif msg.kind == wire.CHECKPOINT:  # nothing in flight here: save at once
             link.checkpoint(msg.meta["epoch"], out)
         return msg.kind == wire.EOF
@@ -91,9 +101,10 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
         if act_line is not None:
             for msg in act_line.pop_ready(time.monotonic()):
                 eof = on_activation(msg) or eof
-    final_loss, accuracy, _ = evaluation._take()
+    final_loss, accuracy, _ = evaluation.take()
     link.event({"event": "final", "role": link.role, "final_loss": final_loss,
-                "train_accuracy": accuracy, "batches": next_batch, "train_s": train_s})
+                "train_accuracy": accuracy, "batches": next_batch, "train_s": train_s,
+                **last_test})
     link.finish(out.stats.as_dict(), acts.errors, out.weights())
 
 

@@ -90,6 +90,7 @@ def _run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int
             rd.write_weights(role_name(layer.index, cfg), layer.weights())
         rd.write_weights("output", result.output.weights())
         final = {"final_loss": result.final_loss, "train_accuracy": result.train_accuracy,
+                 "test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
                  "batches": result.batches, "train_s": result.wall_s}
         layers = [layer_entry(L.index, role_name(L.index, cfg), L.stats.as_dict(), 0)
                   for L in [*result.hidden, result.output]]

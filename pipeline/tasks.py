@@ -1,0 +1,84 @@
+"""What a run trains on: the seed's addition task or a classification dataset
+from files, as arrays in the run's dtype, and the batches of each epoch.
+
+Targets travel with the activations: the sum's bits for addition, one-hot
+class labels for classification (cDNI conditions its SG modules on them).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline import data, datasets, nn
+from pipeline.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class Task:
+    x: np.ndarray                   # (examples, features) training inputs
+    y: np.ndarray                   # (examples, outputs) training targets
+    test_x: np.ndarray | None = None
+    test_y: np.ndarray | None = None
+
+
+def _read(cfg: Config) -> dict[str, datasets.Split]:
+    try:
+        if cfg.dataset == "mnist":
+            return datasets.load_mnist(cfg.data_dir)
+        return datasets.load_npz(cfg.dataset.removeprefix("npz:"))
+    except ValueError as exc:
+        raise ConfigError("--dataset", str(exc)) from None
+
+
+def resolve(cfg: Config, limit_examples: bool = True) -> Config:
+    """Fill in what the data files say (input width, classes, split sizes),
+    reading and checking them now, before any process starts. With
+    ``limit_examples`` False, ``examples`` becomes the whole training split."""
+    if not cfg.classification:
+        return cfg
+    splits = _read(cfg)
+    train, test = splits["train"], splits.get("test")
+    classes = int(max(train.y.max(), test.y.max() if test else 0)) + 1
+    if cfg.dataset == "mnist":
+        classes = 10
+    examples = cfg.examples if limit_examples else len(train.y)
+    if examples > len(train.y):
+        raise ConfigError("--examples", f"{cfg.dataset} has {len(train.y)} training examples, "
+                                        f"asked for {examples}")
+    return dataclasses.replace(cfg, features=train.x.shape[1], classes=classes,
+                               examples=examples, test_examples=len(test.y) if test else 0)
+
+
+def load(cfg: Config) -> Task:
+    """The run's data, as resolved: the first ``examples`` training examples."""
+    dt = cfg.np_dtype
+    if not cfg.classification:
+        x, y = data.addition(cfg.bits, cfg.examples, cfg.seed)
+        return Task(x.astype(dt), y.astype(dt))
+    splits = _read(cfg)
+    train, test = splits["train"], splits.get("test")
+    if train.x.shape[1] != cfg.features or len(train.y) < cfg.examples:
+        raise ValueError(f"{cfg.dataset} changed since the run was configured: "
+                         f"{train.x.shape} training inputs, expected {cfg.features} features "
+                         f"and at least {cfg.examples} examples")
+    x = train.x[:cfg.examples].astype(dt)
+    y = nn.one_hot(train.y[:cfg.examples], cfg.classes, dt)
+    if test is None:
+        return Task(x, y)
+    return Task(x, y, test.x.astype(dt), nn.one_hot(test.y, cfg.classes, dt))
+
+
+def epoch_batches(cfg: Config, epoch: int) -> list[np.ndarray] | list[slice]:
+    """The batches of ``epoch``: the seed's fixed order, or with ``shuffle`` a
+    permutation drawn from (seed, epoch), so every process and the reference
+    agree, and a resumed run draws what the uninterrupted one did."""
+    if not cfg.shuffle:
+        return data.batch_slices(cfg.examples, cfg.batch_size)
+    order = np.random.default_rng([cfg.seed, 0x5F1E, epoch]).permutation(cfg.examples)
+    return [order[i:i + cfg.batch_size] for i in range(0, cfg.examples, cfg.batch_size)]
+
+
+def test_batches(cfg: Config) -> list[slice]:
+    return data.batch_slices(cfg.test_examples, cfg.batch_size)
