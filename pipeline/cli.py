@@ -117,6 +117,12 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
     net.add_argument("--sg-hidden", type=_widths, default=None,
                      help="hidden ReLU widths of every synthetic-gradient module, "
                           "comma-separated (default: none, a linear module)")
+    net.add_argument("--sg-refresh", action=argparse.BooleanOptionalAction, default=True,
+                     help="when a true gradient arrives after the SG module has changed, "
+                          "recompute its prediction with the module as it is now before "
+                          "regressing it (one more matmul per batch and layer); "
+                          "--no-sg-refresh learns from the prediction it made, a gradient "
+                          "at parameters some updates old")
     if not sweep:
         net.add_argument("--mode", choices=MODES, default=_default("mode"),
                          help="cdni: synthetic gradients conditioned on the labels; dni: on "
@@ -228,7 +234,8 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Co
                       mode=fields["mode"], epochs=fields["epochs"],
                       batch_size=fields["batch_size"], lr=fields["lr"], sg_lr=fields["sg_lr"],
                       optimizer=fields["optimizer"], sg_hidden=fields["sg_hidden"] or (),
-                      batchnorm=fields["batchnorm"], dtype=fields["dtype"],
+                      batchnorm=fields["batchnorm"], sg_refresh=fields["sg_refresh"],
+                      dtype=fields["dtype"],
                       dataset=fields["dataset"], data_dir=fields["data_dir"],
                       shuffle=fields["shuffle"],
                       seed=fields["seed"], bits=fields["bits"], examples=fields["examples"],

@@ -28,7 +28,7 @@ def default_hidden(layers: int) -> tuple[int, ...]:
 # nothing: the paper's feed-forward MNIST setting (256-unit ReLU layers, Adam,
 # batches of 256), float32, with a learning rate and length that fit a laptop.
 CLASSIFICATION_DEFAULTS = {"activation": "relu", "hidden": (256,), "epochs": 10,
-                           "batch_size": 256, "lr": 3e-4, "sg_lr": 1e-4,
+                           "batch_size": 256, "lr": 1e-3, "sg_lr": 1e-3,
                            "optimizer": "adam", "dtype": "float32", "shuffle": True}
 
 
@@ -67,6 +67,7 @@ class Config:
     seed: int = 1                     # data, initial weights: every random draw
     optimizer: str = "sgd"            # sgd or adam, for every layer and SG module (each its own state)
     sg_hidden: tuple[int, ...] = ()   # hidden ReLU widths of the SG modules; () is linear
+    sg_refresh: bool = True           # recompute a stale SG prediction before training on it
     batchnorm: bool = False           # batch normalisation in the hidden layers (Linear, BN, f)
     dtype: str = "float64"            # arrays in the math and on the wire
     # data ------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import traceback
 
 import zmq
 
-from pipeline import security, wire
+from pipeline import memory, security, wire
 from pipeline.transport import POLL_MS, Net, Stopped
 from pipeline.wire import Message
 
@@ -87,6 +87,10 @@ class ControlLink:
                                f"{self.role} the one in the cluster's key directory?)")
 
     def event(self, event: dict) -> None:
+        """A metric event; per-epoch ones carry this process's resident memory,
+        so a run's metrics show whether any process grows."""
+        if event.get("event") in ("epoch", "layer"):
+            event = {**event, "rss_mb": memory.rss_mb()}
         self.send(wire.METRIC, event)
 
     def tick(self) -> None:
@@ -145,6 +149,7 @@ class ControlLink:
         would drop messages that are queued but not yet on the wire.
         """
         self.send(wire.DONE, {"counters": counters, "decode_errors": decode_errors,
+                              "peak_rss_mb": memory.peak_rss_mb(),
                               "weights": list(weights)}, tuple(weights.values()))
         while True:
             self.recv(1000)  # raises Stopped

@@ -32,7 +32,7 @@ def make_hidden(cfg: Config, index: int) -> HiddenLayer:
                        update=Chance(cfg.update_prob, layer_rng(cfg, index, 1)),
                        drop=Chance(cfg.drop_prob, layer_rng(cfg, index, 2)),
                        dtype=cfg.np_dtype, optimizer=cfg.optimizer, sg_hidden=cfg.sg_hidden,
-                       batchnorm=cfg.batchnorm)
+                       batchnorm=cfg.batchnorm, sg_refresh=cfg.sg_refresh)
 
 
 def make_output(cfg: Config) -> OutputLayer:

@@ -143,13 +143,15 @@ class HiddenLayer:
                  rng: np.random.Generator, grad_delay: int = 0,
                  update: Chance | None = None, drop: Chance | None = None,
                  dtype: np.dtype = np.float64, optimizer: str = "sgd",
-                 sg_hidden: tuple[int, ...] = (), batchnorm: bool = False):
+                 sg_hidden: tuple[int, ...] = (), batchnorm: bool = False,
+                 sg_refresh: bool = True):
         self.index = index
         self.mode = mode
         self.activation = activation
         self.lr = lr
         self.sg_lr = sg_lr
         self.grad_delay = grad_delay
+        self.sg_refresh = sg_refresh
         self.update = update or Chance(1.0, rng)
         self.drop = drop or Chance(0.0, rng)
         self.w, self.b = nn.init_dense(rng, fan_in, fan_out, dtype)
@@ -288,12 +290,16 @@ class HiddenLayer:
         return Applied(batch, dx, self.clock - p.clock, time.monotonic() - p.sent_at)
 
     def _train_sg(self, batch: int, p: _Pending, target: np.ndarray) -> Applied:
-        """Regress the SG module onto the true gradient. The prediction is
-        recomputed only when the module changed since the forward pass (the
-        same numbers otherwise, for less work); quality is measured on the
-        synthetic gradient that was actually used."""
+        """Regress the SG module onto the true gradient. With ``sg_refresh``
+        (the default) the prediction is recomputed from the cached input by
+        the module as it is now, when it changed since the forward pass (one
+        more matmul per batch), so the step is the gradient at the current
+        module; without, the module learns from the prediction it made, a
+        gradient at parameters some updates old (delayed feedback, which
+        measurably destabilises free-running runs). Quality is measured on
+        the synthetic gradient that was actually used."""
         pred, acts = p.sg_pred, p.sg_acts
-        if p.sg_version != self.sg.version:
+        if self.sg_refresh and p.sg_version != self.sg.version:
             pred, acts = self.sg.predict(p.sg_in)
         loss = self.sg.train(acts, pred, target)
         self.stats.sg_updates += 1

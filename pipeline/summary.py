@@ -15,7 +15,7 @@ def layer_entry(index: int, role: str, counters: dict, decode_errors: int) -> di
 
 def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
                   final: dict | None, layers: list[dict], error: dict | None = None,
-                  epochs_done: int = 0) -> dict:
+                  epochs_done: int = 0, peak_rss_mb: dict | None = None) -> dict:
     final = final or {}
     train_s = final.get("train_s") or 0.0
     # Without the final evaluation (a run cut short), the output layer's
@@ -37,6 +37,7 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
         "batches_per_s": batches / train_s if train_s > 0 else None,
         "wall_s": wall_s,
         "run_id": run_id,
+        "peak_rss_mb": peak_rss_mb or {},
         "layers": layers,
     }
     if error:

@@ -11,7 +11,7 @@ from pathlib import Path
 from pipeline.config import Config
 
 CSV_FIELDS = ["mode", "grad_delay", "seed", "status", "final_loss", "train_accuracy",
-              "staleness_mean", "staleness_max", "sg_cosine_mean", "batches_per_s", "wall_s",
+              "test_accuracy", "staleness_mean", "staleness_max", "sg_cosine_mean", "batches_per_s", "wall_s",
               "run_dir"]
 
 
@@ -54,6 +54,7 @@ def row(p: Point, summary: dict, run_dir: str) -> dict:
     return {"mode": p.mode, "grad_delay": p.grad_delay, "seed": p.seed,
             "status": summary.get("status"), "final_loss": summary.get("final_loss"),
             "train_accuracy": summary.get("train_accuracy"),
+            "test_accuracy": summary.get("test_accuracy"),
             "staleness_mean": _mean([L["staleness_steps"]["mean"] for L in hidden]),
             "staleness_max": max((L["staleness_steps"]["max"] for L in hidden), default=None),
             "sg_cosine_mean": _mean(cosines),
@@ -81,10 +82,14 @@ def aggregate(rows: list[dict]) -> list[dict]:
         loss_m, loss_sd = _mean_sd([r["final_loss"] for r in ok])
         acc_m, acc_sd = _mean_sd([r["train_accuracy"] for r in ok])
         stale = [r["staleness_mean"] for r in ok if r["staleness_mean"] is not None]
+        test_m, test_sd = _mean_sd([r["test_accuracy"] for r in ok
+                                    if r.get("test_accuracy") is not None])
+        wall = [r["wall_s"] for r in ok if r.get("wall_s") is not None]
         out.append({"mode": mode, "grad_delay": delay, "n": len(ok), "runs": len(rs),
                     "loss_mean": loss_m, "loss_std": loss_sd,
                     "accuracy_mean": acc_m, "accuracy_std": acc_sd,
-                    "staleness_mean": _mean(stale)})
+                    "staleness_mean": _mean(stale), "test_mean": test_m, "test_std": test_sd,
+                    "wall_mean": _mean(wall)})
     return out
 
 
@@ -102,12 +107,21 @@ def markdown(agg: list[dict]) -> str:
             return "n/a"
         return f"{m * scale:{fmt}} ± {sd * scale:{fmt}}"
 
-    lines = ["| mode | grad delay K | seeds | final loss | exact sums % | measured staleness |",
-             "|---|---|---|---|---|---|"]
+    # Classification sweeps have a test split: their table shows its accuracy
+    # and the wall time, the addition task's its exact sums.
+    test = any(a.get("test_mean") is not None for a in agg)
+    acc = "train accuracy %" if test else "exact sums %"
+    lines = [f"| mode | grad delay K | seeds | final loss | {acc} |"
+             + (" test accuracy % | wall s |" if test else "") + " measured staleness |",
+             "|---|---|---|---|---|" + ("---|---|" if test else "") + "---|"]
     for a in agg:
         stale = "n/a" if a["staleness_mean"] is None else f"{a['staleness_mean']:.2f}"
         seeds = f"{a['n']}" + (f" of {a['runs']}" if a["n"] != a["runs"] else "")
+        extra = ""
+        if test:
+            wall = "n/a" if a.get("wall_mean") is None else f"{a['wall_mean']:.0f}"
+            extra = f" {pm(a.get('test_mean'), a.get('test_std'), '.2f', 100)} | {wall} |"
         lines.append(f"| {a['mode']} | {a['grad_delay']} | {seeds} | "
                      f"{pm(a['loss_mean'], a['loss_std'], '.4f')} | "
-                     f"{pm(a['accuracy_mean'], a['accuracy_std'], '.1f', 100)} | {stale} |")
+                     f"{pm(a['accuracy_mean'], a['accuracy_std'], '.1f', 100)} |{extra} {stale} |")
     return "\n".join(lines) + "\n"

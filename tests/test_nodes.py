@@ -336,12 +336,13 @@ def test_true_gradient_in_dni_mode_trains_only_the_sg_module(mode):
     assert layer.step == 1  # the forward's own (zero) update, nothing more
 
 
-def _fresh_prediction_checks(mode, order, monkeypatch):
+def _fresh_prediction_checks(mode, order, monkeypatch, refresh=True):
     """Run ``order`` (("F"|"G", batch)); at every G check the loss against a
-    prediction computed here from the module at arrival time, the quality
-    figures against the prediction used at forward time, and count how often
-    the layer called sg_predict while applying the gradient."""
-    layer = hidden(mode, lr=0.05, sg_lr=0.1)
+    prediction computed here from the module at arrival time (with
+    ``refresh``; else the one made at forward time), the quality figures
+    against the prediction used at forward time, and count how often the
+    layer called sg_predict while applying the gradient."""
+    layer = hidden(mode, lr=0.05, sg_lr=0.1, sg_refresh=refresh)
     rng = np.random.default_rng(30)
     layer.v[...] = 0.1 * rng.standard_normal(layer.v.shape)
     sg_ins, targets, forward_pred = {}, {}, {}
@@ -357,7 +358,7 @@ def _fresh_prediction_checks(mode, order, monkeypatch):
             forward_pred[t] = sg_ins[t] @ layer.v + layer.c
             targets[t] = rng.standard_normal((N, WIDTH))
         else:
-            fresh = sg_ins[t] @ layer.v + layer.c
+            fresh = sg_ins[t] @ layer.v + layer.c if refresh else forward_pred[t]
             want = float(np.mean(0.5 * np.sum((fresh - targets[t]) ** 2, axis=1)))
             want_v = layer.v - 0.1 * sg_ins[t].T @ (fresh - targets[t]) / N
             stale_changed = not np.allclose(fresh, forward_pred[t], rtol=1e-12, atol=0)
@@ -389,6 +390,14 @@ def test_sg_prediction_recomputed_when_module_changed(mode, monkeypatch):
     # versions: F0-F2 use 0; G0 sees 0 (reuse) -> 1; G1 sees 1 != 0 (recompute) -> 2;
     # F3 uses 2; G3 sees 2 (reuse) -> 3; G2 sees 3 != 0 (recompute)
     assert rec == [(0, False), (1, True), (0, False), (1, True)]
+
+
+@pytest.mark.parametrize("mode", SG_MODES)
+def test_sg_module_learns_from_its_own_prediction_without_refresh(mode, monkeypatch):
+    order = [("F", 0), ("F", 1), ("F", 2), ("G", 0), ("G", 1), ("F", 3), ("G", 3), ("G", 2)]
+    rec = _fresh_prediction_checks(mode, order, monkeypatch, refresh=False)
+    # never recomputed: each update regresses the forward pass's prediction
+    assert rec == [(0, False)] * 4
 
 
 # --- staleness, due gradients: exact tables -----------------------------------------------------

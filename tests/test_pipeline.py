@@ -82,6 +82,15 @@ def test_free_running_pipeline_solves_the_seed_task(launch):
     config = run.config()
     assert set(config["processes"]) == {"source", "layer1", "layer2", "output"}
     assert config["processes"]["layer1"]["endpoints"]["act"].startswith("tcp://127.0.0.1:")
+    # Memory: every process's peak, and each epoch's resident size, which
+    # never exceeds that peak.
+    peaks = s["peak_rss_mb"]
+    assert set(peaks) == {"source", "layer1", "layer2", "output", "supervisor"}
+    assert all(10 < mb < 2000 for mb in peaks.values()), peaks
+    events = [json.loads(line) for line in lines]
+    sizes = [(e["role"], e["rss_mb"]) for e in events if e["event"] in ("epoch", "layer")]
+    assert {r for r, _ in sizes} == {"layer1", "layer2", "output"}
+    assert all(0 < mb <= peaks[role] + 0.01 for role, mb in sizes)
 
 
 def test_max_inflight_bounds_staleness(launch):

@@ -160,7 +160,8 @@ def plain_stale_backprop(cfg: Config):
 
 def plain_stale_dni(cfg: Config):
     """The seed's DNI loop with each SG module trained K steps late (on its
-    input cached at step t, with the module as it is at t + K), updates and
+    input cached at step t, with the module as it is at t + K; with
+    --no-sg-refresh on the prediction it made at step t), updates and
     arriving targets subject to their chances."""
     x, y = data.addition(cfg.bits, cfg.examples, cfg.seed)
     layers, (wo, bo) = initial_weights(cfg)
@@ -184,12 +185,13 @@ def plain_stale_dni(cfg: Config):
                 h_in = h
                 h = act(cfg.activation, h_in @ w + b)
                 s_in = np.hstack([h, yb]) if cfg.mode == "cdni" else h
-                dz = (s_in @ v + c) * slope(cfg.activation, h)
+                pred = s_in @ v + c
+                dz = pred * slope(cfg.activation, h)
                 down = dz @ w.T
                 if update[k]():
                     w -= cfg.lr * h_in.T @ dz / n
                     b -= cfg.lr * dz.sum(0) / n
-                cache.append([s_in, None])
+                cache.append([s_in, None, pred])
                 if k > 0:
                     cache[k - 1][1] = None if drop[k - 1]() else down
             p = act("sigmoid", h @ wo + bo)
@@ -202,10 +204,10 @@ def plain_stale_dni(cfg: Config):
             queue.append(cache)
             if len(queue) <= cfg.grad_delay:
                 continue
-            for (s_in, target), (v, c) in zip(queue.pop(0), sgs):
+            for (s_in, target, pred), (v, c) in zip(queue.pop(0), sgs):
                 if target is None:
                     continue
-                err = s_in @ v + c - target
+                err = (s_in @ v + c if cfg.sg_refresh else pred) - target
                 v -= cfg.sg_lr * s_in.T @ err / len(s_in)
                 c -= cfg.sg_lr * err.sum(0) / len(s_in)
     return layers, (wo, bo), sgs
@@ -362,10 +364,11 @@ def test_stale_backprop_reference_equals_plain_numpy_loop(kw):
                     grad_delay=0, update_prob=1.0, drop_prob=0.0))[1][0]) > 1e-6
 
 
+@pytest.mark.parametrize("refresh", [False, True])
 @pytest.mark.parametrize("mode", ["dni", "cdni"])
 @pytest.mark.parametrize("kw", STALE_DNI, ids=_ids)
-def test_stale_dni_reference_equals_plain_numpy_loop(mode, kw):
-    cfg = Config(mode=mode, quiet=True, **kw)
+def test_stale_dni_reference_equals_plain_numpy_loop(mode, kw, refresh):
+    cfg = Config(mode=mode, quiet=True, sg_refresh=refresh, **kw)
     layers, (wo, bo), sgs = plain_stale_dni(cfg)
     res = train_reference(cfg)
     for (w, b), (v, c), layer in zip(layers, sgs, res.hidden):

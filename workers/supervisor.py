@@ -14,7 +14,7 @@ from typing import TextIO
 
 import zmq
 
-from pipeline import security, wire
+from pipeline import memory, security, wire
 from pipeline.cluster import Cluster
 from pipeline.control import HEARTBEAT_S, LIVENESS_S
 from pipeline.config import Config
@@ -99,7 +99,8 @@ def _run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int
     progress.finish()
     summary = build_summary(cfg, status=status, run_id=run_id, final=final, layers=layers,
                             wall_s=time.perf_counter() - start,
-                            epochs_done=progress.epochs_done)
+                            epochs_done=progress.epochs_done,
+                            peak_rss_mb={"reference": memory.peak_rss_mb()})
     return _finish(rd, summary, stream)
 
 
@@ -331,6 +332,8 @@ class Supervisor:
             signal.signal(signal.SIGINT, previous)
         self.progress.finish()
         layers = []
+        peaks = {role: msg.meta.get("peak_rss_mb") for role, msg in self.done.items()}
+        peaks["supervisor"] = memory.peak_rss_mb()
         for role in self.roles[1:]:
             msg = self.done.get(role)
             if msg is None:
@@ -341,7 +344,7 @@ class Supervisor:
                                       msg.meta["decode_errors"]))
         summary = build_summary(self.cfg, status=status, run_id=self.run_id, final=self.final,
                                 layers=layers, error=error, epochs_done=self.progress.epochs_done,
-                                wall_s=time.perf_counter() - start)
+                                wall_s=time.perf_counter() - start, peak_rss_mb=peaks)
         return _finish(self.rd, summary, self.stream)
 
     def _peers(self, ep: dict[str, dict]) -> dict[str, dict]:

@@ -72,7 +72,10 @@ def _run_point(args: SweepArgs, p: Point, out: Path, tag: str, stream: TextIO) -
         summary = {"status": "failed"}
     r = row(p, summary, cfg.run_dir)
     if r["final_loss"] is not None:
-        result = f"loss {r['final_loss']:.4f}, exact {r['train_accuracy'] * 100:.1f} %"
+        what = "exact" if r["test_accuracy"] is None else "train"
+        result = f"loss {r['final_loss']:.4f}, {what} {r['train_accuracy'] * 100:.1f} %"
+        if r["test_accuracy"] is not None:
+            result += f", test {r['test_accuracy'] * 100:.2f} %"
     else:
         result = summary.get("error", {}).get("message", "")
     print(f"{tag} {p.name}: {r['status']}, {result} ({time.perf_counter() - start:.1f} s)",
