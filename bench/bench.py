@@ -1,11 +1,15 @@
 """Side-by-side measurements, printed as ratios and written as JSON:
-``python bench/bench.py [--quick] [--out bench-results.json]``.
+``python bench/bench.py [--quick] [--only wire,pipeline,scaling,memory] [--out FILE]``.
 
 1. wire: one message (encode + send + receive + decode) over our sockets
-   against raw pyzmq sending the same bytes, per message size;
+   against raw pyzmq sending the same bytes (zero-copy, and copying), per size;
 2. pipeline throughput: the in-process reference against the process
    pipeline (locked backprop, free-running DNI/cDNI) on the seed task and on
-   a compute-heavy configuration, every process with one BLAS thread.
+   a compute-heavy configuration, every process with one BLAS thread (the
+   reference with all threads too);
+3. scaling: pipeline DNI over reference DNI for 2, 3, 4 and 6 layers and for
+   several batch sizes;
+4. memory: every process's resident size over a long run, first epoch to last.
 Not a test: the machine is shared and noisy; compare the ratios.
 """
 from __future__ import annotations
@@ -28,9 +32,13 @@ import zmq  # noqa: E402
 from pipeline import wire  # noqa: E402
 
 WIRE_CASES = [("10x128 f64", (10, 128), np.float64),
+              ("64x256 f32", (64, 256), np.float32),
               ("256x1024 f32", (256, 1024), np.float32),
               ("256x4096 f32", (256, 4096), np.float32)]
+HEAVY = ["--layers", "4", "--hidden", "1024", "--batch-size", "256"]
 
+
+# --- 1. the wire ------------------------------------------------------------------
 
 def _pair(ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
     a, b = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
@@ -58,76 +66,152 @@ def bench_wire(n: int) -> list[dict]:
     try:
         for name, shape, dtype in WIRE_CASES:
             arr = np.random.default_rng(0).standard_normal(shape).astype(dtype)
-            labels = np.zeros((shape[0], 8))
+            labels = np.zeros((shape[0], 8), dtype)
             msg = wire.Message(wire.ACT, "bench", batch=1, sender="layer1", arrays=(arr, labels))
             raw = [bytes(wire.encode(msg)[0]), arr.tobytes(), labels.tobytes()]
             a, b = _pair(ctx)
+            reps = max(20, n // max(1, arr.nbytes // 100_000))  # fewer hops of big messages
             ours = _time_hops(lambda: a.send_multipart(wire.encode(msg), copy=False),
-                              lambda: wire.decode(b.recv_multipart(copy=False), run_id="bench"), n)
-            base = _time_hops(lambda: a.send_multipart(raw, copy=False),
-                              lambda: b.recv_multipart(copy=False), n)
+                              lambda: wire.decode(b.recv_multipart(copy=False), run_id="bench"),
+                              reps)
+            zero = _time_hops(lambda: a.send_multipart(raw, copy=False),
+                              lambda: b.recv_multipart(copy=False), reps)
+            copied = _time_hops(lambda: a.send_multipart(raw), lambda: b.recv_multipart(), reps)
             a.close()
             b.close()
             nbytes = arr.nbytes + labels.nbytes
+            best = min(zero, copied)
             rows.append({"case": name, "bytes": nbytes, "ours_us": ours * 1e6,
-                         "raw_us": base * 1e6, "ratio": ours / base,
-                         "ours_MBps": nbytes / ours / 1e6})
+                         "raw_zero_copy_us": zero * 1e6, "raw_copy_us": copied * 1e6,
+                         "ratio": ours / best, "ours_MBps": nbytes / ours / 1e6})
     finally:
         ctx.term()
     return rows
 
 
-def _run(args: list[str], blas_threads: int) -> dict:
+# --- runs of launch.py -----------------------------------------------------------------
+
+def _run(args: list[str], blas_threads: int = 1) -> dict:
+    """One run; its summary, and its metrics events."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, OMP_NUM_THREADS=str(blas_threads),
                    OPENBLAS_NUM_THREADS=str(blas_threads), MKL_NUM_THREADS=str(blas_threads))
         subprocess.run([sys.executable, str(ROOT / "launch.py"), *args, "--quiet",
-                        "--run-dir", f"{tmp}/run"], check=True, env=env, cwd=ROOT,
-                       stdout=subprocess.DEVNULL)
-        return json.loads(Path(f"{tmp}/run/summary.json").read_text())
+                        "--blas-threads", "1", "--run-dir", f"{tmp}/run"], check=True, env=env,
+                       cwd=ROOT, stdout=subprocess.DEVNULL)
+        summary = json.loads(Path(f"{tmp}/run/summary.json").read_text())
+        lines = Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()
+        summary["events"] = [json.loads(line) for line in lines]
+        return summary
+
+
+def _show(name: str, label: str, s: dict) -> None:
+    print(f"  {name:>14} {label:<34} {s['batches_per_s']:9.1f} batches/s "
+          f"({s['wall_s']:.1f} s wall)", flush=True)
+
+
+# --- 2. pipeline throughput --------------------------------------------------------------
+
+PIPELINE_RUNS = [("reference dni (1 thread)", ["--mode", "dni", "--in-process"], 1),
+                 ("reference dni (all threads)", ["--mode", "dni", "--in-process"], 0),
+                 ("reference backprop", ["--mode", "backprop", "--in-process"], 1),
+                 ("pipeline backprop (locked)", ["--mode", "backprop"], 1),
+                 ("pipeline dni", ["--mode", "dni"], 1),
+                 ("pipeline dni, no SG refresh", ["--mode", "dni", "--no-sg-refresh"], 1),
+                 ("pipeline cdni", ["--mode", "cdni"], 1)]
 
 
 def bench_pipeline(name: str, task: list[str]) -> dict:
     rows = {}
-    for label, extra, threads in [("reference dni (1 thread)", ["--mode", "dni", "--in-process"], 1),
-                                  ("reference dni (all threads)", ["--mode", "dni", "--in-process"], os.cpu_count() or 1),
-                                  ("reference backprop", ["--mode", "backprop", "--in-process"], 1),
-                                  ("pipeline backprop (locked)", ["--mode", "backprop"], 1),
-                                  ("pipeline dni", ["--mode", "dni"], 1),
-                                  ("pipeline cdni", ["--mode", "cdni"], 1)]:
-        s = _run(task + extra, threads)
+    for label, extra, threads in PIPELINE_RUNS:
+        s = _run(task + extra, threads or os.cpu_count() or 1)
         rows[label] = {"batches_per_s": s["batches_per_s"], "wall_s": s["wall_s"]}
-        print(f"  {name:>12} {label:<30} {s['batches_per_s']:9.1f} batches/s "
-              f"({s['wall_s']:.1f} s wall)", flush=True)
+        _show(name, label, s)
     bps = {k: v["batches_per_s"] for k, v in rows.items()}
-    ratios = {"pipeline dni / reference dni": bps["pipeline dni"] / bps["reference dni (1 thread)"],
+    ref = bps["reference dni (1 thread)"]
+    ratios = {"pipeline dni / reference dni": bps["pipeline dni"] / ref,
+              "pipeline dni without SG refresh / reference dni":
+                  bps["pipeline dni, no SG refresh"] / ref,
               "pipeline backprop / reference backprop":
                   bps["pipeline backprop (locked)"] / bps["reference backprop"],
               "pipeline dni / pipeline backprop":
-                  bps["pipeline dni"] / bps["pipeline backprop (locked)"]}
+                  bps["pipeline dni"] / bps["pipeline backprop (locked)"],
+              "reference dni / reference backprop": ref / bps["reference backprop"]}
     return {"runs": rows, "ratios": ratios}
+
+
+# --- 3. scaling -------------------------------------------------------------------------
+
+def bench_scaling(batches: int) -> list[dict]:
+    """Pipeline DNI over reference DNI (one BLAS thread each) on the
+    compute-heavy widths, by layer count, then by batch size at 4 layers."""
+    points = [(layers, 256) for layers in (2, 3, 4, 6)] + [(4, b) for b in (64, 1024)]
+    rows = []
+    for layers, batch in points:
+        task = ["--layers", str(layers), "--hidden", "1024", "--batch-size", str(batch),
+                "--examples", str(batch * batches), "--epochs", "1", "--mode", "dni"]
+        ref = _run(task + ["--in-process"])
+        pipe = _run(task)
+        rows.append({"layers": layers, "batch_size": batch,
+                     "reference_batches_per_s": ref["batches_per_s"],
+                     "pipeline_batches_per_s": pipe["batches_per_s"],
+                     "ratio": pipe["batches_per_s"] / ref["batches_per_s"]})
+        print(f"  layers {layers} batch {batch:>4}: reference {ref['batches_per_s']:7.1f}, "
+              f"pipeline {pipe['batches_per_s']:7.1f} batches/s, ratio {rows[-1]['ratio']:.2f}",
+              flush=True)
+    return rows
+
+
+# --- 4. memory --------------------------------------------------------------------------
+
+def bench_memory(epochs: int) -> dict:
+    """A long seed-task run: each process's resident size at its first and
+    last per-epoch event, and its peak."""
+    s = _run(["--epochs", str(epochs), "--mode", "cdni"])
+    out = {"batches": s["batches"], "peak_rss_mb": s["peak_rss_mb"], "processes": {}}
+    for role in sorted({e["role"] for e in s["events"] if "rss_mb" in e}):
+        sizes = [e["rss_mb"] for e in s["events"] if e.get("role") == role and "rss_mb" in e]
+        first, last = sizes[min(len(sizes) - 1, len(sizes) // 10)], sizes[-1]
+        out["processes"][role] = {"rss_mb_at_10pct": first, "rss_mb_at_end": last,
+                                  "growth_mb": last - first, "samples": len(sizes)}
+        print(f"  {role:>8}: {first:7.1f} MiB after 10 % of the run, {last:7.1f} MiB at the "
+              f"end ({last - first:+.1f}), peak {s['peak_rss_mb'][role]:.1f}", flush=True)
+    for role in ("source", "supervisor"):
+        print(f"  {role:>8}: peak {s['peak_rss_mb'][role]:.1f} MiB", flush=True)
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions and batches")
+    p.add_argument("--only", default="wire,pipeline,scaling,memory",
+                   help="comma-separated parts to run")
     p.add_argument("--out", default="bench-results.json")
     a = p.parse_args()
-    results: dict = {"cpus": os.cpu_count()}
-    print("wire: one message, send + receive + decode, one in flight", flush=True)
-    results["wire"] = bench_wire(200 if a.quick else 2000)
-    for r in results["wire"]:
-        print(f"  {r['case']:>14}: ours {r['ours_us']:8.1f} us, raw pyzmq {r['raw_us']:8.1f} us, "
-              f"ratio {r['ratio']:.2f}, {r['ours_MBps']:.0f} MB/s")
-    print("pipeline throughput", flush=True)
-    heavy = ["--layers", "4", "--hidden", "1024", "--batch-size", "256", "--examples", "25600",
-             "--epochs", "1" if a.quick else "2"]
-    seed = ["--epochs", "100" if a.quick else "800"]
-    results["seed task"] = bench_pipeline("seed task", seed)
-    results["compute-heavy"] = bench_pipeline("heavy", heavy)
-    for name in ("seed task", "compute-heavy"):
-        for k, v in results[name]["ratios"].items():
-            print(f"  {name:>14}: {k} = {v:.2f}")
+    parts = set(a.only.split(","))
+    results: dict = {"cpus": os.cpu_count(), "quick": a.quick}
+    if "wire" in parts:
+        print("wire: one message, encode + send + receive + decode, one in flight", flush=True)
+        results["wire"] = bench_wire(500 if a.quick else 3000)
+        for r in results["wire"]:
+            print(f"  {r['case']:>14}: ours {r['ours_us']:8.1f} us, raw pyzmq zero-copy "
+                  f"{r['raw_zero_copy_us']:8.1f} us, copying {r['raw_copy_us']:8.1f} us: "
+                  f"ratio {r['ratio']:.2f} to the faster, {r['ours_MBps']:.0f} MB/s")
+    if "pipeline" in parts:
+        print("pipeline throughput", flush=True)
+        heavy = HEAVY + ["--examples", "25600", "--epochs", "1" if a.quick else "2"]
+        seed = ["--epochs", "200" if a.quick else "800"]
+        results["seed task"] = bench_pipeline("seed task", seed)
+        results["compute-heavy"] = bench_pipeline("heavy", heavy)
+        for name in ("seed task", "compute-heavy"):
+            for k, v in results[name]["ratios"].items():
+                print(f"  {name:>14}: {k} = {v:.2f}")
+    if "scaling" in parts:
+        print("scaling: pipeline dni / reference dni, hidden 1024", flush=True)
+        results["scaling"] = bench_scaling(40 if a.quick else 100)
+    if "memory" in parts:
+        print("memory over a long run (seed task, cdni)", flush=True)
+        results["memory"] = bench_memory(2000 if a.quick else 8000)
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {a.out}")
     return 0
