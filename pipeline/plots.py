@@ -168,13 +168,21 @@ def _note(ax, text: str) -> None:
             fontsize=10, color="0.35", wrap=True)
 
 
+def _accuracy_name(summary: dict) -> str:
+    """What a run's accuracy counts: exact sums (addition) or classes."""
+    return "exact sums" if summary.get("dataset", "addition") == "addition" else "accuracy"
+
+
 def _title(summary: dict) -> str:
     loss, acc = summary.get("final_loss"), summary.get("train_accuracy")
+    test = summary.get("test_accuracy")
     parts = [f"{summary.get('mode', '?')} run {summary.get('run_id', '')}".rstrip(),
              f"{summary.get('status', '?')}",
              f"{summary.get('epochs_done', '?')}/{summary.get('epochs', '?')} epochs",
              "final loss " + ("n/a" if loss is None else f"{loss:.4f}"),
-             "exact sums " + ("n/a" if acc is None else f"{acc * 100:.1f} %")]
+             _accuracy_name(summary) + " " + ("n/a" if acc is None else f"{acc * 100:.1f} %")]
+    if test is not None:
+        parts.append(f"test {test * 100:.2f} %")
     title = " · ".join(parts)
     err = summary.get("error")
     if err:
@@ -193,10 +201,10 @@ def _by_role(events: list[dict], kind: str) -> dict[str, list[dict]]:
     return out
 
 
-def _training_panel(ax, events: list[dict]) -> None:
+def _training_panel(ax, events: list[dict], what: str = "exact sums") -> None:
     epochs = sorted((e for e in events if e.get("event") == "epoch"
                      and isinstance(e.get("epoch"), int)), key=lambda e: e["epoch"])
-    ax.set_title("(a) training loss and exact sums per epoch")
+    ax.set_title(f"(a) training loss and {what} per epoch")
     _epoch_axis(ax)
     if not epochs:
         _note(ax, "no epoch events in metrics.jsonl")
@@ -211,10 +219,14 @@ def _training_panel(ax, events: list[dict]) -> None:
     ax.grid(True, alpha=0.3)
     twin = ax.twinx()
     twin.plot(x, acc, color="tab:green", lw=1.6, **_marker(x))
+    test = [_num(e.get("test_accuracy")) * 100 for e in epochs if e.get("test_accuracy") is not None]
+    if len(test) == len(x):  # dashed: the test split after each epoch
+        twin.plot(x, test, color="tab:green", lw=1.6, ls="--", **_marker(x))
     twin.set_ylim(-3, 103)
     # The coloured axis is the legend: a legend box would sit on one of the
     # curves somewhere, as they cross the panel in opposite directions.
-    twin.set_ylabel("exact sums (%)", color="tab:green")
+    twin.set_ylabel(f"{what} (%)" + (", test dashed" if len(test) == len(x) else ""),
+                    color="tab:green")
     twin.tick_params(axis="y", colors="tab:green")
 
 
@@ -315,7 +327,7 @@ def run_report(run_dir: str | os.PathLike) -> Path:
 
     fig = _figure(figsize=(12, 8.5))
     (a, b), (c, d) = fig.subplots(2, 2)
-    _training_panel(a, events)
+    _training_panel(a, events, _accuracy_name(summary))
     _sg_panel(b, layer_events, colours, str(summary.get("mode", "?")))
     _hist_panel(c, layers, colours)
     _seconds_panel(d, layer_events, colours)

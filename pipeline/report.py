@@ -120,8 +120,11 @@ def text_report(run: dict) -> str:
                  f"{s.get('epochs_done', '?')}/{s.get('epochs', '?')} epochs, "
                  f"{s.get('batches', '?')} batches, {_f(s.get('wall_s'), '.1f')} s wall"
                  + (f", {rate:.0f} batches/s" if rate else ""))
+    what = "exact sums" if s.get("dataset", "addition") == "addition" else "train accuracy"
+    test = (f"   test accuracy {_f(s.get('test_accuracy'), '.2f', 100, ' %')}"
+            if s.get("test_accuracy") is not None else "")
     lines.append(f"  final loss {_f(s.get('final_loss'), '.4f')}   "
-                 f"exact sums {_f(s.get('train_accuracy'), '.1f', 100, ' %')}")
+                 f"{what} {_f(s.get('train_accuracy'), '.1f', 100, ' %')}{test}")
     kinds: dict[str, int] = {}
     for e in run["events"]:
         kinds[str(e.get("event"))] = kinds.get(str(e.get("event")), 0) + 1
