@@ -12,6 +12,8 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from pipeline.memory import tune_allocator
+    tune_allocator()  # the supervisor, and the reference trainer with --in-process
     if argv[:1] == ["sweep"]:
         from pipeline.cli import parse_sweep
         from workers.sweep import run_sweep

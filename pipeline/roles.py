@@ -10,7 +10,7 @@ import signal
 import sys
 from typing import Callable
 
-from pipeline import wire
+from pipeline import memory, wire
 from pipeline.config import Config
 from pipeline.control import ControlLink
 from pipeline.transport import Net, Stopped, context
@@ -44,7 +44,7 @@ def placement(args: argparse.Namespace) -> tuple[Net, str, contextlib.AbstractCo
     if args.cluster is None:
         if args.control is None:
             raise SystemExit("a worker needs --control (local run) or --cluster")
-        return Net(ctx), args.control, contextlib.nullcontext()
+        return Net(ctx, local_ipc=True), args.control, contextlib.nullcontext()
     from pipeline import cluster, security
     c = cluster.load(args.cluster)
     if args.role not in c.roles:
@@ -106,4 +106,5 @@ def _serve(role_main: RoleMain, net: Net, control: str, role: str) -> int:
 
 
 def run(role_main: RoleMain) -> None:
+    memory.tune_allocator()
     sys.exit(worker_main(role_main))

@@ -91,10 +91,20 @@ def encode(msg: Message) -> list:
         packed = msgpack.packb(header, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as e:
         raise ValueError(f"header cannot be packed with msgpack (check meta): {e}") from e
-    # Run the receiver's checks on our own header, so encode never emits what decode rejects.
-    _parse_header(memoryview(packed))
+    # Never emit what decode rejects: run the receiver's checks on our own
+    # header. A data message (no meta) takes a shortcut, checking directly
+    # the fields that could be wrong; that is a third of encode's time.
+    if msg.meta or not _plain_fields_ok(msg, arrays, len(packed)):
+        _parse_header(memoryview(packed))
     # reshape(-1) and view(uint8) are views of a contiguous array: no copy, even for 0-d or empty.
     return [packed, *(memoryview(a.reshape(-1).view(np.uint8)) for a in arrays)]
+
+
+def _plain_fields_ok(msg: Message, arrays: list[np.ndarray], header_bytes: int) -> bool:
+    """The header of a message without meta would pass _parse_header."""
+    return (isinstance(msg.run_id, str) and isinstance(msg.sender, str)
+            and _is_int(msg.batch) and msg.batch >= -1 and _is_int(msg.step) and msg.step >= 0
+            and header_bytes <= MAX_HEADER_BYTES and all(a.ndim <= MAX_NDIM for a in arrays))
 
 
 def _buffer(frame: Any, i: int) -> memoryview:
@@ -137,19 +147,23 @@ def _parse_header(buf: memoryview) -> dict:
     if not isinstance(h["m"], dict) or not all(isinstance(k, str) for k in h["m"]):
         raise ValueError("meta ('m') must be a map with str keys")
     specs = h["a"]
-    if not isinstance(specs, list):
+    if type(specs) is not list:
         raise ValueError(f"array specs ('a') must be a list, got {type(specs).__name__}")
     for i, spec in enumerate(specs):
-        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
-                and isinstance(spec[1], list) and all(map(_is_int, spec[1]))):
+        # type() is: msgpack gives exact lists, ints, strs; a bool is not an int here
+        if not (type(spec) is list and len(spec) == 2 and type(spec[0]) is str
+                and type(spec[1]) is list):
             raise ValueError(f"array spec {i} must be [dtype str, list of int], got {spec!r}")
         dtype, shape = spec
+        for d in shape:
+            if type(d) is not int:
+                raise ValueError(f"array spec {i} must be [dtype str, list of int], got {spec!r}")
+            if d < 0:
+                raise ValueError(f"array {i} has a negative dim in shape {shape}")
         if dtype not in ALLOWED_DTYPES:
             raise ValueError(f"array {i} has dtype {dtype!r}; allowed: {sorted(ALLOWED_DTYPES)}")
         if len(shape) > MAX_NDIM:
             raise ValueError(f"array {i} has {len(shape)} dims, more than {MAX_NDIM}")
-        if any(d < 0 for d in shape):
-            raise ValueError(f"array {i} has a negative dim in shape {shape}")
     return h
 
 

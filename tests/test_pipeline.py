@@ -14,6 +14,7 @@ from pipeline import wire
 from pipeline.config import Config
 from pipeline.model import role_name
 from pipeline.reference import train_reference
+from pipeline.transport import ABSTRACT_IPC
 from tests.conftest import assert_no_orphans
 
 pytestmark = pytest.mark.timeout(120)
@@ -81,7 +82,9 @@ def test_free_running_pipeline_solves_the_seed_task(launch):
     assert sum('"event": "epoch"' in line for line in lines) == cfg.epochs
     config = run.config()
     assert set(config["processes"]) == {"source", "layer1", "layer2", "output"}
-    assert config["processes"]["layer1"]["endpoints"]["act"].startswith("tcp://127.0.0.1:")
+    # Local data links: abstract Unix sockets where there are any, else loopback TCP.
+    assert config["processes"]["layer1"]["endpoints"]["act"].startswith(
+        "ipc://@dni-" if ABSTRACT_IPC else "tcp://127.0.0.1:")
     # Memory: every process's peak, and each epoch's resident size, which
     # never exceeds that peak.
     peaks = s["peak_rss_mb"]
