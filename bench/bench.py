@@ -35,7 +35,11 @@ WIRE_CASES = [("10x128 f64", (10, 128), np.float64),
               ("64x256 f32", (64, 256), np.float32),
               ("256x1024 f32", (256, 1024), np.float32),
               ("256x4096 f32", (256, 4096), np.float32)]
-HEAVY = ["--layers", "4", "--hidden", "1024", "--batch-size", "256"]
+# The compute-heavy configuration, with steps at which 1024-wide sigmoid layers
+# train (the seed task's 0.5 and 0.03 diverge there, and inf/NaN arithmetic
+# would time something else).
+HEAVY = ["--layers", "4", "--hidden", "1024", "--batch-size", "256", "--lr", "0.1",
+         "--sg-lr", "0.003"]
 
 
 # --- 1. the wire ------------------------------------------------------------------
@@ -162,7 +166,8 @@ def bench_scaling(batches: int) -> list[dict]:
     rows = []
     for layers, batch in points:
         task = ["--layers", str(layers), "--hidden", "1024", "--batch-size", str(batch),
-                "--examples", str(batch * batches), "--epochs", "1", "--mode", "dni"]
+                "--examples", str(batch * batches), "--epochs", "1", "--mode", "dni",
+                "--lr", "0.1", "--sg-lr", "0.003"]
         ref = _run(task + ["--in-process"])
         pipe = _run(task)
         rows.append({"layers": layers, "batch_size": batch,

@@ -199,10 +199,10 @@ def decode(frames: Sequence[Any], *, run_id: str | None = None, max_bytes: int =
             raise ValueError(f"array {i} frame is {body.nbytes} bytes, but shape {shape} "
                              f"of {dtype_str} needs {want}")
         try:
-            arr = np.frombuffer(body, dtype=dtype).reshape(shape)
-        except (ValueError, OverflowError) as e:  # e.g. a zero-size shape with an absurd dim
+            # Over a read-only view: frames may be writable (zmq.Frame, bytearray), arrays never.
+            arr = np.ndarray(shape, dtype, body.toreadonly())
+        except (ValueError, OverflowError, TypeError) as e:  # e.g. a zero-size shape, absurd dim
             raise ValueError(f"array {i} shape {shape} is not representable: {e}") from e
-        arr.flags.writeable = False  # frames may be writable (zmq.Frame, bytearray): keep views read-only
         arrays.append(arr)
     return Message(kind=h["k"], run_id=h["r"], batch=h["b"], sender=h["s"], step=h["t"],
                    arrays=tuple(arrays), meta=h["m"])
