@@ -149,7 +149,7 @@ class ControlLink:
         would drop messages that are queued but not yet on the wire.
         """
         self.send(wire.DONE, {"counters": counters, "decode_errors": decode_errors,
-                              "peak_rss_mb": memory.peak_rss_mb(),
+                              "peak_rss_mb": memory.peak_rss_mb(), "cpu_s": memory.cpu_s(),
                               "weights": list(weights)}, tuple(weights.values()))
         while True:
             self.recv(1000)  # raises Stopped

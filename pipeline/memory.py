@@ -13,6 +13,12 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 KEEP_BYTES = 64 * 2 ** 20
 
 
+def cpu_s() -> float:
+    """CPU seconds this process has used, user and system, all threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def tune_allocator() -> bool:
     """Keep freed memory for reuse instead of handing it back to the system.
 

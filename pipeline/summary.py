@@ -15,7 +15,8 @@ def layer_entry(index: int, role: str, counters: dict, decode_errors: int) -> di
 
 def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
                   final: dict | None, layers: list[dict], error: dict | None = None,
-                  epochs_done: int = 0, peak_rss_mb: dict | None = None) -> dict:
+                  epochs_done: int = 0, peak_rss_mb: dict | None = None,
+                  cpu_s: dict | None = None) -> dict:
     final = final or {}
     train_s = final.get("train_s") or 0.0
     # Without the final evaluation (a run cut short), the output layer's
@@ -38,6 +39,7 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
         "wall_s": wall_s,
         "run_id": run_id,
         "peak_rss_mb": peak_rss_mb or {},
+        "cpu_s": cpu_s or {},
         "layers": layers,
     }
     if error:

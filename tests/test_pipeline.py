@@ -3,6 +3,7 @@ ends: completed, interrupted, failed, or pelted with garbage."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 import msgpack
@@ -94,6 +95,11 @@ def test_free_running_pipeline_solves_the_seed_task(launch):
     sizes = [(e["role"], e["rss_mb"]) for e in events if e["event"] in ("epoch", "layer")]
     assert {r for r, _ in sizes} == {"layer1", "layer2", "output"}
     assert all(0 < mb <= peaks[role] + 0.01 for role, mb in sizes)
+    # CPU time of every process: none can have used more than the run's wall
+    # time on every core, and the layers did work.
+    cpu = s["cpu_s"]
+    assert set(cpu) == set(peaks)
+    assert all(0 < t <= s["wall_s"] * os.cpu_count() + 1 for t in cpu.values()), cpu
 
 
 def test_max_inflight_bounds_staleness(launch):

@@ -100,7 +100,8 @@ def _run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int
     summary = build_summary(cfg, status=status, run_id=run_id, final=final, layers=layers,
                             wall_s=time.perf_counter() - start,
                             epochs_done=progress.epochs_done,
-                            peak_rss_mb={"reference": memory.peak_rss_mb()})
+                            peak_rss_mb={"reference": memory.peak_rss_mb()},
+                            cpu_s={"reference": memory.cpu_s()})
     return _finish(rd, summary, stream)
 
 
@@ -334,6 +335,8 @@ class Supervisor:
         layers = []
         peaks = {role: msg.meta.get("peak_rss_mb") for role, msg in self.done.items()}
         peaks["supervisor"] = memory.peak_rss_mb()
+        cpu = {role: msg.meta.get("cpu_s") for role, msg in self.done.items()}
+        cpu["supervisor"] = memory.cpu_s()
         for role in self.roles[1:]:
             msg = self.done.get(role)
             if msg is None:
@@ -344,7 +347,8 @@ class Supervisor:
                                       msg.meta["decode_errors"]))
         summary = build_summary(self.cfg, status=status, run_id=self.run_id, final=self.final,
                                 layers=layers, error=error, epochs_done=self.progress.epochs_done,
-                                wall_s=time.perf_counter() - start, peak_rss_mb=peaks)
+                                wall_s=time.perf_counter() - start, peak_rss_mb=peaks,
+                                cpu_s=cpu)
         return _finish(self.rd, summary, self.stream)
 
     def _peers(self, ep: dict[str, dict]) -> dict[str, dict]:
