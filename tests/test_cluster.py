@@ -251,3 +251,22 @@ def test_bad_cluster_file_is_one_clear_error(tmp_path, text, reason):
     assert done.returncode == 2
     assert reason in done.stderr and str(path) in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cluster_run_on_a_classification_dataset_equals_the_reference(tmp_path, roles):
+    """A [run] table naming a dataset takes the classification defaults, the
+    coordinator sizes the layers from the file, and under lockstep the
+    weights are the reference's bit for bit (float32, Adam, shuffling)."""
+    from pipeline import cluster as clusters, tasks
+    from tests.test_classification import assert_bit_identical as same_bits, blobs
+    data = blobs(tmp_path / "blobs.npz", seed=6, train=120, test=40)
+    run = {"dataset": data, "epochs": 3, "lockstep": True, "hidden": [16], "batch_size": 20}
+    cluster = write_cluster(tmp_path, run)
+    r = roles(cluster)
+    host = r.start(None, "--run-dir", str(tmp_path / "run"))
+    assert host.wait(60) == 0, r.log("host")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["test_accuracy"] is not None
+    cfg = tasks.resolve(clusters.load(cluster).config(), limit_examples=False)
+    assert (cfg.dtype, cfg.optimizer, cfg.features, cfg.classes) == ("float32", "adam", 12, 4)
+    same_bits(Weights(tmp_path / "run"), reference_weights(cfg))
