@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -18,6 +19,8 @@ from pipeline import batchnorm as bn
 from pipeline import nn, optim
 from pipeline.stats import Applied, LayerStats
 from pipeline.synthetic import SGModule
+
+Send = Callable[[np.ndarray], None] | None  # takes an array as soon as it is computed
 
 
 @dataclass
@@ -203,23 +206,34 @@ class HiddenLayer:
         return nn.activate(self.activation, z), cache
 
     def _grads(self, x: np.ndarray, h: np.ndarray, cache: tuple | None, dh: np.ndarray,
-               need_dx: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+               need_dx: bool, send_dx: Send = None
+               ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         """Parameter gradients (batch-mean loss) and the per-example dx, from
-        the per-example gradient dh at the output, with the current weights."""
+        the per-example gradient dh at the output, with the current weights.
+        dx comes first, handed to ``send_dx`` before the weight gradient is
+        computed: the layer above can start on it meanwhile."""
         dz = dh * nn.activation_slope(self.activation, h)
         extra = {}
         if cache is not None:
             dz, extra["gamma"], extra["beta"] = bn.bn_backward(dz, cache, self.norm[0])
-        dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
+        dx = nn.input_grad(dz, self.w) if need_dx else None
+        if send_dx is not None and dx is not None:
+            send_dx(dx)
+        dw, db, _ = nn.dense_grads(x, dz, self.w, need_dx=False)
         return {"w": dw, "b": db, **extra}, dx
 
     # -- forward --------------------------------------------------------------
-    def forward(self, batch: int, x: np.ndarray, y: np.ndarray | None, need_dx: bool
+    def forward(self, batch: int, x: np.ndarray, y: np.ndarray | None, need_dx: bool,
+                send_h: Send = None, send_dx: Send = None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """Training forward pass of ``batch``. Returns (h, dx): dx is the
-        gradient to send upstream now (DNI), or None (backprop modes)."""
+        gradient to send upstream now (DNI), or None (backprop modes).
+        ``send_h`` and ``send_dx`` get each as soon as it is known, before the
+        rest of the step (a worker sends them on at once)."""
         assert batch not in self.pending, f"batch {batch} forwarded twice"
         h, cache = self._forward(x, train=True)
+        if send_h is not None:
+            send_h(h)
         self.clock += 1
         self.stats.forward_batches += 1
         if not self.uses_sg:
@@ -227,7 +241,7 @@ class HiddenLayer:
             return h, None
         sg_in = nn.sg_input(h, y if self.conditioned else None)
         g, acts = self.sg.predict(sg_in)
-        grads, dx = self._grads(x, h, cache, g, need_dx)
+        grads, dx = self._grads(x, h, cache, g, need_dx, send_dx)
         _descend(self, grads)
         self.pending[batch] = _Pending(self.clock, time.monotonic(), sg_in=sg_in, sg_pred=g,
                                        sg_acts=acts, sg_version=self.sg.version)
@@ -260,8 +274,11 @@ class HiddenLayer:
         """Batches whose gradient is due but has not arrived yet."""
         return sum(1 for b in self.pending if b not in self.arrived and self.is_due(b))
 
-    def apply_ready(self, need_dx: bool) -> list[Applied]:
-        """Apply every arrived gradient that is due, oldest batch first."""
+    def apply_ready(self, need_dx: bool,
+                    send_dx: Callable[[int, np.ndarray], None] | None = None) -> list[Applied]:
+        """Apply every arrived gradient that is due, oldest batch first;
+        backprop modes hand each dx to ``send_dx(batch, dx)`` as soon as it
+        is known, before the weight gradient and update."""
         done = []
         for batch in sorted(self.arrived):
             if not self.is_due(batch):
@@ -271,7 +288,8 @@ class HiddenLayer:
             if self.uses_sg:
                 a = self._train_sg(batch, p, grad)
             else:
-                a = self._backward(batch, p, grad, need_dx)
+                early = None if send_dx is None else (lambda dx, b=batch: send_dx(b, dx))
+                a = self._backward(batch, p, grad, need_dx, early)
             self.stats.record(a)
             done.append(a)
         return done
@@ -284,8 +302,9 @@ class HiddenLayer:
         self.stats.expired_gradients += n
         return n
 
-    def _backward(self, batch: int, p: _Pending, dh: np.ndarray, need_dx: bool) -> Applied:
-        grads, dx = self._grads(p.x, p.h, p.norm, dh, need_dx)
+    def _backward(self, batch: int, p: _Pending, dh: np.ndarray, need_dx: bool,
+                  send_dx: Send = None) -> Applied:
+        grads, dx = self._grads(p.x, p.h, p.norm, dh, need_dx, send_dx)
         _descend(self, grads)
         return Applied(batch, dx, self.clock - p.clock, time.monotonic() - p.sent_at)
 

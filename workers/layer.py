@@ -64,19 +64,28 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     act_line = (DelayLine(delay_s, jitter_s, layer_rng(cfg, index, 4))
                 if cfg.delay_activations else None)
     slowdown = cfg.slowdown(index)
+    # Activations and input gradients go out the moment they are computed,
+    # so the neighbours work on them while this layer finishes its step
+    # (in locked backprop the layer above computes its dx while this one
+    # computes its weight gradient). A straggler (--slow) sends when done,
+    # as a slow layer would.
+    early = slowdown == 1.0
     epoch_stats = LayerEpoch(link.role, cfg.batches_per_epoch)
     started = time.perf_counter()
 
+    def send_up(batch: int, dx) -> None:
+        put(up, wire.GRAD, batch, (dx,))
+
     def applied(a: Applied) -> None:
-        if a.dx is not None:
-            put(up, wire.GRAD, a.batch, (a.dx,))
+        if a.dx is not None and not early:
+            send_up(a.batch, a.dx)
         event = epoch_stats.add(a, time.perf_counter() - started)
         if event:
             link.event(event)
 
     def settle() -> None:
         t0 = time.perf_counter()
-        done = layer.apply_ready(need_dx=up is not None)
+        done = layer.apply_ready(need_dx=up is not None, send_dx=send_up if early else None)
         if done:
             straggle(t0, slowdown)
         for a in done:
@@ -101,11 +110,16 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
         if msg.kind == wire.ACT:
             x, y = msg.arrays
             t0 = time.perf_counter()
-            h, dx = layer.forward(msg.batch, x, y, need_dx=up is not None)
-            straggle(t0, slowdown)
-            put(down, wire.ACT, msg.batch, (h, y))
-            if dx is not None:
-                put(up, wire.GRAD, msg.batch, (dx,))
+            if early:
+                layer.forward(msg.batch, x, y, need_dx=up is not None,
+                              send_h=lambda h: put(down, wire.ACT, msg.batch, (h, y)),
+                              send_dx=lambda dx: send_up(msg.batch, dx))
+            else:
+                h, dx = layer.forward(msg.batch, x, y, need_dx=up is not None)
+                straggle(t0, slowdown)
+                put(down, wire.ACT, msg.batch, (h, y))
+                if dx is not None:
+                    send_up(msg.batch, dx)
             settle()  # the clock moved: gradients may have become due
             return False
         if msg.kind == wire.EVAL:
