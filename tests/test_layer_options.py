@@ -284,3 +284,32 @@ def test_checkpoint_round_trip_restores_adam_state():
         assert (b.clock, b.step) == (a.clock, a.step)
     assert b_hid.sg_version == a_hid.sg_version
     assert differs, "without the Adam state the runs should part"
+
+
+@pytest.mark.parametrize("mode", ["dni", "backprop"])
+def test_activations_and_input_gradients_are_handed_out_before_the_update(mode):
+    """send_h gets h before anything else, send_dx gets dx while the weights
+    are still the ones the forward pass used; both equal what is returned."""
+    rng = np.random.default_rng(40)
+    layer = HiddenLayer(2, 5, 4, mode=mode, activation="sigmoid", lr=0.5, sg_lr=0.1,
+                        label_dim=3, rng=np.random.default_rng(1))
+    if layer.sg is not None:
+        layer.sg.v[...] = rng.standard_normal(layer.sg.v.shape)  # a non-zero SG: W moves
+    w0 = layer.w.copy()
+    seen = []
+    x, y = rng.standard_normal((6, 5)), np.eye(3)[rng.integers(0, 3, 6)]
+    h, dx = layer.forward(0, x, y, need_dx=True,
+                          send_h=lambda a: seen.append(("h", a, layer.w.copy())),
+                          send_dx=lambda a: seen.append(("dx", a, layer.w.copy())))
+    if mode == "backprop":
+        assert [s[0] for s in seen] == ["h"] and dx is None
+        layer.receive(0, rng.standard_normal((6, 4)))
+        [applied] = layer.apply_ready(need_dx=True,
+                                      send_dx=lambda b, a: seen.append(("dx", a, layer.w.copy())))
+        dx = applied.dx
+    assert [s[0] for s in seen] == ["h", "dx"]
+    assert seen[0][1] is h
+    assert np.array_equal(seen[1][1], dx)
+    for _, _, w in seen:
+        np.testing.assert_array_equal(w, w0)      # handed out before the update
+    assert not np.array_equal(layer.w, w0)        # and the update did happen
