@@ -113,16 +113,25 @@ def _run(args: list[str], blas_threads: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, OMP_NUM_THREADS=str(blas_threads),
                    OPENBLAS_NUM_THREADS=str(blas_threads), MKL_NUM_THREADS=str(blas_threads))
+        # A run that fails (diverges) still has a summary: its row says so.
         subprocess.run([sys.executable, str(ROOT / "launch.py"), *args, "--quiet",
-                        "--blas-threads", "1", "--run-dir", f"{tmp}/run"], check=True, env=env,
-                       cwd=ROOT, stdout=subprocess.DEVNULL)
+                        "--blas-threads", "1", "--run-dir", f"{tmp}/run"], env=env,
+                       cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         summary = json.loads(Path(f"{tmp}/run/summary.json").read_text())
         lines = Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()
         summary["events"] = [json.loads(line) for line in lines]
         return summary
 
 
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def _show(name: str, label: str, s: dict) -> None:
+    if s["status"] != "completed":
+        print(f"  {name:>14} {label:<34} {s['status']}: "
+              f"{s.get('error', {}).get('message', '')}", flush=True)
+        return
     print(f"  {name:>14} {label:<34} {s['batches_per_s']:9.1f} batches/s "
           f"({s['wall_s']:.1f} s wall, {_cpu_ms_per_batch(s):.2f} ms CPU per batch)", flush=True)
 
@@ -138,9 +147,11 @@ PIPELINE_RUNS = [("reference dni (1 thread)", ["--mode", "dni", "--in-process"],
                  ("pipeline cdni", ["--mode", "cdni"], 1)]
 
 
-def _cpu_ms_per_batch(s: dict) -> float:
+def _cpu_ms_per_batch(s: dict) -> float | None:
     """CPU time of every process that trains (not the supervisor) per batch:
     the arithmetic and messaging a batch costs, whatever the schedule."""
+    if not s["batches"]:
+        return None
     return sum(t for role, t in s["cpu_s"].items() if role != "supervisor") / s["batches"] * 1e3
 
 
@@ -153,26 +164,29 @@ def bench_pipeline(name: str, task: list[str], rounds: int) -> dict:
         for label, extra, threads in PIPELINE_RUNS:
             s = _run(task + extra, threads or os.cpu_count() or 1)
             _show(name, label, s)
-            if label not in rows or s["batches_per_s"] > rows[label]["batches_per_s"]:
+            if s["status"] != "completed":
+                rows.setdefault(label, {"batches_per_s": None, "wall_s": s["wall_s"],
+                                        "cpu_ms_per_batch": None, "status": s["status"]})
+            elif label not in rows or (rows[label]["batches_per_s"] or 0) < s["batches_per_s"]:
                 rows[label] = {"batches_per_s": s["batches_per_s"], "wall_s": s["wall_s"],
                                "cpu_ms_per_batch": _cpu_ms_per_batch(s)}
     bps = {k: v["batches_per_s"] for k, v in rows.items()}
     cpu = {k: v["cpu_ms_per_batch"] for k, v in rows.items()}
     ref = bps["reference dni (1 thread)"]
-    ratios = {"pipeline dni / reference dni": bps["pipeline dni"] / ref,
+    ratios = {"pipeline dni / reference dni": _div(bps["pipeline dni"], ref),
               "pipeline dni without SG refresh / reference dni":
-                  bps["pipeline dni, no SG refresh"] / ref,
+                  _div(bps["pipeline dni, no SG refresh"], ref),
               "pipeline backprop / reference backprop":
-                  bps["pipeline backprop (locked)"] / bps["reference backprop"],
+                  _div(bps["pipeline backprop (locked)"], bps["reference backprop"]),
               "pipeline dni / pipeline backprop":
-                  bps["pipeline dni"] / bps["pipeline backprop (locked)"],
-              "reference dni / reference backprop": ref / bps["reference backprop"],
+                  _div(bps["pipeline dni"], bps["pipeline backprop (locked)"]),
+              "reference dni / reference backprop": _div(ref, bps["reference backprop"]),
               # How much more CPU a batch costs in the pipeline than in the
               # reference; with n cores, n over it bounds the speed-up.
               "cpu per batch, pipeline dni / reference dni":
-                  cpu["pipeline dni"] / cpu["reference dni (1 thread)"],
+                  _div(cpu["pipeline dni"], cpu["reference dni (1 thread)"]),
               "cpu per batch, pipeline dni without SG refresh / reference dni":
-                  cpu["pipeline dni, no SG refresh"] / cpu["reference dni (1 thread)"]}
+                  _div(cpu["pipeline dni, no SG refresh"], cpu["reference dni (1 thread)"])}
     return {"runs": rows, "ratios": ratios}
 
 
@@ -243,7 +257,7 @@ def main() -> int:
         results["compute-heavy"] = bench_pipeline("heavy", heavy, 1 if a.quick else 2)
         for name in ("seed task", "compute-heavy"):
             for k, v in results[name]["ratios"].items():
-                print(f"  {name:>14}: {k} = {v:.2f}")
+                print(f"  {name:>14}: {k} = " + ("n/a (a run failed)" if v is None else f"{v:.2f}"))
     if "scaling" in parts:
         print("scaling: pipeline dni / reference dni, hidden 1024", flush=True)
         results["scaling"] = bench_scaling(40 if a.quick else 100)

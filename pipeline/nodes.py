@@ -41,6 +41,11 @@ class _Pending:
         return (self.h if self.h is not None else self.sg_in).shape[0]
 
 
+class Diverged(ValueError):
+    """The loss is no longer a number: the weights have gone to inf or NaN,
+    and nothing further would be worth training or saving."""
+
+
 class Chance:
     """Yes with probability p, from the layer's own stream (so enabling one
     kind of chance never shifts another's draws); no draw when p is 0 or 1."""
@@ -370,6 +375,10 @@ class OutputLayer:
                    ) -> tuple[np.ndarray | None, float, int]:
         """Forward, loss, update. Returns (dx for upstream, loss, correct examples)."""
         dz, loss, correct = self._loss(x, y)
+        if not np.isfinite(loss):
+            raise Diverged(f"training diverged at batch {self.clock}: the loss is {loss} "
+                           f"(activations or weights went to inf or NaN); try a smaller "
+                           f"--lr or --sg-lr")
         dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
         _descend(self, {"w": dw, "b": db})
         self.clock += 1

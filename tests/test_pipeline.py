@@ -306,3 +306,18 @@ def test_sg_quality_is_reported(launch):
     q = run.summary()["layers"][1]["sg_quality"]
     assert q["cosine"]["count"] > 0 and -1 <= q["cosine"]["p10"] <= q["cosine"]["p90"] <= 1
     assert q["rel_err"]["mean"] > 0 and q["sg_loss"]["count"] == Config(epochs=100).total_batches
+
+
+@pytest.mark.parametrize("where", ["pipeline", "in-process"])
+def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_weights(launch, where):
+    """ReLU layers at a step of 50 blow up to inf within a few batches: the run
+    fails naming the cause, instead of training on NaN to the end."""
+    run = launch("--quiet", "--activation", "relu", "--lr", "50", "--epochs", "50",
+                 *(["--in-process"] if where == "in-process" else []))
+    assert run.finish() == 1, run.err
+    s = run.summary()
+    assert s["status"] == "failed"
+    assert s["error"]["role"] == ("output" if where == "pipeline" else "reference")
+    assert "diverged" in s["error"]["message"] and "--lr" in s["error"]["message"]
+    assert s["epochs_done"] < 50
+    assert not (run.run_dir / "weights").exists() or not any((run.run_dir / "weights").iterdir())

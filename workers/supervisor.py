@@ -19,6 +19,7 @@ from pipeline.cluster import Cluster
 from pipeline.control import HEARTBEAT_S, LIVENESS_S
 from pipeline.config import Config
 from pipeline.model import role_name, roles
+from pipeline.nodes import Diverged
 from pipeline.reference import train_reference
 from pipeline.rundir import RunDir, default_path
 from pipeline.summary import Progress, build_summary, layer_entry, table
@@ -83,7 +84,7 @@ def _run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int
             progress.epoch(event)
 
     start = time.perf_counter()
-    status, final, layers = "completed", None, []
+    status, final, layers, error = "completed", None, [], None
     try:
         result = train_reference(cfg, emit)
         for layer in result.hidden:
@@ -96,10 +97,12 @@ def _run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int
                   for L in [*result.hidden, result.output]]
     except KeyboardInterrupt:
         status = "interrupted"
+    except Diverged as exc:
+        status, error = "failed", {"role": "reference", "message": f"Diverged: {exc}"}
     progress.finish()
     summary = build_summary(cfg, status=status, run_id=run_id, final=final, layers=layers,
                             wall_s=time.perf_counter() - start,
-                            epochs_done=progress.epochs_done,
+                            epochs_done=progress.epochs_done, error=error,
                             peak_rss_mb={"reference": memory.peak_rss_mb()},
                             cpu_s={"reference": memory.cpu_s()})
     return _finish(rd, summary, stream)
