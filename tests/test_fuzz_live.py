@@ -3,6 +3,8 @@ counted and dropped, the workers run on, and the weights stay the
 reference's bit for bit."""
 from __future__ import annotations
 
+import itertools
+
 import msgpack
 import pytest
 import zmq
@@ -14,6 +16,7 @@ from tests.test_pipeline import assert_bit_identical, reference_weights
 from tests.test_wire import ALL_KINDS, WIRE_DTYPES, _msgpack_values
 
 
+_RUNS = itertools.count()
 RUN = "<this run>"  # stands for the run id, which exists only once the run starts
 
 
@@ -48,27 +51,33 @@ SOCKETS = [("layer1", "act"), ("layer1", "grad"), ("layer2", "act"), ("layer2", 
 def test_fuzz_on_live_sockets_changes_nothing(launch, garbage):
     # The garbage is drawn before the run starts, so it all arrives while the
     # workers are still reading; the run id is filled in once it is known.
-    run = launch("--lockstep", "--quiet", "--epochs", "300", "--seed", "8")
+    # A directory of its own: when an example fails, hypothesis runs it again
+    # to report it, and that run must not trip over the first one's.
+    run = launch("--lockstep", "--quiet", "--epochs", "300", "--seed", "8",
+                 name=f"run-{next(_RUNS)}")
     config = run.wait_started()
     ctx = zmq.Context()
     sent: dict[str, int] = {}
+    socks = {}
+    # The senders stay connected until the run is over: one that disconnects
+    # while its last messages wait behind a full inbox may lose them in
+    # ZeroMQ (seen over Unix sockets), and they would go uncounted.
     try:
-        socks = {}
         for (role, inbox), (header, bodies) in garbage:
             endpoint = config["processes"][role]["endpoints"][inbox]
             if header["r"] == RUN:
                 header = {**header, "r": config["run_id"]}
             if endpoint not in socks:
                 socks[endpoint] = ctx.socket(zmq.PUSH)
-                socks[endpoint].linger = 2000
                 socks[endpoint].connect(endpoint)
             socks[endpoint].send_multipart([msgpack.packb(header, use_bin_type=True), *bodies])
             sent[role] = sent.get(role, 0) + 1
-        for s in socks.values():
-            s.close()
+        code = run.finish()
     finally:
+        for s in socks.values():
+            s.close(linger=0)
         ctx.term()
-    assert run.finish() == 0, run.err
+    assert code == 0, run.err
     errors = {L["role"]: L["decode_errors"] for L in run.summary()["layers"]}
     assert errors == {r: sent.get(r, 0) for r in ("layer1", "layer2", "output")}
     assert_bit_identical(run, reference_weights(Config(lockstep=True, epochs=300, seed=8)))

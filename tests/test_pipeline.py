@@ -167,18 +167,22 @@ def test_garbage_on_live_sockets_is_counted_and_harmless(launch):
     config = run.wait_started()
     ctx = zmq.Context()
     sent: dict[str, int] = {}
+    # The garbage senders stay connected until the run is over: a sender that
+    # disconnects while its last messages wait behind a full inbox (the high-
+    # water mark) may lose them in ZeroMQ (seen over Unix sockets), and then
+    # they would not be counted. The pipeline's own senders never do that.
+    held = []
     try:
         for role, proc in config["processes"].items():
             for name, endpoint in proc["endpoints"].items():
                 sock = ctx.socket(zmq.PUSH)
-                sock.linger = 2000
+                held.append(sock)
                 sock.connect(endpoint)
                 header = {"v": wire.PROTOCOL_VERSION, "k": "act", "r": config["run_id"],
                           "b": 123456, "s": "source", "t": 0, "a": [], "m": {}}
                 for msg in _garbage(config["run_id"], header):
                     sock.send_multipart(msg)
                     sent[role] = sent.get(role, 0) + 1
-                sock.close()
                 # Far past the hard limit: ZeroMQ refuses it and drops this
                 # sender; it never reaches the worker, so it is not counted.
                 huge = ctx.socket(zmq.PUSH)
@@ -186,9 +190,12 @@ def test_garbage_on_live_sockets_is_counted_and_harmless(launch):
                 huge.connect(endpoint)
                 huge.send(bytes(4 << 20))
                 huge.close()
+        code = run.finish()
     finally:
+        for sock in held:
+            sock.close(linger=0)
         ctx.term()
-    assert run.finish() == 0, run.err
+    assert code == 0, run.err
     s = run.summary()
     assert s["status"] == "completed"
     errors = {L["role"]: L["decode_errors"] for L in s["layers"]}
