@@ -130,7 +130,8 @@ def load_layer_state(layer: "HiddenLayer | OutputLayer", meta: dict,
     layer.stats.load_state(meta["stats"])
     layer.update.rng.bit_generator.state = json.loads(meta["update_rng"])
     if isinstance(layer, HiddenLayer):
-        layer.sg.version = int(meta["sg_version"]) if layer.sg else 0
+        if layer.sg is not None:
+            layer.sg.version = int(meta["sg_version"])
         layer.drop.rng.bit_generator.state = json.loads(meta["drop_rng"])
         layer.stats.expired_gradients += int(meta["expired"])
 

@@ -313,3 +313,20 @@ def test_activations_and_input_gradients_are_handed_out_before_the_update(mode):
     for _, _, w in seen:
         np.testing.assert_array_equal(w, w0)      # handed out before the update
     assert not np.array_equal(layer.w, w0)        # and the update did happen
+
+
+@pytest.mark.parametrize("mode", ["backprop", "async-backprop"])
+def test_checkpoint_round_trip_of_a_layer_without_sg_module(mode):
+    """A backprop layer has no SG module: its checkpoint loads all the same."""
+    def make():
+        return HiddenLayer(1, 4, 3, mode=mode, activation="relu", lr=0.1, sg_lr=0.1,
+                           label_dim=2, rng=np.random.default_rng(0), optimizer="adam")
+    rng = np.random.default_rng(2)
+    a, b = make(), make()
+    a.forward(0, rng.standard_normal((5, 4)), None, need_dx=False)
+    a.receive(0, rng.standard_normal((5, 3)))
+    a.apply_ready(need_dx=False)
+    load_layer_state(b, *layer_state(a))
+    for name, value in a.weights().items():
+        assert np.array_equal(b.weights()[name], value), name
+    assert (b.clock, b.step, b.sg_version) == (a.clock, a.step, 0)
