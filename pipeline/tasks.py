@@ -40,9 +40,9 @@ def resolve(cfg: Config, limit_examples: bool = True) -> Config:
         return cfg
     splits = _read(cfg)
     train, test = splits["train"], splits.get("test")
-    classes = int(max(train.y.max(), test.y.max() if test else 0)) + 1
-    if cfg.dataset == "mnist":
-        classes = 10
+    # MNIST has ten classes whatever a file holds; an archive, as many as its labels name.
+    classes = 10 if cfg.dataset == "mnist" else int(
+        max(train.y.max(), test.y.max() if test else 0)) + 1
     examples = cfg.examples if limit_examples else len(train.y)
     if examples > len(train.y):
         raise ConfigError("--examples", f"{cfg.dataset} has {len(train.y)} training examples, "
