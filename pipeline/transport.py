@@ -76,7 +76,17 @@ class Net:
             s.setsockopt(zmq.MAXMSGSIZE, max_frame)
         if self.keys is not None:
             security.make_server(s, self.keys)
-        s.bind(self.endpoint(offset, data))
+        endpoint = self.endpoint(offset, data)
+        try:
+            s.bind(endpoint)
+        except zmq.ZMQError as exc:
+            s.close()
+            if exc.errno == zmq.EADDRINUSE and self.port:
+                raise OSError(
+                    f"cannot listen on {endpoint}: another process holds that port; "
+                    "give this role another port in the cluster file (on Linux, ports "
+                    "below 32768 are never handed to outgoing connections)") from None
+            raise
         return s, s.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def connect(self, kind: int, endpoint: str, server_role: str, hwm: int = 1000,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,18 +25,34 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(90)
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_ports(n: int) -> list[int]:
-    """n ports, each with the next one free too (hidden layers use PORT+1)."""
+    """n ports, each with the next one free too (hidden layers use PORT+1),
+    chosen outside the range the kernel hands to outgoing connections: a port
+    from that range can be taken by one of the run's own connects between
+    this check and the role's bind (CI saw exactly that)."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(10000, 65535, 2) if not low - 1 <= p <= high]
+    rng = random.SystemRandom()  # concurrent test runs do not pick alike
     ports: list[int] = []
     while len(ports) < n:
+        port = rng.choice(candidates)
+        if port in ports:
+            continue
         with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
             try:
+                a.bind(("127.0.0.1", port))
                 b.bind(("127.0.0.1", port + 1))
             except OSError:
                 continue
-            ports.append(port)
+        ports.append(port)
     return ports
 
 

@@ -90,3 +90,16 @@ def test_expect_rejects(msg, reason):
 def test_expect_accepts_eof_and_good_shapes():
     expect(wire.Message(wire.EOF, "r"), (wire.ACT, wire.EOF), [(None, 4)], F64, 8)
     expect(act(0), (wire.ACT,), [(None, 4), (None, 3)], F64, 8)
+
+
+def test_a_taken_cluster_port_gets_an_error_naming_the_port_and_the_fix():
+    ctx = zmq.Context()
+    holder = ctx.socket(zmq.PULL)
+    holder.linger = 0
+    port = holder.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with pytest.raises(OSError, match=f"127.0.0.1:{port}: another process holds that port"):
+            Net(ctx, port=port).bind(zmq.PULL)
+    finally:
+        holder.close()
+        ctx.term()
