@@ -25,9 +25,13 @@ ARGS = ["--lockstep", "--epochs", "60", "--checkpoint-every", "10", "--seed", "6
         "--update-prob", "0.8", "--drop-prob", "0.1", "--quiet"]
 
 
-@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
-def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(launch, how):
-    run = launch(*ARGS)
+@pytest.mark.parametrize("mode,how", [
+    ("cdni", signal.SIGINT), ("cdni", signal.SIGKILL), ("dni", signal.SIGKILL),
+    ("backprop", signal.SIGKILL), ("async-backprop", signal.SIGINT)])
+def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(launch, mode, how):
+    """Every mode: what a checkpoint holds differs (SG modules and their
+    versions, or none), and each must come back whole."""
+    run = launch(*ARGS, "--mode", mode)
     run.wait_started()
     run.wait_for(lambda: (latest(run) or 0) >= 19, "a checkpoint after epoch 20")
     if how == signal.SIGKILL:   # a crash: no summary, no clean-up
@@ -53,7 +57,7 @@ def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(launch, how):
         resumed.kill()
     summary = resumed.summary()
     assert summary["status"] == "completed" and summary["epochs_done"] == 60
-    cfg = Config(lockstep=True, epochs=60, seed=6, update_prob=0.8, drop_prob=0.1)
+    cfg = Config(lockstep=True, epochs=60, seed=6, update_prob=0.8, drop_prob=0.1, mode=mode)
     assert_bit_identical(resumed, reference_weights(cfg))
     # The counters run on across the resume: every batch is there once.
     for layer in summary["layers"]:
