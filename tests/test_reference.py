@@ -32,30 +32,53 @@ def initial_weights(cfg: Config):
     return [(h.w.copy(), h.b.copy()) for h in hs], (out.w.copy(), out.b.copy())
 
 
-def plain_backprop(cfg: Config):
-    """Mini-batch SGD on the batch-mean BCE, all gradients from one forward pass."""
+def batches(cfg: Config):
+    """The seed task's batches, epoch after epoch, in order; the last batch of
+    an epoch may be short."""
     x, y = data.addition(cfg.bits, cfg.examples, cfg.seed)
-    layers, (wo, bo) = initial_weights(cfg)
     for _ in range(cfg.epochs):
         for start in range(0, cfg.examples, cfg.batch_size):
-            xb, yb = x[start:start + cfg.batch_size], y[start:start + cfg.batch_size]
-            n = len(xb)
-            hs = [xb]
-            for w, b in layers:
-                hs.append(act(cfg.activation, hs[-1] @ w + b))
-            p = act("sigmoid", hs[-1] @ wo + bo)
-            d = p - yb                                  # (n, bits) per-example dl/dz
-            grads = [(hs[-1].T @ d / n, d.sum(0) / n)]
-            dh = d @ wo.T
-            for k in range(len(layers) - 1, -1, -1):
-                dz = dh * slope(cfg.activation, hs[k + 1])
-                grads.append((hs[k].T @ dz / n, dz.sum(0) / n))
-                dh = dz @ layers[k][0].T
-            grads.reverse()                             # hidden 1..L-1, then output
-            params = layers + [(wo, bo)]
-            for (w, b), (gw, gb) in zip(params, grads):
-                w -= cfg.lr * gw
-                b -= cfg.lr * gb
+            yield x[start:start + cfg.batch_size], y[start:start + cfg.batch_size]
+
+
+def forward(cfg: Config, layers, wo, bo, xb):
+    """Every hidden layer's output (after the input itself), and the output
+    layer's probabilities."""
+    hs = [xb]
+    for w, b in layers:
+        hs.append(act(cfg.activation, hs[-1] @ w + b))
+    return hs, act("sigmoid", hs[-1] @ wo + bo)
+
+
+def zero_sg_modules(cfg: Config, layers):
+    """A linear SG module per hidden layer, zero as the seed starts them; under
+    cdni its input is [h, y]."""
+    sgs = []
+    for w, _ in layers:
+        width = w.shape[1]
+        rows = width + (cfg.bits if cfg.mode == "cdni" else 0)
+        sgs.append((np.zeros((rows, width)), np.zeros(width)))
+    return sgs
+
+
+def plain_backprop(cfg: Config):
+    """Mini-batch SGD on the batch-mean BCE, all gradients from one forward pass."""
+    layers, (wo, bo) = initial_weights(cfg)
+    for xb, yb in batches(cfg):
+        n = len(xb)
+        hs, p = forward(cfg, layers, wo, bo, xb)
+        d = p - yb                                  # (n, bits) per-example dl/dz
+        grads = [(hs[-1].T @ d / n, d.sum(0) / n)]
+        dh = d @ wo.T
+        for k in range(len(layers) - 1, -1, -1):
+            dz = dh * slope(cfg.activation, hs[k + 1])
+            grads.append((hs[k].T @ dz / n, dz.sum(0) / n))
+            dh = dz @ layers[k][0].T
+        grads.reverse()                             # hidden 1..L-1, then output
+        params = layers + [(wo, bo)]
+        for (w, b), (gw, gb) in zip(params, grads):
+            w -= cfg.lr * gw
+            b -= cfg.lr * gb
     return layers, (wo, bo)
 
 
@@ -64,41 +87,34 @@ def plain_dni(cfg: Config):
     its SG prediction (from [h, y] under cdni) and passes (g*f') W^T down as
     the next-lower SG module's target; the output layer's true gradient is
     the top SG module's target."""
-    x, y = data.addition(cfg.bits, cfg.examples, cfg.seed)
     layers, (wo, bo) = initial_weights(cfg)
-    sgs = []
-    for w, _ in layers:
-        width = w.shape[1]
-        rows = width + (cfg.bits if cfg.mode == "cdni" else 0)
-        sgs.append((np.zeros((rows, width)), np.zeros(width)))
-    for _ in range(cfg.epochs):
-        for start in range(0, cfg.examples, cfg.batch_size):
-            xb, yb = x[start:start + cfg.batch_size], y[start:start + cfg.batch_size]
-            n = len(xb)
-            h = xb
-            cache = []                                  # (sg input, prediction, target sent down)
-            for (w, b), (v, c) in zip(layers, sgs):
-                h_in = h
-                h = act(cfg.activation, h_in @ w + b)
-                s_in = np.hstack([h, yb]) if cfg.mode == "cdni" else h
-                g = s_in @ v + c
-                dz = g * slope(cfg.activation, h)
-                down = dz @ w.T
-                w -= cfg.lr * h_in.T @ dz / n
-                b -= cfg.lr * dz.sum(0) / n
-                cache.append((s_in, g, down))
-            p = act("sigmoid", h @ wo + bo)
-            d = p - yb
-            target = d @ wo.T
-            wo -= cfg.lr * h.T @ d / n
-            bo -= cfg.lr * d.sum(0) / n
-            for k in range(len(layers) - 1, -1, -1):
-                s_in, g, down = cache[k]
-                v, c = sgs[k]
-                err = g - target
-                v -= cfg.sg_lr * s_in.T @ err / n
-                c -= cfg.sg_lr * err.sum(0) / n
-                target = down
+    sgs = zero_sg_modules(cfg, layers)
+    for xb, yb in batches(cfg):
+        n = len(xb)
+        h = xb
+        cache = []                                  # (sg input, prediction, target sent down)
+        for (w, b), (v, c) in zip(layers, sgs):
+            h_in = h
+            h = act(cfg.activation, h_in @ w + b)
+            s_in = np.hstack([h, yb]) if cfg.mode == "cdni" else h
+            g = s_in @ v + c
+            dz = g * slope(cfg.activation, h)
+            down = dz @ w.T
+            w -= cfg.lr * h_in.T @ dz / n
+            b -= cfg.lr * dz.sum(0) / n
+            cache.append((s_in, g, down))
+        p = act("sigmoid", h @ wo + bo)
+        d = p - yb
+        target = d @ wo.T
+        wo -= cfg.lr * h.T @ d / n
+        bo -= cfg.lr * d.sum(0) / n
+        for k in range(len(layers) - 1, -1, -1):
+            s_in, g, down = cache[k]
+            v, c = sgs[k]
+            err = g - target
+            v -= cfg.sg_lr * s_in.T @ err / n
+            c -= cfg.sg_lr * err.sum(0) / n
+            target = down
     return layers, (wo, bo), sgs
 
 
@@ -121,41 +137,35 @@ def plain_stale_backprop(cfg: Config):
     down through the hidden layers at step t + K, each using the activations
     cached at step t and its weights as they are at t + K. A gradient lost on
     its way to a layer never reaches the layers below it."""
-    x, y = data.addition(cfg.bits, cfg.examples, cfg.seed)
     layers, (wo, bo) = initial_weights(cfg)
     n_hidden = len(layers)
     update = [Draws(cfg, k + 1, 1, cfg.update_prob) for k in range(n_hidden)]
     drop = [Draws(cfg, k + 1, 2, cfg.drop_prob) for k in range(n_hidden)]
     out_update = Draws(cfg, cfg.layers, 1, cfg.update_prob)
     queue = []                                          # (activations, gradient for the top)
-    for _ in range(cfg.epochs):
-        for start in range(0, cfg.examples, cfg.batch_size):
-            xb, yb = x[start:start + cfg.batch_size], y[start:start + cfg.batch_size]
-            n = len(xb)
-            hs = [xb]
-            for w, b in layers:
-                hs.append(act(cfg.activation, hs[-1] @ w + b))
-            p = act("sigmoid", hs[-1] @ wo + bo)
-            d = p - yb
-            top = d @ wo.T
-            if out_update():
-                wo -= cfg.lr * hs[-1].T @ d / n
-                bo -= cfg.lr * d.sum(0) / n
-            queue.append((hs, None if drop[-1]() else top))
-            if len(queue) <= cfg.grad_delay:
-                continue
-            hs, dh = queue.pop(0)
-            n = len(hs[0])
-            for k in range(n_hidden - 1, -1, -1):
-                if dh is None:
-                    break
-                w, b = layers[k]
-                dz = dh * slope(cfg.activation, hs[k + 1])
-                down = dz @ w.T                         # the weights before this update
-                if update[k]():
-                    w -= cfg.lr * hs[k].T @ dz / n
-                    b -= cfg.lr * dz.sum(0) / n
-                dh = None if k > 0 and drop[k - 1]() else down
+    for xb, yb in batches(cfg):
+        n = len(xb)
+        hs, p = forward(cfg, layers, wo, bo, xb)
+        d = p - yb
+        top = d @ wo.T
+        if out_update():
+            wo -= cfg.lr * hs[-1].T @ d / n
+            bo -= cfg.lr * d.sum(0) / n
+        queue.append((hs, None if drop[-1]() else top))
+        if len(queue) <= cfg.grad_delay:
+            continue
+        hs, dh = queue.pop(0)
+        n = len(hs[0])
+        for k in range(n_hidden - 1, -1, -1):
+            if dh is None:
+                break
+            w, b = layers[k]
+            dz = dh * slope(cfg.activation, hs[k + 1])
+            down = dz @ w.T                         # the weights before this update
+            if update[k]():
+                w -= cfg.lr * hs[k].T @ dz / n
+                b -= cfg.lr * dz.sum(0) / n
+            dh = None if k > 0 and drop[k - 1]() else down
     return layers, (wo, bo)
 
 
@@ -164,53 +174,46 @@ def plain_stale_dni(cfg: Config):
     input cached at step t, with the module as it is at t + K; with
     --no-sg-refresh on the prediction it made at step t), updates and
     arriving targets subject to their chances."""
-    x, y = data.addition(cfg.bits, cfg.examples, cfg.seed)
     layers, (wo, bo) = initial_weights(cfg)
     n_hidden = len(layers)
-    sgs = []
-    for w, _ in layers:
-        width = w.shape[1]
-        rows = width + (cfg.bits if cfg.mode == "cdni" else 0)
-        sgs.append((np.zeros((rows, width)), np.zeros(width)))
+    sgs = zero_sg_modules(cfg, layers)
     update = [Draws(cfg, k + 1, 1, cfg.update_prob) for k in range(n_hidden)]
     drop = [Draws(cfg, k + 1, 2, cfg.drop_prob) for k in range(n_hidden)]
     out_update = Draws(cfg, cfg.layers, 1, cfg.update_prob)
     queue = []                                          # per batch: [sg input, target] per layer
-    for _ in range(cfg.epochs):
-        for start in range(0, cfg.examples, cfg.batch_size):
-            xb, yb = x[start:start + cfg.batch_size], y[start:start + cfg.batch_size]
-            n = len(xb)
-            h = xb
-            cache = []
-            for k, ((w, b), (v, c)) in enumerate(zip(layers, sgs)):
-                h_in = h
-                h = act(cfg.activation, h_in @ w + b)
-                s_in = np.hstack([h, yb]) if cfg.mode == "cdni" else h
-                pred = s_in @ v + c
-                dz = pred * slope(cfg.activation, h)
-                down = dz @ w.T
-                if update[k]():
-                    w -= cfg.lr * h_in.T @ dz / n
-                    b -= cfg.lr * dz.sum(0) / n
-                cache.append([s_in, None, pred])
-                if k > 0:
-                    cache[k - 1][1] = None if drop[k - 1]() else down
-            p = act("sigmoid", h @ wo + bo)
-            d = p - yb
-            target = d @ wo.T
-            if out_update():
-                wo -= cfg.lr * h.T @ d / n
-                bo -= cfg.lr * d.sum(0) / n
-            cache[-1][1] = None if drop[-1]() else target
-            queue.append(cache)
-            if len(queue) <= cfg.grad_delay:
+    for xb, yb in batches(cfg):
+        n = len(xb)
+        h = xb
+        cache = []
+        for k, ((w, b), (v, c)) in enumerate(zip(layers, sgs)):
+            h_in = h
+            h = act(cfg.activation, h_in @ w + b)
+            s_in = np.hstack([h, yb]) if cfg.mode == "cdni" else h
+            pred = s_in @ v + c
+            dz = pred * slope(cfg.activation, h)
+            down = dz @ w.T
+            if update[k]():
+                w -= cfg.lr * h_in.T @ dz / n
+                b -= cfg.lr * dz.sum(0) / n
+            cache.append([s_in, None, pred])
+            if k > 0:
+                cache[k - 1][1] = None if drop[k - 1]() else down
+        p = act("sigmoid", h @ wo + bo)
+        d = p - yb
+        target = d @ wo.T
+        if out_update():
+            wo -= cfg.lr * h.T @ d / n
+            bo -= cfg.lr * d.sum(0) / n
+        cache[-1][1] = None if drop[-1]() else target
+        queue.append(cache)
+        if len(queue) <= cfg.grad_delay:
+            continue
+        for (s_in, target, pred), (v, c) in zip(queue.pop(0), sgs):
+            if target is None:
                 continue
-            for (s_in, target, pred), (v, c) in zip(queue.pop(0), sgs):
-                if target is None:
-                    continue
-                err = (s_in @ v + c if cfg.sg_refresh else pred) - target
-                v -= cfg.sg_lr * s_in.T @ err / len(s_in)
-                c -= cfg.sg_lr * err.sum(0) / len(s_in)
+            err = (s_in @ v + c if cfg.sg_refresh else pred) - target
+            v -= cfg.sg_lr * s_in.T @ err / len(s_in)
+            c -= cfg.sg_lr * err.sum(0) / len(s_in)
     return layers, (wo, bo), sgs
 
 
