@@ -25,6 +25,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def run_launch(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python launch.py ARGS`` run to its end, its output captured."""
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one line a refused command prints: exit status 2, one line on stderr."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 class Launch:
     """One ``python launch.py ...`` run in its own process group."""
 

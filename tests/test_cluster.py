@@ -18,7 +18,7 @@ import zmq
 
 from pipeline import security, wire
 from pipeline.config import Config
-from tests.conftest import _alive
+from tests.conftest import _alive, error_line, run_launch
 from tests.test_pipeline import assert_bit_identical, reference_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,11 +263,8 @@ def test_a_peer_without_a_listed_key_reaches_nothing(tmp_path, roles, intruder):
 def test_bad_cluster_file_is_one_clear_error(tmp_path, text, reason):
     path = tmp_path / "c.toml"
     path.write_text(text)
-    done = subprocess.run([sys.executable, "launch.py", "--cluster", str(path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2
-    assert reason in done.stderr and str(path) in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    line = error_line(run_launch("--cluster", str(path), timeout=30))
+    assert reason in line and str(path) in line
 
 
 def test_cluster_run_on_a_classification_dataset_equals_the_reference(tmp_path, roles):

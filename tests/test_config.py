@@ -4,18 +4,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from pipeline.cli import parse
 from pipeline.config import Config, ConfigError
+from tests.conftest import error_line, run_launch
 
 pytestmark = pytest.mark.timeout(60)
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 # --- Config -----------------------------------------------------------------------------
@@ -312,11 +308,6 @@ def test_parse_error_in_process_is_one_line_exit_2(capsys):
 
 # --- the command line, as a user runs it ----------------------------------------------------
 
-def launch(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=30)
-
-
 BAD_ARGS = [
     (["--layers", "1"], "--layers"),
     (["--layers", "0"], "--layers"),
@@ -345,13 +336,11 @@ BAD_ARGS = [
 
 @pytest.mark.parametrize("argv, flag", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
 def test_launch_rejects_bad_args_in_one_line(argv, flag):
-    proc = launch(*argv)
-    assert proc.returncode == 2, proc.stderr
+    proc = run_launch(*argv)
+    line = error_line(proc)
     assert proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("launch.py: error: ")
-    assert flag in lines[0]
+    assert line.startswith("launch.py: error: ")
+    assert flag in line
 
 
 STALENESS_BAD_ARGS = [
@@ -370,16 +359,14 @@ STALENESS_BAD_ARGS = [
 @pytest.mark.parametrize("argv, flag", STALENESS_BAD_ARGS,
                          ids=[" ".join(a) for a, _ in STALENESS_BAD_ARGS])
 def test_launch_rejects_bad_staleness_args_in_one_line(argv, flag):
-    proc = launch(*argv)
-    assert proc.returncode == 2, proc.stderr
+    proc = run_launch(*argv)
+    line = error_line(proc)
     assert proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"launch.py: error: argument {flag}: "), lines[0]
+    assert line.startswith(f"launch.py: error: argument {flag}: "), line
 
 
 def test_launch_help_lists_every_option():
-    proc = launch("-h")
+    proc = run_launch("-h")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     for opt in ["--layers", "--hidden", "--mode", "--epochs", "--batch-size", "--lr", "--sg-lr",

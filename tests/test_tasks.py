@@ -3,15 +3,13 @@ in the run's dtype with one-hot labels, and batches reshuffled per epoch."""
 from __future__ import annotations
 
 import gzip
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from pipeline import cli, tasks
 from pipeline.config import Config, ConfigError
-from tests.conftest import ROOT
+from tests.conftest import error_line, run_launch
 
 
 def idx(path, array: np.ndarray, gz: bool = False) -> None:
@@ -104,18 +102,13 @@ def test_shuffled_batches_are_a_fresh_permutation_each_epoch():
     (["--dtype", "float16"], "--dtype"),
 ])
 def test_bad_data_options_get_one_clear_line(args, message):
-    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    line = error_line(run_launch(*args))
+    assert message in line and "Traceback" not in line, line
 
 
 def test_a_truncated_image_file_names_the_file(mnist_dir):
     path = mnist_dir / "t10k-labels-idx1-ubyte"
     path.write_bytes(path.read_bytes()[:-3])
-    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--dataset", "mnist",
-                           "--data-dir", str(mnist_dir)], capture_output=True, text=True,
-                          timeout=60)
+    proc = run_launch("--dataset", "mnist", "--data-dir", str(mnist_dir))
     assert proc.returncode == 2
     assert "t10k-labels-idx1-ubyte" in proc.stderr and "truncated" in proc.stderr
