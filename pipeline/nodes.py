@@ -157,8 +157,6 @@ class HiddenLayer:
         self.index = index
         self.mode = mode
         self.activation = activation
-        self.lr = lr
-        self.sg_lr = sg_lr
         self.grad_delay = grad_delay
         self.sg_refresh = sg_refresh
         self.update = update or Chance(1.0, rng)
@@ -352,7 +350,6 @@ class OutputLayer:
                  dtype: np.dtype = np.float64, optimizer: str = "sgd",
                  softmax: bool = False):
         self.index = index
-        self.lr = lr
         self.softmax = softmax
         self.update = update or Chance(1.0, rng)
         self.w, self.b = nn.init_dense(rng, fan_in, fan_out, dtype)
