@@ -34,14 +34,12 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.cli import parse_cluster
             from workers.host import run_cluster
             return run_cluster(parse_cluster(argv), sys.stdout)
-        from pipeline.cli import parse
+        from pipeline.cli import parse_run
         from pipeline.rundir import resume_config
         from workers.supervisor import run
-        cfg = parse(argv)
-        if "--resume" in " ".join(argv):
-            from pipeline.cli import build_parser
-            a = build_parser().parse_args(argv)
-            cfg, states = resume_config(a.resume, a.quiet)
+        cfg, resume = parse_run(argv)
+        if resume is not None:
+            cfg, states = resume_config(resume, cfg.quiet)
             return run(cfg, resume=states)
         return run(cfg)
     except ValueError as exc:  # bad input found past parsing: a file, a directory

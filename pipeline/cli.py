@@ -253,9 +253,15 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Co
         raise  # unreachable: error() exits
 
 
-def parse(argv: list[str] | None = None) -> Config:
+def parse_run(argv: list[str] | None = None) -> tuple[Config, str | None]:
+    """The run's Config, and the run directory named by --resume (or None)."""
     p = build_parser()
-    return _config(p, p.parse_args(argv))
+    a = p.parse_args(argv)
+    return _config(p, a), a.resume
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    return parse_run(argv)[0]
 
 
 @dataclass(frozen=True)

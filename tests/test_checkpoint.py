@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import Config
-from tests.conftest import Launch, assert_no_orphans
+from tests.conftest import Launch, assert_no_orphans, run_launch
 from tests.test_pipeline import assert_bit_identical, reference_weights
 
 pytestmark = pytest.mark.timeout(120)
@@ -77,3 +77,12 @@ def test_resume_refuses_what_cannot_be_resumed(launch, tmp_path):
     assert again.finish() == 2 and "latest.json" in again.err
     missing = Launch(tmp_path / "z", ["--resume", str(tmp_path / "nothing")])
     assert missing.finish() == 2 and "not a run directory" in missing.err
+
+
+def test_a_run_directory_named_like_the_flag_is_not_a_resume(tmp_path):
+    """Only the --resume option resumes; a path that merely contains the word
+    once made launch.py crash looking for a checkpoint."""
+    run_dir = tmp_path / "sweep--resume-1"
+    done = run_launch("--in-process", "--epochs", "2", "--quiet", "--run-dir", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
