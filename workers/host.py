@@ -12,7 +12,7 @@ from typing import TextIO
 from pipeline import cluster as clusters
 from pipeline.cli import ClusterArgs
 from pipeline import tasks
-from pipeline.rundir import RunDir, default_path, resume_config
+from pipeline.rundir import resume_config
 from workers import supervisor
 
 
@@ -41,9 +41,7 @@ def run_cluster(args: ClusterArgs, stream: TextIO) -> int:
             cfg = tasks.resolve(c.config(run_dir=args.run_dir or c.run.get("run_dir", ""),
                                          quiet=args.quiet),
                                 limit_examples="examples" in c.run)
-        rd = RunDir(cfg.run_dir or default_path(cfg.mode), resume=resume is not None)
-        if not cfg.quiet:
-            print(f"run directory: {rd.path}", file=stream, flush=True)
+        rd = supervisor.open_run_dir(cfg, resume is not None, stream)
         signal.signal(signal.SIGTERM, supervisor._interrupt)
         return supervisor.Supervisor(cfg, rd, secrets.token_hex(6), stream, cluster=c,
                                      spawn=workers, insecure=args.insecure,

@@ -63,15 +63,22 @@ def run(cfg: Config, stream: TextIO = sys.stdout, resume: dict | None = None) ->
     each layer role's checkpointed state, for a run that goes on from one."""
     # SIGTERM (a job scheduler, a plain `kill`) ends the run like Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
-    rd = RunDir(cfg.run_dir or default_path(cfg.mode), resume=resume is not None)
+    rd = open_run_dir(cfg, resume is not None, stream)
     run_id = secrets.token_hex(6)
-    if not cfg.quiet:
-        print(f"run directory: {rd.path}", file=stream, flush=True)
-        if resume is not None:
-            print(f"resuming at epoch {cfg.start_epoch + 1}", file=stream, flush=True)
     if cfg.in_process:
         return _run_in_process(cfg, rd, run_id, stream)
     return Supervisor(cfg, rd, run_id, stream, resume=resume).run()
+
+
+def open_run_dir(cfg: Config, resuming: bool, stream: TextIO) -> RunDir:
+    """The run directory (a new one, or the one a resumed run goes on in),
+    announced unless --quiet."""
+    rd = RunDir(cfg.run_dir or default_path(cfg.mode), resume=resuming)
+    if not cfg.quiet:
+        print(f"run directory: {rd.path}", file=stream, flush=True)
+        if resuming:
+            print(f"resuming at epoch {cfg.start_epoch + 1}", file=stream, flush=True)
+    return rd
 
 
 def _run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int:
