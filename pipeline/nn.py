@@ -170,7 +170,9 @@ class Adam:
         self.v = np.zeros(shape, dtype)
         self.t = 0
 
-    def step(self, param: np.ndarray, grad: np.ndarray) -> None:
+    def step(self, param: np.ndarray, grad: np.ndarray, scale: float = 1.0) -> None:
+        """One step; ``scale`` multiplies the step size for this step alone
+        (1.0 leaves the arithmetic exactly as without it)."""
         self.t += 1
         self.m *= self.beta1
         self.m += (1 - self.beta1) * grad
@@ -178,4 +180,4 @@ class Adam:
         self.v += (1 - self.beta2) * grad * grad
         m_hat = self.m / (1 - self.beta1 ** self.t)
         v_hat = self.v / (1 - self.beta2 ** self.t)
-        param -= self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+        param -= (self.lr * scale) * m_hat / (np.sqrt(v_hat) + self.eps)
