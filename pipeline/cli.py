@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 import sys
 from dataclasses import dataclass
 
@@ -79,6 +81,19 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _variant(text: str) -> tuple[str, list[str]]:
+    name, sep, options = text.partition(":")
+    name = name.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*", name):
+        raise argparse.ArgumentTypeError(
+            f"expected NAME: OPTIONS like 'bn: --batchnorm' (NAME of letters, digits, "
+            f"_ . + = -), got {text!r}")
+    try:
+        return name, shlex.split(options)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"variant {name}: {exc}") from None
+
+
 def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
     """The run's options; with ``sweep``, the grid's axes take lists instead."""
     if sweep:
@@ -93,6 +108,11 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
         g.add_argument("--grad-delay", type=_ints, default=[0, 1, 2, 4, 8, 16],
                        help="comma-separated injected gradient delays K")
         g.add_argument("--seeds", type=int, default=3, help="seeds per point: --seed, --seed+1, ...")
+        g.add_argument("--variant", type=_variant, action="append", default=[],
+                       metavar="'NAME: OPTIONS'",
+                       help="a named set of run options added to the others, e.g. "
+                            "'sgd: --optimizer sgd --lr 0.05 --momentum 0.9'; repeatable: "
+                            "every variant runs the whole grid (default: one, unnamed)")
         g.add_argument("--out", default="", help="sweep directory (default: sweeps/<time>)")
     else:
         p = _Parser(prog="launch.py", formatter_class=_Help,
@@ -138,6 +158,9 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
     tr.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                     help="for every layer and every SG module, each with its own state"
                          + _task_default("optimizer"))
+    tr.add_argument("--momentum", type=float, default=_default("momentum"),
+                    help="SGD's heavy-ball momentum for every layer and SG module "
+                         "(0: plain SGD; Adam keeps its own)")
     tr.add_argument("--lr", type=float, default=None,
                     help="layer learning rate, on the batch-mean loss" + _task_default("lr"))
     tr.add_argument("--sg-lr", type=float, default=None,
@@ -205,6 +228,25 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
                          "(the paper's update-decoupling experiment)")
     st.add_argument("--drop-prob", type=float, default=_default("drop_prob"),
                     help="each true-gradient message is lost with this probability")
+    rem = p.add_argument_group(
+        "staleness remedies (each off at 0; tau: a gradient's staleness in the layer's "
+        "steps, tau_bar: the running mean of the last ~10; see docs/staleness.md)")
+    rem.add_argument("--sg-boost", type=float, default=_default("sg_boost"), metavar="A",
+                     help="two timescales: an SG module regressing a target tau steps stale "
+                          "steps (1 + A*tau) times --sg-lr")
+    rem.add_argument("--lr-staleness", type=float, default=_default("lr_staleness"),
+                     metavar="B",
+                     help="staleness-aware layer step, lr / (1 + B*tau): tau of the true "
+                          "gradient applied (async-backprop), tau_bar of the SG module's "
+                          "feedback (dni, cdni)")
+    rem.add_argument("--sg-lookahead", type=float, default=_default("sg_lookahead"),
+                     metavar="S",
+                     help="weight prediction: a layer steps on its SG module extrapolated "
+                          "S*tau_bar of the module's updates ahead along its recent drift")
+    rem.add_argument("--delay-comp", type=float, default=_default("delay_comp"),
+                     metavar="LAMBDA",
+                     help="async-backprop: DC-ASGD's correction g + LAMBDA*g*g*(w_now - w_then) "
+                          "of a true gradient computed at older weights")
     out = p.add_argument_group("output")
     if not sweep:
         out.add_argument("--run-dir", default="",
@@ -233,7 +275,10 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Co
         cfg = Config(layers=fields["layers"], hidden=hidden, activation=fields["activation"],
                       mode=fields["mode"], epochs=fields["epochs"],
                       batch_size=fields["batch_size"], lr=fields["lr"], sg_lr=fields["sg_lr"],
-                      optimizer=fields["optimizer"], sg_hidden=fields["sg_hidden"] or (),
+                      optimizer=fields["optimizer"], momentum=fields["momentum"],
+                      sg_boost=fields["sg_boost"], lr_staleness=fields["lr_staleness"],
+                      sg_lookahead=fields["sg_lookahead"], delay_comp=fields["delay_comp"],
+                      sg_hidden=fields["sg_hidden"] or (),
                       batchnorm=fields["batchnorm"], sg_refresh=fields["sg_refresh"],
                       dtype=fields["dtype"],
                       dataset=fields["dataset"], data_dir=fields["data_dir"],
@@ -266,11 +311,19 @@ def parse(argv: list[str] | None = None) -> Config:
 
 @dataclass(frozen=True)
 class SweepArgs:
-    base: Config            # every run option; mode, delay and seed vary per point
+    bases: dict[str, Config]  # per variant ("" without), every run option; mode,
+                              # delay and seed vary per point
     modes: list[str]
     delays: list[int]
     seeds: list[int]
     out: str
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.bases)
+
+
+GRID_AXES = ("modes", "grad_delay", "seed", "seeds", "out")
 
 
 def parse_sweep(argv: list[str]) -> SweepArgs:
@@ -281,12 +334,26 @@ def parse_sweep(argv: list[str]) -> SweepArgs:
     if min(a.grad_delay) < 0:
         p.error("argument --grad-delay: delays must be at least 0")
     seeds = list(range(a.seed, a.seed + a.seeds))
-    # Check every point's configuration now, not an hour into the sweep.
-    for mode in a.modes:
-        for delay in ([0] if mode == "backprop" else a.grad_delay):
-            base = _config(p, a, mode=mode, grad_delay=delay, run_dir="")
-    base = _config(p, a, mode=a.modes[0], grad_delay=0, run_dir="")
-    return SweepArgs(base, a.modes, a.grad_delay, seeds, a.out)
+    parsed = {"": a}
+    if a.variant:
+        parsed = {}
+        for name, options in a.variant:
+            if name in parsed:
+                p.error(f"argument --variant: {name} is named twice")
+            va = p.parse_args(argv + options)
+            moved = [x for x in GRID_AXES if getattr(va, x) != getattr(a, x)]
+            if moved:
+                p.error(f"argument --variant: {name} sets --{moved[0].replace('_', '-')}; "
+                        "a variant holds run options, the grid's axes are the sweep's")
+            parsed[name] = va
+    bases = {}
+    for name, va in parsed.items():
+        # Check every point's configuration now, not an hour into the sweep.
+        for mode in a.modes:
+            for delay in ([0] if mode == "backprop" else a.grad_delay):
+                _config(p, va, mode=mode, grad_delay=delay, run_dir="")
+        bases[name] = _config(p, va, mode=a.modes[0], grad_delay=0, run_dir="")
+    return SweepArgs(bases, a.modes, a.grad_delay, seeds, a.out)
 
 
 def parse_report(argv: list[str]) -> str:

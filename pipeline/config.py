@@ -66,10 +66,16 @@ class Config:
     sg_lr: float = 0.03               # SG module step; at the layer lr it diverges
     seed: int = 1                     # data, initial weights: every random draw
     optimizer: str = "sgd"            # sgd or adam, for every layer and SG module (each its own state)
+    momentum: float = 0.0             # sgd: heavy-ball momentum (0: plain SGD); Adam has its own
     sg_hidden: tuple[int, ...] = ()   # hidden ReLU widths of the SG modules; () is linear
     sg_refresh: bool = True           # recompute a stale SG prediction before training on it
     batchnorm: bool = False           # batch normalisation in the hidden layers (Linear, BN, f)
     dtype: str = "float64"            # arrays in the math and on the wire
+    # staleness remedies (pipeline.staleness), each off at 0 --------------------------------
+    sg_boost: float = 0.0             # two timescales: an SG step on a target tau steps stale is (1 + A*tau) x sg_lr
+    lr_staleness: float = 0.0         # staleness-aware layer step: lr / (1 + B*tau) (Zhang et al. 2016)
+    sg_lookahead: float = 0.0         # weight prediction: step on the SG module extrapolated S*tau_bar updates ahead
+    delay_comp: float = 0.0           # async-backprop: DC-ASGD's first-order correction, lambda (Zheng et al. 2017)
     # data ------------------------------------------------------------------------
     dataset: str = "addition"         # addition (the seed task), mnist, or npz:PATH
     data_dir: str = ""                # --dataset mnist: the directory of the IDX files
@@ -161,6 +167,7 @@ class Config:
         need(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         need(all(h >= 1 for h in self.sg_hidden), "--sg-hidden", "widths must be positive")
         need(self.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}")
+        self._validate_remedies(need)
         self._validate_data(need)
         need(self.max_inflight >= 1, "--max-inflight", "must be at least 1")
         need(self.grad_delay >= 0, "--grad-delay", "must be at least 0")
@@ -188,6 +195,21 @@ class Config:
         need(not (wall_clock and self.in_process), "--in-process",
              "--link-delay and --slow act on real processes; the in-process reference has none")
         need(self.blas_threads >= 1, "--blas-threads", "must be at least 1")
+
+    def _validate_remedies(self, need) -> None:
+        need(0 <= self.momentum < 1, "--momentum", "must be in [0, 1)")
+        need(self.momentum == 0 or self.optimizer == "sgd", "--momentum",
+             "is SGD's; Adam keeps its own first moment")
+        for name in ("sg_boost", "lr_staleness", "sg_lookahead", "delay_comp"):
+            need(getattr(self, name) >= 0, flag(name), "must be at least 0")
+        for name in ("sg_boost", "sg_lookahead"):
+            need(getattr(self, name) == 0 or self.mode in SG_MODES, flag(name),
+                 f"acts on the synthetic-gradient modules: --mode cdni or dni, not {self.mode}")
+        need(self.lr_staleness == 0 or self.mode != "backprop", "--lr-staleness",
+             "locked backprop is never stale; use --mode async-backprop, dni or cdni")
+        need(self.delay_comp == 0 or self.mode == "async-backprop", "--delay-comp",
+             "corrects true gradients computed at older weights: --mode async-backprop only "
+             "(a DNI layer steps on synthetic gradients of its current weights)")
 
     def _validate_data(self, need) -> None:
         files = self.dataset != "addition"

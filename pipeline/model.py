@@ -32,7 +32,10 @@ def make_hidden(cfg: Config, index: int) -> HiddenLayer:
                        update=Chance(cfg.update_prob, layer_rng(cfg, index, 1)),
                        drop=Chance(cfg.drop_prob, layer_rng(cfg, index, 2)),
                        dtype=cfg.np_dtype, optimizer=cfg.optimizer, sg_hidden=cfg.sg_hidden,
-                       batchnorm=cfg.batchnorm, sg_refresh=cfg.sg_refresh)
+                       batchnorm=cfg.batchnorm, sg_refresh=cfg.sg_refresh,
+                       momentum=cfg.momentum, sg_boost=cfg.sg_boost,
+                       lr_staleness=cfg.lr_staleness, sg_lookahead=cfg.sg_lookahead,
+                       delay_comp=cfg.delay_comp)
 
 
 def make_output(cfg: Config) -> OutputLayer:
@@ -41,4 +44,4 @@ def make_output(cfg: Config) -> OutputLayer:
     return OutputLayer(n, d[-2], d[-1], lr=cfg.lr, rng=layer_rng(cfg, n),
                        update=Chance(cfg.update_prob, layer_rng(cfg, n, 1)),
                        dtype=cfg.np_dtype, optimizer=cfg.optimizer,
-                       softmax=cfg.classification)
+                       softmax=cfg.classification, momentum=cfg.momentum)

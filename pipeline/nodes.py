@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline import batchnorm as bn
-from pipeline import nn, optim
+from pipeline import nn, optim, staleness
 from pipeline.stats import Applied, LayerStats
 from pipeline.synthetic import SGModule
 
@@ -34,7 +34,9 @@ class _Pending:
     sg_in: np.ndarray | None = None  # DNI: SG module input
     sg_pred: np.ndarray | None = None  # DNI: the synthetic gradient used
     sg_acts: list | None = None      # DNI: the SG module's layer inputs for that prediction
-    sg_version: int = 0              # SG module version that made sg_pred
+    sg_version: int = 0              # SG module version that made sg_pred; -1: the
+                                     # extrapolated module made it (--sg-lookahead)
+    then: dict | None = None         # --delay-comp: the weights the forward pass used
 
     @property
     def rows(self) -> int:
@@ -75,10 +77,12 @@ def sg_quality(pred: np.ndarray, true: np.ndarray) -> tuple[float | None, float 
     return cosine, rel
 
 
-def _descend(layer: "HiddenLayer | OutputLayer", grads: dict[str, np.ndarray]) -> None:
-    """One optimiser step on the layer's parameters, if its update chance says yes."""
+def _descend(layer: "HiddenLayer | OutputLayer", grads: dict[str, np.ndarray],
+             scale: float = 1.0) -> None:
+    """One optimiser step on the layer's parameters (its step size times
+    ``scale``), if its update chance says yes."""
     if layer.update():
-        layer.opt.step(grads)
+        layer.opt.step(grads, scale)
         layer.step += 1
         layer.stats.weight_updates += 1
     else:
@@ -105,7 +109,9 @@ def layer_state(layer: "HiddenLayer | OutputLayer") -> tuple[dict, dict[str, np.
         arrays.update({f"{prefix}.{k}": v for k, v in opt_arrays.items()})
     if isinstance(layer, HiddenLayer):
         meta.update(sg_version=layer.sg_version, drop_rng=_rng_state(layer.drop),
-                    expired=len(layer.pending))
+                    expired=len(layer.pending), tau_bar=layer.tau_bar)
+        if layer.sg is not None and layer.sg.drift is not None:
+            arrays.update({f"sg_drift.{k}": v.copy() for k, v in layer.sg.drift.items()})
     return meta, arrays
 
 
@@ -121,7 +127,7 @@ def load_layer_state(layer: "HiddenLayer | OutputLayer", meta: dict,
     live = layer.weights()
     for name, value in arrays.items():
         if "." not in name:
-            live[name][...] = value
+            live[name][...] = value  # optimiser state and drift carry a prefix
     for prefix, opt in _optimizers(layer).items():
         opt.load_state(meta.get(prefix, {}), {k.removeprefix(prefix + "."): v
                                               for k, v in arrays.items()
@@ -132,6 +138,10 @@ def load_layer_state(layer: "HiddenLayer | OutputLayer", meta: dict,
     if isinstance(layer, HiddenLayer):
         if layer.sg is not None:
             layer.sg.version = int(meta["sg_version"])
+            if layer.sg.drift is not None:
+                for k, v in layer.sg.drift.items():
+                    v[...] = arrays[f"sg_drift.{k}"]
+        layer.tau_bar = float(meta.get("tau_bar", 0.0))
         layer.drop.rng.bit_generator.state = json.loads(meta["drop_rng"])
         layer.stats.expired_gradients += int(meta["expired"])
 
@@ -153,7 +163,9 @@ class HiddenLayer:
                  update: Chance | None = None, drop: Chance | None = None,
                  dtype: np.dtype = np.float64, optimizer: str = "sgd",
                  sg_hidden: tuple[int, ...] = (), batchnorm: bool = False,
-                 sg_refresh: bool = True):
+                 sg_refresh: bool = True, momentum: float = 0.0, sg_boost: float = 0.0,
+                 lr_staleness: float = 0.0, sg_lookahead: float = 0.0,
+                 delay_comp: float = 0.0):
         self.index = index
         self.mode = mode
         self.activation = activation
@@ -166,9 +178,14 @@ class HiddenLayer:
         self.conditioned = mode == "cdni"
         self.uses_sg = mode in ("dni", "cdni")
         sg_in = fan_out + (label_dim if self.conditioned else 0)
-        self.sg = (SGModule(rng, sg_in, fan_out, sg_hidden, dtype, optimizer, sg_lr)
+        self.sg = (SGModule(rng, sg_in, fan_out, sg_hidden, dtype, optimizer, sg_lr,
+                            momentum, track_drift=sg_lookahead > 0)
                    if self.uses_sg else None)
-        self.opt = optim.make(optimizer, self._trainable(), lr)
+        self.opt = optim.make(optimizer, self._trainable(), lr, momentum)
+        # staleness remedies (pipeline.staleness), each off at 0
+        self.sg_boost, self.lr_staleness = sg_boost, lr_staleness
+        self.sg_lookahead, self.delay_comp = sg_lookahead, delay_comp
+        self.tau_bar = 0.0     # running staleness of the gradients applied
         self.clock = 0         # training batches forwarded
         self.step = 0          # weight updates applied
         self.pending: dict[int, _Pending] = {}
@@ -241,14 +258,19 @@ class HiddenLayer:
         self.clock += 1
         self.stats.forward_batches += 1
         if not self.uses_sg:
-            self.pending[batch] = _Pending(self.clock, time.monotonic(), x=x, h=h, norm=cache)
+            then = ({k: v.copy() for k, v in self._trainable().items()}
+                    if self.delay_comp else None)
+            self.pending[batch] = _Pending(self.clock, time.monotonic(), x=x, h=h, norm=cache,
+                                           then=then)
             return h, None
         sg_in = nn.sg_input(h, y if self.conditioned else None)
-        g, acts = self.sg.predict(sg_in)
+        ahead = self.sg_lookahead * self.tau_bar
+        g, acts = self.sg.predict(sg_in, ahead)
         grads, dx = self._grads(x, h, cache, g, need_dx, send_dx)
-        _descend(self, grads)
+        _descend(self, grads, staleness.layer_step_scale(self.tau_bar, self.lr_staleness))
         self.pending[batch] = _Pending(self.clock, time.monotonic(), sg_in=sg_in, sg_pred=g,
-                                       sg_acts=acts, sg_version=self.sg.version)
+                                       sg_acts=acts,
+                                       sg_version=-1 if ahead else self.sg.version)
         return h, dx
 
     def forward_eval(self, x: np.ndarray) -> np.ndarray:
@@ -294,6 +316,7 @@ class HiddenLayer:
             else:
                 early = None if send_dx is None else (lambda dx, b=batch: send_dx(b, dx))
                 a = self._backward(batch, p, grad, need_dx, early)
+            self.tau_bar = staleness.track(self.tau_bar, a.staleness)
             self.stats.record(a)
             done.append(a)
         return done
@@ -308,9 +331,17 @@ class HiddenLayer:
 
     def _backward(self, batch: int, p: _Pending, dh: np.ndarray, need_dx: bool,
                   send_dx: Send = None) -> Applied:
+        """The true gradient's update: computed from what the forward pass
+        cached (so at the weights it used), applied to the weights as they
+        are now; ``--delay-comp`` carries it across the difference."""
         grads, dx = self._grads(p.x, p.h, p.norm, dh, need_dx, send_dx)
-        _descend(self, grads)
-        return Applied(batch, dx, self.clock - p.clock, time.monotonic() - p.sent_at)
+        tau = self.clock - p.clock
+        if p.then is not None:
+            live = self._trainable()
+            grads = {k: staleness.compensate(g, live[k], p.then[k], self.delay_comp)
+                     for k, g in grads.items()}
+        _descend(self, grads, staleness.layer_step_scale(tau, self.lr_staleness))
+        return Applied(batch, dx, tau, time.monotonic() - p.sent_at)
 
     def _train_sg(self, batch: int, p: _Pending, target: np.ndarray) -> Applied:
         """Regress the SG module onto the true gradient. With ``sg_refresh``
@@ -322,12 +353,15 @@ class HiddenLayer:
         measurably destabilises free-running runs). Quality is measured on
         the synthetic gradient that was actually used."""
         pred, acts = p.sg_pred, p.sg_acts
-        if self.sg_refresh and p.sg_version != self.sg.version:
+        # A prediction of the extrapolated module (--sg-lookahead) is never
+        # the module's own: it is always recomputed.
+        if p.sg_version != self.sg.version and (self.sg_refresh or p.sg_version < 0):
             pred, acts = self.sg.predict(p.sg_in)
-        loss = self.sg.train(acts, pred, target)
+        tau = self.clock - p.clock
+        loss = self.sg.train(acts, pred, target, staleness.sg_step_scale(tau, self.sg_boost))
         self.stats.sg_updates += 1
         cosine, rel = sg_quality(p.sg_pred, target)
-        return Applied(batch, None, self.clock - p.clock, time.monotonic() - p.sent_at,
+        return Applied(batch, None, tau, time.monotonic() - p.sent_at,
                        sg_loss=loss, cosine=cosine, rel_err=rel)
 
     def weights(self) -> dict[str, np.ndarray]:
@@ -348,12 +382,12 @@ class OutputLayer:
     def __init__(self, index: int, fan_in: int, fan_out: int, *, lr: float,
                  rng: np.random.Generator, update: Chance | None = None,
                  dtype: np.dtype = np.float64, optimizer: str = "sgd",
-                 softmax: bool = False):
+                 softmax: bool = False, momentum: float = 0.0):
         self.index = index
         self.softmax = softmax
         self.update = update or Chance(1.0, rng)
         self.w, self.b = nn.init_dense(rng, fan_in, fan_out, dtype)
-        self.opt = optim.make(optimizer, self.weights(), lr)
+        self.opt = optim.make(optimizer, self.weights(), lr, momentum)
         self.clock = 0
         self.step = 0
         self.stats = LayerStats(seed=index)

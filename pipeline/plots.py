@@ -72,38 +72,41 @@ def _colour(i: int):
 
 # --- sweep -----------------------------------------------------------------------------------
 
-def sweep_plot(rows: list[dict], path: str | os.PathLike) -> Path:
-    """Final accuracy and loss against injected gradient delay K, one line per
-    mode (mean ± std over seeds); a mode run at K=0 only is a dashed reference."""
+def sweep_plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """Final accuracy (on the test split where the data has one, else the
+    training set's exact sums) and loss against injected gradient delay K,
+    one line per variant and mode (mean ± std over seeds); a line run at K=0
+    only is a dashed reference."""
     if not rows:
         raise ValueError("sweep_plot: no rows to plot")
     fig = _figure(figsize=(11, 4.6))
-    from matplotlib.ticker import FixedLocator, NullLocator
-
-    by_mode: dict[str, list[dict]] = {}
+    series: dict[str, list[dict]] = {}
     for r in rows:
-        by_mode.setdefault(r["mode"], []).append(r)
+        label = f"{r['variant']}: {r['mode']}" if r.get("variant") else r["mode"]
+        series.setdefault(label, []).append(r)
+    test = any(r.get("test_mean") is not None for r in rows)
+    acc_key = "test" if test else "accuracy"
     delays = sorted({int(r["grad_delay"]) for r in rows})
     ns = sorted({int(r.get("n") or 0) for r in rows} - {0}) or [0]  # n=0: every seed failed
     # A thin bottom row holds the legend, below both panels and over no data
     # (fig.legend(loc="outside ...") would do it too, but only from matplotlib 3.7).
-    grid = fig.add_gridspec(2, 2, height_ratios=[1, 0.07])
+    grid = fig.add_gridspec(2, 2, height_ratios=[1, 0.07 * (1 + (len(series) - 1) // 6)])
     ax_acc, ax_loss = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     ax_key = fig.add_subplot(grid[1, :])
     ax_key.set_axis_off()
 
-    for i, (mode, rs) in enumerate(by_mode.items()):
+    for i, (label, rs) in enumerate(series.items()):
         rs = sorted(rs, key=lambda r: int(r["grad_delay"]))
         colour = _colour(i)
         ref = len(rs) == 1 and int(rs[0]["grad_delay"]) == 0 and len(delays) > 1
-        for ax, key, scale in ((ax_acc, "accuracy", 100.0), (ax_loss, "loss", 1.0)):
+        for ax, key, scale in ((ax_acc, acc_key, 100.0), (ax_loss, "loss", 1.0)):
             ys = [_num(r[f"{key}_mean"]) * scale for r in rs]
             if all(math.isnan(y) for y in ys):
-                continue  # no completed run of this mode: nothing to draw
+                continue  # no completed run of this line: nothing to draw
             sds = [0.0 if r.get(f"{key}_std") is None else r[f"{key}_std"] * scale for r in rs]
             if ref:
                 y, sd = ys[0], sds[0]
-                ax.axhline(y, color=colour, ls="--", lw=1.5, label=f"{mode} (K=0 only)")
+                ax.axhline(y, color=colour, ls="--", lw=1.5, label=f"{label} (K=0 only)")
                 if sd > 0:
                     lo = max(y - sd, y * 0.05) if key == "loss" else y - sd
                     ax.axhspan(lo, y + sd, color=colour, alpha=0.12, lw=0)
@@ -117,33 +120,41 @@ def sweep_plot(rows: list[dict], path: str | os.PathLike) -> Path:
             else:
                 yerr = sds
             ax.errorbar(ks, ys, yerr=yerr, color=colour, marker="o", ms=5, lw=1.8,
-                        capsize=3, label=mode)
+                        capsize=3, label=label)
 
     ax_acc.set_ylim(-3, 103)
-    ax_acc.set_ylabel("final train accuracy: exact sums (%)")
+    ax_acc.set_ylabel("final test accuracy (%)" if test
+                      else "final train accuracy: exact sums (%)")
     ax_acc.set_title("accuracy")
     _loss_axis(ax_loss, [_num(r["loss_mean"]) for r in rows])
-    ax_loss.set_ylabel("final loss (binary cross-entropy)")
+    ax_loss.set_ylabel("final training loss" + ("" if test else " (binary cross-entropy)"))
     ax_loss.set_title("loss")
     for ax in (ax_acc, ax_loss):
-        # symlog base 2, linear below 1; linscale 0.5 makes the linear part as
-        # wide as one factor of 2, so 0, 1, 2, 4, 8, 16 come out evenly spaced.
-        ax.set_xscale("symlog", base=2, linthresh=1, linscale=0.5)
-        ax.xaxis.set_major_locator(FixedLocator(delays))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([str(k) for k in delays])
-        lo, hi = delays[0], delays[-1]
-        ax.set_xlim(lo - 0.25, hi * 1.15 + 0.25 if hi > 0 else 1)
-        ax.set_xlabel("injected gradient delay K (layer steps)")
-        ax.grid(True, alpha=0.3)
+        _delay_axis(ax, delays)
     handles, labels = ax_acc.get_legend_handles_labels()
     if not handles:
         handles, labels = ax_loss.get_legend_handles_labels()
-    ax_key.legend(handles, labels, loc="center", ncol=max(1, len(labels)), frameon=False)
+    ax_key.legend(handles, labels, loc="center", ncol=max(1, min(6, len(labels))),
+                  frameon=False)
     seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
-    fig.suptitle(f"Final training accuracy and loss against gradient delay "
-                 f"(mean ± std over {seeds} seed{'s' if ns[-1] != 1 else ''})")
+    what = "test accuracy" if test else "training accuracy"
+    fig.suptitle(title or f"Final {what} and loss against gradient delay "
+                          f"(mean ± std over {seeds} seed{'s' if ns[-1] != 1 else ''})")
     return _save(fig, path)
+
+
+def _delay_axis(ax, delays: list[int]) -> None:
+    """symlog base 2, linear below 1; linscale 0.5 makes the linear part as
+    wide as one factor of 2, so 0, 1, 2, 4, 8, 16 come out evenly spaced."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+    ax.set_xscale("symlog", base=2, linthresh=1, linscale=0.5)
+    ax.xaxis.set_major_locator(FixedLocator(delays))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(k) for k in delays])
+    lo, hi = delays[0], delays[-1]
+    ax.set_xlim(lo - 0.25, hi * 1.15 + 0.25 if hi > 0 else 1)
+    ax.set_xlabel("injected gradient delay K (layer steps)")
+    ax.grid(True, alpha=0.3)
 
 
 # --- one run ---------------------------------------------------------------------------------

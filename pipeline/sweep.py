@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.config import Config
 
-CSV_FIELDS = ["mode", "grad_delay", "seed", "status", "final_loss", "train_accuracy",
+CSV_FIELDS = ["variant", "mode", "grad_delay", "seed", "status", "final_loss", "train_accuracy",
               "test_accuracy", "staleness_mean", "staleness_max", "sg_cosine_mean", "batches_per_s", "wall_s",
               "run_dir"]
 
@@ -20,23 +20,29 @@ class Point:
     mode: str
     grad_delay: int
     seed: int
+    variant: str = ""   # a named set of run options (--variant); "" without
 
     @property
     def name(self) -> str:
-        return f"{self.mode}-delay{self.grad_delay}-seed{self.seed}"
+        tag = f"{self.variant}-" if self.variant else ""
+        return f"{tag}{self.mode}-delay{self.grad_delay}-seed{self.seed}"
 
 
-def grid(modes: list[str], delays: list[int], seeds: list[int]) -> list[Point]:
-    """Every mode x delay x seed. Locked backprop cannot be delayed: it runs
-    at delay 0 only, the reference line the other modes are read against."""
+def grid(modes: list[str], delays: list[int], seeds: list[int],
+         variants: list[str] = ("",)) -> list[Point]:
+    """Every variant x mode x delay x seed. Locked backprop cannot be
+    delayed: it runs at delay 0 only, the reference line the other modes are
+    read against."""
     points = []
-    for mode in modes:
-        for delay in ([0] if mode == "backprop" else delays):
-            points.extend(Point(mode, delay, seed) for seed in seeds)
+    for variant in variants:
+        for mode in modes:
+            for delay in ([0] if mode == "backprop" else delays):
+                points.extend(Point(mode, delay, seed, variant) for seed in seeds)
     return points
 
 
 def point_config(base: Config, p: Point, out: Path) -> Config:
+    """``base``: the run options of the point's variant."""
     return dataclasses.replace(base, mode=p.mode, grad_delay=p.grad_delay, seed=p.seed,
                                run_dir=str(out / "runs" / p.name), quiet=True)
 
@@ -51,7 +57,7 @@ def row(p: Point, summary: dict, run_dir: str) -> dict:
     hidden = [L for L in summary.get("layers", []) if L.get("role") != "output"]
     cosines = [L["sg_quality"]["cosine"]["mean"] for L in hidden
                if L.get("sg_quality") and L["sg_quality"].get("cosine")]
-    return {"mode": p.mode, "grad_delay": p.grad_delay, "seed": p.seed,
+    return {"variant": p.variant, "mode": p.mode, "grad_delay": p.grad_delay, "seed": p.seed,
             "status": summary.get("status"), "final_loss": summary.get("final_loss"),
             "train_accuracy": summary.get("train_accuracy"),
             "test_accuracy": summary.get("test_accuracy"),
@@ -71,13 +77,13 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean and sample standard deviation over seeds, per (mode, delay),
-    of the completed runs; in grid order."""
-    groups: dict[tuple[str, int], list[dict]] = {}
+    """Mean and sample standard deviation over seeds, per (variant, mode,
+    delay), of the completed runs; in grid order."""
+    groups: dict[tuple[str, str, int], list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["mode"], r["grad_delay"]), []).append(r)
+        groups.setdefault((r.get("variant") or "", r["mode"], r["grad_delay"]), []).append(r)
     out = []
-    for (mode, delay), rs in groups.items():
+    for (variant, mode, delay), rs in groups.items():
         ok = [r for r in rs if r["status"] == "completed" and r["final_loss"] is not None]
         loss_m, loss_sd = _mean_sd([r["final_loss"] for r in ok])
         acc_m, acc_sd = _mean_sd([r["train_accuracy"] for r in ok])
@@ -85,7 +91,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         test_m, test_sd = _mean_sd([r["test_accuracy"] for r in ok
                                     if r.get("test_accuracy") is not None])
         wall = [r["wall_s"] for r in ok if r.get("wall_s") is not None]
-        out.append({"mode": mode, "grad_delay": delay, "n": len(ok), "runs": len(rs),
+        out.append({"variant": variant, "mode": mode, "grad_delay": delay, "n": len(ok),
+                    "runs": len(rs),
                     "loss_mean": loss_m, "loss_std": loss_sd,
                     "accuracy_mean": acc_m, "accuracy_std": acc_sd,
                     "staleness_mean": _mean(stale), "test_mean": test_m, "test_std": test_sd,
@@ -110,10 +117,12 @@ def markdown(agg: list[dict]) -> str:
     # Classification sweeps have a test split: their table shows its accuracy
     # and the wall time, the addition task's its exact sums.
     test = any(a.get("test_mean") is not None for a in agg)
+    named = any(a.get("variant") for a in agg)
     acc = "train accuracy %" if test else "exact sums %"
-    lines = [f"| mode | grad delay K | seeds | final loss | {acc} |"
+    lines = [("| variant " if named else "") + f"| mode | grad delay K | seeds | final loss | {acc} |"
              + (" test accuracy % | wall s |" if test else "") + " measured staleness |",
-             "|---|---|---|---|---|" + ("---|---|" if test else "") + "---|"]
+             ("|---" if named else "") + "|---|---|---|---|---|" + ("---|---|" if test else "")
+             + "---|"]
     for a in agg:
         stale = "n/a" if a["staleness_mean"] is None else f"{a['staleness_mean']:.2f}"
         seeds = f"{a['n']}" + (f" of {a['runs']}" if a["n"] != a["runs"] else "")
@@ -121,7 +130,8 @@ def markdown(agg: list[dict]) -> str:
         if test:
             wall = "n/a" if a.get("wall_mean") is None else f"{a['wall_mean']:.0f}"
             extra = f" {pm(a.get('test_mean'), a.get('test_std'), '.2f', 100)} | {wall} |"
-        lines.append(f"| {a['mode']} | {a['grad_delay']} | {seeds} | "
+        lines.append((f"| {a.get('variant') or '-'} " if named else "")
+                     + f"| {a['mode']} | {a['grad_delay']} | {seeds} | "
                      f"{pm(a['loss_mean'], a['loss_std'], '.4f')} | "
                      f"{pm(a['accuracy_mean'], a['accuracy_std'], '.1f', 100)} |{extra} {stale} |")
     return "\n".join(lines) + "\n"

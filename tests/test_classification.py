@@ -2,7 +2,8 @@
 problem the tests make, learnt in every mode, evaluated on its test split
 after every epoch, and, under --lockstep, bit-identical to the in-process
 reference with every new option on (Adam, batch norm, a hidden-layer SG
-module, float32, reshuffled batches, a gradient delay)."""
+module, float32, reshuffled batches, a gradient delay, the staleness
+remedies, SGD with momentum)."""
 from __future__ import annotations
 
 import json
@@ -91,6 +92,14 @@ LOCKSTEP = ["--layers", "4", "--hidden", "16,12,8", "--epochs", "4", "--batch-si
     ["--mode", "dni", "--dtype", "float64"],
     ["--mode", "backprop"],
     ["--mode", "async-backprop", "--grad-delay", "2", "--no-shuffle"],
+    # the staleness remedies, which a free-running layer applies from its own
+    # running staleness: under lockstep that is the reference's too
+    ["--mode", "cdni", "--grad-delay", "2", "--sg-boost", "0.5", "--lr-staleness", "0.5",
+     "--sg-lookahead", "1"],
+    ["--mode", "async-backprop", "--grad-delay", "2", "--delay-comp", "0.5",
+     "--lr-staleness", "0.5"],
+    ["--mode", "dni", "--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05",
+     "--sg-lr", "0.01", "--grad-delay", "1", "--sg-lookahead", "1"],
 ])
 def test_lockstep_classification_equals_the_reference_bit_for_bit(launch, tmp_path, extra):
     data = blobs(tmp_path / "blobs.npz", seed=2)

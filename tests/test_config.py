@@ -67,6 +67,20 @@ INVALID = [
     (dict(drop_prob=1.01), "--drop-prob"),
     (dict(link_delay_ms=5.0, in_process=True), "--in-process"),
     (dict(slow=((1, 2.0),), in_process=True), "--in-process"),
+    # momentum and the staleness remedies
+    (dict(momentum=-0.1), "--momentum"),
+    (dict(momentum=1.0), "--momentum"),
+    (dict(momentum=0.9, optimizer="adam"), "--momentum"),
+    (dict(sg_boost=-1.0), "--sg-boost"),
+    (dict(sg_boost=math.inf), "--sg-boost"),
+    (dict(lr_staleness=-0.5), "--lr-staleness"),
+    (dict(sg_lookahead=-1.0), "--sg-lookahead"),
+    (dict(delay_comp=-0.1), "--delay-comp"),
+    (dict(mode="async-backprop", sg_boost=1.0), "--sg-boost"),
+    (dict(mode="backprop", sg_lookahead=1.0), "--sg-lookahead"),
+    (dict(mode="backprop", lr_staleness=1.0), "--lr-staleness"),
+    (dict(mode="cdni", delay_comp=0.5), "--delay-comp"),
+    (dict(mode="backprop", delay_comp=0.5), "--delay-comp"),
 ]
 
 
@@ -249,6 +263,14 @@ def test_parse_staleness_options():
         max_inflight=4)
 
 
+def test_parse_staleness_remedies():
+    assert parse(["--sg-boost", "0.5", "--lr-staleness", "0.25", "--sg-lookahead", "1",
+                  "--momentum", "0.9"]) == Config(sg_boost=0.5, lr_staleness=0.25,
+                                                  sg_lookahead=1.0, momentum=0.9)
+    assert parse(["--mode", "async-backprop", "--delay-comp", "0.04"]) == Config(
+        mode="async-backprop", delay_comp=0.04)
+
+
 @pytest.mark.parametrize("argv, fields", [
     (["--link-delay", "7"], dict(link_delay_ms=7.0, link_jitter_ms=0.0)),
     (["--link-delay", "0.25:0.25"], dict(link_delay_ms=0.25, link_jitter_ms=0.25)),
@@ -353,6 +375,9 @@ STALENESS_BAD_ARGS = [
     (["--update-prob", "1.5"], "--update-prob"),
     (["--drop-prob", "-0.5"], "--drop-prob"),
     (["--slow", "1:2", "--in-process"], "--in-process"),
+    (["--sg-boost", "x"], "--sg-boost"),
+    (["--delay-comp", "0.5"], "--delay-comp"),
+    (["--momentum", "0.9", "--dataset", "addition", "--optimizer", "adam"], "--momentum"),
 ]
 
 
@@ -373,7 +398,8 @@ def test_launch_help_lists_every_option():
                 "--seed", "--lockstep", "--max-inflight", "--run-dir", "--quiet", "--bits",
                 "--examples", "--in-process", "--activation", "--blas-threads",
                 "--grad-delay", "--link-delay", "--delay-activations", "--slow",
-                "--update-prob", "--drop-prob"]:
+                "--update-prob", "--drop-prob", "--momentum", "--sg-boost", "--lr-staleness",
+                "--sg-lookahead", "--delay-comp"]:
         assert opt in proc.stdout, opt
     for mode in ("cdni", "dni", "backprop", "async-backprop"):
         assert mode in proc.stdout

@@ -286,6 +286,67 @@ def test_checkpoint_round_trip_restores_adam_state():
     assert differs, "without the Adam state the runs should part"
 
 
+def make_remedied(mode: str, **kw):
+    remedies = (dict(sg_boost=0.5, lr_staleness=0.5, sg_lookahead=1.0) if mode == "cdni"
+                else dict(lr_staleness=0.5, delay_comp=0.5))
+    hid = HiddenLayer(1, FAN_IN, 5, mode=mode, activation="relu", lr=0.05, sg_lr=0.02,
+                      label_dim=CLASSES, rng=np.random.default_rng(0), optimizer="sgd",
+                      momentum=0.9, **{**remedies, **kw})
+    out = OutputLayer(2, 5, CLASSES, lr=0.05, rng=np.random.default_rng(1), optimizer="sgd",
+                      softmax=True, momentum=0.9)
+    return hid, out
+
+
+def drive_late(hid, out, seed, steps, start, late=2):
+    """Each true gradient reaches the layer ``late`` steps after its batch;
+    the ones still out arrive at the end, so nothing is pending after."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for t in range(start, start + steps):
+        x = rng.standard_normal((B, FAN_IN))
+        y = onehot(rng.integers(0, CLASSES, B))
+        h, _ = hid.forward(t, x, y, need_dx=True)
+        grad, _, _ = out.train_step(h, y, need_dx=True)
+        held.append((t, grad))
+        if len(held) > late:
+            b, g = held.pop(0)
+            assert hid.receive(b, g)
+            hid.apply_ready(need_dx=True)
+    for b, g in held:
+        assert hid.receive(b, g)
+        hid.apply_ready(need_dx=True)
+    assert not hid.pending
+
+
+@pytest.mark.parametrize("mode", ["cdni", "async-backprop"])
+def test_checkpoint_round_trip_carries_the_staleness_remedies_state(mode):
+    """The running staleness, the SG module's drift and the momentum buffers
+    come back from a checkpoint: the restored layer goes on exactly as the
+    original; one given the weights alone parts from it."""
+    a_hid, a_out = make_remedied(mode)
+    drive_late(a_hid, a_out, seed=20, steps=6, start=0)
+    assert a_hid.tau_bar > 0
+    states = [layer_state(a_hid), layer_state(a_out)]
+    assert any(k.startswith("opt.") and k.endswith(".buf") for k in states[0][1])
+    if mode == "cdni":
+        assert any(k.startswith("sg_drift.") for k in states[0][1])
+    b_hid, b_out = make_remedied(mode)
+    for layer, (meta, arrays) in zip((b_hid, b_out), states):
+        load_layer_state(layer, meta, arrays)
+    assert b_hid.tau_bar == a_hid.tau_bar
+    c_hid, c_out = make_remedied(mode)
+    for layer, (_, arrays) in zip((c_hid, c_out), states):
+        for k, value in arrays.items():
+            if "." not in k:
+                layer.weights()[k][...] = value
+    for hid, out in ((a_hid, a_out), (b_hid, b_out), (c_hid, c_out)):
+        drive_late(hid, out, seed=21, steps=4, start=6)
+    for k in a_hid.weights():
+        assert np.array_equal(a_hid.weights()[k], b_hid.weights()[k]), k
+    assert any(not np.array_equal(a_hid.weights()[k], c_hid.weights()[k])
+               for k in a_hid.weights())
+
+
 @pytest.mark.parametrize("mode", ["dni", "backprop"])
 def test_activations_and_input_gradients_are_handed_out_before_the_update(mode):
     """send_h gets h before anything else, send_dx gets dx while the weights

@@ -131,30 +131,52 @@ class Draws:
         return bool(self.rng.random() < self.p)
 
 
+class Step:
+    """SGD on a list of arrays, written out: ``p -= lr * g``, or with
+    momentum mu ``buf = mu * buf + g; p -= lr * buf``."""
+
+    def __init__(self, arrays, lr: float, momentum: float):
+        self.arrays, self.lr, self.mu = arrays, lr, momentum
+        self.bufs = [np.zeros_like(a) for a in arrays]
+
+    def __call__(self, grads, scale: float = 1.0) -> None:
+        for a, g, buf in zip(self.arrays, grads, self.bufs):
+            if self.mu:
+                buf *= self.mu
+                buf += g
+                g = buf
+            a -= self.lr * scale * g
+
+
 def plain_stale_backprop(cfg: Config):
     """async-backprop under the reference's rules, written as a queue: the
     gradient of batch t is computed by the output layer at step t and flows
     down through the hidden layers at step t + K, each using the activations
     cached at step t and its weights as they are at t + K. A gradient lost on
-    its way to a layer never reaches the layers below it."""
+    its way to a layer never reaches the layers below it. The remedies:
+    momentum; --lr-staleness steps lr / (1 + B*K); --delay-comp adds
+    lambda * g * g * (w_now - w_then), w_then the weights of step t."""
     layers, (wo, bo) = initial_weights(cfg)
     n_hidden = len(layers)
     update = [Draws(cfg, k + 1, 1, cfg.update_prob) for k in range(n_hidden)]
     drop = [Draws(cfg, k + 1, 2, cfg.drop_prob) for k in range(n_hidden)]
     out_update = Draws(cfg, cfg.layers, 1, cfg.update_prob)
-    queue = []                                          # (activations, gradient for the top)
+    steps = [Step([w, b], cfg.lr, cfg.momentum) for w, b in layers]
+    out_step = Step([wo, bo], cfg.lr, cfg.momentum)
+    scale = 1.0 / (1.0 + cfg.lr_staleness * cfg.grad_delay)
+    queue = []                        # (activations, gradient for the top, weights then)
     for xb, yb in batches(cfg):
         n = len(xb)
         hs, p = forward(cfg, layers, wo, bo, xb)
         d = p - yb
         top = d @ wo.T
         if out_update():
-            wo -= cfg.lr * hs[-1].T @ d / n
-            bo -= cfg.lr * d.sum(0) / n
-        queue.append((hs, None if drop[-1]() else top))
+            out_step([hs[-1].T @ d / n, d.sum(0) / n])
+        then = [(w.copy(), b.copy()) for w, b in layers]
+        queue.append((hs, None if drop[-1]() else top, then))
         if len(queue) <= cfg.grad_delay:
             continue
-        hs, dh = queue.pop(0)
+        hs, dh, then = queue.pop(0)
         n = len(hs[0])
         for k in range(n_hidden - 1, -1, -1):
             if dh is None:
@@ -162,9 +184,12 @@ def plain_stale_backprop(cfg: Config):
             w, b = layers[k]
             dz = dh * slope(cfg.activation, hs[k + 1])
             down = dz @ w.T                         # the weights before this update
+            gw, gb = hs[k].T @ dz / n, dz.sum(0) / n
+            if cfg.delay_comp:
+                gw = gw + cfg.delay_comp * gw * gw * (w - then[k][0])
+                gb = gb + cfg.delay_comp * gb * gb * (b - then[k][1])
             if update[k]():
-                w -= cfg.lr * hs[k].T @ dz / n
-                b -= cfg.lr * dz.sum(0) / n
+                steps[k]([gw, gb], scale)
             dh = None if k > 0 and drop[k - 1]() else down
     return layers, (wo, bo)
 
@@ -173,14 +198,25 @@ def plain_stale_dni(cfg: Config):
     """The seed's DNI loop with each SG module trained K steps late (on its
     input cached at step t, with the module as it is at t + K; with
     --no-sg-refresh on the prediction it made at step t), updates and
-    arriving targets subject to their chances."""
+    arriving targets subject to their chances. The remedies: momentum;
+    --sg-boost A steps the SG module (1 + A*K) x sg_lr; --lr-staleness B
+    steps the layer lr / (1 + B*r), r its running staleness (r += 0.1 (K - r)
+    per gradient applied); --sg-lookahead S predicts with the module moved
+    S*r times its drift (drift += 0.1 (update - drift) per SG step), and such
+    a prediction is always made again by the module itself for its
+    regression."""
     layers, (wo, bo) = initial_weights(cfg)
     n_hidden = len(layers)
     sgs = zero_sg_modules(cfg, layers)
     update = [Draws(cfg, k + 1, 1, cfg.update_prob) for k in range(n_hidden)]
     drop = [Draws(cfg, k + 1, 2, cfg.drop_prob) for k in range(n_hidden)]
     out_update = Draws(cfg, cfg.layers, 1, cfg.update_prob)
-    queue = []                                          # per batch: [sg input, target] per layer
+    steps = [Step([w, b], cfg.lr, cfg.momentum) for w, b in layers]
+    sg_steps = [Step([v, c], cfg.sg_lr, cfg.momentum) for v, c in sgs]
+    out_step = Step([wo, bo], cfg.lr, cfg.momentum)
+    running = [0.0] * n_hidden
+    drifts = [(np.zeros_like(v), np.zeros_like(c)) for v, c in sgs]
+    queue = []                              # per batch: [sg input, target, pred, own] per layer
     for xb, yb in batches(cfg):
         n = len(xb)
         h = xb
@@ -189,31 +225,38 @@ def plain_stale_dni(cfg: Config):
             h_in = h
             h = act(cfg.activation, h_in @ w + b)
             s_in = np.hstack([h, yb]) if cfg.mode == "cdni" else h
-            pred = s_in @ v + c
+            ahead = cfg.sg_lookahead * running[k]
+            dv, dc = drifts[k]
+            pred = s_in @ (v + ahead * dv) + (c + ahead * dc) if ahead else s_in @ v + c
             dz = pred * slope(cfg.activation, h)
             down = dz @ w.T
             if update[k]():
-                w -= cfg.lr * h_in.T @ dz / n
-                b -= cfg.lr * dz.sum(0) / n
-            cache.append([s_in, None, pred])
+                steps[k]([h_in.T @ dz / n, dz.sum(0) / n],
+                         1.0 / (1.0 + cfg.lr_staleness * running[k]))
+            cache.append([s_in, None, pred, not ahead])
             if k > 0:
                 cache[k - 1][1] = None if drop[k - 1]() else down
         p = act("sigmoid", h @ wo + bo)
         d = p - yb
         target = d @ wo.T
         if out_update():
-            wo -= cfg.lr * h.T @ d / n
-            bo -= cfg.lr * d.sum(0) / n
+            out_step([h.T @ d / n, d.sum(0) / n])
         cache[-1][1] = None if drop[-1]() else target
         queue.append(cache)
         if len(queue) <= cfg.grad_delay:
             continue
-        for (s_in, target, pred), (v, c) in zip(queue.pop(0), sgs):
+        for k, ((s_in, target, pred, own), (v, c)) in enumerate(zip(queue.pop(0), sgs)):
             if target is None:
                 continue
-            err = (s_in @ v + c if cfg.sg_refresh else pred) - target
-            v -= cfg.sg_lr * s_in.T @ err / len(s_in)
-            c -= cfg.sg_lr * err.sum(0) / len(s_in)
+            fresh = cfg.sg_refresh or not own
+            err = (s_in @ v + c if fresh else pred) - target
+            v0, c0 = v.copy(), c.copy()
+            sg_steps[k]([s_in.T @ err / len(s_in), err.sum(0) / len(s_in)],
+                        1.0 + cfg.sg_boost * cfg.grad_delay)
+            dv, dc = drifts[k]
+            dv += 0.1 * ((v - v0) - dv)
+            dc += 0.1 * ((c - c0) - dc)
+            running[k] += 0.1 * (cfg.grad_delay - running[k])
     return layers, (wo, bo), sgs
 
 
@@ -327,6 +370,25 @@ STALE_DNI = [
     dict(epochs=3, layers=4, hidden=(16, 12, 8), examples=25, activation="relu", lr=0.1,
          grad_delay=3, drop_prob=0.2),
 ]
+# The staleness remedies (pipeline.staleness), alone and together, with the
+# chances on so that skipped updates and lost targets meet them too.
+REMEDIED_DNI = [
+    dict(epochs=4, grad_delay=3, sg_boost=0.3),
+    dict(epochs=4, grad_delay=3, lr_staleness=0.7),
+    dict(epochs=4, grad_delay=3, sg_lookahead=1.0),
+    dict(epochs=4, grad_delay=2, momentum=0.9, lr=0.2),
+    dict(epochs=3, layers=4, hidden=(16, 12, 8), examples=25, activation="relu", lr=0.05,
+         grad_delay=2, sg_boost=1.0, lr_staleness=0.5, sg_lookahead=1.5, momentum=0.5,
+         update_prob=0.7, drop_prob=0.2),
+]
+REMEDIED_BACKPROP = [
+    dict(mode="async-backprop", epochs=4, grad_delay=3, lr_staleness=0.5),
+    dict(mode="async-backprop", epochs=4, grad_delay=3, delay_comp=2.0),
+    dict(mode="async-backprop", epochs=3, layers=4, hidden=(16, 12, 8), examples=25,
+         activation="relu", lr=0.05, grad_delay=2, delay_comp=0.5, lr_staleness=0.3,
+         momentum=0.9, update_prob=0.7, drop_prob=0.2),
+    dict(mode="backprop", epochs=3, momentum=0.9, lr=0.1),
+]
 
 
 def _ids(kw: dict) -> str:
@@ -350,7 +412,7 @@ def test_async_backprop_without_delay_is_backprop():
     assert max_diff(res.output.w, wo) <= 1e-12
 
 
-@pytest.mark.parametrize("kw", STALE_BACKPROP, ids=_ids)
+@pytest.mark.parametrize("kw", STALE_BACKPROP + REMEDIED_BACKPROP, ids=_ids)
 def test_stale_backprop_reference_equals_plain_numpy_loop(kw):
     cfg = Config(quiet=True, **kw)
     layers, (wo, bo) = plain_stale_backprop(cfg)
@@ -364,13 +426,15 @@ def test_stale_backprop_reference_equals_plain_numpy_loop(kw):
     assert max_diff(res.output.w, wo) <= 1e-12
     assert max_diff(res.output.b, bo) <= 1e-12
     # the delayed run is not the plain one: the injection did something
-    assert max_diff(res.output.w, plain_backprop(dataclasses.replace(cfg, mode="backprop",
-                    grad_delay=0, update_prob=1.0, drop_prob=0.0))[1][0]) > 1e-6
+    plain = dataclasses.replace(cfg, mode="backprop", grad_delay=0, update_prob=1.0,
+                                drop_prob=0.0, lr_staleness=0.0, delay_comp=0.0)
+    assert max_diff(res.output.w, plain_backprop(plain)[1][0]) > 1e-6
+    _assert_remedies_acted(cfg, res)
 
 
 @pytest.mark.parametrize("refresh", [False, True])
 @pytest.mark.parametrize("mode", ["dni", "cdni"])
-@pytest.mark.parametrize("kw", STALE_DNI, ids=_ids)
+@pytest.mark.parametrize("kw", STALE_DNI + REMEDIED_DNI, ids=_ids)
 def test_stale_dni_reference_equals_plain_numpy_loop(mode, kw, refresh):
     cfg = Config(mode=mode, quiet=True, sg_refresh=refresh, **kw)
     layers, (wo, bo), sgs = plain_stale_dni(cfg)
@@ -388,6 +452,20 @@ def test_stale_dni_reference_equals_plain_numpy_loop(mode, kw, refresh):
     assert np.abs(sgs[-1][0]).max() > 0
     assert max_diff(res.output.w, wo) <= 1e-12
     assert max_diff(res.output.b, bo) <= 1e-12
+    _assert_remedies_acted(cfg, res)
+
+
+REMEDIES = {"momentum": 0.0, "sg_boost": 0.0, "lr_staleness": 0.0, "sg_lookahead": 0.0,
+            "delay_comp": 0.0}
+
+
+def _assert_remedies_acted(cfg: Config, res) -> None:
+    """With a remedy on, the weights are not those of the same run without:
+    the loops above agree on more than an inert option."""
+    if all(getattr(cfg, k) == v for k, v in REMEDIES.items()):
+        return
+    plain = train_reference(dataclasses.replace(cfg, **REMEDIES))
+    assert max(max_diff(a.w, b.w) for a, b in zip(res.hidden, plain.hidden)) > 1e-9
 
 
 @pytest.mark.parametrize("mode, delay", [("cdni", 2), ("async-backprop", 2), ("backprop", 0)])

@@ -23,6 +23,48 @@ def test_grid_runs_backprop_at_delay_zero_only():
     assert Point("async-backprop", 4, 3).name == "async-backprop-delay4-seed3"
 
 
+def test_grid_runs_every_variant_over_the_whole_grid():
+    assert grid(["cdni", "backprop"], [0, 4], [1], ["a", "b"]) == [
+        Point("cdni", 0, 1, "a"), Point("cdni", 4, 1, "a"), Point("backprop", 0, 1, "a"),
+        Point("cdni", 0, 1, "b"), Point("cdni", 4, 1, "b"), Point("backprop", 0, 1, "b")]
+    assert Point("cdni", 8, 2, "bn").name == "bn-cdni-delay8-seed2"
+
+
+def test_parse_sweep_variants_carry_their_run_options():
+    from pipeline.cli import parse_sweep
+    args = parse_sweep(["--modes", "cdni", "--grad-delay", "0,8", "--epochs", "3",
+                        "--variant", "plain:", "--variant", "bn: --batchnorm --sg-boost 0.5",
+                        "--variant", "sgd: --optimizer sgd --momentum 0.9 --lr 0.1"])
+    assert args.variants == ["plain", "bn", "sgd"]
+    plain, bn, sgd = (args.bases[v] for v in args.variants)
+    assert (plain.batchnorm, plain.sg_boost, plain.epochs) == (False, 0.0, 3)
+    assert (bn.batchnorm, bn.sg_boost, bn.epochs) == (True, 0.5, 3)
+    assert (sgd.optimizer, sgd.momentum, sgd.lr, sgd.batchnorm) == ("sgd", 0.9, 0.1, False)
+    assert parse_sweep(["--modes", "cdni"]).variants == [""]
+
+
+@pytest.mark.parametrize("variant, says", [
+    ("k: --grad-delay 3", "--grad-delay"),
+    ("s: --seed 4", "--seed"),
+    ("no colon", "NAME: OPTIONS"),
+    ("bad/name: --batchnorm", "NAME: OPTIONS"),
+    ("x: --sg-boost 1 --mode backprop", "--modes"),
+    ("y: --no-such-option", "unrecognized"),
+])
+def test_sweep_refuses_a_bad_variant_in_one_line(tmp_path, variant, says):
+    done = sweep(tmp_path / "s", "--modes", "cdni", "--variant", variant)
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert len(done.stderr.splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_sweep_refuses_a_variant_that_does_not_fit_a_mode(tmp_path):
+    done = sweep(tmp_path / "s", "--modes", "cdni,backprop", "--variant", "b: --sg-boost 1")
+    assert done.returncode == 2 and "--sg-boost" in done.stderr
+    twice = sweep(tmp_path / "s", "--variant", "a:", "--variant", "a: --batchnorm")
+    assert twice.returncode == 2 and "named twice" in twice.stderr
+
+
 def _row(mode, delay, seed, loss, acc, status="completed"):
     return {"mode": mode, "grad_delay": delay, "seed": seed, "status": status,
             "final_loss": loss, "train_accuracy": acc, "staleness_mean": float(delay)}
@@ -77,6 +119,25 @@ def test_sweep_writes_csv_table_and_plot_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("done before, skipped") == 4
     assert read_csv(out / "results.csv") == rows
+
+
+def test_sweep_with_variants_writes_a_row_and_a_line_per_variant(tmp_path):
+    out = tmp_path / "sweep"
+    done = sweep(out, "--modes", "cdni", "--grad-delay", "0,2", "--seeds", "1", "--epochs", "4",
+                 "--examples", "30", "--in-process", "--variant", "plain:",
+                 "--variant", "la: --sg-lookahead 1")
+    assert done.returncode == 0, done.stderr
+    rows = read_csv(out / "results.csv")
+    assert [(r["variant"], r["grad_delay"]) for r in rows] == [
+        ("plain", "0"), ("plain", "2"), ("la", "0"), ("la", "2")]
+    # at K = 0 the lookahead has nothing to look ahead over: the same run
+    assert rows[0]["final_loss"] == rows[2]["final_loss"]
+    assert rows[1]["final_loss"] != rows[3]["final_loss"]
+    cfg = json.loads((Path(rows[3]["run_dir"]) / "config.json").read_text())["config"]
+    assert cfg["sg_lookahead"] == 1.0 and cfg["grad_delay"] == 2
+    table = (out / "results.md").read_text()
+    assert table.startswith("| variant | mode |") and "| la | cdni | 2 | 1 |" in table
+    assert (out / "accuracy_vs_staleness.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sweep_reruns_a_point_that_did_not_complete(tmp_path):

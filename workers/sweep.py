@@ -35,10 +35,11 @@ def _set_aside(run_dir: Path) -> None:
 def run_sweep(args: SweepArgs, stream: TextIO) -> int:
     out = Path(args.out or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    points = grid(args.modes, args.delays, args.seeds)
+    points = grid(args.modes, args.delays, args.seeds, args.variants)
     (out / "sweep.json").write_text(json.dumps({
         "modes": args.modes, "grad_delays": args.delays, "seeds": args.seeds,
-        "base": args.base.to_dict()}, indent=2) + "\n")
+        "variants": {name: base.to_dict() for name, base in args.bases.items()}},
+        indent=2) + "\n")
     print(f"sweep directory: {out}  ({len(points)} runs)", file=stream, flush=True)
     rows: list[dict] = []
     code = 0
@@ -57,7 +58,7 @@ def run_sweep(args: SweepArgs, stream: TextIO) -> int:
 
 
 def _run_point(args: SweepArgs, p: Point, out: Path, tag: str, stream: TextIO) -> dict:
-    cfg = point_config(args.base, p, out)
+    cfg = point_config(args.bases[p.variant], p, out)
     run_dir = Path(cfg.run_dir)
     summary = _finished(run_dir)
     if summary is not None:
