@@ -6,6 +6,7 @@ import time
 from typing import TextIO
 
 from pipeline.config import Config
+from pipeline.sgwatch import SGWatch
 
 
 def layer_entry(index: int, role: str, counters: dict, decode_errors: int) -> dict:
@@ -16,8 +17,12 @@ def layer_entry(index: int, role: str, counters: dict, decode_errors: int) -> di
 def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
                   final: dict | None, layers: list[dict], error: dict | None = None,
                   epochs_done: int = 0, peak_rss_mb: dict | None = None,
-                  cpu_s: dict | None = None) -> dict:
+                  cpu_s: dict | None = None, watch: SGWatch | None = None) -> dict:
+    """``watch``: what the run's layer events said of each layer's synthetic
+    gradients, added to its entry as ``sg_tracking``, and its warnings."""
     final = final or {}
+    tracking = watch.tracking() if watch else {}
+    layers = [{**L, "sg_tracking": tracking.get(L["role"])} for L in layers]
     train_s = final.get("train_s") or 0.0
     # Without the final evaluation (a run cut short), the output layer's
     # finished epochs tell how many batches were trained.
@@ -41,6 +46,7 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
         "peak_rss_mb": peak_rss_mb or {},
         "cpu_s": cpu_s or {},
         "layers": layers,
+        "warnings": list(watch.warnings) if watch else [],
     }
     if error:
         summary["error"] = error
@@ -74,13 +80,20 @@ def table(summary: dict, run_dir: str) -> str:
         lines.append(f"  final loss {s['final_loss']:.4f}   "
                      f"{what} {s['train_accuracy'] * 100:.1f} %{test}")
     if s["layers"]:
+        # The staleness a layer saw, against how well its SG module tracked
+        # the true gradients (mean cosine in the first and in the last epoch).
         lines.append(f"  {'layer':>5} {'role':<8} {'forward':>8} {'sg_upd':>8} {'true_grad':>9} "
-                     f"{'stale mean':>10} {'stale max':>9} {'bad msgs':>8}")
+                     f"{'stale mean':>10} {'stale max':>9} {'sg cos 1st':>10} "
+                     f"{'sg cos last':>11} {'bad msgs':>8}")
         for L in s["layers"]:
             st = L["staleness_steps"]
+            tr = L.get("sg_tracking") or {}
+            first, last = (f"{tr[k]:.2f}" if tr.get(k) is not None else ""
+                           for k in ("first_cosine", "last_cosine"))
             lines.append(f"  {L['index']:>5} {L['role']:<8} {L['forward_batches']:>8} "
                          f"{L['sg_updates']:>8} {L['true_gradients']:>9} {st['mean']:>10.2f} "
-                         f"{st['max']:>9} {L['decode_errors']:>8}")
+                         f"{st['max']:>9} {first:>10} {last:>11} {L['decode_errors']:>8}")
+    lines.extend(f"  {w}" for w in s.get("warnings", []))
     return "\n".join(lines)
 
 
@@ -112,6 +125,13 @@ class Progress:
                 self.last = now
         elif self.epochs_done % self.step == 0 or last_epoch:
             print(line, file=self.stream, flush=True)
+
+    def warn(self, text: str) -> None:
+        """A warning on its own line (the progress line is redrawn below it)."""
+        if self.cfg.quiet:
+            return
+        self.stream.write(("\n" if self.tty else "") + text + "\n")
+        self.stream.flush()
 
     def finish(self) -> None:
         if self.tty and not self.cfg.quiet and 0 < self.epochs_done < self.cfg.epochs:

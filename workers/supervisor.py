@@ -22,6 +22,7 @@ from pipeline.model import role_name, roles
 from pipeline.nodes import Diverged
 from pipeline.reference import train_reference
 from pipeline.rundir import RunDir, default_path
+from pipeline.sgwatch import SGWatch
 from pipeline.summary import Progress, build_summary, layer_entry, table
 from pipeline.transport import Net
 
@@ -84,11 +85,14 @@ def open_run_dir(cfg: Config, resuming: bool, stream: TextIO) -> RunDir:
 def _run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int:
     rd.write_json("config.json", {"run_id": run_id, "config": cfg.to_dict(), "processes": {}})
     progress = Progress(cfg, stream)
+    watch = SGWatch(cfg)
 
     def emit(event: dict) -> None:
         rd.metric(event)
         if event["event"] == "epoch":
             progress.epoch(event)
+        elif (warning := watch.add(event)) is not None:
+            progress.warn(warning)
 
     start = time.perf_counter()
     status, final, layers, error = "completed", None, [], None
@@ -111,7 +115,7 @@ def _run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int
                             wall_s=time.perf_counter() - start,
                             epochs_done=progress.epochs_done, error=error,
                             peak_rss_mb={"reference": memory.peak_rss_mb()},
-                            cpu_s={"reference": memory.cpu_s()})
+                            cpu_s={"reference": memory.cpu_s()}, watch=watch)
     return _finish(rd, summary, stream)
 
 
@@ -162,6 +166,7 @@ class Supervisor:
         self.started = False
         self.final: dict | None = None
         self.progress = Progress(cfg, stream)
+        self.watch = SGWatch(cfg)
 
     def host(self, role: str) -> str:
         return self.cluster.roles[role].host if self.cluster else "localhost"
@@ -258,6 +263,8 @@ class Supervisor:
                 self.progress.epoch(event)
             elif event.get("event") == "final":
                 self.final = event
+            elif (warning := self.watch.add(event)) is not None:
+                self.progress.warn(warning)
         elif msg.kind == wire.DONE:
             self.done[role] = msg
         elif msg.kind == wire.HELLO:
@@ -358,7 +365,7 @@ class Supervisor:
         summary = build_summary(self.cfg, status=status, run_id=self.run_id, final=self.final,
                                 layers=layers, error=error, epochs_done=self.progress.epochs_done,
                                 wall_s=time.perf_counter() - start, peak_rss_mb=peaks,
-                                cpu_s=cpu)
+                                cpu_s=cpu, watch=self.watch)
         return _finish(self.rd, summary, self.stream)
 
     def _peers(self, ep: dict[str, dict]) -> dict[str, dict]:
