@@ -131,9 +131,11 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
                           "hidden layer (default: the seed's 128,64; deeper nets repeat 64)")
     net.add_argument("--activation", choices=ACTIVATIONS, default=None,
                      help="hidden-layer non-linearity" + _task_default("activation"))
-    net.add_argument("--batchnorm", action="store_true",
+    net.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None,
                      help="batch normalisation in every hidden layer (Linear, BN, "
-                          "non-linearity), as the paper's MNIST nets")
+                          "non-linearity), as the paper's MNIST nets; it keeps stale "
+                          "synthetic gradients from blowing the activations up "
+                          "(default: on for classification data, off on addition)")
     net.add_argument("--sg-hidden", type=_widths, default=None,
                      help="hidden ReLU widths of every synthetic-gradient module, "
                           "comma-separated (default: none, a linear module)")
@@ -257,7 +259,7 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
 
 
 TASK_OPTIONS = ("activation", "hidden", "epochs", "batch_size", "optimizer", "lr", "sg_lr",
-                "dtype", "examples", "shuffle")
+                "dtype", "examples", "shuffle", "batchnorm")
 
 
 def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Config:

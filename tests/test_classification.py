@@ -73,9 +73,9 @@ def test_every_mode_learns_a_small_classification_problem(launch, tmp_path, mode
         events[0]["test_accuracy"] >= 0.9
     assert "test accuracy" in run.out
     cfg = json.loads((run.run_dir / "config.json").read_text())["config"]
-    # The classification defaults: float32, Adam, ReLU, reshuffled batches.
-    assert (cfg["dtype"], cfg["optimizer"], cfg["activation"], cfg["shuffle"]) == \
-        ("float32", "adam", "relu", True)
+    # The classification defaults: float32, Adam, ReLU with batch norm, reshuffled batches.
+    assert (cfg["dtype"], cfg["optimizer"], cfg["activation"], cfg["shuffle"],
+            cfg["batchnorm"]) == ("float32", "adam", "relu", True, True)
     assert (cfg["features"], cfg["classes"], cfg["examples"], cfg["test_examples"]) == \
         (12, 4, 360, 180)
     with np.load(run.run_dir / "weights" / "layer1.npz") as z:

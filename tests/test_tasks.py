@@ -35,8 +35,8 @@ def test_mnist_resolves_from_its_files(mnist_dir):
     cfg = cli.parse(["--dataset", "mnist", "--data-dir", str(mnist_dir)])
     assert (cfg.features, cfg.classes, cfg.examples, cfg.test_examples) == (20, 10, 30, 12)
     assert cfg.dims == [20, 256, 256, 10]
-    assert (cfg.dtype, cfg.optimizer, cfg.activation, cfg.shuffle, cfg.batch_size) == \
-        ("float32", "adam", "relu", True, 256)
+    assert (cfg.dtype, cfg.optimizer, cfg.activation, cfg.shuffle, cfg.batch_size,
+            cfg.batchnorm) == ("float32", "adam", "relu", True, 256, True)
     task = tasks.load(cfg)
     assert task.x.dtype == np.float32 and task.x.shape == (30, 20)
     assert 0 <= task.x.min() and task.x.max() <= 1
@@ -57,14 +57,15 @@ def test_examples_takes_the_first_n_and_no_more_than_there_are(mnist_dir):
 def test_options_said_on_the_command_line_beat_the_task_defaults(mnist_dir):
     cfg = cli.parse(["--dataset", "mnist", "--data-dir", str(mnist_dir), "--lr", "0.1",
                      "--optimizer", "sgd", "--dtype", "float64", "--no-shuffle",
-                     "--activation", "sigmoid", "--hidden", "9"])
-    assert (cfg.lr, cfg.optimizer, cfg.dtype, cfg.shuffle, cfg.activation, cfg.hidden) == \
-        (0.1, "sgd", "float64", False, "sigmoid", (9, 9))
+                     "--activation", "sigmoid", "--hidden", "9", "--no-batchnorm"])
+    assert (cfg.lr, cfg.optimizer, cfg.dtype, cfg.shuffle, cfg.activation, cfg.hidden,
+            cfg.batchnorm) == (0.1, "sgd", "float64", False, "sigmoid", (9, 9), False)
     assert tasks.load(cfg).x.dtype == np.float64
     # And the addition task keeps the seed's settings.
     seed = cli.parse([])
-    assert (seed.lr, seed.optimizer, seed.dtype, seed.shuffle, seed.batch_size) == \
-        (0.5, "sgd", "float64", False, 10)
+    assert (seed.lr, seed.optimizer, seed.dtype, seed.shuffle, seed.batch_size,
+            seed.batchnorm) == (0.5, "sgd", "float64", False, 10, False)
+    assert cli.parse(["--batchnorm"]).batchnorm
 
 
 def test_npz_without_a_test_split(tmp_path):
