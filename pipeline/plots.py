@@ -74,73 +74,92 @@ def _colour(i: int):
 
 def sweep_plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Final accuracy (on the test split where the data has one, else the
-    training set's exact sums) and loss against injected gradient delay K,
-    one line per variant and mode (mean ± std over seeds); a line run at K=0
-    only is a dashed reference."""
+    training set's exact sums) against injected gradient delay K, mean ± std
+    over seeds, one line per mode; a line run at K=0 only is a dashed
+    reference. Without variants, a second panel shows the final loss; with
+    variants (``sweep --variant``), one accuracy panel per variant."""
     if not rows:
         raise ValueError("sweep_plot: no rows to plot")
-    fig = _figure(figsize=(11, 4.6))
-    series: dict[str, list[dict]] = {}
-    for r in rows:
-        label = f"{r['variant']}: {r['mode']}" if r.get("variant") else r["mode"]
-        series.setdefault(label, []).append(r)
+    variants = list(dict.fromkeys(r.get("variant") or "" for r in rows))
     test = any(r.get("test_mean") is not None for r in rows)
     acc_key = "test" if test else "accuracy"
     delays = sorted({int(r["grad_delay"]) for r in rows})
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
     ns = sorted({int(r.get("n") or 0) for r in rows} - {0}) or [0]  # n=0: every seed failed
-    # A thin bottom row holds the legend, below both panels and over no data
+    panels = ([(v, [(acc_key, 100.0)]) for v in variants] if len(variants) > 1
+              else [("", [(acc_key, 100.0), ("loss", 1.0)])])
+    n_axes = sum(len(keys) for _, keys in panels)
+    cols = min(n_axes, 4 if len(variants) > 1 else 2)
+    nrows = -(-n_axes // cols)
+    fig = _figure(figsize=(3.2 * cols + 1.2 if len(variants) > 1 else 11, 3.6 * nrows + 1.0))
+    # A thin bottom row holds the legend, below the panels and over no data
     # (fig.legend(loc="outside ...") would do it too, but only from matplotlib 3.7).
-    grid = fig.add_gridspec(2, 2, height_ratios=[1, 0.07 * (1 + (len(series) - 1) // 6)])
-    ax_acc, ax_loss = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
-    ax_key = fig.add_subplot(grid[1, :])
+    grid = fig.add_gridspec(nrows + 1, cols, height_ratios=[1] * nrows + [0.09])
+    ax_key = fig.add_subplot(grid[nrows, :])
     ax_key.set_axis_off()
-
-    for i, (label, rs) in enumerate(series.items()):
-        rs = sorted(rs, key=lambda r: int(r["grad_delay"]))
-        colour = _colour(i)
-        ref = len(rs) == 1 and int(rs[0]["grad_delay"]) == 0 and len(delays) > 1
-        for ax, key, scale in ((ax_acc, acc_key, 100.0), (ax_loss, "loss", 1.0)):
-            ys = [_num(r[f"{key}_mean"]) * scale for r in rs]
-            if all(math.isnan(y) for y in ys):
-                continue  # no completed run of this line: nothing to draw
-            sds = [0.0 if r.get(f"{key}_std") is None else r[f"{key}_std"] * scale for r in rs]
-            if ref:
-                y, sd = ys[0], sds[0]
-                ax.axhline(y, color=colour, ls="--", lw=1.5, label=f"{label} (K=0 only)")
-                if sd > 0:
-                    lo = max(y - sd, y * 0.05) if key == "loss" else y - sd
-                    ax.axhspan(lo, y + sd, color=colour, alpha=0.12, lw=0)
-                continue
-            ks = [int(r["grad_delay"]) for r in rs]
+    axes = []
+    for variant, keys in panels:
+        for key, scale in keys:
+            i = len(axes)
+            ax = fig.add_subplot(grid[i // cols, i % cols])
+            axes.append(ax)
+            mine = [r for r in rows if (r.get("variant") or "") == variant]
+            _sweep_panel(ax, mine, modes, key, scale, len(delays) > 1)
+            _delay_axis(ax, delays)
             if key == "loss":
-                # On a log axis a bar reaching zero or below vanishes; keep the
-                # lower bar inside the positive range.
-                lower = [min(sd, 0.95 * y) if y > 0 else 0.0 for y, sd in zip(ys, sds)]
-                yerr = [lower, sds]
+                _loss_axis(ax, [_num(r["loss_mean"]) for r in rows])
+                ax.set_ylabel("final training loss" + ("" if test else " (binary cross-entropy)"))
+                ax.set_title("loss")
             else:
-                yerr = sds
-            ax.errorbar(ks, ys, yerr=yerr, color=colour, marker="o", ms=5, lw=1.8,
-                        capsize=3, label=label)
-
-    ax_acc.set_ylim(-3, 103)
-    ax_acc.set_ylabel("final test accuracy (%)" if test
-                      else "final train accuracy: exact sums (%)")
-    ax_acc.set_title("accuracy")
-    _loss_axis(ax_loss, [_num(r["loss_mean"]) for r in rows])
-    ax_loss.set_ylabel("final training loss" + ("" if test else " (binary cross-entropy)"))
-    ax_loss.set_title("loss")
-    for ax in (ax_acc, ax_loss):
-        _delay_axis(ax, delays)
-    handles, labels = ax_acc.get_legend_handles_labels()
-    if not handles:
-        handles, labels = ax_loss.get_legend_handles_labels()
+                ax.set_ylim(-3, 103)
+                ax.set_ylabel("final test accuracy (%)" if test
+                              else "final train accuracy: exact sums (%)")
+                ax.set_title(variant or "accuracy")
+    handles, labels = [], []
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
     ax_key.legend(handles, labels, loc="center", ncol=max(1, min(6, len(labels))),
                   frameon=False)
     seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
     what = "test accuracy" if test else "training accuracy"
-    fig.suptitle(title or f"Final {what} and loss against gradient delay "
-                          f"(mean ± std over {seeds} seed{'s' if ns[-1] != 1 else ''})")
+    fig.suptitle(title or f"Final {what}" + ("" if len(variants) > 1 else " and loss")
+                 + f" against gradient delay (mean ± std over {seeds} "
+                 + f"seed{'s' if ns[-1] != 1 else ''})")
     return _save(fig, path)
+
+
+def _sweep_panel(ax, rows: list[dict], modes: list[str], key: str, scale: float,
+                 several_delays: bool) -> None:
+    """One line per mode of ``rows`` (one variant's), in the sweep's mode colours."""
+    for i, mode in enumerate(modes):
+        rs = sorted((r for r in rows if r["mode"] == mode), key=lambda r: int(r["grad_delay"]))
+        if not rs:
+            continue
+        colour = _colour(i)
+        ys = [_num(r[f"{key}_mean"]) * scale for r in rs]
+        if all(math.isnan(y) for y in ys):
+            continue  # no completed run of this line: nothing to draw
+        sds = [0.0 if r.get(f"{key}_std") is None else r[f"{key}_std"] * scale for r in rs]
+        if len(rs) == 1 and int(rs[0]["grad_delay"]) == 0 and several_delays:
+            y, sd = ys[0], sds[0]
+            ax.axhline(y, color=colour, ls="--", lw=1.5, label=f"{mode} (K=0 only)")
+            if sd > 0:
+                lo = max(y - sd, y * 0.05) if key == "loss" else y - sd
+                ax.axhspan(lo, y + sd, color=colour, alpha=0.12, lw=0)
+            continue
+        ks = [int(r["grad_delay"]) for r in rs]
+        if key == "loss":
+            # On a log axis a bar reaching zero or below vanishes; keep the
+            # lower bar inside the positive range.
+            lower = [min(sd, 0.95 * y) if y > 0 else 0.0 for y, sd in zip(ys, sds)]
+            yerr = [lower, sds]
+        else:
+            yerr = sds
+        ax.errorbar(ks, ys, yerr=yerr, color=colour, marker="o", ms=5, lw=1.8, capsize=3,
+                    label=mode)
 
 
 def _delay_axis(ax, delays: list[int]) -> None:

@@ -244,6 +244,19 @@ def test_sweep_plot_writes_a_png(tmp_path):
     assert_png(path)
 
 
+@needs_matplotlib
+def test_sweep_plot_draws_a_panel_per_variant(tmp_path):
+    rows = [{**r, "variant": v, "test_mean": r["accuracy_mean"], "test_std": r["accuracy_std"]}
+            for v in ("L3-adam", "L3-sgd", "L6-adam", "L6-sgd", "extra") for r in sweep_rows()]
+    path = plots.sweep_plot(rows, tmp_path / "variants.png")
+    assert_png(path)
+    from PIL import Image  # matplotlib's own dependency
+    with Image.open(path) as one_row, Image.open(plots.sweep_plot(sweep_rows(),
+                                                                  tmp_path / "one.png")) as plain:
+        # five panels wrap onto a second row: a taller figure than the plain two panels
+        assert one_row.size[1] > plain.size[1]
+
+
 def test_sweep_plot_refuses_no_rows(tmp_path):
     with pytest.raises(ValueError, match="no rows"):
         plots.sweep_plot([], tmp_path / "sweep.png")
