@@ -28,6 +28,7 @@ class _Pending:
     """What a hidden layer keeps for a batch until its true gradient is applied."""
     clock: int                       # the layer's clock right after this batch's forward
     sent_at: float                   # monotonic time of the forward pass
+    act_norm: float = 0.0            # mean per-example L2 norm of the layer's output h
     x: np.ndarray | None = None      # backprop modes: input, for the weight gradient
     h: np.ndarray | None = None      # backprop modes: output, for f'(z)
     norm: tuple | None = None        # backprop modes with --batchnorm: the batch statistics
@@ -66,6 +67,13 @@ class Chance:
 
 def _norm(a: np.ndarray) -> float:
     return float(np.sqrt(np.sum(a * a)))
+
+
+def _mean_norm(h: np.ndarray) -> float:
+    """Mean over the batch of each example's L2 norm: how large the layer's
+    activations are (they grow without bound when stale feedback destabilises
+    a layer and its SG module)."""
+    return float(np.sqrt(np.einsum("ij,ij->i", h, h)).mean())
 
 
 def sg_quality(pred: np.ndarray, true: np.ndarray) -> tuple[float | None, float | None]:
@@ -255,20 +263,22 @@ class HiddenLayer:
         h, cache = self._forward(x, train=True)
         if send_h is not None:
             send_h(h)
+        act_norm = _mean_norm(h)
         self.clock += 1
         self.stats.forward_batches += 1
         if not self.uses_sg:
             then = ({k: v.copy() for k, v in self._trainable().items()}
                     if self.delay_comp else None)
-            self.pending[batch] = _Pending(self.clock, time.monotonic(), x=x, h=h, norm=cache,
-                                           then=then)
+            self.pending[batch] = _Pending(self.clock, time.monotonic(), act_norm, x=x, h=h,
+                                           norm=cache, then=then)
             return h, None
         sg_in = nn.sg_input(h, y if self.conditioned else None)
         ahead = self.sg_lookahead * self.tau_bar
         g, acts = self.sg.predict(sg_in, ahead)
         grads, dx = self._grads(x, h, cache, g, need_dx, send_dx)
         _descend(self, grads, staleness.layer_step_scale(self.tau_bar, self.lr_staleness))
-        self.pending[batch] = _Pending(self.clock, time.monotonic(), sg_in=sg_in, sg_pred=g,
+        self.pending[batch] = _Pending(self.clock, time.monotonic(), act_norm, sg_in=sg_in,
+                                       sg_pred=g,
                                        sg_acts=acts,
                                        sg_version=-1 if ahead else self.sg.version)
         return h, dx
@@ -341,7 +351,7 @@ class HiddenLayer:
             grads = {k: staleness.compensate(g, live[k], p.then[k], self.delay_comp)
                      for k, g in grads.items()}
         _descend(self, grads, staleness.layer_step_scale(tau, self.lr_staleness))
-        return Applied(batch, dx, tau, time.monotonic() - p.sent_at)
+        return Applied(batch, dx, tau, time.monotonic() - p.sent_at, act_norm=p.act_norm)
 
     def _train_sg(self, batch: int, p: _Pending, target: np.ndarray) -> Applied:
         """Regress the SG module onto the true gradient. With ``sg_refresh``
@@ -362,7 +372,7 @@ class HiddenLayer:
         self.stats.sg_updates += 1
         cosine, rel = sg_quality(p.sg_pred, target)
         return Applied(batch, None, tau, time.monotonic() - p.sent_at,
-                       sg_loss=loss, cosine=cosine, rel_err=rel)
+                       sg_loss=loss, cosine=cosine, rel_err=rel, act_norm=p.act_norm)
 
     def weights(self) -> dict[str, np.ndarray]:
         """Every array of the layer's state, by name (live, not copies)."""

@@ -57,6 +57,14 @@ def advice(cfg) -> str:
         + " (docs/staleness.md)"
 
 
+def _growth(t: "Tracking") -> str:
+    """A note of how far the activations grew, where they grew threefold or more."""
+    if not t.first_act_norm or t.last_act_norm is None:
+        return ""
+    factor = t.last_act_norm / t.first_act_norm
+    return f"; its activations grew {factor:.0f}-fold since the first epoch" if factor >= 3 else ""
+
+
 @dataclass
 class _Window:
     """Gradient-weighted sums of the epochs since the last judgement."""
@@ -86,6 +94,8 @@ class Tracking:
     first_cosine: float | None = None
     last_cosine: float | None = None
     last_rel_err: float | None = None
+    first_act_norm: float | None = None   # mean per-example |h| in the first and last epoch
+    last_act_norm: float | None = None
     best_cosine: float | None = None      # over windows of >= WINDOW gradients
     best_epoch: int | None = None         # the last epoch of that window
     staleness_mean: float | None = None   # steps stale, mean over the gradients
@@ -117,6 +127,10 @@ class SGWatch:
         if t.first_cosine is None:
             t.first_cosine = cosine
         t.last_cosine, t.last_rel_err = cosine, rel
+        norm = event.get("act_norm")
+        if t.first_act_norm is None:
+            t.first_act_norm = norm
+        t.last_act_norm = norm
         t.gradients += n
         t._stale_sum += n * stale
         t.staleness_mean = t._stale_sum / t.gradients if t.gradients else None
@@ -133,8 +147,8 @@ class SGWatch:
                        f"by epoch {epoch + 1} (relative error {w_rel:.2f}, cosine {w_cos:.2f}"
                        + (f" against {t.best_cosine:.2f} at best" if t.best_cosine is not None
                           else "")
-                       + f"; {w_stale:.1f} steps stale itself, the stalest layer {stalest:.1f}): "
-                       "staleness is hurting this run; "
+                       + f"; {w_stale:.1f} steps stale itself, the stalest layer {stalest:.1f}"
+                       + _growth(t) + "): staleness is hurting this run; "
                        + advice(self.cfg))
             self.warnings.append(warning)
         if t.best_cosine is None or w_cos > t.best_cosine:

@@ -45,6 +45,7 @@ class Applied:
     sg_loss: float | None = None   # SG module's loss on this batch (DNI modes)
     cosine: float | None = None    # cosine(synthetic gradient used, true gradient)
     rel_err: float | None = None   # |synthetic - true| / |true|
+    act_norm: float | None = None  # mean per-example L2 norm of the layer's output for the batch
 
 
 class Reservoir:
@@ -112,6 +113,7 @@ class LayerEpoch:
     def _reset(self) -> None:
         self.steps, self.seconds = _Mean(), _Mean()
         self.sg_loss, self.cosine, self.rel_err = _Mean(), _Mean(), _Mean()
+        self.act_norm = _Mean()
 
     def add(self, a: Applied, elapsed: float) -> dict | None:
         """Count ``a``; returns the event of the epoch this closes, if any."""
@@ -123,6 +125,7 @@ class LayerEpoch:
         self.sg_loss.add(a.sg_loss)
         self.cosine.add(a.cosine)
         self.rel_err.add(a.rel_err)
+        self.act_norm.add(a.act_norm)
         return closed
 
     def flush(self, elapsed: float) -> dict | None:
@@ -134,7 +137,8 @@ class LayerEpoch:
              "staleness_steps_mean": self.steps.mean, "staleness_steps_max": self.steps.max,
              "staleness_s_mean": self.seconds.mean, "staleness_s_max": self.seconds.max,
              "sg_loss": self.sg_loss.mean, "sg_cosine": self.cosine.mean,
-             "sg_rel_err": self.rel_err.mean, "elapsed_s": elapsed}
+             "sg_rel_err": self.rel_err.mean, "act_norm": self.act_norm.mean,
+             "elapsed_s": elapsed}
         self._reset()
         return e
 

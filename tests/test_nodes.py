@@ -754,3 +754,13 @@ def test_forward_eval_changes_nothing():
     np.testing.assert_array_equal(layer.w, w)
     assert layer.stats.forward_batches == 0 and not layer.pending and layer.step == 0
     assert layer.clock == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_applied_gradient_carries_the_mean_activation_norm_of_its_batch(mode):
+    layer = hidden(mode)
+    x, y = batch(3)
+    h, _ = layer.forward(0, x, y, need_dx=True)
+    want = np.mean([np.sqrt(np.sum(row * row)) for row in h])  # per example, then the mean
+    [a] = deliver(layer, 0, grad_of(0))
+    assert a.act_norm == pytest.approx(want, rel=1e-14)

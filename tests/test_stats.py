@@ -70,10 +70,10 @@ def test_reservoir_is_reproducible_from_its_seed():
 # --- LayerStats -------------------------------------------------------------------------------
 
 APPLIED = [
-    Applied(0, None, 2, 0.5, sg_loss=1.0, cosine=None, rel_err=1.0),
-    Applied(1, None, 0, 0.25, sg_loss=3.0, cosine=0.5, rel_err=0.5),
-    Applied(2, None, 2, 1.0, sg_loss=2.0, cosine=-0.5, rel_err=0.25),
-    Applied(3, None, 5, 0.25, sg_loss=4.0, cosine=1.0, rel_err=0.0),
+    Applied(0, None, 2, 0.5, sg_loss=1.0, cosine=None, rel_err=1.0, act_norm=2.0),
+    Applied(1, None, 0, 0.25, sg_loss=3.0, cosine=0.5, rel_err=0.5, act_norm=4.0),
+    Applied(2, None, 2, 1.0, sg_loss=2.0, cosine=-0.5, rel_err=0.25, act_norm=1.0),
+    Applied(3, None, 5, 0.25, sg_loss=4.0, cosine=1.0, rel_err=0.0, act_norm=9.0),
 ]
 
 
@@ -147,14 +147,16 @@ def test_layer_epoch_event_exact_and_resets():
         "event": "layer", "role": "layer2", "epoch": 0, "gradients": 4,
         "staleness_steps_mean": 2.25, "staleness_steps_max": 5,
         "staleness_s_mean": 0.5, "staleness_s_max": 1.0,
-        "sg_loss": 2.5, "sg_cosine": 1 / 3, "sg_rel_err": 0.4375, "elapsed_s": 12.5})
+        "sg_loss": 2.5, "sg_cosine": 1 / 3, "sg_rel_err": 0.4375, "act_norm": 4.0,
+        "elapsed_s": 12.5})
     assert e["staleness_steps_max"] == 5 and type(e["staleness_steps_max"]) is int
     # the next epoch starts from nothing, and flush closes it
     assert ep.flush(13.0) == {
         "event": "layer", "role": "layer2", "epoch": 1, "gradients": 1,
         "staleness_steps_mean": 1.0, "staleness_steps_max": 1,
         "staleness_s_mean": 2.0, "staleness_s_max": 2.0,
-        "sg_loss": None, "sg_cosine": None, "sg_rel_err": None, "elapsed_s": 13.0}
+        "sg_loss": None, "sg_cosine": None, "sg_rel_err": None, "act_norm": None,
+        "elapsed_s": 13.0}
     assert ep.flush(14.0) is None  # nothing since
 
 
