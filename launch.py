@@ -25,9 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["keys"]:
             from pipeline.cli import parse_keys
-            from pipeline.security import generate_keys, role_names
+            from pipeline.protocol import all_roles
+            from pipeline.security import generate_keys
             out, layers = parse_keys(argv[1:])
-            for path in generate_keys(out, role_names(layers)):
+            for path in generate_keys(out, all_roles(layers)):
                 print(path)
             return 0
         if any(a == "--cluster" or a.startswith("--cluster=") for a in argv):

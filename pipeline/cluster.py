@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline import protocol
 from pipeline.config import Config, defaults_for
 
 if TYPE_CHECKING:
@@ -56,10 +57,6 @@ class Cluster:
     def local_roles(self) -> list[str]:
         """The roles this machine is to run: those whose host is one of its addresses."""
         return [r for r, p in self.roles.items() if is_local(p.host)]
-
-
-def required_roles(layers: int) -> list[str]:
-    return (["coordinator", "source"] + [f"layer{i}" for i in range(1, layers)] + ["output"])
 
 
 def is_local(host: str) -> bool:
@@ -130,7 +127,7 @@ def load(path: str | Path) -> Cluster:
     roles_doc = doc.get("roles")
     if not isinstance(roles_doc, dict):
         raise _fail(path, "needs a [roles] table naming where each role listens")
-    need = required_roles(cfg.layers)
+    need = protocol.all_roles(cfg.layers)
     missing = [r for r in need if r not in roles_doc]
     extra = sorted(set(roles_doc) - set(need))
     if missing or extra:

@@ -11,8 +11,8 @@ import traceback
 import zmq
 
 from pipeline import memory, security, wire
+from pipeline.protocol import HEARTBEAT, METRIC, STOP, Message, Speaker
 from pipeline.transport import POLL_MS, Net, Stopped
-from pipeline.wire import Message
 
 HEARTBEAT_S = 1.0   # a process says it is alive at least this often
 LIVENESS_S = 5.0    # silent for this long: taken for dead
@@ -28,7 +28,7 @@ class ControlLink:
 
     def __init__(self, net: Net, endpoint: str, role: str, run_id: str = ""):
         self.role = role
-        self.run_id = run_id
+        self.say = Speaker(run_id, role)
         self.endpoint = endpoint
         self.refusals: security.Refusals | None = None
 
@@ -42,21 +42,21 @@ class ControlLink:
         self.joined = False  # the handshake is done: from now on, silence means death
         self.resume: tuple[dict, dict] | None = None  # (state, weights) of a resumed run
 
-    def checkpoint(self, epoch: int, layer) -> None:
-        """Send this layer's state at the checkpoint after ``epoch`` to the
-        coordinator, which writes it into the run directory."""
-        from pipeline.nodes import layer_state
-        meta, arrays = layer_state(layer)
-        self.send(wire.CHECKPOINT, {"epoch": epoch, "state": meta, "weights": list(arrays)},
-                  tuple(arrays.values()))
+    @property
+    def run_id(self) -> str:
+        return self.say.run_id
 
-    def send(self, kind: str, meta: dict | None = None, arrays: tuple = ()) -> None:
+    def joined_run(self, run_id: str) -> None:
+        """The handshake is done: from now on this link speaks for ``run_id``,
+        and silence from the coordinator means it is gone."""
+        self.say = Speaker(run_id, self.role)
+        self.joined = True
+
+    def send(self, msg: Message) -> None:
         """Send without ever blocking for good: a link that cannot take a
         message (a coordinator that refused our key drops the connection for
         good) is an error after a few seconds, not a hang. A heartbeat that
         cannot go is simply skipped."""
-        msg = Message(kind=kind, run_id=self.run_id, sender=self.role,
-                      arrays=arrays, meta=meta or {})
         frames = wire.encode(msg)
         deadline = time.monotonic() + LIVENESS_S
         while True:
@@ -65,7 +65,7 @@ class ControlLink:
                 self.last_sent = time.monotonic()
                 return
             except zmq.Again:
-                if kind == wire.HEARTBEAT:
+                if msg.kind == HEARTBEAT:
                     return
                 self._check_parent()
                 self._check_refused()
@@ -91,7 +91,14 @@ class ControlLink:
         so a run's metrics show whether any process grows."""
         if event.get("event") in ("epoch", "layer"):
             event = {**event, "rss_mb": memory.rss_mb()}
-        self.send(wire.METRIC, event)
+        self.send(self.say.metric(event))
+
+    def forward(self, msg: Message) -> None:
+        """What a node says to the coordinator (its ``link`` port)."""
+        if msg.kind == METRIC:
+            self.event(msg.meta)
+        else:
+            self.send(msg)
 
     def tick(self) -> None:
         """Called from every wait of a worker's loop: say we are alive, and
@@ -100,7 +107,7 @@ class ControlLink:
         self._check_refused()
         now = time.monotonic()
         if now - self.last_sent >= HEARTBEAT_S:
-            self.send(wire.HEARTBEAT)
+            self.send(self.say.heartbeat())
         if self.joined and now - self.last_heard > LIVENESS_S:
             self.poll_stop()  # its heartbeats may be waiting unread
             if time.monotonic() - self.last_heard > LIVENESS_S:
@@ -119,9 +126,9 @@ class ControlLink:
             msg = wire.decode(self.sock.recv_multipart(copy=False),
                               run_id=self.run_id or None)
             self.last_heard = time.monotonic()
-            if msg.kind == wire.STOP:
+            if msg.kind == STOP:
                 raise Stopped("stop requested")
-            if msg.kind != wire.HEARTBEAT:
+            if msg.kind != HEARTBEAT:
                 return msg
 
     def wait_for(self, kind: str, timeout_s: float | None = None) -> Message:
@@ -148,9 +155,8 @@ class ControlLink:
         garbage collection does when a role's main returns) with linger=0
         would drop messages that are queued but not yet on the wire.
         """
-        self.send(wire.DONE, {"counters": counters, "decode_errors": decode_errors,
-                              "peak_rss_mb": memory.peak_rss_mb(), "cpu_s": memory.cpu_s(),
-                              "weights": list(weights)}, tuple(weights.values()))
+        self.send(self.say.done(counters, decode_errors, memory.peak_rss_mb(), memory.cpu_s(),
+                                weights))
         while True:
             self.recv(1000)  # raises Stopped
 
@@ -167,9 +173,7 @@ class ControlLink:
         """Tell the supervisor why we fail, if it can be told at once: a link
         that is down (the reason we fail, perhaps) must not delay the exit."""
         tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-        msg = Message(kind=wire.ERROR, run_id=self.run_id, sender=self.role,
-                      meta={"error": f"{type(exc).__name__}: {exc}",
-                            "traceback": "".join(tb)[-4000:]})
+        msg = self.say.error(f"{type(exc).__name__}: {exc}", "".join(tb)[-4000:])
         try:
             self.sock.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
             self.sock.linger = 2000

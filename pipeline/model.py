@@ -4,17 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.nodes import Chance, HiddenLayer, OutputLayer
-
-
-def role_name(index: int, cfg: Config) -> str:
-    """Layer ``index`` (1-based, counting weight layers) -> its process role."""
-    return "output" if index == cfg.layers else f"layer{index}"
-
-
-def roles(cfg: Config) -> list[str]:
-    """Every worker role of a run, source first, in pipeline order."""
-    return ["source"] + [role_name(i, cfg) for i in range(1, cfg.layers + 1)]
+from pipeline.layers import Chance, HiddenLayer, OutputLayer
 
 
 def layer_rng(cfg: Config, index: int, purpose: int = 0) -> np.random.Generator:

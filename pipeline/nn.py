@@ -72,11 +72,6 @@ def input_grad(dz: np.ndarray, w: np.ndarray) -> np.ndarray:
     return dz @ w.T
 
 
-def sgd(param: np.ndarray, grad: np.ndarray, lr: float) -> None:
-    """Descend (the seed climbed: ``+=``)."""
-    param -= lr * grad
-
-
 # --- output layer: sigmoid outputs with binary cross-entropy --------------------
 
 def bce_loss(p: np.ndarray, y: np.ndarray) -> float:
@@ -128,7 +123,7 @@ def sg_grads(inp: np.ndarray, pred: np.ndarray, target: np.ndarray
     return loss, inp.T @ err / n, err.sum(axis=0) / n
 
 
-# --- classification output and Adam (for the real-data work; not wired yet) ---------
+# --- classification output ---------------------------------------------------------
 
 def softmax(z: np.ndarray) -> np.ndarray:
     """Row-wise softmax, shifted by the row max so exp never overflows."""
@@ -157,27 +152,3 @@ def softmax_ce_delta(p: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def correct_classes(z: np.ndarray, labels: np.ndarray) -> int:
     return int((z.argmax(axis=1) == labels).sum())
-
-
-class Adam:
-    """Adam (Kingma & Ba 2015) for one parameter array, updated in place:
-    m, v are running means of g and g**2, bias-corrected by step t."""
-
-    def __init__(self, shape: tuple[int, ...], lr: float, beta1: float = 0.9,
-                 beta2: float = 0.999, eps: float = 1e-8, dtype=np.float64):
-        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
-        self.m = np.zeros(shape, dtype)
-        self.v = np.zeros(shape, dtype)
-        self.t = 0
-
-    def step(self, param: np.ndarray, grad: np.ndarray, scale: float = 1.0) -> None:
-        """One step; ``scale`` multiplies the step size for this step alone
-        (1.0 leaves the arithmetic exactly as without it)."""
-        self.t += 1
-        self.m *= self.beta1
-        self.m += (1 - self.beta1) * grad
-        self.v *= self.beta2
-        self.v += (1 - self.beta2) * grad * grad
-        m_hat = self.m / (1 - self.beta1 ** self.t)
-        v_hat = self.v / (1 - self.beta2 ** self.t)
-        param -= (self.lr * scale) * m_hat / (np.sqrt(v_hat) + self.eps)

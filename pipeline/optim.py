@@ -11,9 +11,36 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import nn
-
 OPTIMIZERS = ("sgd", "adam")
+
+
+def descend(param: np.ndarray, grad: np.ndarray, lr: float) -> None:
+    """One plain gradient step, in place (the seed climbed: ``+=``)."""
+    param -= lr * grad
+
+
+class AdamSlot:
+    """Adam (Kingma & Ba 2015) for one parameter array, updated in place:
+    m, v are running means of g and g**2, bias-corrected by step t."""
+
+    def __init__(self, shape: tuple[int, ...], lr: float, beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-8, dtype=np.float64):
+        self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
+        self.m = np.zeros(shape, dtype)
+        self.v = np.zeros(shape, dtype)
+        self.t = 0
+
+    def step(self, param: np.ndarray, grad: np.ndarray, scale: float = 1.0) -> None:
+        """One step; ``scale`` multiplies the step size for this step alone
+        (1.0 leaves the arithmetic exactly as without it)."""
+        self.t += 1
+        self.m *= self.beta1
+        self.m += (1 - self.beta1) * grad
+        self.v *= self.beta2
+        self.v += (1 - self.beta2) * grad * grad
+        m_hat = self.m / (1 - self.beta1 ** self.t)
+        v_hat = self.v / (1 - self.beta2 ** self.t)
+        param -= (self.lr * scale) * m_hat / (np.sqrt(v_hat) + self.eps)
 
 
 class SGD:
@@ -35,7 +62,7 @@ class SGD:
                 buf *= self.momentum
                 buf += grad
                 grad = buf
-            nn.sgd(self.params[name], grad, lr)
+            descend(self.params[name], grad, lr)
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         return {}, {f"{name}.buf": b.copy() for name, b in self.bufs.items()}
@@ -46,12 +73,13 @@ class SGD:
 
 
 class Adam:
-    """One ``nn.Adam`` per parameter array; every array steps together, so
+    """One ``AdamSlot`` per parameter array; every array steps together, so
     their bias corrections share one step count."""
 
     def __init__(self, params: dict[str, np.ndarray], lr: float):
         self.params = params
-        self.slots = {name: nn.Adam(p.shape, lr, dtype=p.dtype) for name, p in params.items()}
+        self.slots = {name: AdamSlot(p.shape, lr, dtype=p.dtype)
+                      for name, p in params.items()}
 
     def step(self, grads: dict[str, np.ndarray], scale: float = 1.0) -> None:
         for name, grad in grads.items():

@@ -119,13 +119,13 @@ def resume_config(run_dir: str | os.PathLike, quiet: bool):
     """(Config, {role: (state, arrays)}) to go on with an interrupted run
     after its last checkpoint."""
     from pipeline.config import Config
-    from pipeline.model import roles
+    from pipeline.protocol import roles
     path = Path(run_dir)
     if not (path / "config.json").exists():
         raise ValueError(f"argument --resume: {path} is not a run directory")
     RunDir.check_resumable(path)
     cfg = Config.from_dict(json.loads((path / "config.json").read_text())["config"])
-    config, epoch, states = load_checkpoint(path, roles(cfg)[1:])
+    config, epoch, states = load_checkpoint(path, roles(cfg.layers)[1:])
     cfg = Config.from_dict({**config, "start_epoch": epoch + 1, "run_dir": str(path),
                             "quiet": quiet})
     return cfg, states

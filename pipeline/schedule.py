@@ -1,6 +1,28 @@
-"""Scheduling rules, as pure functions: when a layer may take its next batch,
-and where a batch falls in the epochs."""
+"""Scheduling rules, as pure functions: when a true gradient is due, when a
+layer may take its next batch, when it is done, and where a batch falls in
+the epochs. The node drivers (``pipeline.driver``) ask these and nothing
+else, in the workers and in the in-process reference alike."""
 from __future__ import annotations
+
+from typing import Container, Mapping, Protocol
+
+
+class _Forwarded(Protocol):
+    clock: int  # the layer's clock right after the batch's forward pass
+
+
+def is_due(clock: int, batch_clock: int, grad_delay: int) -> bool:
+    """Is the gradient of a batch forwarded at ``batch_clock`` due, the
+    layer's clock being at ``clock``? (K = ``grad_delay`` steps later.)"""
+    return clock - batch_clock >= grad_delay
+
+
+def due_outstanding(clock: int, pending: Mapping[int, _Forwarded], arrived: Container[int],
+                    grad_delay: int) -> int:
+    """Batches ``pending`` (batch -> what the layer keeps of it, with the
+    clock of its forward pass) whose gradient is due but has not ``arrived``."""
+    due_clock = clock - grad_delay  # is_due, for every batch at once
+    return sum(1 for b, p in pending.items() if b not in arrived and p.clock <= due_clock)
 
 
 def may_take_batch(*, mode: str, lockstep: bool, pending: int, due_outstanding: int,
@@ -24,6 +46,19 @@ def may_take_batch(*, mode: str, lockstep: bool, pending: int, due_outstanding: 
     if lockstep:
         return due_outstanding == 0
     return pending < grad_delay + max_inflight
+
+
+def may_read(*, stream_ended: bool, at_barrier: bool, take: bool) -> bool:
+    """May a layer read its activation inbox at all? Not after the end of
+    stream, nor while a checkpoint barrier waits for its due gradients;
+    otherwise as ``may_take_batch`` says (``take``)."""
+    return not stream_ended and not at_barrier and take
+
+
+def finished(*, stream_ended: bool, due_outstanding: int) -> bool:
+    """A layer is done when the stream has ended and no due gradient is
+    still to come (those not yet due never will be: they expire)."""
+    return stream_ended and due_outstanding == 0
 
 
 def epoch_of(batch: int, batches_per_epoch: int) -> int:

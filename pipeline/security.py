@@ -27,13 +27,6 @@ _ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # becomes a file name: no
 _guarded: "weakref.WeakSet[zmq.Context]" = weakref.WeakSet()
 
 
-def role_names(layers: int) -> list[str]:
-    """Every process of a run with ``layers`` weight layers, in start order."""
-    if layers < 2:
-        raise ValueError(f"a run has at least 2 weight layers, not {layers}")
-    return ["coordinator", "source"] + [f"layer{i}" for i in range(1, layers)] + ["output"]
-
-
 # -- keys ---------------------------------------------------------------------
 
 def _check_role(role: str) -> None:

@@ -45,7 +45,7 @@ class Applied:
     sg_loss: float | None = None   # SG module's loss on this batch (DNI modes)
     cosine: float | None = None    # cosine(synthetic gradient used, true gradient)
     rel_err: float | None = None   # |synthetic - true| / |true|
-    act_norm: float | None = None  # mean per-example L2 norm of the layer's output for the batch
+    act_norm: float | None = None  # RMS of the per-example L2 norm of the layer's output h
 
 
 class Reservoir:

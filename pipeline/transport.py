@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import secrets
 import sys
-from typing import Callable, Sequence
+from typing import Callable
 
-import numpy as np
 import zmq
 
 from pipeline import security, wire
 from pipeline.config import Config
+from pipeline.protocol import Message
 from pipeline.security import Keys
-from pipeline.wire import Message
 
 POLL_MS = 200            # longest a worker blocks before it looks at its parent
 MAX_REASONS = 16         # distinct reasons for dropping a message that get logged
@@ -151,57 +150,6 @@ class Inbox:
                          "more kinds of bad message; no longer logged, still counted")
             return None
         return msg
-
-
-def expect(msg: Message, kinds: Sequence[str], shapes: Sequence[tuple[int | None, int]],
-           dtype: np.dtype, max_rows: int) -> None:
-    """Raise ValueError unless ``msg`` is one of ``kinds`` carrying arrays of
-    these shapes ((None, w): any row count from 1 to max_rows, all equal)."""
-    if msg.kind not in kinds:
-        raise ValueError(f"unexpected message kind {msg.kind!r} on this socket")
-    if msg.kind in (wire.EOF, wire.CHECKPOINT):
-        if msg.arrays:
-            raise ValueError(f"{msg.kind} carries no arrays, got {len(msg.arrays)}")
-        return
-    if len(msg.arrays) != len(shapes):
-        raise ValueError(f"{msg.kind} needs {len(shapes)} arrays, got {len(msg.arrays)}")
-    rows = msg.arrays[0].shape[0] if msg.arrays and msg.arrays[0].ndim == 2 else -1
-    for arr, (_, width) in zip(msg.arrays, shapes):
-        if arr.dtype != dtype or arr.ndim != 2 or arr.shape[1] != width:
-            raise ValueError(f"{msg.kind} array {arr.dtype}{list(arr.shape)} is not "
-                             f"{dtype}[n, {width}]")
-        if arr.shape[0] != rows or not 1 <= rows <= max_rows:
-            raise ValueError(f"{msg.kind} arrays have {arr.shape[0]} rows, need 1..{max_rows}, equal")
-
-
-class ActivationCheck:
-    """The check of a layer's activation inbox: act/eval/eof from the one
-    upstream role, (n, width) inputs with (n, labels) labels, and training
-    batches in order (anything else cannot be ours)."""
-
-    def __init__(self, upstream: str, width: int, labels: int, max_rows: int,
-                 dtype: np.dtype = np.dtype(np.float64), first_batch: int = 0):
-        self.upstream = upstream
-        self.shapes = [(None, width), (None, labels)]
-        self.max_rows = max_rows
-        self.dtype = dtype
-        self.read = first_batch  # the next training batch expected (resumed runs start later)
-
-    def __call__(self, msg: Message) -> None:
-        expect(msg, (wire.ACT, wire.EVAL, wire.EOF, wire.CHECKPOINT), self.shapes, self.dtype,
-               self.max_rows)
-        if msg.sender != self.upstream:
-            raise ValueError(f"activation from {msg.sender!r}, expected {self.upstream!r}")
-        if msg.kind == wire.EVAL and not _is_epoch(msg.meta.get("test", 0)):
-            raise ValueError(f"eval message names test epoch {msg.meta.get('test')!r}")
-        if msg.kind == wire.ACT:
-            if msg.batch != self.read:
-                raise ValueError(f"activation for batch {msg.batch}, expected {self.read}")
-            self.read += 1
-
-
-def _is_epoch(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def send(sock: zmq.Socket, msg: Message, control) -> None:

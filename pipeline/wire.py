@@ -4,7 +4,7 @@ Frame layout of one message (a ZeroMQ multipart message)::
 
     frame 0      msgpack map, at most MAX_HEADER_BYTES, exactly these keys:
                    v  int        PROTOCOL_VERSION
-                   k  str        message kind, one of KINDS
+                   k  str        message kind, one of protocol.KINDS
                    r  str        run id (lets a worker drop frames of another run)
                    b  int        batch id, -1 = none
                    s  str        sender role, e.g. "layer1"
@@ -18,51 +18,22 @@ msgpack only (bin type on, str map keys); never pickle, so a peer cannot run cod
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import msgpack
 import numpy as np
 
+from pipeline.protocol import KINDS, Message
+
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
 MAX_NDIM = 4
-
-HELLO = "hello"
-CONFIG = "config"
-READY = "ready"
-START = "start"
-ACT = "act"
-GRAD = "grad"
-EVAL = "eval"
-EOF = "eof"
-METRIC = "metric"
-DONE = "done"
-ERROR = "error"
-STOP = "stop"
-HEARTBEAT = "heartbeat"
-CHECKPOINT = "checkpoint"
-KINDS = frozenset({HELLO, CONFIG, READY, START, ACT, GRAD, EVAL, EOF, CHECKPOINT,
-                   METRIC, DONE, ERROR, STOP, HEARTBEAT})
 
 # Wire dtype string (numpy ``dtype.str``, always little-endian) -> dtype.
 ALLOWED_DTYPES: dict[str, np.dtype] = {
     np.dtype(s).str: np.dtype(s) for s in ("<f8", "<f4", "<i8", "<i4", "|u1")
 }
 _HEADER_KEYS = frozenset("vkrbstam")
-
-
-# eq=False: field-wise == on ndarray fields is ambiguous, and a dict field is unhashable.
-@dataclass(frozen=True, eq=False)
-class Message:
-    """One message. Decoded arrays are read-only views that keep their frame alive."""
-    kind: str
-    run_id: str
-    batch: int = -1  # batch id, -1 = none
-    sender: str = ""  # role name, e.g. "layer1"
-    step: int = 0  # sender's local update count
-    arrays: tuple[np.ndarray, ...] = ()
-    meta: dict = field(default_factory=dict)  # msgpack-able, str keys; tuples come back as lists
 
 
 def _is_int(x: Any) -> bool:

@@ -2,13 +2,13 @@
 supervisor's tests; never used by launch.py)."""
 from __future__ import annotations
 
-from pipeline import wire
-from pipeline.roles import run
+from pipeline import protocol
+from pipeline.worker import run
 
 
 def main(link, cfg, net) -> None:
-    link.send(wire.READY, {"endpoints": {"act": "tcp://127.0.0.1:9", "grad": "tcp://127.0.0.1:9"}})
-    link.wait_for(wire.START)
+    link.send(link.say.ready({"act": "tcp://127.0.0.1:9", "grad": "tcp://127.0.0.1:9"}))
+    link.wait_for(protocol.START)
     raise RuntimeError("injected failure in the layer math")
 
 

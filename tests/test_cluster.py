@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zmq
 
-from pipeline import security, wire
+from pipeline import protocol, security, wire
 from pipeline.config import Config
 from tests.conftest import _alive, error_line, run_launch
 from tests.test_pipeline import assert_bit_identical, reference_weights
@@ -66,7 +66,7 @@ def write_cluster(tmp: Path, run: dict, keys: bool = True) -> Path:
     path = tmp / "cluster.toml"
     path.write_text("\n".join(lines) + "\n")
     if keys:
-        security.generate_keys(tmp / "keys", security.role_names(run.get("layers", 3)))
+        security.generate_keys(tmp / "keys", protocol.all_roles(run.get("layers", 3)))
     return path
 
 
@@ -233,7 +233,7 @@ def test_a_peer_without_a_listed_key_reaches_nothing(tmp_path, roles, intruder):
         if intruder == "foreign-key":
             security.make_client(sock, keys, "layer1")
         sock.connect(config["processes"]["layer1"]["endpoints"]["act"])
-        msg = wire.Message(wire.ACT, config["run_id"], batch=5, sender="source",
+        msg = protocol.Message(protocol.ACT, config["run_id"], batch=5, sender="source",
                            arrays=(np.ones((10, 16)), np.ones((10, 8))))
         for _ in range(20):
             try:

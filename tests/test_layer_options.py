@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline import nn
-from pipeline.nodes import HiddenLayer, OutputLayer, layer_state, load_layer_state
+from pipeline.checkpoint import layer_state, load_layer_state
+from pipeline.layers import HiddenLayer, OutputLayer
 from pipeline.synthetic import SGModule
 from tests.numeric import numeric_grad, ref_act
 

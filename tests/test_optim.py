@@ -1,11 +1,14 @@
 """Tests for pipeline.optim: SGD (with momentum) and Adam against steps written
-out by hand, the per-step scale, and the state a checkpoint keeps."""
+out by hand, the per-step scale, the state a checkpoint keeps, and a plain
+step that lowers a network's loss."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import optim
+from pipeline import nn, optim
+from tests.numeric import ref_act
+from tests.test_nn import bce_from_logits
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -103,3 +106,69 @@ def test_adam_scaled_step_by_hand():
 def test_unknown_optimiser_is_refused():
     with pytest.raises(ValueError, match="unknown optimizer"):
         optim.make("rmsprop", params(), 0.1)
+
+
+# --- one array's Adam --------------------------------------------------------------------
+
+def test_adam_two_steps_by_hand():
+    lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-8
+    p = np.array([1.0, -2.0])
+    g1, g2 = np.array([0.5, -0.25]), np.array([-1.0, 0.5])
+    opt = optim.AdamSlot(p.shape, lr, b1, b2, eps)
+    opt.step(p, g1)
+    # step 1: m_hat = g1, v_hat = g1**2, so the move is lr * g1 / (|g1| + eps)
+    want1 = np.array([1.0, -2.0]) - lr * g1 / (np.abs(g1) + eps)
+    assert np.allclose(p, want1, rtol=0, atol=1e-12)
+    opt.step(p, g2)
+    m = b1 * (1 - b1) * g1 + (1 - b1) * g2
+    v = b2 * (1 - b2) * g1 ** 2 + (1 - b2) * g2 ** 2
+    want2 = want1 - lr * (m / (1 - b1 ** 2)) / (np.sqrt(v / (1 - b2 ** 2)) + eps)
+    assert np.allclose(p, want2, rtol=0, atol=1e-12)
+    assert opt.t == 2
+
+
+def test_adam_descends_a_quadratic():
+    p = np.array([3.0, -4.0])
+    opt = optim.AdamSlot(p.shape, lr=0.1)
+    for _ in range(300):
+        opt.step(p, 2 * p)  # gradient of |p|^2
+    assert np.abs(p).max() < 0.05
+
+
+# --- one plain step, within a layer's math --------------------------------------------------------------------------------
+
+def test_sgd_updates_in_place_and_descends():
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal(5)
+    p = rng.standard_normal(5)
+    before = p.copy()
+    alias = p
+
+    def loss(q):
+        return 0.5 * float(np.sum((q - a) ** 2))
+
+    grad = p - a
+    optim.descend(p, grad, 0.1)
+    assert alias is p
+    np.testing.assert_allclose(p, before - 0.1 * grad, rtol=1e-15)
+    assert loss(p) < loss(before)
+
+
+@pytest.mark.parametrize("act", nn.ACTIVATIONS)
+def test_sgd_step_with_dense_grads_lowers_the_network_loss(act):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 5))
+    w, b = nn.init_dense(rng, 5, 4)
+    w2 = rng.standard_normal((4, 3))
+    y = (rng.uniform(size=(8, 3)) > 0.5).astype(float)
+
+    def loss(w, b):
+        return float(bce_from_logits(ref_act(act, x @ w + b) @ w2, y).mean())
+
+    h = nn.dense_forward(x, w, b, act)
+    dh = nn.bce_delta(nn.sigmoid(h @ w2), y) @ w2.T
+    dw, db, _ = nn.dense_grads(x, dh * nn.activation_slope(act, h), w, need_dx=False)
+    before = loss(w, b)
+    optim.descend(w, dw, 1e-2)
+    optim.descend(b, db, 1e-2)
+    assert loss(w, b) < before

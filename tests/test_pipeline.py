@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import zmq
 
-from pipeline import wire
+from pipeline import protocol, wire
 from pipeline.config import Config
-from pipeline.model import role_name
 from pipeline.reference import train_reference
 from pipeline.transport import ABSTRACT_IPC
 from tests.conftest import assert_no_orphans
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def reference_weights(cfg: Config) -> dict[str, dict[str, np.ndarray]]:
     result = train_reference(cfg)
-    out = {role_name(L.index, cfg): L.weights() for L in result.hidden}
+    out = {protocol.layer_role(L.index, cfg.layers): L.weights() for L in result.hidden}
     out["output"] = result.output.weights()
     return out
 
@@ -264,7 +263,7 @@ def test_update_prob_zero_leaves_weights_untouched(launch):
     assert run.finish() == 0, run.err
     cfg = Config(epochs=5)
     from pipeline.model import make_hidden, make_output
-    initial = {role_name(k, cfg): make_hidden(cfg, k).weights() for k in range(1, cfg.layers)}
+    initial = {protocol.layer_role(k, cfg.layers): make_hidden(cfg, k).weights() for k in range(1, cfg.layers)}
     initial["output"] = make_output(cfg).weights()
     for role, arrays in initial.items():
         got = run.weights(role)

@@ -11,7 +11,7 @@ import pytest
 from pipeline import data
 from pipeline.config import MODES, Config
 from pipeline.model import layer_rng, make_hidden, make_output
-from pipeline.nodes import Diverged
+from pipeline.layers import Diverged
 from pipeline.reference import train_reference
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,13 +1,14 @@
-"""Tests for pipeline.schedule: the admission rule and the epoch arithmetic against exact tables,
-and the admission rule driving a real layer."""
+"""Tests for pipeline.schedule: every rule against exact tables (the rules
+driving real nodes are tested in test_driver)."""
 from __future__ import annotations
 
-import numpy as np
+from types import SimpleNamespace
+
 import pytest
 
 from pipeline.config import MODES, Config
-from pipeline.nodes import HiddenLayer
-from pipeline.schedule import ends_epoch, epoch_of, may_take_batch
+from pipeline.schedule import (due_outstanding, ends_epoch, epoch_of, finished, is_due,
+                               may_read, may_take_batch)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -47,72 +48,44 @@ for (pending, due, max_inflight, delay), (bp, lock, free) in ADMIT.items():
             TABLE.append((mode, lockstep, pending, due, max_inflight, delay, want))
 
 
-def test_table_covers_every_mode():
-    assert set(MODES) == {"backprop", "async-backprop", "dni", "cdni"}
-    assert len(TABLE) == len(ADMIT) * len(MODES) * 2
-
-
 @pytest.mark.parametrize("mode, lockstep, pending, due, max_inflight, delay, want", TABLE)
 def test_may_take_batch(mode, lockstep, pending, due, max_inflight, delay, want):
     assert may_take_batch(mode=mode, lockstep=lockstep, pending=pending, due_outstanding=due,
                           max_inflight=max_inflight, grad_delay=delay) is want
 
 
-def _layer(mode: str, delay: int) -> HiddenLayer:
-    return HiddenLayer(1, 3, 4, mode=mode, activation="sigmoid", lr=0.1, sg_lr=0.01,
-                       label_dim=2, rng=np.random.default_rng(0), grad_delay=delay)
+# (clock, batch clock, delay) -> due?
+DUE = [(5, 5, 0, True), (5, 5, 1, False), (6, 5, 1, True), (7, 5, 3, False), (8, 5, 3, True),
+       (20, 5, 3, True)]
 
 
-def _may_take(layer: HiddenLayer, lockstep: bool, max_inflight: int) -> bool:
-    return may_take_batch(mode=layer.mode, lockstep=lockstep, pending=len(layer.pending),
-                          due_outstanding=layer.due_outstanding(),
-                          max_inflight=max_inflight, grad_delay=layer.grad_delay)
+@pytest.mark.parametrize("clock, batch_clock, delay, want", DUE)
+def test_is_due(clock, batch_clock, delay, want):
+    assert is_due(clock, batch_clock, delay) is want
 
 
-X, Y = np.ones((2, 3)), np.zeros((2, 2))
+def test_due_outstanding_counts_due_batches_not_arrived():
+    # batch -> the clock right after its forward pass; the layer's clock is 10
+    pending = {b: SimpleNamespace(clock=c) for b, c in {3: 4, 4: 5, 5: 6, 6: 7, 7: 8}.items()}
+    assert due_outstanding(10, pending, set(), 0) == 5
+    assert due_outstanding(10, pending, {3, 5}, 0) == 3
+    assert due_outstanding(10, pending, set(), 3) == 4      # batches 3 to 6 (clocks 4 to 7)
+    assert due_outstanding(10, pending, {4}, 3) == 3
+    assert due_outstanding(10, pending, set(), 7) == 0
+    assert due_outstanding(10, {}, set(), 0) == 0
 
 
-@pytest.mark.parametrize("mode", ["dni", "cdni", "async-backprop"])
-@pytest.mark.parametrize("delay", [0, 1, 3])
-def test_free_running_admits_exactly_delay_plus_max_inflight(mode, delay):
-    # Forward only, no gradient returns: how many batches does a layer take?
-    for max_inflight in (1, 2, 8):
-        layer = _layer(mode, delay)
-        while _may_take(layer, False, max_inflight):
-            layer.forward(layer.clock, X, Y, need_dx=True)
-            assert layer.clock <= 100
-        assert layer.clock == delay + max_inflight
+@pytest.mark.parametrize("ended, barrier, take, want", [
+    (False, False, True, True), (False, False, False, False), (True, False, True, False),
+    (False, True, True, False), (True, True, True, False)])
+def test_may_read(ended, barrier, take, want):
+    assert may_read(stream_ended=ended, at_barrier=barrier, take=take) is want
 
 
-@pytest.mark.parametrize("mode, delay, lockstep", [
-    ("backprop", 0, False), ("backprop", 0, True), ("dni", 0, True), ("dni", 2, True),
-    ("cdni", 3, True), ("async-backprop", 0, True), ("async-backprop", 2, True)])
-def test_locked_layer_without_gradients_admits_delay_plus_one(mode, delay, lockstep):
-    layer = _layer(mode, delay)
-    while _may_take(layer, lockstep, max_inflight=8):
-        layer.forward(layer.clock, X, Y, need_dx=True)
-        assert layer.clock <= 100
-    assert layer.clock == delay + 1  # the first batch falls due, and has not come
-    assert layer.due_outstanding() == 1
-
-
-@pytest.mark.parametrize("mode, delay", [("backprop", 0), ("dni", 0), ("dni", 1), ("cdni", 2),
-                                         ("async-backprop", 0), ("async-backprop", 3)])
-def test_lockstep_applies_every_gradient_exactly_delay_steps_late(mode, delay):
-    # A driver that takes a batch whenever the rule allows and otherwise
-    # delivers the oldest due gradient, until every due gradient is in (as a
-    # worker ends): every staleness is exactly the delay.
-    layer = _layer(mode, delay)
-    staleness, batches = [], 12
-    while layer.clock < batches or layer.due_outstanding():
-        if layer.clock < batches and _may_take(layer, lockstep=True, max_inflight=8):
-            layer.forward(layer.clock, X, Y, need_dx=True)
-        else:
-            oldest = min(b for b in layer.pending if b not in layer.arrived)
-            assert layer.receive(oldest, np.full((2, 4), 0.01))
-        staleness += [a.staleness for a in layer.apply_ready(need_dx=True)]
-    assert staleness == [delay] * (batches - delay)
-    assert len(layer.pending) == delay  # the last ``delay`` batches are not due yet
+@pytest.mark.parametrize("ended, due, want", [(False, 0, False), (True, 1, False),
+                                              (True, 0, True)])
+def test_finished(ended, due, want):
+    assert finished(stream_ended=ended, due_outstanding=due) is want
 
 
 # batch -> (epoch, ends its epoch?) for a few epoch lengths

@@ -11,7 +11,7 @@ import pytest
 import zmq
 import zmq.auth
 
-from pipeline import security
+from pipeline import protocol, security
 from pipeline.security import Guard, Refusals
 
 REFUSAL_WAIT_MS = 5000   # a refusal is a local handshake: it comes in milliseconds
@@ -47,7 +47,7 @@ class Sockets:
 @pytest.fixture
 def keydir(tmp_path):
     out = tmp_path / "run-keys"
-    security.generate_keys(out, security.role_names(2))
+    security.generate_keys(out, protocol.all_roles(2))
     return out
 
 
@@ -99,17 +99,9 @@ def connect_and_send(sockets: Sockets, endpoint: str, secure) -> Refusals:
 
 # -- keys on disk ------------------------------------------------------------
 
-def test_role_names():
-    assert security.role_names(2) == ["coordinator", "source", "layer1", "output"]
-    assert security.role_names(4) == ["coordinator", "source", "layer1", "layer2", "layer3",
-                                      "output"]
-    with pytest.raises(ValueError):
-        security.role_names(1)
-
-
 def test_generate_keys_writes_a_private_pair_per_role(tmp_path):
     out = tmp_path / "keys"
-    roles = security.role_names(3)
+    roles = protocol.all_roles(3)
     written = security.generate_keys(out, roles)
     assert written == [out / f"{r}{s}" for r in roles for s in (".key", ".key_secret")]
     assert sorted(os.listdir(out)) == sorted(p.name for p in written)  # no staging left over
@@ -138,7 +130,7 @@ def test_generate_keys_never_replaces_a_key(tmp_path):
 
 
 def test_load_keys_round_trip(tmp_path):
-    security.generate_keys(tmp_path, security.role_names(2))
+    security.generate_keys(tmp_path, protocol.all_roles(2))
     keys = security.load_keys(tmp_path, "layer1")
     public, secret = zmq.auth.load_certificate(tmp_path / "layer1.key_secret")
     assert (keys.role, keys.public, keys.secret, keys.directory) == ("layer1", public, secret,

@@ -1,4 +1,4 @@
-"""Tests for pipeline.stats (and nodes.sg_quality, the figures it aggregates): exact
+"""Tests for pipeline.stats (and layers.sg_quality, the figures it aggregates): exact
 tables for the per-epoch events and the whole-run counters, the reservoir's bounds."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.nodes import sg_quality
+from pipeline.layers import sg_quality
 from pipeline.stats import Applied, EpochStats, LayerEpoch, LayerStats, Reservoir, Staleness
 
 pytestmark = pytest.mark.timeout(30)

@@ -8,7 +8,7 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import wire
+from pipeline import protocol, wire
 from pipeline.wire import Message, decode, encode
 
 pytestmark = pytest.mark.timeout(60)
@@ -45,8 +45,8 @@ def _assert_same(got: Message, want: Message) -> None:
 
 def test_constants():
     assert wire.PROTOCOL_VERSION == 1
-    assert wire.KINDS == frozenset(ALL_KINDS)
-    assert all(getattr(wire, k.upper()) == k for k in ALL_KINDS)
+    assert protocol.KINDS == frozenset(ALL_KINDS)
+    assert all(getattr(protocol, k.upper()) == k for k in ALL_KINDS)
     assert sorted(wire.ALLOWED_DTYPES) == sorted(WIRE_DTYPES)
     assert all(wire.ALLOWED_DTYPES[s].str == s for s in WIRE_DTYPES)
 
@@ -313,7 +313,7 @@ def _check_decode_total(frames) -> None:
     except ValueError as e:
         assert str(e)
         return
-    assert msg.kind in wire.KINDS and len(msg.arrays) == len(frames) - 1
+    assert msg.kind in protocol.KINDS and len(msg.arrays) == len(frames) - 1
     assert all(not a.flags.writeable and a.nbytes == memoryview(f).nbytes
                for a, f in zip(msg.arrays, frames[1:]))
 

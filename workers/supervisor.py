@@ -14,12 +14,12 @@ from typing import TextIO
 
 import zmq
 
-from pipeline import memory, security, wire
+from pipeline import memory, protocol, security, wire
 from pipeline.cluster import Cluster
 from pipeline.control import HEARTBEAT_S, LIVENESS_S
 from pipeline.config import Config
-from pipeline.model import role_name, roles
-from pipeline.nodes import Diverged
+from pipeline.layers import Diverged
+from pipeline.protocol import Message, Speaker
 from pipeline.reference import train_reference
 from pipeline.rundir import RunDir, default_path
 from pipeline.sgwatch import SGWatch
@@ -99,12 +99,13 @@ def _run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int
     try:
         result = train_reference(cfg, emit)
         for layer in result.hidden:
-            rd.write_weights(role_name(layer.index, cfg), layer.weights())
+            rd.write_weights(protocol.layer_role(layer.index, cfg.layers), layer.weights())
         rd.write_weights("output", result.output.weights())
         final = {"final_loss": result.final_loss, "train_accuracy": result.train_accuracy,
                  "test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
                  "batches": result.batches, "train_s": result.wall_s}
-        layers = [layer_entry(L.index, role_name(L.index, cfg), L.stats.as_dict(), 0)
+        layers = [layer_entry(L.index, protocol.layer_role(L.index, cfg.layers),
+                              L.stats.as_dict(), 0)
                   for L in [*result.hidden, result.output]]
     except KeyboardInterrupt:
         status = "interrupted"
@@ -140,7 +141,8 @@ class Supervisor:
         self.stream = stream
         self.cluster = cluster
         self.insecure = insecure
-        self.roles = roles(cfg)
+        self.roles = protocol.roles(cfg.layers)
+        self.say = Speaker(run_id, "supervisor")
         self.resume = resume or {}   # role -> (state, arrays) from a checkpoint
         self.checkpoints: dict[int, set[str]] = {}
         self.spawn_roles = self.roles if spawn is None else spawn
@@ -158,9 +160,9 @@ class Supervisor:
         # the new connection take over, so it can rejoin a waiting run.
         self.router.router_handover = 1
         self.procs: dict[str, subprocess.Popen] = {}
-        self.hello: dict[str, wire.Message] = {}
-        self.ready: dict[str, wire.Message] = {}
-        self.done: dict[str, wire.Message] = {}
+        self.hello: dict[str, Message] = {}
+        self.ready: dict[str, Message] = {}
+        self.done: dict[str, Message] = {}
         self.last_seen: dict[str, float] = {}
         self.last_beat = 0.0
         self.started = False
@@ -199,12 +201,12 @@ class Supervisor:
                                          f"for {LIVENESS_S:.0f} s: taken for dead")
         if now - self.last_beat >= HEARTBEAT_S:
             for role in self.hello:
-                self._send(role, wire.HEARTBEAT)
+                self._send(role, self.say.heartbeat())
             self.last_beat = now
 
     def _stop_all(self) -> None:
         for role in self.hello:
-            self._send(role, wire.STOP)
+            self._send(role, self.say.stop())
         deadline = time.monotonic() + STOP_GRACE_S
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             for p in self.procs.values():
@@ -220,15 +222,13 @@ class Supervisor:
             deadline = time.monotonic() + 1.0
 
     # -- messages ------------------------------------------------------------------
-    def _send(self, role: str, kind: str, meta: dict | None = None, arrays: tuple = ()) -> None:
-        msg = wire.Message(kind, self.run_id, sender="supervisor", meta=meta or {},
-                           arrays=arrays)
+    def _send(self, role: str, msg: Message) -> None:
         try:
             self.router.send_multipart([role.encode(), *wire.encode(msg)], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the peer is gone; nothing to tell it
 
-    def _recv(self, timeout_ms: int) -> wire.Message | None:
+    def _recv(self, timeout_ms: int) -> Message | None:
         if not self.router.poll(timeout_ms):
             return None
         ident, *frames = self.router.recv_multipart(copy=False)
@@ -236,7 +236,7 @@ class Supervisor:
         try:
             # Hello comes before the worker knows the run id; nothing else may.
             msg = wire.decode(frames)
-            if msg.kind != wire.HELLO and msg.run_id != self.run_id:
+            if msg.kind != protocol.HELLO and msg.run_id != self.run_id:
                 raise ValueError(f"foreign run id {msg.run_id!r}")
         except ValueError as exc:
             print(f"[supervisor] dropped a bad control message from {role!r}: {exc}",
@@ -252,12 +252,12 @@ class Supervisor:
         while self._recv(timeout_ms) is not None:
             timeout_ms = 0
 
-    def _handle(self, msg: wire.Message) -> None:
+    def _handle(self, msg: Message) -> None:
         role = msg.sender
-        if msg.kind == wire.ERROR:
-            raise WorkerFailed(role, msg.meta.get("error", "unknown error"))
-        if msg.kind == wire.METRIC:
-            event = dict(msg.meta)
+        if msg.kind == protocol.ERROR:
+            raise WorkerFailed(role, protocol.error_text(msg))
+        if msg.kind == protocol.METRIC:
+            event = protocol.event(msg)
             self.rd.metric(event)
             if event.get("event") == "epoch":
                 self.progress.epoch(event)
@@ -265,9 +265,9 @@ class Supervisor:
                 self.final = event
             elif (warning := self.watch.add(event)) is not None:
                 self.progress.warn(warning)
-        elif msg.kind == wire.DONE:
+        elif msg.kind == protocol.DONE:
             self.done[role] = msg
-        elif msg.kind == wire.HELLO:
+        elif msg.kind == protocol.HELLO:
             if self.started:
                 raise WorkerFailed(role, f"{role} on {self.host(role)} restarted mid-run; "
                                          "its state is lost (resume from a checkpoint)")
@@ -278,18 +278,12 @@ class Supervisor:
                       f"{self.host(role)} ({len(self.hello)}/{len(self.roles)} roles)",
                       file=sys.stderr, flush=True)
             self.ready.pop(role, None)
-            meta, arrays = {"config": self.cfg.to_dict(), "run_id": self.run_id}, ()
-            if role in self.resume:
-                state, weights = self.resume[role]
-                meta.update(state=state, weights=list(weights))
-                arrays = tuple(weights.values())
-            self._send(role, wire.CONFIG, meta, arrays)
-        elif msg.kind == wire.READY:
+            self._send(role, self.say.config(self.cfg.to_dict(), self.resume.get(role)))
+        elif msg.kind == protocol.READY:
             self.ready[role] = msg
-        elif msg.kind == wire.CHECKPOINT:
-            epoch = int(msg.meta["epoch"])
-            self.rd.write_checkpoint(epoch, role, msg.meta["state"],
-                                     dict(zip(msg.meta["weights"], msg.arrays)))
+        elif msg.kind == protocol.CHECKPOINT:
+            epoch = protocol.epoch(msg)
+            self.rd.write_checkpoint(epoch, role, protocol.state(msg), protocol.named_arrays(msg))
             got = self.checkpoints.setdefault(epoch, set())
             got.add(role)
             if got >= set(self.roles[1:]):
@@ -315,9 +309,9 @@ class Supervisor:
             self._spawn()
             deadline = time.monotonic() + (STARTUP_S if self.cluster is None else CLUSTER_STARTUP_S)
             while len(self.ready) < len(self.roles):  # a rejoin may take a ready back
-                self._wait_all(self.hello, wire.HELLO, deadline)
-                self._wait_all(self.ready, wire.READY, deadline)
-            endpoints = {r: self.ready[r].meta.get("endpoints", {}) for r in self.roles}
+                self._wait_all(self.hello, protocol.HELLO, deadline)
+                self._wait_all(self.ready, protocol.READY, deadline)
+            endpoints = {r: protocol.endpoints(self.ready[r]) for r in self.roles}
             self.rd.write_json("config.json", {
                 "run_id": self.run_id, "config": self.cfg.to_dict(),
                 "supervisor": {"control": self.endpoint, "pid": os.getpid()},
@@ -327,7 +321,7 @@ class Supervisor:
                               for r in self.roles}})
             self.started = True
             for role, peers in self._peers(endpoints).items():
-                self._send(role, wire.START, {"peers": peers})
+                self._send(role, self.say.start(peers))
             while len(self.done) < len(self.roles):
                 self._recv(POLL_MS)
                 self._check_alive()
@@ -358,10 +352,10 @@ class Supervisor:
             msg = self.done.get(role)
             if msg is None:
                 continue
+            counters, decode_errors, weights = protocol.done(msg)
             if status == "completed":
-                self.rd.write_weights(role, dict(zip(msg.meta["weights"], msg.arrays)))
-            layers.append(layer_entry(self.roles.index(role), role, msg.meta["counters"],
-                                      msg.meta["decode_errors"]))
+                self.rd.write_weights(role, weights)
+            layers.append(layer_entry(self.roles.index(role), role, counters, decode_errors))
         summary = build_summary(self.cfg, status=status, run_id=self.run_id, final=self.final,
                                 layers=layers, error=error, epochs_done=self.progress.epochs_done,
                                 wall_s=time.perf_counter() - start, peak_rss_mb=peaks,

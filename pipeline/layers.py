@@ -1,22 +1,21 @@
 """A layer's state and its updates: weights, SG module, in-flight cache, counters.
 
-Pure numpy, no sockets. The worker processes and the in-process reference
-both drive these classes, so the same calls in the same order give the same
-bits. A layer's *clock* counts the training batches it has forwarded; a true
-gradient is applied once it has arrived and is *due* (the clock has moved
-``grad_delay`` steps past the batch), in batch order.
+Pure numpy: no sockets, no clock (the time comes in as an argument, for the
+staleness in seconds). The node drivers (``pipeline.driver``) call these
+classes in the workers and in the in-process reference alike, so the same
+calls in the same order give the same bits. A layer's *clock* counts the
+training batches it has forwarded; a true gradient is applied once it has
+arrived and is *due* (``schedule.is_due``), in batch order.
 """
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from pipeline import batchnorm as bn
-from pipeline import nn, optim, staleness
+from pipeline import nn, optim, schedule, staleness
 from pipeline.stats import Applied, LayerStats
 from pipeline.synthetic import SGModule
 
@@ -27,8 +26,8 @@ Send = Callable[[np.ndarray], None] | None  # takes an array as soon as it is co
 class _Pending:
     """What a hidden layer keeps for a batch until its true gradient is applied."""
     clock: int                       # the layer's clock right after this batch's forward
-    sent_at: float                   # monotonic time of the forward pass
-    act_norm: float = 0.0            # mean per-example L2 norm of the layer's output h
+    sent_at: float                   # time of the forward pass (seconds, the caller's clock)
+    act_norm: float = 0.0            # RMS over the batch of the per-example L2 norm of h
     x: np.ndarray | None = None      # backprop modes: input, for the weight gradient
     h: np.ndarray | None = None      # backprop modes: output, for f'(z)
     norm: tuple | None = None        # backprop modes with --batchnorm: the batch statistics
@@ -69,11 +68,11 @@ def _norm(a: np.ndarray) -> float:
     return float(np.sqrt(np.sum(a * a)))
 
 
-def _mean_norm(h: np.ndarray) -> float:
-    """Mean over the batch of each example's L2 norm: how large the layer's
-    activations are (they grow without bound when stale feedback destabilises
-    a layer and its SG module)."""
-    return float(np.sqrt(np.einsum("ij,ij->i", h, h)).mean())
+def _rms_norm(h: np.ndarray) -> float:
+    """Root mean square over the batch of each example's L2 norm: how large
+    the layer's activations are (they grow without bound when stale feedback
+    destabilises a layer and its SG module). One dot product."""
+    return float(np.sqrt(np.vdot(h, h) / h.shape[0]))
 
 
 def sg_quality(pred: np.ndarray, true: np.ndarray) -> tuple[float | None, float | None]:
@@ -95,63 +94,6 @@ def _descend(layer: "HiddenLayer | OutputLayer", grads: dict[str, np.ndarray],
         layer.stats.weight_updates += 1
     else:
         layer.stats.skipped_updates += 1
-
-
-def _rng_state(chance: Chance) -> str:
-    # JSON text: the generator's 128-bit integers do not fit msgpack.
-    return json.dumps(chance.rng.bit_generator.state)
-
-
-def layer_state(layer: "HiddenLayer | OutputLayer") -> tuple[dict, dict[str, np.ndarray]]:
-    """A layer's checkpoint: (meta, arrays). Taken at a checkpoint barrier,
-    when no gradient is due, so the in-flight cache holds only gradients not
-    yet due (under --grad-delay); those are not kept and count as expired."""
-    meta = {"clock": layer.clock, "step": layer.step, "stats": layer.stats.state(),
-            "update_rng": _rng_state(layer.update)}
-    # Copies: the arrays leave as zero-copy frames, sent while the layer
-    # trains on and updates its weights in place.
-    arrays = {k: v.copy() for k, v in layer.weights().items()}
-    for prefix, opt in _optimizers(layer).items():
-        opt_meta, opt_arrays = opt.state()
-        meta[prefix] = opt_meta
-        arrays.update({f"{prefix}.{k}": v for k, v in opt_arrays.items()})
-    if isinstance(layer, HiddenLayer):
-        meta.update(sg_version=layer.sg_version, drop_rng=_rng_state(layer.drop),
-                    expired=len(layer.pending), tau_bar=layer.tau_bar)
-        if layer.sg is not None and layer.sg.drift is not None:
-            arrays.update({f"sg_drift.{k}": v.copy() for k, v in layer.sg.drift.items()})
-    return meta, arrays
-
-
-def _optimizers(layer: "HiddenLayer | OutputLayer") -> dict[str, optim.SGD | optim.Adam]:
-    out = {"opt": layer.opt}
-    if getattr(layer, "sg", None) is not None:
-        out["sg_opt"] = layer.sg.opt
-    return out
-
-
-def load_layer_state(layer: "HiddenLayer | OutputLayer", meta: dict,
-                     arrays: dict[str, np.ndarray]) -> None:
-    live = layer.weights()
-    for name, value in arrays.items():
-        if "." not in name:
-            live[name][...] = value  # optimiser state and drift carry a prefix
-    for prefix, opt in _optimizers(layer).items():
-        opt.load_state(meta.get(prefix, {}), {k.removeprefix(prefix + "."): v
-                                              for k, v in arrays.items()
-                                              if k.startswith(prefix + ".")})
-    layer.clock, layer.step = int(meta["clock"]), int(meta["step"])
-    layer.stats.load_state(meta["stats"])
-    layer.update.rng.bit_generator.state = json.loads(meta["update_rng"])
-    if isinstance(layer, HiddenLayer):
-        if layer.sg is not None:
-            layer.sg.version = int(meta["sg_version"])
-            if layer.sg.drift is not None:
-                for k, v in layer.sg.drift.items():
-                    v[...] = arrays[f"sg_drift.{k}"]
-        layer.tau_bar = float(meta.get("tau_bar", 0.0))
-        layer.drop.rng.bit_generator.state = json.loads(meta["drop_rng"])
-        layer.stats.expired_gradients += int(meta["expired"])
 
 
 class HiddenLayer:
@@ -253,32 +195,31 @@ class HiddenLayer:
 
     # -- forward --------------------------------------------------------------
     def forward(self, batch: int, x: np.ndarray, y: np.ndarray | None, need_dx: bool,
-                send_h: Send = None, send_dx: Send = None
+                now: float = 0.0, send_h: Send = None, send_dx: Send = None
                 ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Training forward pass of ``batch``. Returns (h, dx): dx is the
-        gradient to send upstream now (DNI), or None (backprop modes).
-        ``send_h`` and ``send_dx`` get each as soon as it is known, before the
-        rest of the step (a worker sends them on at once)."""
+        """Training forward pass of ``batch`` at time ``now``. Returns (h, dx):
+        dx is the gradient to send upstream now (DNI), or None (backprop
+        modes). ``send_h`` and ``send_dx`` get each as soon as it is known,
+        before the rest of the step (a worker sends them on at once)."""
         assert batch not in self.pending, f"batch {batch} forwarded twice"
         h, cache = self._forward(x, train=True)
         if send_h is not None:
             send_h(h)
-        act_norm = _mean_norm(h)
+        act_norm = _rms_norm(h)
         self.clock += 1
         self.stats.forward_batches += 1
         if not self.uses_sg:
             then = ({k: v.copy() for k, v in self._trainable().items()}
                     if self.delay_comp else None)
-            self.pending[batch] = _Pending(self.clock, time.monotonic(), act_norm, x=x, h=h,
-                                           norm=cache, then=then)
+            self.pending[batch] = _Pending(self.clock, now, act_norm, x=x, h=h, norm=cache,
+                                           then=then)
             return h, None
         sg_in = nn.sg_input(h, y if self.conditioned else None)
         ahead = self.sg_lookahead * self.tau_bar
         g, acts = self.sg.predict(sg_in, ahead)
         grads, dx = self._grads(x, h, cache, g, need_dx, send_dx)
         _descend(self, grads, staleness.layer_step_scale(self.tau_bar, self.lr_staleness))
-        self.pending[batch] = _Pending(self.clock, time.monotonic(), act_norm, sg_in=sg_in,
-                                       sg_pred=g,
+        self.pending[batch] = _Pending(self.clock, now, act_norm, sg_in=sg_in, sg_pred=g,
                                        sg_acts=acts,
                                        sg_version=-1 if ahead else self.sg.version)
         return h, dx
@@ -304,17 +245,17 @@ class HiddenLayer:
         self.stats.lost_gradients += 1
 
     def is_due(self, batch: int) -> bool:
-        return self.clock - self.pending[batch].clock >= self.grad_delay
+        return schedule.is_due(self.clock, self.pending[batch].clock, self.grad_delay)
 
     def due_outstanding(self) -> int:
         """Batches whose gradient is due but has not arrived yet."""
-        return sum(1 for b in self.pending if b not in self.arrived and self.is_due(b))
+        return schedule.due_outstanding(self.clock, self.pending, self.arrived, self.grad_delay)
 
-    def apply_ready(self, need_dx: bool,
+    def apply_ready(self, need_dx: bool, now: float = 0.0,
                     send_dx: Callable[[int, np.ndarray], None] | None = None) -> list[Applied]:
-        """Apply every arrived gradient that is due, oldest batch first;
-        backprop modes hand each dx to ``send_dx(batch, dx)`` as soon as it
-        is known, before the weight gradient and update."""
+        """Apply every arrived gradient that is due, oldest batch first, at
+        time ``now``; backprop modes hand each dx to ``send_dx(batch, dx)`` as
+        soon as it is known, before the weight gradient and update."""
         done = []
         for batch in sorted(self.arrived):
             if not self.is_due(batch):
@@ -322,10 +263,10 @@ class HiddenLayer:
             grad = self.arrived.pop(batch)
             p = self.pending.pop(batch)
             if self.uses_sg:
-                a = self._train_sg(batch, p, grad)
+                a = self._train_sg(batch, p, grad, now)
             else:
                 early = None if send_dx is None else (lambda dx, b=batch: send_dx(b, dx))
-                a = self._backward(batch, p, grad, need_dx, early)
+                a = self._backward(batch, p, grad, need_dx, now, early)
             self.tau_bar = staleness.track(self.tau_bar, a.staleness)
             self.stats.record(a)
             done.append(a)
@@ -339,7 +280,7 @@ class HiddenLayer:
         self.stats.expired_gradients += n
         return n
 
-    def _backward(self, batch: int, p: _Pending, dh: np.ndarray, need_dx: bool,
+    def _backward(self, batch: int, p: _Pending, dh: np.ndarray, need_dx: bool, now: float,
                   send_dx: Send = None) -> Applied:
         """The true gradient's update: computed from what the forward pass
         cached (so at the weights it used), applied to the weights as they
@@ -351,9 +292,9 @@ class HiddenLayer:
             grads = {k: staleness.compensate(g, live[k], p.then[k], self.delay_comp)
                      for k, g in grads.items()}
         _descend(self, grads, staleness.layer_step_scale(tau, self.lr_staleness))
-        return Applied(batch, dx, tau, time.monotonic() - p.sent_at, act_norm=p.act_norm)
+        return Applied(batch, dx, tau, now - p.sent_at, act_norm=p.act_norm)
 
-    def _train_sg(self, batch: int, p: _Pending, target: np.ndarray) -> Applied:
+    def _train_sg(self, batch: int, p: _Pending, target: np.ndarray, now: float) -> Applied:
         """Regress the SG module onto the true gradient. With ``sg_refresh``
         (the default) the prediction is recomputed from the cached input by
         the module as it is now, when it changed since the forward pass (one
@@ -371,7 +312,7 @@ class HiddenLayer:
         loss = self.sg.train(acts, pred, target, staleness.sg_step_scale(tau, self.sg_boost))
         self.stats.sg_updates += 1
         cosine, rel = sg_quality(p.sg_pred, target)
-        return Applied(batch, None, tau, time.monotonic() - p.sent_at,
+        return Applied(batch, None, tau, now - p.sent_at,
                        sg_loss=loss, cosine=cosine, rel_err=rel, act_norm=p.act_norm)
 
     def weights(self) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
-"""What every worker process does around its own loop: arguments, signals,
-where it listens, the handshake with the supervisor, and reporting a failure
-before exiting."""
+"""What every worker process does around its role: arguments, signals,
+where it listens, the handshake with the coordinator, and reporting a failure
+before exiting. A role's own ``main`` (``workers/``) gets the link, the
+run's config and where to listen."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ import signal
 import sys
 from typing import Callable
 
-from pipeline import memory, wire
+from pipeline import memory, protocol
 from pipeline.config import Config
 from pipeline.control import ControlLink
 from pipeline.transport import Net, Stopped, context
@@ -86,15 +87,12 @@ def worker_main(role_main: RoleMain, argv: list[str] | None = None) -> int:
 def _serve(role_main: RoleMain, net: Net, control: str, role: str) -> int:
     link = ControlLink(net, control, role)
     try:
-        link.send(wire.HELLO)
+        link.send(link.say.hello())
         # Roles started by hand may wait long for the coordinator to come up.
-        reply = link.wait_for(wire.CONFIG, timeout_s=HANDSHAKE_S)
-        link.run_id = reply.meta["run_id"]
-        link.joined = True
-        cfg = Config.from_dict(reply.meta["config"])
-        if "state" in reply.meta:  # a resumed run: this role's checkpoint
-            link.resume = (reply.meta["state"],
-                           dict(zip(reply.meta["weights"], reply.arrays)))
+        config, run_id, link.resume = protocol.config(
+            link.wait_for(protocol.CONFIG, timeout_s=HANDSHAKE_S))
+        link.joined_run(run_id)
+        cfg = Config.from_dict(config)
         role_main(link, cfg, net)  # returns only through Stopped (see ControlLink.finish)
         raise RuntimeError("role ended without waiting for stop")
     except Stopped:

@@ -1,13 +1,13 @@
-"""Tests for pipeline.nodes: layer updates against finite differences, SG training, the
+"""Tests for pipeline.layers: layer updates against finite differences, SG training, the
 clock-based staleness and due-gradient rules against exact tables, drop/lose/expire, chances."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import nn, nodes
+from pipeline import nn
 from pipeline.config import MODES
-from pipeline.nodes import Chance, HiddenLayer, OutputLayer
+from pipeline.layers import Chance, HiddenLayer, OutputLayer
 from pipeline.stats import Applied
 from tests.numeric import numeric_grad, ref_act
 
@@ -63,16 +63,6 @@ class Script:
 
     def __call__(self) -> bool:
         return self.answers.pop(0)
-
-
-class FakeTime:
-    """Replaces ``nodes.time``: the monotonic clock moves only when a test says so."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 # --- backprop modes ---------------------------------------------------------------------
@@ -714,19 +704,15 @@ def test_update_chance_decides_each_weight_update(mode):
         assert layer.stats.sg_updates == 12  # SG updates are not subject to the chance
 
 
-def test_staleness_seconds_measured_from_forward_to_application(monkeypatch):
-    clock = FakeTime()
-    monkeypatch.setattr(nodes, "time", clock)
+def test_staleness_seconds_measured_from_forward_to_application():
+    """The time comes in as an argument: the layer reads no clock."""
     layer = hidden("dni", grad_delay=1)
-    layer.forward(0, *batch(0), need_dx=True)       # at 100.0
-    clock.now = 100.5
-    layer.forward(1, *batch(1), need_dx=True)       # at 100.5
-    clock.now = 101.0
+    layer.forward(0, *batch(0), need_dx=True, now=100.0)
+    layer.forward(1, *batch(1), need_dx=True, now=100.5)
     assert layer.receive(0, grad_of(0)) and layer.receive(1, grad_of(1))
-    [a0] = layer.apply_ready(True)                  # applied at 101.0
-    clock.now = 103.0
-    layer.forward(2, *batch(2), need_dx=True)
-    [a1] = layer.apply_ready(True)                  # applied at 103.0
+    [a0] = layer.apply_ready(True, now=101.0)
+    layer.forward(2, *batch(2), need_dx=True, now=103.0)
+    [a1] = layer.apply_ready(True, now=103.0)
     assert (a0.staleness_s, a1.staleness_s) == (1.0, 2.5)
     assert layer.stats.as_dict()["staleness_s"] == {"mean": 1.75, "max": 2.5}
 
@@ -761,6 +747,6 @@ def test_applied_gradient_carries_the_mean_activation_norm_of_its_batch(mode):
     layer = hidden(mode)
     x, y = batch(3)
     h, _ = layer.forward(0, x, y, need_dx=True)
-    want = np.mean([np.sqrt(np.sum(row * row)) for row in h])  # per example, then the mean
+    want = np.sqrt(np.mean([np.sum(row * row) for row in h]))  # per example, then the RMS
     [a] = deliver(layer, 0, grad_of(0))
     assert a.act_norm == pytest.approx(want, rel=1e-14)

@@ -1,0 +1,265 @@
+"""The node drivers: what each role of the pipeline does with each message.
+
+Socket-free and clock-free: a node takes a message and the time, works on
+its layer, and hands what it has to say to ``send(port, message)``: ``down``
+(activations, to the next role), ``up`` (gradients, to the previous layer)
+or ``link`` (metrics and checkpoints, to the coordinator). It hands each
+message over the moment it is known (a layer's output goes down before its
+own update), so a worker's neighbours start on it at once. The schedule rule
+(which message a layer may read next, when it is done) is the node's:
+``may_take`` and ``finished``, from ``pipeline.schedule``.
+
+The worker processes are socket pumps around these nodes
+(``pipeline.pump``); the in-process reference (``pipeline.reference``)
+drives the very same objects through plain queues. So the lockstep pipeline
+and the reference run one implementation of the schedule, and end with the
+same bits.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pipeline import data, protocol, schedule, tasks
+from pipeline.checkpoint import layer_state
+from pipeline.config import Config
+from pipeline.layers import HiddenLayer, OutputLayer
+from pipeline.model import make_hidden, make_output
+from pipeline.protocol import (ACT, CHECKPOINT, EOF, EVAL, GRAD, ActivationCheck, Message,
+                               Speaker, expect)
+from pipeline.stats import EpochStats, LayerEpoch
+
+Send = Callable[[str, Message], None]  # (port: "down", "up" or "link", message)
+
+
+def _unwired(port: str, msg: Message) -> None:
+    raise RuntimeError(f"node sends {msg.kind} to {port!r} before it is wired to a send")
+
+
+class HiddenNode:
+    """A hidden layer: forward each training batch (DNI: update at once with
+    the synthetic gradient and send dx up), apply true gradients when they
+    are due, pass evaluation batches, barriers and the end of the stream on."""
+
+    def __init__(self, cfg: Config, index: int, run_id: str = "", start: float = 0.0,
+                 layer: HiddenLayer | None = None):
+        self.cfg, self.index = cfg, index
+        self.layer = layer if layer is not None else make_hidden(cfg, index)
+        self.role = protocol.layer_role(index, cfg.layers)
+        self.down_role = protocol.downstream(index, cfg.layers)
+        self.say = Speaker(run_id, self.role)
+        self.send: Send = _unwired
+        self.start = start
+        self.has_up = index > 1
+        self.barrier: Message | None = None   # a checkpoint waiting for due gradients
+        self.stream_ended = False
+        self.epochs = LayerEpoch(self.role, cfg.batches_per_epoch)
+        d = cfg.dims
+        self.check_activation = ActivationCheck(
+            protocol.upstream(index, cfg.layers), d[index - 1], d[-1], cfg.batch_size,
+            cfg.np_dtype, first_batch=cfg.start_epoch * cfg.batches_per_epoch)
+
+    # -- the schedule --------------------------------------------------------------
+    def may_take(self) -> bool:
+        """May the next message of the activation inbox be read?"""
+        c, layer = self.cfg, self.layer
+        return schedule.may_read(
+            stream_ended=self.stream_ended, at_barrier=self.barrier is not None,
+            take=schedule.may_take_batch(mode=c.mode, lockstep=c.lockstep,
+                                         pending=len(layer.pending),
+                                         due_outstanding=layer.due_outstanding(),
+                                         max_inflight=c.max_inflight,
+                                         grad_delay=c.grad_delay))
+
+    @property
+    def finished(self) -> bool:
+        return schedule.finished(stream_ended=self.stream_ended,
+                                 due_outstanding=self.layer.due_outstanding())
+
+    # -- checks of what arrives (ValueError: counted and dropped) ------------------
+    def check_gradient(self, msg: Message) -> None:
+        lost = protocol.is_lost(msg)
+        expect(msg, (GRAD,), [] if lost else [(None, self.cfg.dims[self.index])],
+               self.cfg.np_dtype, self.cfg.batch_size)
+        if msg.sender != self.down_role:
+            raise ValueError(f"gradient from {msg.sender!r}, expected {self.down_role!r}")
+        p = self.layer.pending.get(msg.batch)
+        if p is None or msg.batch in self.layer.arrived:
+            raise ValueError(f"gradient for batch {msg.batch}, which is not awaited")
+        if not lost and msg.arrays[0].shape[0] != p.rows:
+            raise ValueError(f"gradient for batch {msg.batch} has {msg.arrays[0].shape[0]} "
+                             f"rows, the batch had {p.rows}")
+
+    # -- messages ------------------------------------------------------------------
+    def on_activation(self, msg: Message, now: float) -> None:
+        say, layer = self.say, self.layer
+        if msg.kind == ACT:
+            x, y = msg.arrays
+            b = msg.batch
+            layer.forward(b, x, y, need_dx=self.has_up, now=now,
+                          send_h=lambda h: self.send("down", say.act(b, layer.step, h, y)),
+                          send_dx=lambda dx: self.send("up", say.grad(b, layer.step, dx)))
+            self._settle(now)  # the clock moved: gradients may have become due
+        elif msg.kind == EVAL:
+            x, y = msg.arrays
+            self.send("down", say.evaluation(msg.batch, layer.step, layer.forward_eval(x), y,
+                                             protocol.test_epoch(msg)))
+        elif msg.kind == CHECKPOINT:
+            self.barrier = msg  # take nothing more until every due gradient is in
+        elif msg.kind == EOF:
+            self.send("down", say.eof(msg.batch))
+            self.stream_ended = True
+        self._at_barrier()
+
+    def on_gradient(self, msg: Message, now: float) -> None:
+        if protocol.is_lost(msg):
+            self.layer.lose(msg.batch)
+            self._lost_upstream(msg.batch)
+        elif not self.layer.receive(msg.batch, msg.arrays[0]):
+            self._lost_upstream(msg.batch)
+        self._settle(now)
+        self._at_barrier()
+
+    def finish(self, now: float) -> tuple[dict, dict[str, np.ndarray]]:
+        """Training is over: the gradients not yet due expire; returns the
+        layer's counters and weights."""
+        self.layer.expire()
+        event = self.epochs.flush(now - self.start)
+        if event:
+            self.send("link", self.say.metric(event))
+        return self.layer.stats.as_dict(), self.layer.weights()
+
+    def _settle(self, now: float) -> None:
+        say, layer = self.say, self.layer
+        if not layer.arrived:
+            return  # nothing to apply (the common case right after a forward pass)
+        up = (lambda b, dx: self.send("up", say.grad(b, layer.step, dx))) if self.has_up else None
+        for a in layer.apply_ready(need_dx=self.has_up, now=now, send_dx=up):
+            event = self.epochs.add(a, now - self.start)
+            if event:
+                self.send("link", say.metric(event))
+
+    def _lost_upstream(self, batch: int) -> None:
+        # Backprop modes: no gradient for this batch will go up; say so, or
+        # the layer above would wait for it forever.
+        if not self.layer.uses_sg and self.has_up:
+            self.send("up", self.say.lost(batch, self.layer.step))
+
+    def _at_barrier(self) -> None:
+        """Save this layer's state to the coordinator once no due gradient is
+        outstanding, then pass the barrier on."""
+        if self.barrier is None or self.layer.due_outstanding():
+            return
+        msg, self.barrier = self.barrier, None
+        epoch = protocol.epoch(msg)
+        self.send("link", self.say.state(epoch, *layer_state(self.layer)))
+        self.send("down", self.say.barrier(msg.batch, epoch))
+
+
+class OutputNode:
+    """The output layer: loss, true gradient up, its own update; the test
+    split's evaluation after every epoch; the final evaluation pass, whose
+    result goes to the coordinator at the end of the stream."""
+
+    def __init__(self, cfg: Config, run_id: str = "", start: float = 0.0,
+                 layer: OutputLayer | None = None):
+        self.cfg = cfg
+        self.layer = layer if layer is not None else make_output(cfg)
+        self.role = protocol.OUTPUT
+        self.say = Speaker(run_id, self.role)
+        self.send: Send = _unwired
+        self.start = start
+        self.stream_ended = False
+        self.batches = 0            # training batches done
+        self.train_s = 0.0          # when the last training epoch ended
+        self.stats, self.evaluation, self.test = EpochStats(), EpochStats(), EpochStats()
+        self.last_test: dict = {}
+        self.held: list[dict] = []  # an epoch's event, until its test split is evaluated
+        d = cfg.dims
+        self.check_activation = ActivationCheck(
+            protocol.upstream(cfg.layers, cfg.layers), d[-2], d[-1], cfg.batch_size,
+            cfg.np_dtype, first_batch=cfg.start_epoch * cfg.batches_per_epoch)
+
+    def may_take(self) -> bool:
+        return not self.stream_ended
+
+    @property
+    def finished(self) -> bool:
+        return self.stream_ended
+
+    def on_activation(self, msg: Message, now: float) -> None:
+        cfg, out, say = self.cfg, self.layer, self.say
+        if msg.kind == ACT:
+            x, y = msg.arrays
+            dx, loss, correct = out.train_step(x, y, need_dx=True)
+            self.batches += 1
+            self.send("up", say.grad(msg.batch, out.step, dx))
+            self.stats.add(loss, correct, len(y))
+            if schedule.ends_epoch(msg.batch, cfg.batches_per_epoch):
+                self.train_s = now - self.start
+                event = self.stats.epoch_event(self.role, schedule.epoch_of(
+                    msg.batch, cfg.batches_per_epoch), self.train_s)
+                if cfg.test_examples:
+                    self.held.append(event)
+                else:
+                    self.send("link", say.metric(event))
+        elif msg.kind == EVAL and protocol.test_epoch(msg) is not None:
+            x, y = msg.arrays
+            self.test.add(*out.evaluate(x, y), len(y))
+            if self.test.batches == cfg.test_batches:
+                loss, accuracy, _ = self.test.take()
+                self.last_test.update(test_loss=loss, test_accuracy=accuracy)
+                if self.held:  # the epoch just trained (a resumed run trains it first too)
+                    self.send("link", say.metric({**self.held.pop(), **self.last_test}))
+        elif msg.kind == EVAL:
+            x, y = msg.arrays
+            self.evaluation.add(*out.evaluate(x, y), len(y))
+        elif msg.kind == CHECKPOINT:  # nothing in flight here: save at once
+            self.send("link", say.state(protocol.epoch(msg), *layer_state(out)))
+        elif msg.kind == EOF:
+            self.stream_ended = True
+            final_loss, accuracy, _ = self.evaluation.take()
+            self.send("link", say.metric({
+                "event": "final", "role": self.role, "final_loss": final_loss,
+                "train_accuracy": accuracy, "batches": self.batches,
+                "train_s": self.train_s, **self.last_test}))
+
+    def finish(self, now: float) -> tuple[dict, dict[str, np.ndarray]]:
+        return self.layer.stats.as_dict(), self.layer.weights()
+
+
+class SourceNode:
+    """The data source: every epoch's training batches (labels ride along),
+    after each epoch the test split (when there is one) and a checkpoint
+    barrier where one is due, then the evaluation pass over the training set,
+    then the end of the stream."""
+
+    def __init__(self, cfg: Config, run_id: str = "", task: tasks.Task | None = None):
+        self.cfg = cfg
+        self.task = task if task is not None else tasks.load(cfg)
+        self.say = Speaker(run_id, protocol.SOURCE)
+        self.batches = cfg.start_epoch * cfg.batches_per_epoch  # a resumed run goes on
+
+    def messages(self) -> Iterator[Message]:
+        cfg, task, say = self.cfg, self.task, self.say
+        # Contiguous arrays: each batch goes on the wire as its own zero-copy frame.
+        test = (_cut(task.test_x, task.test_y, tasks.test_batches(cfg))
+                if task.test_x is not None else [])
+        for epoch in range(cfg.start_epoch, cfg.epochs):
+            for s in tasks.epoch_batches(cfg, epoch):
+                yield say.act(self.batches, 0, np.ascontiguousarray(task.x[s]),
+                              np.ascontiguousarray(task.y[s]))
+                self.batches += 1
+            for i, (xb, yb) in enumerate(test):
+                yield say.evaluation(i, 0, xb, yb, epoch)
+            if schedule.checkpoint_due(epoch, cfg):
+                yield say.barrier(self.batches - 1, epoch)
+        for i, s in enumerate(data.batch_slices(cfg.examples, cfg.batch_size)):
+            yield say.evaluation(i, 0, np.ascontiguousarray(task.x[s]),
+                                 np.ascontiguousarray(task.y[s]), None)
+        yield say.eof(self.batches)
+
+
+def _cut(xs: np.ndarray, ys: np.ndarray, parts: list) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(np.ascontiguousarray(xs[s]), np.ascontiguousarray(ys[s])) for s in parts]

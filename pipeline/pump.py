@@ -1,0 +1,111 @@
+"""The socket pump around a layer's node: one poll loop for the hidden and
+the output roles.
+
+It reads the gradient inbox whenever something is there and the activation
+inbox only while the node's schedule lets it (otherwise the messages stay
+queued in ZeroMQ, whose high-water marks then hold the sender back); it hands
+each message to the node with the time, and sends what the node says, the
+moment the node says it. Wall-clock injection lives here, not in the node:
+with ``--link-delay`` messages wait on a delay line before the node sees
+them, and a straggler (``--slow``) holds its sends until its slowed work is
+done, as a slow machine would.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import zmq
+
+from pipeline import transport
+from pipeline.control import ControlLink
+from pipeline.delay import DelayLine, straggle
+from pipeline.protocol import EOF, Message
+from pipeline.transport import POLL_MS, Inbox
+
+Handler = Callable[[Message, float], None]
+
+
+class Pump:
+    def __init__(self, link: ControlLink, node, acts: Inbox, outs: dict[str, zmq.Socket],
+                 grads: Inbox | None = None, act_line: DelayLine | None = None,
+                 grad_line: DelayLine | None = None, slowdown: float = 1.0,
+                 hwm: int = 1000):
+        self.link, self.node = link, node
+        self.acts, self.grads, self.outs = acts, grads, outs
+        self.act_line, self.grad_line = act_line, grad_line
+        self.slowdown, self.hwm = slowdown, hwm
+        self._held: list[tuple[str, Message]] | None = None  # a straggler's sends, until done
+        node.send = self.send
+
+    def send(self, port: str, msg: Message) -> None:
+        if self._held is not None:
+            self._held.append((port, msg))
+        elif port == "link":
+            self.link.forward(msg)
+        else:
+            transport.send(self.outs[port], msg, self.link)
+
+    def _call(self, handle: Handler, msg: Message) -> None:
+        t0 = time.perf_counter()
+        if self.slowdown == 1.0:
+            handle(msg, t0)
+            return
+        self._held = []
+        try:
+            handle(msg, t0)
+            straggle(t0, self.slowdown)
+        finally:
+            held, self._held = self._held, None
+        for port, out in held:
+            self.send(port, out)
+
+    def run(self) -> None:
+        """Until the node is finished (the stream has ended and no due
+        gradient is still to come)."""
+        node, link = self.node, self.link
+        act_sock, act_line, grad_line = self.acts.sock, self.act_line, self.grad_line
+        poller = zmq.Poller()
+        poller.register(link.sock, zmq.POLLIN)
+        if self.grads is not None:
+            poller.register(self.grads.sock, zmq.POLLIN)
+        eof_read = reading = False
+        while not node.finished:
+            # Backpressure: leave activations queued in ZeroMQ while the node
+            # may not take them (with a delayed link, while its line is full).
+            take = not eof_read and (node.may_take() if act_line is None
+                                     else len(act_line) < self.hwm)
+            if take != reading:
+                (poller.register(act_sock, zmq.POLLIN) if take
+                 else poller.unregister(act_sock))
+                reading = take
+            now = time.monotonic()
+            waits = [w for w in (line.wait_s(now) for line in (grad_line, act_line)
+                                 if line is not None) if w is not None]
+            events = dict(poller.poll(min([POLL_MS] + [int(w * 1000) + 1 for w in waits])))
+            if link.sock in events:
+                link.poll_stop()
+            link.tick()
+            if self.grads is not None and self.grads.sock in events:
+                while self.grads.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    msg = self.grads.recv()
+                    if msg is None:
+                        continue
+                    if grad_line is not None:
+                        grad_line.push(msg, time.monotonic())
+                    else:
+                        self._call(node.on_gradient, msg)
+            if grad_line is not None:
+                for msg in grad_line.pop_ready(time.monotonic()):
+                    self._call(node.on_gradient, msg)
+            if take and act_sock in events:
+                msg = self.acts.recv()
+                if msg is not None:
+                    eof_read = msg.kind == EOF
+                    if act_line is not None:
+                        act_line.push(msg, time.monotonic())
+                    else:
+                        self._call(node.on_activation, msg)
+            if act_line is not None:
+                while act_line.wait_s(time.monotonic()) == 0 and node.may_take():
+                    self._call(node.on_activation, act_line.pop())
