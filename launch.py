@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()  # the supervisor, and the reference trainer with --in-process
     if argv[:1] == ["sweep"]:
         from pipeline.cli import parse_sweep
-        from workers.sweep import run_sweep
+        from commands.sweep import run_sweep
         return run_sweep(parse_sweep(argv[1:]), sys.stdout)
     if argv[:1] == ["report"]:
         from pipeline.cli import parse_report
@@ -33,11 +33,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if any(a == "--cluster" or a.startswith("--cluster=") for a in argv):
             from pipeline.cli import parse_cluster
-            from workers.host import run_cluster
+            from commands.host import run_cluster
             return run_cluster(parse_cluster(argv), sys.stdout)
         from pipeline.cli import parse_run
         from pipeline.rundir import resume_config
-        from workers.supervisor import run
+        from commands.supervisor import run
         cfg, resume = parse_run(argv)
         if resume is not None:
             cfg, states = resume_config(resume, cfg.quiet)

@@ -5,6 +5,8 @@ import math
 import os
 from pathlib import Path
 
+from pipeline.rundir import load_run
+
 HINT = "plots need matplotlib: pip install -e '.[plot]'"
 DPI = 120
 
@@ -343,8 +345,6 @@ def run_report(run_dir: str | os.PathLike) -> Path:
     seconds per epoch. Raises ValueError if run_dir is not a finished run."""
     if not available():
         raise RuntimeError(HINT)
-    from pipeline.report import load_run  # here, not at the top: report imports this module
-
     run = load_run(run_dir)
     summary, events = run["summary"], run["events"]
     # The output layer computes its own gradient (staleness 0, no SG): only

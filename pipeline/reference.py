@@ -15,13 +15,16 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TextIO
 
-from pipeline import tasks
+from pipeline import memory, protocol, tasks
 from pipeline.config import Config
 from pipeline.driver import HiddenNode, OutputNode, SourceNode
-from pipeline.layers import HiddenLayer, OutputLayer
+from pipeline.layers import Diverged, HiddenLayer, OutputLayer
 from pipeline.protocol import ACT, METRIC, Message
+from pipeline.rundir import RunDir
+from pipeline.sgwatch import SGWatch
+from pipeline.summary import Progress, build_summary, close_run, layer_entry
 
 Event = dict
 Emit = Callable[[Event], None]
@@ -100,3 +103,42 @@ def train_reference(cfg: Config, emit: Emit | None = None,
     return ReferenceResult([n.layer for n in hidden], output.layer, final["train_s"],
                            final["batches"], final["final_loss"], final["train_accuracy"],
                            final.get("test_loss"), final.get("test_accuracy"))
+
+
+def run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int:
+    """``launch.py --in-process``: train with the reference and write the
+    same run directory a pipeline run writes; returns the exit code."""
+    rd.write_json("config.json", {"run_id": run_id, "config": cfg.to_dict(), "processes": {}})
+    progress = Progress(cfg, stream)
+    watch = SGWatch(cfg)
+
+    def emit(event: dict) -> None:
+        rd.metric(event)
+        if event["event"] == "epoch":
+            progress.epoch(event)
+        elif (warning := watch.add(event)) is not None:
+            progress.warn(warning)
+
+    start = time.perf_counter()
+    status, final, layers, error = "completed", None, [], None
+    try:
+        result = train_reference(cfg, emit)
+        for layer in [*result.hidden, result.output]:
+            rd.write_weights(protocol.layer_role(layer.index, cfg.layers), layer.weights())
+        final = {"final_loss": result.final_loss, "train_accuracy": result.train_accuracy,
+                 "test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
+                 "batches": result.batches, "train_s": result.wall_s}
+        layers = [layer_entry(L.index, protocol.layer_role(L.index, cfg.layers),
+                              L.stats.as_dict(), 0)
+                  for L in [*result.hidden, result.output]]
+    except KeyboardInterrupt:
+        status = "interrupted"
+    except Diverged as exc:
+        status, error = "failed", {"role": "reference", "message": f"Diverged: {exc}"}
+    progress.finish()
+    summary = build_summary(cfg, status=status, run_id=run_id, final=final, layers=layers,
+                            wall_s=time.perf_counter() - start,
+                            epochs_done=progress.epochs_done, error=error,
+                            peak_rss_mb={"reference": memory.peak_rss_mb()},
+                            cpu_s={"reference": memory.cpu_s()}, watch=watch)
+    return close_run(rd, summary, stream)

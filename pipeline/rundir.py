@@ -11,6 +11,7 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -18,6 +19,17 @@ import numpy as np
 def default_path(mode: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{mode}-{secrets.token_hex(2)}"
+
+
+def open_run(cfg, resuming: bool, stream: TextIO) -> "RunDir":
+    """The run directory of ``cfg`` (a new one, or the one a resumed run goes
+    on in), announced on ``stream`` unless --quiet."""
+    rd = RunDir(cfg.run_dir or default_path(cfg.mode), resume=resuming)
+    if not cfg.quiet:
+        print(f"run directory: {rd.path}", file=stream, flush=True)
+        if resuming:
+            print(f"resuming at epoch {cfg.start_epoch + 1}", file=stream, flush=True)
+    return rd
 
 
 class RunDir:
@@ -129,3 +141,54 @@ def resume_config(run_dir: str | os.PathLike, quiet: bool):
     cfg = Config.from_dict({**config, "start_epoch": epoch + 1, "run_dir": str(path),
                             "quiet": quiet})
     return cfg, states
+
+
+# --- reading a finished run --------------------------------------------------------------
+
+def load_run(run_dir: str | os.PathLike) -> dict:
+    """{"path", "summary", "config", "events", "bad_lines"} of a finished run.
+
+    Lines of metrics.jsonl that are not JSON objects (a run killed mid-write
+    leaves half a line) are skipped and counted in ``bad_lines``. Raises
+    ValueError naming the file if the directory is not a finished run.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory")
+    summary_path, metrics_path = path / "summary.json", path / "metrics.jsonl"
+    if not summary_path.is_file():
+        raise ValueError(f"{summary_path}: missing (the run has not finished, "
+                         "or this is not a run directory)")
+    if not metrics_path.is_file():
+        raise ValueError(f"{metrics_path}: missing")
+    summary = _json_object(summary_path)
+    config_path = path / "config.json"
+    config = _json_object(config_path) if config_path.is_file() else {}
+
+    events: list[dict] = []
+    bad = 0
+    with open(metrics_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+            else:
+                bad += 1
+    return {"path": path, "summary": summary, "config": config, "events": events,
+            "bad_lines": bad}
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj

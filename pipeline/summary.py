@@ -97,6 +97,15 @@ def table(summary: dict, run_dir: str) -> str:
     return "\n".join(lines)
 
 
+def close_run(rd, summary: dict, stream: TextIO) -> int:
+    """Write ``summary.json`` into the run directory, close it, print the
+    closing table; the run's exit code (0 completed, 130 interrupted, 1 failed)."""
+    rd.write_json("summary.json", summary)
+    rd.close()
+    print(table(summary, str(rd.path)), file=stream, flush=True)
+    return {"completed": 0, "interrupted": 130}.get(summary["status"], 1)
+
+
 class Progress:
     """One line, redrawn in place on a terminal; every tenth of the run otherwise."""
 

@@ -98,44 +98,6 @@ def assert_png(path: Path) -> None:
     assert 400 <= h <= 2000 and 800 <= w <= 2000 and channels in (3, 4), (h, w, channels)
 
 
-# --- load_run --------------------------------------------------------------------------------
-
-def test_load_run_reads_every_file_and_skips_the_corrupt_line(tmp_path):
-    run = report.load_run(make_run(tmp_path / "run"))
-    assert run["summary"] == SUMMARY
-    assert run["config"]["config"]["layers"] == 3
-    assert len(run["events"]) == 4 * 3 + 2
-    assert run["bad_lines"] == 1
-    assert [e["event"] for e in run["events"]].count("layer") == 8
-
-
-def test_load_run_without_config_json_still_loads(tmp_path):
-    path = make_run(tmp_path / "run")
-    (path / "config.json").unlink()
-    assert report.load_run(path)["config"] == {}
-
-
-@pytest.mark.parametrize("damage, named", [
-    (lambda p: p / "nowhere", "nowhere"),
-    (lambda p: (p / "summary.json").unlink() or p, "summary.json"),
-    (lambda p: (p / "metrics.jsonl").unlink() or p, "metrics.jsonl"),
-    (lambda p: (p / "summary.json").write_text('{"status": "compl') and p, "summary.json"),
-    (lambda p: (p / "summary.json").write_text("[1, 2]") and p, "summary.json"),
-    (lambda p: (p / "config.json").write_text("{") and p, "config.json"),
-])
-def test_load_run_rejects_what_is_not_a_finished_run_naming_the_file(tmp_path, damage, named):
-    target = damage(make_run(tmp_path / "run"))
-    with pytest.raises(ValueError, match=named):
-        report.load_run(target)
-
-
-def test_load_run_rejects_a_file_given_as_the_directory(tmp_path):
-    f = tmp_path / "summary.json"
-    f.write_text("{}")
-    with pytest.raises(ValueError, match="not a directory"):
-        report.load_run(f)
-
-
 # --- text_report -----------------------------------------------------------------------------
 
 def test_text_report_shows_the_numbers_of_the_run(tmp_path):

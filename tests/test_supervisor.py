@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import Config
 from pipeline.rundir import RunDir
 from tests.conftest import _alive, assert_no_orphans
-from workers import supervisor
+from commands import supervisor
 
 pytestmark = pytest.mark.timeout(60)
 

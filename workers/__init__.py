@@ -1,1 +1,2 @@
-"""Process entry points: one module per role, each a thin loop over pipeline/."""
+"""The pipeline's process roles: one module per role, each a thin socket set-up around a
+node of pipeline/driver.py (the commands a user runs are in commands/)."""

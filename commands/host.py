@@ -4,16 +4,15 @@ one named by --role."""
 from __future__ import annotations
 
 import secrets
-import signal
-import subprocess
 import sys
 from typing import TextIO
 
+from commands.spawn import end_on_sigterm, module_of, spawn, worker_env
+from commands.supervisor import Supervisor
 from pipeline import cluster as clusters
-from pipeline.cli import ClusterArgs
 from pipeline import tasks
-from pipeline.rundir import resume_config
-from workers import supervisor
+from pipeline.cli import ClusterArgs
+from pipeline.rundir import open_run, resume_config
 
 
 def run_cluster(args: ClusterArgs, stream: TextIO) -> int:
@@ -41,21 +40,20 @@ def run_cluster(args: ClusterArgs, stream: TextIO) -> int:
             cfg = tasks.resolve(c.config(run_dir=args.run_dir or c.run.get("run_dir", ""),
                                          quiet=args.quiet),
                                 limit_examples="examples" in c.run)
-        rd = supervisor.open_run_dir(cfg, resume is not None, stream)
-        signal.signal(signal.SIGTERM, supervisor._interrupt)
-        return supervisor.Supervisor(cfg, rd, secrets.token_hex(6), stream, cluster=c,
+        rd = open_run(cfg, resume is not None, stream)
+        end_on_sigterm()
+        return Supervisor(cfg, rd, secrets.token_hex(6), stream, cluster=c,
                                      spawn=workers, insecure=args.insecure,
                                      resume=resume).run()
     extra = ["--cluster", str(c.path)] + (["--insecure"] if args.insecure else [])
-    return _run_workers(workers, extra, supervisor.worker_env(c.config().blas_threads))
+    return _run_workers(workers, extra, worker_env(c.config().blas_threads))
 
 
 def _run_workers(roles: list[str], extra: list[str], env: dict[str, str]) -> int:
     """The worker roles of this host, without the coordinator: start them
     (each its own process, its BLAS threads capped before numpy loads), wait
     for them, and pass a Ctrl-C on as a stop."""
-    procs = [subprocess.Popen([sys.executable, "-m", supervisor.module_of(r), "--role", r,
-                               *extra], env=env, start_new_session=True) for r in roles]
+    procs = [spawn(module_of(r), r, extra, env) for r in roles]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:

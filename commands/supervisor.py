@@ -1,5 +1,6 @@
-"""The supervisor (run by launch.py): starts one process per role, handshakes,
-shows progress, writes the run directory, and stops every process it started."""
+"""A local run (``launch.py``) and the supervisor of every run: starts one
+process per role, handshakes, shows progress, writes the run directory, and
+stops every process it started."""
 from __future__ import annotations
 
 import contextlib
@@ -9,24 +10,22 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import TextIO
 
 import zmq
 
+from commands.spawn import end_on_sigterm, module_of, spawn, worker_env
 from pipeline import memory, protocol, security, wire
 from pipeline.cluster import Cluster
-from pipeline.control import HEARTBEAT_S, LIVENESS_S
 from pipeline.config import Config
-from pipeline.layers import Diverged
+from pipeline.control import HEARTBEAT_S, LIVENESS_S
 from pipeline.protocol import Message, Speaker
-from pipeline.reference import train_reference
-from pipeline.rundir import RunDir, default_path
+from pipeline.reference import run_in_process
+from pipeline.rundir import RunDir, open_run
 from pipeline.sgwatch import SGWatch
-from pipeline.summary import Progress, build_summary, layer_entry, table
+from pipeline.summary import Progress, build_summary, close_run, layer_entry
 from pipeline.transport import Net
 
-ROOT = Path(__file__).resolve().parent.parent
 STARTUP_S = 60.0     # a worker that has not said hello by then is broken
 CLUSTER_STARTUP_S = 600.0  # roles started by hand on other hosts get longer
 STOP_GRACE_S = 3.0   # after "stop", time to exit before SIGTERM, then SIGKILL
@@ -40,91 +39,16 @@ class WorkerFailed(Exception):
         self.message = message
 
 
-def module_of(role: str) -> str:
-    return {"source": "workers.source", "output": "workers.output"}.get(role, "workers.layer")
-
-
-def worker_env(blas_threads: int) -> dict[str, str]:
-    """A worker's environment: the project importable, and its BLAS threads
-    capped (they must be set before numpy loads), so processes share cores."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(blas_threads)
-    return env
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def run(cfg: Config, stream: TextIO = sys.stdout, resume: dict | None = None) -> int:
     """Run ``cfg`` to the end; returns the exit code (0 completed, 1 failed,
     130 interrupted). The summary is written whatever happens. ``resume``:
     each layer role's checkpointed state, for a run that goes on from one."""
-    # SIGTERM (a job scheduler, a plain `kill`) ends the run like Ctrl-C.
-    signal.signal(signal.SIGTERM, _interrupt)
-    rd = open_run_dir(cfg, resume is not None, stream)
+    end_on_sigterm()
+    rd = open_run(cfg, resume is not None, stream)
     run_id = secrets.token_hex(6)
     if cfg.in_process:
-        return _run_in_process(cfg, rd, run_id, stream)
+        return run_in_process(cfg, rd, run_id, stream)
     return Supervisor(cfg, rd, run_id, stream, resume=resume).run()
-
-
-def open_run_dir(cfg: Config, resuming: bool, stream: TextIO) -> RunDir:
-    """The run directory (a new one, or the one a resumed run goes on in),
-    announced unless --quiet."""
-    rd = RunDir(cfg.run_dir or default_path(cfg.mode), resume=resuming)
-    if not cfg.quiet:
-        print(f"run directory: {rd.path}", file=stream, flush=True)
-        if resuming:
-            print(f"resuming at epoch {cfg.start_epoch + 1}", file=stream, flush=True)
-    return rd
-
-
-def _run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int:
-    rd.write_json("config.json", {"run_id": run_id, "config": cfg.to_dict(), "processes": {}})
-    progress = Progress(cfg, stream)
-    watch = SGWatch(cfg)
-
-    def emit(event: dict) -> None:
-        rd.metric(event)
-        if event["event"] == "epoch":
-            progress.epoch(event)
-        elif (warning := watch.add(event)) is not None:
-            progress.warn(warning)
-
-    start = time.perf_counter()
-    status, final, layers, error = "completed", None, [], None
-    try:
-        result = train_reference(cfg, emit)
-        for layer in result.hidden:
-            rd.write_weights(protocol.layer_role(layer.index, cfg.layers), layer.weights())
-        rd.write_weights("output", result.output.weights())
-        final = {"final_loss": result.final_loss, "train_accuracy": result.train_accuracy,
-                 "test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
-                 "batches": result.batches, "train_s": result.wall_s}
-        layers = [layer_entry(L.index, protocol.layer_role(L.index, cfg.layers),
-                              L.stats.as_dict(), 0)
-                  for L in [*result.hidden, result.output]]
-    except KeyboardInterrupt:
-        status = "interrupted"
-    except Diverged as exc:
-        status, error = "failed", {"role": "reference", "message": f"Diverged: {exc}"}
-    progress.finish()
-    summary = build_summary(cfg, status=status, run_id=run_id, final=final, layers=layers,
-                            wall_s=time.perf_counter() - start,
-                            epochs_done=progress.epochs_done, error=error,
-                            peak_rss_mb={"reference": memory.peak_rss_mb()},
-                            cpu_s={"reference": memory.cpu_s()}, watch=watch)
-    return _finish(rd, summary, stream)
-
-
-def _finish(rd: RunDir, summary: dict, stream: TextIO) -> int:
-    rd.write_json("summary.json", summary)
-    rd.close()
-    print(table(summary, str(rd.path)), file=stream, flush=True)
-    return {"completed": 0, "interrupted": 130}.get(summary["status"], 1)
 
 
 class Supervisor:
@@ -181,11 +105,7 @@ class Supervisor:
                 where = ["--control", self.endpoint]
             else:
                 where = ["--cluster", str(self.cluster.path)] + (["--insecure"] if self.insecure else [])
-            self.procs[role] = subprocess.Popen(
-                [sys.executable, "-m", module_of(role), "--role", role, *where],
-                # Their own session: a Ctrl-C at the terminal reaches the
-                # supervisor alone, which stops the workers in order.
-                env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.procs[role] = spawn(module_of(role), role, where, env)
 
     def _check_alive(self) -> None:
         for role, p in self.procs.items():
@@ -360,7 +280,7 @@ class Supervisor:
                                 layers=layers, error=error, epochs_done=self.progress.epochs_done,
                                 wall_s=time.perf_counter() - start, peak_rss_mb=peaks,
                                 cpu_s=cpu, watch=self.watch)
-        return _finish(self.rd, summary, self.stream)
+        return close_run(self.rd, summary, self.stream)
 
     def _peers(self, ep: dict[str, dict]) -> dict[str, dict]:
         """Who connects where: activations flow down, gradients up; with the

@@ -11,7 +11,7 @@ from typing import TextIO
 from pipeline import plots
 from pipeline.cli import SweepArgs
 from pipeline.sweep import Point, aggregate, grid, markdown, point_config, row, write_csv
-from workers import supervisor
+from commands import supervisor
 
 
 def _finished(run_dir: Path) -> dict | None:
