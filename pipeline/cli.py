@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import shlex
 import sys
 from dataclasses import dataclass
 
 from pipeline import tasks
-from pipeline.config import (ACTIVATIONS, CLASSIFICATION_DEFAULTS, DTYPES, MODES, OPTIMIZERS,
-                             Config, ConfigError, default_hidden, defaults_for)
+from pipeline.config import (CLASSIFICATION_DEFAULTS, MODES, Config, ConfigError,
+                             default_hidden, defaults_for)
 
 D = Config.__dataclass_fields__
 
@@ -20,8 +21,10 @@ def _default(name: str):
 
 def _task_default(name: str) -> str:
     """Help text for an option whose default depends on the task."""
-    return (f" (default: {_default(name)} on addition, {CLASSIFICATION_DEFAULTS[name]} on "
-            "classification data)")
+    def say(value) -> str:
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    return (f" (default: {say(_default(name))} on addition, {say(CLASSIFICATION_DEFAULTS[name])} "
+            "on classification data)")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -94,6 +97,33 @@ def _variant(text: str) -> tuple[str, list[str]]:
         raise argparse.ArgumentTypeError(f"variant {name}: {exc}") from None
 
 
+PARSE = {"widths": lambda text: _widths(text), "link_delay": lambda text: _link_delay(text),
+         "straggler": lambda text: _straggler(text)}
+
+
+def _add_option(group: argparse._ArgumentGroup, f: dataclasses.Field) -> None:
+    """The option of one Config field, from the field alone."""
+    m, name = f.metadata, f.name
+    flag = m["flag"] or "--" + name.replace("_", "-")
+    help_ = m["help"] + (_task_default(name) if m["task"] and name in CLASSIFICATION_DEFAULTS
+                         and "(default:" not in m["help"] else "")
+    kw: dict = {"dest": name, "help": help_}
+    if m["metavar"]:
+        kw["metavar"] = m["metavar"]
+    if m["kind"] == "flag":
+        kw.update(action="store_true")
+    elif m["kind"] == "switch":
+        kw.update(action=argparse.BooleanOptionalAction, default=None if m["task"] else f.default)
+    elif m["kind"] == "straggler":
+        kw.update(type=PARSE["straggler"], action="append", default=[])
+    else:
+        kw.update(type=PARSE.get(m["kind"], type(f.default)),
+                  default=None if m["task"] or m["kind"] else f.default)
+        if m["choices"]:
+            kw["choices"] = m["choices"]
+    group.add_argument(flag, **kw)
+
+
 def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
     """The run's options; with ``sweep``, the grid's axes take lists instead."""
     if sweep:
@@ -122,179 +152,41 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
                                 "classification data from MNIST-format or NumPy files.",
                     epilog="Also: 'launch.py sweep -h' (a staleness sweep) and "
                            "'launch.py report RUN_DIR' (plots of one run).")
-    net = p.add_argument_group("network")
-    net.add_argument("--layers", type=int, default=_default("layers"),
-                     help="weight layers, counting the output layer: 3 = two hidden layers "
-                          "and the output layer, each its own process")
-    net.add_argument("--hidden", type=_widths, default=None,
-                     help="hidden widths, comma-separated; one number repeats for every "
-                          "hidden layer (default: the seed's 128,64; deeper nets repeat 64)")
-    net.add_argument("--activation", choices=ACTIVATIONS, default=None,
-                     help="hidden-layer non-linearity" + _task_default("activation"))
-    net.add_argument("--batchnorm", action=argparse.BooleanOptionalAction, default=None,
-                     help="batch normalisation in every hidden layer (Linear, BN, "
-                          "non-linearity), as the paper's MNIST nets; it keeps stale "
-                          "synthetic gradients from blowing the activations up "
-                          "(default: on for classification data, off on addition)")
-    net.add_argument("--sg-hidden", type=_widths, default=None,
-                     help="hidden ReLU widths of every synthetic-gradient module, "
-                          "comma-separated (default: none, a linear module)")
-    net.add_argument("--sg-refresh", action=argparse.BooleanOptionalAction, default=True,
-                     help="when a true gradient arrives after the SG module has changed, "
-                          "recompute its prediction with the module as it is now before "
-                          "regressing it (one more matmul per batch and layer); "
-                          "--no-sg-refresh learns from the prediction it made, a gradient "
-                          "at parameters some updates old")
-    if not sweep:
-        net.add_argument("--mode", choices=MODES, default=_default("mode"),
-                         help="cdni: synthetic gradients conditioned on the labels; dni: on "
-                              "the activations only; backprop: locked true gradients (the "
-                              "baseline); async-backprop: true gradients applied whenever they "
-                              "arrive, however stale")
-    tr = p.add_argument_group("training")
-    tr.add_argument("--epochs", type=int, default=None,
-                    help="passes over the data" + _task_default("epochs"))
-    tr.add_argument("--batch-size", type=int, default=None,
-                    help="examples per batch (the last batch of an epoch may be short)"
-                         + _task_default("batch_size"))
-    tr.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
-                    help="for every layer and every SG module, each with its own state"
-                         + _task_default("optimizer"))
-    tr.add_argument("--momentum", type=float, default=_default("momentum"),
-                    help="SGD's heavy-ball momentum for every layer and SG module "
-                         "(0: plain SGD; Adam keeps its own)")
-    tr.add_argument("--lr", type=float, default=None,
-                    help="layer learning rate, on the batch-mean loss" + _task_default("lr"))
-    tr.add_argument("--sg-lr", type=float, default=None,
-                    help="learning rate of the synthetic-gradient modules"
-                         + _task_default("sg_lr"))
-    tr.add_argument("--dtype", choices=DTYPES, default=None,
-                    help="floating-point type of the math and the messages"
-                         + _task_default("dtype"))
-    tr.add_argument("--seed", type=int, default=_default("seed"),
-                    help="seeds the data and every layer's initial weights")
-    task = p.add_argument_group("data")
-    task.add_argument("--dataset", default=_default("dataset"), metavar="NAME",
-                      help="addition (the seed task: binary addition of --bits numbers), "
-                           "mnist (the MNIST or Fashion-MNIST IDX files in --data-dir, plain "
-                           "or .gz) or npz:PATH (a NumPy archive with x_train, y_train and "
-                           "optionally x_test, y_test)")
-    task.add_argument("--data-dir", default="", metavar="DIR",
-                      help="--dataset mnist: the directory holding train-images-idx3-ubyte, "
-                           "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-                           "t10k-labels-idx1-ubyte")
-    task.add_argument("--bits", type=int, default=_default("bits"),
-                      help="addition: bits per operand and sum")
-    task.add_argument("--examples", type=int, default=None,
-                      help="training examples (default: 100 on addition; a dataset's "
-                           "first N, default all)")
-    task.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=None,
-                      help="reshuffle the training batches every epoch, from --seed "
-                           "(default: on for classification data, off on addition)")
-    pipe = p.add_argument_group("pipeline")
-    pipe.add_argument("--lockstep", action="store_true",
-                      help="deterministic schedule: the same weights, bit for bit, as the "
-                           "in-process reference")
-    pipe.add_argument("--max-inflight", type=int, default=_default("max_inflight"),
-                      help="batches a layer may hold awaiting their true gradient, beyond "
-                           "--grad-delay, before it stops taking new ones (backpressure)")
-    pipe.add_argument("--blas-threads", type=int, default=_default("blas_threads"),
-                      help="BLAS threads per process (processes share the cores)")
-    pipe.add_argument("--in-process", action="store_true",
-                      help="train the same configuration with the in-process reference "
-                           "(the baseline to time against); writes the same run directory")
-    ft = p.add_argument_group("faults")
-    ft.add_argument("--checkpoint-every", type=int, default=_default("checkpoint_every"),
-                    metavar="N", help="every N epochs, save every layer's weights, SG module "
-                                      "and counters to RUN_DIR/checkpoints (0: never)")
-    if not sweep:
-        ft.add_argument("--resume", metavar="RUN_DIR",
-                        help="go on with an interrupted or failed run from its last "
-                             "checkpoint (its own settings; other options are ignored "
-                             "but --quiet)")
-    st = p.add_argument_group("staleness: measure it, inject it")
-    if not sweep:
-        st.add_argument("--grad-delay", type=int, default=_default("grad_delay"),
-                        help="apply every true gradient exactly K of the layer's steps late "
-                             "(exact under --lockstep; at least K free-running)")
-    st.add_argument("--link-delay", type=_link_delay, default=None, metavar="MS[:JITTER]",
-                    help="wall-clock delay on the gradient links, with optional +-jitter "
-                         "(order is kept); free-running only")
-    st.add_argument("--delay-activations", action="store_true",
-                    help="put the --link-delay on the activation links too")
-    st.add_argument("--slow", type=_straggler, action="append", default=[],
-                    metavar="LAYER:FACTOR",
-                    help="layer LAYER (1..N) computes FACTOR times slower; repeatable")
-    st.add_argument("--update-prob", type=float, default=_default("update_prob"),
-                    help="each layer applies each weight update only with this probability "
-                         "(the paper's update-decoupling experiment)")
-    st.add_argument("--drop-prob", type=float, default=_default("drop_prob"),
-                    help="each true-gradient message is lost with this probability")
-    rem = p.add_argument_group(
-        "staleness remedies (each off at 0; tau: a gradient's staleness in the layer's "
-        "steps, tau_bar: the running mean of the last ~10; see docs/staleness.md)")
-    rem.add_argument("--sg-boost", type=float, default=_default("sg_boost"), metavar="A",
-                     help="two timescales: an SG module regressing a target tau steps stale "
-                          "steps (1 + A*tau) times --sg-lr")
-    rem.add_argument("--lr-staleness", type=float, default=_default("lr_staleness"),
-                     metavar="B",
-                     help="staleness-aware layer step, lr / (1 + B*tau): tau of the true "
-                          "gradient applied (async-backprop), tau_bar of the SG module's "
-                          "feedback (dni, cdni)")
-    rem.add_argument("--sg-lookahead", type=float, default=_default("sg_lookahead"),
-                     metavar="S",
-                     help="weight prediction: a layer steps on its SG module extrapolated "
-                          "S*tau_bar of the module's updates ahead along its recent drift")
-    rem.add_argument("--delay-comp", type=float, default=_default("delay_comp"),
-                     metavar="LAMBDA",
-                     help="async-backprop: DC-ASGD's correction g + LAMBDA*g*g*(w_now - w_then) "
-                          "of a true gradient computed at older weights")
-    out = p.add_argument_group("output")
-    if not sweep:
-        out.add_argument("--run-dir", default="",
-                         help="directory for config.json, metrics.jsonl, summary.json and "
-                              "weights (default: runs/<time>-<mode>-<id>)")
-    out.add_argument("--quiet", action="store_true", help="no progress line")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(Config):
+        m = f.metadata
+        if not m["cli"] or (sweep and not m["sweep"]):
+            continue
+        if m["group"] not in groups:
+            groups[m["group"]] = p.add_argument_group(m["group"])
+        _add_option(groups[m["group"]], f)
+        if f.name == "checkpoint_every" and not sweep:
+            groups[m["group"]].add_argument(
+                "--resume", metavar="RUN_DIR",
+                help="go on with an interrupted or failed run from its last checkpoint (its "
+                     "own settings; other options are ignored but --quiet)")
     return p
 
 
-TASK_OPTIONS = ("activation", "hidden", "epochs", "batch_size", "optimizer", "lr", "sg_lr",
-                "dtype", "examples", "shuffle", "batchnorm")
-
-
 def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Config:
-    fields = dict(vars(a))
-    fields.update(override)
-    # Options left unsaid take the task's defaults, then the Config's.
-    task = {"hidden": default_hidden(fields["layers"]), **defaults_for(fields["dataset"])}
-    all_examples = fields["examples"] is None and fields["dataset"] != "addition"
-    for name in TASK_OPTIONS:
-        if fields[name] is None:
-            fields[name] = task.get(name, _default(name))
-    hidden = fields["hidden"]
-    delay, jitter = fields["link_delay"] or (0.0, 0.0)
+    """The Config of parsed options: every field from its option (or
+    ``override``), options left unsaid from the task's defaults, then the
+    Config's."""
+    given = {**vars(a), **override}
+    task = {"hidden": default_hidden(given["layers"]), **defaults_for(given["dataset"])}
+    all_examples = given["examples"] is None and given["dataset"] != "addition"
+    fields = {}
+    for f in dataclasses.fields(Config):
+        if f.name not in given:
+            continue  # not an option (derived from the data, or set by --resume)
+        value = given[f.name]
+        if value is None:
+            value = task.get(f.name, f.default)
+        fields[f.name] = value
+    fields["link_delay_ms"], fields["link_jitter_ms"] = given["link_delay_ms"] or (0.0, 0.0)
+    fields["slow"] = tuple(given["slow"])
     try:
-        cfg = Config(layers=fields["layers"], hidden=hidden, activation=fields["activation"],
-                      mode=fields["mode"], epochs=fields["epochs"],
-                      batch_size=fields["batch_size"], lr=fields["lr"], sg_lr=fields["sg_lr"],
-                      optimizer=fields["optimizer"], momentum=fields["momentum"],
-                      sg_boost=fields["sg_boost"], lr_staleness=fields["lr_staleness"],
-                      sg_lookahead=fields["sg_lookahead"], delay_comp=fields["delay_comp"],
-                      sg_hidden=fields["sg_hidden"] or (),
-                      batchnorm=fields["batchnorm"], sg_refresh=fields["sg_refresh"],
-                      dtype=fields["dtype"],
-                      dataset=fields["dataset"], data_dir=fields["data_dir"],
-                      shuffle=fields["shuffle"],
-                      seed=fields["seed"], bits=fields["bits"], examples=fields["examples"],
-                      lockstep=fields["lockstep"], max_inflight=fields["max_inflight"],
-                      blas_threads=fields["blas_threads"], grad_delay=fields["grad_delay"],
-                      link_delay_ms=delay, link_jitter_ms=jitter,
-                      delay_activations=fields["delay_activations"], slow=tuple(fields["slow"]),
-                      update_prob=fields["update_prob"], drop_prob=fields["drop_prob"],
-                      checkpoint_every=fields["checkpoint_every"],
-                      in_process=fields["in_process"], run_dir=fields["run_dir"],
-                      quiet=fields["quiet"])
-        return tasks.resolve(cfg, limit_examples=not all_examples)
+        return tasks.resolve(Config(**fields), limit_examples=not all_examples)
     except ConfigError as exc:
         p.error(str(exc))
         raise  # unreachable: error() exits

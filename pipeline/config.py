@@ -3,20 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.nn import ACTIVATIONS
+from pipeline.optim import OPTIMIZERS
+from pipeline.protocol import is_int as _is_int
+
 MODES = ("cdni", "dni", "backprop", "async-backprop")
 SG_MODES = ("cdni", "dni")
-ACTIVATIONS = ("sigmoid", "relu")
-OPTIMIZERS = ("sgd", "adam")
 DTYPES = ("float64", "float32")
-DATASETS = ("addition", "mnist", "npz:PATH")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def default_hidden(layers: int) -> tuple[int, ...]:
@@ -41,11 +38,9 @@ def defaults_for(dataset: str) -> dict:
     return {} if dataset == "addition" else dict(CLASSIFICATION_DEFAULTS)
 
 
-def flag(field: str) -> str:
+def flag(name: str) -> str:
     """The command-line flag a Config field comes from."""
-    return {"link_delay_ms": "--link-delay", "link_jitter_ms": "--link-delay",
-            "features": "--dataset", "classes": "--dataset",
-            "test_examples": "--dataset"}.get(field, "--" + field.replace("_", "-"))
+    return Config.__dataclass_fields__[name].metadata["flag"] or "--" + name.replace("_", "-")
 
 
 class ConfigError(ValueError):
@@ -56,59 +51,139 @@ class ConfigError(ValueError):
         self.option = option
 
 
+def option(default, help: str, group: str, *, kind: str = "", metavar: str | None = None,
+           choices: tuple[str, ...] | None = None, task: bool = False, flag: str = "",
+           cli: bool = True, sweep: bool = True):
+    """A Config field with what the command line needs to offer it: the help
+    text, the ``--help`` group, and ``kind`` where the plain type is not
+    enough ("widths", "link_delay", "straggler", "flag": on/off with no value,
+    "switch": --X / --no-X). ``task``: its default depends on the task
+    (``defaults_for``); ``cli=False``: not an option (derived, or set by
+    --resume); ``sweep=False``: a sweep varies it itself."""
+    return field(default=default, metadata=dict(
+        help=help, group=group, kind=kind, metavar=metavar, choices=choices, task=task,
+        flag=flag, cli=cli, sweep=sweep))
+
+
+NET, TRAIN, DATA, PIPE, FAULTS, STALE, REMEDY, OUT = (
+    "network", "training", "data", "pipeline", "faults", "staleness: measure it, inject it",
+    "staleness remedies (each off at 0; tau: a gradient's staleness in the layer's steps, "
+    "tau_bar: the running mean of the last ~10; see docs/staleness.md)", "output")
+
+
 @dataclass(frozen=True)
 class Config:
     # network ---------------------------------------------------------------
-    layers: int = 3                   # weight layers, output layer included (seed: 3)
-    hidden: tuple[int, ...] = (128, 64)  # hidden widths; one number repeats
-    activation: str = "sigmoid"       # hidden non-linearity (seed: sigmoid)
-    mode: str = "cdni"                # cdni solves the seed task; plain dni learns it slowly
+    layers: int = option(3, "weight layers, counting the output layer: 3 = two hidden layers "
+                         "and the output layer, each its own process", NET)
+    hidden: tuple[int, ...] = option(
+        (128, 64), "hidden widths, comma-separated; one number repeats for every hidden layer "
+        "(default: the seed's 128,64; deeper nets repeat 64; 256 on classification data)",
+        NET, kind="widths", task=True)
+    activation: str = option("sigmoid", "hidden-layer non-linearity", NET,
+                             choices=ACTIVATIONS, task=True)
+    batchnorm: bool = option(
+        False, "batch normalisation in every hidden layer (Linear, BN, non-linearity), as the "
+        "paper's MNIST nets; it keeps stale synthetic gradients from blowing the activations "
+        "up", NET, kind="switch", task=True)
+    sg_hidden: tuple[int, ...] = option(
+        (), "hidden ReLU widths of every synthetic-gradient module, comma-separated "
+        "(default: none, a linear module)", NET, kind="widths")
+    sg_refresh: bool = option(
+        True, "when a true gradient arrives after the SG module has changed, recompute its "
+        "prediction with the module as it is now before regressing it (one more matmul per "
+        "batch and layer); --no-sg-refresh learns from the prediction it made, a gradient at "
+        "parameters some updates old", NET, kind="switch")
+    mode: str = option(
+        "cdni", "cdni: synthetic gradients conditioned on the labels; dni: on the activations "
+        "only; backprop: locked true gradients (the baseline); async-backprop: true gradients "
+        "applied whenever they arrive, however stale", NET, choices=MODES, sweep=False)
     # training ----------------------------------------------------------------
-    epochs: int = 800                 # passes over the training set
-    batch_size: int = 10              # seed: 10
-    lr: float = 0.5                   # layer SGD step on the batch-mean loss (seed: 0.05 on the sum of 10)
-    sg_lr: float = 0.03               # SG module step; at the layer lr it diverges
-    seed: int = 1                     # data, initial weights: every random draw
-    optimizer: str = "sgd"            # sgd or adam, for every layer and SG module (each its own state)
-    momentum: float = 0.0             # sgd: heavy-ball momentum (0: plain SGD); Adam has its own
-    sg_hidden: tuple[int, ...] = ()   # hidden ReLU widths of the SG modules; () is linear
-    sg_refresh: bool = True           # recompute a stale SG prediction before training on it
-    batchnorm: bool = False           # batch normalisation in the hidden layers (Linear, BN, f)
-    dtype: str = "float64"            # arrays in the math and on the wire
-    # staleness remedies (pipeline.staleness), each off at 0 --------------------------------
-    sg_boost: float = 0.0             # two timescales: an SG step on a target tau steps stale is (1 + A*tau) x sg_lr
-    lr_staleness: float = 0.0         # staleness-aware layer step: lr / (1 + B*tau) (Zhang et al. 2016)
-    sg_lookahead: float = 0.0         # weight prediction: step on the SG module extrapolated S*tau_bar updates ahead
-    delay_comp: float = 0.0           # async-backprop: DC-ASGD's first-order correction, lambda (Zheng et al. 2017)
+    epochs: int = option(800, "passes over the data", TRAIN, task=True)
+    batch_size: int = option(10, "examples per batch (the last batch of an epoch may be short)",
+                             TRAIN, task=True)
+    optimizer: str = option("sgd", "for every layer and every SG module, each with its own state",
+                            TRAIN, choices=OPTIMIZERS, task=True)
+    momentum: float = option(0.0, "SGD's heavy-ball momentum for every layer and SG module "
+                             "(0: plain SGD; Adam keeps its own)", TRAIN)
+    # the seed's 0.05 was on the sum over 10 examples; 0.5 is on their mean
+    lr: float = option(0.5, "layer learning rate, on the batch-mean loss", TRAIN, task=True)
+    # at the layer's rate the SG modules diverge (tests/test_reference.py)
+    sg_lr: float = option(0.03, "learning rate of the synthetic-gradient modules", TRAIN,
+                          task=True)
+    dtype: str = option("float64", "floating-point type of the math and the messages", TRAIN,
+                        choices=DTYPES, task=True)
+    seed: int = option(1, "seeds the data and every layer's initial weights", TRAIN)
     # data ------------------------------------------------------------------------
-    dataset: str = "addition"         # addition (the seed task), mnist, or npz:PATH
-    data_dir: str = ""                # --dataset mnist: the directory of the IDX files
-    bits: int = 8                     # addition: width of operands and sum (seed: 8)
-    examples: int = 100               # training examples (seed: 100; files: the first N)
-    shuffle: bool = False             # reshuffle the training batches every epoch, from the seed
-    # read from the data files at launch (tasks.resolve), not set by hand ---------------
-    features: int = 0                 # input width of a file dataset
-    classes: int = 0                  # classes of a file dataset
-    test_examples: int = 0            # size of its test split (0: none)
+    dataset: str = option(
+        "addition", "addition (the seed task: binary addition of --bits numbers), mnist (the "
+        "MNIST or Fashion-MNIST IDX files in --data-dir, plain or .gz) or npz:PATH (a NumPy "
+        "archive with x_train, y_train and optionally x_test, y_test)", DATA, metavar="NAME")
+    data_dir: str = option(
+        "", "--dataset mnist: the directory holding train-images-idx3-ubyte, "
+        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte", DATA,
+        metavar="DIR")
+    bits: int = option(8, "addition: bits per operand and sum", DATA)
+    examples: int = option(100, "training examples (default: 100 on addition; a dataset's "
+                           "first N, default all)", DATA, task=True)
+    shuffle: bool = option(False, "reshuffle the training batches every epoch, from --seed",
+                           DATA, kind="switch", task=True)
+    # read from the data files at launch (tasks.resolve), not set by hand
+    features: int = option(0, "input width of a file dataset", DATA, cli=False, flag="--dataset")
+    classes: int = option(0, "classes of a file dataset", DATA, cli=False, flag="--dataset")
+    test_examples: int = option(0, "size of its test split (0: none)", DATA, cli=False,
+                                flag="--dataset")
     # pipeline ------------------------------------------------------------------
-    lockstep: bool = False            # deterministic schedule: bit-identical to the reference
-    max_inflight: int = 8             # batches a layer may hold awaiting gradients, beyond grad_delay
-    # staleness injection ------------------------------------------------------------
-    grad_delay: int = 0               # each true gradient applied exactly this many layer steps late
-    link_delay_ms: float = 0.0        # wall-clock delay on gradient links (free-running)
-    link_jitter_ms: float = 0.0       # +- uniform jitter on that delay (order is kept, as TCP does)
-    delay_activations: bool = False   # delay the activation links too
-    slow: tuple[tuple[int, float], ...] = ()  # (layer, factor): stragglers computing factor x slower
-    update_prob: float = 1.0          # each layer applies each weight update with this probability
-    drop_prob: float = 0.0            # each true-gradient message is lost with this probability
-    blas_threads: int = 1             # BLAS threads per process, so processes share cores
-    in_process: bool = False          # train with the in-process reference instead
+    lockstep: bool = option(False, "deterministic schedule: the same weights, bit for bit, as "
+                            "the in-process reference", PIPE, kind="flag")
+    max_inflight: int = option(8, "batches a layer may hold awaiting their true gradient, "
+                               "beyond --grad-delay, before it stops taking new ones "
+                               "(backpressure)", PIPE)
+    blas_threads: int = option(1, "BLAS threads per process (processes share the cores)", PIPE)
+    in_process: bool = option(False, "train the same configuration with the in-process "
+                              "reference (the baseline to time against); writes the same run "
+                              "directory", PIPE, kind="flag")
     # faults -------------------------------------------------------------------------
-    checkpoint_every: int = 0         # save every layer's state every N epochs (0: never)
-    start_epoch: int = 0              # set by --resume: the first epoch still to train
+    checkpoint_every: int = option(0, "every N epochs, save every layer's weights, SG module "
+                                   "and counters to RUN_DIR/checkpoints (0: never)", FAULTS,
+                                   metavar="N")
+    start_epoch: int = option(0, "the first epoch still to train", FAULTS, cli=False,
+                              flag="--resume")
+    # staleness injection ------------------------------------------------------------
+    grad_delay: int = option(0, "apply every true gradient exactly K of the layer's steps late "
+                             "(exact under --lockstep; at least K free-running)", STALE,
+                             sweep=False)
+    link_delay_ms: float = option(0.0, "wall-clock delay on the gradient links, with optional "
+                                  "+-jitter (order is kept); free-running only", STALE,
+                                  kind="link_delay", metavar="MS[:JITTER]", flag="--link-delay")
+    link_jitter_ms: float = option(0.0, "+- uniform jitter on that delay", STALE, cli=False,
+                                   flag="--link-delay")
+    delay_activations: bool = option(False, "put the --link-delay on the activation links too",
+                                     STALE, kind="flag")
+    slow: tuple[tuple[int, float], ...] = option(
+        (), "layer LAYER (1..N) computes FACTOR times slower; repeatable", STALE,
+        kind="straggler", metavar="LAYER:FACTOR")
+    update_prob: float = option(1.0, "each layer applies each weight update only with this "
+                                "probability (the paper's update-decoupling experiment)", STALE)
+    drop_prob: float = option(0.0, "each true-gradient message is lost with this probability",
+                              STALE)
+    # staleness remedies (pipeline.staleness) --------------------------------------------
+    sg_boost: float = option(0.0, "two timescales: an SG module regressing a target tau steps "
+                             "stale steps (1 + A*tau) times --sg-lr", REMEDY, metavar="A")
+    lr_staleness: float = option(
+        0.0, "staleness-aware layer step, lr / (1 + B*tau): tau of the true gradient applied "
+        "(async-backprop), tau_bar of the SG module's feedback (dni, cdni)", REMEDY,
+        metavar="B")
+    sg_lookahead: float = option(
+        0.0, "weight prediction: a layer steps on its SG module extrapolated S*tau_bar of the "
+        "module's updates ahead along its recent drift", REMEDY, metavar="S")
+    delay_comp: float = option(
+        0.0, "async-backprop: DC-ASGD's correction g + LAMBDA*g*g*(w_now - w_then) of a true "
+        "gradient computed at older weights", REMEDY, metavar="LAMBDA")
     # output -----------------------------------------------------------------------
-    run_dir: str = ""                 # where results go; empty: runs/<time>-<mode>
-    quiet: bool = False               # no progress line
+    run_dir: str = option("", "directory for config.json, metrics.jsonl, summary.json and "
+                          "weights (default: runs/<time>-<mode>-<id>)", OUT, sweep=False)
+    quiet: bool = option(False, "no progress line", OUT, kind="flag")
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -253,10 +328,6 @@ class Config:
     @property
     def test_batches(self) -> int:
         return -(-self.test_examples // self.batch_size)
-
-    @property
-    def uses_sg(self) -> bool:
-        return self.mode in SG_MODES
 
     def slowdown(self, index: int) -> float:
         """How many times slower layer ``index`` computes (1: not a straggler)."""

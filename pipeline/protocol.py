@@ -97,9 +97,15 @@ class Message:
     meta: dict = field(default_factory=dict)  # msgpack-able, str keys; tuples come back as lists
 
 
+def is_int(value: object) -> bool:
+    """An int that is not a bool (bool is an int subclass): the one check of an
+    integer that came from outside (the wire, a config file)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def is_count(value: object) -> bool:
     """An int that is not a bool, at least 0: a batch, an epoch, a count."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def _need(msg: Message, key: str, ok, what: str):

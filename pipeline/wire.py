@@ -24,6 +24,7 @@ import msgpack
 import numpy as np
 
 from pipeline.protocol import KINDS, Message
+from pipeline.protocol import is_int as _is_int
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -34,10 +35,6 @@ ALLOWED_DTYPES: dict[str, np.dtype] = {
     np.dtype(s).str: np.dtype(s) for s in ("<f8", "<f4", "<i8", "<i4", "|u1")
 }
 _HEADER_KEYS = frozenset("vkrbstam")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)  # bool is an int subclass
 
 
 def _wire_array(arr: Any, i: int) -> np.ndarray:

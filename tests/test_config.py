@@ -119,12 +119,6 @@ def test_slow_pairs_are_normalised():
     assert Config().slowdown(1) == 1.0
 
 
-@pytest.mark.parametrize("mode, uses_sg", [("cdni", True), ("dni", True), ("backprop", False),
-                                           ("async-backprop", False)])
-def test_uses_sg(mode, uses_sg):
-    assert Config(mode=mode).uses_sg is uses_sg
-
-
 @pytest.mark.parametrize("layers, hidden, want", [
     (2, (32,), (32,)),
     (3, (32,), (32, 32)),
