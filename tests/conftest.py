@@ -142,3 +142,8 @@ def launch(tmp_path):
                 stream.close()
     for run in runs:
         assert_no_orphans(run)
+
+
+# The network-namespace hosts fixture, for every test that needs hosts (imported last:
+# tests/netns.py takes _alive from here).
+from tests.netns import hosts  # noqa: E402,F401

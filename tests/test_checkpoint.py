@@ -1,5 +1,7 @@
-"""Checkpoints and --resume: a run interrupted (or killed) after a checkpoint
-goes on from it, to the same weights, bit for bit, as a run never stopped."""
+"""Checkpoints and --resume: a layer's state taken and loaded back goes on
+exactly as the original (with its optimiser state, running staleness, SG
+drift and momentum); a run interrupted (or killed) after a checkpoint goes
+on from it, to the same weights, bit for bit, as a run never stopped."""
 from __future__ import annotations
 
 import json
@@ -9,8 +11,11 @@ import signal
 import numpy as np
 import pytest
 
+from pipeline.checkpoint import layer_state, load_layer_state
 from pipeline.config import Config
+from pipeline.layers import HiddenLayer, OutputLayer
 from tests.conftest import Launch, assert_no_orphans, run_launch
+from tests.test_layer_options import B, CLASSES, FAN_IN, onehot
 from tests.test_pipeline import assert_bit_identical, reference_weights
 
 pytestmark = pytest.mark.timeout(120)
@@ -86,3 +91,131 @@ def test_a_run_directory_named_like_the_flag_is_not_a_resume(tmp_path):
     done = run_launch("--in-process", "--epochs", "2", "--quiet", "--run-dir", str(run_dir))
     assert done.returncode == 0, done.stderr
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+# --- a layer's state, round trip --------------------------------------------
+
+def make_layers():
+    hid = HiddenLayer(1, FAN_IN, 5, mode="cdni", activation="relu", lr=0.01, sg_lr=0.01,
+                      label_dim=CLASSES, rng=np.random.default_rng(0), optimizer="adam",
+                      sg_hidden=(6,), batchnorm=True)
+    out = OutputLayer(2, 5, CLASSES, lr=0.01, rng=np.random.default_rng(1),
+                      optimizer="adam", softmax=True)
+    return hid, out
+
+
+def drive(hid, out, seed, steps, start):
+    rng = np.random.default_rng(seed)
+    for t in range(start, start + steps):
+        x = rng.standard_normal((B, FAN_IN))
+        y = onehot(rng.integers(0, CLASSES, B))
+        h, _ = hid.forward(t, x, y, need_dx=True)
+        grad, _, _ = out.train_step(h, y, need_dx=True)
+        assert hid.receive(t, grad)
+        hid.apply_ready(need_dx=True)
+
+
+def test_checkpoint_round_trip_restores_adam_state():
+    a_hid, a_out = make_layers()
+    drive(a_hid, a_out, seed=10, steps=4, start=0)
+    states = [layer_state(a_hid), layer_state(a_out)]
+    assert any(k.startswith("sg_opt.") for k in states[0][1])
+
+    b_hid, b_out = make_layers()
+    for layer, (meta, arrays) in zip((b_hid, b_out), states):
+        load_layer_state(layer, meta, arrays)
+    c_hid, c_out = make_layers()  # the plain weights only: fresh Adam moments and counts
+    for layer, (_, arrays) in zip((c_hid, c_out), states):
+        for k, value in arrays.items():
+            if "." not in k:
+                layer.weights()[k][...] = value
+    for hid, out in ((a_hid, a_out), (b_hid, b_out), (c_hid, c_out)):
+        drive(hid, out, seed=11, steps=3, start=4)
+
+    differs = False
+    for a, b, c in ((a_hid, b_hid, c_hid), (a_out, b_out, c_out)):
+        assert set(a.weights()) == set(b.weights())
+        for k in a.weights():
+            assert np.array_equal(a.weights()[k], b.weights()[k]), k
+            differs |= not np.array_equal(a.weights()[k], c.weights()[k])
+        assert (b.clock, b.step) == (a.clock, a.step)
+    assert b_hid.sg_version == a_hid.sg_version
+    assert differs, "without the Adam state the runs should part"
+
+
+def make_remedied(mode: str, **kw):
+    remedies = (dict(sg_boost=0.5, lr_staleness=0.5, sg_lookahead=1.0) if mode == "cdni"
+                else dict(lr_staleness=0.5, delay_comp=0.5))
+    hid = HiddenLayer(1, FAN_IN, 5, mode=mode, activation="relu", lr=0.05, sg_lr=0.02,
+                      label_dim=CLASSES, rng=np.random.default_rng(0), optimizer="sgd",
+                      momentum=0.9, **{**remedies, **kw})
+    out = OutputLayer(2, 5, CLASSES, lr=0.05, rng=np.random.default_rng(1), optimizer="sgd",
+                      softmax=True, momentum=0.9)
+    return hid, out
+
+
+def drive_late(hid, out, seed, steps, start, late=2):
+    """Each true gradient reaches the layer ``late`` steps after its batch;
+    the ones still out arrive at the end, so nothing is pending after."""
+    rng = np.random.default_rng(seed)
+    held = []
+    for t in range(start, start + steps):
+        x = rng.standard_normal((B, FAN_IN))
+        y = onehot(rng.integers(0, CLASSES, B))
+        h, _ = hid.forward(t, x, y, need_dx=True)
+        grad, _, _ = out.train_step(h, y, need_dx=True)
+        held.append((t, grad))
+        if len(held) > late:
+            b, g = held.pop(0)
+            assert hid.receive(b, g)
+            hid.apply_ready(need_dx=True)
+    for b, g in held:
+        assert hid.receive(b, g)
+        hid.apply_ready(need_dx=True)
+    assert not hid.pending
+
+
+@pytest.mark.parametrize("mode", ["cdni", "async-backprop"])
+def test_checkpoint_round_trip_carries_the_staleness_remedies_state(mode):
+    """The running staleness, the SG module's drift and the momentum buffers
+    come back from a checkpoint: the restored layer goes on exactly as the
+    original; one given the weights alone parts from it."""
+    a_hid, a_out = make_remedied(mode)
+    drive_late(a_hid, a_out, seed=20, steps=6, start=0)
+    assert a_hid.tau_bar > 0
+    states = [layer_state(a_hid), layer_state(a_out)]
+    assert any(k.startswith("opt.") and k.endswith(".buf") for k in states[0][1])
+    if mode == "cdni":
+        assert any(k.startswith("sg_drift.") for k in states[0][1])
+    b_hid, b_out = make_remedied(mode)
+    for layer, (meta, arrays) in zip((b_hid, b_out), states):
+        load_layer_state(layer, meta, arrays)
+    assert b_hid.tau_bar == a_hid.tau_bar
+    c_hid, c_out = make_remedied(mode)
+    for layer, (_, arrays) in zip((c_hid, c_out), states):
+        for k, value in arrays.items():
+            if "." not in k:
+                layer.weights()[k][...] = value
+    for hid, out in ((a_hid, a_out), (b_hid, b_out), (c_hid, c_out)):
+        drive_late(hid, out, seed=21, steps=4, start=6)
+    for k in a_hid.weights():
+        assert np.array_equal(a_hid.weights()[k], b_hid.weights()[k]), k
+    assert any(not np.array_equal(a_hid.weights()[k], c_hid.weights()[k])
+               for k in a_hid.weights())
+
+
+@pytest.mark.parametrize("mode", ["backprop", "async-backprop"])
+def test_checkpoint_round_trip_of_a_layer_without_sg_module(mode):
+    """A backprop layer has no SG module: its checkpoint loads all the same."""
+    def make():
+        return HiddenLayer(1, 4, 3, mode=mode, activation="relu", lr=0.1, sg_lr=0.1,
+                           label_dim=2, rng=np.random.default_rng(0), optimizer="adam")
+    rng = np.random.default_rng(2)
+    a, b = make(), make()
+    a.forward(0, rng.standard_normal((5, 4)), None, need_dx=False)
+    a.receive(0, rng.standard_normal((5, 3)))
+    a.apply_ready(need_dx=False)
+    load_layer_state(b, *layer_state(a))
+    for name, value in a.weights().items():
+        assert np.array_equal(b.weights()[name], value), name
+    assert (b.clock, b.step, b.sg_version) == (a.clock, a.step, 0)

@@ -1,17 +1,15 @@
-"""Tests for the layer options: the SG module (linear and ReLU-hidden), batch norm
-in a hidden layer, the softmax output, Adam through a layer, float32, and
-checkpoints with optimiser state. References are written here: central finite
-differences, hand-written softmax/batch-norm/Adam, hand-computed statistics."""
+"""Tests for the layer options: batch norm in a hidden layer, the softmax
+output, Adam through a layer, float32, and when a layer hands its output and
+input gradient on. References are written here: central finite differences,
+hand-written softmax/batch-norm/Adam, hand-computed statistics."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import nn
-from pipeline.checkpoint import layer_state, load_layer_state
-from pipeline.layers import HiddenLayer, OutputLayer
-from pipeline.synthetic import SGModule
+from pipeline.layers import Chance, HiddenLayer, OutputLayer
 from tests.numeric import numeric_grad, ref_act
+from tests.test_layers import LABELS, N, batch, bce
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,67 +30,6 @@ def ref_softmax(z: np.ndarray) -> np.ndarray:
 
 def onehot(labels: np.ndarray) -> np.ndarray:
     return np.eye(CLASSES)[labels]
-
-
-# --- 1. the synthetic-gradient module -------------------------------------------------------
-
-def test_linear_sg_module_is_bitwise_the_nn_functions():
-    rng = np.random.default_rng(0)
-    lr = 0.03
-    sg = SGModule(np.random.default_rng(1), 5, WIDTH, (), np.float64, "sgd", lr)
-    assert list(sg.params()) == ["sg_v", "sg_c"]
-    assert not sg.v.any() and not sg.c.any()
-    sg.v[...] = rng.standard_normal(sg.v.shape)
-    sg.c[...] = rng.standard_normal(sg.c.shape)
-    for t in range(2):
-        inp, target = rng.standard_normal((B, 5)), rng.standard_normal((B, WIDTH))
-        v0, c0 = sg.v.copy(), sg.c.copy()
-        want_pred = nn.sg_predict(inp, v0, c0)
-        want_loss, dv, dc = nn.sg_grads(inp, want_pred, target)
-        pred, acts = sg.predict(inp)
-        assert np.array_equal(pred, want_pred) and len(acts) == 1 and acts[0] is inp
-        assert sg.version == t
-        assert sg.train(acts, pred, target) == want_loss
-        assert sg.version == t + 1
-        assert np.array_equal(sg.v, v0 - lr * dv) and np.array_equal(sg.c, c0 - lr * dc)
-        assert sg.params()["sg_v"] is sg.v  # live arrays, not copies
-
-
-def test_hidden_sg_module_train_applies_the_finite_difference_gradient():
-    lr, in_dim = 0.5, 4
-    sg = SGModule(np.random.default_rng(2), in_dim, WIDTH, (5,), np.float64, "sgd", lr)
-    p = sg.params()
-    assert list(p) == ["sg_v0", "sg_c0", "sg_v", "sg_c"]
-    assert p["sg_v0"].shape == (in_dim, 5) and p["sg_v"].shape == (5, WIDTH)
-    assert not p["sg_v"].any() and not p["sg_c"].any() and p["sg_v0"].any()
-    rng = np.random.default_rng(3)
-    for name in ("sg_c0", "sg_v", "sg_c"):  # a non-zero last layer, so every gradient is too
-        p[name][...] = rng.standard_normal(p[name].shape)
-    while True:  # finite differences need every ReLU away from its kink
-        inp = rng.standard_normal((B, in_dim))
-        if np.min(np.abs(inp @ p["sg_v0"] + p["sg_c0"])) > 1e-3:
-            break
-    target = rng.standard_normal((B, WIDTH))
-    before = {k: v.copy() for k, v in p.items()}
-
-    def loss():
-        hid = np.where(inp @ before["sg_v0"] + before["sg_c0"] > 0,
-                       inp @ before["sg_v0"] + before["sg_c0"], 0.0)
-        err = hid @ before["sg_v"] + before["sg_c"] - target
-        return 0.5 * np.sum(err ** 2) / B
-
-    want = {k: numeric_grad(loss, before[k]) for k in before}
-    pred, acts = sg.predict(inp)
-    assert len(acts) == 2
-    got_loss = sg.train(acts, pred, target)
-    assert got_loss == pytest.approx(loss(), rel=1e-12)
-    assert sg.version == 1
-    for k in before:
-        assert np.abs(want[k]).max() > 1e-3, k
-        np.testing.assert_allclose((before[k] - p[k]) / lr, want[k], rtol=RTOL, atol=ATOL,
-                                   err_msg=k)
-    sg.train(*sg.predict(inp)[::-1], target)
-    assert sg.version == 2
 
 
 # --- 2. batch norm in a hidden layer --------------------------------------------------------
@@ -237,116 +174,7 @@ def test_float32_layers_stay_float32():
             assert slot.m.dtype == f32 and slot.v.dtype == f32
 
 
-# --- 6. checkpoints carry the optimiser state --------------------------------------------
-
-def make_layers():
-    hid = HiddenLayer(1, FAN_IN, 5, mode="cdni", activation="relu", lr=0.01, sg_lr=0.01,
-                      label_dim=CLASSES, rng=np.random.default_rng(0), optimizer="adam",
-                      sg_hidden=(6,), batchnorm=True)
-    out = OutputLayer(2, 5, CLASSES, lr=0.01, rng=np.random.default_rng(1),
-                      optimizer="adam", softmax=True)
-    return hid, out
-
-
-def drive(hid, out, seed, steps, start):
-    rng = np.random.default_rng(seed)
-    for t in range(start, start + steps):
-        x = rng.standard_normal((B, FAN_IN))
-        y = onehot(rng.integers(0, CLASSES, B))
-        h, _ = hid.forward(t, x, y, need_dx=True)
-        grad, _, _ = out.train_step(h, y, need_dx=True)
-        assert hid.receive(t, grad)
-        hid.apply_ready(need_dx=True)
-
-
-def test_checkpoint_round_trip_restores_adam_state():
-    a_hid, a_out = make_layers()
-    drive(a_hid, a_out, seed=10, steps=4, start=0)
-    states = [layer_state(a_hid), layer_state(a_out)]
-    assert any(k.startswith("sg_opt.") for k in states[0][1])
-
-    b_hid, b_out = make_layers()
-    for layer, (meta, arrays) in zip((b_hid, b_out), states):
-        load_layer_state(layer, meta, arrays)
-    c_hid, c_out = make_layers()  # the plain weights only: fresh Adam moments and counts
-    for layer, (_, arrays) in zip((c_hid, c_out), states):
-        for k, value in arrays.items():
-            if "." not in k:
-                layer.weights()[k][...] = value
-    for hid, out in ((a_hid, a_out), (b_hid, b_out), (c_hid, c_out)):
-        drive(hid, out, seed=11, steps=3, start=4)
-
-    differs = False
-    for a, b, c in ((a_hid, b_hid, c_hid), (a_out, b_out, c_out)):
-        assert set(a.weights()) == set(b.weights())
-        for k in a.weights():
-            assert np.array_equal(a.weights()[k], b.weights()[k]), k
-            differs |= not np.array_equal(a.weights()[k], c.weights()[k])
-        assert (b.clock, b.step) == (a.clock, a.step)
-    assert b_hid.sg_version == a_hid.sg_version
-    assert differs, "without the Adam state the runs should part"
-
-
-def make_remedied(mode: str, **kw):
-    remedies = (dict(sg_boost=0.5, lr_staleness=0.5, sg_lookahead=1.0) if mode == "cdni"
-                else dict(lr_staleness=0.5, delay_comp=0.5))
-    hid = HiddenLayer(1, FAN_IN, 5, mode=mode, activation="relu", lr=0.05, sg_lr=0.02,
-                      label_dim=CLASSES, rng=np.random.default_rng(0), optimizer="sgd",
-                      momentum=0.9, **{**remedies, **kw})
-    out = OutputLayer(2, 5, CLASSES, lr=0.05, rng=np.random.default_rng(1), optimizer="sgd",
-                      softmax=True, momentum=0.9)
-    return hid, out
-
-
-def drive_late(hid, out, seed, steps, start, late=2):
-    """Each true gradient reaches the layer ``late`` steps after its batch;
-    the ones still out arrive at the end, so nothing is pending after."""
-    rng = np.random.default_rng(seed)
-    held = []
-    for t in range(start, start + steps):
-        x = rng.standard_normal((B, FAN_IN))
-        y = onehot(rng.integers(0, CLASSES, B))
-        h, _ = hid.forward(t, x, y, need_dx=True)
-        grad, _, _ = out.train_step(h, y, need_dx=True)
-        held.append((t, grad))
-        if len(held) > late:
-            b, g = held.pop(0)
-            assert hid.receive(b, g)
-            hid.apply_ready(need_dx=True)
-    for b, g in held:
-        assert hid.receive(b, g)
-        hid.apply_ready(need_dx=True)
-    assert not hid.pending
-
-
-@pytest.mark.parametrize("mode", ["cdni", "async-backprop"])
-def test_checkpoint_round_trip_carries_the_staleness_remedies_state(mode):
-    """The running staleness, the SG module's drift and the momentum buffers
-    come back from a checkpoint: the restored layer goes on exactly as the
-    original; one given the weights alone parts from it."""
-    a_hid, a_out = make_remedied(mode)
-    drive_late(a_hid, a_out, seed=20, steps=6, start=0)
-    assert a_hid.tau_bar > 0
-    states = [layer_state(a_hid), layer_state(a_out)]
-    assert any(k.startswith("opt.") and k.endswith(".buf") for k in states[0][1])
-    if mode == "cdni":
-        assert any(k.startswith("sg_drift.") for k in states[0][1])
-    b_hid, b_out = make_remedied(mode)
-    for layer, (meta, arrays) in zip((b_hid, b_out), states):
-        load_layer_state(layer, meta, arrays)
-    assert b_hid.tau_bar == a_hid.tau_bar
-    c_hid, c_out = make_remedied(mode)
-    for layer, (_, arrays) in zip((c_hid, c_out), states):
-        for k, value in arrays.items():
-            if "." not in k:
-                layer.weights()[k][...] = value
-    for hid, out in ((a_hid, a_out), (b_hid, b_out), (c_hid, c_out)):
-        drive_late(hid, out, seed=21, steps=4, start=6)
-    for k in a_hid.weights():
-        assert np.array_equal(a_hid.weights()[k], b_hid.weights()[k]), k
-    assert any(not np.array_equal(a_hid.weights()[k], c_hid.weights()[k])
-               for k in a_hid.weights())
-
+# --- 6. what a layer hands out, and when ------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["dni", "backprop"])
 def test_activations_and_input_gradients_are_handed_out_before_the_update(mode):
@@ -377,18 +205,63 @@ def test_activations_and_input_gradients_are_handed_out_before_the_update(mode):
     assert not np.array_equal(layer.w, w0)        # and the update did happen
 
 
-@pytest.mark.parametrize("mode", ["backprop", "async-backprop"])
-def test_checkpoint_round_trip_of_a_layer_without_sg_module(mode):
-    """A backprop layer has no SG module: its checkpoint loads all the same."""
-    def make():
-        return HiddenLayer(1, 4, 3, mode=mode, activation="relu", lr=0.1, sg_lr=0.1,
-                           label_dim=2, rng=np.random.default_rng(0), optimizer="adam")
-    rng = np.random.default_rng(2)
-    a, b = make(), make()
-    a.forward(0, rng.standard_normal((5, 4)), None, need_dx=False)
-    a.receive(0, rng.standard_normal((5, 3)))
-    a.apply_ready(need_dx=False)
-    load_layer_state(b, *layer_state(a))
-    for name, value in a.weights().items():
-        assert np.array_equal(b.weights()[name], value), name
-    assert (b.clock, b.step, b.sg_version) == (a.clock, a.step, 0)
+# --- the sigmoid output layer (the addition task) -------------------------------------------------------------------------
+
+def test_output_train_step_is_finite_difference_gradient_of_bce():
+    out = OutputLayer(3, WIDTH, LABELS, lr=0.4, rng=np.random.default_rng(8))
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((N, WIDTH))
+    y = (rng.uniform(size=(N, LABELS)) > 0.5).astype(np.float64)
+    w, b = out.w.copy(), out.b.copy()
+
+    def loss():
+        return bce(x @ w + b, y)
+
+    loss0 = loss()
+    g_w, g_b, g_x = numeric_grad(loss, w), numeric_grad(loss, b), numeric_grad(loss, x)
+    p = 1.0 / (1.0 + np.exp(-(x @ w + b)))
+    want_correct = sum(all((p[i] > 0.5) == (y[i] == 1)) for i in range(N))
+
+    ev_loss, ev_correct = out.evaluate(x, y)
+    np.testing.assert_array_equal(out.w, w)  # evaluation leaves the weights alone
+    assert ev_loss == pytest.approx(loss0, rel=1e-12) and ev_correct == want_correct
+
+    dx, got_loss, correct = out.train_step(x, y, need_dx=True)
+    assert got_loss == pytest.approx(loss0, rel=1e-12)
+    assert correct == want_correct
+    np.testing.assert_allclose((w - out.w) / 0.4, g_w, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose((b - out.b) / 0.4, g_b, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(dx, N * g_x, rtol=RTOL, atol=ATOL)
+    assert out.train_step(x, y, need_dx=False)[0] is None
+
+
+def test_output_stats_and_zero_staleness():
+    out = OutputLayer(2, WIDTH, LABELS, lr=0.1, rng=np.random.default_rng(0))
+    _, y = batch(0)
+    x = np.random.default_rng(1).standard_normal((N, WIDTH))
+    for _ in range(4):
+        out.train_step(x, y, need_dx=True)
+    assert out.step == 4 and out.clock == 4
+    assert out.stats.as_dict() == {
+        "forward_batches": 4, "weight_updates": 4, "skipped_updates": 0, "sg_updates": 0,
+        "true_gradients": 4, "dropped_gradients": 0, "lost_gradients": 0,
+        "expired_gradients": 0, "staleness_steps": {"mean": 0.0, "max": 0, "count": 4},
+        "staleness_hist": {"0": 4}, "staleness_s": {"mean": 0.0, "max": 0.0},
+        "sg_quality": None}
+    assert set(out.weights()) == {"w", "b"}
+
+
+def test_output_update_prob_zero_keeps_weights_but_sends_the_gradient():
+    out = OutputLayer(2, WIDTH, LABELS, lr=0.1, rng=np.random.default_rng(0),
+                      update=Chance(0.0, np.random.default_rng(1)))
+    _, y = batch(0)
+    x = np.random.default_rng(1).standard_normal((N, WIDTH))
+    w, b = out.w.copy(), out.b.copy()
+    for _ in range(3):
+        dx, _, _ = out.train_step(x, y, need_dx=True)
+        p = 1.0 / (1.0 + np.exp(-(x @ w + b)))
+        np.testing.assert_allclose(dx, (p - y) @ w.T, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(out.w, w)
+    np.testing.assert_array_equal(out.b, b)
+    assert (out.step, out.clock, out.stats.weight_updates, out.stats.skipped_updates) == \
+        (0, 3, 0, 3)

@@ -1,0 +1,139 @@
+"""Tests for pipeline.control: a worker's link against a coordinator's ROUTER
+socket made here; the handshake, what goes out (events with memory, the
+final report, an error, heartbeats) and how stop, silence and a wrong reply
+end a worker. No sleeps: the clock of the link is moved by hand."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from pipeline import protocol, wire
+from pipeline.control import HEARTBEAT_S, LIVENESS_S, ControlLink
+from pipeline.protocol import Speaker
+from pipeline.transport import Net, Stopped
+
+pytestmark = pytest.mark.timeout(30)
+BOSS = Speaker("run9", "supervisor")
+
+
+@pytest.fixture
+def wired():
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    link = ControlLink(Net(ctx), f"tcp://127.0.0.1:{port}", "layer1")
+    try:
+        yield link, router
+    finally:
+        link.sock.close()
+        router.close()
+        ctx.term()
+
+
+@pytest.fixture
+def joined(wired):
+    """A link past its hello: the ROUTER knows its identity (before that,
+    what the coordinator sends it is dropped), and it speaks for run9."""
+    link, router = wired
+    link.send(link.say.hello())
+    heard(router)
+    link.joined_run("run9")
+    return link, router
+
+
+def heard(router: zmq.Socket) -> protocol.Message:
+    assert router.poll(5000), "nothing reached the coordinator"
+    ident, *frames = router.recv_multipart()
+    assert ident == b"layer1"  # the link names its role as its identity
+    return wire.decode(frames)
+
+
+def tell(router: zmq.Socket, msg: protocol.Message) -> None:
+    router.send_multipart([b"layer1", *wire.encode(msg)])
+
+
+def test_handshake_then_every_message_speaks_for_the_run(wired):
+    link, router = wired
+    link.send(link.say.hello())
+    hello = heard(router)
+    assert (hello.kind, hello.sender, hello.run_id) == ("hello", "layer1", "")
+    tell(router, BOSS.config({"layers": 3}))
+    config, run_id, resume = protocol.config(link.wait_for(protocol.CONFIG, timeout_s=5))
+    assert (config, run_id, resume) == ({"layers": 3}, "run9", None)
+    link.joined_run(run_id)
+    link.send(link.say.ready({"act": "tcp://x:1"}))
+    ready = heard(router)
+    assert (ready.kind, ready.run_id, protocol.endpoints(ready)) == \
+        ("ready", "run9", {"act": "tcp://x:1"})
+
+
+def test_a_reply_of_another_kind_or_run_is_an_error(joined):
+    link, router = joined
+    tell(router, BOSS.start({}))
+    with pytest.raises(RuntimeError, match="expected 'config'.*got 'start'"):
+        link.wait_for(protocol.CONFIG, timeout_s=5)
+    tell(router, Speaker("other", "supervisor").start({}))
+    with pytest.raises(ValueError, match="foreign run id"):
+        link.wait_for(protocol.START, timeout_s=5)
+
+
+def test_stop_ends_the_worker_wherever_it_waits(joined):
+    link, router = joined
+    tell(router, BOSS.heartbeat())
+    tell(router, BOSS.stop())
+    assert router.poll(0) == 0
+    deadline = time.monotonic() + 5
+    with pytest.raises(Stopped):
+        while time.monotonic() < deadline:
+            if link.sock.poll(100):
+                link.poll_stop()
+
+
+def test_epoch_and_layer_events_carry_the_resident_memory(joined):
+    link, router = joined
+    link.forward(link.say.metric({"event": "layer", "epoch": 2}))
+    event = protocol.event(heard(router))
+    assert event["epoch"] == 2 and event["rss_mb"] > 1
+    link.forward(link.say.metric({"event": "decode_error", "reason": "x"}))
+    assert "rss_mb" not in protocol.event(heard(router))
+    state = link.say.state(1, {"clock": 4}, {"w": np.ones(2)})
+    link.forward(state)  # not a metric: passed on as it is
+    got = heard(router)
+    assert (got.kind, protocol.epoch(got), protocol.state(got)) == ("checkpoint", 1, {"clock": 4})
+
+
+def test_finish_reports_and_then_waits_for_stop(joined):
+    link, router = joined
+    tell(router, BOSS.stop())
+    with pytest.raises(Stopped):
+        link.finish({"forward_batches": 7}, 2, {"w": np.arange(3.0)})
+    done = heard(router)
+    counters, errors, weights = protocol.done(done)
+    assert (counters, errors) == ({"forward_batches": 7}, 2)
+    np.testing.assert_array_equal(weights["w"], np.arange(3.0))
+    assert done.meta["peak_rss_mb"] > 1 and done.meta["cpu_s"] >= 0
+
+
+def test_a_failure_is_reported_with_its_type_and_traceback(joined):
+    link, router = joined
+    try:
+        raise ZeroDivisionError("in the layer math")
+    except ZeroDivisionError as exc:
+        link.report_error(exc)
+    msg = heard(router)
+    assert protocol.error_text(msg) == "ZeroDivisionError: in the layer math"
+    assert "Traceback" in msg.meta["traceback"]
+
+
+def test_heartbeat_when_quiet_and_an_error_when_the_coordinator_is_silent(joined):
+    link, router = joined
+    link.last_sent = time.monotonic() - HEARTBEAT_S - 0.1
+    link.tick()
+    assert heard(router).kind == "heartbeat"
+    link.last_heard = time.monotonic() - LIVENESS_S - 0.1
+    with pytest.raises(RuntimeError, match="silent"):
+        link.tick()
