@@ -10,7 +10,8 @@ from typing import TextIO
 
 from pipeline import plots
 from pipeline.cli import SweepArgs
-from pipeline.sweep import Point, aggregate, grid, markdown, point_config, row, write_csv
+from pipeline.sweep import (Point, aggregate, grid, markdown, markdown_by_variant,
+                            point_config, row, write_csv)
 from commands import supervisor
 
 
@@ -88,6 +89,9 @@ def _write_results(rows: list[dict], out: Path, stream: TextIO) -> None:
     write_csv(rows, out / "results.csv")
     agg = aggregate(rows)
     table = markdown(agg)
+    side_by_side = markdown_by_variant(agg)
+    if side_by_side:
+        table += "\n" + side_by_side
     (out / "results.md").write_text(table)
     print(f"\n{table}\nwrote {out / 'results.csv'} and {out / 'results.md'}", file=stream)
     if not agg:

@@ -108,11 +108,34 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def _pm(m: float | None, sd: float | None, fmt: str, scale: float = 1.0) -> str:
+    if m is None:
+        return "n/a"
+    return f"{m * scale:{fmt}} ± {sd * scale:{fmt}}"
+
+
+def markdown_by_variant(agg: list[dict]) -> str:
+    """The sweep's accuracy (on the test split where there is one, else the
+    training set's) with a column per variant and a row per mode and delay:
+    the variants side by side. Empty without variants."""
+    variants = list(dict.fromkeys(a.get("variant") or "" for a in agg))
+    if len(variants) < 2:
+        return ""
+    key = "test" if any(a.get("test_mean") is not None for a in agg) else "accuracy"
+    cells = {(a["mode"], a["grad_delay"], a.get("variant") or ""): a for a in agg}
+    rows = list(dict.fromkeys((a["mode"], a["grad_delay"]) for a in agg))
+    what = "test accuracy %" if key == "test" else "accuracy %"
+    lines = [f"| mode | grad delay K | {' | '.join(variants)} |",
+             "|---|---|" + "---|" * len(variants),
+             *(f"| {mode} | {k} | " + " | ".join(
+                 _pm(cells[(mode, k, v)][f"{key}_mean"], cells[(mode, k, v)][f"{key}_std"],
+                     ".2f", 100) if (mode, k, v) in cells else "" for v in variants) + " |"
+               for mode, k in rows)]
+    return f"{what}, mean ± sd over the seeds, by variant:\n\n" + "\n".join(lines) + "\n"
+
+
 def markdown(agg: list[dict]) -> str:
-    def pm(m: float | None, sd: float | None, fmt: str, scale: float = 1.0) -> str:
-        if m is None:
-            return "n/a"
-        return f"{m * scale:{fmt}} ± {sd * scale:{fmt}}"
+    pm = _pm
 
     # Classification sweeps have a test split: their table shows its accuracy
     # and the wall time, the addition task's its exact sums.

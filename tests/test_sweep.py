@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sweep import Point, aggregate, grid, markdown
+from pipeline.sweep import Point, aggregate, grid, markdown, markdown_by_variant
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(120)
@@ -83,6 +83,19 @@ def test_aggregate_mean_and_sample_sd_over_completed_seeds():
     assert "| cdni | 2 | 1 of 2 | 2.0000 ± 0.0000 | 25.0 ± 0.0 | 2.00 |" in table
 
 
+def test_variants_side_by_side_in_one_table():
+    agg = [{"variant": v, "mode": m, "grad_delay": k, "test_mean": t, "test_std": 0.01}
+           for v, m, k, t in [("a", "cdni", 0, 0.98), ("a", "cdni", 8, 0.5), ("b", "cdni", 0, 0.97),
+                              ("b", "cdni", 8, 0.96), ("b", "backprop", 0, 0.99)]]
+    assert markdown_by_variant(agg).splitlines() == [
+        "test accuracy %, mean ± sd over the seeds, by variant:", "",
+        "| mode | grad delay K | a | b |", "|---|---|---|---|",
+        "| cdni | 0 | 98.00 ± 1.00 | 97.00 ± 1.00 |",
+        "| cdni | 8 | 50.00 ± 1.00 | 96.00 ± 1.00 |",
+        "| backprop | 0 |  | 99.00 ± 1.00 |"]
+    assert markdown_by_variant([{**a, "variant": ""} for a in agg[:1]]) == ""
+
+
 def sweep(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "launch.py", "sweep", "--out", str(out), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=100)
@@ -137,6 +150,7 @@ def test_sweep_with_variants_writes_a_row_and_a_line_per_variant(tmp_path):
     assert cfg["sg_lookahead"] == 1.0 and cfg["grad_delay"] == 2
     table = (out / "results.md").read_text()
     assert table.startswith("| variant | mode |") and "| la | cdni | 2 | 1 |" in table
+    assert "| mode | grad delay K | plain | la |" in table
     assert (out / "accuracy_vs_staleness.png").read_bytes()[:4] == b"\x89PNG"
 
 
