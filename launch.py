@@ -11,7 +11,18 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Ctrl-C or SIGTERM at any moment ends the command with 130 or 143 and no
+    traceback; a run it has started writes ``interrupted`` first."""
+    from commands.spawn import SIGNALS
+    SIGNALS.install()  # first thing: a signal during the imports below is handled too
+    try:
+        code = _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        code = 130
+    return SIGNALS.exit_code(code)
+
+
+def _main(argv: list[str]) -> int:
     from pipeline.memory import tune_allocator
     tune_allocator()  # the supervisor, and the reference trainer with --in-process
     if argv[:1] == ["sweep"]:
@@ -36,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             from commands.host import run_cluster
             return run_cluster(parse_cluster(argv), sys.stdout)
         from pipeline.cli import parse_run
-        from pipeline.rundir import resume_config
+        from pipeline.checkpoint import resume_config
         from commands.supervisor import run
         cfg, resume = parse_run(argv)
         if resume is not None:

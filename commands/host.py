@@ -7,12 +7,13 @@ import secrets
 import sys
 from typing import TextIO
 
-from commands.spawn import end_on_sigterm, module_of, spawn, worker_env
+from commands.spawn import module_of, spawn, worker_env
 from commands.supervisor import Supervisor
 from pipeline import cluster as clusters
 from pipeline import tasks
 from pipeline.cli import ClusterArgs
-from pipeline.rundir import open_run, resume_config
+from pipeline.checkpoint import resume_config
+from pipeline.rundir import open_run
 
 
 def run_cluster(args: ClusterArgs, stream: TextIO) -> int:
@@ -41,7 +42,6 @@ def run_cluster(args: ClusterArgs, stream: TextIO) -> int:
                                          quiet=args.quiet),
                                 limit_examples="examples" in c.run)
         rd = open_run(cfg, resume is not None, stream)
-        end_on_sigterm()
         return Supervisor(cfg, rd, secrets.token_hex(6), stream, cluster=c,
                                      spawn=workers, insecure=args.insecure,
                                      resume=resume).run()

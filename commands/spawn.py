@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,10 +34,40 @@ def spawn(module: str, role: str, args: list[str], env: dict[str, str]) -> subpr
                             env=env, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+class Signals:
+    """SIGINT (Ctrl-C) and SIGTERM (a job scheduler, a plain ``kill``) end a
+    command the same way: the first one raises KeyboardInterrupt, where the
+    command stops its workers and writes ``interrupted``; any later one is
+    noted and nothing more, so it cannot cut that clean-up short. Inside
+    ``shielded()`` (the clean-up itself) even the first is only noted."""
+
+    def __init__(self) -> None:
+        self.first: int | None = None
+        self._shield = 0
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.first is not None:
+            return
+        self.first = signum
+        if not self._shield:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def shielded(self):
+        self._shield += 1
+        try:
+            yield
+        finally:
+            self._shield -= 1
+
+    def exit_code(self, code: int) -> int:
+        """128 + the signal that ended the command (130 SIGINT, 143 SIGTERM),
+        else ``code``."""
+        return 128 + self.first if self.first is not None else code
 
 
-def end_on_sigterm() -> None:
-    """SIGTERM (a job scheduler, a plain ``kill``) ends the command like Ctrl-C."""
-    signal.signal(signal.SIGTERM, interrupt)
+SIGNALS = Signals()  # the process's one set: launch.py installs it first thing

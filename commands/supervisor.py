@@ -14,7 +14,7 @@ from typing import TextIO
 
 import zmq
 
-from commands.spawn import end_on_sigterm, module_of, spawn, worker_env
+from commands.spawn import SIGNALS, module_of, spawn, worker_env
 from pipeline import memory, protocol, security, wire
 from pipeline.cluster import Cluster
 from pipeline.config import Config
@@ -43,11 +43,10 @@ def run(cfg: Config, stream: TextIO = sys.stdout, resume: dict | None = None) ->
     """Run ``cfg`` to the end; returns the exit code (0 completed, 1 failed,
     130 interrupted). The summary is written whatever happens. ``resume``:
     each layer role's checkpointed state, for a run that goes on from one."""
-    end_on_sigterm()
     rd = open_run(cfg, resume is not None, stream)
     run_id = secrets.token_hex(6)
     if cfg.in_process:
-        return run_in_process(cfg, rd, run_id, stream)
+        return run_in_process(cfg, rd, run_id, stream, SIGNALS.shielded)
     return Supervisor(cfg, rd, run_id, stream, resume=resume).run()
 
 
@@ -254,14 +253,16 @@ class Supervisor:
         except Exception as exc:  # a bug here must still stop the workers and say why
             status, error = "failed", {"role": "supervisor", "host": "localhost",
                                        "message": f"{type(exc).__name__}: {exc}"}
-        finally:
-            # A second Ctrl-C must not cut the clean-up short.
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            self._stop_all()
-            self.router.close()
-            self.guard.close()
-            self.ctx.term()
-            signal.signal(signal.SIGINT, previous)
+        # No signal may cut the clean-up short: it is noted, and ends the command after.
+        with SIGNALS.shielded():
+            return self._close(status, error, start)
+
+    def _close(self, status: str, error: dict | None, start: float) -> int:
+        """Stop every process, write the weights and the summary."""
+        self._stop_all()
+        self.router.close()
+        self.guard.close()
+        self.ctx.term()
         self.progress.finish()
         layers = []
         peaks = {role: msg.meta.get("peak_rss_mb") for role, msg in self.done.items()}

@@ -13,6 +13,7 @@ from pipeline.cli import SweepArgs
 from pipeline.sweep import (Point, aggregate, grid, markdown, markdown_by_variant,
                             point_config, row, write_csv)
 from commands import supervisor
+from commands.spawn import SIGNALS
 
 
 def _finished(run_dir: Path) -> dict | None:
@@ -52,7 +53,8 @@ def run_sweep(args: SweepArgs, stream: TextIO) -> int:
                 break
     except KeyboardInterrupt:
         code = 130
-    _write_results(rows, out, stream)
+    with SIGNALS.shielded():
+        _write_results(rows, out, stream)
     if code:
         print("sweep interrupted; run the same command again to resume", file=stream)
     return code

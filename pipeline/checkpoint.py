@@ -3,16 +3,22 @@
 Taken at a checkpoint barrier, when no gradient is due, so the in-flight
 cache holds only gradients not yet due (under --grad-delay); those are not
 kept and count as expired after a resume. The run directory (``rundir``)
-writes and reads the files; this module only turns a layer into them.
+writes the files; this module turns a layer into them and, to resume, reads
+the last checkpoint back and checks every array against the run's layers
+before any process starts.
 """
 from __future__ import annotations
 
 import json
+import zipfile
+from pathlib import Path
 
 import numpy as np
 
 from pipeline import optim
 from pipeline.layers import Chance, HiddenLayer, OutputLayer
+from pipeline.protocol import OUTPUT, is_count, roles
+from pipeline.rundir import checkpoint_dir
 
 Layer = HiddenLayer | OutputLayer
 
@@ -71,3 +77,87 @@ def load_layer_state(layer: Layer, meta: dict, arrays: dict[str, np.ndarray]) ->
         layer.tau_bar = float(meta.get("tau_bar", 0.0))
         layer.drop.rng.bit_generator.state = json.loads(meta["drop_rng"])
         layer.stats.expired_gradients += int(meta["expired"])
+
+
+# --- going on from a run directory's last checkpoint ------------------------------------
+
+def _refuse(message: str) -> ValueError:
+    return ValueError(f"argument --resume: {message}")
+
+
+def read_latest(path: Path, roles: list[str]
+                ) -> tuple[int, dict[str, tuple[dict, dict[str, np.ndarray]]]]:
+    """(epoch, {role: (state, arrays)}) of the checkpoint ``latest.json``
+    names, which must be inside this run directory; ValueError naming the
+    file and what is wrong with it."""
+    latest_path = path / "checkpoints" / "latest.json"
+    try:
+        latest = json.loads(latest_path.read_text())
+    except FileNotFoundError:
+        raise _refuse(f"{path} has no checkpoints/latest.json: was it run with "
+                      "--checkpoint-every, and did a checkpoint complete?") from None
+    except (OSError, ValueError) as exc:
+        raise _refuse(f"{latest_path}: unreadable ({exc})") from None
+    epoch = latest.get("epoch") if isinstance(latest, dict) else None
+    if not is_count(epoch) or latest.get("dir") != checkpoint_dir(epoch):
+        raise _refuse(f"{latest_path} must name an epoch and its directory "
+                      f"epoch-NNNNNN in this run, got {latest!r}")
+    d = path / "checkpoints" / latest["dir"]
+    states = {}
+    for role in roles:
+        try:
+            state = json.loads((d / f"{role}.json").read_text())
+            with np.load(d / f"{role}.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise _refuse(f"checkpoint {d}: {role}: unreadable ({exc})") from None
+        if not isinstance(state, dict):
+            raise _refuse(f"checkpoint {d}: {role}.json is not a JSON object")
+        states[role] = (state, arrays)
+    return epoch, states
+
+
+def check_states(cfg, states: dict[str, tuple[dict, dict[str, np.ndarray]]], where: str) -> None:
+    """Every role's checkpoint fits the run before any process starts: the
+    same array names, shapes and dtypes as a layer of this configuration has,
+    finite, and a state that loads."""
+    from pipeline.model import make_hidden, make_output
+    for role, (meta, arrays) in states.items():
+        index = cfg.layers if role == OUTPUT else int(role.removeprefix("layer"))
+        fresh = make_output(cfg) if role == OUTPUT else make_hidden(cfg, index)
+        _, want = layer_state(fresh)
+        if sorted(arrays) != sorted(want):
+            raise _refuse(f"checkpoint {where}: {role} has arrays {sorted(arrays)}, this run's "
+                          f"layer has {sorted(want)}")
+        for name, a in arrays.items():
+            if a.shape != want[name].shape or a.dtype != want[name].dtype:
+                raise _refuse(f"checkpoint {where}: {role}.{name} is {a.dtype}{list(a.shape)}, "
+                              f"the layer's is {want[name].dtype}{list(want[name].shape)}")
+            if not np.all(np.isfinite(a)):
+                raise _refuse(f"checkpoint {where}: {role}.{name} holds inf or NaN")
+        try:
+            load_layer_state(fresh, meta, arrays)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise _refuse(f"checkpoint {where}: {role}.json does not load: "
+                          f"{type(exc).__name__}: {exc}") from None
+
+
+def resume_config(run_dir, quiet: bool):
+    """(Config, {role: (state, arrays)}) to go on with an interrupted run
+    after its last checkpoint, every array checked against the run's layers."""
+    from pipeline.config import Config
+    from pipeline.rundir import RunDir
+    path = Path(run_dir)
+    try:
+        config = json.loads((path / "config.json").read_text())["config"]
+        Config.from_dict(config)
+    except FileNotFoundError:
+        raise _refuse(f"{path} is not a run directory") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _refuse(f"{path / 'config.json'}: unreadable ({exc})") from None
+    RunDir.check_resumable(path)
+    epoch, states = read_latest(path, roles(config.get("layers", 0))[1:])
+    cfg = Config.from_dict({**config, "start_epoch": epoch + 1, "run_dir": str(path),
+                            "quiet": quiet})
+    check_states(cfg, states, str(path / "checkpoints" / checkpoint_dir(epoch)))
+    return cfg, states

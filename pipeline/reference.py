@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
@@ -105,9 +106,11 @@ def train_reference(cfg: Config, emit: Emit | None = None,
                            final.get("test_loss"), final.get("test_accuracy"))
 
 
-def run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int:
+def run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
+                   shield: Callable[[], AbstractContextManager] = nullcontext) -> int:
     """``launch.py --in-process``: train with the reference and write the
-    same run directory a pipeline run writes; returns the exit code."""
+    same run directory a pipeline run writes; returns the exit code.
+    ``shield()`` holds signals off while the results are written."""
     rd.write_json("config.json", {"run_id": run_id, "config": cfg.to_dict(), "processes": {}})
     progress = Progress(cfg, stream)
     watch = SGWatch(cfg)
@@ -123,22 +126,24 @@ def run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO) -> int:
     status, final, layers, error = "completed", None, [], None
     try:
         result = train_reference(cfg, emit)
-        for layer in [*result.hidden, result.output]:
-            rd.write_weights(protocol.layer_role(layer.index, cfg.layers), layer.weights())
-        final = {"final_loss": result.final_loss, "train_accuracy": result.train_accuracy,
-                 "test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
-                 "batches": result.batches, "train_s": result.wall_s}
-        layers = [layer_entry(L.index, protocol.layer_role(L.index, cfg.layers),
-                              L.stats.as_dict(), 0)
-                  for L in [*result.hidden, result.output]]
     except KeyboardInterrupt:
         status = "interrupted"
     except Diverged as exc:
         status, error = "failed", {"role": "reference", "message": f"Diverged: {exc}"}
-    progress.finish()
-    summary = build_summary(cfg, status=status, run_id=run_id, final=final, layers=layers,
-                            wall_s=time.perf_counter() - start,
-                            epochs_done=progress.epochs_done, error=error,
-                            peak_rss_mb={"reference": memory.peak_rss_mb()},
-                            cpu_s={"reference": memory.cpu_s()}, watch=watch)
-    return close_run(rd, summary, stream)
+    with shield():  # a signal now is noted and ends the command after the summary
+        if status == "completed":
+            for layer in [*result.hidden, result.output]:
+                rd.write_weights(protocol.layer_role(layer.index, cfg.layers), layer.weights())
+            final = {"final_loss": result.final_loss, "train_accuracy": result.train_accuracy,
+                     "test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
+                     "batches": result.batches, "train_s": result.wall_s}
+            layers = [layer_entry(L.index, protocol.layer_role(L.index, cfg.layers),
+                                  L.stats.as_dict(), 0)
+                      for L in [*result.hidden, result.output]]
+        progress.finish()
+        summary = build_summary(cfg, status=status, run_id=run_id, final=final, layers=layers,
+                                wall_s=time.perf_counter() - start,
+                                epochs_done=progress.epochs_done, error=error,
+                                peak_rss_mb={"reference": memory.peak_rss_mb()},
+                                cpu_s={"reference": memory.cpu_s()}, watch=watch)
+        return close_run(rd, summary, stream)

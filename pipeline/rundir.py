@@ -15,6 +15,11 @@ from typing import TextIO
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, the rest works
+    fcntl = None
+
 
 def default_path(mode: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -33,33 +38,59 @@ def open_run(cfg, resuming: bool, stream: TextIO) -> "RunDir":
 
 
 class RunDir:
+    """One run's directory, held by this process alone while it is open: an
+    exclusive lock (``.lock``) keeps a second run out; files are the user's
+    alone (0600, the directory 0700 where this makes it); temporary files an
+    interrupted write left behind are removed when it is opened."""
+
     def __init__(self, path: str | os.PathLike, resume: bool = False):
         """``resume``: go on in a directory whose run was interrupted or failed."""
         self.path = Path(path)
-        if resume:
-            self.check_resumable(self.path)
-        elif (self.path / "summary.json").exists():
-            raise ValueError(f"argument --run-dir: {self.path} already holds a finished "
-                             "run; choose another directory (or --resume it)")
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")
+        option = "--resume" if resume else "--run-dir"
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"argument {option}: {self.path} exists and is not a directory")
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"argument {option}: cannot make {self.path}: "
+                             f"{exc.strerror or exc}") from None
+        self._lock = _lock(self.path, option)
+        try:
+            if resume:
+                self.check_resumable(self.path)
+            elif (self.path / "summary.json").exists():
+                raise ValueError(f"argument --run-dir: {self.path} already holds a finished "
+                                 "run; choose another directory (or --resume it)")
+            for stale in self.path.rglob(".*.tmp"):
+                stale.unlink(missing_ok=True)  # a write cut short; its target is intact
+            self._metrics = open(_private(self.path / "metrics.jsonl", os.O_APPEND),
+                                 "a", encoding="utf-8", closefd=True)
+        except BaseException:
+            self._lock.close()
+            raise
 
     @staticmethod
     def check_resumable(path: Path) -> None:
         summary = path / "summary.json"
-        if summary.exists() and json.loads(summary.read_text()).get("status") == "completed":
-            raise ValueError(f"argument --resume: the run in {path} completed; "
-                             "there is nothing to resume")
+        if summary.exists():
+            try:
+                status = json.loads(summary.read_text()).get("status")
+            except (ValueError, AttributeError):
+                status = None
+            if status == "completed":
+                raise ValueError(f"argument --resume: the run in {path} completed; "
+                                 "there is nothing to resume")
 
     def _atomic(self, name: str, write) -> Path:
         final = self.path / name
-        final.parent.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = final.with_name(f".{final.name}.tmp")
-        with open(tmp, "wb") as f:
+        with open(_private(tmp, os.O_TRUNC), "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
+        _fsync_dir(final.parent)  # the rename itself survives a crash
         return final
 
     def write_json(self, name: str, obj: dict) -> Path:
@@ -78,7 +109,7 @@ class RunDir:
 
     def write_checkpoint(self, epoch: int, role: str, state: dict,
                          arrays: dict[str, np.ndarray]) -> None:
-        d = f"checkpoints/epoch-{epoch:06d}"
+        d = f"checkpoints/{checkpoint_dir(epoch)}"
         self.write_npz(f"{d}/{role}.npz", arrays)
         self.write_json(f"{d}/{role}.json", state)
 
@@ -87,10 +118,44 @@ class RunDir:
         resume from. Written last and atomically, so a crash mid-checkpoint
         leaves the previous one in force."""
         self.write_json("checkpoints/latest.json", {"epoch": epoch,
-                                                     "dir": f"epoch-{epoch:06d}"})
+                                                     "dir": checkpoint_dir(epoch)})
 
     def close(self) -> None:
         self._metrics.close()
+        self._lock.close()  # and with it the lock
+
+
+def checkpoint_dir(epoch: int) -> str:
+    return f"epoch-{epoch:06d}"
+
+
+def _private(path: Path, flags: int) -> int:
+    """A file descriptor for writing ``path``, created readable by its owner only."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a directory; the rename stands
+    finally:
+        os.close(fd)
+
+
+def _lock(path: Path, option: str):
+    """An exclusive lock on the run directory, held until ``close`` (or until
+    the RunDir is gone, or the process): a second run there is refused
+    instead of interleaving with the first."""
+    f = open(os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o600), "rb", buffering=0)
+    if fcntl is not None:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise ValueError(f"argument {option}: another run is using {path}") from None
+    return f
 
 
 def _jsonable(value):
@@ -99,48 +164,6 @@ def _jsonable(value):
     if isinstance(value, (Path, tuple)):
         return str(value) if isinstance(value, Path) else list(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def load_checkpoint(path: str | os.PathLike, roles: list[str]
-                    ) -> tuple[dict, int, dict[str, tuple[dict, dict[str, np.ndarray]]]]:
-    """(config dict, epoch, {role: (state, arrays)}) of a run directory's
-    latest checkpoint; ValueError naming what is missing."""
-    path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())["config"]
-        latest = json.loads((path / "checkpoints" / "latest.json").read_text())
-    except FileNotFoundError as exc:
-        raise ValueError(f"argument --resume: {path} has no {Path(exc.filename).name}: "
-                         "was it run with --checkpoint-every, and did a checkpoint complete?"
-                         ) from None
-    except (ValueError, KeyError) as exc:
-        raise ValueError(f"argument --resume: {path}: unreadable run files ({exc})") from None
-    d = path / "checkpoints" / latest["dir"]
-    states = {}
-    for role in roles:
-        try:
-            state = json.loads((d / f"{role}.json").read_text())
-            with np.load(d / f"{role}.npz") as z:
-                states[role] = (state, {k: z[k] for k in z.files})
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"argument --resume: checkpoint {d} lacks {role}: {exc}") from None
-    return config, int(latest["epoch"]), states
-
-
-def resume_config(run_dir: str | os.PathLike, quiet: bool):
-    """(Config, {role: (state, arrays)}) to go on with an interrupted run
-    after its last checkpoint."""
-    from pipeline.config import Config
-    from pipeline.protocol import roles
-    path = Path(run_dir)
-    if not (path / "config.json").exists():
-        raise ValueError(f"argument --resume: {path} is not a run directory")
-    RunDir.check_resumable(path)
-    cfg = Config.from_dict(json.loads((path / "config.json").read_text())["config"])
-    config, epoch, states = load_checkpoint(path, roles(cfg.layers)[1:])
-    cfg = Config.from_dict({**config, "start_epoch": epoch + 1, "run_dir": str(path),
-                            "quiet": quiet})
-    return cfg, states
 
 
 # --- reading a finished run --------------------------------------------------------------

@@ -219,3 +219,75 @@ def test_checkpoint_round_trip_of_a_layer_without_sg_module(mode):
     for name, value in a.weights().items():
         assert np.array_equal(b.weights()[name], value), name
     assert (b.clock, b.step, b.sg_version) == (a.clock, a.step, 0)
+
+
+# --- a checkpoint is checked whole before any process starts ---------------------------
+
+def checkpointed_run(path, **kw):
+    """A run directory with a committed checkpoint after epoch 1 of a 3-layer
+    run, written as the coordinator writes one (the states of fresh layers)."""
+    from pipeline.checkpoint import layer_state
+    from pipeline.model import make_hidden, make_output
+    from pipeline.rundir import RunDir
+    cfg = Config(epochs=5, checkpoint_every=2, **kw)
+    rd = RunDir(path)
+    rd.write_json("config.json", {"run_id": "r", "config": cfg.to_dict()})
+    for index in (1, 2, 3):
+        layer = make_output(cfg) if index == 3 else make_hidden(cfg, index)
+        role = "output" if index == 3 else f"layer{index}"
+        rd.write_checkpoint(1, role, *layer_state(layer))
+    rd.commit_checkpoint(1)
+    rd.write_json("summary.json", {"status": "interrupted"})
+    rd.close()
+    return path
+
+
+def test_a_whole_checkpoint_resumes_after_its_epoch(tmp_path):
+    from pipeline.checkpoint import resume_config
+    cfg, states = resume_config(checkpointed_run(tmp_path / "run"), quiet=True)
+    assert cfg.start_epoch == 2 and sorted(states) == ["layer1", "layer2", "output"]
+
+
+def _npz(path, role):
+    return path / "checkpoints" / "epoch-000001" / f"{role}.npz"
+
+
+def _rewrite(path, role, change):
+    with np.load(_npz(path, role)) as z:
+        arrays = {k: z[k] for k in z.files}
+    change(arrays)
+    np.savez(_npz(path, role), **arrays)
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda p: _npz(p, "layer1").write_bytes(_npz(p, "layer1").read_bytes()[:200]),
+     "layer1: unreadable"),
+    (lambda p: (p / "checkpoints" / "latest.json").write_text('{"epoch": 1}'),
+     "must name an epoch and its directory"),
+    (lambda p: (p / "checkpoints" / "latest.json").write_text(
+        '{"epoch": 1, "dir": "../../elsewhere"}'), "must name an epoch and its directory"),
+    (lambda p: (p / "checkpoints" / "latest.json").write_text("[1"), "unreadable"),
+    (lambda p: _rewrite(p, "layer1", lambda a: a.update(w=a["w"][:1])), "layer1.w is"),
+    (lambda p: _rewrite(p, "layer2", lambda a: a.update(b=np.float64(0.5))), "layer2.b is"),
+    (lambda p: _rewrite(p, "output", lambda a: a["w"].__setitem__((0, 0), np.nan)), "inf or NaN"),
+    (lambda p: _rewrite(p, "layer1", lambda a: a.pop("sg_v")), "has arrays"),
+    (lambda p: _rewrite(p, "layer1", lambda a: a.update(w=a["w"].astype(np.float32))),
+     "float32"),
+    (lambda p: (p / "checkpoints" / "epoch-000001" / "layer2.json").write_text('{"clock": 3}'),
+     "layer2.json does not load"),
+    (lambda p: (p / "config.json").write_text("{"), "config.json: unreadable"),
+])
+def test_a_damaged_checkpoint_is_refused_in_one_line_naming_what(tmp_path, damage, says):
+    from pipeline.checkpoint import resume_config
+    path = checkpointed_run(tmp_path / "run")
+    damage(path)
+    with pytest.raises(ValueError, match=says):
+        resume_config(path, quiet=True)
+
+
+def test_launch_refuses_a_damaged_checkpoint_before_starting_anything(tmp_path):
+    path = checkpointed_run(tmp_path / "run")
+    _rewrite(path, "layer1", lambda a: a.update(w=a["w"][:1]))
+    done = run_launch("--resume", str(path))
+    assert done.returncode == 2 and done.stderr.startswith("launch.py: error: argument --resume")
+    assert len(done.stderr.splitlines()) == 1 and not (path / "weights").exists()

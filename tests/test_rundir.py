@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
 
 from pipeline import rundir
 from pipeline.config import Config
-from pipeline.rundir import RunDir, load_checkpoint, open_run
+from pipeline.checkpoint import read_latest
+from pipeline.rundir import RunDir, open_run
 from tests.test_report import SUMMARY, make_run
 
 pytestmark = pytest.mark.timeout(30)
@@ -49,6 +52,42 @@ def test_a_finished_run_is_not_overwritten_and_a_completed_one_not_resumed(tmp_p
         RunDir(tmp_path / "run", resume=True)
 
 
+def test_a_second_run_in_the_same_directory_is_refused_while_the_first_holds_it(tmp_path):
+    first = RunDir(tmp_path / "run")
+    with pytest.raises(ValueError, match="another run is using"):
+        RunDir(tmp_path / "run")
+    with pytest.raises(ValueError, match="another run is using"):
+        RunDir(tmp_path / "run", resume=True)
+    first.close()
+    RunDir(tmp_path / "run").close()  # free again once the first is done
+
+
+def test_run_files_are_the_users_alone_and_stale_temporaries_go(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.write_json("config.json", {"run_id": "x"})
+    rd.write_checkpoint(0, "layer1", {}, {"w": np.ones(1)})
+    rd.close()
+    for name in ("config.json", "metrics.jsonl", "checkpoints/epoch-000000/layer1.npz"):
+        assert stat.S_IMODE(os.stat(tmp_path / "run" / name).st_mode) == 0o600, name
+    assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o700
+    # an interrupted write leaves a temporary; the next opening removes it
+    (tmp_path / "run" / ".summary.json.tmp").write_text("{half")
+    (tmp_path / "run" / "checkpoints" / "epoch-000000" / ".layer1.npz.tmp").write_bytes(b"x")
+    RunDir(tmp_path / "run", resume=True).close()
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+    assert (tmp_path / "run" / "checkpoints" / "epoch-000000" / "layer1.npz").exists()
+
+
+@pytest.mark.parametrize("where, says", [
+    (lambda t: t / "afile", "exists and is not a directory"),
+    (lambda t: t / "afile" / "run", "cannot make"),
+])
+def test_a_run_directory_that_cannot_be_made_is_one_clear_error(tmp_path, where, says):
+    (tmp_path / "afile").write_text("not a directory")
+    with pytest.raises(ValueError, match=f"argument --run-dir: .*{says}"):
+        RunDir(where(tmp_path))
+
+
 def test_open_run_announces_the_directory_unless_quiet(tmp_path):
     out = io.StringIO()
     rd = open_run(Config(run_dir=str(tmp_path / "a")), False, out)
@@ -66,10 +105,10 @@ def test_a_checkpoint_is_in_force_only_once_committed(tmp_path):
     for role in ("layer1", "output"):
         rd.write_checkpoint(4, role, state, {"w": np.ones(2)})
     with pytest.raises(ValueError, match="latest.json"):
-        load_checkpoint(tmp_path / "run", ["layer1", "output"])
+        read_latest(tmp_path / "run", ["layer1", "output"])
     rd.commit_checkpoint(4)
-    config, epoch, states = load_checkpoint(tmp_path / "run", ["layer1", "output"])
-    assert (config, epoch, sorted(states)) == ({"layers": 2}, 4, ["layer1", "output"])
+    epoch, states = read_latest(tmp_path / "run", ["layer1", "output"])
+    assert (epoch, sorted(states)) == (4, ["layer1", "output"])
     assert states["layer1"][0] == state
     np.testing.assert_array_equal(states["output"][1]["w"], np.ones(2))
     rd.close()
