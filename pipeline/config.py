@@ -75,10 +75,12 @@ NET, TRAIN, DATA, PIPE, FAULTS, STALE, REMEDY, OUT = (
 class Config:
     # network ---------------------------------------------------------------
     layers: int = option(3, "weight layers, counting the output layer: 3 = two hidden layers "
-                         "and the output layer, each its own process", NET)
+                         "and the output layer, each its own process (at most 1024, and what "
+                         "the machine's memory holds: estimated before anything starts)", NET)
     hidden: tuple[int, ...] = option(
         (128, 64), "hidden widths, comma-separated; one number repeats for every hidden layer "
-        "(default: the seed's 128,64; deeper nets repeat 64; 256 on classification data)",
+        "(default: the seed's 128,64; deeper nets repeat 64; 256 on classification data; as "
+        "wide as the machine's memory holds)",
         NET, kind="widths", task=True)
     activation: str = option("sigmoid", "hidden-layer non-linearity", NET,
                              choices=ACTIVATIONS, task=True)

@@ -3,10 +3,19 @@ and Fashion-MNIST ship) and NumPy archives, checked on load."""
 from __future__ import annotations
 
 import gzip
+import math
+import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline import limits
+
+npformat = np.lib.format
+_NPY_HEADERS = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0}
 
 # IDX magic: two zero bytes, a type code, the number of dimensions.
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -24,30 +33,55 @@ def _fail(path: Path, message: str) -> ValueError:
     return ValueError(f"{path}: {message}")
 
 
+def _too_big(path: Path, nbytes: int) -> ValueError | None:
+    have = limits.available_bytes()
+    if nbytes > have:
+        return _fail(path, f"declares {nbytes / (1 << 30):.1f} GiB of data, more than the "
+                           f"{have / (1 << 30):.1f} GiB of memory available")
+    return None
+
+
 def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file (optionally gzip-compressed) as an array of its shape."""
+    """An IDX file (optionally gzip-compressed) as an array of its shape. The
+    header is read first; a compressed file is streamed, and never expanded
+    beyond the size its header declares."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except OSError as exc:
+        with open(path, "rb") as raw:
+            gz = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            f = gzip.GzipFile(fileobj=raw) if gz else raw
+            return _read_idx_stream(path, f, None if gz else os.fstat(raw.fileno()).st_size)
+    except OSError as exc:  # gzip.BadGzipFile is one
         raise _fail(path, f"cannot read it ({exc.strerror or exc})") from None
-    except EOFError:
-        raise _fail(path, "truncated gzip stream") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
-        raise _fail(path, f"not an IDX file (magic bytes {raw[:4].hex() or 'missing'})")
-    ndim = raw[3]
-    if ndim == 0 or len(raw) < 4 + 4 * ndim:
+    except (EOFError, zlib.error):
+        raise _fail(path, "truncated gzip stream, or corrupt") from None
+
+
+def _read_idx_stream(path: Path, f, size: int | None) -> np.ndarray:
+    head = f.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_TYPES:
+        raise _fail(path, f"not an IDX file (magic bytes {head.hex() or 'missing'})")
+    ndim = head[3]
+    dims = f.read(4 * ndim)
+    if ndim == 0 or len(dims) < 4 * ndim:
         raise _fail(path, f"IDX header truncated or empty ({ndim} dimensions)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    dtype = np.dtype(_IDX_TYPES[raw[2]])
-    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    body = memoryview(raw)[4 + 4 * ndim:]
-    if len(body) != want:
+    shape = tuple(int.from_bytes(dims[4 * i: 4 * i + 4], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_TYPES[head[2]])
+    want = math.prod(shape) * dtype.itemsize  # Python ints: no wrap-around
+    body = 4 + 4 * ndim
+    if size is not None and size - body != want:
         raise _fail(path, f"header says {shape} of {dtype} ({want} bytes), "
-                          f"file holds {len(body)} bytes: truncated or not this format")
-    return np.frombuffer(body, dtype=dtype).reshape(shape)
+                          f"file holds {size - body} bytes: truncated or not this format")
+    big = _too_big(path, want)
+    if big:
+        raise big
+    data = f.read(want)
+    if len(data) != want or f.read(1):
+        got = f"{len(data)}" if len(data) != want else f"more than {want}"
+        raise _fail(path, f"header says {shape} of {dtype} ({want} bytes), "
+                          f"file holds {got} bytes: truncated or not this format")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _find(directory: Path, name: str) -> Path:
@@ -97,15 +131,39 @@ def load_mnist(directory: str | Path, classes: int = 10) -> dict[str, Split]:
     return out
 
 
+def _check_npz_members(path: Path) -> None:
+    """Every array's header, before any array is read: real numbers only, and
+    no more than the memory there is."""
+    with zipfile.ZipFile(path) as z:
+        total = 0
+        for info in z.infolist():
+            with z.open(info) as f:
+                version = npformat.read_magic(f)
+                read = _NPY_HEADERS.get(version)
+                if read is None:
+                    raise _fail(path, f"{info.filename}: .npy format {version} not supported")
+                shape, _, dtype = read(f)
+            if dtype.kind not in "biuf":
+                raise _fail(path, f"{info.filename}: arrays must hold real numbers, "
+                                  f"got {dtype}")
+            total += math.prod(shape) * dtype.itemsize
+        big = _too_big(path, total)
+        if big:
+            raise big
+
+
 def load_npz(path: str | Path) -> dict[str, Split]:
     """{"train": Split[, "test": Split]} from an archive with x_train, y_train
     and optionally x_test, y_test (integer class labels)."""
     path = Path(path)
     try:
+        _check_npz_members(path)
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise _fail(path, f"not a readable NumPy archive ({exc})") from None
+    except MemoryError:
+        raise _fail(path, "too large for this machine's memory") from None
     for key in ("x_train", "y_train"):
         if key not in arrays:
             raise _fail(path, f"needs arrays x_train and y_train; has {sorted(arrays)}")

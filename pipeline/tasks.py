@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import data, datasets, nn
+from pipeline import data, datasets, limits, nn
 from pipeline.config import Config, ConfigError
 
 
@@ -34,9 +34,11 @@ def _read(cfg: Config) -> dict[str, datasets.Split]:
 
 def resolve(cfg: Config, limit_examples: bool = True) -> Config:
     """Fill in what the data files say (input width, classes, split sizes),
-    reading and checking them now, before any process starts. With
+    reading and checking them now, before any process starts, and check
+    that the run fits the machine (``limits``). With
     ``limit_examples`` False, ``examples`` becomes the whole training split."""
     if not cfg.classification:
+        limits.check(cfg)
         return cfg
     splits = _read(cfg)
     train, test = splits["train"], splits.get("test")
@@ -47,8 +49,13 @@ def resolve(cfg: Config, limit_examples: bool = True) -> Config:
     if examples > len(train.y):
         raise ConfigError("--examples", f"{cfg.dataset} has {len(train.y)} training examples, "
                                         f"asked for {examples}")
-    return dataclasses.replace(cfg, features=train.x.shape[1], classes=classes,
-                               examples=examples, test_examples=len(test.y) if test else 0)
+    if classes > limits.MAX_CLASSES:
+        raise ConfigError("--dataset", f"{cfg.dataset}: labels name {classes} classes, more "
+                                       f"than {limits.MAX_CLASSES}")
+    cfg = dataclasses.replace(cfg, features=train.x.shape[1], classes=classes,
+                              examples=examples, test_examples=len(test.y) if test else 0)
+    limits.check(cfg)
+    return cfg
 
 
 def load(cfg: Config) -> Task:

@@ -114,3 +114,81 @@ def test_npz_not_an_archive(tmp_path):
     (tmp_path / "d.npz").write_bytes(b"hello")
     with pytest.raises(ValueError, match="not a readable NumPy archive"):
         load_npz(tmp_path / "d.npz")
+
+
+# Sizes: a file is refused on what its header declares, before the data is read.
+
+def test_gzip_streamed_no_further_than_its_header_declares(tmp_path):
+    """A small .gz that would expand to 64 MiB behind a 6-byte IDX body: refused
+    after reading the declared bytes and one more, never expanded whole."""
+    import tracemalloc
+    p = tmp_path / "bomb.gz"
+    with gzip.open(p, "wb", compresslevel=9) as f:
+        f.write(idx_bytes(0x08, (2, 3), bytes(6)))
+        for _ in range(64):
+            f.write(bytes(1 << 20))
+    assert p.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="more than 6 bytes") as info:
+            read_idx(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(p) in str(info.value)
+    assert peak < 4 << 20
+
+
+def test_a_declared_size_beyond_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    from pipeline import limits
+    monkeypatch.setattr(limits, "available_bytes", lambda: 1 << 20)
+    p = tmp_path / "big.gz"
+    p.write_bytes(gzip.compress(idx_bytes(0x08, (2048, 1024), b"")))  # declares 2 MiB, holds none
+    with pytest.raises(ValueError, match=r"declares 0\.0 GiB of data, more than") as info:
+        read_idx(p)
+    assert str(p) in str(info.value)
+
+
+def test_idx_sizes_are_computed_without_wrapping(tmp_path):
+    """Dims whose product overflows int64 (2**32-1 cubed, times 8 bytes): the
+    message still names the file and the declared shape."""
+    p = tmp_path / "wrap-idx"
+    p.write_bytes(idx_bytes(0x0E, (2**32 - 1,) * 3, bytes(8)))
+    with pytest.raises(ValueError, match=r"\(4294967295, 4294967295, 4294967295\)") as info:
+        read_idx(p)
+    assert str(p) in str(info.value) and str((2**32 - 1) ** 3 * 8) in str(info.value)
+
+
+def _npz_with_header_only(path: Path, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+    """An archive whose member's .npy header declares ``shape`` but holds no data."""
+    import io
+    import zipfile
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        head, {"descr": dtype, "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(name + ".npy", head.getvalue())  # the writer puts the magic first
+        z.writestr("y_train.npy", _npy(np.zeros(2, np.int64)))
+
+
+def _npy(a: np.ndarray) -> bytes:
+    import io
+    b = io.BytesIO()
+    np.save(b, a)
+    return b.getvalue()
+
+
+def test_npz_declaring_more_than_memory_is_one_line(tmp_path):
+    p = tmp_path / "huge.npz"
+    _npz_with_header_only(p, "x_train", "<f8", (10**12,))
+    with pytest.raises(ValueError, match="GiB of data, more than") as info:
+        load_npz(p)
+    assert str(p) in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128, "U3", "V4"])
+def test_npz_refuses_arrays_that_are_not_real_numbers(tmp_path, dtype):
+    p = tmp_path / "c.npz"
+    np.savez(p, x_train=np.zeros((2, 2), dtype), y_train=np.array([0, 1]))
+    with pytest.raises(ValueError, match="x_train.npy: arrays must hold real numbers"):
+        load_npz(p)

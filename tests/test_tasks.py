@@ -113,3 +113,41 @@ def test_a_truncated_image_file_names_the_file(mnist_dir):
     proc = run_launch("--dataset", "mnist", "--data-dir", str(mnist_dir))
     assert proc.returncode == 2
     assert "t10k-labels-idx1-ubyte" in proc.stderr and "truncated" in proc.stderr
+
+
+# Limits: checked before anything starts, one line naming the option.
+
+def test_layers_beyond_the_hard_bound_are_refused():
+    from pipeline import limits
+    with pytest.raises(ConfigError, match=f"--layers: at most {limits.MAX_LAYERS}, got 1025"):
+        tasks.resolve(Config(layers=1025, hidden=(64,)))
+
+
+def test_a_run_bigger_than_memory_names_what_to_shrink(monkeypatch):
+    from pipeline import limits
+    monkeypatch.setattr(limits, "available_bytes", lambda: 2 << 30)
+    tasks.resolve(Config(layers=3))                       # 5 processes: fits in 2 GiB
+    with pytest.raises(ConfigError, match=r"--layers: a run this size needs about 3\.9 GiB "
+                                          r"\(62 processes\)"):
+        tasks.resolve(Config(layers=60, hidden=(64,)))                  # the issue's 62 processes
+    tasks.resolve(Config(layers=60, hidden=(64,), in_process=True))      # one process: fits
+    with pytest.raises(ConfigError, match=r"--hidden: a run this size needs about \d+\.\d GiB"):
+        tasks.resolve(Config(hidden=(200_000,)))
+
+
+def test_estimate_covers_the_arrays_it_counts():
+    """Independent count for one layer of the seed task: weights and bias,
+    SGD with no momentum (one slot), the SG module of a cDNI layer."""
+    from pipeline import limits
+    cfg = Config()
+    d = cfg.dims
+    params = (d[0] + 1) * d[1] + (d[1] + d[-1] + 1) * d[1]
+    assert limits._layer_bytes(cfg, 1) >= params * cfg.np_dtype.itemsize
+
+
+def test_more_classes_than_the_bound_is_one_line(tmp_path):
+    from pipeline import limits
+    y = np.array([0, limits.MAX_CLASSES])
+    np.savez(tmp_path / "labels.npz", x_train=np.zeros((2, 3)), y_train=y)
+    with pytest.raises(ConfigError, match=f"labels name {limits.MAX_CLASSES + 1} classes"):
+        tasks.resolve(Config(dataset=f"npz:{tmp_path / 'labels.npz'}", examples=2))

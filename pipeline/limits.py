@@ -1,0 +1,67 @@
+"""What a run may ask of the machine, checked before anything starts: the
+memory it will need against the memory there is, and the sizes a data file
+may declare. Estimates, on the side of too much: a refused run says what it
+would have needed."""
+from __future__ import annotations
+
+import os
+
+MIB = 1 << 20
+PROCESS_MIB = 64          # a worker's resident size before its arrays (measured: 42-46 MiB)
+MAX_LAYERS = 1024         # whatever the memory: a process per layer, a port or two each
+MAX_CLASSES = 100_000     # the output layer's width, from a file's labels
+
+
+def available_bytes() -> int:
+    """Memory available to new processes (Linux: MemAvailable), else all of it."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not refuse on a guess
+
+
+def _layer_bytes(cfg, index: int) -> int:
+    """One weight layer's arrays: weights, optimiser state, SG module, and the
+    batches it may hold in flight."""
+    d, item = cfg.dims, cfg.np_dtype.itemsize
+    fan_in, fan_out = d[index - 1], d[index]
+    slots = {"adam": 3, "sgd": 2 if cfg.momentum else 1}[cfg.optimizer]
+    params = (fan_in + 1) * fan_out
+    if index < cfg.layers and cfg.mode in ("dni", "cdni"):
+        widths = [fan_out + (d[-1] if cfg.mode == "cdni" else 0), *cfg.sg_hidden, fan_out]
+        params += sum((a + 1) * b for a, b in zip(widths, widths[1:])) * (2 if cfg.sg_lookahead
+                                                                           else 1)
+    inflight = (cfg.grad_delay + cfg.max_inflight + 2) * cfg.batch_size
+    cached = inflight * (fan_in + 3 * fan_out + d[-1])  # inputs, outputs, SG inputs, messages
+    return (params * slots + 4 * cached) * item
+
+
+def run_bytes(cfg) -> tuple[int, int]:
+    """(bytes, processes) a run of ``cfg`` would need on one machine."""
+    item = cfg.np_dtype.itemsize
+    data = (cfg.examples + cfg.test_examples) * (cfg.dims[0] + cfg.dims[-1]) * item
+    arrays = sum(_layer_bytes(cfg, k) for k in range(1, cfg.layers + 1)) + 2 * data
+    processes = 1 if cfg.in_process else cfg.layers + 2  # the workers and the supervisor
+    return arrays + processes * PROCESS_MIB * MIB, processes
+
+
+def check(cfg) -> None:
+    """ConfigError, before anything starts, where the run cannot fit."""
+    from pipeline.config import ConfigError
+    if cfg.layers > MAX_LAYERS:
+        raise ConfigError("--layers", f"at most {MAX_LAYERS}, got {cfg.layers}")
+    need, processes = run_bytes(cfg)
+    have = available_bytes()
+    if need > have:
+        many = processes * PROCESS_MIB * MIB > need / 2
+        raise ConfigError("--layers" if many else "--hidden",
+                          f"a run this size needs about {need / (1 << 30):.1f} GiB "
+                          f"({processes} process{'es' if processes > 1 else ''}); this machine "
+                          f"has {have / (1 << 30):.1f} GiB available")
