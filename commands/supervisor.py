@@ -25,6 +25,7 @@ from pipeline.rundir import RunDir, open_run
 from pipeline.sgwatch import SGWatch
 from pipeline.summary import Progress, build_summary, close_run, layer_entry
 from pipeline.transport import Net
+from pipeline.watchdog import Watchdog
 
 STARTUP_S = 60.0     # a worker that has not said hello by then is broken
 CLUSTER_STARTUP_S = 600.0  # roles started by hand on other hosts get longer
@@ -92,6 +93,7 @@ class Supervisor:
         self.final: dict | None = None
         self.progress = Progress(cfg, stream)
         self.watch = SGWatch(cfg)
+        self.moves: Watchdog | None = None  # each role's handled-message count, from the start
 
     def host(self, role: str) -> str:
         return self.cluster.roles[role].host if self.cluster else "localhost"
@@ -118,6 +120,14 @@ class Supervisor:
             if now - seen > LIVENESS_S and role not in self.done:
                 raise WorkerFailed(role, f"no word from {role} on {self.host(role)} "
                                          f"for {LIVENESS_S:.0f} s: taken for dead")
+        if self.moves is not None:
+            stopped = self.moves.stalled(self.done, now, self.cfg.watchdog)
+            if stopped is not None:
+                raise WorkerFailed(stopped, (
+                    f"the run stopped making progress: no role has handled a message for "
+                    f"{self.cfg.watchdog:g} s though every process still answers; {stopped} on "
+                    f"{self.host(stopped)} stopped first, after {self.moves.count[stopped]} "
+                    f"messages (--watchdog)"))
         if now - self.last_beat >= HEARTBEAT_S:
             for role in self.hello:
                 self._send(role, self.say.heartbeat())
@@ -164,6 +174,8 @@ class Supervisor:
         if role not in self.roles or msg.sender != role:
             return None
         self.last_seen[role] = time.monotonic()
+        if msg.kind == protocol.HEARTBEAT and self.moves is not None:
+            self.moves.heard(role, msg.step, self.last_seen[role])
         self._handle(msg)
         return msg
 
@@ -239,6 +251,7 @@ class Supervisor:
                                   "pid": self.procs[r].pid if r in self.procs else None}
                               for r in self.roles}})
             self.started = True
+            self.moves = Watchdog(self.roles, time.monotonic())
             for role, peers in self._peers(endpoints).items():
                 self._send(role, self.say.start(peers))
             while len(self.done) < len(self.roles):

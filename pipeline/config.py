@@ -141,7 +141,10 @@ class Config:
     max_inflight: int = option(8, "batches a layer may hold awaiting their true gradient, "
                                "beyond --grad-delay, before it stops taking new ones "
                                "(backpressure)", PIPE)
-    blas_threads: int = option(1, "BLAS threads per process (processes share the cores)", PIPE)
+    blas_threads: int = option(1, "BLAS threads per worker process (the workers share the "
+                               "cores); an --in-process run takes the environment's "
+                               "(OPENBLAS_NUM_THREADS, OMP_NUM_THREADS: all cores unless "
+                               "set)", PIPE)
     in_process: bool = option(False, "train the same configuration with the in-process "
                               "reference (the baseline to time against); writes the same run "
                               "directory", PIPE, kind="flag")
@@ -149,6 +152,9 @@ class Config:
     checkpoint_every: int = option(0, "every N epochs, save every layer's weights, SG module "
                                    "and counters to RUN_DIR/checkpoints (0: never)", FAULTS,
                                    metavar="N")
+    watchdog: float = option(60.0, "end the run as failed, naming the role that stopped, when "
+                             "no role has handled a message for S seconds though every "
+                             "process still answers (0: never)", FAULTS, metavar="S")
     start_epoch: int = option(0, "the first epoch still to train", FAULTS, cli=False,
                               flag="--resume")
     # staleness injection ------------------------------------------------------------
@@ -266,6 +272,8 @@ class Config:
         need(len({i for i, _ in self.slow}) == len(self.slow), "--slow", "a layer is named twice")
         need(0 <= self.update_prob <= 1, "--update-prob", "must be in [0, 1]")
         need(self.checkpoint_every >= 0, "--checkpoint-every", "must be at least 0")
+        need(self.watchdog >= 0 and math.isfinite(self.watchdog), "--watchdog",
+             "must be 0 (off) or a number of seconds")
         need(0 <= self.start_epoch < self.epochs, "--resume",
              f"nothing left to train: the checkpoint is at epoch {self.start_epoch} "
              f"of {self.epochs}")

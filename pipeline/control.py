@@ -38,7 +38,8 @@ class ControlLink:
         self.sock = net.connect(zmq.DEALER, endpoint, "coordinator", identity=role.encode(),
                                 before=watch if net.keys is not None else None)
         self.parent = os.getppid()
-        self.last_sent = self.last_heard = time.monotonic()
+        self.last_heard = self.last_beat = time.monotonic()
+        self.progress = 0  # messages handled: each heartbeat carries it to the watchdog
         self.joined = False  # the handshake is done: from now on, silence means death
         self.resume: tuple[dict, dict] | None = None  # (state, weights) of a resumed run
 
@@ -62,7 +63,6 @@ class ControlLink:
         while True:
             try:
                 self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-                self.last_sent = time.monotonic()
                 return
             except zmq.Again:
                 if msg.kind == HEARTBEAT:
@@ -106,8 +106,9 @@ class ControlLink:
         self._check_parent()
         self._check_refused()
         now = time.monotonic()
-        if now - self.last_sent >= HEARTBEAT_S:
-            self.send(self.say.heartbeat())
+        if now - self.last_beat >= HEARTBEAT_S:
+            self.last_beat = now
+            self.send(self.say.heartbeat(self.progress))
         if self.joined and now - self.last_heard > LIVENESS_S:
             self.poll_stop()  # its heartbeats may be waiting unread
             if time.monotonic() - self.last_heard > LIVENESS_S:

@@ -186,8 +186,9 @@ class Speaker:
     def error(self, text: str, traceback: str) -> Message:
         return self._msg(ERROR, meta={"error": text, "traceback": traceback})
 
-    def heartbeat(self) -> Message:
-        return self._msg(HEARTBEAT)
+    def heartbeat(self, progress: int = 0) -> Message:
+        """``progress``: messages the sender has handled so far (the watchdog's)."""
+        return self._msg(HEARTBEAT, step=progress)
 
     def stop(self) -> Message:
         return self._msg(STOP)

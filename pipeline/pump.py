@@ -47,6 +47,7 @@ class Pump:
             transport.send(self.outs[port], msg, self.link)
 
     def _call(self, handle: Handler, msg: Message) -> None:
+        self.link.progress += 1
         t0 = time.perf_counter()
         if self.slowdown == 1.0:
             handle(msg, t0)

@@ -150,6 +150,8 @@ STALENESS_BAD_ARGS = [
     (["--slow", "9:2"], "--slow"),
     (["--update-prob", "1.5"], "--update-prob"),
     (["--drop-prob", "-0.5"], "--drop-prob"),
+    (["--watchdog", "-1"], "--watchdog"),
+    (["--watchdog", "inf"], "--watchdog"),
     (["--slow", "1:2", "--in-process"], "--in-process"),
     (["--sg-boost", "x"], "--sg-boost"),
     (["--delay-comp", "0.5"], "--delay-comp"),

@@ -129,11 +129,15 @@ def test_a_failure_is_reported_with_its_type_and_traceback(joined):
     assert "Traceback" in msg.meta["traceback"]
 
 
-def test_heartbeat_when_quiet_and_an_error_when_the_coordinator_is_silent(joined):
+def test_heartbeat_when_due_and_an_error_when_the_coordinator_is_silent(joined):
     link, router = joined
-    link.last_sent = time.monotonic() - HEARTBEAT_S - 0.1
+    link.progress = 17
+    link.last_beat = time.monotonic() - HEARTBEAT_S - 0.1
     link.tick()
-    assert heard(router).kind == "heartbeat"
+    beat = heard(router)
+    assert beat.kind == "heartbeat" and beat.step == 17  # the watchdog's count
+    link.tick()   # not due again yet
+    assert not router.poll(50)
     link.last_heard = time.monotonic() - LIVENESS_S - 0.1
     with pytest.raises(RuntimeError, match="silent"):
         link.tick()

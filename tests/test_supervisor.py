@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -42,3 +43,22 @@ def test_killing_the_supervisor_leaves_no_orphans(launch):
     run.proc.wait(5)
     # The workers notice their parent is gone (kernel signal or parent check).
     assert_no_orphans(run)
+
+
+@pytest.mark.timeout(60)
+def test_a_run_that_stops_moving_is_failed_naming_the_role(tmp_path, monkeypatch):
+    """layer2 answers every heartbeat but handles nothing: the others fill
+    their queues and wait on it. The watchdog ends the run within its limit."""
+    real = supervisor.module_of
+    monkeypatch.setattr(supervisor, "module_of",
+                        lambda role: "tests.stalled_worker" if role == "layer2" else real(role))
+    cfg = Config(epochs=100000, quiet=True, watchdog=3.0, run_dir=str(tmp_path / "run"))
+    started = time.monotonic()
+    code = supervisor.Supervisor(cfg, RunDir(cfg.run_dir), "feedc0ffee01", io.StringIO()).run()
+    assert code == 1 and time.monotonic() - started < 30
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"]["role"] == "layer2"
+    assert "stopped making progress" in summary["error"]["message"]
+    assert "layer2 on localhost stopped first, after 0 messages" in summary["error"]["message"]
+    pids = json.loads((tmp_path / "run" / "config.json").read_text())["processes"]
+    assert not [r for r, p in pids.items() if _alive(p["pid"])]

@@ -18,6 +18,7 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     for msg in node.messages():
         link.tick()
         send(down, msg, link)
+        link.progress += 1
         if msg.kind != protocol.ACT or schedule.ends_epoch(msg.batch, cfg.batches_per_epoch):
             link.poll_stop()  # a stop between epochs is not held up by a free link
     link.finish({"forward_batches": node.batches}, 0, {})
