@@ -23,11 +23,13 @@ def ev(role, epoch, n, cos, rel, stale, norm=None):
             "sg_rel_err": rel, "staleness_steps_mean": stale, "act_norm": norm}
 
 
-@pytest.mark.parametrize("rel, stale, want", [
-    (None, 8.0, False), (1.5, 8.0, False), (1.51, 8.0, True), (60.0, 0.5, True),
-    (60.0, 0.49, False), (0.9, 16.0, False)])
-def test_collapse_rule_table(rel, stale, want):
-    assert collapsed(rel, stale) is want
+@pytest.mark.parametrize("cos, rel, stale, want", [
+    (0.1, None, 8.0, False), (0.1, 2.0, 8.0, False), (0.1, 2.01, 8.0, True),
+    (0.29, 60.0, 0.5, True), (0.3, 60.0, 0.5, False),  # still pointing along: late noise
+    (0.1, 1.72, 2.6, False),                             # a deep net's first epoch
+    (0.1, 60.0, 0.49, False), (-0.5, 0.9, 16.0, False)])
+def test_collapse_rule_table(cos, rel, stale, want):
+    assert collapsed(cos, rel, stale) is want
 
 
 def test_tracking_and_one_warning_per_layer_over_windows():
@@ -68,7 +70,7 @@ def test_staleness_of_another_layer_is_enough():
     below runs ahead (seen free-running on MNIST)."""
     w = SGWatch(Config())
     w.add(ev("layer1", 0, 200, 0.5, 0.9, 2.0))
-    warning = w.add(ev("layer2", 0, 200, 0.3, 2.2, 0.1))
+    warning = w.add(ev("layer2", 0, 200, 0.2, 2.2, 0.1))
     assert warning is not None and "0.1 steps stale itself, the stalest layer 2.0)" in warning
     assert "a smaller --max-inflight (now 8)" in warning
 
