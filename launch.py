@@ -7,56 +7,80 @@ Also ``python launch.py sweep ...`` (a staleness sweep),
 """
 from __future__ import annotations
 
+import signal
 import sys
+from typing import Callable
+
+# The first thing that runs: a signal from here on is noted, not a traceback
+# (what arrives while Python itself starts, before this line, no program sees).
+_EARLY: list[int] = []
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, lambda signum, frame: _EARLY.append(signum))
+    signal.signal(signal.SIGTERM, lambda signum, frame: _EARLY.append(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def main(argv: list[str] | None = None) -> int:
     """Ctrl-C or SIGTERM at any moment ends the command with 130 or 143 and no
     traceback; a run it has started writes ``interrupted`` first."""
     from commands.spawn import SIGNALS
-    SIGNALS.install()  # first thing: a signal during the imports below is handled too
+    SIGNALS.install()
+    SIGNALS.first = SIGNALS.first or (_EARLY[0] if _EARLY else None)
+    # Imports and parsing are shielded: a KeyboardInterrupt raised inside an
+    # extension module's import would surface as an ImportError traceback.
     try:
-        code = _main(sys.argv[1:] if argv is None else argv)
+        with SIGNALS.shielded():
+            command = _command(sys.argv[1:] if argv is None else argv)
+        if SIGNALS.first is not None:
+            return SIGNALS.exit_code(0)
+        code = command()
     except KeyboardInterrupt:
         code = 130
+    except ValueError as exc:  # bad input found past parsing: a file, a directory
+        print(f"launch.py: error: {exc}", file=sys.stderr)
+        code = 2
     return SIGNALS.exit_code(code)
 
 
-def _main(argv: list[str]) -> int:
+def _command(argv: list[str]) -> Callable[[], int]:
+    """The command ``argv`` asks for, imported and parsed, ready to run (a bad
+    argument exits here, with its one line)."""
     from pipeline.memory import tune_allocator
     tune_allocator()  # the supervisor, and the reference trainer with --in-process
     if argv[:1] == ["sweep"]:
         from pipeline.cli import parse_sweep
         from commands.sweep import run_sweep
-        return run_sweep(parse_sweep(argv[1:]), sys.stdout)
+        args = parse_sweep(argv[1:])
+        return lambda: run_sweep(args, sys.stdout)
     if argv[:1] == ["report"]:
         from pipeline.cli import parse_report
         from pipeline.report import main as report
-        return report(parse_report(argv[1:]), sys.stdout)
-    try:
-        if argv[:1] == ["keys"]:
-            from pipeline.cli import parse_keys
-            from pipeline.protocol import all_roles
-            from pipeline.security import generate_keys
-            out, layers = parse_keys(argv[1:])
+        run_dir = parse_report(argv[1:])
+        return lambda: report(run_dir, sys.stdout)
+    if argv[:1] == ["keys"]:
+        from pipeline.cli import parse_keys
+        from pipeline.protocol import all_roles
+        from pipeline.security import generate_keys
+        out, layers = parse_keys(argv[1:])
+
+        def keys() -> int:
             for path in generate_keys(out, all_roles(layers)):
                 print(path)
             return 0
-        if any(a == "--cluster" or a.startswith("--cluster=") for a in argv):
-            from pipeline.cli import parse_cluster
-            from commands.host import run_cluster
-            return run_cluster(parse_cluster(argv), sys.stdout)
-        from pipeline.cli import parse_run
-        from pipeline.checkpoint import resume_config
-        from commands.supervisor import run
-        cfg, resume = parse_run(argv)
-        if resume is not None:
-            cfg, states = resume_config(resume, cfg.quiet)
-            return run(cfg, resume=states)
-        return run(cfg)
-    except ValueError as exc:  # bad input found past parsing: a file, a directory
-        print(f"launch.py: error: {exc}", file=sys.stderr)
-        return 2
+        return keys
+    if any(a == "--cluster" or a.startswith("--cluster=") for a in argv):
+        from pipeline.cli import parse_cluster
+        from commands.host import run_cluster
+        cluster = parse_cluster(argv)
+        return lambda: run_cluster(cluster, sys.stdout)
+    from pipeline.cli import parse_run
+    from pipeline.checkpoint import resume_config
+    from commands.supervisor import run
+    cfg, resume = parse_run(argv)
+    if resume is not None:
+        cfg, states = resume_config(resume, cfg.quiet)
+        return lambda: run(cfg, resume=states)
+    return lambda: run(cfg)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pipeline.reference import run_in_process
 from pipeline.rundir import RunDir, open_run
 from pipeline.sgwatch import SGWatch
 from pipeline.summary import Progress, build_summary, close_run, layer_entry
-from pipeline.transport import Net
+from pipeline.transport import Net, private_dir, remove_private_dir
 from pipeline.watchdog import Watchdog
 
 STARTUP_S = 60.0     # a worker that has not said hello by then is broken
@@ -72,7 +72,9 @@ class Supervisor:
         self.spawn_roles = self.roles if spawn is None else spawn
         self.ctx = zmq.Context()
         self.guard = contextlib.ExitStack()
-        net = Net(self.ctx)
+        # A local run's sockets live in a directory only this user can enter.
+        self.ipc_dir = private_dir() if cluster is None else None
+        net = Net(self.ctx, ipc_dir=self.ipc_dir)
         if cluster is not None:
             me = cluster.roles["coordinator"]
             keys = cluster.keys_for("coordinator", insecure)
@@ -276,6 +278,7 @@ class Supervisor:
         self.router.close()
         self.guard.close()
         self.ctx.term()
+        remove_private_dir(self.ipc_dir)
         self.progress.finish()
         layers = []
         peaks = {role: msg.meta.get("peak_rss_mb") for role, msg in self.done.items()}

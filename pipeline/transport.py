@@ -5,8 +5,11 @@ The math never sees a socket: this module is where ZeroMQ lives.
 """
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
 import sys
+import tempfile
 from typing import Callable
 
 import zmq
@@ -19,8 +22,27 @@ from pipeline.security import Keys
 POLL_MS = 200            # longest a worker blocks before it looks at its parent
 MAX_REASONS = 16         # distinct reasons for dropping a message that get logged
 HEADER_SLACK = 4096      # bytes allowed on top of the arrays: the msgpack header
-# Unix-domain sockets with a name in the abstract namespace: Linux only.
-ABSTRACT_IPC = sys.platform.startswith("linux") and zmq.has("ipc")
+# Unix-domain sockets: every platform but Windows.
+LOCAL_IPC = zmq.has("ipc") and os.name == "posix"
+
+
+def private_dir() -> str | None:
+    """A fresh directory only this user may enter (0700), for a local run's
+    Unix-domain sockets: no other user of the machine can connect to a socket
+    in it. None where the platform has no such sockets (then loopback TCP).
+    Under /tmp when $TMPDIR's path would make socket paths too long (about
+    100 bytes is all a socket address holds)."""
+    if not LOCAL_IPC:
+        return None
+    base = tempfile.gettempdir()
+    if len(base) > 60:
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix="dni-", dir=base)  # mkdtemp makes it 0700
+
+
+def remove_private_dir(path: str | None) -> None:
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Stopped(Exception):
@@ -42,27 +64,28 @@ def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
 class Net:
     """Where a process listens and how its sockets are secured.
 
-    Local runs: loopback, ports the OS picks at bind time (two runs on one
-    machine never race for a port), no encryption; with ``local_ipc`` (where
-    the platform has them) the data inboxes are Unix-domain sockets in the
-    abstract namespace instead: a random name, no file to clean up, and half
-    the cost of loopback TCP for a 2 MB message. Cluster runs: the host and
+    Local runs: with ``ipc_dir`` (the run's private directory, where the
+    platform has Unix-domain sockets) every socket is a Unix-domain socket in
+    it, under a random name: only this user can reach them, and they cost
+    half what loopback TCP does for a 2 MB message. Without it, loopback TCP
+    on ports the OS picks at bind time (two runs never race for a port), no
+    encryption. Cluster runs: the host and
     ports of the cluster file, and CURVE when the file names keys: every
     bound socket is a CURVE server, every connecting one a client that knows
     its server's public key.
     """
 
     def __init__(self, ctx: zmq.Context, host: str = "127.0.0.1", port: int = 0,
-                 keys: "Keys | None" = None, local_ipc: bool = False):
+                 keys: "Keys | None" = None, ipc_dir: str | None = None):
         self.ctx = ctx
         self.host = host
         self.port = port
         self.keys = keys
-        self.local_ipc = local_ipc and ABSTRACT_IPC
+        self.ipc_dir = ipc_dir
 
     def endpoint(self, offset: int = 0, data: bool = False) -> str:
-        if data and self.local_ipc:
-            return f"ipc://@dni-{secrets.token_hex(8)}"
+        if self.ipc_dir is not None:
+            return f"ipc://{self.ipc_dir}/{secrets.token_hex(8)}"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp://{host}:{self.port + offset if self.port else 0}"
 

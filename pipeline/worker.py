@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import os
 import signal
 import sys
 from typing import Callable
@@ -45,7 +46,10 @@ def placement(args: argparse.Namespace) -> tuple[Net, str, contextlib.AbstractCo
     if args.cluster is None:
         if args.control is None:
             raise SystemExit("a worker needs --control (local run) or --cluster")
-        return Net(ctx, local_ipc=True), args.control, contextlib.nullcontext()
+        # A local supervisor listens in the run's private directory: so do we.
+        ipc_dir = (os.path.dirname(args.control[len("ipc://"):])
+                   if args.control.startswith("ipc://") else None)
+        return Net(ctx, ipc_dir=ipc_dir), args.control, contextlib.nullcontext()
     from pipeline import cluster, security
     c = cluster.load(args.cluster)
     if args.role not in c.roles:

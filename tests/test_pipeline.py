@@ -18,7 +18,7 @@ import zmq
 from pipeline import protocol, wire
 from pipeline.config import Config
 from pipeline.reference import train_reference
-from pipeline.transport import ABSTRACT_IPC
+from pipeline.transport import LOCAL_IPC
 from tests.conftest import assert_no_orphans
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,9 +87,16 @@ def test_free_running_pipeline_solves_the_seed_task(launch):
     assert sum('"event": "epoch"' in line for line in lines) == cfg.epochs
     config = run.config()
     assert set(config["processes"]) == {"source", "layer1", "layer2", "output"}
-    # Local data links: abstract Unix sockets where there are any, else loopback TCP.
-    assert config["processes"]["layer1"]["endpoints"]["act"].startswith(
-        "ipc://@dni-" if ABSTRACT_IPC else "tcp://127.0.0.1:")
+    # Local links: Unix sockets in the run's private directory where there are
+    # any (gone once the run is over), else loopback TCP.
+    act = config["processes"]["layer1"]["endpoints"]["act"]
+    control = config["supervisor"]["control"]
+    if LOCAL_IPC:
+        assert act.startswith("ipc:///") and control.startswith("ipc:///")
+        assert os.path.dirname(act) == os.path.dirname(control)
+        assert not os.path.exists(os.path.dirname(act[len("ipc://"):]))
+    else:
+        assert act.startswith("tcp://127.0.0.1:")
     # Memory: every process's peak, and each epoch's resident size, which
     # never exceeds that peak.
     peaks = s["peak_rss_mb"]
@@ -362,10 +369,15 @@ def test_ctrl_c_while_starting_up_is_a_clean_exit(tmp_path, after_s):
     """Ctrl-C while launch.py is still importing or starting its workers. The
     delay is the moment the signal is sent (the variable under test), not a
     synchronisation."""
+    # Python's own start-up, before launch.py's first line, is no program's
+    # to handle: the signal is blocked until then (launch.py unblocks it), so
+    # that it lands in launch.py's imports however slow the machine is.
+    def block() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     proc = subprocess.Popen([sys.executable, "launch.py", "--quiet", "--epochs", "3",
                              "--run-dir", str(tmp_path / "run")], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=block)
     time.sleep(after_s)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
@@ -374,3 +386,59 @@ def test_ctrl_c_while_starting_up_is_a_clean_exit(tmp_path, after_s):
     if proc.returncode == 130 and (tmp_path / "run" / "config.json").exists():
         summary = json.loads((tmp_path / "run" / "summary.json").read_text())
         assert summary["status"] == "interrupted"
+
+
+def try_as(uid: int | None, endpoints: list[str], files: list[str]) -> dict[str, str]:
+    """In a forked child running as ``uid`` (None: as we are): connect to each
+    Unix-socket endpoint and read each file; what happened to each."""
+    import socket
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(r)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            out = {}
+            for ep in endpoints:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    try:
+                        s.connect(ep[len("ipc://"):])
+                        out[ep] = "connected"
+                    except OSError as exc:
+                        out[ep] = type(exc).__name__
+            for f in files:
+                try:
+                    with open(f) as fh:
+                        fh.read()
+                    out[f] = "read"
+                except OSError as exc:
+                    out[f] = type(exc).__name__
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as fh:
+        text = fh.read()
+    os.waitpid(pid, 0)
+    return json.loads(text)
+
+
+@pytest.mark.skipif(not LOCAL_IPC or os.geteuid() != 0,
+                    reason="needs Unix sockets and root, to act as another user")
+def test_another_user_can_neither_connect_nor_read_the_run(launch):
+    """Everything another user of the machine could try, from a process
+    running as 'nobody': connect to the control socket and every data socket,
+    read config.json (run id, endpoints) and the metrics."""
+    run = launch("--epochs", "100000", "--quiet")
+    config = run.wait_started()
+    run.wait_training()
+    endpoints = [config["supervisor"]["control"]] + [
+        ep for p in config["processes"].values() for ep in p["endpoints"].values()]
+    assert len(endpoints) == 1 + 2 + 2 + 1  # control; act and grad of 2 hidden layers; output act
+    files = [str(run.run_dir / "config.json"), str(run.run_dir / "metrics.jsonl")]
+    assert try_as(65534, endpoints, files) == {x: "PermissionError" for x in endpoints + files}
+    # The same attempt as the run's own user gets through: the test can tell.
+    assert set(try_as(None, endpoints[:1], files).values()) == {"connected", "read"}
