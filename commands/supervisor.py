@@ -16,12 +16,14 @@ import zmq
 
 from commands.spawn import SIGNALS, module_of, spawn, worker_env
 from pipeline import memory, protocol, security, wire
+from pipeline.checkpoint import check_states, check_weights
 from pipeline.cluster import Cluster
 from pipeline.config import Config
 from pipeline.control import HEARTBEAT_S, LIVENESS_S
 from pipeline.protocol import Message, Speaker
 from pipeline.reference import run_in_process
 from pipeline.rundir import RunDir, open_run
+from pipeline.schedule import checkpoint_due
 from pipeline.sgwatch import SGWatch
 from pipeline.summary import Progress, build_summary, close_run, layer_entry
 from pipeline.transport import Net, private_dir, remove_private_dir
@@ -69,6 +71,8 @@ class Supervisor:
         self.say = Speaker(run_id, "supervisor")
         self.resume = resume or {}   # role -> (state, arrays) from a checkpoint
         self.checkpoints: dict[int, set[str]] = {}
+        self.committed = -1          # the last checkpoint epoch made the one to resume from
+        self.refused: dict[str, int] = {}  # control messages dropped, per role
         self.spawn_roles = self.roles if spawn is None else spawn
         self.ctx = zmq.Context()
         self.guard = contextlib.ExitStack()
@@ -178,8 +182,19 @@ class Supervisor:
         self.last_seen[role] = time.monotonic()
         if msg.kind == protocol.HEARTBEAT and self.moves is not None:
             self.moves.heard(role, msg.step, self.last_seen[role])
-        self._handle(msg)
+        self._take(msg)
         return msg
+
+    def _take(self, msg: Message) -> None:
+        """Handle a message from a known role; one that is well-formed but not
+        what this role may say now is counted and dropped."""
+        try:
+            self._handle(msg)
+        except ValueError as exc:
+            role = msg.sender
+            self.refused[role] = self.refused.get(role, 0) + 1
+            if self.refused[role] <= 3:
+                print(f"[supervisor] dropped a {msg.kind} from {role}: {exc}", file=sys.stderr)
 
     def _drain(self, timeout_ms: int) -> None:
         while self._recv(timeout_ms) is not None:
@@ -199,6 +214,11 @@ class Supervisor:
             elif (warning := self.watch.add(event)) is not None:
                 self.progress.warn(warning)
         elif msg.kind == protocol.DONE:
+            if role in self.done:
+                raise ValueError("a second done")
+            _, _, weights = protocol.done(msg)
+            if role != protocol.SOURCE:
+                check_weights(self.cfg, role, weights, "final weights")
             self.done[role] = msg
         elif msg.kind == protocol.HELLO:
             if self.started:
@@ -216,11 +236,18 @@ class Supervisor:
             self.ready[role] = msg
         elif msg.kind == protocol.CHECKPOINT:
             epoch = protocol.epoch(msg)
+            if (role == protocol.SOURCE or not checkpoint_due(epoch, self.cfg)
+                    or epoch < self.cfg.start_epoch or epoch <= self.committed
+                    or role in self.checkpoints.get(epoch, ())):
+                raise ValueError(f"no checkpoint of epoch {epoch} is due from {role}")
+            check_states(self.cfg, {role: (protocol.state(msg), protocol.named_arrays(msg))},
+                         f"from {role}")
             self.rd.write_checkpoint(epoch, role, protocol.state(msg), protocol.named_arrays(msg))
             got = self.checkpoints.setdefault(epoch, set())
             got.add(role)
             if got >= set(self.roles[1:]):
                 self.rd.commit_checkpoint(epoch)
+                self.committed = epoch
                 self.rd.metric({"event": "checkpoint", "epoch": epoch})
                 del self.checkpoints[epoch]
 
@@ -297,6 +324,7 @@ class Supervisor:
                                 layers=layers, error=error, epochs_done=self.progress.epochs_done,
                                 wall_s=time.perf_counter() - start, peak_rss_mb=peaks,
                                 cpu_s=cpu, watch=self.watch)
+        summary["control_dropped"] = dict(self.refused)
         return close_run(self.rd, summary, self.stream)
 
     def _peers(self, ep: dict[str, dict]) -> dict[str, dict]:

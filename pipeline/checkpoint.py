@@ -117,6 +117,21 @@ def read_latest(path: Path, roles: list[str]
     return epoch, states
 
 
+def check_weights(cfg, role: str, arrays: dict[str, np.ndarray], where: str) -> None:
+    """A layer role's final weights fit the run: the names, shapes and dtypes
+    a layer of this configuration has (ValueError otherwise)."""
+    from pipeline.model import make_hidden, make_output
+    index = cfg.layers if role == OUTPUT else int(role.removeprefix("layer"))
+    want = (make_output(cfg) if role == OUTPUT else make_hidden(cfg, index)).weights()
+    if sorted(arrays) != sorted(want):
+        raise _refuse(f"{where}: {role} sent arrays {sorted(arrays)}, its layer has "
+                      f"{sorted(want)}")
+    for name, a in arrays.items():
+        if a.shape != want[name].shape or a.dtype != want[name].dtype:
+            raise _refuse(f"{where}: {role}.{name} is {a.dtype}{list(a.shape)}, the layer's "
+                          f"is {want[name].dtype}{list(want[name].shape)}")
+
+
 def check_states(cfg, states: dict[str, tuple[dict, dict[str, np.ndarray]]], where: str) -> None:
     """Every role's checkpoint fits the run before any process starts: the
     same array names, shapes and dtypes as a layer of this configuration has,

@@ -8,6 +8,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from pipeline.config import Config
@@ -62,3 +63,66 @@ def test_a_run_that_stops_moving_is_failed_naming_the_role(tmp_path, monkeypatch
     assert "layer2 on localhost stopped first, after 0 messages" in summary["error"]["message"]
     pids = json.loads((tmp_path / "run" / "config.json").read_text())["processes"]
     assert not [r for r, p in pids.items() if _alive(p["pid"])]
+
+
+@pytest.fixture
+def sup(tmp_path):
+    """A supervisor that is not running: its message handling, driven directly."""
+    from pipeline.transport import remove_private_dir
+    cfg = Config(epochs=6, checkpoint_every=2, quiet=True, run_dir=str(tmp_path / "run"))
+    s = supervisor.Supervisor(cfg, RunDir(cfg.run_dir), "feedc0ffee02", io.StringIO())
+    yield s
+    s.router.close()
+    s.ctx.term()
+    remove_private_dir(s.ipc_dir)
+    s.rd.close()
+
+
+def _state(cfg, role):
+    from pipeline.checkpoint import layer_state
+    from pipeline.model import make_hidden, make_output
+    layer = make_output(cfg) if role == "output" else make_hidden(cfg, int(role[-1]))
+    return layer_state(layer)
+
+
+def test_checkpoints_out_of_turn_or_unfit_are_dropped_and_counted(sup, tmp_path):
+    from pipeline.protocol import Message, Speaker
+    say = Speaker("feedc0ffee02", "layer1")
+    state, arrays = _state(sup.cfg, "layer1")
+    bad_shape = dict(arrays, w=np.zeros((1, 128), arrays["w"].dtype))
+    forged = [
+        Message("checkpoint", "feedc0ffee02", -1, "layer1", 0, (), {}),   # no epoch
+        say.state(999999, state, arrays),       # no such epoch in this run
+        say.state(0, state, arrays),            # epoch 0 is not a checkpoint epoch
+        say.state(5, state, arrays),            # the last epoch has none
+        say.state(1, state, bad_shape),         # due, but not this layer's shape
+        Speaker("feedc0ffee02", "source").state(1, state, arrays),  # the source has none
+    ]
+    forged[0] = Message(forged[1].kind, forged[1].run_id, -1, "layer1", 0, forged[1].arrays,
+                        {k: v for k, v in forged[1].meta.items() if k != "epoch"})
+    for msg in forged:
+        sup._take(msg)
+    assert sup.refused == {"layer1": 5, "source": 1}
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    sup._take(say.state(1, state, arrays))     # the real one
+    assert (tmp_path / "run" / "checkpoints").is_dir() and sup.checkpoints == {1: {"layer1"}}
+    sup._take(say.state(1, state, arrays))     # the same again
+    assert sup.refused["layer1"] == 6
+
+
+def test_done_with_weights_unfit_for_the_layer_is_dropped(sup):
+    from pipeline.protocol import Speaker
+    say = Speaker("feedc0ffee02", "layer2")
+    _, arrays = _state(sup.cfg, "layer2")
+    weights = {k: v for k, v in arrays.items() if k in _fresh_weights(sup.cfg, "layer2")}
+    sup._take(say.done({}, 0, 1.0, 1.0, {"w": np.zeros((3, 3))}))
+    assert "layer2" not in sup.done and sup.refused == {"layer2": 1}
+    sup._take(say.done({}, 0, 1.0, 1.0, weights))
+    assert "layer2" in sup.done
+    sup._take(say.done({}, 0, 1.0, 1.0, weights))   # a second done
+    assert sup.refused == {"layer2": 2}
+
+
+def _fresh_weights(cfg, role):
+    from pipeline.model import make_hidden
+    return make_hidden(cfg, int(role[-1])).weights()
