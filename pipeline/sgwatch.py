@@ -11,30 +11,32 @@ The figures are judged over windows of at least ``WINDOW`` gradients (one
 epoch of MNIST at batch 256; twenty epochs of the addition task, whose
 ten-batch epochs are too noisy alone). A window *collapses* when the
 layer's synthetic gradients no longer pointed along the true ones (mean
-cosine below ``COSINE_LIMIT``) and were farther from them than the true
-gradient's own opposite would be (relative error above ``REL_ERR_LIMIT``,
-2): a step on them did harm. It warns only where the run's feedback was
-stale (some layer's gradients ``MIN_STALENESS`` steps or more on average so
-far; not necessarily the collapsing layer's own, since a module may
-collapse with little staleness of its own while the layer below runs
-ahead): a collapse with nothing stale is not this watch's to explain.
+cosine below ``COSINE_LIMIT``) and were more than three times the true
+gradient's size away from it (relative error above ``REL_ERR_LIMIT``): a
+step on them did harm. It warns only where the run's feedback was stale
+(some layer's gradients ``MIN_STALENESS`` steps or more on average so far;
+not necessarily the collapsing layer's own, since a module may collapse
+with little staleness of its own while the layer below runs ahead): a
+collapse with nothing stale is not this watch's to explain.
 
-Neither figure alone will do. A relative error above 2 with a cosine of
-0.4 to 0.5 is a healthy module late in a run, whose true gradients have
-shrunk into noise (free-running MNIST at batch 64, 98.3 %); a cosine of 0.1
-with a relative error of 1.7 is the first epoch of a 6-layer net's first
-module, still learning (98 % at the end). The runs that staleness wrecked
-(3 layers without batch norm at K = 8: 6 to 53 %) show windows of cosine
-0.02 to 0.1 at relative errors of 3.5 to 40, from the first epoch.
-The limits were set on those runs, from the study in
-docs/staleness-mnist.md, which lists how the warning fared on every run.
+Neither figure alone will do, and the limits were set on the MNIST study
+(docs/staleness-mnist.md, which counts how the warning fared on every run).
+Healthy runs reach a relative error of 2.3 with a cosine of 0.4 (a module
+late in a run, its true gradients shrunk into noise: free-running at batch
+64), or a cosine of 0.06 at an error of 2.3 (the first epoch of a 6-layer
+net's first module at K = 16, still learning: 97.4 % at the end), or hover
+at a cosine of 0 and an error of 2 for the whole run (plain DNI's first
+module, which never tracked). The runs that staleness wrecked (3 layers
+without batch norm at K = 8) show windows of cosine 0.02 to 0.35 at errors
+of 3.5 to 40 from the first epoch on. A slow loss to delay with no collapse
+(plain DNI at K = 16, 3 points) is not flagged.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 WINDOW = 200
-REL_ERR_LIMIT = 2.0
+REL_ERR_LIMIT = 3.0
 COSINE_LIMIT = 0.3
 MIN_STALENESS = 0.5
 
