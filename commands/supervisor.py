@@ -32,6 +32,10 @@ from pipeline.watchdog import Watchdog
 STARTUP_S = 60.0     # a worker that has not said hello by then is broken
 CLUSTER_STARTUP_S = 600.0  # roles started by hand on other hosts get longer
 STOP_GRACE_S = 3.0   # after "stop", time to exit before SIGTERM, then SIGKILL
+# A role's metric events: each at most this many bytes on the wire, and no
+# more than a burst plus a few per epoch (a layer sends one or two an epoch).
+METRIC_BYTES = 64 * 1024
+METRIC_BURST, METRIC_PER_EPOCH = 256, 16
 POLL_MS = 100
 
 
@@ -73,6 +77,7 @@ class Supervisor:
         self.checkpoints: dict[int, set[str]] = {}
         self.committed = -1          # the last checkpoint epoch made the one to resume from
         self.refused: dict[str, int] = {}  # control messages dropped, per role
+        self.metric_counts: dict[str, int] = {}
         self.spawn_roles = self.roles if spawn is None else spawn
         self.ctx = zmq.Context()
         self.guard = contextlib.ExitStack()
@@ -206,6 +211,7 @@ class Supervisor:
             raise WorkerFailed(role, protocol.error_text(msg))
         if msg.kind == protocol.METRIC:
             event = protocol.event(msg)
+            self._metric_budget(role, msg)
             self.rd.metric(event)
             if event.get("event") == "epoch":
                 self.progress.epoch(event)
@@ -250,6 +256,18 @@ class Supervisor:
                 self.committed = epoch
                 self.rd.metric({"event": "checkpoint", "epoch": epoch})
                 del self.checkpoints[epoch]
+
+    def _metric_budget(self, role: str, msg: Message) -> None:
+        """ValueError for a metric event too large, or one too many for how far
+        the run has got: a flood cannot fill the disk or drown the real ones."""
+        size = sum(len(f) for f in wire.encode(msg))
+        if size > METRIC_BYTES:
+            raise ValueError(f"a metric event of {size} bytes (at most {METRIC_BYTES})")
+        n = self.metric_counts[role] = self.metric_counts.get(role, 0) + 1
+        allowed = METRIC_BURST + METRIC_PER_EPOCH * (self.progress.epochs_done + 1)
+        if n > allowed:
+            raise ValueError(f"more metric events than {allowed} by epoch "
+                             f"{self.progress.epochs_done}")
 
     def _wait_all(self, got: dict, kind: str, deadline: float) -> None:
         """Until every role has sent ``kind`` (a handshake step, not a sleep)."""

@@ -126,3 +126,18 @@ def test_done_with_weights_unfit_for_the_layer_is_dropped(sup):
 def _fresh_weights(cfg, role):
     from pipeline.model import make_hidden
     return make_hidden(cfg, int(role[-1])).weights()
+
+
+def test_metric_floods_and_giants_are_dropped_not_written(sup, tmp_path):
+    from commands.supervisor import METRIC_BURST, METRIC_PER_EPOCH
+    from pipeline.protocol import Speaker
+    say = Speaker("feedc0ffee02", "layer1")
+    sup._take(say.metric({"event": "log", "text": "x" * 70_000}))        # too large
+    assert sup.refused == {"layer1": 1}
+    allowed = METRIC_BURST + METRIC_PER_EPOCH   # no epoch done yet
+    for i in range(allowed + 500):
+        sup._take(say.metric({"event": "log", "text": f"line {i}"}))
+    assert sup.refused == {"layer1": 1 + 500}
+    sup.rd.close()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == allowed and lines[-1].endswith(f'"line {allowed - 1}"}}')
