@@ -2,6 +2,7 @@
 rule for when a run may listen unencrypted."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
@@ -13,6 +14,7 @@ import zmq.auth
 
 from pipeline import protocol, security
 from pipeline.security import Guard, Refusals
+from pipeline.transport import LOCAL_IPC
 
 REFUSAL_WAIT_MS = 5000   # a refusal is a local handshake: it comes in milliseconds
 SILENCE_MS = 1500        # how long a refused client's message must stay away
@@ -274,3 +276,61 @@ def test_check_policy_refuses_exposed_hosts_without_keys():
     assert "10.0.0.2" in msg and "keys" in msg and "--insecure" in msg
     with pytest.raises(ValueError, match="empty"):
         security.check_policy(["10.0.0.2"], "", False)
+
+
+# --- local runs: another user of the machine -----------------------------------------
+
+def try_as(uid: int | None, endpoints: list[str], files: list[str]) -> dict[str, str]:
+    """In a forked child running as ``uid`` (None: as we are): connect to each
+    Unix-socket endpoint and read each file; what happened to each."""
+    import socket
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(r)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            out = {}
+            for ep in endpoints:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    try:
+                        s.connect(ep[len("ipc://"):])
+                        out[ep] = "connected"
+                    except OSError as exc:
+                        out[ep] = type(exc).__name__
+            for f in files:
+                try:
+                    with open(f) as fh:
+                        fh.read()
+                    out[f] = "read"
+                except OSError as exc:
+                    out[f] = type(exc).__name__
+            os.write(w, json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as fh:
+        text = fh.read()
+    os.waitpid(pid, 0)
+    return json.loads(text)
+
+
+@pytest.mark.skipif(not LOCAL_IPC or os.geteuid() != 0,
+                    reason="needs Unix sockets and root, to act as another user")
+def test_another_user_can_neither_connect_nor_read_the_run(launch):
+    """Everything another user of the machine could try, from a process
+    running as 'nobody': connect to the control socket and every data socket,
+    read config.json (run id, endpoints) and the metrics."""
+    run = launch("--epochs", "100000", "--quiet")
+    config = run.wait_started()
+    run.wait_training()
+    endpoints = [config["supervisor"]["control"]] + [
+        ep for p in config["processes"].values() for ep in p["endpoints"].values()]
+    assert len(endpoints) == 1 + 2 + 2 + 1  # control; act and grad of 2 hidden layers; output act
+    files = [str(run.run_dir / "config.json"), str(run.run_dir / "metrics.jsonl")]
+    assert try_as(65534, endpoints, files) == {x: "PermissionError" for x in endpoints + files}
+    # The same attempt as the run's own user gets through: the test can tell.
+    assert set(try_as(None, endpoints[:1], files).values()) == {"connected", "read"}
