@@ -48,15 +48,18 @@ def generate_keys(out_dir: str | os.PathLike, roles: list[str]) -> list[Path]:
         if (out / name).exists():
             raise ValueError(f"{out / name} exists: refusing to replace a key "
                              "(remove it or choose another directory)")
-    if not out.exists():
-        out.mkdir(mode=0o700, parents=True)
-        os.chmod(out, 0o700)  # mkdir's mode is masked by the umask
-    elif not out.is_dir():
-        raise ValueError(f"{out} is not a directory")
-    # pyzmq writes the secret file with the umask's mode and we can only chmod
-    # it afterwards; writing into a fresh 0700 directory first means nobody
-    # else can open it in between, even when out_dir itself is shared.
-    stage = Path(tempfile.mkdtemp(prefix=".keys-", dir=out))
+    try:
+        if not out.exists():
+            out.mkdir(mode=0o700, parents=True)
+            os.chmod(out, 0o700)  # mkdir's mode is masked by the umask
+        elif not out.is_dir():
+            raise ValueError(f"{out} is not a directory")
+        # pyzmq writes the secret file with the umask's mode and we can only
+        # chmod it afterwards; writing into a fresh 0700 directory first means
+        # nobody else can open it in between, even when out_dir is shared.
+        stage = Path(tempfile.mkdtemp(prefix=".keys-", dir=out))
+    except OSError as exc:
+        raise ValueError(f"cannot write keys in {out}: {exc.strerror or exc}") from None
     written: list[Path] = []
     try:
         for role in roles:

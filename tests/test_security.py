@@ -15,6 +15,7 @@ import zmq.auth
 from pipeline import protocol, security
 from pipeline.security import Guard, Refusals
 from pipeline.transport import LOCAL_IPC
+from tests.conftest import error_line, run_launch
 
 REFUSAL_WAIT_MS = 5000   # a refusal is a local handshake: it comes in milliseconds
 SILENCE_MS = 1500        # how long a refused client's message must stay away
@@ -129,6 +130,15 @@ def test_generate_keys_never_replaces_a_key(tmp_path):
     security.generate_keys(out, ["layer1"])   # a new role in the same directory is fine
     with pytest.raises(ValueError, match="bad role name"):
         security.generate_keys(out, ["../evil"])
+
+
+def test_keys_where_they_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="cannot write keys in .*file/keys: Not a directory"):
+        security.generate_keys(tmp_path / "file" / "keys", ["source"])
+    done = run_launch("keys", "--out", str(tmp_path / "file" / "keys"))
+    assert done.returncode == 2
+    assert error_line(done).startswith("launch.py: error: cannot write keys in ")
 
 
 def test_load_keys_round_trip(tmp_path):
