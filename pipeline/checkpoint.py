@@ -117,14 +117,19 @@ def read_latest(path: Path, roles: list[str]
     return epoch, states
 
 
-def check_weights(cfg, role: str, arrays: dict[str, np.ndarray], where: str) -> None:
-    """A layer role's final weights fit the run: the names, shapes and dtypes
-    a layer of this configuration has (ValueError otherwise)."""
+def _fresh_layer(cfg, role: str) -> Layer:
+    """A new layer of this configuration for ``role``: the arrays to check against."""
     from pipeline.model import make_hidden, make_output
-    index = cfg.layers if role == OUTPUT else int(role.removeprefix("layer"))
-    want = (make_output(cfg) if role == OUTPUT else make_hidden(cfg, index)).weights()
+    if role == OUTPUT:
+        return make_output(cfg)
+    return make_hidden(cfg, int(role.removeprefix("layer")))
+
+
+def _check_arrays(where: str, role: str, arrays: dict[str, np.ndarray],
+                  want: dict[str, np.ndarray]) -> None:
+    """The same names as ``want``, each of the same shape and dtype."""
     if sorted(arrays) != sorted(want):
-        raise _refuse(f"{where}: {role} sent arrays {sorted(arrays)}, its layer has "
+        raise _refuse(f"{where}: {role} has arrays {sorted(arrays)}, this run's layer has "
                       f"{sorted(want)}")
     for name, a in arrays.items():
         if a.shape != want[name].shape or a.dtype != want[name].dtype:
@@ -132,22 +137,20 @@ def check_weights(cfg, role: str, arrays: dict[str, np.ndarray], where: str) -> 
                           f"is {want[name].dtype}{list(want[name].shape)}")
 
 
+def check_weights(cfg, role: str, arrays: dict[str, np.ndarray], where: str) -> None:
+    """A layer role's final weights fit the run: the names, shapes and dtypes
+    a layer of this configuration has (ValueError otherwise)."""
+    _check_arrays(where, role, arrays, _fresh_layer(cfg, role).weights())
+
+
 def check_states(cfg, states: dict[str, tuple[dict, dict[str, np.ndarray]]], where: str) -> None:
     """Every role's checkpoint fits the run before any process starts: the
     same array names, shapes and dtypes as a layer of this configuration has,
     finite, and a state that loads."""
-    from pipeline.model import make_hidden, make_output
     for role, (meta, arrays) in states.items():
-        index = cfg.layers if role == OUTPUT else int(role.removeprefix("layer"))
-        fresh = make_output(cfg) if role == OUTPUT else make_hidden(cfg, index)
-        _, want = layer_state(fresh)
-        if sorted(arrays) != sorted(want):
-            raise _refuse(f"checkpoint {where}: {role} has arrays {sorted(arrays)}, this run's "
-                          f"layer has {sorted(want)}")
+        fresh = _fresh_layer(cfg, role)
+        _check_arrays(f"checkpoint {where}", role, arrays, layer_state(fresh)[1])
         for name, a in arrays.items():
-            if a.shape != want[name].shape or a.dtype != want[name].dtype:
-                raise _refuse(f"checkpoint {where}: {role}.{name} is {a.dtype}{list(a.shape)}, "
-                              f"the layer's is {want[name].dtype}{list(want[name].shape)}")
             if not np.all(np.isfinite(a)):
                 raise _refuse(f"checkpoint {where}: {role}.{name} holds inf or NaN")
         try:

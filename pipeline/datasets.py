@@ -33,12 +33,12 @@ def _fail(path: Path, message: str) -> ValueError:
     return ValueError(f"{path}: {message}")
 
 
-def _too_big(path: Path, nbytes: int) -> ValueError | None:
+def _check_fits(path: Path, nbytes: int) -> None:
+    """ValueError naming the file when what it declares exceeds the memory there is."""
     have = limits.available_bytes()
     if nbytes > have:
-        return _fail(path, f"declares {nbytes / (1 << 30):.1f} GiB of data, more than the "
-                           f"{have / (1 << 30):.1f} GiB of memory available")
-    return None
+        raise _fail(path, f"declares {nbytes / (1 << 30):.1f} GiB of data, more than the "
+                          f"{have / (1 << 30):.1f} GiB of memory available")
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -73,9 +73,7 @@ def _read_idx_stream(path: Path, f, size: int | None) -> np.ndarray:
     if size is not None and size - body != want:
         raise _fail(path, f"header says {shape} of {dtype} ({want} bytes), "
                           f"file holds {size - body} bytes: truncated or not this format")
-    big = _too_big(path, want)
-    if big:
-        raise big
+    _check_fits(path, want)
     data = f.read(want)
     if len(data) != want or f.read(1):
         got = f"{len(data)}" if len(data) != want else f"more than {want}"
@@ -147,9 +145,7 @@ def _check_npz_members(path: Path) -> None:
                 raise _fail(path, f"{info.filename}: arrays must hold real numbers, "
                                   f"got {dtype}")
             total += math.prod(shape) * dtype.itemsize
-        big = _too_big(path, total)
-        if big:
-            raise big
+        _check_fits(path, total)
 
 
 def load_npz(path: str | Path) -> dict[str, Split]:
