@@ -36,10 +36,23 @@ def main(argv: list[str] | None = None) -> int:
         code = command()
     except KeyboardInterrupt:
         code = 130
+        with SIGNALS.shielded():
+            _write_up_unfinished()
     except ValueError as exc:  # bad input found past parsing: a file, a directory
         print(f"launch.py: error: {exc}", file=sys.stderr)
         code = 2
     return SIGNALS.exit_code(code)
+
+
+def _write_up_unfinished() -> None:
+    """A run directory the signal found opened but not yet in a run's charge
+    (its sockets still binding): its summary says ``interrupted`` all the same."""
+    from pipeline.rundir import unfinished
+    from pipeline.summary import build_summary, close_run
+    for rd, cfg in unfinished():
+        close_run(rd, build_summary(cfg, status="interrupted", run_id="", wall_s=0.0,
+                                    final=None, layers=[], epochs_done=cfg.start_epoch),
+                  sys.stdout)
 
 
 def _command(argv: list[str]) -> Callable[[], int]:
@@ -84,4 +97,9 @@ def _command(argv: list[str]) -> Callable[[], int]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Python puts the default handlers back as it shuts down, and a signal
+    # then would kill it (-2, -15) after the run was written up: from here
+    # on signals wait, and die with the process.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.exit(code)

@@ -26,10 +26,17 @@ def default_path(mode: str) -> Path:
     return Path("runs") / f"{stamp}-{mode}-{secrets.token_hex(2)}"
 
 
+# Run directories open_run has opened and not yet closed, with their
+# config: a command interrupted before its run takes charge of the directory
+# (a signal while the sockets bind) still writes it up (``unfinished``).
+_OPENED: list[tuple["RunDir", object]] = []
+
+
 def open_run(cfg, resuming: bool, stream: TextIO) -> "RunDir":
     """The run directory of ``cfg`` (a new one, or the one a resumed run goes
     on in), announced on ``stream`` unless --quiet."""
     rd = RunDir(cfg.run_dir or default_path(cfg.mode), resume=resuming)
+    _OPENED.append((rd, cfg))
     if not cfg.quiet:
         print(f"run directory: {rd.path}", file=stream, flush=True)
         if resuming:
@@ -123,6 +130,13 @@ class RunDir:
     def close(self) -> None:
         self._metrics.close()
         self._lock.close()  # and with it the lock
+        _OPENED[:] = [(rd, cfg) for rd, cfg in _OPENED if rd is not self]
+
+
+def unfinished() -> list[tuple[RunDir, object]]:
+    """(RunDir, Config) of every run directory open_run opened that is still
+    open and holds no summary: what an interrupted command must write up."""
+    return [(rd, cfg) for rd, cfg in _OPENED if not (rd.path / "summary.json").exists()]
 
 
 def checkpoint_dir(epoch: int) -> str:
