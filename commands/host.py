@@ -7,6 +7,8 @@ import secrets
 import sys
 from typing import TextIO
 
+import zmq
+
 from commands.spawn import module_of, spawn, worker_env
 from commands.supervisor import Supervisor
 from pipeline import cluster as clusters
@@ -42,9 +44,15 @@ def run_cluster(args: ClusterArgs, stream: TextIO) -> int:
                                          quiet=args.quiet),
                                 limit_examples="examples" in c.run)
         rd = open_run(cfg, resume is not None, stream)
-        return Supervisor(cfg, rd, secrets.token_hex(6), stream, cluster=c,
-                                     spawn=workers, insecure=args.insecure,
-                                     resume=resume).run()
+        try:
+            supervisor = Supervisor(cfg, rd, secrets.token_hex(6), stream, cluster=c,
+                                    spawn=workers, insecure=args.insecure, resume=resume)
+        except (OSError, zmq.ZMQError) as exc:  # its port taken, its address not this host's
+            rd.close()
+            me = c.roles["coordinator"]
+            raise ValueError(f"argument --cluster: the coordinator at {me.host}:{me.port}: "
+                             f"{exc}") from None
+        return supervisor.run()
     extra = ["--cluster", str(c.path)] + (["--insecure"] if args.insecure else [])
     return _run_workers(workers, extra, worker_env(c.config().blas_threads))
 
