@@ -103,8 +103,12 @@ def read_latest(path: Path, roles: list[str]
         raise _refuse(f"{latest_path} must name an epoch and its directory "
                       f"epoch-NNNNNN in this run, got {latest!r}")
     d = path / "checkpoints" / latest["dir"]
+    root = path.resolve()
     states = {}
     for role in roles:
+        for f in (d / f"{role}.json", d / f"{role}.npz"):
+            if not f.resolve().is_relative_to(root):  # a link out of the run
+                raise _refuse(f"checkpoint {d}: {f.name} leads outside {path}")
         try:
             state = json.loads((d / f"{role}.json").read_text())
             with np.load(d / f"{role}.npz", allow_pickle=False) as z:
