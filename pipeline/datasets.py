@@ -29,8 +29,12 @@ class Split:
     y: np.ndarray   # (n,) int64 class labels
 
 
+class _Refused(ValueError):
+    """A file refused with a message that already names it."""
+
+
 def _fail(path: Path, message: str) -> ValueError:
-    return ValueError(f"{path}: {message}")
+    return _Refused(f"{path}: {message}")
 
 
 def _check_fits(path: Path, nbytes: int) -> None:
@@ -56,6 +60,8 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise _fail(path, f"cannot read it ({exc.strerror or exc})") from None
     except (EOFError, zlib.error):
         raise _fail(path, "truncated gzip stream, or corrupt") from None
+    except MemoryError:  # what it declares fits the estimate, not the machine
+        raise _fail(path, "too large for this machine's memory") from None
 
 
 def _read_idx_stream(path: Path, f, size: int | None) -> np.ndarray:
@@ -156,6 +162,8 @@ def load_npz(path: str | Path) -> dict[str, Split]:
         _check_npz_members(path)
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
+    except _Refused:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise _fail(path, f"not a readable NumPy archive ({exc})") from None
     except MemoryError:
