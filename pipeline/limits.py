@@ -10,6 +10,8 @@ MIB = 1 << 20
 PROCESS_MIB = 64          # a worker's resident size before its arrays (measured: 42-46 MiB)
 MAX_LAYERS = 1024         # whatever the memory: a process per layer, a port or two each
 MAX_CLASSES = 100_000     # the output layer's width, from a file's labels
+FILES_PER_PROCESS = 2     # the supervisor's connection to each worker, with room to spare
+FILES_SPARE = 64          # its own sockets, the run directory, Python's files
 
 
 def available_bytes() -> int:
@@ -52,12 +54,34 @@ def run_bytes(cfg) -> tuple[int, int]:
     return arrays + processes * PROCESS_MIB * MIB, processes
 
 
+def open_files(wanted: int) -> int:
+    """The open-file limit, raised towards ``wanted`` as far as the hard limit
+    lets (the supervisor holds a connection per worker)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 1 << 30  # not POSIX: nothing to check
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (OSError, ValueError):
+            pass
+    return 1 << 30 if soft == resource.RLIM_INFINITY else soft
+
+
 def check(cfg) -> None:
     """ConfigError, before anything starts, where the run cannot fit."""
     from pipeline.config import ConfigError
     if cfg.layers > MAX_LAYERS:
         raise ConfigError("--layers", f"at most {MAX_LAYERS}, got {cfg.layers}")
     need, processes = run_bytes(cfg)
+    files = FILES_PER_PROCESS * processes + FILES_SPARE
+    if not cfg.in_process and open_files(files) < files:
+        raise ConfigError("--layers", f"{processes} processes need about {files} open files; "
+                                      f"this process may open {open_files(files)} (ulimit -n)")
     have = available_bytes()
     if need > have:
         many = processes * PROCESS_MIB * MIB > need / 2
