@@ -150,3 +150,28 @@ def test_load_run_rejects_a_file_given_as_the_directory(tmp_path):
     f.write_text("{}")
     with pytest.raises(ValueError, match="not a directory"):
         rundir.load_run(f)
+
+
+def test_the_directory_is_synced_after_each_rename(tmp_path, monkeypatch):
+    """A rename is durable only once its directory is: the file's fsync, then
+    the rename, then the directory's fsync, for every file written whole."""
+    steps = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(rundir.os, "fsync",
+                        lambda fd: steps.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(rundir.os, "replace",
+                        lambda a, b: steps.append(("replace", str(b))) or real_replace(a, b))
+    rd = RunDir(tmp_path / "run")
+    rd.write_checkpoint(2, "layer1", {"clock": 1}, {"w": np.ones(2)})
+    rd.commit_checkpoint(2)
+    rd.close()
+    top = (tmp_path / "run" / "checkpoints").resolve()
+    ckpt = top / "epoch-000002"
+    assert steps == [
+        ("fsync", str(ckpt / ".layer1.npz.tmp")), ("replace", str(ckpt / "layer1.npz")),
+        ("fsync", str(ckpt)),
+        ("fsync", str(ckpt / ".layer1.json.tmp")), ("replace", str(ckpt / "layer1.json")),
+        ("fsync", str(ckpt)),
+        ("fsync", str(top / ".latest.json.tmp")), ("replace", str(top / "latest.json")),
+        ("fsync", str(top))]
