@@ -84,16 +84,22 @@ class Supervisor:
         self.guard = contextlib.ExitStack()
         # A local run's sockets live in a directory only this user can enter.
         self.ipc_dir = private_dir() if cluster is None else None
-        net = Net(self.ctx, ipc_dir=self.ipc_dir)
-        if cluster is not None:
-            me = cluster.roles["coordinator"]
-            keys = cluster.keys_for("coordinator", insecure)
-            if keys is not None:
-                self.guard.enter_context(security.Guard(self.ctx, keys))
-            net = Net(self.ctx, me.host, me.port, keys)
-        # Under CURVE only the keys of the run's roles get in; each message
-        # then carries its key's role (security.user_id).
-        self.router, self.endpoint = net.bind(zmq.ROUTER, admit=self.roles)
+        try:
+            net = Net(self.ctx, ipc_dir=self.ipc_dir)
+            if cluster is not None:
+                me = cluster.roles["coordinator"]
+                keys = cluster.keys_for("coordinator", insecure)
+                if keys is not None:
+                    self.guard.enter_context(security.Guard(self.ctx, keys))
+                net = Net(self.ctx, me.host, me.port, keys)
+            # Under CURVE only the keys of the run's roles get in; each
+            # message then carries its key's role (security.user_id).
+            self.router, self.endpoint = net.bind(zmq.ROUTER, admit=self.roles)
+        except BaseException:  # a failed bind, a signal: leave nothing behind
+            self.guard.close()
+            self.ctx.destroy(linger=0)
+            remove_private_dir(self.ipc_dir)
+            raise
         self.curve = cluster is not None and net.keys is not None
         # Local runs: the processes we start get this secret, and a hello
         # must show it before any config goes out.
