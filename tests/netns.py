@@ -30,6 +30,11 @@ SUBNET = "10.231.77"
 HOSTS = {"A": f"{SUBNET}.1", "B": f"{SUBNET}.2", "C": f"{SUBNET}.3"}
 NETNS_DIR = Path("/run/netns")
 PROBE_PORT = 47399  # nothing listens there: a refused connect proves the path works
+# Each namespace hands outgoing connections only ports from this range, so a
+# cluster file's ports below it (a file must name its ports) are never taken
+# by one of the run's own connects before their role binds them; and nothing
+# but the test's processes lives in these namespaces to take them otherwise.
+EPHEMERAL = (50000, 60999)
 
 # From inside one namespace, reach every other host: a connect that is
 # accepted or refused (RST) got there and back; a timeout or "unreachable" did not.
@@ -66,6 +71,16 @@ def _must(*args: str) -> None:
     if done.returncode != 0:
         raise SetupFailed(f"`ip {' '.join(args)}` exited {done.returncode}; stderr: "
                           f"{done.stderr.strip() or '(empty)'}")
+
+
+def _set_ephemeral_range(ns: str) -> None:
+    """The namespace's own ip_local_port_range (a per-namespace setting)."""
+    done = _ip("netns", "exec", ns, sys.executable, "-c",
+               "import sys; f = '/proc/sys/net/ipv4/ip_local_port_range'; "
+               "open(f, 'w').write(sys.argv[1]); "
+               "sys.exit(open(f).read().split() != sys.argv[1].split())", "%d %d" % EPHEMERAL)
+    if done.returncode != 0:
+        raise SetupFailed(f"cannot set the port range in {ns}: {done.stderr.strip()}")
 
 
 def _link_exists(name: str) -> bool:
@@ -144,6 +159,7 @@ def hosts():
             _must("-n", name, "link", "set", "dev", inner, "name", "eth0")
             _must("-n", name, "addr", "add", f"{HOSTS[h]}/24", "dev", "eth0")
             _must("-n", name, "link", "set", "dev", "lo", "up")
+            _set_ephemeral_range(name)
             _must("-n", name, "link", "set", "dev", "eth0", "up")
             _must("link", "set", "dev", outer, "master", bridge)
             _must("link", "set", "dev", outer, "up")
@@ -184,7 +200,9 @@ def hosts():
 # -- one run across the hosts -----------------------------------------------------
 
 def write_cluster(path: Path, hosts: Hosts, run: dict, port: int, keys: str = "keys") -> Path:
-    """coordinator and source on A, layer1 on B, layer2 and output on C."""
+    """coordinator and source on A, layer1 on B, layer2 and output on C;
+    ports ``port`` to ``port + 7``, below the namespaces' EPHEMERAL range."""
+    assert 1024 <= port and port + 7 < EPHEMERAL[0], f"port {port}: choose below {EPHEMERAL[0]}"
     a, b, c = hosts.addr["A"], hosts.addr["B"], hosts.addr["C"]
     lines = [f'keys = "{keys}"', "[run]"] + [f"{k} = {json.dumps(v)}" for k, v in run.items()]
     lines += ["[roles]", f'coordinator = "{a}:{port}"', f'source = "{a}"',

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -25,35 +24,75 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(90)
 
 
-def _ephemeral_range() -> tuple[int, int]:
+_held: list[socket.socket] = []  # ports handed to the current test's cluster file
+
+
+@pytest.fixture(autouse=True)
+def _release_ports():
+    yield
+    while _held:
+        _held.pop().close()
+
+
+def _hold(port: int) -> socket.socket | None:
+    """A TCP socket bound to ``port`` on loopback (0: the kernel picks), or None."""
+    s = socket.socket()
+    # SO_REUSEADDR on a socket that never listens: a role's listener (libzmq
+    # sets it too) may bind the same port, and nothing else may.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        return None
+    return s
 
 
 def free_ports(n: int) -> list[int]:
-    """n ports, each with the next one free too (hidden layers use PORT+1),
-    chosen outside the range the kernel hands to outgoing connections: a port
-    from that range can be taken by one of the run's own connects between
-    this check and the role's bind (CI saw exactly that)."""
-    low, high = _ephemeral_range()
-    candidates = [p for p in range(10000, 65535, 2) if not low - 1 <= p <= high]
-    rng = random.SystemRandom()  # concurrent test runs do not pick alike
+    """n ports the kernel gave (bind to port 0), each with the next one too
+    (hidden layers use PORT+1), held until the test ends.
+
+    A cluster file must name its ports, so a role binds a number we chose.
+    Checking that a port is free and then closing the check leaves it open
+    to anyone until the role binds it, even to the run's own outgoing
+    connections. Held instead by a socket bound and never listening, a
+    port is never handed to an outgoing connection nor bound by anyone
+    else, while the role's listener can still bind it beside ours.
+    """
     ports: list[int] = []
     while len(ports) < n:
-        port = rng.choice(candidates)
-        if port in ports:
+        first = _hold(0)
+        assert first is not None, "the kernel gave no port"
+        port = first.getsockname()[1]
+        second = _hold(port + 1) if port < 65535 else None
+        if second is None:
+            first.close()
             continue
-        with socket.socket() as a, socket.socket() as b:
-            try:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
+        _held.extend([first, second])
         ports.append(port)
     return ports
+
+
+def test_free_ports_are_held_for_the_roles_alone():
+    """Each port and the next: refused to any other bind, taken by a role's
+    listener (libzmq's), and free again once the test lets go of them."""
+    ports = free_ports(2)
+    ctx = zmq.Context()
+    try:
+        for port in ports:
+            for p in (port, port + 1):
+                with socket.socket() as other, pytest.raises(OSError):
+                    other.bind(("127.0.0.1", p))
+                listener = ctx.socket(zmq.PULL)
+                listener.linger = 0
+                listener.bind(f"tcp://127.0.0.1:{p}")
+                listener.close()
+    finally:
+        ctx.term()
+    while _held:
+        _held.pop().close()
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", ports[0]))
 
 
 def write_cluster(tmp: Path, run: dict, keys: bool = True) -> Path:
