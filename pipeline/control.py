@@ -16,6 +16,7 @@ from pipeline.transport import POLL_MS, Net, Stopped
 
 HEARTBEAT_S = 1.0   # a process says it is alive at least this often
 LIVENESS_S = 5.0    # silent for this long: taken for dead
+REPORT_LINGER_MS = 2000  # how long an error report may hold the exit to reach the coordinator
 
 
 class ControlLink:
@@ -174,11 +175,17 @@ class ControlLink:
 
     def report_error(self, exc: BaseException) -> None:
         """Tell the supervisor why we fail, if it can be told at once: a link
-        that is down (the reason we fail, perhaps) must not delay the exit."""
+        that is down (the reason we fail, perhaps) must not delay the exit.
+
+        The report lingers (up to REPORT_LINGER_MS after the socket closes)
+        only while the coordinator may be there to take it: queued for one
+        that is gone, it held zmq_ctx_term at exit for the whole linger."""
         tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
         msg = self.say.error(f"{type(exc).__name__}: {exc}", "".join(tb)[-4000:])
         try:
             self.sock.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
-            self.sock.linger = 2000
         except zmq.ZMQError:
-            pass
+            return
+        there = (os.getppid() == self.parent
+                 and time.monotonic() - self.last_heard <= LIVENESS_S)
+        self.sock.linger = REPORT_LINGER_MS if there else 0

@@ -84,10 +84,14 @@ def worker_main(role_main: RoleMain, argv: list[str] | None = None) -> int:
             return _serve(role_main, net, control, args.role)
     finally:
         # After the guard: each socket closes with its own linger (data sockets
-        # drop what is queued, the control link delivers an error report).
-        # Closing has been seen to hang in zmq_ctx_term, where no Python signal
-        # handler runs: the alarm's default action ends the process regardless.
-        signal.alarm(5)
+        # drop what is queued; the control link delivers an error report, and
+        # lingers only while the coordinator may still be there to take it,
+        # see ControlLink.report_error). zmq_ctx_term waits out that linger
+        # where no Python signal handler runs: a last-resort alarm, which
+        # never extends the shorter one a stop has already armed, ends the
+        # process by the kernel's default action should anything else hold it.
+        pending = signal.alarm(0)
+        signal.alarm(min(pending, 5) if pending else 5)
         context().destroy()
 
 

@@ -4,6 +4,7 @@ final report, an error, heartbeats) and how stop, silence and a wrong reply
 end a worker. No sleeps: the clock of the link is moved by hand."""
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 
@@ -148,3 +149,55 @@ def test_heartbeat_when_due_and_an_error_when_the_coordinator_is_silent(joined):
     link.last_heard = time.monotonic() - LIVENESS_S - 0.1
     with pytest.raises(RuntimeError, match="silent"):
         link.tick()
+
+
+def _term_within(ctx: zmq.Context, seconds: float) -> bool:
+    """ctx.term() blocks in C, where pytest-timeout's signal cannot reach it:
+    run it aside and say whether it returned in time."""
+    t = threading.Thread(target=ctx.term, daemon=True)
+    t.start()
+    t.join(seconds)
+    return not t.is_alive()
+
+
+@pytest.mark.parametrize("gone", ["silent", "parent"])
+def test_an_error_report_to_a_coordinator_that_is_gone_does_not_hold_the_exit(gone, tmp_path):
+    """The report lingers only for a coordinator that may still take it: for
+    one that is gone it would hold zmq_ctx_term for the whole linger, as it
+    did every worker whose supervisor died (kill -9 of the supervisor)."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind(f"ipc://{tmp_path}/control")  # a TCP port could be taken once let go
+    endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+    router.close()  # the coordinator is gone: nothing listens there any more
+    link = ControlLink(Net(ctx), endpoint, "layer1")
+    if gone == "silent":
+        link.last_heard = time.monotonic() - LIVENESS_S - 0.1
+    else:
+        link.parent = -1  # os.getppid() no longer names the process that started us
+    link.report_error(RuntimeError("the coordinator has been silent"))
+    link.sock.close()
+    assert _term_within(ctx, 1.0), "closing the context waited on an undeliverable report"
+
+
+def test_an_error_report_to_a_coordinator_that_is_there_gets_through_a_slow_start(tmp_path):
+    """A coordinator heard from recently gets the report even when the
+    connection comes up only after the worker closed its socket (the linger)."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind(f"ipc://{tmp_path}/control")  # a TCP port could be taken once let go
+    endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+    router.close()
+    link = ControlLink(Net(ctx), endpoint, "layer1")
+    link.report_error(RuntimeError("in the layer math"))
+    link.sock.close()
+    router = ctx.socket(zmq.ROUTER)  # back at the same address, as a restarted peer
+    router.linger = 0
+    router.bind(endpoint)
+    try:
+        assert protocol.error_text(heard(router)) == "RuntimeError: in the layer math"
+    finally:
+        router.close()
+        assert _term_within(ctx, 5.0)
