@@ -1,5 +1,5 @@
 """Side-by-side measurements, printed as ratios and written as JSON:
-``python bench/bench.py [--quick] [--only wire,pipeline,scaling,memory] [--out FILE]``.
+``python bench/bench.py [--quick] [--only wire,pipeline,scaling,memory,protection] [--out FILE]``.
 
 1. wire: one message (encode + send + receive + decode) over our sockets
    against raw pyzmq sending the same bytes (zero-copy, and copying), per size;
@@ -9,7 +9,12 @@
    reference with all threads too);
 3. scaling: pipeline DNI over reference DNI for 2, 3, 4 and 6 layers and for
    several batch sizes;
-4. memory: every process's resident size over a long run, first epoch to last.
+4. memory: every process's resident size over a long run, first epoch to last;
+5. protection: what the local runs' protection costs: every socket in the
+   run's private 0700 directory (the default) against abstract-namespace
+   Unix sockets that any process of the machine can reach
+   (``DNI_BENCH_UNPROTECTED=1``, a switch for this benchmark only), on the
+   seed task and the compute-heavy configuration.
 Not a test: the machine is shared and noisy; compare the ratios.
 """
 from __future__ import annotations
@@ -47,8 +52,8 @@ HEAVY = ["--layers", "4", "--hidden", "1024", "--batch-size", "256", "--lr", "0.
 def _pair(ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
     a, b = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
     a.linger = b.linger = 0
-    port = b.bind_to_random_port("tcp://127.0.0.1")
-    a.connect(f"tcp://127.0.0.1:{port}")
+    b.bind("tcp://127.0.0.1:0")  # the kernel picks the port
+    a.connect(b.getsockopt_string(zmq.LAST_ENDPOINT))
     return a, b
 
 
@@ -108,11 +113,12 @@ def bench_wire(n: int) -> list[dict]:
 
 # --- runs of launch.py -----------------------------------------------------------------
 
-def _run(args: list[str], blas_threads: int = 1) -> dict:
+def _run(args: list[str], blas_threads: int = 1, env_extra: dict | None = None) -> dict:
     """One run; its summary, and its metrics events."""
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, OMP_NUM_THREADS=str(blas_threads),
-                   OPENBLAS_NUM_THREADS=str(blas_threads), MKL_NUM_THREADS=str(blas_threads))
+                   OPENBLAS_NUM_THREADS=str(blas_threads), MKL_NUM_THREADS=str(blas_threads),
+                   **(env_extra or {}))
         # A run that fails (diverges) still has a summary: its row says so.
         subprocess.run([sys.executable, str(ROOT / "launch.py"), *args, "--quiet",
                         "--blas-threads", "1", "--run-dir", f"{tmp}/run"], env=env,
@@ -232,10 +238,55 @@ def bench_memory(epochs: int) -> dict:
     return out
 
 
+# --- 5. the cost of the local protection ---------------------------------------------------
+
+UNPROTECTED = {"DNI_BENCH_UNPROTECTED": "1"}  # abstract-namespace sockets; never for real runs
+
+
+def bench_protection(tasks: dict[str, list[str]], repeats: int) -> dict:
+    """Batches per second of each task's pipeline with its sockets in the
+    private directory (protected) and as abstract-namespace sockets
+    (unprotected), ``repeats`` pairs interleaved, the order alternating from
+    pair to pair so that a drift of the machine's speed hits both ways
+    alike. The ratio protected/unprotected is taken within each pair."""
+    out = {}
+    for name, task in tasks.items():
+        runs: dict[str, list[float]] = {"protected": [], "unprotected": []}
+        cpu: dict[str, list[float]] = {"protected": [], "unprotected": []}
+        ratios, cpu_ratios = [], []
+        for i in range(repeats):
+            pair, cpu_pair = {}, {}
+            for way in (("protected", "unprotected") if i % 2 == 0
+                        else ("unprotected", "protected")):
+                s = _run(task, env_extra=UNPROTECTED if way == "unprotected" else None)
+                _show(name, way, s)
+                if s["status"] != "completed":
+                    raise SystemExit(f"protection bench: a {way} run of {name} "
+                                     f"ended {s['status']}")
+                pair[way], cpu_pair[way] = s["batches_per_s"], _cpu_ms_per_batch(s)
+                runs[way].append(pair[way])
+                cpu[way].append(cpu_pair[way])
+            ratios.append(pair["protected"] / pair["unprotected"])
+            # CPU per batch does not count time lost to a neighbour's load
+            cpu_ratios.append(cpu_pair["protected"] / cpu_pair["unprotected"])
+        r, c = np.array(ratios), np.array(cpu_ratios)
+        out[name] = {"args": task, "batches_per_s": runs, "cpu_ms_per_batch": cpu,
+                     "ratios": ratios, "median_ratio": float(np.median(r)),
+                     "min_ratio": float(r.min()), "max_ratio": float(r.max()),
+                     "cpu_ratios": cpu_ratios, "median_cpu_ratio": float(np.median(c)),
+                     "min_cpu_ratio": float(c.min()), "max_cpu_ratio": float(c.max())}
+        print(f"  {name:>14}: batches/s protected / unprotected {np.median(r):.3f} "
+              f"(median of {repeats} pairs, range {r.min():.3f}-{r.max():.3f}; "
+              f"{np.median(runs['protected']):.1f} against "
+              f"{np.median(runs['unprotected']):.1f}); CPU per batch "
+              f"{np.median(c):.3f} (range {c.min():.3f}-{c.max():.3f})", flush=True)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions and batches")
-    p.add_argument("--only", default="wire,pipeline,scaling,memory",
+    p.add_argument("--only", default="wire,pipeline,scaling,memory,protection",
                    help="comma-separated parts to run")
     p.add_argument("--out", default="bench-results.json")
     a = p.parse_args()
@@ -264,6 +315,12 @@ def main() -> int:
     if "memory" in parts:
         print("memory over a long run (seed task, cdni)", flush=True)
         results["memory"] = bench_memory(2000 if a.quick else 8000)
+    if "protection" in parts:
+        print("protection: private socket directory / abstract-namespace sockets", flush=True)
+        results["protection"] = bench_protection(
+            {"seed task": ["--epochs", "200" if a.quick else "800"],
+             "heavy": HEAVY + ["--mode", "dni", "--examples", "25600", "--epochs", "1"]},
+            2 if a.quick else 6)
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {a.out}")
     return 0

@@ -26,14 +26,26 @@ HEADER_SLACK = 4096      # bytes allowed on top of the arrays: the msgpack heade
 LOCAL_IPC = zmq.has("ipc") and os.name == "posix"
 
 
+UNPROTECTED = "@"  # the "directory" of abstract-namespace sockets (ipc://@name), bench only
+
+
 def private_dir() -> str | None:
     """A fresh directory only this user may enter (0700), for a local run's
     Unix-domain sockets: no other user of the machine can connect to a socket
     in it. None where the platform has no such sockets (then loopback TCP).
     Under /tmp when $TMPDIR's path would make socket paths too long (about
-    100 bytes is all a socket address holds)."""
+    100 bytes is all a socket address holds).
+
+    For the benchmark only: with DNI_BENCH_UNPROTECTED=1 it returns
+    ``UNPROTECTED`` instead, and every socket of the run is an
+    abstract-namespace Unix socket, which any process of the machine can
+    reach: ``bench/bench.py`` measures what the directory costs against it."""
     if not LOCAL_IPC:
         return None
+    if os.environ.get("DNI_BENCH_UNPROTECTED") == "1" and sys.platform.startswith("linux"):
+        print("WARNING: DNI_BENCH_UNPROTECTED=1: every local user can reach this run's "
+              "sockets (a benchmark's baseline, never for real runs)", file=sys.stderr, flush=True)
+        return UNPROTECTED
     base = tempfile.gettempdir()
     if len(base) > 60:
         base = "/tmp"
@@ -41,7 +53,7 @@ def private_dir() -> str | None:
 
 
 def remove_private_dir(path: str | None) -> None:
-    if path:
+    if path and path != UNPROTECTED:
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -84,6 +96,8 @@ class Net:
         self.ipc_dir = ipc_dir
 
     def endpoint(self, offset: int = 0, data: bool = False) -> str:
+        if self.ipc_dir == UNPROTECTED:
+            return f"ipc://@dni-{secrets.token_hex(8)}"
         if self.ipc_dir is not None:
             return f"ipc://{self.ipc_dir}/{secrets.token_hex(8)}"
         host = f"[{self.host}]" if ":" in self.host else self.host

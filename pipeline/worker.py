@@ -15,7 +15,7 @@ from typing import Callable
 from pipeline import memory, protocol
 from pipeline.config import Config
 from pipeline.control import ControlLink
-from pipeline.transport import Net, Stopped, context
+from pipeline.transport import UNPROTECTED, Net, Stopped, context
 
 RoleMain = Callable[[ControlLink, Config, Net], None]
 HANDSHAKE_S = 600.0  # how long a worker waits for the coordinator's reply to its hello
@@ -50,8 +50,9 @@ def placement(args: argparse.Namespace) -> tuple[Net, str, contextlib.AbstractCo
         if args.control is None:
             raise SystemExit("a worker needs --control (local run) or --cluster")
         # A local supervisor listens in the run's private directory: so do we.
-        ipc_dir = (os.path.dirname(args.control[len("ipc://"):])
-                   if args.control.startswith("ipc://") else None)
+        ipc_dir = (None if not args.control.startswith("ipc://") else
+                   UNPROTECTED if args.control.startswith("ipc://@") else  # bench only
+                   os.path.dirname(args.control[len("ipc://"):]))
         return Net(ctx, ipc_dir=ipc_dir), args.control, contextlib.nullcontext()
     from pipeline import cluster, security
     c = cluster.load(args.cluster)

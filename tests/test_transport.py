@@ -1,6 +1,8 @@
 """Inboxes count and drop what they cannot use; a taken port gets one clear line."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import zmq
@@ -87,3 +89,51 @@ def test_a_taken_cluster_port_gets_an_error_naming_the_port_and_the_fix():
     finally:
         holder.close()
         ctx.term()
+
+
+def test_a_local_run_listens_in_a_private_directory_unless_the_bench_says_otherwise(
+        monkeypatch, tmp_path):
+    """By default every socket of a local run is a Unix socket in a fresh
+    0700 directory; DNI_BENCH_UNPROTECTED=1 (the benchmark's baseline, never
+    for real runs) gives abstract-namespace sockets, and workers follow the
+    supervisor's choice from its control endpoint."""
+    import argparse
+    import stat
+    import sys
+
+    from pipeline import transport
+    from pipeline.worker import placement
+
+    if not transport.LOCAL_IPC or not sys.platform.startswith("linux"):
+        pytest.skip("Unix-domain and abstract-namespace sockets are Linux's")
+    monkeypatch.delenv("DNI_BENCH_UNPROTECTED", raising=False)
+    private = transport.private_dir()
+    try:
+        assert stat.S_IMODE(os.stat(private).st_mode) == 0o700
+        ep = Net(zmq.Context.instance(), ipc_dir=private).endpoint()
+        assert ep.startswith(f"ipc://{private}/")
+        worker_net = placement(argparse.Namespace(control=ep, cluster=None))[0]
+        assert worker_net.ipc_dir == private
+    finally:
+        transport.remove_private_dir(private)
+    assert not os.path.exists(private)
+
+    monkeypatch.setenv("DNI_BENCH_UNPROTECTED", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "@").mkdir()  # a directory named like the marker is not ours to remove
+    unprotected = transport.private_dir()
+    assert unprotected == transport.UNPROTECTED
+    ep = Net(zmq.Context.instance(), ipc_dir=unprotected).endpoint()
+    assert ep.startswith("ipc://@dni-")
+    assert placement(argparse.Namespace(control=ep, cluster=None))[0].ipc_dir == unprotected
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.PULL)
+        sock.linger = 0
+        sock.bind(ep)  # the kernel takes the name: no file, no directory
+        assert sock.getsockopt_string(zmq.LAST_ENDPOINT) == ep
+        sock.close()
+    finally:
+        ctx.term()
+    transport.remove_private_dir(unprotected)
+    assert (tmp_path / "@").is_dir()
