@@ -22,17 +22,24 @@ HANDSHAKE_S = 600.0  # how long a worker waits for the coordinator's reply to it
 # A local supervisor hands each process it starts the run's secret here (the
 # environment, unlike the arguments, is readable only by the same user).
 TOKEN_ENV = "DNI_RUN_TOKEN"
+PARENT_ENV = "DNI_PARENT_PID"  # the pid of the process that started this worker
 
 
 def _die_with_parent() -> None:
     """Linux: have the kernel send SIGTERM when the supervisor dies, so a
-    worker is never orphaned, even after a SIGKILL of the supervisor."""
+    worker is never orphaned, even after a SIGKILL of the supervisor. A
+    supervisor that died before this (our imports take about a second) is
+    never signalled to us: then the parent is no longer the one that started
+    us, and we leave at once instead of waiting for a config that never comes."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         PR_SET_PDEATHSIG = 1
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass  # elsewhere the parent-pid check in the poll loop does the job
+    started_by = os.environ.get(PARENT_ENV, "")
+    if started_by.isdigit() and os.getppid() != int(started_by):
+        raise SystemExit("the supervisor that started this worker is gone")
 
 
 def _terminate(signum, frame) -> None:

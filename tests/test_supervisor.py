@@ -6,7 +6,10 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from tests.conftest import _alive, assert_no_orphans
 from commands import supervisor
 
 pytestmark = pytest.mark.timeout(60)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_worker_exception_fails_the_run_naming_role_and_error(tmp_path, monkeypatch):
@@ -141,3 +145,25 @@ def test_metric_floods_and_giants_are_dropped_not_written(sup, tmp_path):
     sup.rd.close()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == allowed and lines[-1].endswith(f'"line {allowed - 1}"}}')
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_whose_supervisor_died_before_it_started_leaves_at_once(tmp_path):
+    """The kernel's parent-death signal is set only once a worker's imports
+    are done (about a second): a supervisor gone before that is never
+    signalled, and the worker used to wait 600 s for a config."""
+    middle = subprocess.run(
+        [sys.executable, "-c",
+         "from commands.spawn import spawn, worker_env\n"
+         "p = spawn('workers.layer', 'layer1', ['--control', 'ipc:///nonexistent/control'],"
+         " worker_env(1))\n"
+         "print(p.pid)\n"],  # and exit at once, leaving the worker behind
+        cwd=ROOT, capture_output=True, text=True, timeout=30)
+    worker = int(middle.stdout.split()[-1])
+    deadline = time.monotonic() + 20
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling interval of a condition, not a synchronisation
+    alive = _alive(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the orphaned worker is still waiting"
