@@ -88,7 +88,7 @@ class Keys:
     public: bytes
     secret: bytes = field(repr=False)  # never in a log line or a traceback
     peers: dict[str, bytes]            # role -> public key, every *.key of the directory
-    directory: Path
+    directory: Path | None             # None: keys made for one run, in memory (memory_keys)
 
 
 def _read_key_file(path: Path) -> tuple[bytes, bytes | None]:
@@ -187,6 +187,11 @@ class Guard:
                                    "runs on it (or has only just stopped)") from None
             raise
         try:
+            if self.keys.directory is None:  # per-run keys held in memory (engines.py)
+                auth.configure_curve_callback(domain="*", credentials_provider=_Admit(self.keys))
+                self._auth = auth
+                _guarded.add(self.ctx)
+                return self
             auth.configure_curve(domain="*", location=str(self.keys.directory))
             # configure_curve logs a failed load and carries on; libzmq would
             # then refuse every client, which is safe but baffling: say why now.
@@ -210,6 +215,25 @@ class Guard:
             # told to stop and ends with the process
             return
         auth.stop()
+
+
+class _Admit:
+    """The ZAP check of in-memory keys: a client gets in if its public key is
+    one of ``keys.peers``."""
+
+    def __init__(self, keys: Keys):
+        self.allowed = frozenset(keys.peers.values())
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.allowed
+
+
+def memory_keys(role: str) -> Keys:
+    """A fresh CURVE keypair for ``role``, held in memory only (no files):
+    its peers are filled in once the others' public keys are known."""
+    _check_role(role)
+    public, secret = zmq.curve_keypair()
+    return Keys(role, public, secret, {role: public}, None)
 
 
 # -- observing refusals -------------------------------------------------------
