@@ -194,6 +194,10 @@ def detect(env: Mapping[str, str], forced: str = "auto") -> Engine:
     return engine
 
 
+# The variable that gives each engine's rank away.
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "JOB_COMPLETION_INDEX",
+                  "RANK")
+
 _NEEDS = {"mpi": "OMPI_COMM_WORLD_RANK/SIZE or PMI_RANK/SIZE",
           "slurm": "SLURM_PROCID, SLURM_NTASKS",
           "k8s": "JOB_COMPLETION_INDEX", "env": "RANK, WORLD_SIZE"}
