@@ -113,6 +113,7 @@ class EngineSupervisor(Supervisor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fd_role: dict[int, str] = {}
+        self.lost: WorkerFailed | None = None
         self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.router = _Sources(self.router, self.fd_role)
 
@@ -121,17 +122,30 @@ class EngineSupervisor(Supervisor):
         return {"pid": c.pids.get(role), "rank": c.ranks.get(role)}
 
     def _check_alive(self) -> None:
-        while self.monitor.poll(0):
-            event = parse_monitor_message(self.monitor.recv_multipart())
-            role = self.fd_role.pop(int(event["value"]), None)
-            if role is None or role in self.done:
-                continue
-            self._drain(200)  # it may have said why just before it went
-            raise WorkerFailed(role, f"{role} (rank {self.cluster.ranks[role]}) on "
-                                     f"{self.host(role)} is gone: its connection closed")
+        self._watch_connections()
+        if self.lost is not None:
+            self._drain(50)  # it may have said why just before it went
+            raise self.lost
         super()._check_alive()
 
+    def _watch_connections(self) -> None:
+        """Note the first role whose connection closed before it was done."""
+        while self.lost is None and self.monitor.poll(0):
+            event = parse_monitor_message(self.monitor.recv_multipart())
+            role = self.fd_role.pop(int(event["value"]), None)
+            if role is not None and role not in self.done:
+                self.lost = WorkerFailed(role, f"{role} (rank {self.cluster.ranks[role]}) on "
+                                               f"{self.host(role)} is gone: its connection closed")
+
     def _close(self, status: str, error: dict | None, start: float) -> int:
+        if status == "interrupted":
+            # The engine ends every rank once one dies: a connection that
+            # closed before our own signal came is that death, not a Ctrl-C.
+            self._watch_connections()
+            if self.lost is not None:
+                status, error = "failed", {"role": self.lost.role,
+                                           "host": self.host(self.lost.role),
+                                           "message": self.lost.message}
         if error is not None and error.get("role") in self.cluster.ranks:
             error = {**error, "rank": self.cluster.ranks[error["role"]]}
         self.monitor.close(linger=0)
