@@ -8,6 +8,7 @@ import importlib
 import os
 import secrets
 import sys
+import time
 from typing import Callable, TextIO
 
 import zmq
@@ -19,6 +20,11 @@ from pipeline import engines, rendezvous, security
 from pipeline.cli import EngineArgs
 from pipeline.engines import Engine
 from pipeline.rendezvous import EngineCluster
+
+# A rank's connection that closes is taken for its death only if no signal
+# from the engine follows within this long: a Ctrl-C on mpiexec reaches
+# every rank at once, and a worker may be gone a moment before we hear it.
+SIGNAL_GRACE_S = 0.1
 
 
 def run_rank(engine: Engine, opts: EngineArgs, prepare: Callable[[], tuple], stream: TextIO) -> int:
@@ -114,6 +120,7 @@ class EngineSupervisor(Supervisor):
         super().__init__(*args, **kwargs)
         self.fd_role: dict[int, str] = {}
         self.lost: WorkerFailed | None = None
+        self.lost_at = 0.0
         self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.router = _Sources(self.router, self.fd_role)
 
@@ -123,7 +130,7 @@ class EngineSupervisor(Supervisor):
 
     def _check_alive(self) -> None:
         self._watch_connections()
-        if self.lost is not None:
+        if self.lost is not None and time.monotonic() - self.lost_at >= SIGNAL_GRACE_S:
             self._drain(50)  # it may have said why just before it went
             raise self.lost
         super()._check_alive()
@@ -134,15 +141,19 @@ class EngineSupervisor(Supervisor):
             event = parse_monitor_message(self.monitor.recv_multipart())
             role = self.fd_role.pop(int(event["value"]), None)
             if role is not None and role not in self.done:
+                self.lost_at = time.monotonic()
                 self.lost = WorkerFailed(role, f"{role} (rank {self.cluster.ranks[role]}) on "
                                                f"{self.host(role)} is gone: its connection closed")
 
     def _close(self, status: str, error: dict | None, start: float) -> int:
         if status == "interrupted":
-            # The engine ends every rank once one dies: a connection that
-            # closed before our own signal came is that death, not a Ctrl-C.
+            # The engine ends every rank once one dies, a quarter second
+            # later: a connection that closed well before our own signal
+            # came is that death. One that closed with it is the engine
+            # passing a Ctrl-C (or scancel) on to every rank at once.
+            signalled = time.monotonic()
             self._watch_connections()
-            if self.lost is not None:
+            if self.lost is not None and self.lost_at <= signalled - SIGNAL_GRACE_S:
                 status, error = "failed", {"role": self.lost.role,
                                            "host": self.host(self.lost.role),
                                            "message": self.lost.message}

@@ -177,3 +177,23 @@ def test_a_world_of_the_wrong_size_is_one_line_and_every_rank_exits_at_once(mpi)
     assert len(ours) == 1, job.stderr()
     assert "needs 5 processes" in ours[0] and "started 4" in ours[0]
     assert not job.run_dir.exists()
+
+
+def test_ctrl_c_on_mpiexec_is_interrupted_and_resume_under_mpiexec_ends_bit_identical(mpi):
+    args = ["--layers", "3", "--lockstep", "--epochs", "300", "--checkpoint-every", "10",
+            "--seed", "3"]
+    job = mpi(5, *args)
+    job.wait_for(lambda: (job.run_dir / "checkpoints" / "latest.json").exists(),
+                 "the first checkpoint")
+    pids = job.rank_pids()
+    job.proc.send_signal(signal.SIGINT)  # what Ctrl-C at the terminal does
+    assert job.wait(30) != 0
+    s = job.summary()
+    assert s["status"] == "interrupted", s
+    assert s["epochs_done"] < 300
+    assert_all_gone(pids)
+    again = mpi(5, "--resume", str(job.run_dir))
+    assert again.wait() == 0, again.stderr()
+    assert again.summary()["status"] == "completed"
+    cfg = Config(layers=3, lockstep=True, epochs=300, checkpoint_every=10, seed=3)
+    assert_bit_identical(Weights(job.run_dir), reference_weights(cfg))
