@@ -118,11 +118,11 @@ class EngineSupervisor(Supervisor):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.fd_role: dict[int, str] = {}
+        self.fd_conn: dict[int, bytes] = {}  # file descriptor -> the ROUTER's name of it
         self.lost: WorkerFailed | None = None
         self.lost_at = 0.0
         self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.router = _Sources(self.router, self.fd_role)
+        self.router = _Sources(self.router, self.fd_conn)
 
     def process_info(self, role: str) -> dict:
         c = self.cluster
@@ -139,7 +139,7 @@ class EngineSupervisor(Supervisor):
         """Note the first role whose connection closed before it was done."""
         while self.lost is None and self.monitor.poll(0):
             event = parse_monitor_message(self.monitor.recv_multipart())
-            role = self.fd_role.pop(int(event["value"]), None)
+            role = self.role_of.get(self.fd_conn.pop(int(event["value"]), b""))
             if role is not None and role not in self.done:
                 self.lost_at = time.monotonic()
                 self.lost = WorkerFailed(role, f"{role} (rank {self.cluster.ranks[role]}) on "
@@ -165,19 +165,20 @@ class EngineSupervisor(Supervisor):
 
 
 class _Sources:
-    """The coordinator's ROUTER, noting which connection (file descriptor)
-    each role's messages arrive on, so a closed connection names its role."""
+    """The coordinator's ROUTER, noting which file descriptor each
+    connection's messages arrive on, so a closed one names its role (the
+    supervisor ties connections to roles, ``role_of``)."""
 
-    def __init__(self, sock: zmq.Socket, fd_role: dict[int, str]):
+    def __init__(self, sock: zmq.Socket, fd_conn: dict[int, bytes]):
         self.sock = sock
-        self.fd_role = fd_role
+        self.fd_conn = fd_conn
 
     def recv_multipart(self, *args, **kwargs):
         frames = self.sock.recv_multipart(*args, **kwargs)
         ident = frames[0]
         if isinstance(ident, zmq.Frame):
             with contextlib.suppress(zmq.ZMQError):
-                self.fd_role[ident.get(zmq.SRCFD)] = bytes(ident.buffer).decode(errors="replace")
+                self.fd_conn[ident.get(zmq.SRCFD)] = ident.bytes
         return frames
 
     def __getattr__(self, name: str):

@@ -15,6 +15,7 @@ from typing import TextIO
 import zmq
 
 from commands.spawn import SIGNALS, module_of, spawn, worker_env
+from pipeline.worker import TOKEN_ENV
 from pipeline import memory, protocol, security, wire
 from pipeline.checkpoint import check_states, check_weights
 from pipeline.cluster import Cluster
@@ -90,10 +91,18 @@ class Supervisor:
             if keys is not None:
                 self.guard.enter_context(security.Guard(self.ctx, keys))
             net = Net(self.ctx, me.host, me.port, keys)
-        self.router, self.endpoint = net.bind(zmq.ROUTER)
-        # A role restarted on its own reconnects under the same identity: let
-        # the new connection take over, so it can rejoin a waiting run.
-        self.router.router_handover = 1
+        # Under CURVE only the keys of the run's roles get in; each message
+        # then carries its key's role (security.user_id).
+        self.router, self.endpoint = net.bind(zmq.ROUTER, admit=self.roles)
+        self.curve = cluster is not None and net.keys is not None
+        # Local runs: the processes we start get this secret, and a hello
+        # must show it before any config goes out.
+        self.token = secrets.token_hex(16) if cluster is None else None
+        # The ROUTER names each connection; a hello that proves its role
+        # ties the connection to it (a role restarted before the start
+        # rejoins on its new connection).
+        self.conn: dict[str, bytes] = {}   # role -> its connection
+        self.role_of: dict[bytes, str] = {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.hello: dict[str, Message] = {}
         self.ready: dict[str, Message] = {}
@@ -116,6 +125,8 @@ class Supervisor:
     # -- processes ---------------------------------------------------------------
     def _spawn(self) -> None:
         env = worker_env(self.cfg.blas_threads)
+        if self.token is not None:
+            env = {**env, TOKEN_ENV: self.token}
         for role in self.spawn_roles:
             if self.cluster is None:
                 where = ["--control", self.endpoint]
@@ -167,32 +178,72 @@ class Supervisor:
 
     # -- messages ------------------------------------------------------------------
     def _send(self, role: str, msg: Message) -> None:
+        conn = self.conn.get(role)
+        if conn is None:
+            return
         try:
-            self.router.send_multipart([role.encode(), *wire.encode(msg)], flags=zmq.NOBLOCK)
+            self.router.send_multipart([conn, *wire.encode(msg)], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the peer is gone; nothing to tell it
 
     def _recv(self, timeout_ms: int) -> Message | None:
         if not self.router.poll(timeout_ms):
             return None
-        ident, *frames = self.router.recv_multipart(copy=False)
-        role = bytes(ident.buffer).decode(errors="replace")
+        conn, *frames = self.router.recv_multipart(copy=False)
+        conn = conn.bytes
         try:
             # Hello comes before the worker knows the run id; nothing else may.
             msg = wire.decode(frames)
             if msg.kind != protocol.HELLO and msg.run_id != self.run_id:
                 raise ValueError(f"foreign run id {msg.run_id!r}")
+            role = self._speaker(conn, msg, frames[0] if frames else None)
         except ValueError as exc:
-            print(f"[supervisor] dropped a bad control message from {role!r}: {exc}",
-                  file=sys.stderr)
+            who = self.role_of.get(conn, "unknown")
+            self.refused[who] = self.refused.get(who, 0) + 1
+            if self.refused[who] <= 3:
+                print(f"[supervisor] dropped a control message from {who}'s connection: "
+                      f"{exc}", file=sys.stderr)
             return None
-        if role not in self.roles or msg.sender != role:
-            return None
+        if msg.kind == protocol.HELLO and not self.started:
+            old = self.conn.get(role)
+            if old is not None:
+                self.role_of.pop(old, None)
+            self.conn[role], self.role_of[conn] = conn, role
         self.last_seen[role] = time.monotonic()
         if msg.kind == protocol.HEARTBEAT and self.moves is not None:
             self.moves.heard(role, msg.step, self.last_seen[role])
         self._take(msg)
         return msg
+
+    def _speaker(self, conn: bytes, msg: Message, frame: "zmq.Frame | None") -> str:
+        """The role that sent ``msg`` on connection ``conn``, or ValueError.
+
+        A hello names its role and must prove it: under CURVE the key it
+        connected with must be that role's; in a local run it must carry the
+        secret only the processes started for this run were given. Any other
+        message must come from a connection a hello has tied to its sender.
+        (A cluster run without keys proves nothing: anyone who can reach
+        the port can speak; see docs/security.md.)"""
+        if msg.kind == protocol.HELLO:
+            role = msg.sender
+            if role not in self.roles:
+                raise ValueError(f"a hello from {role!r}, which is no role of this run")
+            if self.curve:
+                key_role = security.user_id(frame) if frame is not None else None
+                if key_role != role:
+                    raise ValueError(f"a hello as {role} from a peer holding {key_role}'s key")
+            elif self.token is not None and not secrets.compare_digest(
+                    protocol.token(msg).encode(), self.token.encode()):
+                raise ValueError(f"a hello as {role} without this run's secret")
+            return role
+        role = self.role_of.get(conn)
+        if role is None:
+            raise ValueError(f"a {msg.kind} from a connection that has not said hello")
+        if msg.sender != role:
+            raise ValueError(f"a {msg.kind} signed {msg.sender!r} on {role}'s connection")
+        if self.curve and (frame is None or security.user_id(frame) != role):
+            raise ValueError(f"a {msg.kind} on {role}'s connection with another key")
+        return role
 
     def _take(self, msg: Message) -> None:
         """Handle a message from a known role; one that is well-formed but not

@@ -35,7 +35,9 @@ class ControlLink:
         def watch(sock: zmq.Socket) -> None:  # a refused key is an error, not a hang
             self.refusals = security.Refusals(sock)
 
-        self.sock = net.connect(zmq.DEALER, endpoint, "coordinator", identity=role.encode(),
+        # No identity of our choosing: the supervisor's ROUTER names this
+        # connection, and ties it to a role only once a hello proves it.
+        self.sock = net.connect(zmq.DEALER, endpoint, "coordinator",
                                 before=watch if net.keys is not None else None)
         self.parent = os.getppid()
         self.last_heard = self.last_beat = time.monotonic()

@@ -58,7 +58,7 @@ class HiddenNode:
         d = cfg.dims
         self.check_activation = ActivationCheck(
             protocol.upstream(index, cfg.layers), d[index - 1], d[-1], cfg.batch_size,
-            cfg.np_dtype, first_batch=cfg.start_epoch * cfg.batches_per_epoch)
+            schedule.stream(cfg), cfg.np_dtype)
 
     # -- the schedule --------------------------------------------------------------
     def may_take(self) -> bool:
@@ -179,7 +179,7 @@ class OutputNode:
         d = cfg.dims
         self.check_activation = ActivationCheck(
             protocol.upstream(cfg.layers, cfg.layers), d[-2], d[-1], cfg.batch_size,
-            cfg.np_dtype, first_batch=cfg.start_epoch * cfg.batches_per_epoch)
+            schedule.stream(cfg), cfg.np_dtype)
 
     def may_take(self) -> bool:
         return not self.stream_ended

@@ -27,7 +27,7 @@ and stop, each built and read by the functions below.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -149,8 +149,10 @@ class Speaker:
         return self._msg(EOF, batch)
 
     # control link
-    def hello(self) -> Message:
-        return self._msg(HELLO)
+    def hello(self, token: str = "") -> Message:
+        """``token``: the secret a local supervisor gave the processes it
+        started, which proves membership of the run before any config is sent."""
+        return self._msg(HELLO, meta={"token": token} if token else None)
 
     def config(self, config: dict, resume: tuple[dict, dict] | None = None) -> Message:
         meta: dict = {"config": config, "run_id": self.run_id}
@@ -250,6 +252,12 @@ def event(msg: Message) -> dict:
     return dict(msg.meta)
 
 
+def token(msg: Message) -> str:
+    """A hello's proof of membership ("" when it carries none)."""
+    value = msg.meta.get("token", "")
+    return value if isinstance(value, str) else ""
+
+
 def error_text(msg: Message) -> str:
     value = msg.meta.get("error")
     return value if isinstance(value, str) else "unknown error"
@@ -286,28 +294,38 @@ def expect(msg: Message, kinds: Sequence[str], shapes: Sequence[tuple[int | None
 
 
 class ActivationCheck:
-    """The check of a layer's activation inbox: act/eval/eof from the one
-    upstream role, (n, width) inputs with (n, labels) labels, and training
-    batches in order (anything else cannot be ours)."""
+    """The check of a layer's activation inbox: act/eval/checkpoint/eof from
+    the one upstream role, (n, width) inputs with (n, labels) labels, each
+    exactly the next message of the run's data stream (``turns``, from
+    ``schedule.stream``): kind, batch id, epoch and row count. A message out
+    of turn (early, late, a second copy, an eof or a test batch nobody sent
+    at that point) cannot be ours, and is dropped before the node sees it."""
 
     def __init__(self, upstream: str, width: int, labels: int, max_rows: int,
-                 dtype: np.dtype = np.dtype(np.float64), first_batch: int = 0):
+                 turns: Iterator[tuple], dtype: np.dtype = np.dtype(np.float64)):
         self.upstream = upstream
         self.shapes = [(None, width), (None, labels)]
         self.max_rows = max_rows
         self.dtype = dtype
-        self.read = first_batch  # the next training batch expected (resumed runs start later)
+        self.turns = turns
+        self.next = next(turns, None)  # (kind, batch, epoch or None, rows): what must come
 
     def __call__(self, msg: Message) -> None:
         expect(msg, (ACT, EVAL, EOF, CHECKPOINT), self.shapes, self.dtype,
                self.max_rows)
         if msg.sender != self.upstream:
             raise ValueError(f"activation from {msg.sender!r}, expected {self.upstream!r}")
-        if msg.kind == EVAL:
-            test_epoch(msg)  # raises on a malformed one
-        if msg.kind == CHECKPOINT:
-            epoch(msg)
-        if msg.kind == ACT:
-            if msg.batch != self.read:
-                raise ValueError(f"activation for batch {msg.batch}, expected {self.read}")
-            self.read += 1
+        at = (test_epoch(msg) if msg.kind == EVAL else epoch(msg) if msg.kind == CHECKPOINT
+              else None)  # each raises on a malformed field
+        got = (msg.kind, msg.batch, at, msg.arrays[0].shape[0] if msg.arrays else 0)
+        if self.next is None:
+            raise ValueError(f"{msg.kind} of batch {msg.batch} after the end of the stream")
+        if got != tuple(self.next):
+            raise ValueError(f"out of turn: {_turn(got)}, expected {_turn(self.next)}")
+        self.next = next(self.turns, None)
+
+
+def _turn(t: tuple) -> str:
+    kind, batch, at, rows = t
+    return (f"{kind} of batch {batch}" + (f" (epoch {at})" if at is not None else "")
+            + (f" with {rows} rows" if rows else ""))

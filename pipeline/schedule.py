@@ -4,7 +4,7 @@ the epochs. The node drivers (``pipeline.driver``) ask these and nothing
 else, in the workers and in the in-process reference alike."""
 from __future__ import annotations
 
-from typing import Container, Mapping, Protocol
+from typing import Container, Iterator, Mapping, NamedTuple, Protocol
 
 
 class _Forwarded(Protocol):
@@ -75,3 +75,37 @@ def checkpoint_due(epoch: int, cfg) -> bool:
     epochs, except after the last (the run's end saves the weights anyway)."""
     every = cfg.checkpoint_every
     return every > 0 and (epoch + 1) % every == 0 and epoch + 1 < cfg.epochs
+
+
+class Turn(NamedTuple):
+    """One message of the data stream as the source sends it and every layer
+    passes it on: its kind, batch id, epoch (a test batch's or a barrier's,
+    else None) and row count (0: no arrays)."""
+    kind: str
+    batch: int
+    epoch: int | None
+    rows: int
+
+
+def _rows(examples: int, batch_size: int) -> Iterator[int]:
+    return (min(batch_size, examples - i) for i in range(0, examples, batch_size))
+
+
+def stream(cfg) -> Iterator[Turn]:
+    """Every message of a run's data stream, in order: per epoch its training
+    batches, the test split (if any) and a checkpoint barrier where one is
+    due; then the final pass over the training set and the end of stream.
+    The source sends exactly this; a layer takes nothing else, in no other
+    order (``protocol.ActivationCheck``)."""
+    batch = cfg.start_epoch * cfg.batches_per_epoch
+    for epoch in range(cfg.start_epoch, cfg.epochs):
+        for rows in _rows(cfg.examples, cfg.batch_size):
+            yield Turn("act", batch, None, rows)
+            batch += 1
+        for i, rows in enumerate(_rows(cfg.test_examples, cfg.batch_size)):
+            yield Turn("eval", i, epoch, rows)
+        if checkpoint_due(epoch, cfg):
+            yield Turn("checkpoint", batch - 1, epoch, 0)
+    for i, rows in enumerate(_rows(cfg.examples, cfg.batch_size)):
+        yield Turn("eval", i, None, rows)
+    yield Turn("eof", batch, None, 0)

@@ -11,6 +11,7 @@ import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Sequence
 
 import zmq
 import zmq.auth
@@ -22,9 +23,10 @@ PUBLIC_SUFFIX = ".key"            # czmq/pyzmq convention: the ZAP handler loads
 SECRET_SUFFIX = ".key_secret"
 _ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # becomes a file name: no paths
 
-# Contexts with a running Guard. Without a ZAP handler libzmq lets a CURVE
-# server accept *any* client keypair, so make_server refuses an unguarded one.
-_guarded: "weakref.WeakSet[zmq.Context]" = weakref.WeakSet()
+# The running Guard of each context. Without a ZAP handler libzmq lets a
+# CURVE server accept *any* client keypair, so make_server refuses an
+# unguarded one.
+_guards: "weakref.WeakKeyDictionary[zmq.Context, Guard]" = weakref.WeakKeyDictionary()
 
 
 # -- keys ---------------------------------------------------------------------
@@ -88,7 +90,7 @@ class Keys:
     public: bytes
     secret: bytes = field(repr=False)  # never in a log line or a traceback
     peers: dict[str, bytes]            # role -> public key, every *.key of the directory
-    directory: Path | None             # None: keys made for one run, in memory (memory_keys)
+    directory: Path | None             # None: keys made for one run, held in memory (memory_keys)
 
 
 def _read_key_file(path: Path) -> tuple[bytes, bytes | None]:
@@ -133,17 +135,27 @@ def load_keys(key_dir: str | os.PathLike, role: str) -> Keys:
     if role in peers and peers[role] != public:
         # peers would check us against the .key file, so a mismatch locks us out
         raise ValueError(f"{directory / (role + PUBLIC_SUFFIX)} does not match {secret_file}")
+    shared = [r for r in peers if list(peers.values()).count(peers[r]) > 1]
+    if shared:
+        # a key is a role: one key for two roles could speak as either
+        raise ValueError(f"roles {', '.join(shared)} share one public key in {directory}: "
+                         "each role needs a keypair of its own")
     return Keys(role, public, secret, peers, directory)
 
 
 # -- sockets ------------------------------------------------------------------
 
-def make_server(sock: zmq.Socket, keys: Keys) -> None:
-    """Make ``sock`` a CURVE server; call before bind(), with a Guard running
-    on the socket's context (the Guard decides which clients get in)."""
-    if sock.context not in _guarded:
+def make_server(sock: zmq.Socket, keys: Keys, domain: str, admit: Sequence[str]) -> None:
+    """Make ``sock`` a CURVE server that admits the keys of the roles in
+    ``admit`` and no other; call before bind(), with a Guard running on the
+    socket's context. ``domain``: the socket's name for the Guard, one per
+    bound socket of the process."""
+    guard = _guards.get(sock.context)
+    if guard is None:
         raise RuntimeError("start a security.Guard on this socket's context before "
                            "make_server: without one, libzmq admits any client keypair")
+    guard.admit(domain, admit)
+    sock.zap_domain = domain.encode()
     sock.curve_secretkey = keys.secret
     sock.curve_publickey = keys.public
     sock.curve_server = True
@@ -152,30 +164,44 @@ def make_server(sock: zmq.Socket, keys: Keys) -> None:
 def make_client(sock: zmq.Socket, keys: Keys, server_role: str) -> None:
     """Make ``sock`` a CURVE client of ``server_role``; call before connect()."""
     if server_role not in keys.peers:
-        raise ValueError(f"no public key for role {server_role!r} in {keys.directory} "
+        raise ValueError(f"no public key for role {server_role!r} in "
+                         f"{keys.directory or 'the run' + chr(39) + 's keys'} "
                          f"(have: {', '.join(sorted(keys.peers))})")
     sock.curve_publickey = keys.public
     sock.curve_secretkey = keys.secret
     sock.curve_serverkey = keys.peers[server_role]
 
 
+class _RoleAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler, with the client's role (not its key) as the
+    User-Id a receiver sees on each message (``frame.get("User-Id")``)."""
+
+    def __init__(self, ctx: zmq.Context, role_of: dict[bytes, str]):
+        super().__init__(ctx)
+        self.role_of = role_of
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.role_of[z85.encode(client_public_key)]
+
+
 class Guard:
-    """The ZAP handler of a context: only clients whose public key is a
-    ``*.key`` file of the key directory get past a CURVE server's handshake.
+    """The ZAP handler of a context: a CURVE server socket admits only the
+    keys of the roles named for it (``admit``, called by ``make_server``),
+    and each message it receives carries the sender's role as its User-Id.
+    A key not named for a socket gets no further than the handshake.
 
     One per context (libzmq allows one ZAP handler, and frees its endpoint
-    only some time after the Guard exits). The directory is read when the
-    Guard starts; key files added later are not admitted. Leave the Guard
-    before destroying the context: its thread holds sockets of it.
+    only some time after the Guard exits). Leave the Guard before destroying
+    the context: its thread holds sockets of it.
     """
 
     def __init__(self, ctx: zmq.Context, keys: Keys):
         self.ctx = ctx
         self.keys = keys
-        self._auth: ThreadAuthenticator | None = None
+        self._auth: _RoleAuthenticator | None = None
 
     def __enter__(self) -> "Guard":
-        auth = ThreadAuthenticator(self.ctx)
+        auth = _RoleAuthenticator(self.ctx, {pub: role for role, pub in self.keys.peers.items()})
         try:
             auth.start()
         except zmq.ZMQError as exc:
@@ -186,27 +212,26 @@ class Guard:
                 raise RuntimeError("this context's ZAP endpoint is taken: a Guard already "
                                    "runs on it (or has only just stopped)") from None
             raise
-        try:
-            if self.keys.directory is None:  # per-run keys held in memory (engines.py)
-                auth.configure_curve_callback(domain="*", credentials_provider=_Admit(self.keys))
-                self._auth = auth
-                _guarded.add(self.ctx)
-                return self
-            auth.configure_curve(domain="*", location=str(self.keys.directory))
-            # configure_curve logs a failed load and carries on; libzmq would
-            # then refuse every client, which is safe but baffling: say why now.
-            if "*" not in auth.certs or not auth.certs["*"]:
-                raise ValueError(f"no usable public keys in {self.keys.directory}")
-        except BaseException:
-            auth.stop()
-            raise
         self._auth = auth
-        _guarded.add(self.ctx)
+        _guards[self.ctx] = self
         return self
+
+    def admit(self, domain: str, roles: Sequence[str]) -> None:
+        """The sockets of ``domain`` admit the keys of ``roles`` and no other."""
+        missing = [r for r in roles if r not in self.keys.peers]
+        if missing:
+            where = self.keys.directory or "the run's keys"
+            raise ValueError(f"no public key for role {missing[0]!r} in {where} "
+                             f"(have: {', '.join(sorted(self.keys.peers))})")
+        if self._auth is None:
+            raise RuntimeError("the Guard is not running")
+        # one assignment: the ZAP thread sees the old set or the new one
+        self._auth.certs[domain] = {self.keys.peers[r]: True for r in roles}
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        _guarded.discard(self.ctx)
+        if _guards.get(self.ctx) is self:
+            del _guards[self.ctx]
         auth, self._auth = self._auth, None
         if auth is None:
             return
@@ -217,15 +242,13 @@ class Guard:
         auth.stop()
 
 
-class _Admit:
-    """The ZAP check of in-memory keys: a client gets in if its public key is
-    one of ``keys.peers``."""
-
-    def __init__(self, keys: Keys):
-        self.allowed = frozenset(keys.peers.values())
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.allowed
+def user_id(frame: zmq.Frame) -> str | None:
+    """The role of the peer that sent ``frame`` on a CURVE socket (None
+    where no Guard vouched for it: a socket without CURVE)."""
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
 
 
 def memory_keys(role: str) -> Keys:

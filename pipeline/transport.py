@@ -10,7 +10,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from typing import Callable
+from typing import Callable, Sequence
 
 import zmq
 
@@ -90,14 +90,17 @@ class Net:
         return f"tcp://{host}:{self.port + offset if self.port else 0}"
 
     def bind(self, kind: int, offset: int = 0, hwm: int = 1000,
-             max_frame: int | None = None, data: bool = False) -> tuple[zmq.Socket, str]:
-        """A bound socket and its endpoint; ``max_frame``: ZeroMQ drops a
-        sender whose frame is larger; ``data``: a data inbox."""
+             max_frame: int | None = None, data: bool = False,
+             admit: Sequence[str] = ()) -> tuple[zmq.Socket, str]:
+        """A bound socket and its endpoint; ``admit``: the roles whose keys
+        may connect (under CURVE; no other key gets past the handshake);
+        ``max_frame``: ZeroMQ drops a sender whose frame is larger; ``data``:
+        a data inbox."""
         s = _socket(self.ctx, kind, hwm)
         if max_frame is not None:
             s.setsockopt(zmq.MAXMSGSIZE, max_frame)
         if self.keys is not None:
-            security.make_server(s, self.keys)
+            security.make_server(s, self.keys, f"port+{offset}", admit)
         endpoint = self.endpoint(offset, data)
         try:
             s.bind(endpoint)
@@ -125,15 +128,17 @@ class Net:
         s.connect(endpoint)
         return s
 
-    def inbox(self, offset: int, hwm: int, max_bytes: int) -> tuple[zmq.Socket, str]:
-        """A PULL socket for data; returns it and its endpoint.
+    def inbox(self, offset: int, hwm: int, max_bytes: int,
+              sender: str = "") -> tuple[zmq.Socket, str]:
+        """A PULL socket for data from the role ``sender``; returns it and its endpoint.
 
         A frame far larger than any valid message of this run (``max_bytes``)
         is refused by ZeroMQ itself, which drops the sender, before it is
         ever buffered whole; a message somewhat too large still arrives, and
         decode() counts and drops it.
         """
-        return self.bind(zmq.PULL, offset, hwm, max_frame=2 * max_bytes + 64 * 1024, data=True)
+        return self.bind(zmq.PULL, offset, hwm, max_frame=2 * max_bytes + 64 * 1024,
+                         data=True, admit=[sender])
 
     def outbox(self, endpoint: str, server_role: str, hwm: int) -> zmq.Socket:
         return self.connect(zmq.PUSH, endpoint, server_role, hwm)

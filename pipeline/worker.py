@@ -19,6 +19,9 @@ from pipeline.transport import Net, Stopped, context
 
 RoleMain = Callable[[ControlLink, Config, Net], None]
 HANDSHAKE_S = 600.0  # how long a worker waits for the coordinator's reply to its hello
+# A local supervisor hands each process it starts the run's secret here (the
+# environment, unlike the arguments, is readable only by the same user).
+TOKEN_ENV = "DNI_RUN_TOKEN"
 
 
 def _die_with_parent() -> None:
@@ -99,7 +102,7 @@ def serve_placed(role_main: RoleMain, role: str,
 def _serve(role_main: RoleMain, net: Net, control: str, role: str) -> int:
     link = ControlLink(net, control, role)
     try:
-        link.send(link.say.hello())
+        link.send(link.say.hello(os.environ.pop(TOKEN_ENV, "")))
         # Roles started by hand may wait long for the coordinator to come up.
         config, run_id, link.resume = protocol.config(
             link.wait_for(protocol.CONFIG, timeout_s=HANDSHAKE_S))

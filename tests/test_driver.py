@@ -265,3 +265,17 @@ def test_a_resumed_source_starts_at_its_epoch():
     c = cfg(examples=4, batch_size=2, epochs=3, start_epoch=2)
     assert [(m.kind, m.batch) for m in SourceNode(c, "r").messages()] == \
         [("act", 4), ("act", 5), ("eval", 0), ("eval", 1), ("eof", 6)]
+
+
+@pytest.mark.parametrize("kw", [dict(examples=5, batch_size=2, epochs=3, checkpoint_every=1),
+                                dict(examples=8, batch_size=4, epochs=4, start_epoch=1,
+                                     checkpoint_every=2, shuffle=True)])
+def test_every_layer_takes_exactly_what_the_source_sends(kw):
+    # The source and the layers' inbox check each spell out the stream; they
+    # must agree message for message, and a second copy of any is refused.
+    c = cfg(**kw)
+    node = HiddenNode(c, 1, "r")
+    for msg in SourceNode(c, "r").messages():
+        node.check_activation(msg)
+        with pytest.raises(ValueError, match="out of turn|after the end"):
+            node.check_activation(msg)

@@ -81,3 +81,84 @@ def test_fuzz_on_live_sockets_changes_nothing(launch, garbage):
     errors = {L["role"]: L["decode_errors"] for L in run.summary()["layers"]}
     assert errors == {r: sent.get(r, 0) for r in ("layer1", "layer2", "output")}
     assert_bit_identical(run, reference_weights(Config(lockstep=True, epochs=300, seed=8)))
+
+
+# -- well-formed messages from real role names, every kind, every meta field --
+
+# Every meta field any kind carries (protocol.py), each drawn with a value of
+# its right type or of any other, so the readers' checks are all exercised.
+FIELDS = ["test", "epoch", "lost", "weights", "state", "config", "run_id", "endpoints",
+          "peers", "event", "error", "traceback", "counters", "decode_errors",
+          "peak_rss_mb", "cpu_s", "token"]
+_RIGHT = st.one_of(st.integers(0, 5), st.booleans(), st.just(["w", "b"]), st.just({}),
+                   st.just({"act": "tcp://127.0.0.1:9"}), st.just({"downstream": ["x", "y"]}),
+                   st.just("epoch"), st.just({"forward_batches": 1}))
+# Batch ids no turn of this run has (it has fewer than a million batches) and
+# none a layer awaits a gradient for: a message may be well-formed, signed by
+# the right role and shaped right, yet it is never in turn.
+_OUT_OF_TURN = st.one_of(st.integers(10**6, 10**7), st.integers(-3, -1))
+TARGETS = SOCKETS + [("supervisor", "control")]
+# The default run's widths (dims 16, 128, 64, 8): what each socket takes.
+WIDTHS = {("layer1", "act"): (16, 8), ("layer1", "grad"): (128,), ("layer2", "act"): (128, 8),
+          ("layer2", "grad"): (64,), ("output", "act"): (64, 8), ("supervisor", "control"): (3,)}
+
+
+@st.composite
+def _message(draw) -> tuple[tuple[str, str], dict]:
+    target = draw(st.sampled_from(TARGETS))
+    rows = draw(st.integers(1, 4))
+    arrays = [(rows, w) for w in WIDTHS[target]][:draw(st.integers(0, len(WIDTHS[target])))]
+    return target, dict(
+        kind=draw(st.sampled_from(ALL_KINDS)), batch=draw(_OUT_OF_TURN),
+        sender=draw(st.sampled_from(["source", "layer1", "layer2", "output", "supervisor"])),
+        step=draw(st.integers(0, 3)), shapes=arrays,
+        meta=draw(st.dictionaries(st.sampled_from(FIELDS), st.one_of(_RIGHT, _msgpack_values),
+                                  max_size=4)))
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=1, deadline=None, database=None, phases=[Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                 HealthCheck.data_too_large])
+@given(messages=st.lists(_message(), min_size=120, max_size=120))
+def test_every_kind_and_field_from_real_roles_is_dropped_and_changes_nothing(launch, messages):
+    """Messages that get past decoding (this run's id, real role names,
+    arrays of the widths each socket takes) but are out of turn, mistyped or
+    from a connection that proved no role: every one is counted where it
+    lands, on the data links and on the control link, and the weights stay
+    the reference's."""
+    import numpy as np
+
+    from pipeline import wire
+    from pipeline.protocol import Message
+
+    run = launch("--lockstep", "--quiet", "--epochs", "300", "--seed", "8",
+                 name=f"run-{next(_RUNS)}")
+    config = run.wait_started()
+    ctx = zmq.Context()
+    sent: dict[str, int] = {}
+    socks: dict[str, zmq.Socket] = {}
+    try:
+        for (role, inbox), m in messages:
+            if inbox == "control":
+                endpoint, kind = config["supervisor"]["control"], zmq.DEALER
+            else:
+                endpoint, kind = config["processes"][role]["endpoints"][inbox], zmq.PUSH
+            if endpoint not in socks:
+                socks[endpoint] = ctx.socket(kind)
+                socks[endpoint].connect(endpoint)
+            msg = Message(m["kind"], config["run_id"], m["batch"], m["sender"], m["step"],
+                          tuple(np.zeros(s) for s in m["shapes"]), m["meta"])
+            socks[endpoint].send_multipart(wire.encode(msg))
+            sent[role] = sent.get(role, 0) + 1
+        code = run.finish()
+    finally:
+        for s in socks.values():
+            s.close(linger=0)
+        ctx.term()
+    assert code == 0, run.err
+    summary = run.summary()
+    errors = {L["role"]: L["decode_errors"] for L in summary["layers"]}
+    assert errors == {r: sent.get(r, 0) for r in ("layer1", "layer2", "output")}
+    assert sum(summary["control_dropped"].values()) == sent.get("supervisor", 0)
+    assert_bit_identical(run, reference_weights(Config(lockstep=True, epochs=300, seed=8)))

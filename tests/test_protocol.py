@@ -103,20 +103,41 @@ def test_expect_accepts_eof_and_good_shapes():
     expect(SAY.act(0, 0, np.ones((2, 4)), np.zeros((2, 3))), (protocol.ACT,), [(None, 4), (None, 3)], F64, 8)
 
 
-def test_activation_check_wants_the_upstream_role_and_training_batches_in_order():
-    check = ActivationCheck("source", 4, 3, max_rows=8, first_batch=5)
+def test_activation_check_wants_the_upstream_role_and_the_stream_in_turn():
+    # The turns of a tiny run resumed at batch 5: two training batches of 2
+    # rows, a test batch of 1 row after epoch 2, a barrier, the final pass,
+    # the end of the stream.
+    turns = [("act", 5, None, 2), ("act", 6, None, 2), ("eval", 0, 2, 1),
+             ("checkpoint", 6, 2, 0), ("eval", 0, None, 2), ("eof", 7, None, 0)]
+    check = ActivationCheck("source", 4, 3, max_rows=8, turns=iter(turns))
     src = Speaker("run1", "source")
     x, y = np.ones((2, 4)), np.zeros((2, 3))
     check(src.act(5, 0, x, y))
-    with pytest.raises(ValueError, match="expected 6"):
+    with pytest.raises(ValueError, match="out of turn: act of batch 7 .*expected act of batch 6"):
         check(src.act(7, 0, x, y))
+    with pytest.raises(ValueError, match="out of turn: act of batch 5"):  # a second copy
+        check(src.act(5, 0, x, y))
+    with pytest.raises(ValueError, match="out of turn: eof"):           # an early end
+        check(src.eof(6))
+    with pytest.raises(ValueError, match="out of turn: eval"):          # an early test batch
+        check(src.evaluation(0, 0, x[:1], y[:1], 2))
+    with pytest.raises(ValueError, match="with 1 rows"):                # a short batch
+        check(src.act(6, 0, x[:1], y[:1]))
     check(src.act(6, 0, x, y))
     with pytest.raises(ValueError, match="expected 'source'"):
-        check(SAY.act(7, 0, x, y))
-    check(src.evaluation(0, 0, x, y, 2))
+        check(SAY.evaluation(0, 0, x[:1], y[:1], 2))
     with pytest.raises(ValueError, match="'test'"):
-        check(Message("eval", "run1", sender="source", arrays=(x, y), meta={"test": "x"}))
-    check(src.barrier(6, 0))
+        check(Message("eval", "run1", sender="source", arrays=(x[:1], y[:1]), meta={"test": "x"}))
+    with pytest.raises(ValueError, match=r"\(epoch 1\)"):               # the wrong epoch's test
+        check(src.evaluation(0, 0, x[:1], y[:1], 1))
+    check(src.evaluation(0, 0, x[:1], y[:1], 2))
     with pytest.raises(ValueError, match="'epoch'"):
-        check(Message("checkpoint", "run1", sender="source"))
+        check(Message("checkpoint", "run1", 6, sender="source"))
+    with pytest.raises(ValueError, match="epoch 999999"):
+        check(src.barrier(6, 999999))
+    check(src.barrier(6, 2))
+    check(src.evaluation(0, 0, x, y, None))
     check(src.eof(7))
+    for late in (src.eof(7), src.evaluation(0, 0, x, y, None), src.act(7, 0, x, y)):
+        with pytest.raises(ValueError, match="after the end of the stream"):
+            check(late)

@@ -117,3 +117,16 @@ def test_every_epoch_ends_exactly_once_over_a_run(examples, batch_size, epochs, 
     assert ends == [(e + 1) * bpe - 1 for e in range(epochs)]
     assert [epoch_of(t, bpe) for t in range(cfg.total_batches)] == \
         [e for e in range(epochs) for _ in range(bpe)]
+
+
+def test_the_data_stream_in_order_exact_table():
+    from pipeline.schedule import Turn, stream
+    c = SimpleNamespace(start_epoch=1, epochs=3, examples=5, batch_size=2, batches_per_epoch=3,
+                        test_examples=3, checkpoint_every=1)
+    assert list(stream(c)) == [
+        Turn("act", 3, None, 2), Turn("act", 4, None, 2), Turn("act", 5, None, 1),
+        Turn("eval", 0, 1, 2), Turn("eval", 1, 1, 1), Turn("checkpoint", 5, 1, 0),
+        Turn("act", 6, None, 2), Turn("act", 7, None, 2), Turn("act", 8, None, 1),
+        Turn("eval", 0, 2, 2), Turn("eval", 1, 2, 1),  # no barrier after the last epoch
+        Turn("eval", 0, None, 2), Turn("eval", 1, None, 2), Turn("eval", 2, None, 1),
+        Turn("eof", 9, None, 0)]

@@ -80,10 +80,11 @@ def sockets(ctx):
 
 @pytest.fixture
 def server(ctx, keydir, sockets):
-    """layer1's guarded PULL inbox: (socket, endpoint, its refusals)."""
+    """layer1's guarded activation inbox, which admits the source's key
+    alone: (socket, endpoint, its refusals)."""
     with Guard(ctx, security.load_keys(keydir, "layer1")) as guard:
         s = sockets.socket(zmq.PULL)
-        security.make_server(s, guard.keys)
+        security.make_server(s, guard.keys, "act", ["source"])
         refusals = sockets.refusals(s)
         port = s.bind_to_random_port("tcp://127.0.0.1")
         yield s, f"tcp://127.0.0.1:{port}", refusals
@@ -167,6 +168,27 @@ def test_load_keys_names_what_is_missing_or_wrong(tmp_path):
         security.load_keys(tmp_path, "output")
 
 
+def test_a_host_needs_only_its_own_secret_and_the_public_keys(tmp_path):
+    security.generate_keys(tmp_path / "all", protocol.all_roles(2))
+    host = tmp_path / "host-of-layer1"
+    host.mkdir()
+    for f in (tmp_path / "all").iterdir():
+        if f.suffix == ".key" or f.name == "layer1.key_secret":
+            (host / f.name).write_bytes(f.read_bytes())
+            os.chmod(host / f.name, 0o600)
+    keys = security.load_keys(host, "layer1")
+    assert set(keys.peers) == set(protocol.all_roles(2))
+    with pytest.raises(ValueError, match="no secret key for role 'layer2'|layer2.key_secret"):
+        security.load_keys(host, "layer2")
+
+
+def test_two_roles_may_not_share_a_key(tmp_path):
+    security.generate_keys(tmp_path, ["source", "layer1"])
+    (tmp_path / "output.key").write_bytes((tmp_path / "layer1.key").read_bytes())
+    with pytest.raises(ValueError, match="layer1, output share one public key"):
+        security.load_keys(tmp_path, "source")
+
+
 def test_make_client_needs_a_known_server_role(tmp_path, sockets):
     security.generate_keys(tmp_path, ["source"])
     keys = security.load_keys(tmp_path, "source")
@@ -183,7 +205,9 @@ def test_known_keys_get_through(server, sockets, keydir):
     keys = security.load_keys(keydir, "source")
     connect_and_send(sockets, endpoint, lambda c: security.make_client(c, keys, "layer1"))
     assert s.poll(REFUSAL_WAIT_MS), "nothing arrived"
-    assert s.recv() == b"weights"
+    frame = s.recv(copy=False)
+    assert frame.bytes == b"weights"
+    assert security.user_id(frame) == "source"  # the key's role, vouched for by the Guard
     assert refusals.poll() == []
 
 
@@ -205,13 +229,21 @@ def no_curve(tmp_path, keydir):
     return lambda c: None
 
 
+def another_roles_key(tmp_path, keydir):
+    """A member of the run, but not the role this socket admits: the
+    output's key on layer1's activation inbox (only the source's opens it)."""
+    keys = security.load_keys(keydir, "output")
+    return lambda c: security.make_client(c, keys, "layer1")
+
+
 @needs_curve
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("client, server_sees, client_sees", [
     (unknown_client_key, "ZAP status 400", "ZAP status 400"),
     (wrong_server_key, "decryption failed", "closed the connection"),
     (no_curve, "mechanism mismatch", "mechanism mismatch"),
-], ids=["unknown-client-key", "wrong-server-key", "no-curve"])
+    (another_roles_key, "ZAP status 400", "ZAP status 400"),
+], ids=["unknown-client-key", "wrong-server-key", "no-curve", "another-roles-key"])
 def test_bad_clients_get_nothing_through(server, sockets, keydir, tmp_path,
                                          client, server_sees, client_sees):
     s, endpoint, server_refusals = server
@@ -229,7 +261,7 @@ def test_bad_clients_get_nothing_through(server, sockets, keydir, tmp_path,
 def test_unguarded_curve_server_is_refused(ctx, sockets, keydir):
     s = sockets.socket(zmq.PULL)
     with pytest.raises(RuntimeError, match="Guard"):
-        security.make_server(s, security.load_keys(keydir, "layer1"))
+        security.make_server(s, security.load_keys(keydir, "layer1"), "act", ["source"])
 
 
 @needs_curve

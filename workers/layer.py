@@ -23,8 +23,10 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
         load_layer_state(node.layer, *link.resume)
     hwm = cfg.grad_delay + cfg.max_inflight + 2
     max_bytes = max_message_bytes(cfg)
-    act_sock, act_ep = net.inbox(0, hwm, max_bytes)
-    grad_sock, grad_ep = net.inbox(1, hwm, max_bytes)
+    # Under CURVE only the upstream role's key may send activations here, and
+    # only the downstream one's gradients.
+    act_sock, act_ep = net.inbox(0, hwm, max_bytes, protocol.upstream(index, cfg.layers))
+    grad_sock, grad_ep = net.inbox(1, hwm, max_bytes, protocol.downstream(index, cfg.layers))
     acts = Inbox(act_sock, link.run_id, max_bytes, node.check_activation, link.dropped)
     grads = Inbox(grad_sock, link.run_id, max_bytes, node.check_gradient, link.dropped)
     link.send(link.say.ready({"act": act_ep, "grad": grad_ep}))

@@ -22,7 +22,7 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
         load_layer_state(node.layer, *link.resume)
     hwm = cfg.max_inflight + 2
     max_bytes = max_message_bytes(cfg)
-    act_sock, act_ep = net.inbox(0, hwm, max_bytes)
+    act_sock, act_ep = net.inbox(0, hwm, max_bytes, protocol.upstream(cfg.layers, cfg.layers))
     acts = Inbox(act_sock, link.run_id, max_bytes, node.check_activation, link.dropped)
     link.send(link.say.ready({"act": act_ep}))
     peers = protocol.peers(link.wait_for(protocol.START))
