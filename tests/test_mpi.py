@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -58,15 +59,20 @@ class Job:
     """One ``mpiexec -n N python launch.py ...`` in its own process group;
     ``end()`` kills that group and every rank it started, by pid."""
 
-    def __init__(self, tmp: Path, n: int, *args: str):
+    def __init__(self, tmp: Path, n: int, *args: str, via: Sequence[str] = (),
+                 mpi_args: Sequence[str] = ("--oversubscribe",),
+                 env: dict[str, str] | None = None):
+        """``via``: a command that runs mpiexec elsewhere (and execs it, so
+        the pid is mpiexec's); ``mpi_args``: mpiexec's own options (by
+        default --oversubscribe: more ranks than cores, CI has 2); ``env``:
+        added to mpi_env()."""
         self.run_dir = tmp / "run"
         self.out = open(tmp / "mpiexec.out", "w+")
         self.err = open(tmp / "mpiexec.err", "w+")
-        # --oversubscribe: more ranks than cores (CI has 2).
         self.proc = subprocess.Popen(
-            [_mpiexec(), "--oversubscribe", "-n", str(n), sys.executable, "launch.py",
-             "--run-dir", str(self.run_dir), "--quiet", *args],
-            cwd=ROOT, env=mpi_env(), stdout=self.out, stderr=self.err,
+            [*via, _mpiexec(), *mpi_args, "-n", str(n), sys.executable,
+             "launch.py", "--run-dir", str(self.run_dir), "--quiet", *args],
+            cwd=ROOT, env={**mpi_env(), **(env or {})}, stdout=self.out, stderr=self.err,
             stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait(self, timeout: float = 120) -> int:
@@ -110,8 +116,8 @@ class Job:
 def mpi(tmp_path):
     jobs: list[Job] = []
 
-    def start(n: int, *args: str) -> Job:
-        jobs.append(Job(tmp_path, n, *args))
+    def start(n: int, *args: str, **how) -> Job:
+        jobs.append(Job(tmp_path, n, *args, **how))
         return jobs[-1]
 
     _mpiexec()  # skip before anything starts
