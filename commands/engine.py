@@ -86,6 +86,7 @@ def _coordinate(cfg, resume, cluster: EngineCluster, exchange, opts: EngineArgs,
         if cluster.policy(opts.insecure) == "insecure":
             print("WARNING: --insecure: traffic between hosts is NOT encrypted, and anyone who "
                   "can reach these ports can send the run messages", file=sys.stderr, flush=True)
+        stream, sys.stderr = _Lenient(stream), _Lenient(sys.stderr)
         rd = open_run(cfg, resume is not None, stream)
         sup = EngineSupervisor(cfg, rd, secrets.token_hex(6), stream, cluster=cluster, spawn=[],
                                insecure=opts.insecure, resume=resume)
@@ -95,6 +96,28 @@ def _coordinate(cfg, resume, cluster: EngineCluster, exchange, opts: EngineArgs,
     exchange.share(sup.endpoint)
     exchange.close()
     return sup.run()
+
+
+class _Lenient:
+    """rank 0's output: when the engine is gone before us (Open MPI's
+    mpiexec exits as soon as a whole host dies), our last lines have nowhere
+    to go, which must not turn a clean report into a traceback."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):  # EIO/EPIPE, or a closed file
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def _work(role: str, cluster: EngineCluster, endpoint: str, opts: EngineArgs) -> int:
