@@ -55,9 +55,31 @@ def _write_up_unfinished() -> None:
                   sys.stdout)
 
 
+def _engine(argv: list[str]) -> Callable[[], int] | None:
+    """Under an engine (mpiexec, srun, an Indexed Job, torchrun-style
+    variables; --launcher): this rank's part of the run. None: a local run."""
+    import os
+    from pipeline import engines
+    from pipeline.cli import parse_engine
+    opts = parse_engine(argv)
+    engine = engines.detect(os.environ, opts.launcher)
+    if engine.local:
+        return None
+    from pipeline.cli import parse_run
+    from pipeline.checkpoint import resume_config
+    from commands.engine import run_rank
+
+    def prepare():  # rank 0 alone: the other hosts need not hold the data or the run
+        cfg, resume = parse_run(argv)
+        return resume_config(resume, cfg.quiet) if resume is not None else (cfg, None)
+    return lambda: run_rank(engine, opts, prepare, sys.stdout)
+
+
 def _command(argv: list[str]) -> Callable[[], int]:
     """The command ``argv`` asks for, imported and parsed, ready to run (a bad
     argument exits here, with its one line)."""
+    if not any(a in ("sweep", "report", "keys") for a in argv[:1]):
+        _cap_blas_threads()
     from pipeline.memory import tune_allocator
     tune_allocator()  # the supervisor, and the reference trainer with --in-process
     if argv[:1] == ["sweep"]:
@@ -86,6 +108,9 @@ def _command(argv: list[str]) -> Callable[[], int]:
         from commands.host import run_cluster
         cluster = parse_cluster(argv)
         return lambda: run_cluster(cluster, sys.stdout)
+    engine = _engine(argv)
+    if engine is not None:
+        return engine
     from pipeline.cli import parse_run
     from pipeline.checkpoint import resume_config
     from commands.supervisor import run
@@ -94,6 +119,16 @@ def _command(argv: list[str]) -> Callable[[], int]:
         cfg, states = resume_config(resume, cfg.quiet)
         return lambda: run(cfg, resume=states)
     return lambda: run(cfg)
+
+
+def _cap_blas_threads() -> None:
+    """A rank an engine started is a worker itself, with no supervisor to cap
+    its BLAS threads before numpy loads: one each, unless the user said."""
+    import os
+    from pipeline.engines import RANK_VARIABLES
+    if any(v in os.environ for v in RANK_VARIABLES):
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,10 @@ class Supervisor:
     def host(self, role: str) -> str:
         return self.cluster.roles[role].host if self.cluster else "localhost"
 
+    def process_info(self, role: str) -> dict:
+        """What config.json says of a role's process besides host and endpoints."""
+        return {"pid": self.procs[role].pid if role in self.procs else None}
+
     # -- processes ---------------------------------------------------------------
     def _spawn(self) -> None:
         env = worker_env(self.cfg.blas_threads)
@@ -352,7 +356,7 @@ class Supervisor:
                 "supervisor": {"control": self.endpoint, "pid": os.getpid()},
                 "cluster": str(self.cluster.path) if self.cluster else None,
                 "processes": {r: {"host": self.host(r), "endpoints": endpoints[r],
-                                  "pid": self.procs[r].pid if r in self.procs else None}
+                                  **self.process_info(r)}
                               for r in self.roles}})
             self.started = True
             self.moves = Watchdog(self.roles, time.monotonic())

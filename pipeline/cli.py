@@ -165,7 +165,46 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
                 "--resume", metavar="RUN_DIR",
                 help="go on with an interrupted or failed run from its last checkpoint (its "
                      "own settings; other options are ignored but --quiet)")
+    if not sweep:
+        add_engine_options(p)
     return p
+
+
+LAUNCHERS = ("auto", "local", "mpi", "slurm", "k8s", "env")  # as pipeline.engines knows them
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """How the processes are started: the options every rank an engine starts reads."""
+    g = p.add_argument_group("engines (docs/clusters.md)")
+    g.add_argument("--launcher", choices=LAUNCHERS, default="auto",
+                   help="what started this process: auto recognises mpiexec, srun, a "
+                        "Kubernetes Indexed Job and torchrun-style RANK/WORLD_SIZE from their "
+                        "variables; local starts every role here")
+    g.add_argument("--keys", metavar="DIR", default=None,
+                   help="CURVE key directory (launch.py keys) for srun, Kubernetes and "
+                        "torchrun-style runs, from shared storage or a Secret; MPI runs make "
+                        "per-run keys and need none")
+    g.add_argument("--insecure", action="store_true",
+                   help="under an engine other than MPI, without --keys: allow non-loopback "
+                        "addresses in the clear")
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    launcher: str
+    keys: str | None
+    insecure: bool
+    quiet: bool
+
+
+def parse_engine(argv: list[str]) -> EngineArgs:
+    """Only the engine options of a run's argv (every rank reads these; rank
+    0 alone parses the rest, so other hosts need no data files)."""
+    p = _Parser(prog="launch.py", add_help=False)
+    add_engine_options(p)
+    p.add_argument("--quiet", action="store_true")
+    a, _ = p.parse_known_args(argv)
+    return EngineArgs(a.launcher, a.keys, a.insecure, a.quiet)
 
 
 def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Config:

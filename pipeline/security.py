@@ -90,7 +90,7 @@ class Keys:
     public: bytes
     secret: bytes = field(repr=False)  # never in a log line or a traceback
     peers: dict[str, bytes]            # role -> public key, every *.key of the directory
-    directory: Path | None             # None: keys made for one run, held in memory
+    directory: Path | None             # None: keys made for one run, held in memory (memory_keys)
 
 
 def _read_key_file(path: Path) -> tuple[bytes, bytes | None]:
@@ -249,6 +249,14 @@ def user_id(frame: zmq.Frame) -> str | None:
         return frame.get("User-Id")
     except zmq.ZMQError:
         return None
+
+
+def memory_keys(role: str) -> Keys:
+    """A fresh CURVE keypair for ``role``, held in memory only (no files):
+    its peers are filled in once the others' public keys are known."""
+    _check_role(role)
+    public, secret = zmq.curve_keypair()
+    return Keys(role, public, secret, {role: public}, None)
 
 
 # -- observing refusals -------------------------------------------------------

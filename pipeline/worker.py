@@ -82,14 +82,22 @@ def worker_main(role_main: RoleMain, argv: list[str] | None = None) -> int:
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback address without CURVE keys")
     args = p.parse_args(argv)
+    return serve_placed(role_main, args.role, lambda: placement(args))
+
+
+def serve_placed(role_main: RoleMain, role: str,
+                 place: Callable[[], tuple[Net, str, contextlib.AbstractContextManager]]) -> int:
+    """Run ``role`` in this process until the coordinator says stop: the
+    signals, then ``place()`` (Net, control endpoint, guard), the handshake
+    and the role. A worker started by launch.py, or a rank an engine started."""
     # Ctrl-C is the supervisor's to handle; it tells the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
     _die_with_parent()
-    net, control, guard = placement(args)
+    net, control, guard = place()
     try:
         with guard:
-            return _serve(role_main, net, control, args.role)
+            return _serve(role_main, net, control, role)
     finally:
         # After the guard: each socket closes with its own linger (data sockets
         # drop what is queued; the control link delivers an error report, and

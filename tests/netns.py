@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -195,6 +196,48 @@ def hosts():
         left = [n for n in namespaces if n in listed] + [l for l in links if _link_exists(l)]
         if problems or left:
             raise RuntimeError(f"network namespace teardown left {left}: {problems}")
+
+
+# -- a host as a remote launcher sees it ------------------------------------------
+
+def host_name(hosts: Hosts, host: str) -> str:
+    """The host name a process on ``host`` sees (``on_host`` gives it its own)."""
+    return hosts.ns[host]
+
+
+def on_host(hosts: Hosts, host: str) -> list[str]:
+    """A command prefix that runs a command on ``host``: in its network
+    namespace and, unlike a bare ``ip netns exec``, under a host name of its
+    own (a UTS namespace), as on a machine of its own. Launchers that key
+    their state by host name (Open MPI's daemons name their session
+    directories and their nodes by it) need that. Each step execs the next:
+    the pid is the command's own."""
+    return ["ip", "netns", "exec", hosts.ns[host], "unshare", "--uts", "sh", "-c",
+            'hostname "$0" && exec "$@"', host_name(hosts, host)]
+
+
+def write_rsh_agent(path: Path, hosts: Hosts, env: dict[str, dict[str, str]]) -> Path:
+    """An executable that does what ssh does for a remote launcher: called
+    as ``AGENT [OPTION...] HOST COMMAND...`` (HOST an address of ``hosts``),
+    it runs the shell command COMMAND on that host, with ``env[host]`` set.
+    Open MPI's ``plm_ssh_agent`` (``plm_rsh_agent`` before 5.0) calls it so."""
+    cases = []
+    for h, addr in hosts.addr.items():
+        prefix = " ".join(shlex.quote(a) for a in on_host(hosts, h))
+        assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.get(h, {}).items())
+        # ssh hands the remote shell its arguments joined by spaces: so does
+        # this. No exec: like an ssh client, the agent stays on the calling
+        # host while the command runs, and a host killed does not kill it.
+        cases.append(f'  {addr}) env {assigns} {prefix} sh -c "$*" ;;')
+    path.write_text("#!/bin/sh\n"
+                    "# options of ssh's, if the launcher passes any, come before the host\n"
+                    'while [ "${1#-}" != "$1" ]; do shift; done\n'
+                    'host=$1; shift\n'
+                    'case $host in\n' + "\n".join(cases) + "\n"
+                    '  *) echo "rsh agent: unknown host $host" >&2; exit 255 ;;\n'
+                    "esac\n")
+    path.chmod(0o755)
+    return path
 
 
 # -- one run across the hosts -----------------------------------------------------
