@@ -134,7 +134,11 @@ def _cap_blas_threads() -> None:
 if __name__ == "__main__":
     code = main()
     # Python puts the default handlers back as it shuts down, and a signal
-    # then would kill it (-2, -15) after the run was written up: from here
-    # on signals wait, and die with the process.
+    # then would kill it (-2, -15) after the run was written up. Blocking
+    # them here is not enough: the mask is this thread's, and a signal to
+    # the process goes to any thread that does not block it (BLAS threads,
+    # started before). Ignored signals stay ignored through the shutdown.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(code)
