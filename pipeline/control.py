@@ -16,6 +16,7 @@ from pipeline.transport import POLL_MS, Net, Stopped
 
 HEARTBEAT_S = 1.0   # a process says it is alive at least this often
 LIVENESS_S = 5.0    # silent for this long: taken for dead
+CHECK_S = 0.02      # how often a busy worker looks at its parent and its heartbeat
 REPORT_LINGER_MS = 2000  # how long an error report may hold the exit to reach the coordinator
 
 
@@ -42,6 +43,7 @@ class ControlLink:
                                 before=watch if net.keys is not None else None)
         self.parent = os.getppid()
         self.last_heard = self.last_beat = time.monotonic()
+        self.last_check = 0.0
         self.progress = 0  # messages handled: each heartbeat carries it to the watchdog
         self.joined = False  # the handshake is done: from now on, silence means death
         self.resume: tuple[dict, dict] | None = None  # (state, weights) of a resumed run
@@ -105,10 +107,14 @@ class ControlLink:
 
     def tick(self) -> None:
         """Called from every wait of a worker's loop: say we are alive, and
-        make sure the supervisor still is."""
+        make sure the supervisor still is (at most every CHECK_S: a worker
+        of small batches ticks thousands of times a second)."""
+        now = time.monotonic()
+        if now - self.last_check < CHECK_S:
+            return
+        self.last_check = now
         self._check_parent()
         self._check_refused()
-        now = time.monotonic()
         if now - self.last_beat >= HEARTBEAT_S:
             self.last_beat = now
             self.send(self.say.heartbeat(self.progress))

@@ -24,6 +24,7 @@ from pipeline.protocol import EOF, Message
 from pipeline.transport import POLL_MS, Inbox
 
 Handler = Callable[[Message, float], None]
+DRAIN = 16  # activations taken in a row at most, before the control link is looked at again
 
 
 class Pump:
@@ -71,6 +72,9 @@ class Pump:
         if self.grads is not None:
             poller.register(self.grads.sock, zmq.POLLIN)
         eof_read = reading = False
+        lines = [line for line in (grad_line, act_line) if line is not None]
+        grads_waiting = ((lambda: self.grads.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+                         if self.grads is not None else (lambda: 0))
         while not node.finished:
             # Backpressure: leave activations queued in ZeroMQ while the node
             # may not take them (with a delayed link, while its line is full).
@@ -80,10 +84,12 @@ class Pump:
                 (poller.register(act_sock, zmq.POLLIN) if take
                  else poller.unregister(act_sock))
                 reading = take
-            now = time.monotonic()
-            waits = [w for w in (line.wait_s(now) for line in (grad_line, act_line)
-                                 if line is not None) if w is not None]
-            events = dict(poller.poll(min([POLL_MS] + [int(w * 1000) + 1 for w in waits])))
+            timeout = POLL_MS
+            if lines:
+                now = time.monotonic()
+                waits = [w for w in (line.wait_s(now) for line in lines) if w is not None]
+                timeout = min([POLL_MS] + [int(w * 1000) + 1 for w in waits])
+            events = dict(poller.poll(timeout))
             if link.sock in events:
                 link.poll_stop()
             link.tick()
@@ -100,13 +106,21 @@ class Pump:
                 for msg in grad_line.pop_ready(time.monotonic()):
                     self._call(node.on_gradient, msg)
             if take and act_sock in events:
-                msg = self.acts.recv()
-                if msg is not None:
-                    eof_read = msg.kind == EOF
-                    if act_line is not None:
-                        act_line.push(msg, time.monotonic())
-                    else:
-                        self._call(node.on_activation, msg)
+                # Without a delay line, take every activation waiting while the
+                # schedule allows and no gradient is waiting (gradients go first,
+                # as they would after a poll): one poll for a burst, not each.
+                for _ in range(DRAIN):
+                    msg = self.acts.recv()
+                    if msg is not None:
+                        eof_read = msg.kind == EOF
+                        if act_line is not None:
+                            act_line.push(msg, time.monotonic())
+                        else:
+                            self._call(node.on_activation, msg)
+                    if (act_line is not None or eof_read or grads_waiting()
+                            or not act_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
+                            or not node.may_take()):
+                        break
             if act_line is not None:
                 while act_line.wait_s(time.monotonic()) == 0 and node.may_take():
                     self._call(node.on_activation, act_line.pop())

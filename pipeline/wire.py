@@ -39,6 +39,8 @@ _HEADER_KEYS = frozenset("vkrbstam")
 
 def _wire_array(arr: Any, i: int) -> np.ndarray:
     """Return ``arr`` as a C-contiguous little-endian array, copying only if it is not one already."""
+    if type(arr) is np.ndarray and arr.flags.c_contiguous and arr.dtype.str in ALLOWED_DTYPES:
+        return arr  # already in wire form (every data message): nothing to check or copy
     if not isinstance(arr, np.ndarray):
         raise ValueError(f"array {i} is a {type(arr).__name__}, not a numpy.ndarray")
     le = arr.dtype.newbyteorder("<")  # no-op for "|u1" and for native dtypes on little-endian hosts
