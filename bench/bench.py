@@ -7,8 +7,10 @@
    pipeline (locked backprop, free-running DNI/cDNI) on the seed task and on
    a compute-heavy configuration, every process with one BLAS thread (the
    reference with all threads too);
-3. scaling: pipeline DNI over reference DNI for 2, 3, 4 and 6 layers and for
-   several batch sizes;
+3. scaling: pipeline DNI against reference DNI, throughput and CPU per
+   batch, for 2, 4, 8 and 16 layers on the seed task and on the
+   compute-heavy widths (with the reference's time per batch against its
+   2-layer time), and for several batch sizes;
 4. memory: every process's resident size over a long run, first epoch to last;
 5. protection: what the local runs' protection costs: every socket in the
    run's private 0700 directory (the default) against abstract-namespace
@@ -34,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from pipeline import wire  # noqa: E402
+from pipeline import protocol, wire  # noqa: E402
 
 WIRE_CASES = [("10x128 f64", (10, 128), np.float64),
               ("64x256 f32", (64, 256), np.float32),
@@ -86,7 +88,7 @@ def bench_wire(n: int) -> list[dict]:
         for name, shape, dtype in WIRE_CASES:
             arr = np.random.default_rng(0).standard_normal(shape).astype(dtype)
             labels = np.zeros((shape[0], 8), dtype)
-            msg = wire.Message(wire.ACT, "bench", batch=1, sender="layer1", arrays=(arr, labels))
+            msg = wire.Message(protocol.ACT, "bench", batch=1, sender="layer1", arrays=(arr, labels))
             raw = [bytes(wire.encode(msg)[0]), arr.tobytes(), labels.tobytes()]
             a, b = _pair(ctx)
             reps = max(100, n // max(1, arr.nbytes // 100_000))  # fewer hops of big messages
@@ -180,6 +182,9 @@ def bench_pipeline(name: str, task: list[str], rounds: int) -> dict:
     cpu = {k: v["cpu_ms_per_batch"] for k, v in rows.items()}
     ref = bps["reference dni (1 thread)"]
     ratios = {"pipeline dni / reference dni": _div(bps["pipeline dni"], ref),
+              # what a user would run instead on the same cores: one process, every BLAS thread
+              "pipeline dni / reference dni with all BLAS threads":
+                  _div(bps["pipeline dni"], bps["reference dni (all threads)"]),
               "pipeline dni without SG refresh / reference dni":
                   _div(bps["pipeline dni, no SG refresh"], ref),
               "pipeline backprop / reference backprop":
@@ -198,25 +203,64 @@ def bench_pipeline(name: str, task: list[str], rounds: int) -> dict:
 
 # --- 3. scaling -------------------------------------------------------------------------
 
-def bench_scaling(batches: int) -> list[dict]:
-    """Pipeline DNI over reference DNI (one BLAS thread each) on the
-    compute-heavy widths, by layer count, then by batch size at 4 layers."""
-    points = [(layers, 256) for layers in (2, 3, 4, 6)] + [(4, b) for b in (64, 1024)]
+LAYER_COUNTS = (2, 4, 8, 16)
+
+
+def _point(task: list[str]) -> dict:
+    """The reference and the pipeline (DNI, one BLAS thread each) on one task:
+    batches/s and CPU per batch of each."""
+    ref, pipe = _run(task + ["--mode", "dni", "--in-process"]), _run(task + ["--mode", "dni"])
+    ok = ref["status"] == pipe["status"] == "completed"
+    return {"reference_batches_per_s": ref["batches_per_s"] if ok else None,
+            "pipeline_batches_per_s": pipe["batches_per_s"] if ok else None,
+            "reference_cpu_ms": _cpu_ms_per_batch(ref) if ok else None,
+            "pipeline_cpu_ms": _cpu_ms_per_batch(pipe) if ok else None,
+            "ratio": _div(pipe["batches_per_s"], ref["batches_per_s"]) if ok else None,
+            "status": f"{ref['status']}/{pipe['status']}"}
+
+
+def bench_scaling(batches: int, seed_epochs: int) -> list[dict]:
+    """By layer count (2 to 16), on the seed task and on the compute-heavy
+    widths: throughput and CPU per batch of the pipeline and of the
+    reference, and how the reference's time per batch grows with depth (what
+    one process pays for each layer added); then by batch size at 4 layers."""
     rows = []
-    for layers, batch in points:
-        task = ["--layers", str(layers), "--hidden", "1024", "--batch-size", str(batch),
-                "--examples", str(batch * batches), "--epochs", "1", "--mode", "dni",
-                "--lr", "0.1", "--sg-lr", "0.003"]
-        ref = _run(task + ["--in-process"])
-        pipe = _run(task)
-        rows.append({"layers": layers, "batch_size": batch,
-                     "reference_batches_per_s": ref["batches_per_s"],
-                     "pipeline_batches_per_s": pipe["batches_per_s"],
-                     "ratio": pipe["batches_per_s"] / ref["batches_per_s"]})
-        print(f"  layers {layers} batch {batch:>4}: reference {ref['batches_per_s']:7.1f}, "
-              f"pipeline {pipe['batches_per_s']:7.1f} batches/s, ratio {rows[-1]['ratio']:.2f}",
-              flush=True)
+    tasks = {"seed task": lambda L: ["--layers", str(L), "--epochs", str(seed_epochs)],
+             "compute-heavy": lambda L: ["--layers", str(L), "--hidden", "1024",
+                                         "--batch-size", "256", "--examples",
+                                         str(256 * batches), "--epochs", "1",
+                                         "--lr", "0.1", "--sg-lr", "0.003"]}
+    for name, task in tasks.items():
+        base = None
+        for layers in LAYER_COUNTS:
+            row = {"task": name, "layers": layers, "batch_size": 256 if "heavy" in name else 10,
+                   **_point(task(layers))}
+            ref = row["reference_batches_per_s"]
+            base = base or ref
+            row["reference_time_growth"] = _div(base, ref)  # its time per batch, over 2 layers'
+            rows.append(row)
+            _show_point(row)
+    for batch in (64, 1024):
+        row = {"task": "compute-heavy", "layers": 4, "batch_size": batch,
+               **_point(["--layers", "4", "--hidden", "1024", "--batch-size", str(batch),
+                         "--examples", str(batch * batches), "--epochs", "1",
+                         "--lr", "0.1", "--sg-lr", "0.003"])}
+        rows.append(row)
+        _show_point(row)
     return rows
+
+
+def _show_point(r: dict) -> None:
+    if r["ratio"] is None:
+        print(f"  {r['task']:>14} layers {r['layers']:>2} batch {r['batch_size']:>4}: "
+              f"{r['status']}", flush=True)
+        return
+    growth = r.get("reference_time_growth")
+    print(f"  {r['task']:>14} layers {r['layers']:>2} batch {r['batch_size']:>4}: reference "
+          f"{r['reference_batches_per_s']:8.1f} batches/s ({r['reference_cpu_ms']:7.2f} ms CPU"
+          + (f", x{growth:.2f} the 2-layer time" if growth else "") + "), pipeline "
+          f"{r['pipeline_batches_per_s']:8.1f} ({r['pipeline_cpu_ms']:7.2f} ms CPU): "
+          f"ratio {r['ratio']:.2f}", flush=True)
 
 
 # --- 4. memory --------------------------------------------------------------------------
@@ -310,8 +354,8 @@ def main() -> int:
             for k, v in results[name]["ratios"].items():
                 print(f"  {name:>14}: {k} = " + ("n/a (a run failed)" if v is None else f"{v:.2f}"))
     if "scaling" in parts:
-        print("scaling: pipeline dni / reference dni, hidden 1024", flush=True)
-        results["scaling"] = bench_scaling(40 if a.quick else 100)
+        print("scaling: pipeline dni / reference dni by layers and batch size", flush=True)
+        results["scaling"] = bench_scaling(8 if a.quick else 24, 100 if a.quick else 300)
     if "memory" in parts:
         print("memory over a long run (seed task, cdni)", flush=True)
         results["memory"] = bench_memory(2000 if a.quick else 8000)
