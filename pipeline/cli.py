@@ -327,8 +327,10 @@ def parse_cluster(argv: list[str]) -> ClusterArgs:
 def parse_keys(argv: list[str]) -> tuple[str, int]:
     p = _Parser(prog="launch.py keys",
                 description="Generate one CURVE keypair per role (<role>.key public, "
-                            "<role>.key_secret secret). Copy the directory to every host "
-                            "and name it in the cluster file: only these keys may connect.")
+                            "<role>.key_secret secret). Give each host every public key and "
+                            "the secret keys of its own roles only, and name the directory "
+                            "in the cluster file: a key opens only the sockets its role "
+                            "talks to.")
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the keys")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--layers", type=int, default=None, help="weight layers of the run")
