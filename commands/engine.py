@@ -162,7 +162,7 @@ class EngineSupervisor(Supervisor):
         """Note the first role whose connection closed before it was done."""
         while self.lost is None and self.monitor.poll(0):
             event = parse_monitor_message(self.monitor.recv_multipart())
-            role = self.role_of.get(self.fd_conn.pop(int(event["value"]), b""))
+            role = self.members.role(self.fd_conn.pop(int(event["value"]), b""))
             if role is not None and role not in self.done:
                 self.lost_at = time.monotonic()
                 self.lost = WorkerFailed(role, f"{role} (rank {self.cluster.ranks[role]}) on "
@@ -190,7 +190,7 @@ class EngineSupervisor(Supervisor):
 class _Sources:
     """The coordinator's ROUTER, noting which file descriptor each
     connection's messages arrive on, so a closed one names its role (the
-    supervisor ties connections to roles, ``role_of``)."""
+    supervisor ties connections to roles, ``members``)."""
 
     def __init__(self, sock: zmq.Socket, fd_conn: dict[int, bytes]):
         self.sock = sock

@@ -20,6 +20,7 @@ from pipeline import memory, protocol, security, wire
 from pipeline.checkpoint import check_states, check_weights
 from pipeline.cluster import Cluster
 from pipeline.config import Config
+from pipeline.membership import Membership
 from pipeline.control import HEARTBEAT_S, LIVENESS_S
 from pipeline.protocol import Message, Speaker
 from pipeline.reference import run_in_process
@@ -100,15 +101,11 @@ class Supervisor:
             self.ctx.destroy(linger=0)
             remove_private_dir(self.ipc_dir)
             raise
-        self.curve = cluster is not None and net.keys is not None
         # Local runs: the processes we start get this secret, and a hello
-        # must show it before any config goes out.
+        # must show it before any config goes out (pipeline/membership.py).
         self.token = secrets.token_hex(16) if cluster is None else None
-        # The ROUTER names each connection; a hello that proves its role
-        # ties the connection to it (a role restarted before the start
-        # rejoins on its new connection).
-        self.conn: dict[str, bytes] = {}   # role -> its connection
-        self.role_of: dict[bytes, str] = {}
+        self.members = Membership(self.roles, self.token,
+                                  curve=cluster is not None and net.keys is not None)
         self.procs: dict[str, subprocess.Popen] = {}
         self.hello: dict[str, Message] = {}
         self.ready: dict[str, Message] = {}
@@ -184,7 +181,7 @@ class Supervisor:
 
     # -- messages ------------------------------------------------------------------
     def _send(self, role: str, msg: Message) -> None:
-        conn = self.conn.get(role)
+        conn = self.members.conn(role)
         if conn is None:
             return
         try:
@@ -202,54 +199,23 @@ class Supervisor:
             msg = wire.decode(frames)
             if msg.kind != protocol.HELLO and msg.run_id != self.run_id:
                 raise ValueError(f"foreign run id {msg.run_id!r}")
-            role = self._speaker(conn, msg, frames[0] if frames else None)
+            key_role = (security.user_id(frames[0])
+                        if self.members.curve and frames else None)
+            role = self.members.speaker(conn, msg, key_role)
         except ValueError as exc:
-            who = self.role_of.get(conn, "unknown")
+            who = self.members.role(conn) or "unknown"
             self.refused[who] = self.refused.get(who, 0) + 1
             if self.refused[who] <= 3:
                 print(f"[supervisor] dropped a control message from {who}'s connection: "
                       f"{exc}", file=sys.stderr)
             return None
         if msg.kind == protocol.HELLO and not self.started:
-            old = self.conn.get(role)
-            if old is not None:
-                self.role_of.pop(old, None)
-            self.conn[role], self.role_of[conn] = conn, role
+            self.members.tie(role, conn)
         self.last_seen[role] = time.monotonic()
         if msg.kind == protocol.HEARTBEAT and self.moves is not None:
             self.moves.heard(role, msg.step, self.last_seen[role])
         self._take(msg)
         return msg
-
-    def _speaker(self, conn: bytes, msg: Message, frame: "zmq.Frame | None") -> str:
-        """The role that sent ``msg`` on connection ``conn``, or ValueError.
-
-        A hello names its role and must prove it: under CURVE the key it
-        connected with must be that role's; in a local run it must carry the
-        secret only the processes started for this run were given. Any other
-        message must come from a connection a hello has tied to its sender.
-        (A cluster run without keys proves nothing: anyone who can reach
-        the port can speak; see docs/security.md.)"""
-        if msg.kind == protocol.HELLO:
-            role = msg.sender
-            if role not in self.roles:
-                raise ValueError(f"a hello from {role!r}, which is no role of this run")
-            if self.curve:
-                key_role = security.user_id(frame) if frame is not None else None
-                if key_role != role:
-                    raise ValueError(f"a hello as {role} from a peer holding {key_role}'s key")
-            elif self.token is not None and not secrets.compare_digest(
-                    protocol.token(msg).encode(), self.token.encode()):
-                raise ValueError(f"a hello as {role} without this run's secret")
-            return role
-        role = self.role_of.get(conn)
-        if role is None:
-            raise ValueError(f"a {msg.kind} from a connection that has not said hello")
-        if msg.sender != role:
-            raise ValueError(f"a {msg.kind} signed {msg.sender!r} on {role}'s connection")
-        if self.curve and (frame is None or security.user_id(frame) != role):
-            raise ValueError(f"a {msg.kind} on {role}'s connection with another key")
-        return role
 
     def _take(self, msg: Message) -> None:
         """Handle a message from a known role; one that is well-formed but not
