@@ -194,6 +194,7 @@ class Supervisor:
             return None
         conn, *frames = self.router.recv_multipart(copy=False)
         conn = conn.bytes
+        size = sum(len(f) for f in frames)  # bytes on the wire, for the metric budget
         try:
             # Hello comes before the worker knows the run id; nothing else may.
             msg = wire.decode(frames)
@@ -204,41 +205,43 @@ class Supervisor:
             role = self.members.speaker(conn, msg, key_role)
         except ValueError as exc:
             who = self.members.role(conn) or "unknown"
-            self.refused[who] = self.refused.get(who, 0) + 1
-            if self.refused[who] <= 3:
-                print(f"[supervisor] dropped a control message from {who}'s connection: "
-                      f"{exc}", file=sys.stderr)
+            self._dropped(who, f"a control message from {who}'s connection: {exc}")
             return None
         if msg.kind == protocol.HELLO and not self.started:
             self.members.tie(role, conn)
         self.last_seen[role] = time.monotonic()
         if msg.kind == protocol.HEARTBEAT and self.moves is not None:
             self.moves.heard(role, msg.step, self.last_seen[role])
-        self._take(msg)
+        self._take(msg, size)
         return msg
 
-    def _take(self, msg: Message) -> None:
-        """Handle a message from a known role; one that is well-formed but not
-        what this role may say now is counted and dropped."""
+    def _take(self, msg: Message, size: int) -> None:
+        """Handle a message of ``size`` bytes on the wire from a known role;
+        one that is well-formed but not what this role may say now is
+        counted and dropped."""
         try:
-            self._handle(msg)
+            self._handle(msg, size)
         except ValueError as exc:
-            role = msg.sender
-            self.refused[role] = self.refused.get(role, 0) + 1
-            if self.refused[role] <= 3:
-                print(f"[supervisor] dropped a {msg.kind} from {role}: {exc}", file=sys.stderr)
+            self._dropped(msg.sender, f"a {msg.kind} from {msg.sender}: {exc}")
+
+    def _dropped(self, who: str, what: str) -> None:
+        """Count a control message dropped under ``who`` (a role, or
+        "unknown"); the first few of each are said on stderr."""
+        self.refused[who] = self.refused.get(who, 0) + 1
+        if self.refused[who] <= 3:
+            print(f"[supervisor] dropped {what}", file=sys.stderr)
 
     def _drain(self, timeout_ms: int) -> None:
         while self._recv(timeout_ms) is not None:
             timeout_ms = 0
 
-    def _handle(self, msg: Message) -> None:
+    def _handle(self, msg: Message, size: int) -> None:
         role = msg.sender
         if msg.kind == protocol.ERROR:
             raise WorkerFailed(role, protocol.error_text(msg))
         if msg.kind == protocol.METRIC:
             event = protocol.event(msg)
-            self._metric_budget(role, msg)
+            self._metric_budget(role, size)
             self.rd.metric(event)
             if event.get("event") == "epoch":
                 self.progress.epoch(event)
@@ -284,10 +287,10 @@ class Supervisor:
                 self.rd.metric({"event": "checkpoint", "epoch": epoch})
                 del self.checkpoints[epoch]
 
-    def _metric_budget(self, role: str, msg: Message) -> None:
-        """ValueError for a metric event too large, or one too many for how far
-        the run has got: a flood cannot fill the disk or drown the real ones."""
-        size = sum(len(f) for f in wire.encode(msg))
+    def _metric_budget(self, role: str, size: int) -> None:
+        """ValueError for a metric event too large (``size``: its bytes on the
+        wire), or one too many for how far the run has got: a flood cannot
+        fill the disk or drown the real ones."""
         if size > METRIC_BYTES:
             raise ValueError(f"a metric event of {size} bytes (at most {METRIC_BYTES})")
         n = self.metric_counts[role] = self.metric_counts.get(role, 0) + 1

@@ -89,6 +89,12 @@ def _state(cfg, role):
     return layer_state(layer)
 
 
+def take(sup, msg) -> None:
+    """Hand the supervisor ``msg`` as its receive loop does: with its size on the wire."""
+    from pipeline import wire
+    sup._take(msg, sum(len(f) for f in wire.encode(msg)))
+
+
 def test_checkpoints_out_of_turn_or_unfit_are_dropped_and_counted(sup, tmp_path):
     from pipeline.protocol import Message, Speaker
     say = Speaker("feedc0ffee02", "layer1")
@@ -105,12 +111,12 @@ def test_checkpoints_out_of_turn_or_unfit_are_dropped_and_counted(sup, tmp_path)
     forged[0] = Message(forged[1].kind, forged[1].run_id, -1, "layer1", 0, forged[1].arrays,
                         {k: v for k, v in forged[1].meta.items() if k != "epoch"})
     for msg in forged:
-        sup._take(msg)
+        take(sup, msg)
     assert sup.refused == {"layer1": 5, "source": 1}
     assert not (tmp_path / "run" / "checkpoints").exists()
-    sup._take(say.state(1, state, arrays))     # the real one
+    take(sup, say.state(1, state, arrays))     # the real one
     assert (tmp_path / "run" / "checkpoints").is_dir() and sup.checkpoints == {1: {"layer1"}}
-    sup._take(say.state(1, state, arrays))     # the same again
+    take(sup, say.state(1, state, arrays))     # the same again
     assert sup.refused["layer1"] == 6
 
 
@@ -119,11 +125,11 @@ def test_done_with_weights_unfit_for_the_layer_is_dropped(sup):
     say = Speaker("feedc0ffee02", "layer2")
     _, arrays = _state(sup.cfg, "layer2")
     weights = {k: v for k, v in arrays.items() if k in _fresh_weights(sup.cfg, "layer2")}
-    sup._take(say.done({}, 0, 1.0, 1.0, {"w": np.zeros((3, 3))}))
+    take(sup, say.done({}, 0, 1.0, 1.0, {"w": np.zeros((3, 3))}))
     assert "layer2" not in sup.done and sup.refused == {"layer2": 1}
-    sup._take(say.done({}, 0, 1.0, 1.0, weights))
+    take(sup, say.done({}, 0, 1.0, 1.0, weights))
     assert "layer2" in sup.done
-    sup._take(say.done({}, 0, 1.0, 1.0, weights))   # a second done
+    take(sup, say.done({}, 0, 1.0, 1.0, weights))   # a second done
     assert sup.refused == {"layer2": 2}
 
 
@@ -134,13 +140,16 @@ def _fresh_weights(cfg, role):
 
 def test_metric_floods_and_giants_are_dropped_not_written(sup, tmp_path):
     from commands.supervisor import METRIC_BURST, METRIC_PER_EPOCH
-    from pipeline.protocol import Speaker
+    from pipeline.protocol import Message, Speaker
     say = Speaker("feedc0ffee02", "layer1")
-    sup._take(say.metric({"event": "log", "text": "x" * 70_000}))        # too large
+    # too large: 70 KB on the wire (a header alone cannot be: wire.decode
+    # refuses headers over 64 KiB; the bytes come as an array)
+    take(sup, Message("metric", "feedc0ffee02", -1, "layer1", 0, (np.zeros(8750),),
+                      {"event": "log"}))
     assert sup.refused == {"layer1": 1}
     allowed = METRIC_BURST + METRIC_PER_EPOCH   # no epoch done yet
     for i in range(allowed + 500):
-        sup._take(say.metric({"event": "log", "text": f"line {i}"}))
+        take(sup, say.metric({"event": "log", "text": f"line {i}"}))
     assert sup.refused == {"layer1": 1 + 500}
     sup.rd.close()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
