@@ -107,6 +107,16 @@ def ns_pids(ns: str) -> set[int]:
     return pids
 
 
+def kill_pids(by_host: dict[str, set[int]]) -> None:
+    """SIGKILL each process named, by its pid (one gone meanwhile is fine)."""
+    for pids in by_host.values():
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @dataclass(frozen=True)
 class Hosts:
     ns: dict[str, str]     # host name (A, B, C) -> network namespace
@@ -346,12 +356,7 @@ class Launchers:
         for host, p in self.procs.items():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-        for pids in left.values():
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_pids(left)
         for p in self.procs.values():
             p.wait(10)
         for f in self.files:

@@ -38,6 +38,41 @@ SOCKETS = [("layer1", "act"), ("layer1", "grad"), ("layer2", "act"), ("layer2", 
            ("output", "act")]
 
 
+def _send_while_running(run, messages) -> tuple[int, dict[str, int]]:
+    """Send each (role, endpoint, socket kind, frames) to the live ``run``,
+    then wait for it to end: (its exit code, messages sent per role). The
+    senders stay connected until the run is over: one that disconnects while
+    its last messages wait behind a full inbox may lose them in ZeroMQ (seen
+    over Unix sockets), and they would go uncounted."""
+    ctx = zmq.Context()
+    sent: dict[str, int] = {}
+    socks: dict[str, zmq.Socket] = {}
+    try:
+        for role, endpoint, kind, frames in messages:
+            if endpoint not in socks:
+                socks[endpoint] = ctx.socket(kind)
+                socks[endpoint].connect(endpoint)
+            socks[endpoint].send_multipart(frames)
+            sent[role] = sent.get(role, 0) + 1
+        code = run.finish()
+    finally:
+        for s in socks.values():
+            s.close(linger=0)
+        ctx.term()
+    return code, sent
+
+
+def _assert_counted_and_unchanged(run, code: int, sent: dict[str, int]) -> dict:
+    """The run completed, each layer counted exactly what it was sent, and
+    its weights are the reference's bit for bit; returns the summary."""
+    assert code == 0, run.err
+    summary = run.summary()
+    errors = {L["role"]: L["decode_errors"] for L in summary["layers"]}
+    assert errors == {r: sent.get(r, 0) for r in ("layer1", "layer2", "output")}
+    assert_bit_identical(run, reference_weights(Config(lockstep=True, epochs=300, seed=8)))
+    return summary
+
+
 # One example, one live run: no replay or shrinking, which would reuse the
 # run directory of the test's fixture.
 @pytest.mark.timeout(120)
@@ -56,31 +91,14 @@ def test_fuzz_on_live_sockets_changes_nothing(launch, garbage):
     run = launch("--lockstep", "--quiet", "--epochs", "300", "--seed", "8",
                  name=f"run-{next(_RUNS)}")
     config = run.wait_started()
-    ctx = zmq.Context()
-    sent: dict[str, int] = {}
-    socks = {}
-    # The senders stay connected until the run is over: one that disconnects
-    # while its last messages wait behind a full inbox may lose them in
-    # ZeroMQ (seen over Unix sockets), and they would go uncounted.
-    try:
+
+    def frames():
         for (role, inbox), (header, bodies) in garbage:
-            endpoint = config["processes"][role]["endpoints"][inbox]
             if header["r"] == RUN:
                 header = {**header, "r": config["run_id"]}
-            if endpoint not in socks:
-                socks[endpoint] = ctx.socket(zmq.PUSH)
-                socks[endpoint].connect(endpoint)
-            socks[endpoint].send_multipart([msgpack.packb(header, use_bin_type=True), *bodies])
-            sent[role] = sent.get(role, 0) + 1
-        code = run.finish()
-    finally:
-        for s in socks.values():
-            s.close(linger=0)
-        ctx.term()
-    assert code == 0, run.err
-    errors = {L["role"]: L["decode_errors"] for L in run.summary()["layers"]}
-    assert errors == {r: sent.get(r, 0) for r in ("layer1", "layer2", "output")}
-    assert_bit_identical(run, reference_weights(Config(lockstep=True, epochs=300, seed=8)))
+            yield (role, config["processes"][role]["endpoints"][inbox], zmq.PUSH,
+                   [msgpack.packb(header, use_bin_type=True), *bodies])
+    _assert_counted_and_unchanged(run, *_send_while_running(run, frames()))
 
 
 # -- well-formed messages from real role names, every kind, every meta field --
@@ -135,30 +153,16 @@ def test_every_kind_and_field_from_real_roles_is_dropped_and_changes_nothing(lau
     run = launch("--lockstep", "--quiet", "--epochs", "300", "--seed", "8",
                  name=f"run-{next(_RUNS)}")
     config = run.wait_started()
-    ctx = zmq.Context()
-    sent: dict[str, int] = {}
-    socks: dict[str, zmq.Socket] = {}
-    try:
+
+    def frames():
         for (role, inbox), m in messages:
             if inbox == "control":
                 endpoint, kind = config["supervisor"]["control"], zmq.DEALER
             else:
                 endpoint, kind = config["processes"][role]["endpoints"][inbox], zmq.PUSH
-            if endpoint not in socks:
-                socks[endpoint] = ctx.socket(kind)
-                socks[endpoint].connect(endpoint)
             msg = Message(m["kind"], config["run_id"], m["batch"], m["sender"], m["step"],
                           tuple(np.zeros(s) for s in m["shapes"]), m["meta"])
-            socks[endpoint].send_multipart(wire.encode(msg))
-            sent[role] = sent.get(role, 0) + 1
-        code = run.finish()
-    finally:
-        for s in socks.values():
-            s.close(linger=0)
-        ctx.term()
-    assert code == 0, run.err
-    summary = run.summary()
-    errors = {L["role"]: L["decode_errors"] for L in summary["layers"]}
-    assert errors == {r: sent.get(r, 0) for r in ("layer1", "layer2", "output")}
+            yield role, endpoint, kind, wire.encode(msg)
+    code, sent = _send_while_running(run, frames())
+    summary = _assert_counted_and_unchanged(run, code, sent)
     assert sum(summary["control_dropped"].values()) == sent.get("supervisor", 0)
-    assert_bit_identical(run, reference_weights(Config(lockstep=True, epochs=300, seed=8)))

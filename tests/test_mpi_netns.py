@@ -8,9 +8,7 @@ iproute2, unshare) or Open MPI and mpi4py."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import (SUBNET, Hosts, epoch_logged, host_name, ns_pids, on_host,
-                         write_rsh_agent)
+from tests.netns import (SUBNET, Hosts, epoch_logged, host_name, kill_pids, ns_pids,
+                         on_host, write_rsh_agent)
 from tests.test_mpi import ROOT, Job, _mpiexec, assert_all_gone
 
 pytestmark = pytest.mark.timeout(180)
@@ -77,12 +75,7 @@ def across(hosts, tmp_path):
         if not any(left.values()) or time.monotonic() > deadline:
             break
         time.sleep(0.05)  # polling interval of a condition, not a synchronisation
-    for pids in left.values():
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    kill_pids(left)
     left = {h: s for h, s in left.items() if s}
     assert not left, f"processes left running on the hosts (killed now): {left}"
 
@@ -124,11 +117,7 @@ def test_a_host_killed_ends_the_job_failed_naming_its_role_and_host(across, host
     on_b = ns_pids(hosts.ns["B"])  # its ranks, Open MPI's daemon, the agent's shell
     assert ranks["B"] <= on_b, (ranks, on_b)
     t0 = time.monotonic()
-    for pid in sorted(on_b):  # host B goes down: nothing there says a word
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_pids({"B": on_b})  # host B goes down: nothing there says a word
     code = job.wait(30)
     summary = job.run_dir / "summary.json"
     # Open MPI 5.0's mpiexec, its daemon on B lost, exits at once (with 0)
