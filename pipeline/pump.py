@@ -109,7 +109,7 @@ class Pump:
                 # Without a delay line, take every activation waiting while the
                 # schedule allows and no gradient is waiting (gradients go first,
                 # as they would after a poll): one poll for a burst, not each.
-                for _ in range(DRAIN):
+                for _ in range(DRAIN if act_line is None else 1):
                     msg = self.acts.recv()
                     if msg is not None:
                         eof_read = msg.kind == EOF
@@ -117,7 +117,7 @@ class Pump:
                             act_line.push(msg, time.monotonic())
                         else:
                             self._call(node.on_activation, msg)
-                    if (act_line is not None or eof_read or grads_waiting()
+                    if (eof_read or grads_waiting()
                             or not act_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
                             or not node.may_take()):
                         break
