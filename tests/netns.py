@@ -108,9 +108,12 @@ def ns_pids(ns: str) -> set[int]:
 
 
 def kill_pids(by_host: dict[str, set[int]]) -> None:
-    """SIGKILL each process named, by its pid (one gone meanwhile is fine)."""
+    """SIGKILL each process named, by its pid, oldest pid first (one gone
+    meanwhile is fine). The order is kept the same from run to run: which
+    of a host's processes goes first decides which death Open MPI and the
+    coordinator see first."""
     for pids in by_host.values():
-        for pid in pids:
+        for pid in sorted(pids):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
