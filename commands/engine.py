@@ -16,6 +16,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from commands.spawn import module_of
 from commands.supervisor import Supervisor, WorkerFailed
+from pipeline.control import LIVENESS_S
 from pipeline import engines, rendezvous, security
 from pipeline.cli import EngineArgs
 from pipeline.engines import Engine
@@ -130,20 +131,28 @@ def _work(role: str, cluster: EngineCluster, endpoint: str, opts: EngineArgs) ->
         keys = cluster.keys_for(role, opts.insecure)
         guard = security.Guard(context(), keys) if keys else contextlib.nullcontext()
         return Net(context(), cluster.roles[role].host, 0, keys), endpoint, guard
-    return serve_placed(role_main, role, place)
+    return serve_placed(role_main, role, place, parent_supervises=False)
 
 
 class EngineSupervisor(Supervisor):
     """The supervisor of an engine's run: its workers are the other ranks,
     so a dead one is noticed by its connection closing (within
     milliseconds, before the engine tears the job down), not only by its
-    heartbeats stopping; the error names its rank."""
+    heartbeats stopping; the error names its rank.
+
+    Which closed connection is the death: when a rank dies the engine ends
+    the others, and when a whole host goes, its processes die in any order,
+    so the engine may end ranks elsewhere before the last of that host's
+    are gone. A rank the engine ends says so first (``stopped``, as every
+    worker stopped by a signal does); a connection that closes without that
+    word is a death. So the blame goes to the first silent closure; a rank
+    that said it was stopped is named only if no silent closure and no
+    silence (LIVENESS_S) names another within that long."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fd_conn: dict[int, bytes] = {}  # file descriptor -> the ROUTER's name of it
-        self.lost: WorkerFailed | None = None
-        self.lost_at = 0.0
+        self.closed: dict[str, float] = {}  # role -> when its connection closed, in order
         self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.router = _Sources(self.router, self.fd_conn)
 
@@ -153,38 +162,69 @@ class EngineSupervisor(Supervisor):
 
     def _check_alive(self) -> None:
         self._watch_connections()
-        if self.lost is not None and time.monotonic() - self.lost_at >= SIGNAL_GRACE_S:
-            self._drain(50)  # it may have said why just before it went
-            raise self.lost
+        if self.closed:
+            self._drain(0)  # a closing rank's last word came before its connection closed
+            lost = blame(self.closed, self.stopped, time.monotonic())
+            if lost is not None:
+                self._drain(50)  # it may have said why just before it went
+                raise self._failure(lost)
         super()._check_alive()
 
+    def _failure(self, role: str) -> WorkerFailed:
+        where = f"{role} (rank {self.cluster.ranks[role]}) on {self.host(role)}"
+        if role in self.stopped:
+            return WorkerFailed(role, f"{where} was stopped from outside the run "
+                                      f"({self.stopped[role]})")
+        return WorkerFailed(role, f"{where} is gone: its connection closed")
+
     def _watch_connections(self) -> None:
-        """Note the first role whose connection closed before it was done."""
-        while self.lost is None and self.monitor.poll(0):
+        """Note when each role's connection closed before it was done."""
+        while self.monitor.poll(0):
             event = parse_monitor_message(self.monitor.recv_multipart())
             role = self.members.role(self.fd_conn.pop(int(event["value"]), b""))
             if role is not None and role not in self.done:
-                self.lost_at = time.monotonic()
-                self.lost = WorkerFailed(role, f"{role} (rank {self.cluster.ranks[role]}) on "
-                                               f"{self.host(role)} is gone: its connection closed")
+                self.closed.setdefault(role, time.monotonic())
 
     def _close(self, status: str, error: dict | None, start: float) -> int:
         if status == "interrupted":
             # The engine ends every rank once one dies, a quarter second
-            # later: a connection that closed well before our own signal
-            # came is that death. One that closed with it is the engine
-            # passing a Ctrl-C (or scancel) on to every rank at once.
+            # later: a connection that closed silently well before our own
+            # signal came is that death. Ranks the engine stopped at once
+            # (a Ctrl-C on mpiexec, scancel) said so, or closed with it.
             signalled = time.monotonic()
             self._watch_connections()
-            if self.lost is not None and self.lost_at <= signalled - SIGNAL_GRACE_S:
-                status, error = "failed", {"role": self.lost.role,
-                                           "host": self.host(self.lost.role),
-                                           "message": self.lost.message}
+            self._drain(0)
+            first = first_silent(self.closed, self.stopped)
+            if first is not None and self.closed[first] <= signalled - SIGNAL_GRACE_S:
+                status, error = "failed", {"role": first, "host": self.host(first),
+                                           "message": self._failure(first).message}
         if error is not None and error.get("role") in self.cluster.ranks:
             error = {**error, "rank": self.cluster.ranks[error["role"]]}
         self.monitor.close(linger=0)
         self.router = self.router.sock
         return super()._close(status, error, start)
+
+
+def first_silent(closed: dict[str, float], stopped: dict[str, str]) -> str | None:
+    """The first role whose connection closed without saying it was stopped."""
+    silent = [(t, role) for role, t in closed.items() if role not in stopped]
+    return min(silent)[1] if silent else None
+
+
+def blame(closed: dict[str, float], stopped: dict[str, str], now: float) -> str | None:
+    """The role to name for a run's failure, once it can be named, from when
+    each role's connection closed (``closed``) and which of them said they
+    were stopped from outside (``stopped``): the first silent closure,
+    SIGNAL_GRACE_S after it (a signal to us may yet show it was a Ctrl-C);
+    failing one, the first role stopped from outside, once LIVENESS_S have
+    passed in which no other death was seen. None: not yet."""
+    first = first_silent(closed, stopped)
+    if first is not None:
+        return first if now - closed[first] >= SIGNAL_GRACE_S else None
+    if not closed:
+        return None
+    t, role = min((t, role) for role, t in closed.items())
+    return role if now - t >= LIVENESS_S + 1.0 else None
 
 
 class _Sources:

@@ -110,6 +110,7 @@ class Supervisor:
         self.hello: dict[str, Message] = {}
         self.ready: dict[str, Message] = {}
         self.done: dict[str, Message] = {}
+        self.stopped: dict[str, str] = {}  # role -> what stopped it from outside the run
         self.last_seen: dict[str, float] = {}
         self.last_beat = 0.0
         self.started = False
@@ -143,10 +144,14 @@ class Supervisor:
             if code is not None and role not in self.done:
                 # It may have said why just before exiting: give that a moment.
                 self._drain(500)
-                raise WorkerFailed(role, f"process exited with code {code}")
+                why = (f" (stopped from outside the run: {self.stopped[role]})"
+                       if role in self.stopped else "")
+                raise WorkerFailed(role, f"process exited with code {code}{why}")
         now = time.monotonic()
         for role, seen in self.last_seen.items():
-            if now - seen > LIVENESS_S and role not in self.done:
+            # (one stopped from outside is not silent: it said why, and its
+            # own exit or closed connection ends the run)
+            if now - seen > LIVENESS_S and role not in self.done and role not in self.stopped:
                 raise WorkerFailed(role, f"no word from {role} on {self.host(role)} "
                                          f"for {LIVENESS_S:.0f} s: taken for dead")
         if self.moves is not None:
@@ -239,6 +244,9 @@ class Supervisor:
         role = msg.sender
         if msg.kind == protocol.ERROR:
             raise WorkerFailed(role, protocol.error_text(msg))
+        if msg.kind == protocol.STOPPED:
+            self.stopped.setdefault(role, protocol.stopped_why(msg))
+            return
         if msg.kind == protocol.METRIC:
             event = protocol.event(msg)
             self._metric_budget(role, size)

@@ -28,7 +28,8 @@ class ControlLink:
     of another run is refused.
     """
 
-    def __init__(self, net: Net, endpoint: str, role: str, run_id: str = ""):
+    def __init__(self, net: Net, endpoint: str, role: str, run_id: str = "",
+                 parent_supervises: bool = True):
         self.role = role
         self.say = Speaker(run_id, role)
         self.endpoint = endpoint
@@ -42,6 +43,9 @@ class ControlLink:
         self.sock = net.connect(zmq.DEALER, endpoint, "coordinator",
                                 before=watch if net.keys is not None else None)
         self.parent = os.getppid()
+        # A local worker's parent is the coordinator: once it is gone, no
+        # report can reach it. An engine's rank has the engine for parent.
+        self.parent_supervises = parent_supervises
         self.last_heard = self.last_beat = time.monotonic()
         self.last_check = 0.0
         self.progress = 0  # messages handled: each heartbeat carries it to the watchdog
@@ -79,11 +83,14 @@ class ControlLink:
                 self.sock.poll(POLL_MS, zmq.POLLOUT)
 
     def _check_parent(self) -> None:
-        # A local supervisor killed outright (SIGKILL): never outlive it, and
-        # give the clean exit 3 s at most.
+        # A local supervisor killed outright (SIGKILL), or the engine that
+        # started this rank gone: never outlive it, and give the clean exit
+        # 3 s at most.
         if os.getppid() != self.parent:
             signal.alarm(3)
-            raise Stopped("supervisor is gone")
+            if self.parent_supervises:
+                raise Stopped("supervisor is gone")
+            raise Stopped("the process that started this rank is gone", outside=True)
 
     def _check_refused(self) -> None:
         if self.refusals is not None and self.refusals.poll(0):
@@ -187,11 +194,18 @@ class ControlLink:
         only while the coordinator may be there to take it: queued for one
         that is gone, it held zmq_ctx_term at exit for the whole linger."""
         tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-        msg = self.say.error(f"{type(exc).__name__}: {exc}", "".join(tb)[-4000:])
+        self._last_word(self.say.error(f"{type(exc).__name__}: {exc}", "".join(tb)[-4000:]))
+
+    def report_stopped(self, why: str) -> None:
+        """Tell the supervisor that something outside the run stopped us (a
+        signal, the engine gone), as report_error does a failure."""
+        self._last_word(self.say.stopped(why))
+
+    def _last_word(self, msg: Message) -> None:
         try:
             self.sock.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             return
-        there = (os.getppid() == self.parent
+        there = ((os.getppid() == self.parent or not self.parent_supervises)
                  and time.monotonic() - self.last_heard <= LIVENESS_S)
         self.sock.linger = REPORT_LINGER_MS if there else 0

@@ -76,11 +76,12 @@ EOF = "eof"
 METRIC = "metric"
 DONE = "done"
 ERROR = "error"
+STOPPED = "stopped"  # a worker stopped from outside the run (a signal), not by the coordinator
 STOP = "stop"
 HEARTBEAT = "heartbeat"
 CHECKPOINT = "checkpoint"
 KINDS = frozenset({HELLO, CONFIG, READY, START, ACT, GRAD, EVAL, EOF, CHECKPOINT,
-                   METRIC, DONE, ERROR, STOP, HEARTBEAT})
+                   METRIC, DONE, ERROR, STOPPED, STOP, HEARTBEAT})
 
 
 # eq=False: field-wise == on ndarray fields is ambiguous, and a dict field is unhashable.
@@ -188,6 +189,9 @@ class Speaker:
     def error(self, text: str, traceback: str) -> Message:
         return self._msg(ERROR, meta={"error": text, "traceback": traceback})
 
+    def stopped(self, why: str) -> Message:
+        return self._msg(STOPPED, meta={"why": why})
+
     def heartbeat(self, progress: int = 0) -> Message:
         """``progress``: messages the sender has handled so far (the watchdog's)."""
         return self._msg(HEARTBEAT, step=progress)
@@ -261,6 +265,12 @@ def token(msg: Message) -> str:
 def error_text(msg: Message) -> str:
     value = msg.meta.get("error")
     return value if isinstance(value, str) else "unknown error"
+
+
+def stopped_why(msg: Message) -> str:
+    """What stopped a worker from outside the run, at most 200 characters."""
+    value = msg.meta.get("why")
+    return value[:200] if isinstance(value, str) else "unknown"
 
 
 def done(msg: Message) -> tuple[dict, int, dict[str, np.ndarray]]:

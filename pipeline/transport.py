@@ -58,7 +58,13 @@ def remove_private_dir(path: str | None) -> None:
 
 
 class Stopped(Exception):
-    """The supervisor said stop (or went away): leave the loop, clean up, exit."""
+    """The supervisor said stop (or went away), or something outside the
+    run stopped us (``outside``: a signal, an engine gone): leave the loop,
+    clean up, exit."""
+
+    def __init__(self, why: str, outside: bool = False):
+        super().__init__(why)
+        self.outside = outside
 
 
 def context() -> zmq.Context:

@@ -47,7 +47,7 @@ def _terminate(signum, frame) -> None:
     # ends the process by the kernel's default action.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.alarm(3)
-    raise Stopped(f"signal {signum}")
+    raise Stopped(f"signal {signum}", outside=True)
 
 
 def placement(args: argparse.Namespace) -> tuple[Net, str, contextlib.AbstractContextManager]:
@@ -82,14 +82,17 @@ def worker_main(role_main: RoleMain, argv: list[str] | None = None) -> int:
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback address without CURVE keys")
     args = p.parse_args(argv)
-    return serve_placed(role_main, args.role, lambda: placement(args))
+    return serve_placed(role_main, args.role, lambda: placement(args),
+                        parent_supervises=args.cluster is None)
 
 
 def serve_placed(role_main: RoleMain, role: str,
-                 place: Callable[[], tuple[Net, str, contextlib.AbstractContextManager]]) -> int:
+                 place: Callable[[], tuple[Net, str, contextlib.AbstractContextManager]],
+                 parent_supervises: bool) -> int:
     """Run ``role`` in this process until the coordinator says stop: the
     signals, then ``place()`` (Net, control endpoint, guard), the handshake
-    and the role. A worker started by launch.py, or a rank an engine started."""
+    and the role. A worker started by launch.py (``parent_supervises``: its
+    parent is the coordinator), or a rank an engine started."""
     # Ctrl-C is the supervisor's to handle; it tells the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
@@ -97,7 +100,7 @@ def serve_placed(role_main: RoleMain, role: str,
     net, control, guard = place()
     try:
         with guard:
-            return _serve(role_main, net, control, role)
+            return _serve(role_main, net, control, role, parent_supervises)
     finally:
         # After the guard: each socket closes with its own linger (data sockets
         # drop what is queued; the control link delivers an error report, and
@@ -111,8 +114,9 @@ def serve_placed(role_main: RoleMain, role: str,
         context().destroy()
 
 
-def _serve(role_main: RoleMain, net: Net, control: str, role: str) -> int:
-    link = ControlLink(net, control, role)
+def _serve(role_main: RoleMain, net: Net, control: str, role: str,
+           parent_supervises: bool) -> int:
+    link = ControlLink(net, control, role, parent_supervises=parent_supervises)
     try:
         link.send(link.say.hello(os.environ.pop(TOKEN_ENV, "")))
         # Roles started by hand may wait long for the coordinator to come up.
@@ -122,7 +126,11 @@ def _serve(role_main: RoleMain, net: Net, control: str, role: str) -> int:
         cfg = Config.from_dict(config)
         role_main(link, cfg, net)  # returns only through Stopped (see ControlLink.finish)
         raise RuntimeError("role ended without waiting for stop")
-    except Stopped:
+    except Stopped as stop:
+        if stop.outside and link.joined:
+            # Stopped from outside the run (an engine's teardown, a user):
+            # say so, so that the coordinator does not take it for a death.
+            link.report_stopped(str(stop))
         return 0
     except BaseException as exc:  # report every failure, then exit non-zero
         link.report_error(exc)

@@ -107,13 +107,13 @@ def ns_pids(ns: str) -> set[int]:
     return pids
 
 
-def kill_pids(by_host: dict[str, set[int]]) -> None:
+def kill_pids(by_host: dict[str, set[int]], newest_first: bool = False) -> None:
     """SIGKILL each process named, by its pid, oldest pid first (one gone
-    meanwhile is fine). The order is kept the same from run to run: which
-    of a host's processes goes first decides which death Open MPI and the
-    coordinator see first."""
+    meanwhile is fine), or newest first. The order is kept the same from
+    run to run: which of a host's processes goes first decides which death
+    Open MPI and the coordinator see first."""
     for pids in by_host.values():
-        for pid in sorted(pids):
+        for pid in sorted(pids, reverse=newest_first):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -110,3 +110,24 @@ def test_a_world_of_the_wrong_size_names_both_numbers_in_one_line():
     text = str(err.value)
     assert "\n" not in text and "needs 5 processes" in text and "started 6" in text
     assert "--layers 4" in text
+
+
+# blame(closed, stopped, now): whom a run's failure names, and when. Closures
+# at t=10 (source, stopped from outside by the engine) and t=10.05 (layer2,
+# silent); SIGNAL_GRACE_S = 0.1, LIVENESS_S = 5.
+@pytest.mark.parametrize("closed, stopped, now, want", [
+    ({}, {}, 100.0, None),
+    ({"layer2": 10.05}, {}, 10.1, None),                  # a Ctrl-C may yet come
+    ({"layer2": 10.05}, {}, 10.16, "layer2"),
+    ({"source": 10.0, "layer2": 10.05}, {}, 10.2, "source"),   # both silent: the first
+    ({"source": 10.0, "layer2": 10.05}, {"source": "signal 15"}, 10.1, None),
+    ({"source": 10.0, "layer2": 10.05}, {"source": "signal 15"}, 10.16, "layer2"),
+    ({"source": 10.0}, {"source": "signal 15"}, 15.9, None),   # a death may yet show
+    ({"source": 10.0}, {"source": "signal 15"}, 16.0, "source"),
+    ({"source": 10.0, "layer2": 10.05}, {"source": "signal 15", "layer2": "signal 15"},
+     16.0, "source"),
+])
+def test_blame_names_the_first_silent_closure_before_any_rank_stopped_from_outside(
+        closed, stopped, now, want):
+    from commands.engine import blame
+    assert blame(closed, stopped, now) == want

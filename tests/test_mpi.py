@@ -160,11 +160,7 @@ def test_lockstep_under_mpiexec_equals_the_in_process_reference_bit_for_bit(mpi)
 
 def test_a_killed_rank_ends_the_job_failed_by_role_host_and_rank_with_nothing_left(mpi):
     job = mpi(5, "--layers", "3", "--epochs", "100000")
-
-    def training() -> bool:
-        m = job.run_dir / "metrics.jsonl"
-        return m.exists() and '"event": "epoch"' in m.read_text()
-    job.wait_for(training, "the first epoch")
+    _first_epoch(job)
     pids = job.rank_pids()
     os.kill(pids["layer1"], signal.SIGKILL)
     assert job.wait(30) != 0
@@ -173,6 +169,45 @@ def test_a_killed_rank_ends_the_job_failed_by_role_host_and_rank_with_nothing_le
     assert s["error"]["role"] == "layer1" and s["error"]["rank"] == 2, s["error"]
     assert s["error"]["host"] == "127.0.0.1"
     assert "layer1 (rank 2) on 127.0.0.1" in s["error"]["message"]
+    assert_all_gone(pids)
+
+
+def _first_epoch(job: Job) -> None:
+    def training() -> bool:
+        m = job.run_dir / "metrics.jsonl"
+        return m.exists() and '"event": "epoch"' in m.read_text()
+    job.wait_for(training, "the first epoch")
+
+
+def test_a_rank_the_engine_stopped_first_is_not_blamed_for_the_death_after_it(mpi):
+    """A host lost with Open MPI's daemon first: mpiexec ends ranks elsewhere
+    (SIGTERM) before the lost host's ranks' connections close. The rank
+    stopped from outside says so; the death is the silent one after it."""
+    job = mpi(5, "--layers", "3", "--epochs", "100000")
+    _first_epoch(job)
+    pids = job.rank_pids()
+    os.kill(pids["source"], signal.SIGTERM)
+    assert_all_gone({"source": pids["source"]})  # its connection has closed first
+    os.kill(pids["layer2"], signal.SIGKILL)
+    job.wait(30)
+    s = job.summary()
+    assert s["status"] == "failed", s
+    assert s["error"]["role"] == "layer2" and s["error"]["rank"] == 3, s["error"]
+    assert "layer2 (rank 3) on 127.0.0.1 is gone" in s["error"]["message"], s["error"]
+    assert_all_gone(pids)
+
+
+def test_a_rank_stopped_from_outside_with_no_death_after_it_is_named_as_stopped(mpi):
+    job = mpi(5, "--layers", "3", "--epochs", "100000")
+    _first_epoch(job)
+    pids = job.rank_pids()
+    os.kill(pids["layer1"], signal.SIGTERM)
+    job.wait(30)
+    s = job.summary()
+    assert s["status"] == "failed", s
+    assert s["error"]["role"] == "layer1" and s["error"]["rank"] == 2, s["error"]
+    assert ("layer1 (rank 2) on 127.0.0.1 was stopped from outside the run (signal 15)"
+            in s["error"]["message"]), s["error"]
     assert_all_gone(pids)
 
 

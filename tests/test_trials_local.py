@@ -227,6 +227,19 @@ def test_a_missing_parent_is_made_for_run_dir_and_keys(tmp_path):
     assert (keys / "coordinator.key_secret").exists()
 
 
+def test_a_worker_stopped_from_outside_the_run_is_named_with_the_signal(launch):
+    """Once only 'process exited with code 0': a SIGTERM to a worker is a
+    clean exit, which said nothing of why the run ended."""
+    run = launch("--epochs", "100000", "--quiet")
+    run.wait_training()
+    os.kill(run.worker_pids()["layer1"], signal.SIGTERM)
+    assert run.finish(timeout=20) == 1, run.err
+    err = summary(run.run_dir)["error"]
+    assert err["role"] == "layer1", err
+    assert err["message"].endswith("(stopped from outside the run: signal 15)"), err
+    assert_no_orphans(run)
+
+
 def test_a_second_run_with_the_same_run_dir_is_refused(launch):
     """Both once reported ``completed`` into one interleaved metrics.jsonl."""
     first = launch("--epochs", "100000", "--quiet")
