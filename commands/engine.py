@@ -16,7 +16,6 @@ from zmq.utils.monitor import parse_monitor_message
 
 from commands.spawn import module_of
 from commands.supervisor import Supervisor, WorkerFailed
-from pipeline.control import LIVENESS_S
 from pipeline import engines, rendezvous, security
 from pipeline.cli import EngineArgs
 from pipeline.engines import Engine
@@ -146,8 +145,9 @@ class EngineSupervisor(Supervisor):
     are gone. A rank the engine ends says so first (``stopped``, as every
     worker stopped by a signal does); a connection that closes without that
     word is a death. So the blame goes to the first silent closure; a rank
-    that said it was stopped is named only if no silent closure and no
-    silence (LIVENESS_S) names another within that long."""
+    that said it was stopped is named only once it has been silent for
+    LIVENESS_S, as any silent rank is (the ranks of a host that dies without
+    closing its connections went silent before the engine stopped it)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -171,11 +171,8 @@ class EngineSupervisor(Supervisor):
         super()._check_alive()
 
     def _failure(self, role: str) -> WorkerFailed:
-        where = f"{role} (rank {self.cluster.ranks[role]}) on {self.host(role)}"
-        if role in self.stopped:
-            return WorkerFailed(role, f"{where} was stopped from outside the run "
-                                      f"({self.stopped[role]})")
-        return WorkerFailed(role, f"{where} is gone: its connection closed")
+        return WorkerFailed(role, f"{role} (rank {self.cluster.ranks[role]}) on "
+                                  f"{self.host(role)} is gone: its connection closed")
 
     def _watch_connections(self) -> None:
         """Note when each role's connection closed before it was done."""
@@ -212,19 +209,14 @@ def first_silent(closed: dict[str, float], stopped: dict[str, str]) -> str | Non
 
 
 def blame(closed: dict[str, float], stopped: dict[str, str], now: float) -> str | None:
-    """The role to name for a run's failure, once it can be named, from when
-    each role's connection closed (``closed``) and which of them said they
-    were stopped from outside (``stopped``): the first silent closure,
-    SIGNAL_GRACE_S after it (a signal to us may yet show it was a Ctrl-C);
-    failing one, the first role stopped from outside, once LIVENESS_S have
-    passed in which no other death was seen. None: not yet."""
+    """The role whose death a closed connection shows, from when each role's
+    connection closed (``closed``) and which of them said they were stopped
+    from outside (``stopped``): the first silent closure, SIGNAL_GRACE_S
+    after it (a signal to us may yet show it was a Ctrl-C). None: none yet."""
     first = first_silent(closed, stopped)
-    if first is not None:
-        return first if now - closed[first] >= SIGNAL_GRACE_S else None
-    if not closed:
-        return None
-    t, role = min((t, role) for role, t in closed.items())
-    return role if now - t >= LIVENESS_S + 1.0 else None
+    if first is not None and now - closed[first] >= SIGNAL_GRACE_S:
+        return first
+    return None
 
 
 class _Sources:

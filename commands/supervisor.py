@@ -149,9 +149,10 @@ class Supervisor:
                 raise WorkerFailed(role, f"process exited with code {code}{why}")
         now = time.monotonic()
         for role, seen in self.last_seen.items():
-            # (one stopped from outside is not silent: it said why, and its
-            # own exit or closed connection ends the run)
-            if now - seen > LIVENESS_S and role not in self.done and role not in self.stopped:
+            if now - seen > LIVENESS_S and role not in self.done:
+                if role in self.stopped:
+                    raise WorkerFailed(role, f"{role} on {self.host(role)} was stopped from "
+                                             f"outside the run ({self.stopped[role]})")
                 raise WorkerFailed(role, f"no word from {role} on {self.host(role)} "
                                          f"for {LIVENESS_S:.0f} s: taken for dead")
         if self.moves is not None:

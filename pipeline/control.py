@@ -43,8 +43,9 @@ class ControlLink:
         self.sock = net.connect(zmq.DEALER, endpoint, "coordinator",
                                 before=watch if net.keys is not None else None)
         self.parent = os.getppid()
-        # A local worker's parent is the coordinator: once it is gone, no
-        # report can reach it. An engine's rank has the engine for parent.
+        # A worker's parent is launch.py (the coordinator, or a cluster
+        # host's launcher): once it is gone, so is the run here, and no
+        # report is waited on. An engine's rank has the engine for parent.
         self.parent_supervises = parent_supervises
         self.last_heard = self.last_beat = time.monotonic()
         self.last_check = 0.0

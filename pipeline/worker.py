@@ -82,8 +82,9 @@ def worker_main(role_main: RoleMain, argv: list[str] | None = None) -> int:
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback address without CURVE keys")
     args = p.parse_args(argv)
-    return serve_placed(role_main, args.role, lambda: placement(args),
-                        parent_supervises=args.cluster is None)
+    # Started by launch.py, here or on a cluster host: that launcher is the
+    # parent to outlive never.
+    return serve_placed(role_main, args.role, lambda: placement(args), parent_supervises=True)
 
 
 def serve_placed(role_main: RoleMain, role: str,
@@ -92,7 +93,8 @@ def serve_placed(role_main: RoleMain, role: str,
     """Run ``role`` in this process until the coordinator says stop: the
     signals, then ``place()`` (Net, control endpoint, guard), the handshake
     and the role. A worker started by launch.py (``parent_supervises``: its
-    parent is the coordinator), or a rank an engine started."""
+    parent is the coordinator or a host's launcher), or a rank an engine
+    started (its parent is the engine's)."""
     # Ctrl-C is the supervisor's to handle; it tells the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
@@ -130,6 +132,9 @@ def _serve(role_main: RoleMain, net: Net, control: str, role: str,
         if stop.outside and link.joined:
             # Stopped from outside the run (an engine's teardown, a user):
             # say so, so that the coordinator does not take it for a death.
+            # (The kernel's SIGTERM when our parent dies looks the same: at
+            # that moment getppid() may still give the parent's pid, since a
+            # dying process's children pass to its last live thread first.)
             link.report_stopped(str(stop))
         return 0
     except BaseException as exc:  # report every failure, then exit non-zero

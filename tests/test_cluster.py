@@ -213,7 +213,11 @@ def test_role_killed_mid_run_fails_the_run_naming_role_and_host(tmp_path, roles)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed"
     assert summary["error"]["role"] == "layer2" and summary["error"]["host"] == "127.0.0.1"
-    assert "taken for dead" in summary["error"]["message"]
+    # Its launcher killed, the worker was ended by the kernel's SIGTERM
+    # (PDEATHSIG): it says so, and is named once silent for 5 s, as a dead
+    # one would be.
+    assert summary["error"]["message"] == ("layer2 on 127.0.0.1 was stopped from outside the "
+                                           "run (signal 15)")
     for role in ["source", "layer1", "output"]:  # told to stop, they do
         r.procs[role].wait(10)
     assert not [n for n, p in r.procs.items() if _alive(p.pid)]

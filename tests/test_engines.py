@@ -114,7 +114,7 @@ def test_a_world_of_the_wrong_size_names_both_numbers_in_one_line():
 
 # blame(closed, stopped, now): whom a run's failure names, and when. Closures
 # at t=10 (source, stopped from outside by the engine) and t=10.05 (layer2,
-# silent); SIGNAL_GRACE_S = 0.1, LIVENESS_S = 5.
+# silent); SIGNAL_GRACE_S = 0.1.
 @pytest.mark.parametrize("closed, stopped, now, want", [
     ({}, {}, 100.0, None),
     ({"layer2": 10.05}, {}, 10.1, None),                  # a Ctrl-C may yet come
@@ -122,10 +122,10 @@ def test_a_world_of_the_wrong_size_names_both_numbers_in_one_line():
     ({"source": 10.0, "layer2": 10.05}, {}, 10.2, "source"),   # both silent: the first
     ({"source": 10.0, "layer2": 10.05}, {"source": "signal 15"}, 10.1, None),
     ({"source": 10.0, "layer2": 10.05}, {"source": "signal 15"}, 10.16, "layer2"),
-    ({"source": 10.0}, {"source": "signal 15"}, 15.9, None),   # a death may yet show
-    ({"source": 10.0}, {"source": "signal 15"}, 16.0, "source"),
+    # stopped from outside, and no silent closure: silence (LIVENESS_S) names it
+    ({"source": 10.0}, {"source": "signal 15"}, 100.0, None),
     ({"source": 10.0, "layer2": 10.05}, {"source": "signal 15", "layer2": "signal 15"},
-     16.0, "source"),
+     100.0, None),
 ])
 def test_blame_names_the_first_silent_closure_before_any_rank_stopped_from_outside(
         closed, stopped, now, want):
