@@ -21,10 +21,18 @@ from pipeline.cli import EngineArgs
 from pipeline.engines import Engine
 from pipeline.rendezvous import EngineCluster
 
-# A rank's connection that closes is taken for its death only if no signal
-# from the engine follows within this long: a Ctrl-C on mpiexec reaches
-# every rank at once, and a worker may be gone a moment before we hear it.
+# A rank's connection that closes without a word is taken for its death
+# only if no signal from the engine follows within this long: then we look
+# at how the ranks go (see EngineSupervisor._signal_or_death).
 SIGNAL_GRACE_S = 0.1
+# How long, once the engine's signal came, the ranks have to go or say they
+# were stopped before the run is called interrupted: short, since Open MPI
+# follows its SIGTERM with a SIGKILL a second later, and the summary must be
+# written by then.
+SIGNAL_WINDOW_S = 0.25
+# A rank that said it was stopped from outside is named only if no silent
+# death shows within this long (see blame).
+STOPPED_GRACE_S = 1.0
 
 
 def run_rank(engine: Engine, opts: EngineArgs, prepare: Callable[[], tuple], stream: TextIO) -> int:
@@ -144,15 +152,14 @@ class EngineSupervisor(Supervisor):
     so the engine may end ranks elsewhere before the last of that host's
     are gone. A rank the engine ends says so first (``stopped``, as every
     worker stopped by a signal does); a connection that closes without that
-    word is a death. So the blame goes to the first silent closure; a rank
-    that said it was stopped is named only once it has been silent for
-    LIVENESS_S, as any silent rank is (the ranks of a host that dies without
-    closing its connections went silent before the engine stopped it)."""
+    word is a death. So the blame goes to the first silent closure, or,
+    with none, to the first rank stopped from outside (see blame)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fd_conn: dict[int, bytes] = {}  # file descriptor -> the ROUTER's name of it
         self.closed: dict[str, float] = {}  # role -> when its connection closed, in order
+        self.engine_parent = os.getppid()  # the engine's process that started this rank
         self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.router = _Sources(self.router, self.fd_conn)
 
@@ -164,15 +171,27 @@ class EngineSupervisor(Supervisor):
         self._watch_connections()
         if self.closed:
             self._drain(0)  # a closing rank's last word came before its connection closed
-            lost = blame(self.closed, self.stopped, time.monotonic())
+            lost = blame(self.closed, self.stopped, time.monotonic(), self._explained())
             if lost is not None:
                 self._drain(50)  # it may have said why just before it went
                 raise self._failure(lost)
         super()._check_alive()
 
     def _failure(self, role: str) -> WorkerFailed:
-        return WorkerFailed(role, f"{role} (rank {self.cluster.ranks[role]}) on "
-                                  f"{self.host(role)} is gone: its connection closed")
+        where = f"{role} (rank {self.cluster.ranks[role]}) on {self.host(role)}"
+        if role in self.stopped:
+            return WorkerFailed(role, f"{where} was the first rank stopped from outside the "
+                                      f"run ({self.stopped[role]})")
+        return WorkerFailed(role, f"{where} is gone: its connection closed")
+
+    def _explained(self) -> set[str]:
+        """Roles whose stop our own engine process going explains: it
+        started every rank of this host, and its end stops them all (the
+        kernel signals a rank whose parent dies)."""
+        if os.getppid() == self.engine_parent:
+            return set()
+        here = self.host("coordinator")
+        return {role for role in self.stopped if self.host(role) == here}
 
     def _watch_connections(self) -> None:
         """Note when each role's connection closed before it was done."""
@@ -184,22 +203,38 @@ class EngineSupervisor(Supervisor):
 
     def _close(self, status: str, error: dict | None, start: float) -> int:
         if status == "interrupted":
-            # The engine ends every rank once one dies, a quarter second
-            # later: a connection that closed silently well before our own
-            # signal came is that death. Ranks the engine stopped at once
-            # (a Ctrl-C on mpiexec, scancel) said so, or closed with it.
-            signalled = time.monotonic()
-            self._watch_connections()
-            self._drain(0)
-            first = first_silent(self.closed, self.stopped)
-            if first is not None and self.closed[first] <= signalled - SIGNAL_GRACE_S:
-                status, error = "failed", {"role": first, "host": self.host(first),
-                                           "message": self._failure(first).message}
+            status, error = self._signal_or_death()
         if error is not None and error.get("role") in self.cluster.ranks:
             error = {**error, "rank": self.cluster.ranks[error["role"]]}
         self.monitor.close(linger=0)
         self.router = self.router.sock
         return super()._close(status, error, start)
+
+    def _signal_or_death(self) -> tuple[str, dict | None]:
+        """A signal came (the engine's): a Ctrl-C on mpiexec or scancel, or
+        the engine's teardown after a death. A Ctrl-C reaches every rank,
+        and each says it was stopped before its connection closes; a death
+        closes one without a word. Watch the ranks go for up to
+        SIGNAL_WINDOW_S (or until one closes without a word), then say
+        which it was."""
+        deadline = time.monotonic() + SIGNAL_WINDOW_S
+        try:
+            while True:
+                self._watch_connections()
+                self._drain(0)  # after the closures: each word came before its closure
+                gone = set(self.closed) | set(self.done)
+                if (gone >= set(self.roles) or time.monotonic() >= deadline
+                        or first_silent(self.closed, self.stopped) is not None):
+                    break
+                self.monitor.poll(20)
+        except WorkerFailed as exc:  # one said why it failed, meanwhile
+            return "failed", {"role": exc.role, "host": self.host(exc.role),
+                              "message": exc.message}
+        first = first_silent(self.closed, self.stopped)
+        if first is None:
+            return "interrupted", None
+        return "failed", {"role": first, "host": self.host(first),
+                          "message": self._failure(first).message}
 
 
 def first_silent(closed: dict[str, float], stopped: dict[str, str]) -> str | None:
@@ -208,15 +243,25 @@ def first_silent(closed: dict[str, float], stopped: dict[str, str]) -> str | Non
     return min(silent)[1] if silent else None
 
 
-def blame(closed: dict[str, float], stopped: dict[str, str], now: float) -> str | None:
-    """The role whose death a closed connection shows, from when each role's
+def blame(closed: dict[str, float], stopped: dict[str, str], now: float,
+          explained: set[str] = frozenset()) -> str | None:
+    """The role whose loss a closed connection shows, from when each role's
     connection closed (``closed``) and which of them said they were stopped
-    from outside (``stopped``): the first silent closure, SIGNAL_GRACE_S
-    after it (a signal to us may yet show it was a Ctrl-C). None: none yet."""
+    from outside (``stopped``), or None: none yet. The first silent closure,
+    SIGNAL_GRACE_S after it (a signal to us may yet show it was a Ctrl-C).
+    With none, the first rank stopped from outside, STOPPED_GRACE_S after the
+    first closure (a silent death may yet show meanwhile), leaving out those
+    whose stop we can explain otherwise (``explained``: our own engine
+    process went, and so did this host's ranks) while there are others: the
+    ranks of a host whose engine daemon died are stopped by the kernel
+    (their parent died), and the engine, learning of it, ends the job."""
     first = first_silent(closed, stopped)
-    if first is not None and now - closed[first] >= SIGNAL_GRACE_S:
-        return first
-    return None
+    if first is not None:
+        return first if now - closed[first] >= SIGNAL_GRACE_S else None
+    if not closed or now - min(closed.values()) < STOPPED_GRACE_S:
+        return None
+    unexplained = [(t, role) for role, t in closed.items() if role not in explained]
+    return min(unexplained or [(t, role) for role, t in closed.items()])[1]
 
 
 class _Sources:

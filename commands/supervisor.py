@@ -148,13 +148,16 @@ class Supervisor:
                        if role in self.stopped else "")
                 raise WorkerFailed(role, f"process exited with code {code}{why}")
         now = time.monotonic()
-        for role, seen in self.last_seen.items():
-            if now - seen > LIVENESS_S and role not in self.done:
-                if role in self.stopped:
-                    raise WorkerFailed(role, f"{role} on {self.host(role)} was stopped from "
-                                             f"outside the run ({self.stopped[role]})")
-                raise WorkerFailed(role, f"no word from {role} on {self.host(role)} "
-                                         f"for {LIVENESS_S:.0f} s: taken for dead")
+        # Of the roles silent too long, the one silent longest went first.
+        silent = [(seen, role) for role, seen in self.last_seen.items()
+                  if now - seen > LIVENESS_S and role not in self.done]
+        if silent:
+            role = min(silent)[1]
+            if role in self.stopped:
+                raise WorkerFailed(role, f"{role} on {self.host(role)} was stopped from "
+                                         f"outside the run ({self.stopped[role]})")
+            raise WorkerFailed(role, f"no word from {role} on {self.host(role)} "
+                                     f"for {LIVENESS_S:.0f} s: taken for dead")
         if self.moves is not None:
             stopped = self.moves.stalled(self.done, now, self.cfg.watchdog)
             if stopped is not None:

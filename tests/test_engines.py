@@ -114,20 +114,31 @@ def test_a_world_of_the_wrong_size_names_both_numbers_in_one_line():
 
 # blame(closed, stopped, now): whom a run's failure names, and when. Closures
 # at t=10 (source, stopped from outside by the engine) and t=10.05 (layer2,
-# silent); SIGNAL_GRACE_S = 0.1.
-@pytest.mark.parametrize("closed, stopped, now, want", [
+# silent); SIGNAL_GRACE_S = 0.1, STOPPED_GRACE_S = 1.
+BLAME = [
     ({}, {}, 100.0, None),
     ({"layer2": 10.05}, {}, 10.1, None),                  # a Ctrl-C may yet come
     ({"layer2": 10.05}, {}, 10.16, "layer2"),
     ({"source": 10.0, "layer2": 10.05}, {}, 10.2, "source"),   # both silent: the first
     ({"source": 10.0, "layer2": 10.05}, {"source": "signal 15"}, 10.1, None),
     ({"source": 10.0, "layer2": 10.05}, {"source": "signal 15"}, 10.16, "layer2"),
-    # stopped from outside, and no silent closure: silence (LIVENESS_S) names it
-    ({"source": 10.0}, {"source": "signal 15"}, 100.0, None),
+    # every closure stopped from outside: the first, once a second has passed
+    ({"source": 10.0}, {"source": "signal 15"}, 10.9, None),
+    ({"source": 10.0}, {"source": "signal 15"}, 11.0, "source"),
+    ({"layer2": 10.05, "source": 10.0}, {"source": "signal 15", "layer2": "signal 15"},
+     11.0, "source"),
+    # the source's stop explained (the coordinator's engine process went too)
     ({"source": 10.0, "layer2": 10.05}, {"source": "signal 15", "layer2": "signal 15"},
-     100.0, None),
-])
+     11.0, "layer2", {"source"}),
+    ({"source": 10.0}, {"source": "signal 15"}, 11.0, "source", {"source"}),
+    ({"source": 10.0, "layer2": 10.9}, {"source": "signal 15"}, 11.0, None),
+    ({"source": 10.0, "layer2": 10.9}, {"source": "signal 15"}, 11.05, "layer2"),
+]  # rows: closed, stopped, now, want[, explained]
+
+
+@pytest.mark.parametrize("closed, stopped, now, want, explained",
+                         [(*row, frozenset()) if len(row) == 4 else row for row in BLAME])
 def test_blame_names_the_first_silent_closure_before_any_rank_stopped_from_outside(
-        closed, stopped, now, want):
+        closed, stopped, now, want, explained):
     from commands.engine import blame
-    assert blame(closed, stopped, now) == want
+    assert blame(closed, stopped, now, explained) == want

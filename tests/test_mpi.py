@@ -206,8 +206,8 @@ def test_a_rank_stopped_from_outside_with_no_death_after_it_is_named_as_stopped(
     s = job.summary()
     assert s["status"] == "failed", s
     assert s["error"]["role"] == "layer1" and s["error"]["rank"] == 2, s["error"]
-    assert ("layer1 on 127.0.0.1 was stopped from outside the run (signal 15)"
-            in s["error"]["message"]), s["error"]
+    assert s["error"]["message"] == ("layer1 (rank 2) on 127.0.0.1 was the first rank stopped "
+                                     "from outside the run (signal 15)"), s["error"]
     assert_all_gone(pids)
 
 
