@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from pipeline import protocol, wire  # noqa: E402
+from pipeline import protocol, transport, wire  # noqa: E402
 
 WIRE_CASES = [("10x128 f64", (10, 128), np.float64),
               ("64x256 f32", (64, 256), np.float32),
@@ -51,8 +51,13 @@ HEAVY = ["--layers", "4", "--hidden", "1024", "--batch-size", "256", "--lr", "0.
 
 # --- 1. the wire ------------------------------------------------------------------
 
-def _pair(ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
-    a, b = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+def _pair(ctx: zmq.Context, ours: bool = False) -> tuple[zmq.Socket, zmq.Socket]:
+    """A PUSH/PULL pair on loopback: pyzmq's defaults, or ``ours`` (the
+    pipeline's socket options: transport._socket)."""
+    if ours:
+        a, b = transport._socket(ctx, zmq.PUSH, 1000), transport._socket(ctx, zmq.PULL, 1000)
+    else:
+        a, b = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
     a.linger = b.linger = 0
     b.bind("tcp://127.0.0.1:0")  # the kernel picks the port
     a.connect(b.getsockopt_string(zmq.LAST_ENDPOINT))
@@ -91,15 +96,16 @@ def bench_wire(n: int) -> list[dict]:
             msg = wire.Message(protocol.ACT, "bench", batch=1, sender="layer1", arrays=(arr, labels))
             raw = [bytes(wire.encode(msg)[0]), arr.tobytes(), labels.tobytes()]
             a, b = _pair(ctx)
+            oa, ob = _pair(ctx, ours=True)
             reps = max(100, n // max(1, arr.nbytes // 100_000))  # fewer hops of big messages
-            t = _time_hops({
-                "ours": (lambda: a.send_multipart(wire.encode(msg), copy=False),
-                         lambda: wire.decode(b.recv_multipart(copy=False), run_id="bench")),
+            t = _time_hops({  # ours as the pipeline sends and receives (transport.send, Inbox)
+                "ours": (lambda: oa.send_multipart(wire.encode(msg), copy=False),
+                         lambda: wire.decode(ob.recv_multipart(copy=False), run_id="bench")),
                 "zero": (lambda: a.send_multipart(raw, copy=False),
                          lambda: b.recv_multipart(copy=False)),
                 "copied": (lambda: a.send_multipart(raw), lambda: b.recv_multipart())}, reps)
-            a.close()
-            b.close()
+            for sock in (a, b, oa, ob):
+                sock.close()
             # Per round: ours against the faster raw way; the median round.
             ratio = float(np.median([o / min(z, c) for o, z, c in
                                      zip(t["ours"], t["zero"], t["copied"])]))

@@ -14,7 +14,7 @@ from pipeline.wire import Message, decode, encode
 pytestmark = pytest.mark.timeout(60)
 
 ALL_KINDS = ["hello", "config", "ready", "start", "act", "grad", "eval", "eof",
-             "metric", "done", "error", "stop", "heartbeat", "checkpoint"]
+             "metric", "done", "error", "stopped", "stop", "heartbeat", "checkpoint"]
 WIRE_DTYPES = ["<f8", "<f4", "<i8", "<i4", "|u1"]
 SHAPES = [(), (0, 3), (1,), (7,), (2, 3), (1, 2, 3, 4)]
 
@@ -362,3 +362,37 @@ def test_fuzz_mutated_valid_messages(data):
         f = f[:data.draw(st.integers(0, len(f)))]
     frames[i] = bytes(f)
     _check_decode_total(frames)
+
+
+# ---------------------------------------------------------------- the fast paths
+# A data message (no meta) skips the general encode and the step-by-step
+# header checks; each shortcut must agree with the way it skips.
+
+@settings(max_examples=500, deadline=None)
+@given(_headers)
+def test_the_data_header_shortcut_accepts_only_what_the_full_check_accepts(header):
+    try:
+        wire._check_header(header)
+        valid = True
+    except ValueError:
+        valid = False
+    if wire._data_header_ok(header):
+        assert valid and header["m"] == {}
+    elif valid:
+        assert header["m"] != {}  # a valid header without meta takes the shortcut
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(ALL_KINDS), st.text(max_size=6), st.integers(-1, 2 ** 40),
+       st.text(max_size=6), st.integers(0, 2 ** 40),
+       st.lists(st.tuples(st.sampled_from(WIRE_DTYPES), st.sampled_from(SHAPES)), max_size=3))
+def test_a_data_messages_header_is_the_general_encodings(kind, run_id, batch, sender, step,
+                                                         specs):
+    arrays = tuple(_sample(dt, shape) for dt, shape in specs)
+    msg = Message(kind, run_id, batch, sender, step, arrays)
+    assert wire._encode_data(msg) is not None  # the shortcut was taken
+    for _ in range(2):  # the header's packed part made, then reused
+        header = msgpack.unpackb(encode(msg)[0])
+        assert header == {"v": wire.PROTOCOL_VERSION, "k": kind, "r": run_id, "b": batch,
+                          "s": sender, "t": step, "m": {},
+                          "a": [[np.dtype(dt).str, list(shape)] for dt, shape in specs]}
