@@ -224,6 +224,44 @@ class HiddenLayer:
                                        sg_version=-1 if ahead else self.sg.version)
         return h, dx
 
+    def forward_true(self, batch: int, x: np.ndarray, y: np.ndarray | None, need_dx: bool,
+                     second_step: bool = False, send_h: Send = None, send_dx: Send = None
+                     ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``--unlock forward``: the true input x of ``batch`` arrived after
+        the layer had forwarded and stepped on a synthetic one (``forward``).
+        The true chain goes on from here, with the weights as they are now:
+        h = f(x W + b) goes down (``send_h``) and dx, the SG module's
+        prediction at h carried back through the layer, goes up (``send_dx``):
+        the target of the layer below's SG module, at that layer's real
+        output. The batch's cache now holds this SG input and prediction, so
+        the true gradient that comes back (computed from this h) trains the
+        SG module at the activation it belongs to. With ``second_step`` the
+        layer also updates on the true input with that synthetic gradient
+        (a weight update, not a forward batch: the clock stays). Returns (h, dx)."""
+        if not self.uses_sg:
+            raise ValueError(f"--unlock forward needs an SG module; mode {self.mode!r} has none")
+        if self.norm is not None:
+            raise ValueError("--unlock forward does not combine with --batchnorm: the "
+                             "tracked statistics would mix synthetic and true batches")
+        p = self.pending[batch]
+        assert batch not in self.arrived, f"gradient of batch {batch} came before its h"
+        h, _ = self._forward(x, train=True)
+        if send_h is not None:
+            send_h(h)
+        sg_in = nn.sg_input(h, y if self.conditioned else None)
+        g, acts = self.sg.predict(sg_in)
+        if second_step:
+            grads, dx = self._grads(x, h, None, g, need_dx, send_dx)
+            _descend(self, grads, staleness.layer_step_scale(self.tau_bar, self.lr_staleness))
+        else:  # _grads's dx alone, same bits, without the weight gradient
+            dx = nn.input_grad(g * nn.activation_slope(self.activation, h), self.w) \
+                if need_dx else None
+            if send_dx is not None and dx is not None:
+                send_dx(dx)
+        p.sg_in, p.sg_pred, p.sg_acts, p.sg_version = sg_in, g, acts, self.sg.version
+        p.act_norm = _rms_norm(h)
+        return h, dx
+
     def forward_eval(self, x: np.ndarray) -> np.ndarray:
         return self._forward(x, train=False)[0]
 
