@@ -125,7 +125,7 @@ def test_prediction_is_recomputed_exactly_when_the_model_changed_since_the_guess
     spy = CountingPredict(si.model)
     (x0, y0), (x1, y1) = data(11), data(12)
     t0, t1 = (np.random.default_rng(s).standard_normal((N, D_PREV)) for s in (13, 14))
-    g0 = si.guess(0, x0, y0, clock=1).copy()
+    si.guess(0, x0, y0, clock=1)
     g1 = si.guess(1, x1, y1, clock=2).copy()
     assert spy.calls == 2
 
@@ -152,7 +152,6 @@ def test_prediction_is_recomputed_exactly_when_the_model_changed_since_the_guess
     si.guess(2, x0, y0, clock=5)                    # made by the current model
     si.learn(2, t0, clock=5)
     assert spy.calls == (3 if refresh else 2) + 1   # the guess only
-    del g0
 
 
 def test_expire_counts_the_guesses_whose_true_input_never_came():
@@ -280,10 +279,10 @@ def test_the_true_gradient_trains_the_sg_module_at_the_true_activation():
 @pytest.mark.parametrize("kw", [dict(mode="backprop"), dict(batchnorm=True)])
 def test_forward_true_refuses_what_it_cannot_do(kw):
     hl = layer(**{"mode": "cdni", **kw})
-    x, y = data(28)
+    _, y = data(28)
     hl.forward(0, np.zeros((N, D_PREV)), y, need_dx=False)
     with pytest.raises(ValueError, match="--unlock forward"):
-        hl.forward_true(0, x[:, :1] @ np.ones((1, D_PREV)), y, need_dx=False)
+        hl.forward_true(0, np.ones((N, D_PREV)), y, need_dx=False)
 
 
 # --- a completely unlocked network, in numpy alone -------------------------------------
