@@ -141,6 +141,7 @@ class HiddenLayer:
         self.pending: dict[int, _Pending] = {}
         self.arrived: dict[int, np.ndarray] = {}   # true gradients not yet due
         self.stats = LayerStats(seed=index)
+        self.si = None  # --unlock forward: its InputPredictor (model.make_hidden)
 
     @property
     def v(self) -> np.ndarray | None:
@@ -360,6 +361,8 @@ class HiddenLayer:
             out.update(bn_mean=self.norm[2], bn_var=self.norm[3])
         if self.uses_sg:
             out.update(self.sg.params())
+        if self.si is not None:
+            out.update(self.si.model.params())
         return out
 
 
@@ -376,6 +379,7 @@ class OutputLayer:
         self.softmax = softmax
         self.update = update or Chance(1.0, rng)
         self.w, self.b = nn.init_dense(rng, fan_in, fan_out, dtype)
+        self.si = None  # --unlock forward: its InputPredictor (model.make_output)
         self.opt = optim.make(optimizer, self.weights(), lr, momentum)
         self.clock = 0
         self.step = 0
@@ -392,14 +396,19 @@ class OutputLayer:
         p = nn.sigmoid(z)
         return nn.bce_delta(p, y), nn.bce_loss(p, y), nn.exact_matches(p, y)
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, need_dx: bool
-                   ) -> tuple[np.ndarray | None, float, int]:
-        """Forward, loss, update. Returns (dx for upstream, loss, correct examples)."""
+    def _checked_loss(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int]:
         dz, loss, correct = self._loss(x, y)
         if not np.isfinite(loss):
             raise Diverged(f"training diverged at batch {self.clock}: the loss is {loss} "
                            f"(activations or weights went to inf or NaN); try a smaller "
                            f"--lr or --sg-lr")
+        return dz, loss, correct
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, need_dx: bool
+                   ) -> tuple[np.ndarray | None, float, int]:
+        """Forward, loss, update. Returns (dx for upstream, loss, correct examples).
+        Under ``--unlock forward`` this is the synthetic step, on x_hat."""
+        dz, loss, correct = self._checked_loss(x, y)
         dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
         _descend(self, {"w": dw, "b": db})
         self.clock += 1
@@ -407,9 +416,28 @@ class OutputLayer:
         self.stats.record(Applied(self.clock, None, 0, 0.0))
         return dx, loss, correct
 
+    def forward_true(self, x: np.ndarray, y: np.ndarray, need_dx: bool,
+                     second_step: bool = False) -> tuple[np.ndarray | None, float, int]:
+        """``--unlock forward``: the true input x of a batch arrived after the
+        layer stepped on a synthetic one (``train_step``). The loss and the
+        count of correct examples of the true chain, and the true gradient dx
+        for the layer below, all with the weights as they are now; with
+        ``second_step`` the layer also updates on it (a weight update, not a
+        batch: the clock stays). Returns (dx, loss, correct examples)."""
+        dz, loss, correct = self._checked_loss(x, y)
+        if second_step:
+            dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
+            _descend(self, {"w": dw, "b": db})
+        else:
+            dx = nn.input_grad(dz, self.w) if need_dx else None
+        return dx, loss, correct
+
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
         _, loss, correct = self._loss(x, y)
         return loss, correct
 
     def weights(self) -> dict[str, np.ndarray]:
-        return {"w": self.w, "b": self.b}
+        out = {"w": self.w, "b": self.b}
+        if self.si is not None:
+            out.update(self.si.model.params())
+        return out

@@ -9,7 +9,9 @@ arrives, with its own optimiser, and the same refresh rule. Pure numpy: the
 caller passes batch ids and the layer's clock in.
 
 The two steps of an unlocked layer, in terms of ``pipeline.layers``, are
-``synthetic_forward`` and ``true_input_arrives`` at the end of this module;
+``synthetic_forward`` and ``true_input_arrives`` (a hidden layer),
+``synthetic_output_step`` and ``true_output_input`` (the output layer), at
+the end of this module;
 docs/unlock.md has the design of the whole feature.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import nn, optim
-from pipeline.layers import HiddenLayer, sg_quality
+from pipeline.layers import HiddenLayer, OutputLayer, sg_quality
 
 
 class SIModule:
@@ -153,3 +155,26 @@ def true_input_arrives(layer: HiddenLayer, si: InputPredictor, batch: int,
     Returns (the regression, h, dx)."""
     h, dx = layer.forward_true(batch, h_prev, y, need_dx, second_step, send_h, send_dx)
     return si.learn(batch, h_prev, layer.clock), h, dx
+
+
+def synthetic_output_step(out: OutputLayer, si: InputPredictor, batch: int, x: np.ndarray,
+                          y: np.ndarray) -> float:
+    """The source's batch reaches the unlocked output layer: it steps on the
+    loss at its synthetic input (``OutputLayer.train_step``, unchanged), the
+    true loss's gradient in place of a synthetic one. Nothing is sent, and
+    the loss returned is not the network's (the true chain's comes later)."""
+    x_hat = si.guess(batch, x, y, out.clock + 1)  # the clock the step moves to
+    _, loss, _ = out.train_step(x_hat, y, need_dx=False)
+    return loss
+
+
+def true_output_input(out: OutputLayer, si: InputPredictor, batch: int, h_prev: np.ndarray,
+                      y: np.ndarray, need_dx: bool, second_step: bool = False
+                      ) -> tuple[InputApplied, np.ndarray | None, float, int]:
+    """The true input h_{L-1} of ``batch`` has reached the unlocked output
+    layer: the network's loss and correct examples on it, the true gradient
+    for the layer below, by option a second step (``OutputLayer.forward_true``),
+    then the model's regression onto h_prev. Returns (the regression, dx,
+    loss, correct examples)."""
+    dx, loss, correct = out.forward_true(h_prev, y, need_dx, second_step)
+    return si.learn(batch, h_prev, out.clock), dx, loss, correct

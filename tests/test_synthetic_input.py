@@ -10,7 +10,8 @@ import pytest
 from pipeline import nn
 from pipeline.layers import HiddenLayer, OutputLayer
 from pipeline.synthetic_input import (InputPredictor, SIModule, synthetic_forward,
-                                      true_input_arrives)
+                                      synthetic_output_step, true_input_arrives,
+                                      true_output_input)
 from tests.numeric import numeric_grad, ref_act
 
 pytestmark = pytest.mark.timeout(30)
@@ -283,6 +284,89 @@ def test_forward_true_refuses_what_it_cannot_do(kw):
     hl.forward(0, np.zeros((N, D_PREV)), y, need_dx=False)
     with pytest.raises(ValueError, match="--unlock forward"):
         hl.forward_true(0, np.ones((N, D_PREV)), y, need_dx=False)
+
+
+# --- the output layer's two steps ----------------------------------------------------
+
+def ref_loss(softmax: bool, z: np.ndarray, y: np.ndarray) -> float:
+    """The batch-mean loss written here: softmax cross-entropy with one-hot
+    y, or the binary cross-entropy of sigmoid outputs summed over bits."""
+    if softmax:
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-(y * logp).sum() / len(z))
+    p = ref_act("sigmoid", z)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).sum() / len(z))
+
+
+def output_layer(softmax: bool, lr: float = 0.25) -> OutputLayer:
+    return OutputLayer(3, D_PREV, LABELS, lr=lr, rng=np.random.default_rng(40),
+                       softmax=softmax)
+
+
+def labels(softmax: bool, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if softmax:
+        return np.eye(LABELS)[rng.integers(0, LABELS, N)]
+    return (rng.uniform(size=(N, LABELS)) > 0.5).astype(np.float64)
+
+
+@pytest.mark.parametrize("second_step", [False, True])
+@pytest.mark.parametrize("softmax", [False, True])
+def test_output_forward_true_is_the_finite_difference_loss_gradient(softmax, second_step):
+    lr = 0.25
+    out, si = output_layer(softmax, lr), predictor(conditioned=False)
+    x, _ = data(41)
+    y = labels(softmax, 42)
+    synthetic_output_step(out, si, 0, x, y)
+    clock, step = out.clock, out.step
+    h_prev = np.random.default_rng(43).standard_normal((N, D_PREV))
+    w, b = out.w.copy(), out.b.copy()
+
+    def loss():
+        return ref_loss(softmax, h_prev @ w + b, y)
+
+    want = loss()
+    g_w, g_b, g_x = (numeric_grad(loss, a) for a in (w, b, h_prev))
+    z = h_prev @ w + b
+    hits = (z.argmax(1) == y.argmax(1)).sum() if softmax else \
+        np.all((z > 0) == (y > 0.5), axis=1).sum()
+    a, dx, got, correct = true_output_input(out, si, 0, h_prev, y, need_dx=True,
+                                            second_step=second_step)
+    assert got == pytest.approx(want, rel=1e-12) and correct == hits
+    np.testing.assert_allclose(dx, N * g_x, rtol=RTOL, atol=ATOL)  # per example
+    if second_step:
+        np.testing.assert_allclose((w - out.w) / lr, g_w, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose((b - out.b) / lr, g_b, rtol=RTOL, atol=ATOL)
+        assert out.step == step + 1
+    else:
+        np.testing.assert_array_equal(out.w, w)
+        np.testing.assert_array_equal(out.b, b)
+        assert out.step == step
+    assert out.clock == clock and a.batch == 0 and a.staleness == 0
+    assert si.model.version == 1 and not si.pending
+
+
+def test_output_synthetic_step_with_the_zero_start_moves_only_the_bias():
+    out, si = output_layer(softmax=True), predictor(conditioned=False)
+    w0, b0 = out.w.copy(), out.b.copy()
+    x, _ = data(44)
+    y = labels(True, 45)
+    loss = synthetic_output_step(out, si, 0, x, y)
+    assert loss == pytest.approx(ref_loss(True, np.tile(b0, (N, 1)), y), rel=1e-12)
+    np.testing.assert_array_equal(out.w, w0)
+    # the bias steps on the loss at x_hat = 0: the mean of softmax(b) - y
+    p = np.exp(b0) / np.exp(b0).sum()
+    np.testing.assert_allclose(out.b, b0 - 0.25 * (p - y.mean(0)), rtol=1e-12)
+    assert out.clock == 1 and si.pending[0].clock == 1
+
+
+def test_a_layer_owns_its_synthetic_input_model_among_its_weights():
+    hl, out = layer(), output_layer(softmax=False)
+    assert "si_u" not in hl.weights() and "si_u" not in out.weights()
+    hl.si, out.si = predictor(), predictor()
+    for L in (hl, out):
+        assert L.weights()["si_u"] is L.si.model.u and L.weights()["si_b"] is L.si.model.b
 
 
 # --- a completely unlocked network, in numpy alone -------------------------------------
