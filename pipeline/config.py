@@ -13,6 +13,7 @@ from pipeline.protocol import is_int as _is_int
 
 MODES = ("cdni", "dni", "backprop", "async-backprop")
 SG_MODES = ("cdni", "dni")
+UNLOCKS = ("none", "forward")
 DTYPES = ("float64", "float32")
 
 
@@ -65,8 +66,9 @@ def option(default, help: str, group: str, *, kind: str = "", metavar: str | Non
         flag=flag, cli=cli, sweep=sweep))
 
 
-NET, TRAIN, DATA, PIPE, FAULTS, STALE, REMEDY, OUT = (
-    "network", "training", "data", "pipeline", "faults", "staleness: measure it, inject it",
+NET, TRAIN, UNLOCK, DATA, PIPE, FAULTS, STALE, REMEDY, OUT = (
+    "network", "training", "complete unlock: synthetic inputs (docs/unlock.md)", "data",
+    "pipeline", "faults", "staleness: measure it, inject it",
     "staleness remedies (each off at 0; tau: a gradient's staleness in the layer's steps, "
     "tau_bar: the running mean of the last ~10; see docs/staleness.md)", "output")
 
@@ -116,6 +118,21 @@ class Config:
     dtype: str = option("float64", "floating-point type of the math and the messages", TRAIN,
                         choices=DTYPES, task=True)
     seed: int = option(1, "seeds the data and every layer's initial weights", TRAIN)
+    # complete unlock ---------------------------------------------------------------
+    unlock: str = option(
+        "none", "forward: every layer above the first (and the output layer) also gets each "
+        "training batch's input from the source, steps at once on a synthetic input predicted "
+        "from it, and regresses that prediction onto its true input when it comes; dni and "
+        "cdni only, without --batchnorm", UNLOCK, choices=UNLOCKS, sweep=False)
+    si_lr: float = option(0.0, "learning rate of the synthetic-input models (0: --sg-lr)",
+                          UNLOCK)
+    si_second_step: bool = option(
+        False, "when a batch's true input arrives, the layer also updates on it with its "
+        "synthetic gradient (the output layer: its loss)", UNLOCK, kind="flag")
+    input_delay: int = option(
+        0, "take every true input exactly K of the layer's steps after its synthetic step "
+        "(exact under --lockstep; at least K free-running); at most --grad-delay", UNLOCK,
+        sweep=False)
     # data ------------------------------------------------------------------------
     dataset: str = option(
         "addition", "addition (the seed task: binary addition of --bits numbers), mnist (the "
@@ -255,6 +272,7 @@ class Config:
         need(all(h >= 1 for h in self.sg_hidden), "--sg-hidden", "widths must be positive")
         need(self.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}")
         self._validate_remedies(need)
+        self._validate_unlock(need)
         self._validate_data(need)
         need(self.max_inflight >= 1, "--max-inflight", "must be at least 1")
         need(self.grad_delay >= 0, "--grad-delay", "must be at least 0")
@@ -299,6 +317,32 @@ class Config:
         need(self.delay_comp == 0 or self.mode == "async-backprop", "--delay-comp",
              "corrects true gradients computed at older weights: --mode async-backprop only "
              "(a DNI layer steps on synthetic gradients of its current weights)")
+
+    def _validate_unlock(self, need) -> None:
+        need(self.unlock in UNLOCKS, "--unlock", f"must be one of {', '.join(UNLOCKS)}")
+        need(self.si_lr >= 0, "--si-lr", "must be positive (or 0: --sg-lr)")
+        need(self.input_delay >= 0, "--input-delay", "must be at least 0")
+        if self.unlock == "none":
+            for name in ("si_lr", "si_second_step", "input_delay"):
+                need(not getattr(self, name), flag(name), "needs --unlock forward")
+            return
+        need(self.mode in SG_MODES, "--unlock",
+             f"forward needs synthetic gradients: --mode cdni or dni, not {self.mode}")
+        need(not self.batchnorm, "--unlock",
+             "forward does not combine with --batchnorm (the tracked statistics would mix "
+             "synthetic and true batches); add --no-batchnorm")
+        need(self.input_delay <= self.grad_delay, "--input-delay",
+             f"must not exceed --grad-delay ({self.input_delay} > {self.grad_delay}): a "
+             "batch's true gradient can only come after its true input")
+
+    @property
+    def si_step(self) -> float:
+        """The synthetic-input models' learning rate."""
+        return self.si_lr or self.sg_lr
+
+    @property
+    def unlocked(self) -> bool:
+        return self.unlock == "forward"
 
     def _validate_data(self, need) -> None:
         files = self.dataset != "addition"

@@ -47,6 +47,30 @@ def test_parse_staleness_remedies():
         mode="async-backprop", delay_comp=0.04)
 
 
+def test_parse_unlock_options():
+    assert parse(["--unlock", "forward", "--si-lr", "0.2", "--si-second-step", "--grad-delay",
+                  "3", "--input-delay", "2"]) == Config(
+        unlock="forward", si_lr=0.2, si_second_step=True, grad_delay=3, input_delay=2)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--unlock", "forward", "--mode", "backprop"], "--unlock"),
+    (["--unlock", "forward", "--input-delay", "1"], "--input-delay"),
+    (["--input-delay", "1", "--grad-delay", "1"], "--input-delay"),
+    (["--unlock", "forward", "--input-delay", "-1"], "--input-delay"),
+    (["--si-second-step"], "--si-second-step"),
+    (["--unlock", "both"], "--unlock"),
+    # classification data defaults to batch normalisation, which unlocking refuses
+    (["--unlock", "forward", "--dataset", "mnist", "--data-dir", "nowhere"], "--unlock"),
+])
+def test_parse_unlock_errors_in_one_line(argv, flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"argument {flag}: " in err
+
+
 @pytest.mark.parametrize("argv, fields", [
     (["--link-delay", "7"], dict(link_delay_ms=7.0, link_jitter_ms=0.0)),
     (["--link-delay", "0.25:0.25"], dict(link_delay_ms=0.25, link_jitter_ms=0.25)),

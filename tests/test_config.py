@@ -79,6 +79,18 @@ INVALID = [
     (dict(mode="backprop", lr_staleness=1.0), "--lr-staleness"),
     (dict(mode="cdni", delay_comp=0.5), "--delay-comp"),
     (dict(mode="backprop", delay_comp=0.5), "--delay-comp"),
+    # complete unlock
+    (dict(unlock="backward"), "--unlock"),
+    (dict(unlock="forward", mode="backprop"), "--unlock"),
+    (dict(unlock="forward", mode="async-backprop", grad_delay=1), "--unlock"),
+    (dict(unlock="forward", batchnorm=True), "--unlock"),
+    (dict(unlock="forward", input_delay=-1), "--input-delay"),
+    (dict(unlock="forward", input_delay=2, grad_delay=1), "--input-delay"),
+    (dict(unlock="forward", si_lr=-0.1), "--si-lr"),
+    (dict(unlock="forward", si_lr=math.nan), "--si-lr"),
+    (dict(input_delay=1, grad_delay=1), "--input-delay"),
+    (dict(si_second_step=True), "--si-second-step"),
+    (dict(si_lr=0.1), "--si-lr"),
 ]
 
 
@@ -102,6 +114,9 @@ def test_invalid_field_raises_config_error_naming_flag(kw, flag):
     dict(update_prob=0.0, drop_prob=0.0), dict(update_prob=1.0, drop_prob=1.0),
     # what is not wall-clock runs in process too
     dict(in_process=True, grad_delay=2, update_prob=0.5, drop_prob=0.5, mode="async-backprop"),
+    dict(unlock="forward", layers=2, hidden=(7,)), dict(unlock="forward", mode="dni"),
+    dict(unlock="forward", grad_delay=3, input_delay=3, si_second_step=True, si_lr=1e-9),
+    dict(unlock="forward", in_process=True, lockstep=True, grad_delay=1),
 ])
 def test_boundary_values_are_accepted(kw):
     cfg = Config(**kw)
@@ -226,3 +241,9 @@ def test_wrong_link_delay_type_names_the_link_delay_flag(d):
     with pytest.raises(ConfigError) as info:
         Config.from_dict(d)
     assert info.value.option == "--link-delay"
+
+
+def test_si_lr_follows_sg_lr_unless_given():
+    assert Config(unlock="forward", sg_lr=0.07).si_step == 0.07
+    assert Config(unlock="forward", sg_lr=0.07, si_lr=0.2).si_step == 0.2
+    assert not Config().unlocked and Config(unlock="forward").unlocked
