@@ -12,6 +12,9 @@ Data links (activations flow down, gradients up):
 kind        arrays        meta
 ==========  ============  ============================================
 act         x, labels     (none): a training batch, ``batch`` its index
+input       x, labels     (none): ``--unlock forward``: the source's copy of
+                          training batch ``batch`` for a layer above the
+                          first (its own inbox), to predict its input from
 grad        dx            (none); ``{"lost": true}`` and no array: the
                           gradient of ``batch`` will never come
 eval        x, labels     ``{"test": epoch}``: the test split after that
@@ -70,6 +73,7 @@ CONFIG = "config"
 READY = "ready"
 START = "start"
 ACT = "act"
+INPUT = "input"
 GRAD = "grad"
 EVAL = "eval"
 EOF = "eof"
@@ -80,7 +84,7 @@ STOPPED = "stopped"  # a worker stopped from outside the run (a signal), not by 
 STOP = "stop"
 HEARTBEAT = "heartbeat"
 CHECKPOINT = "checkpoint"
-KINDS = frozenset({HELLO, CONFIG, READY, START, ACT, GRAD, EVAL, EOF, CHECKPOINT,
+KINDS = frozenset({HELLO, CONFIG, READY, START, ACT, INPUT, GRAD, EVAL, EOF, CHECKPOINT,
                    METRIC, DONE, ERROR, STOPPED, STOP, HEARTBEAT})
 
 
@@ -130,6 +134,10 @@ class Speaker:
     # data links
     def act(self, batch: int, step: int, x: np.ndarray, y: np.ndarray) -> Message:
         return self._msg(ACT, batch, step, (x, y))
+
+    def input(self, batch: int, x: np.ndarray, y: np.ndarray) -> Message:
+        """The source's copy of a training batch for an unlocked layer."""
+        return self._msg(INPUT, batch, 0, (x, y))
 
     def grad(self, batch: int, step: int, dx: np.ndarray) -> Message:
         return self._msg(GRAD, batch, step, (dx,))
@@ -303,16 +311,23 @@ def expect(msg: Message, kinds: Sequence[str], shapes: Sequence[tuple[int | None
             raise ValueError(f"{msg.kind} arrays have {arr.shape[0]} rows, need 1..{max_rows}, equal")
 
 
+CHAIN = (ACT, EVAL, EOF, CHECKPOINT)  # what goes down the chain of layers
+
+
 class ActivationCheck:
     """The check of a layer's activation inbox: act/eval/checkpoint/eof from
     the one upstream role, (n, width) inputs with (n, labels) labels, each
     exactly the next message of the run's data stream (``turns``, from
     ``schedule.stream``): kind, batch id, epoch and row count. A message out
     of turn (early, late, a second copy, an eof or a test batch nobody sent
-    at that point) cannot be ours, and is dropped before the node sees it."""
+    at that point) cannot be ours, and is dropped before the node sees it.
+    The input inbox of an unlocked layer is checked the same way: ``kinds``
+    (INPUT,) from the source, ``turns`` from ``schedule.input_stream``."""
 
     def __init__(self, upstream: str, width: int, labels: int, max_rows: int,
-                 turns: Iterator[tuple], dtype: np.dtype = np.dtype(np.float64)):
+                 turns: Iterator[tuple], dtype: np.dtype = np.dtype(np.float64),
+                 kinds: tuple[str, ...] = CHAIN):
+        self.kinds = kinds
         self.upstream = upstream
         self.shapes = [(None, width), (None, labels)]
         self.max_rows = max_rows
@@ -321,8 +336,7 @@ class ActivationCheck:
         self.next = next(turns, None)  # (kind, batch, epoch or None, rows): what must come
 
     def __call__(self, msg: Message) -> None:
-        expect(msg, (ACT, EVAL, EOF, CHECKPOINT), self.shapes, self.dtype,
-               self.max_rows)
+        expect(msg, self.kinds, self.shapes, self.dtype, self.max_rows)
         if msg.sender != self.upstream:
             raise ValueError(f"activation from {msg.sender!r}, expected {self.upstream!r}")
         at = (test_epoch(msg) if msg.kind == EVAL else epoch(msg) if msg.kind == CHECKPOINT

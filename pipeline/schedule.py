@@ -1,6 +1,6 @@
 """Scheduling rules, as pure functions: when a true gradient is due, when a
-layer may take its next batch, when it is done, and where a batch falls in
-the epochs. The node drivers (``pipeline.driver``) ask these and nothing
+layer may take its next batch, which inbox an unlocked layer may read, when
+it is done, and where a batch falls in the epochs. The node drivers (``pipeline.driver``) ask these and nothing
 else, in the workers and in the in-process reference alike."""
 from __future__ import annotations
 
@@ -59,6 +59,73 @@ def finished(*, stream_ended: bool, due_outstanding: int) -> bool:
     """A layer is done when the stream has ended and no due gradient is
     still to come (those not yet due never will be: they expire)."""
     return stream_ended and due_outstanding == 0
+
+
+# --- --unlock forward: the input inbox beside the chain's ---------------------------
+
+class Reads(NamedTuple):
+    """Which data inboxes an unlocked layer may read now (gradients: always)."""
+    input: bool   # the source's (x, y) of its next training batch: a synthetic step
+    act: bool     # the chain's next message: a true input, or eval, checkpoint, eof
+
+
+def input_stop(batch: int, cfg) -> int:
+    """The last training batch an unlocked layer may step on synthetically
+    while the chain's next true input is that of ``batch``: the last batch
+    before the next checkpoint barrier, or of the run. So the forward delay
+    never spans a barrier or the end: the true inputs held there are taken
+    even if not yet due, and a checkpoint holds no guess."""
+    bpe, every = cfg.batches_per_epoch, cfg.checkpoint_every
+    if every:
+        epoch = -(-(batch // bpe + 1) // every) * every - 1  # checkpoint_due's next epoch
+        if epoch + 1 < cfg.epochs:
+            return (epoch + 1) * bpe - 1
+    return cfg.epochs * bpe - 1
+
+
+def input_owed(*, clock: int, oldest_guess_clock: int | None, input_delay: int,
+               inputs_left: bool) -> bool:
+    """Is a true input due (``input_delay`` steps after its synthetic step,
+    or at once when no synthetic step may come before the barrier) and not
+    taken yet? ``oldest_guess_clock``: the layer's clock at its oldest
+    synthetic step still waiting for its true input (None: none waits).
+    While one is owed, the layer applies no true gradient: under --lockstep
+    every step's true input comes before its gradients, whatever arrives first."""
+    if oldest_guess_clock is None:
+        return False
+    return not inputs_left or is_due(clock, oldest_guess_clock, input_delay)
+
+
+def unlocked_reads(*, lockstep: bool, chain_kind: str | None, head_guessed: bool,
+                   owed: bool, inputs_left: bool, take_batch: bool, blocked: bool,
+                   guesses: int, input_delay: int, max_inflight: int) -> Reads:
+    """What may an unlocked layer read next?
+
+    ``chain_kind``: the kind of the chain's next turn (None: it has ended);
+    ``head_guessed``: it is a true input whose synthetic step was taken;
+    ``owed``: ``input_owed``; ``inputs_left``: a synthetic step may still
+    come before the barrier (``input_stop``); ``take_batch``: the gradient
+    rule (``may_take_batch``) lets a new batch in; ``blocked``: at a
+    checkpoint barrier; ``guesses``: synthetic steps awaiting their true input.
+
+    * the chain: its evaluation batches, barriers and end at once (every true
+      input before them is taken); a true input only once its synthetic step
+      was taken and it is owed (a chain that runs ahead waits in its inbox);
+    * --lockstep: the next synthetic step only when nothing may be read from
+      the chain, so each true input comes exactly ``input_delay`` steps late;
+    * free-running: up to ``input_delay + max_inflight`` guesses in flight.
+    """
+    act = chain_kind is not None and (chain_kind != "act" or (head_guessed and owed))
+    take = inputs_left and take_batch and not blocked
+    if lockstep:
+        return Reads(take and not act, act)
+    return Reads(take and guesses < input_delay + max_inflight, act)
+
+
+def input_stream(cfg) -> Iterator[Turn]:
+    """The messages of an unlocked layer's input inbox: each training batch
+    of ``stream``, as the source sends it, and nothing else."""
+    return (Turn("input", t.batch, None, t.rows) for t in stream(cfg) if t.kind == "act")
 
 
 def epoch_of(batch: int, batches_per_epoch: int) -> int:

@@ -141,3 +141,35 @@ def test_activation_check_wants_the_upstream_role_and_the_stream_in_turn():
     for late in (src.eof(7), src.evaluation(0, 0, x, y, None), src.act(7, 0, x, y)):
         with pytest.raises(ValueError, match="after the end of the stream"):
             check(late)
+
+
+def test_input_check_wants_the_source_and_the_training_batches_in_turn():
+    # An unlocked layer's input inbox: the training batches of the stream,
+    # from the source, and nothing else (no eval, barrier or end goes there).
+    turns = [("input", 5, None, 2), ("input", 6, None, 1)]
+    check = ActivationCheck("source", 4, 3, max_rows=8, turns=iter(turns),
+                            kinds=(protocol.INPUT,))
+    src = Speaker("run1", "source")
+    x, y = np.ones((2, 4)), np.zeros((2, 3))
+    with pytest.raises(ValueError, match="unexpected message kind 'act'"):
+        check(src.act(5, 0, x, y))
+    with pytest.raises(ValueError, match="expected 'source'"):
+        check(SAY.input(5, x, y))
+    with pytest.raises(ValueError, match="out of turn: input of batch 6"):
+        check(src.input(6, x[:1], y[:1]))
+    with pytest.raises(ValueError, match=r"float64\[n, 4\]"):
+        check(src.input(5, np.ones((2, 5)), y))
+    check(src.input(5, x, y))
+    with pytest.raises(ValueError, match="unexpected message kind 'eof'"):
+        check(src.eof(7))
+    check(src.input(6, x[:1], y[:1]))
+    with pytest.raises(ValueError, match="after the end of the stream"):
+        check(src.input(7, x, y))
+
+
+def test_input_message_reads_back_from_the_wire():
+    x, y = np.arange(8.0).reshape(2, 4), np.eye(2, 3)
+    msg = wire.decode(wire.encode(Speaker("r", "source").input(3, x, y)))
+    assert (msg.kind, msg.batch, msg.sender) == (protocol.INPUT, 3, "source")
+    np.testing.assert_array_equal(msg.arrays[0], x)
+    np.testing.assert_array_equal(msg.arrays[1], y)

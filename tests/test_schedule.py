@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.config import MODES, Config
-from pipeline.schedule import (due_outstanding, ends_epoch, epoch_of, finished, is_due,
-                               may_read, may_take_batch)
+from pipeline.schedule import (Reads, checkpoint_due, due_outstanding, ends_epoch, epoch_of,
+                               finished, input_owed, input_stop, input_stream, is_due,
+                               may_read, may_take_batch, stream, unlocked_reads)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -130,3 +131,84 @@ def test_the_data_stream_in_order_exact_table():
         Turn("eval", 0, 2, 2), Turn("eval", 1, 2, 1),  # no barrier after the last epoch
         Turn("eval", 0, None, 2), Turn("eval", 1, None, 2), Turn("eval", 2, None, 1),
         Turn("eof", 9, None, 0)]
+
+
+# --- --unlock forward ---------------------------------------------------------------
+
+# (chain_kind, head_guessed, owed, inputs_left, take_batch, blocked, guesses)
+#   -> (lockstep: (input, act), free-running with input_delay 1, max_inflight 2: (input, act))
+READS = {
+    # the chain's next true input was not guessed yet: a synthetic step first
+    ("act", False, False, True, True, False, 0): ((True, False), (True, False)),
+    # guessed, not owed yet (input_delay steps have not passed): more synthetic steps
+    ("act", True, False, True, True, False, 1): ((True, False), (True, False)),
+    # owed: lockstep takes the true input first; free-running may do either
+    ("act", True, True, True, True, False, 3): ((False, True), (False, True)),
+    ("act", True, True, True, True, False, 1): ((False, True), (True, True)),
+    # the gradient rule holds new batches back: only the chain, when owed
+    ("act", True, False, True, False, False, 1): ((False, False), (False, False)),
+    ("act", True, True, True, False, False, 1): ((False, True), (False, True)),
+    # no synthetic step may come before the barrier or the end: the true
+    # inputs held are owed at once
+    ("act", True, True, False, True, False, 1): ((False, True), (False, True)),
+    ("act", False, False, False, True, False, 0): ((False, False), (False, False)),
+    # evaluation batches, a barrier, the end: taken as they come, before
+    # the next synthetic step under lockstep
+    ("eval", False, False, True, True, False, 0): ((False, True), (True, True)),
+    ("checkpoint", False, False, False, True, False, 0): ((False, True), (False, True)),
+    ("eof", False, False, False, True, False, 0): ((False, True), (False, True)),
+    # at a checkpoint barrier, waiting for due gradients: no synthetic step
+    ("act", False, False, True, True, True, 0): ((False, False), (False, False)),
+    # the chain has ended
+    (None, False, False, False, True, False, 0): ((False, False), (False, False)),
+    # free-running: input_delay + max_inflight = 3 guesses at most
+    ("act", True, False, True, True, False, 2): ((True, False), (True, False)),
+    ("act", True, False, True, True, False, 3): ((True, False), (False, False)),
+}
+
+
+@pytest.mark.parametrize("state, want", READS.items(), ids=[str(k) for k in READS])
+def test_unlocked_reads_exact_table(state, want):
+    kind, guessed, owed, left, take, blocked, guesses = state
+    for lockstep, expected in zip((True, False), want):
+        got = unlocked_reads(lockstep=lockstep, chain_kind=kind, head_guessed=guessed,
+                             owed=owed, inputs_left=left, take_batch=take, blocked=blocked,
+                             guesses=guesses, input_delay=1, max_inflight=2)
+        assert got == Reads(*expected), (lockstep, got)
+
+
+@pytest.mark.parametrize("clock, oldest, delay, left, want", [
+    (5, None, 0, True, False), (5, None, 0, False, False),   # nothing waits
+    (5, 5, 0, True, True), (5, 5, 1, True, False), (6, 5, 1, True, True),
+    (7, 5, 3, True, False), (8, 5, 3, True, True), (9, 5, 3, True, True),
+    (5, 5, 3, False, True),                                   # the barrier: owed at once
+])
+def test_input_owed(clock, oldest, delay, left, want):
+    assert input_owed(clock=clock, oldest_guess_clock=oldest, input_delay=delay,
+                      inputs_left=left) is want
+
+
+# 3 batches per epoch (examples 7, batch 3), 5 epochs; batch -> input_stop
+INPUT_STOP = {
+    0: [14] * 15,                                            # no checkpoints: the run's end
+    1: [2] * 3 + [5] * 3 + [8] * 3 + [11] * 3 + [14] * 3,    # after every epoch but the last
+    2: [5] * 6 + [11] * 6 + [14] * 3,                        # after epochs 1 and 3
+    4: [11] * 12 + [14] * 3,                                 # after epoch 3
+    5: [14] * 15,                                            # never: the last epoch has none
+}
+
+
+@pytest.mark.parametrize("every, stops", INPUT_STOP.items())
+def test_input_stop_exact_table(every, stops):
+    cfg = Config(examples=7, batch_size=3, epochs=5, checkpoint_every=every)
+    assert [input_stop(b, cfg) for b in range(15)] == stops
+    # and against the barriers of the data stream itself
+    barriers = [t.batch for t in stream(cfg) if t.kind == "checkpoint"] + [14]
+    assert stops == [min(s for s in barriers if s >= b) for b in range(15)]
+    assert all(checkpoint_due(b // 3, cfg) for b in set(stops) - {14})
+
+
+def test_input_stream_is_the_training_batches_of_the_stream():
+    cfg = Config(examples=5, batch_size=2, epochs=2, checkpoint_every=1, start_epoch=1)
+    assert [tuple(t) for t in input_stream(cfg)] == [
+        ("input", 3, None, 2), ("input", 4, None, 2), ("input", 5, None, 1)]

@@ -13,7 +13,7 @@ from pipeline.wire import Message, decode, encode
 
 pytestmark = pytest.mark.timeout(60)
 
-ALL_KINDS = ["hello", "config", "ready", "start", "act", "grad", "eval", "eof",
+ALL_KINDS = ["hello", "config", "ready", "start", "act", "input", "grad", "eval", "eof",
              "metric", "done", "error", "stopped", "stop", "heartbeat", "checkpoint"]
 WIRE_DTYPES = ["<f8", "<f4", "<i8", "<i4", "|u1"]
 SHAPES = [(), (0, 3), (1,), (7,), (2, 3), (1, 2, 3, 4)]
