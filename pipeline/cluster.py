@@ -136,12 +136,18 @@ def load(path: str | Path) -> Cluster:
     roles = {r: _placement(path, r, roles_doc[r]) for r in need}
     taken: dict[tuple[str, int], str] = {}
     for p in roles.values():
-        ports = [p.port] if p.role in ("coordinator", "output") else [p.port, p.port + 1]
+        if p.role in ("coordinator", "source"):
+            ports = [p.port] if p.role == "coordinator" else [p.port, p.port + 1]
+        else:  # PORT, PORT+1, ...: one per data inbox
+            index = cfg.layers if p.role == "output" else int(p.role.removeprefix("layer"))
+            inboxes = protocol.data_inboxes(index, cfg.layers, cfg.unlocked)
+            ports = [p.port + i for i in range(len(inboxes))]
         for port in ports if p.port else []:
             other = taken.setdefault((p.host, port), p.role)
             if other != p.role:
                 raise _fail(path, f"{p.role} and {other} both listen on {p.host}:{port} "
-                                  "(a hidden layer uses PORT and PORT+1)")
+                                  "(a hidden layer uses PORT and PORT+1, and PORT+2 "
+                                  "under --unlock forward)")
     keys = doc.get("keys")
     if keys is not None and (not isinstance(keys, str) or not keys):
         raise _fail(path, f"keys must be a directory name, got {keys!r}")

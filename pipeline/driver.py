@@ -29,6 +29,9 @@ from pipeline.model import make_hidden, make_output
 from pipeline.protocol import (ACT, CHECKPOINT, EOF, EVAL, GRAD, ActivationCheck, Message,
                                Speaker, expect)
 from pipeline.stats import EpochStats, LayerEpoch
+from pipeline.synthetic_input import (synthetic_forward, synthetic_output_step,
+                                      true_input_arrives, true_output_input)
+from pipeline.unlocked import Streams
 
 Send = Callable[[str, Message], None]  # (port: "down", "up" or "link", message)
 
@@ -40,7 +43,13 @@ def _unwired(port: str, msg: Message) -> None:
 class HiddenNode:
     """A hidden layer: forward each training batch (DNI: update at once with
     the synthetic gradient and send dx up), apply true gradients when they
-    are due, pass evaluation batches, barriers and the end of the stream on."""
+    are due, pass evaluation batches, barriers and the end of the stream on.
+
+    Unlocked (``--unlock forward``, layers above the first): a third inbox,
+    the source's inputs (``on_input``: the synthetic step, nothing sent);
+    a true input from the chain carries the true chain on (h down, dx up)
+    and trains the synthetic-input model; ``pipeline.unlocked`` says which
+    inbox may be read next."""
 
     def __init__(self, cfg: Config, index: int, run_id: str = "", start: float = 0.0,
                  layer: HiddenLayer | None = None):
@@ -59,18 +68,33 @@ class HiddenNode:
         self.check_activation = ActivationCheck(
             protocol.upstream(index, cfg.layers), d[index - 1], d[-1], cfg.batch_size,
             schedule.stream(cfg), cfg.np_dtype)
+        self.streams = Streams(cfg, self.layer.si) if self.layer.si is not None else None
+        self.check_input = self.streams.check if self.streams is not None else None
 
     # -- the schedule --------------------------------------------------------------
+    def _take_batch(self) -> bool:
+        c, layer = self.cfg, self.layer
+        return schedule.may_take_batch(mode=c.mode, lockstep=c.lockstep,
+                                       pending=len(layer.pending),
+                                       due_outstanding=layer.due_outstanding(),
+                                       max_inflight=c.max_inflight, grad_delay=c.grad_delay)
+
     def may_take(self) -> bool:
         """May the next message of the activation inbox be read?"""
-        c, layer = self.cfg, self.layer
-        return schedule.may_read(
-            stream_ended=self.stream_ended, at_barrier=self.barrier is not None,
-            take=schedule.may_take_batch(mode=c.mode, lockstep=c.lockstep,
-                                         pending=len(layer.pending),
-                                         due_outstanding=layer.due_outstanding(),
-                                         max_inflight=c.max_inflight,
-                                         grad_delay=c.grad_delay))
+        at_barrier = self.barrier is not None
+        if self.streams is None:
+            return schedule.may_read(stream_ended=self.stream_ended, at_barrier=at_barrier,
+                                     take=self._take_batch())
+        return schedule.may_read(stream_ended=self.stream_ended, at_barrier=at_barrier,
+                                 take=self._reads().act)
+
+    def may_take_input(self) -> bool:
+        """May the next message of the input inbox be read (unlocked only)?"""
+        return self.streams is not None and self._reads().input
+
+    def _reads(self) -> schedule.Reads:
+        return self.streams.reads(self.layer.clock, self._take_batch(),
+                                  blocked=self.barrier is not None)
 
     @property
     def finished(self) -> bool:
@@ -92,14 +116,29 @@ class HiddenNode:
                              f"rows, the batch had {p.rows}")
 
     # -- messages ------------------------------------------------------------------
+    def on_input(self, msg: Message, now: float) -> None:
+        """The source's copy of a training batch: the synthetic step."""
+        x, y = msg.arrays
+        synthetic_forward(self.layer, self.layer.si, msg.batch, x, y, now)
+        self.streams.took_input()
+        self._settle(now)  # the clock moved: gradients may have become due
+
     def on_activation(self, msg: Message, now: float) -> None:
         say, layer = self.say, self.layer
+        if self.streams is not None:
+            self.streams.took_chain(msg.kind)
         if msg.kind == ACT:
             x, y = msg.arrays
             b = msg.batch
-            layer.forward(b, x, y, need_dx=self.has_up, now=now,
-                          send_h=lambda h: self.send("down", say.act(b, layer.step, h, y)),
-                          send_dx=lambda dx: self.send("up", say.grad(b, layer.step, dx)))
+            send_h = lambda h: self.send("down", say.act(b, layer.step, h, y))  # noqa: E731
+            send_dx = lambda dx: self.send("up", say.grad(b, layer.step, dx))  # noqa: E731
+            if self.streams is None:
+                layer.forward(b, x, y, need_dx=self.has_up, now=now, send_h=send_h,
+                              send_dx=send_dx)
+            else:
+                true_input_arrives(layer, layer.si, b, x, y, need_dx=self.has_up,
+                                   second_step=self.cfg.si_second_step, send_h=send_h,
+                                   send_dx=send_dx)
             self._settle(now)  # the clock moved: gradients may have become due
         elif msg.kind == EVAL:
             x, y = msg.arrays
@@ -134,6 +173,8 @@ class HiddenNode:
         say, layer = self.say, self.layer
         if not layer.arrived:
             return  # nothing to apply (the common case right after a forward pass)
+        if self.streams is not None and self.streams.owed(layer.clock):
+            return  # a step's true input comes before its gradients (schedule.input_owed)
         up = (lambda b, dx: self.send("up", say.grad(b, layer.step, dx))) if self.has_up else None
         for a in layer.apply_ready(need_dx=self.has_up, now=now, send_dx=up):
             event = self.epochs.add(a, now - self.start)
@@ -180,9 +221,26 @@ class OutputNode:
         self.check_activation = ActivationCheck(
             protocol.upstream(cfg.layers, cfg.layers), d[-2], d[-1], cfg.batch_size,
             schedule.stream(cfg), cfg.np_dtype)
+        self.streams = Streams(cfg, self.layer.si) if self.layer.si is not None else None
+        self.check_input = self.streams.check if self.streams is not None else None
 
     def may_take(self) -> bool:
-        return not self.stream_ended
+        if self.streams is None:
+            return not self.stream_ended
+        return not self.stream_ended and self._reads().act
+
+    def may_take_input(self) -> bool:
+        return self.streams is not None and self._reads().input
+
+    def _reads(self) -> schedule.Reads:
+        # No gradient comes back to the output layer: nothing holds a batch back.
+        return self.streams.reads(self.layer.clock, take_batch=True, blocked=False)
+
+    def on_input(self, msg: Message, now: float) -> None:
+        """The source's copy of a training batch: the synthetic step."""
+        x, y = msg.arrays
+        synthetic_output_step(self.layer, self.layer.si, msg.batch, x, y)
+        self.streams.took_input()
 
     @property
     def finished(self) -> bool:
@@ -190,9 +248,16 @@ class OutputNode:
 
     def on_activation(self, msg: Message, now: float) -> None:
         cfg, out, say = self.cfg, self.layer, self.say
+        if self.streams is not None:
+            self.streams.took_chain(msg.kind)
         if msg.kind == ACT:
             x, y = msg.arrays
-            dx, loss, correct = out.train_step(x, y, need_dx=True)
+            if self.streams is None:
+                dx, loss, correct = out.train_step(x, y, need_dx=True)
+            else:
+                _, dx, loss, correct = true_output_input(out, out.si, msg.batch, x, y,
+                                                         need_dx=True,
+                                                         second_step=cfg.si_second_step)
             self.batches += 1
             self.send("up", say.grad(msg.batch, out.step, dx))
             self.stats.add(loss, correct, len(y))
@@ -240,6 +305,17 @@ class SourceNode:
         self.task = task if task is not None else tasks.load(cfg)
         self.say = Speaker(run_id, protocol.SOURCE)
         self.batches = cfg.start_epoch * cfg.batches_per_epoch  # a resumed run goes on
+
+    def fan_out(self, msg: Message) -> list[tuple[str, Message]]:
+        """Where a message of ``messages`` goes: down the chain, and under
+        ``--unlock forward`` a training batch also to every layer above the
+        first as an INPUT (the same arrays), port ``input:<role>``."""
+        out = [("down", msg)]
+        if msg.kind == ACT and self.cfg.unlocked:
+            x, y = msg.arrays
+            out += [(protocol.input_port(role), self.say.input(msg.batch, x, y))
+                    for role in protocol.input_roles(self.cfg.layers)]
+        return out
 
     def messages(self) -> Iterator[Message]:
         cfg, task, say = self.cfg, self.task, self.say

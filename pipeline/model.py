@@ -5,6 +5,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.layers import Chance, HiddenLayer, OutputLayer
+from pipeline.synthetic_input import InputPredictor
 
 
 def layer_rng(cfg: Config, index: int, purpose: int = 0) -> np.random.Generator:
@@ -13,7 +14,27 @@ def layer_rng(cfg: Config, index: int, purpose: int = 0) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, 0x1A7E, index, purpose])
 
 
+def make_input_model(cfg: Config, index: int) -> InputPredictor | None:
+    """``--unlock forward``: layer ``index``'s synthetic-input model, from the
+    network's input to its own (None for layer 1, fed by the source, or when
+    locked). Conditioned on the labels as the mode's SG modules are, except
+    at the output layer, which would read its targets off its own input."""
+    if not cfg.unlocked or index == 1:
+        return None
+    d = cfg.dims
+    return InputPredictor(d[0], d[-1], d[index - 1],
+                          conditioned=cfg.mode == "cdni" and index < cfg.layers,
+                          dtype=cfg.np_dtype, optimizer=cfg.optimizer, lr=cfg.si_step,
+                          momentum=cfg.momentum, refresh=cfg.sg_refresh)
+
+
 def make_hidden(cfg: Config, index: int) -> HiddenLayer:
+    layer = _hidden(cfg, index)
+    layer.si = make_input_model(cfg, index)
+    return layer
+
+
+def _hidden(cfg: Config, index: int) -> HiddenLayer:
     d = cfg.dims
     return HiddenLayer(index, d[index - 1], d[index], mode=cfg.mode,
                        activation=cfg.activation, lr=cfg.lr, sg_lr=cfg.sg_lr,
@@ -31,7 +52,9 @@ def make_hidden(cfg: Config, index: int) -> HiddenLayer:
 def make_output(cfg: Config) -> OutputLayer:
     d = cfg.dims
     n = cfg.layers
-    return OutputLayer(n, d[-2], d[-1], lr=cfg.lr, rng=layer_rng(cfg, n),
-                       update=Chance(cfg.update_prob, layer_rng(cfg, n, 1)),
-                       dtype=cfg.np_dtype, optimizer=cfg.optimizer,
-                       softmax=cfg.classification, momentum=cfg.momentum)
+    out = OutputLayer(n, d[-2], d[-1], lr=cfg.lr, rng=layer_rng(cfg, n),
+                      update=Chance(cfg.update_prob, layer_rng(cfg, n, 1)),
+                      dtype=cfg.np_dtype, optimizer=cfg.optimizer,
+                      softmax=cfg.classification, momentum=cfg.momentum)
+    out.si = make_input_model(cfg, n)
+    return out

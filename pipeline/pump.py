@@ -1,8 +1,9 @@
 """The socket pump around a layer's node: one poll loop for the hidden and
 the output roles.
 
-It reads the gradient inbox whenever something is there and the activation
-inbox only while the node's schedule lets it (otherwise the messages stay
+It reads the gradient inbox whenever something is there, and the activation
+inbox (and, under ``--unlock forward``, the input inbox) only while the
+node's schedule lets it (otherwise the messages stay
 queued in ZeroMQ, whose high-water marks then hold the sender back); it hands
 each message to the node with the time, and sends what the node says, the
 moment the node says it. Wall-clock injection lives here, not in the node:
@@ -17,11 +18,11 @@ from typing import Callable
 
 import zmq
 
-from pipeline import transport
+from pipeline import protocol, transport
 from pipeline.control import ControlLink
 from pipeline.delay import DelayLine, straggle
 from pipeline.protocol import EOF, Message
-from pipeline.transport import POLL_MS, Inbox
+from pipeline.transport import POLL_MS, Inbox, Net, max_message_bytes
 
 Handler = Callable[[Message, float], None]
 DRAIN = 16  # activations taken in a row at most, before the control link is looked at again
@@ -31,9 +32,9 @@ class Pump:
     def __init__(self, link: ControlLink, node, acts: Inbox, outs: dict[str, zmq.Socket],
                  grads: Inbox | None = None, act_line: DelayLine | None = None,
                  grad_line: DelayLine | None = None, slowdown: float = 1.0,
-                 hwm: int = 1000):
+                 hwm: int = 1000, inputs: Inbox | None = None):
         self.link, self.node = link, node
-        self.acts, self.grads, self.outs = acts, grads, outs
+        self.acts, self.grads, self.outs, self.inputs = acts, grads, outs, inputs
         self.act_line, self.grad_line = act_line, grad_line
         self.slowdown, self.hwm = slowdown, hwm
         self._held: list[tuple[str, Message]] | None = None  # a straggler's sends, until done
@@ -71,7 +72,8 @@ class Pump:
         poller.register(link.sock, zmq.POLLIN)
         if self.grads is not None:
             poller.register(self.grads.sock, zmq.POLLIN)
-        eof_read = reading = False
+        eof_read = reading = reading_inputs = False
+        in_sock = self.inputs.sock if self.inputs is not None else None
         lines = [line for line in (grad_line, act_line) if line is not None]
         grads_waiting = ((lambda: self.grads.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
                          if self.grads is not None else (lambda: 0))
@@ -84,6 +86,11 @@ class Pump:
                 (poller.register(act_sock, zmq.POLLIN) if take
                  else poller.unregister(act_sock))
                 reading = take
+            take_input = in_sock is not None and node.may_take_input()
+            if take_input != reading_inputs:
+                (poller.register(in_sock, zmq.POLLIN) if take_input
+                 else poller.unregister(in_sock))
+                reading_inputs = take_input
             timeout = POLL_MS
             if lines:
                 now = time.monotonic()
@@ -105,6 +112,17 @@ class Pump:
             if grad_line is not None:
                 for msg in grad_line.pop_ready(time.monotonic()):
                     self._call(node.on_gradient, msg)
+            if take_input and in_sock in events:
+                # The source's inputs (the synthetic steps), while the rule allows.
+                for _ in range(DRAIN):
+                    msg = self.inputs.recv()
+                    if msg is not None:
+                        self._call(node.on_input, msg)
+                    if (grads_waiting() or not in_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
+                            or not node.may_take_input()):
+                        break
+                if act_line is None:  # the synthetic steps may have changed the rule
+                    take = take and node.may_take()
             if take and act_sock in events:
                 # Without a delay line, take every activation waiting while the
                 # schedule allows and no gradient is waiting (gradients go first,
@@ -124,3 +142,18 @@ class Pump:
             if act_line is not None:
                 while act_line.wait_s(time.monotonic()) == 0 and node.may_take():
                     self._call(node.on_activation, act_line.pop())
+
+
+def input_inbox(link: ControlLink, cfg, net: Net, node, index: int,
+                endpoints: dict[str, str]) -> Inbox | None:
+    """``--unlock forward``: the inbox of the source's inputs, for a layer
+    above the first (its port offset after the others'); None otherwise."""
+    if node.check_input is None:
+        return None
+    names = protocol.data_inboxes(index, cfg.layers, cfg.unlocked)
+    max_bytes = max_message_bytes(cfg)
+    sock, endpoints["input"] = net.inbox(names.index("input"),
+                                         cfg.input_delay + cfg.max_inflight + 2, max_bytes,
+                                         protocol.SOURCE)
+    return Inbox(sock, link.run_id, max_bytes, node.check_input, link.dropped)
+

@@ -8,7 +8,11 @@ loops in ``tests/test_reference.py``) and the baseline it is timed against.
 Why any fair order of deliveries gives the same bits: a layer's arithmetic
 depends only on its own sequence of forward passes and applied gradients,
 and under --lockstep that sequence is fixed (forward t, then every gradient
-due by then, then forward t + 1), whoever else works in between.
+due by then, then forward t + 1), whoever else works in between. Under
+``--unlock forward`` a layer above the first also reads an input queue, and
+its sequence is (synthetic step t, the true input of t - K, every gradient
+due by then, synthetic step t + 1): ``schedule.unlocked_reads`` and
+``schedule.input_owed`` fix it the same way.
 """
 from __future__ import annotations
 
@@ -60,6 +64,8 @@ def train_reference(cfg: Config, emit: Emit | None = None,
     nodes: list[HiddenNode | OutputNode] = [*hidden, output]
     acts = [deque() for _ in nodes]     # acts[i]: the activation queue of nodes[i]
     grads = [deque() for _ in hidden]   # grads[i]: the gradient queue of hidden[i]
+    inputs = {protocol.input_port(protocol.layer_role(i + 1, cfg.layers)): deque()
+              for i, node in enumerate(nodes) if node.streams is not None}
 
     def link(msg: Message) -> None:
         if msg.kind == METRIC:
@@ -80,9 +86,12 @@ def train_reference(cfg: Config, emit: Emit | None = None,
 
     for i in range(len(nodes)):
         wire(i)
-    source = SourceNode(cfg, task=tasks.load(cfg)).messages()
+    src = SourceNode(cfg, task=tasks.load(cfg))
+    source = src.messages()
     sent_all = False
     down, up = list(zip(nodes, acts)), list(zip(reversed(hidden), reversed(grads)))
+    side = [(node, inputs.get(protocol.input_port(protocol.layer_role(i + 1, cfg.layers))))
+            for i, node in enumerate(nodes)]
     while not (sent_all and all(node.finished for node in nodes)):
         if not acts[0] and not sent_all:  # one message at a time: memory stays one batch deep
             msg = next(source, None)
@@ -90,10 +99,16 @@ def train_reference(cfg: Config, emit: Emit | None = None,
             if msg is not None:
                 if msg.kind == ACT and should_stop is not None and should_stop():
                     raise KeyboardInterrupt
-                acts[0].append(msg)
-        for node, queue in down:
-            while queue and node.may_take():
-                node.on_activation(queue.popleft(), time.perf_counter())
+                for port, out in src.fan_out(msg):
+                    (acts[0] if port == "down" else inputs[port]).append(out)
+        for (node, queue), (_, inbox) in zip(down, side):
+            while True:  # the node's rule picks the queue; stop when it may read neither
+                if inbox and node.may_take_input():
+                    node.on_input(inbox.popleft(), time.perf_counter())
+                elif queue and node.may_take():
+                    node.on_activation(queue.popleft(), time.perf_counter())
+                else:
+                    break
         for node, queue in up:
             while queue:
                 node.on_gradient(queue.popleft(), time.perf_counter())

@@ -327,3 +327,20 @@ def test_cluster_run_on_a_classification_dataset_equals_the_reference(tmp_path, 
     cfg = tasks.resolve(clusters.load(cluster).config(), limit_examples=False)
     assert (cfg.dtype, cfg.optimizer, cfg.features, cfg.classes) == ("float32", "adam", 12, 4)
     same_bits(Weights(tmp_path / "run"), reference_weights(cfg))
+
+
+def test_unlocked_layers_listen_on_one_more_port(tmp_path):
+    """Under --unlock forward a hidden layer above the first binds PORT+2
+    and the output layer PORT+1 for the source's inputs (pure: no process)."""
+    from pipeline import cluster as clusters
+    roles_ = ('[roles]\ncoordinator = "127.0.0.1:5000"\nsource = "127.0.0.1"\n'
+              'layer1 = "127.0.0.1:5002"\nlayer2 = "127.0.0.1:5004"\noutput = "127.0.0.1:5006"\n')
+    path = tmp_path / "c.toml"
+    path.write_text(roles_)
+    clusters.load(path)                                   # locked: 5004, 5005 and 5006
+    path.write_text('[run]\nunlock = "forward"\n' + roles_)
+    with pytest.raises(ValueError, match="layer2 and output both listen on 127.0.0.1:5006|"
+                                         "output and layer2 both listen on 127.0.0.1:5006"):
+        clusters.load(path)
+    path.write_text('[run]\nunlock = "forward"\n' + roles_.replace(":5006", ":5007"))
+    clusters.load(path)                                   # output on 5007 and 5008

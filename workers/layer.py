@@ -11,7 +11,7 @@ from pipeline.control import ControlLink
 from pipeline.delay import DelayLine
 from pipeline.driver import HiddenNode
 from pipeline.model import layer_rng
-from pipeline.pump import Pump
+from pipeline.pump import Pump, input_inbox
 from pipeline.transport import Inbox, Net, max_message_bytes
 from pipeline.worker import run
 
@@ -29,7 +29,9 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     grad_sock, grad_ep = net.inbox(1, hwm, max_bytes, protocol.downstream(index, cfg.layers))
     acts = Inbox(act_sock, link.run_id, max_bytes, node.check_activation, link.dropped)
     grads = Inbox(grad_sock, link.run_id, max_bytes, node.check_gradient, link.dropped)
-    link.send(link.say.ready({"act": act_ep, "grad": grad_ep}))
+    endpoints = {"act": act_ep, "grad": grad_ep}
+    inputs = input_inbox(link, cfg, net, node, index, endpoints)
+    link.send(link.say.ready(endpoints))
     peers = protocol.peers(link.wait_for(protocol.START))
     outs = {"down": net.outbox(*peers["downstream"], hwm)}
     if index > 1:
@@ -40,9 +42,10 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
                    if cfg.delay_activations else None),
          grad_line=(DelayLine(delay_s, jitter_s, layer_rng(cfg, index, 3))
                     if cfg.link_delay_ms > 0 else None),
-         slowdown=cfg.slowdown(index), hwm=hwm).run()
+         slowdown=cfg.slowdown(index), hwm=hwm, inputs=inputs).run()
     counters, weights = node.finish(time.perf_counter())
-    link.finish(counters, acts.errors + grads.errors, weights)
+    link.finish(counters, acts.errors + grads.errors + (inputs.errors if inputs else 0),
+                weights)
 
 
 if __name__ == "__main__":

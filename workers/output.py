@@ -11,7 +11,7 @@ from pipeline.control import ControlLink
 from pipeline.delay import DelayLine
 from pipeline.driver import OutputNode
 from pipeline.model import layer_rng
-from pipeline.pump import Pump
+from pipeline.pump import Pump, input_inbox
 from pipeline.transport import Inbox, Net, max_message_bytes
 from pipeline.worker import run
 
@@ -24,15 +24,17 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     max_bytes = max_message_bytes(cfg)
     act_sock, act_ep = net.inbox(0, hwm, max_bytes, protocol.upstream(cfg.layers, cfg.layers))
     acts = Inbox(act_sock, link.run_id, max_bytes, node.check_activation, link.dropped)
-    link.send(link.say.ready({"act": act_ep}))
+    endpoints = {"act": act_ep}
+    inputs = input_inbox(link, cfg, net, node, cfg.layers, endpoints)
+    link.send(link.say.ready(endpoints))
     peers = protocol.peers(link.wait_for(protocol.START))
     up = net.outbox(*peers["upstream_grad"], hwm)
     Pump(link, node, acts, {"up": up},
          act_line=(DelayLine(cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000,
                              layer_rng(cfg, cfg.layers, 4)) if cfg.delay_activations else None),
-         slowdown=cfg.slowdown(cfg.layers), hwm=hwm).run()
+         slowdown=cfg.slowdown(cfg.layers), hwm=hwm, inputs=inputs).run()
     counters, weights = node.finish(time.perf_counter())
-    link.finish(counters, acts.errors, weights)
+    link.finish(counters, acts.errors + (inputs.errors if inputs else 0), weights)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The data source: sends every message of the source node (``pipeline.driver``)
-down to the first layer, holding while ZeroMQ's high-water mark says it is full."""
+down to the first layer (under ``--unlock forward`` each training batch also
+to every layer above it), holding while ZeroMQ's high-water mark says it is full."""
 from __future__ import annotations
 
 from pipeline import protocol, schedule
@@ -13,11 +14,15 @@ from pipeline.worker import run
 def main(link: ControlLink, cfg: Config, net: Net) -> None:
     node = SourceNode(cfg, link.run_id)
     link.send(link.say.ready({}))
-    down = net.outbox(*protocol.peers(link.wait_for(protocol.START))["downstream"],
-                      hwm=cfg.max_inflight + 2)
+    peers = protocol.peers(link.wait_for(protocol.START))
+    outs = {"down": net.outbox(*peers["downstream"], hwm=cfg.max_inflight + 2)}
+    for role in protocol.input_roles(cfg.layers) if cfg.unlocked else []:
+        port = protocol.input_port(role)
+        outs[port] = net.outbox(*peers[port], hwm=cfg.input_delay + cfg.max_inflight + 2)
     for msg in node.messages():
         link.tick()
-        send(down, msg, link)
+        for port, out in node.fan_out(msg):
+            send(outs[port], out, link)
         link.progress += 1
         if msg.kind != protocol.ACT or schedule.ends_epoch(msg.batch, cfg.batches_per_epoch):
             link.poll_stop()  # a stop between epochs is not held up by a free link
