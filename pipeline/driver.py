@@ -28,7 +28,7 @@ from pipeline.layers import HiddenLayer, OutputLayer
 from pipeline.model import make_hidden, make_output
 from pipeline.protocol import (ACT, CHECKPOINT, EOF, EVAL, GRAD, ActivationCheck, Message,
                                Speaker, expect)
-from pipeline.stats import EpochStats, LayerEpoch
+from pipeline.stats import EpochStats, InputEpoch, LayerEpoch
 from pipeline.synthetic_input import (synthetic_forward, synthetic_output_step,
                                       true_input_arrives, true_output_input)
 from pipeline.unlocked import Streams
@@ -136,9 +136,11 @@ class HiddenNode:
                 layer.forward(b, x, y, need_dx=self.has_up, now=now, send_h=send_h,
                               send_dx=send_dx)
             else:
-                true_input_arrives(layer, layer.si, b, x, y, need_dx=self.has_up,
-                                   second_step=self.cfg.si_second_step, send_h=send_h,
-                                   send_dx=send_dx)
+                a, _, _ = true_input_arrives(layer, layer.si, b, x, y, need_dx=self.has_up,
+                                             second_step=self.cfg.si_second_step,
+                                             send_h=send_h, send_dx=send_dx)
+                layer.stats.inputs.record(a)
+                self.epochs.add_input(a)
             self._settle(now)  # the clock moved: gradients may have become due
         elif msg.kind == EVAL:
             x, y = msg.arrays
@@ -161,9 +163,11 @@ class HiddenNode:
         self._at_barrier()
 
     def finish(self, now: float) -> tuple[dict, dict[str, np.ndarray]]:
-        """Training is over: the gradients not yet due expire; returns the
-        layer's counters and weights."""
+        """Training is over: the gradients not yet due expire (and the
+        guesses whose true input never came); returns the layer's counters
+        and weights."""
         self.layer.expire()
+        _expire_guesses(self.layer)
         event = self.epochs.flush(now - self.start)
         if event:
             self.send("link", self.say.metric(event))
@@ -217,6 +221,7 @@ class OutputNode:
         self.stats, self.evaluation, self.test = EpochStats(), EpochStats(), EpochStats()
         self.last_test: dict = {}
         self.held: list[dict] = []  # an epoch's event, until its test split is evaluated
+        self.input_epoch = InputEpoch()  # --unlock forward: the epoch's true inputs
         d = cfg.dims
         self.check_activation = ActivationCheck(
             protocol.upstream(cfg.layers, cfg.layers), d[-2], d[-1], cfg.batch_size,
@@ -255,9 +260,11 @@ class OutputNode:
             if self.streams is None:
                 dx, loss, correct = out.train_step(x, y, need_dx=True)
             else:
-                _, dx, loss, correct = true_output_input(out, out.si, msg.batch, x, y,
+                a, dx, loss, correct = true_output_input(out, out.si, msg.batch, x, y,
                                                          need_dx=True,
                                                          second_step=cfg.si_second_step)
+                out.stats.inputs.record(a)
+                self.input_epoch.add(a)
             self.batches += 1
             self.send("up", say.grad(msg.batch, out.step, dx))
             self.stats.add(loss, correct, len(y))
@@ -265,6 +272,7 @@ class OutputNode:
                 self.train_s = now - self.start
                 event = self.stats.epoch_event(self.role, schedule.epoch_of(
                     msg.batch, cfg.batches_per_epoch), self.train_s)
+                event.update(self.input_epoch.take())
                 if cfg.test_examples:
                     self.held.append(event)
                 else:
@@ -291,6 +299,7 @@ class OutputNode:
                 "train_s": self.train_s, **self.last_test}))
 
     def finish(self, now: float) -> tuple[dict, dict[str, np.ndarray]]:
+        _expire_guesses(self.layer)
         return self.layer.stats.as_dict(), self.layer.weights()
 
 
@@ -335,6 +344,13 @@ class SourceNode:
             yield say.evaluation(i, 0, np.ascontiguousarray(task.x[s]),
                                  np.ascontiguousarray(task.y[s]), None)
         yield say.eof(self.batches)
+
+
+def _expire_guesses(layer: HiddenLayer | OutputLayer) -> None:
+    """Unlocked: the synthetic steps whose true input never came (a run cut
+    short; a finished stream takes every one) are counted."""
+    if layer.si is not None:
+        layer.stats.inputs.expired_inputs += layer.si.expire()
 
 
 def _cut(xs: np.ndarray, ys: np.ndarray, parts: list) -> list[tuple[np.ndarray, np.ndarray]]:

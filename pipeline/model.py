@@ -5,6 +5,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.layers import Chance, HiddenLayer, OutputLayer
+from pipeline.stats import InputStats
 from pipeline.synthetic_input import InputPredictor
 
 
@@ -30,8 +31,14 @@ def make_input_model(cfg: Config, index: int) -> InputPredictor | None:
 
 def make_hidden(cfg: Config, index: int) -> HiddenLayer:
     layer = _hidden(cfg, index)
-    layer.si = make_input_model(cfg, index)
+    _unlock(layer, cfg, index)
     return layer
+
+
+def _unlock(layer: HiddenLayer | OutputLayer, cfg: Config, index: int) -> None:
+    layer.si = make_input_model(cfg, index)
+    if layer.si is not None:
+        layer.stats.inputs = InputStats(seed=index)
 
 
 def _hidden(cfg: Config, index: int) -> HiddenLayer:
@@ -56,5 +63,5 @@ def make_output(cfg: Config) -> OutputLayer:
                       update=Chance(cfg.update_prob, layer_rng(cfg, n, 1)),
                       dtype=cfg.np_dtype, optimizer=cfg.optimizer,
                       softmax=cfg.classification, momentum=cfg.momentum)
-    out.si = make_input_model(cfg, n)
+    _unlock(out, cfg, n)
     return out

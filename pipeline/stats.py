@@ -114,6 +114,12 @@ class LayerEpoch:
         self.steps, self.seconds = _Mean(), _Mean()
         self.sg_loss, self.cosine, self.rel_err = _Mean(), _Mean(), _Mean()
         self.act_norm = _Mean()
+        self.inputs = InputEpoch()
+
+    def add_input(self, a) -> None:
+        """An unlocked layer's true input (``synthetic_input.InputApplied``):
+        its figures go with the open epoch's event."""
+        self.inputs.add(a)
 
     def add(self, a: Applied, elapsed: float) -> dict | None:
         """Count ``a``; returns the event of the epoch this closes, if any."""
@@ -138,9 +144,31 @@ class LayerEpoch:
              "staleness_s_mean": self.seconds.mean, "staleness_s_max": self.seconds.max,
              "sg_loss": self.sg_loss.mean, "sg_cosine": self.cosine.mean,
              "sg_rel_err": self.rel_err.mean, "act_norm": self.act_norm.mean,
-             "elapsed_s": elapsed}
+             "elapsed_s": elapsed, **self.inputs.take()}
         self._reset()
         return e
+
+
+class InputEpoch:
+    """An unlocked layer's true inputs over one epoch: the mean quality of
+    the synthetic inputs used and the mean forward staleness, for its event."""
+
+    def __init__(self) -> None:
+        self.loss, self.cosine, self.rel_err, self.steps = _Mean(), _Mean(), _Mean(), _Mean()
+
+    def add(self, a) -> None:
+        for mean, value in ((self.loss, a.loss), (self.cosine, a.cosine),
+                            (self.rel_err, a.rel_err), (self.steps, a.staleness)):
+            mean.add(value)
+
+    def take(self) -> dict:
+        """The figures so far (nothing without a true input), and start afresh."""
+        if not self.steps.count:
+            return {}
+        out = {"si_loss": self.loss.mean, "si_cosine": self.cosine.mean,
+               "si_rel_err": self.rel_err.mean, "input_staleness_mean": self.steps.mean}
+        self.__init__()
+        return out
 
 
 @dataclass
@@ -178,11 +206,11 @@ class LayerStats:
         self.sg_loss = Reservoir(seed=seed)
         self.cosine = Reservoir(seed=seed + 1)
         self.rel_err = Reservoir(seed=seed + 2)
+        self.inputs: InputStats | None = None  # --unlock forward: its true inputs
 
     def record(self, a: Applied) -> None:
         self.true_gradients += 1
-        self.steps.add(a.staleness)
-        self.staleness_hist[a.staleness] = self.staleness_hist.get(a.staleness, 0) + 1
+        _count(self.staleness_hist, self.steps, a.staleness)
         self.seconds.add(a.staleness_s)
         for reservoir, value in ((self.sg_loss, a.sg_loss), (self.cosine, a.cosine),
                                  (self.rel_err, a.rel_err)):
@@ -195,23 +223,21 @@ class LayerStats:
     def state(self) -> dict:
         """What a checkpoint keeps: the counters and the staleness histogram
         (the SG-quality samples start afresh after a resume)."""
-        return {**{k: getattr(self, k) for k in self.COUNTERS},
-                "staleness_hist": {str(k): v for k, v in self.staleness_hist.items()}}
+        out = {**{k: getattr(self, k) for k in self.COUNTERS},
+               "staleness_hist": {str(k): v for k, v in self.staleness_hist.items()}}
+        if self.inputs is not None:
+            out["inputs"] = self.inputs.state()
+        return out
 
     def load_state(self, state: dict) -> None:
         for k in self.COUNTERS:
             setattr(self, k, int(state[k]))
-        self.staleness_hist = {int(k): int(v) for k, v in state["staleness_hist"].items()}
-        for steps, n in self.staleness_hist.items():
-            self.steps.count += n
-            self.steps.total += steps * n
-            self.steps.max = max(self.steps.max, steps)
+        self.staleness_hist, self.steps = _recount(state["staleness_hist"])
+        if self.inputs is not None and "inputs" in state:
+            self.inputs.load_state(state["inputs"])
 
     def as_dict(self) -> dict:
-        quality = None
-        if self.sg_loss.seen:
-            quality = {"sg_loss": self.sg_loss.describe(), "cosine": self.cosine.describe(),
-                       "rel_err": self.rel_err.describe()}
+        quality = _quality(self.sg_loss, self.cosine, self.rel_err, "sg_loss")
         return {"forward_batches": self.forward_batches, "weight_updates": self.weight_updates,
                 "skipped_updates": self.skipped_updates, "sg_updates": self.sg_updates,
                 "true_gradients": self.true_gradients,
@@ -221,4 +247,65 @@ class LayerStats:
                 "staleness_steps": self.steps.as_dict(),
                 "staleness_hist": {str(k): v for k, v in sorted(self.staleness_hist.items())},
                 "staleness_s": {"mean": self.seconds.mean or 0.0, "max": self.seconds.max or 0.0},
-                "sg_quality": quality}
+                "sg_quality": quality, **(self.inputs.as_dict() if self.inputs else {})}
+
+
+def _count(hist: dict[int, int], steps: Staleness, value: int) -> None:
+    hist[value] = hist.get(value, 0) + 1
+    steps.add(value)
+
+
+def _recount(saved: dict) -> tuple[dict[int, int], Staleness]:
+    """A histogram read back from a checkpoint, and its running figures."""
+    hist, steps = {int(k): int(v) for k, v in saved.items()}, Staleness()
+    for value, n in hist.items():
+        steps.count += n
+        steps.total += value * n
+        steps.max = max(steps.max, value)
+    return hist, steps
+
+
+def _quality(loss: Reservoir, cosine: Reservoir, rel_err: Reservoir, name: str) -> dict | None:
+    if not loss.seen:
+        return None
+    return {name: loss.describe(), "cosine": cosine.describe(), "rel_err": rel_err.describe()}
+
+
+class InputStats:
+    """An unlocked layer's true inputs (``--unlock forward``), as its
+    synthetic-input model regressed onto them: how many, how many steps
+    after the synthetic step each came (the forward staleness), and how
+    close the synthetic input used was to the true one."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.true_inputs = 0
+        self.expired_inputs = 0   # guesses whose true input never came (a run cut short)
+        self.hist: dict[int, int] = {}
+        self.steps = Staleness()
+        self.si_loss = Reservoir(seed=seed + 3)
+        self.cosine = Reservoir(seed=seed + 4)
+        self.rel_err = Reservoir(seed=seed + 5)
+
+    def record(self, a) -> None:
+        """``a``: a ``synthetic_input.InputApplied``."""
+        self.true_inputs += 1
+        _count(self.hist, self.steps, a.staleness)
+        for reservoir, value in ((self.si_loss, a.loss), (self.cosine, a.cosine),
+                                 (self.rel_err, a.rel_err)):
+            if value is not None:
+                reservoir.add(value)
+
+    def state(self) -> dict:
+        return {"true_inputs": self.true_inputs, "expired_inputs": self.expired_inputs,
+                "hist": {str(k): v for k, v in self.hist.items()}}
+
+    def load_state(self, state: dict) -> None:
+        self.true_inputs, self.expired_inputs = (int(state["true_inputs"]),
+                                                 int(state["expired_inputs"]))
+        self.hist, self.steps = _recount(state["hist"])
+
+    def as_dict(self) -> dict:
+        return {"true_inputs": self.true_inputs, "expired_inputs": self.expired_inputs,
+                "input_staleness_steps": self.steps.as_dict(),
+                "input_staleness_hist": {str(k): v for k, v in sorted(self.hist.items())},
+                "si_quality": _quality(self.si_loss, self.cosine, self.rel_err, "si_loss")}

@@ -93,6 +93,13 @@ def table(summary: dict, run_dir: str) -> str:
             lines.append(f"  {L['index']:>5} {L['role']:<8} {L['forward_batches']:>8} "
                          f"{L['sg_updates']:>8} {L['true_gradients']:>9} {st['mean']:>10.2f} "
                          f"{st['max']:>9} {first:>10} {last:>11} {L['decode_errors']:>8}")
+    unlocked = [L for L in s["layers"] if L.get("si_quality")]
+    if unlocked:  # --unlock forward: how close each layer's synthetic inputs came
+        lines.append("  synthetic inputs (mean over training): " + ", ".join(
+            f"{L['role']} cos {L['si_quality']['cosine']['mean']:.2f} rel err "
+            f"{L['si_quality']['rel_err']['mean']:.2f} stale "
+            f"{L['input_staleness_steps']['mean']:.1f}"
+            for L in unlocked if L["si_quality"]["cosine"]))
     lines.extend(f"  {w}" for w in s.get("warnings", []))
     return "\n".join(lines)
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from pipeline.layers import sg_quality
-from pipeline.stats import Applied, EpochStats, LayerEpoch, LayerStats, Reservoir, Staleness
+from pipeline.stats import (Applied, EpochStats, InputEpoch, InputStats, LayerEpoch, LayerStats,
+                           Reservoir, Staleness)
+from pipeline.synthetic_input import InputApplied
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -216,3 +218,45 @@ def test_sg_quality_cases(pred, true, want):
             assert got == pytest.approx(exp, rel=1e-15, abs=1e-15)
     assert cosine is None or type(cosine) is float
     assert rel is None or type(rel) is float
+
+
+# --- --unlock forward: true inputs -------------------------------------------------------
+
+INPUTS = [InputApplied(0, 2, 1.0, None, 1.0), InputApplied(1, 2, 3.0, 0.5, 0.5),
+          InputApplied(2, 1, 2.0, -0.5, 0.25), InputApplied(3, 0, 4.0, 1.0, 0.0)]
+
+
+def test_input_stats_exact_table_and_its_checkpoint_state():
+    st = LayerStats(seed=1)
+    assert "si_quality" not in st.as_dict()          # a locked layer says nothing of inputs
+    st.inputs = InputStats(seed=1)
+    for a in INPUTS:
+        st.inputs.record(a)
+    st.inputs.expired_inputs = 1
+    d = st.as_dict()
+    quality = d.pop("si_quality")
+    assert {k: d[k] for k in ("true_inputs", "expired_inputs", "input_staleness_steps",
+                              "input_staleness_hist")} == {
+        "true_inputs": 4, "expired_inputs": 1,
+        "input_staleness_steps": {"mean": 1.25, "max": 2, "count": 4},
+        "input_staleness_hist": {"0": 1, "1": 1, "2": 2}}
+    # the same figures as the SG table above: loss [1, 3, 2, 4], cosine [0.5, -0.5, 1]
+    want = {"si_loss": (2.5, 4), "cosine": (1 / 3, 3), "rel_err": (0.4375, 4)}
+    for name, (mean, count) in want.items():
+        assert quality[name]["mean"] == pytest.approx(mean, rel=1e-12)
+        assert quality[name]["count"] == count
+    back = LayerStats(seed=1)
+    back.inputs = InputStats(seed=1)
+    back.load_state(st.state())
+    assert back.inputs.as_dict()["input_staleness_steps"] == d["input_staleness_steps"]
+    assert (back.inputs.true_inputs, back.inputs.expired_inputs) == (4, 1)
+
+
+def test_input_epoch_means_and_nothing_without_an_input():
+    e = InputEpoch()
+    assert e.take() == {}
+    for a in INPUTS:
+        e.add(a)
+    assert e.take() == pytest.approx({"si_loss": 2.5, "si_cosine": 1 / 3, "si_rel_err": 0.4375,
+                                      "input_staleness_mean": 1.25})
+    assert e.take() == {}

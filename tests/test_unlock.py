@@ -44,10 +44,21 @@ def test_lockstep_unlocked_pipeline_equals_reference_bit_for_bit(launch, extra):
     s = run.summary()
     assert s["status"] == "completed"
     assert (s["final_loss"], s["train_accuracy"]) == (ref.final_loss, ref.train_accuracy)
-    batches = cfg.total_batches
-    for layer in s["layers"]:
+    batches, k = cfg.total_batches, cfg.input_delay
+    # Forward staleness: exactly K steps, but for the last K batches, whose
+    # true inputs the end of training takes early (schedule.input_stop).
+    hist = {str(k): batches - k, **{str(j): 1 for j in range(k)}}
+    for layer, ref_layer in zip(s["layers"], [*ref.hidden, ref.output]):
         assert layer["forward_batches"] == batches
         assert layer["decode_errors"] == 0
+        if layer["role"] == "layer1":
+            assert "si_quality" not in layer
+            continue
+        assert layer["true_inputs"] == batches and layer["expired_inputs"] == 0
+        assert layer["input_staleness_hist"] == dict(sorted(hist.items(), key=lambda i: int(i[0])))
+        # the synthetic inputs' quality: the reference's figures, to the bit
+        assert layer["si_quality"] == ref_layer.stats.as_dict()["si_quality"]
+        assert layer["si_quality"]["cosine"]["mean"] > 0.5
 
 
 def test_unlocking_changes_the_weights_of_the_layers_above_the_first_only():
@@ -66,6 +77,7 @@ def test_free_running_unlocked_pipeline_completes(launch):
     kw = dict(SMALL, epochs=30, unlock="forward", grad_delay=1, input_delay=1)
     run = launch("--quiet", *argv(**kw))
     assert run.finish() == 0, run.err
+    assert "synthetic inputs (mean over training): layer2 cos" in run.out
     s = run.summary()
     assert s["status"] == "completed"
     for layer in s["layers"]:
