@@ -32,15 +32,22 @@ def _optimizers(layer: Layer) -> dict[str, optim.SGD | optim.Adam]:
     out = {"opt": layer.opt}
     if getattr(layer, "sg", None) is not None:
         out["sg_opt"] = layer.sg.opt
+    if layer.si is not None:
+        out["si_opt"] = layer.si.model.opt
     return out
 
 
 def layer_state(layer: Layer) -> tuple[dict, dict[str, np.ndarray]]:
-    """(meta, arrays): weights, optimiser state (prefixed ``opt.`` and
-    ``sg_opt.``), the SG module's drift (``sg_drift.``), counters, clocks and
-    the random streams."""
+    """(meta, arrays): weights (with an unlocked layer's synthetic-input
+    model, ``si_u`` and ``si_b``), optimiser state (prefixed ``opt.``,
+    ``sg_opt.`` and ``si_opt.``), the SG module's drift (``sg_drift.``),
+    counters, clocks, model versions and the random streams. An unlocked
+    layer has no guess in flight at a barrier (``schedule.input_stop``)."""
     meta = {"clock": layer.clock, "step": layer.step, "stats": layer.stats.state(),
             "update_rng": _rng_state(layer.update)}
+    if layer.si is not None:
+        assert not layer.si.pending, "a checkpoint with a synthetic input in flight"
+        meta["si_version"] = layer.si.model.version
     # Copies: the arrays leave as zero-copy frames, sent while the layer
     # trains on and updates its weights in place.
     arrays = {k: v.copy() for k, v in layer.weights().items()}
@@ -67,6 +74,8 @@ def load_layer_state(layer: Layer, meta: dict, arrays: dict[str, np.ndarray]) ->
                                               if k.startswith(prefix + ".")})
     layer.clock, layer.step = int(meta["clock"]), int(meta["step"])
     layer.stats.load_state(meta["stats"])
+    if layer.si is not None:
+        layer.si.model.version = int(meta["si_version"])
     layer.update.rng.bit_generator.state = json.loads(meta["update_rng"])
     if isinstance(layer, HiddenLayer):
         if layer.sg is not None:

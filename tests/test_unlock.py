@@ -1,12 +1,18 @@
 """--unlock forward end to end: the --lockstep pipeline against the
 in-process reference, bit for bit, with and without an input delay and a
-second step; the free-running pipeline completes."""
+second step; the free-running pipeline completes; checkpoints carry the
+synthetic-input models, and a resumed run ends as the uninterrupted one."""
 from __future__ import annotations
 
+import signal
+
+import numpy as np
 import pytest
 
 from pipeline.config import Config
 from pipeline.reference import train_reference
+from tests.conftest import Launch, assert_no_orphans
+from tests.test_checkpoint import latest
 from tests.test_pipeline import assert_bit_identical, reference_weights
 
 pytestmark = pytest.mark.timeout(120)
@@ -83,3 +89,85 @@ def test_free_running_unlocked_pipeline_completes(launch):
     for layer in s["layers"]:
         assert layer["forward_batches"] == Config(**kw).total_batches
         assert layer["decode_errors"] == 0
+
+
+# --- checkpoints and resume ---------------------------------------------------------
+
+def test_unlocked_checkpoint_round_trip_restores_the_input_models_state():
+    """Layer 2 and the output layer of an unlocked Adam run, driven by the
+    reference's nodes: their state taken and loaded into fresh layers goes
+    on exactly; without the SI optimiser's state it parts."""
+    from pipeline import optim
+    from pipeline.checkpoint import layer_state, load_layer_state
+    from pipeline.model import make_hidden, make_output
+    from pipeline.synthetic_input import (synthetic_forward, synthetic_output_step,
+                                          true_input_arrives, true_output_input)
+    cfg = Config(layers=3, hidden=(6, 5), unlock="forward", optimizer="adam", lr=0.01,
+                 sg_lr=0.01, si_second_step=True, seed=3)
+    rng = np.random.default_rng(4)
+    d = cfg.dims
+
+    def drive(hid, out, start, steps):
+        for t in range(start, start + steps):
+            x = rng.uniform(size=(4, d[0]))
+            y = (rng.uniform(size=(4, d[-1])) > 0.5).astype(np.float64)
+            h1 = rng.standard_normal((4, d[1]))
+            synthetic_forward(hid, hid.si, t, x, y)
+            synthetic_output_step(out, out.si, t, x, y)
+            _, h2, _ = true_input_arrives(hid, hid.si, t, h1, y, need_dx=True, second_step=True)
+            _, dz, _, _ = true_output_input(out, out.si, t, h2, y, need_dx=True,
+                                            second_step=True)
+            assert hid.receive(t, dz)
+            hid.apply_ready(need_dx=True)
+
+    a = (make_hidden(cfg, 2), make_output(cfg))
+    drive(*a, 0, 4)
+    states = [layer_state(L) for L in a]
+    assert all({"si_opt.si_u.m", "si_opt.si_b.v"} <= set(arrays) for _, arrays in states)
+    assert all(meta["si_version"] == 4 for meta, _ in states)
+    b = (make_hidden(cfg, 2), make_output(cfg))
+    c = (make_hidden(cfg, 2), make_output(cfg))
+    for L, M, (meta, arrays) in zip(b, c, states):
+        load_layer_state(L, meta, arrays)
+        load_layer_state(M, meta, arrays)
+        M.si.model.opt = optim.make("adam", M.si.model.params(), cfg.si_step)  # fresh moments
+    seed = rng.bit_generator.state
+    for layers in (a, b, c):
+        rng.bit_generator.state = seed
+        drive(*layers, 4, 3)
+    for x, y, z in zip(a, b, c):
+        for k in x.weights():
+            assert np.array_equal(x.weights()[k], y.weights()[k]), k
+        assert y.si.model.version == x.si.model.version == 7
+        assert not np.array_equal(x.si.model.u, z.si.model.u)
+
+
+def test_resumed_unlocked_run_equals_the_uninterrupted_run_bit_for_bit(launch):
+    args = ["--lockstep", "--epochs", "40", "--checkpoint-every", "10", "--seed", "6",
+            "--update-prob", "0.8", "--unlock", "forward", "--si-second-step", "--quiet"]
+    run = launch(*args)
+    run.wait_started()
+    run.wait_for(lambda: (latest(run) or 0) >= 9, "a checkpoint after epoch 10")
+    run.proc.send_signal(signal.SIGINT)
+    assert run.finish(timeout=10) == 130
+    ck = latest(run)
+    assert ck is not None and ck < 39
+    d = run.run_dir / "checkpoints" / f"epoch-{ck:06d}"
+    for role in ("layer2", "output"):
+        with np.load(d / f"{role}.npz") as z:
+            assert {"si_u", "si_b"} <= set(z.files)
+    resumed = Launch(run.run_dir, ["--resume", str(run.run_dir), "--quiet"])
+    try:
+        assert resumed.finish(timeout=60) == 0, resumed.err
+    finally:
+        resumed.kill()
+    s = resumed.summary()
+    assert s["status"] == "completed" and s["epochs_done"] == 40
+    cfg = Config(lockstep=True, epochs=40, seed=6, update_prob=0.8, unlock="forward",
+                 si_second_step=True)
+    assert_bit_identical(resumed, reference_weights(cfg))
+    for layer in s["layers"]:  # the counters run on across the resume
+        assert layer["forward_batches"] == cfg.total_batches
+        if layer["role"] != "layer1":
+            assert layer["true_inputs"] == cfg.total_batches
+    assert_no_orphans(resumed)
