@@ -37,9 +37,11 @@ def _set_aside(run_dir: Path) -> None:
 def run_sweep(args: SweepArgs, stream: TextIO) -> int:
     out = Path(args.out or Path("sweeps") / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    points = grid(args.modes, args.delays, args.seeds, args.variants)
+    points = grid(args.modes, args.delays, args.seeds, args.variants, args.unlocks,
+                  args.input_delays)
     (out / "sweep.json").write_text(json.dumps({
         "modes": args.modes, "grad_delays": args.delays, "seeds": args.seeds,
+        "unlock": args.unlocks, "input_delays": args.input_delays,
         "variants": {name: base.to_dict() for name, base in args.bases.items()}},
         indent=2) + "\n")
     print(f"sweep directory: {out}  ({len(points)} runs)", file=stream, flush=True)

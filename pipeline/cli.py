@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 
 from pipeline import tasks
-from pipeline.config import (CLASSIFICATION_DEFAULTS, MODES, Config, ConfigError,
+from pipeline.config import (CLASSIFICATION_DEFAULTS, MODES, UNLOCKS, Config, ConfigError,
                              default_hidden, defaults_for)
 
 D = Config.__dataclass_fields__
@@ -76,6 +76,13 @@ def _names(text: str) -> list[str]:
     return names
 
 
+def _unlocks(text: str) -> list[str]:
+    names = [n for n in text.split(",") if n]
+    if not names or set(names) - set(UNLOCKS):
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(UNLOCKS)}, got {text!r}")
+    return names
+
+
 def _ints(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",")]
@@ -137,6 +144,12 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
                        help="comma-separated modes (backprop runs at delay 0 only)")
         g.add_argument("--grad-delay", type=_ints, default=[0, 1, 2, 4, 8, 16],
                        help="comma-separated injected gradient delays K")
+        g.add_argument("--unlock", type=_unlocks, default=["none"],
+                       help="comma-separated: none, forward (--unlock forward runs the SG "
+                            "modes only)")
+        g.add_argument("--input-delay", type=_ints, default=[0],
+                       help="comma-separated forward delays K of the unlocked runs (each at "
+                            "most the point's gradient delay; others are left out)")
         g.add_argument("--seeds", type=int, default=3, help="seeds per point: --seed, --seed+1, ...")
         g.add_argument("--variant", type=_variant, action="append", default=[],
                        metavar="'NAME: OPTIONS'",
@@ -250,13 +263,15 @@ class SweepArgs:
     delays: list[int]
     seeds: list[int]
     out: str
+    unlocks: list[str] = dataclasses.field(default_factory=lambda: ["none"])
+    input_delays: list[int] = dataclasses.field(default_factory=lambda: [0])
 
     @property
     def variants(self) -> list[str]:
         return list(self.bases)
 
 
-GRID_AXES = ("modes", "grad_delay", "seed", "seeds", "out")
+GRID_AXES = ("modes", "grad_delay", "unlock", "input_delay", "seed", "seeds", "out")
 
 
 def parse_sweep(argv: list[str]) -> SweepArgs:
@@ -266,6 +281,8 @@ def parse_sweep(argv: list[str]) -> SweepArgs:
         p.error("argument --seeds: must be at least 1")
     if min(a.grad_delay) < 0:
         p.error("argument --grad-delay: delays must be at least 0")
+    if min(a.input_delay) < 0:
+        p.error("argument --input-delay: delays must be at least 0")
     seeds = list(range(a.seed, a.seed + a.seeds))
     parsed = {"": a}
     if a.variant:
@@ -282,11 +299,18 @@ def parse_sweep(argv: list[str]) -> SweepArgs:
     bases = {}
     for name, va in parsed.items():
         # Check every point's configuration now, not an hour into the sweep.
-        for mode in a.modes:
-            for delay in ([0] if mode == "backprop" else a.grad_delay):
-                _config(p, va, mode=mode, grad_delay=delay, run_dir="")
-        bases[name] = _config(p, va, mode=a.modes[0], grad_delay=0, run_dir="")
-    return SweepArgs(bases, a.modes, a.grad_delay, seeds, a.out)
+        from pipeline.sweep import grid
+        points = grid(a.modes, a.grad_delay, seeds[:1], [name], a.unlock, a.input_delay)
+        if not points:
+            p.error("argument --input-delay: no point of the grid can run (an input delay "
+                    "needs --unlock forward, an SG mode and a gradient delay at least as long)")
+        for pt in points:
+            _config(p, va, **pt.fields(), run_dir="")
+        # The variant's options, from an unlocked point if there is one (so
+        # they keep their synthetic-input options): each point sets its own.
+        base = next((pt for pt in points if pt.unlock != "none"), points[0])
+        bases[name] = _config(p, va, **base.fields(), run_dir="")
+    return SweepArgs(bases, a.modes, a.grad_delay, seeds, a.out, a.unlock, a.input_delay)
 
 
 def parse_report(argv: list[str]) -> str:

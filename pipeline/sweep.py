@@ -8,11 +8,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.config import SG_MODES, Config
 
-CSV_FIELDS = ["variant", "mode", "grad_delay", "seed", "status", "final_loss", "train_accuracy",
-              "test_accuracy", "staleness_mean", "staleness_max", "sg_cosine_mean", "batches_per_s", "wall_s",
-              "run_dir"]
+CSV_FIELDS = ["variant", "mode", "unlock", "grad_delay", "input_delay", "seed", "status",
+              "final_loss", "train_accuracy", "test_accuracy", "staleness_mean",
+              "staleness_max", "sg_cosine_mean", "si_cosine_mean", "input_staleness_mean",
+              "batches_per_s", "wall_s", "run_dir"]
 
 
 @dataclass(frozen=True)
@@ -21,29 +22,57 @@ class Point:
     grad_delay: int
     seed: int
     variant: str = ""   # a named set of run options (--variant); "" without
+    unlock: str = "none"
+    input_delay: int = 0
+
+    @property
+    def line(self) -> str:
+        """The point's mode, and its complete unlock: one line of the plot."""
+        if self.unlock == "none":
+            return self.mode
+        return f"{self.mode} unlocked, input delay {self.input_delay}"
+
+    def fields(self) -> dict:
+        """The run options the point sets; a locked point drops the
+        synthetic-input options a sweep's unlocked points take."""
+        out = dict(mode=self.mode, grad_delay=self.grad_delay, unlock=self.unlock,
+                   input_delay=self.input_delay)
+        if self.unlock == "none":
+            out.update(si_lr=0.0, si_second_step=False)
+        return out
 
     @property
     def name(self) -> str:
         tag = f"{self.variant}-" if self.variant else ""
-        return f"{tag}{self.mode}-delay{self.grad_delay}-seed{self.seed}"
+        unlock = f"-unlocked-in{self.input_delay}" if self.unlock != "none" else ""
+        return f"{tag}{self.mode}{unlock}-delay{self.grad_delay}-seed{self.seed}"
 
 
 def grid(modes: list[str], delays: list[int], seeds: list[int],
-         variants: list[str] = ("",)) -> list[Point]:
-    """Every variant x mode x delay x seed. Locked backprop cannot be
-    delayed: it runs at delay 0 only, the reference line the other modes are
-    read against."""
+         variants: list[str] = ("",), unlocks: list[str] = ("none",),
+         input_delays: list[int] = (0,)) -> list[Point]:
+    """Every variant x mode x unlock x delay x input delay x seed that can
+    run. Locked backprop cannot be delayed: it runs at delay 0 only, the
+    reference line the other modes are read against. Only the SG modes
+    unlock; an input delay needs an unlocked run and at least as long a
+    gradient delay (``Config``'s rule)."""
     points = []
     for variant in variants:
         for mode in modes:
-            for delay in ([0] if mode == "backprop" else delays):
-                points.extend(Point(mode, delay, seed, variant) for seed in seeds)
+            for unlock in unlocks:
+                if unlock != "none" and mode not in SG_MODES:
+                    continue
+                for delay in ([0] if mode == "backprop" else delays):
+                    for k in (input_delays if unlock != "none" else [0]):
+                        if k <= delay:
+                            points.extend(Point(mode, delay, seed, variant, unlock, k)
+                                          for seed in seeds)
     return points
 
 
 def point_config(base: Config, p: Point, out: Path) -> Config:
     """``base``: the run options of the point's variant."""
-    return dataclasses.replace(base, mode=p.mode, grad_delay=p.grad_delay, seed=p.seed,
+    return dataclasses.replace(base, **p.fields(), seed=p.seed,
                                run_dir=str(out / "runs" / p.name), quiet=True)
 
 
@@ -57,13 +86,20 @@ def row(p: Point, summary: dict, run_dir: str) -> dict:
     hidden = [L for L in summary.get("layers", []) if L.get("role") != "output"]
     cosines = [L["sg_quality"]["cosine"]["mean"] for L in hidden
                if L.get("sg_quality") and L["sg_quality"].get("cosine")]
-    return {"variant": p.variant, "mode": p.mode, "grad_delay": p.grad_delay, "seed": p.seed,
+    # --unlock forward: every layer above the first, the output layer too
+    unlocked = [L for L in summary.get("layers", []) if L.get("si_quality")]
+    return {"variant": p.variant, "mode": p.mode, "unlock": p.unlock,
+            "grad_delay": p.grad_delay, "input_delay": p.input_delay, "seed": p.seed,
             "status": summary.get("status"), "final_loss": summary.get("final_loss"),
             "train_accuracy": summary.get("train_accuracy"),
             "test_accuracy": summary.get("test_accuracy"),
             "staleness_mean": _mean([L["staleness_steps"]["mean"] for L in hidden]),
             "staleness_max": max((L["staleness_steps"]["max"] for L in hidden), default=None),
             "sg_cosine_mean": _mean(cosines),
+            "si_cosine_mean": _mean([L["si_quality"]["cosine"]["mean"] for L in unlocked
+                                     if L["si_quality"].get("cosine")]),
+            "input_staleness_mean": _mean([L["input_staleness_steps"]["mean"]
+                                           for L in unlocked]),
             "batches_per_s": summary.get("batches_per_s"), "wall_s": summary.get("wall_s"),
             "run_dir": run_dir}
 
@@ -80,8 +116,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
     """Mean and sample standard deviation over seeds, per (variant, mode,
     delay), of the completed runs; in grid order."""
     groups: dict[tuple[str, str, int], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r.get("variant") or "", r["mode"], r["grad_delay"]), []).append(r)
+    for r in rows:  # an unlocked mode is a line of its own, named by Point.line
+        line = Point(r["mode"], r["grad_delay"], 0, unlock=r.get("unlock") or "none",
+                     input_delay=int(r.get("input_delay") or 0)).line
+        groups.setdefault((r.get("variant") or "", line, r["grad_delay"]), []).append(r)
     out = []
     for (variant, mode, delay), rs in groups.items():
         ok = [r for r in rs if r["status"] == "completed" and r["final_loss"] is not None]

@@ -184,3 +184,76 @@ def test_sweep_rejects_bad_grid_before_running(tmp_path):
     done = sweep(tmp_path / "s", "--grad-delay", "0,-1")
     assert done.returncode == 2 and "--grad-delay" in done.stderr
     assert not (tmp_path / "s").exists()
+
+
+# --- --unlock forward as axes ---------------------------------------------------------
+
+def test_grid_unlocks_the_sg_modes_with_input_delays_up_to_the_gradient_delay():
+    got = grid(["cdni", "backprop"], [0, 2], [1], unlocks=["none", "forward"],
+               input_delays=[0, 1, 3])
+    assert got == [
+        Point("cdni", 0, 1), Point("cdni", 2, 1),
+        Point("cdni", 0, 1, unlock="forward", input_delay=0),
+        Point("cdni", 2, 1, unlock="forward", input_delay=0),
+        Point("cdni", 2, 1, unlock="forward", input_delay=1),   # 3 > 2: left out
+        Point("backprop", 0, 1)]                                  # backprop stays locked
+    p = Point("dni", 4, 2, "v", "forward", 1)
+    assert p.name == "v-dni-unlocked-in1-delay4-seed2"
+    assert p.line == "dni unlocked, input delay 1" and Point("dni", 4, 2).line == "dni"
+    assert Point("cdni", 2, 1).fields() == dict(mode="cdni", grad_delay=2, unlock="none",
+                                                input_delay=0, si_lr=0.0, si_second_step=False)
+
+
+def test_parse_sweep_keeps_the_synthetic_input_options_for_the_unlocked_points(tmp_path):
+    from pipeline.cli import parse_sweep
+    from pipeline.sweep import point_config
+    args = parse_sweep(["--modes", "cdni", "--grad-delay", "1", "--unlock", "none,forward",
+                        "--input-delay", "0,1", "--si-second-step", "--si-lr", "0.1"])
+    assert (args.unlocks, args.input_delays) == (["none", "forward"], [0, 1])
+    base = args.bases[""]
+    locked, k0, k1 = (point_config(base, p, tmp_path)
+                      for p in grid(args.modes, args.delays, [1], [""], args.unlocks,
+                                    args.input_delays))
+    assert (locked.unlock, locked.si_second_step, locked.si_lr) == ("none", False, 0.0)
+    assert (k1.unlock, k1.input_delay, k1.si_second_step, k1.si_lr) == ("forward", 1, True, 0.1)
+    assert k0.input_delay == 0
+
+
+def test_aggregate_keeps_unlocked_runs_apart():
+    rows = [{"variant": "", "mode": "cdni", "unlock": u, "grad_delay": 1, "input_delay": k,
+             "seed": 1, "status": "completed", "final_loss": loss, "train_accuracy": 0.5,
+             "staleness_mean": 1.0}
+            for u, k, loss in (("none", 0, 1.0), ("forward", 0, 2.0), ("forward", 1, 3.0))]
+    agg = aggregate(rows)
+    assert [(a["mode"], a["loss_mean"]) for a in agg] == [
+        ("cdni", 1.0), ("cdni unlocked, input delay 0", 2.0),
+        ("cdni unlocked, input delay 1", 3.0)]
+
+
+def test_sweep_over_unlock_and_input_delay_runs_and_measures_it(tmp_path):
+    out = tmp_path / "sweep"
+    done = sweep(out, "--modes", "cdni", "--grad-delay", "2", "--unlock", "none,forward",
+                 "--input-delay", "0,2", "--seeds", "1", "--epochs", "4", "--examples", "30",
+                 "--in-process")
+    assert done.returncode == 0, done.stderr
+    rows = read_csv(out / "results.csv")
+    assert [(r["unlock"], r["input_delay"]) for r in rows] == [
+        ("none", "0"), ("forward", "0"), ("forward", "2")]
+    assert all(r["status"] == "completed" for r in rows)
+    assert rows[0]["si_cosine_mean"] == "" and float(rows[1]["si_cosine_mean"]) > 0
+    # 12 batches: the forward staleness is the delay but for the last 2 batches (1, then 0)
+    assert float(rows[2]["input_staleness_mean"]) == pytest.approx((10 * 2 + 1) / 12)
+    assert float(rows[1]["input_staleness_mean"]) == 0.0
+    assert "| cdni unlocked, input delay 2 | 2 | 1 |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--unlock", "forward", "--modes", "backprop"], "--input-delay"),   # nothing can run
+    (["--unlock", "forward", "--grad-delay", "0", "--input-delay", "1"], "--input-delay"),
+    (["--unlock", "sideways"], "--unlock"),
+    (["--unlock", "forward", "--input-delay", "-1"], "--input-delay"),
+])
+def test_sweep_rejects_a_grid_that_cannot_unlock_in_one_line(tmp_path, argv, flag):
+    done = sweep(tmp_path / "s", *argv)
+    assert done.returncode == 2 and f"argument {flag}: " in done.stderr
+    assert done.stderr.count("\n") == 1 and not (tmp_path / "s").exists()
