@@ -399,8 +399,7 @@ class Supervisor:
             if i >= 2:
                 p["upstream_grad"] = [ep[r[i - 1]]["grad"], r[i - 1]]
             peers[role] = p
-        if self.cfg.unlocked:  # the source's copy of each batch to every layer above the first
-            peers[protocol.SOURCE].update(
-                {protocol.input_port(x): [ep[x]["input"], x]
-                 for x in protocol.input_roles(self.cfg.layers)})
+        # --unlock: the source's copy of each training batch to every unlocked layer
+        peers[protocol.SOURCE].update({protocol.input_port(x): [ep[x]["input"], x]
+                                       for x in self.cfg.input_roles})
         return peers

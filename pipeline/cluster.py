@@ -140,7 +140,7 @@ def load(path: str | Path) -> Cluster:
             ports = [p.port] if p.role == "coordinator" else [p.port, p.port + 1]
         else:  # PORT, PORT+1, ...: one per data inbox
             index = cfg.layers if p.role == "output" else int(p.role.removeprefix("layer"))
-            inboxes = protocol.data_inboxes(index, cfg.layers, cfg.unlocked)
+            inboxes = protocol.data_inboxes(index, cfg.layers, cfg.unlocks(index))
             ports = [p.port + i for i in range(len(inboxes))]
         for port in ports if p.port else []:
             other = taken.setdefault((p.host, port), p.role)

@@ -10,10 +10,11 @@ import numpy as np
 from pipeline.nn import ACTIVATIONS
 from pipeline.optim import OPTIMIZERS
 from pipeline.protocol import is_int as _is_int
+from pipeline.protocol import layer_role
 
 MODES = ("cdni", "dni", "backprop", "async-backprop")
 SG_MODES = ("cdni", "dni")
-UNLOCKS = ("none", "forward")
+UNLOCKS = ("none", "hidden", "forward")
 DTYPES = ("float64", "float32")
 
 
@@ -122,8 +123,9 @@ class Config:
     unlock: str = option(
         "none", "forward: every layer above the first (and the output layer) also gets each "
         "training batch's input from the source, steps at once on a synthetic input predicted "
-        "from it, and regresses that prediction onto its true input when it comes; dni and "
-        "cdni only, without --batchnorm", UNLOCK, choices=UNLOCKS, sweep=False)
+        "from it, and regresses that prediction onto its true input when it comes; hidden: "
+        "the same for the hidden layers only, the output layer waits for its true input; dni "
+        "and cdni only, without --batchnorm", UNLOCK, choices=UNLOCKS, sweep=False)
     si_lr: float = option(0.0, "learning rate of the synthetic-input models (0: --sg-lr)",
                           UNLOCK)
     si_second_step: bool = option(
@@ -331,6 +333,9 @@ class Config:
         need(not self.batchnorm, "--unlock",
              "forward does not combine with --batchnorm (the tracked statistics would mix "
              "synthetic and true batches); add --no-batchnorm")
+        need(self.unlock != "hidden" or self.layers >= 3, "--unlock",
+             "hidden needs a hidden layer above the first (--layers 3 or more); --unlock "
+             "forward unlocks the output layer of a 2-layer net")
         need(self.input_delay <= self.grad_delay, "--input-delay",
              f"must not exceed --grad-delay ({self.input_delay} > {self.grad_delay}): a "
              "batch's true gradient can only come after its true input")
@@ -342,7 +347,18 @@ class Config:
 
     @property
     def unlocked(self) -> bool:
-        return self.unlock == "forward"
+        return self.unlock != "none"
+
+    def unlocks(self, index: int) -> bool:
+        """Does weight layer ``index`` step on synthetic inputs? Every layer
+        above the first under forward; under hidden, not the output layer."""
+        top = self.layers if self.unlock == "forward" else self.layers - 1
+        return self.unlocked and 1 < index <= top
+
+    @property
+    def input_roles(self) -> list[str]:
+        """The roles the source also sends each training batch to, as INPUT."""
+        return [layer_role(i, self.layers) for i in range(2, self.layers + 1) if self.unlocks(i)]
 
     def _validate_data(self, need) -> None:
         files = self.dataset != "addition"

@@ -316,14 +316,14 @@ class SourceNode:
         self.batches = cfg.start_epoch * cfg.batches_per_epoch  # a resumed run goes on
 
     def fan_out(self, msg: Message) -> list[tuple[str, Message]]:
-        """Where a message of ``messages`` goes: down the chain, and under
-        ``--unlock forward`` a training batch also to every layer above the
-        first as an INPUT (the same arrays), port ``input:<role>``."""
+        """Where a message of ``messages`` goes: down the chain, and when
+        unlocked a training batch also to every unlocked layer as an INPUT
+        (the same arrays), port ``input:<role>``."""
         out = [("down", msg)]
         if msg.kind == ACT and self.cfg.unlocked:
             x, y = msg.arrays
             out += [(protocol.input_port(role), self.say.input(msg.batch, x, y))
-                    for role in protocol.input_roles(self.cfg.layers)]
+                    for role in self.cfg.input_roles]
         return out
 
     def messages(self) -> Iterator[Message]:

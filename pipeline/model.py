@@ -16,11 +16,12 @@ def layer_rng(cfg: Config, index: int, purpose: int = 0) -> np.random.Generator:
 
 
 def make_input_model(cfg: Config, index: int) -> InputPredictor | None:
-    """``--unlock forward``: layer ``index``'s synthetic-input model, from the
-    network's input to its own (None for layer 1, fed by the source, or when
-    locked). Conditioned on the labels as the mode's SG modules are, except
-    at the output layer, which would read its targets off its own input."""
-    if not cfg.unlocked or index == 1:
+    """``--unlock``: layer ``index``'s synthetic-input model, from the
+    network's input to its own (None for layer 1, fed by the source, and
+    for a layer ``cfg.unlocks`` leaves locked). Conditioned on the labels as
+    the mode's SG modules are, except at the output layer, which would read
+    its targets off its own input."""
+    if not cfg.unlocks(index):
         return None
     d = cfg.dims
     return InputPredictor(d[0], d[-1], d[index - 1],

@@ -66,12 +66,6 @@ def downstream(index: int, layers: int) -> str:
     return layer_role(index + 1, layers)
 
 
-def input_roles(layers: int) -> list[str]:
-    """``--unlock forward``: the roles the source also sends each training
-    batch to as an INPUT: every weight layer above the first."""
-    return [layer_role(i, layers) for i in range(2, layers + 1)]
-
-
 def input_port(role: str) -> str:
     """The source's port (and start-message peer) of a role's input inbox."""
     return "input:" + role
@@ -79,9 +73,10 @@ def input_port(role: str) -> str:
 
 def data_inboxes(index: int, layers: int, unlocked: bool) -> tuple[str, ...]:
     """The data inboxes weight layer ``index`` binds, in order of their port
-    offset (a cluster file's PORT, PORT+1, ...)."""
+    offset (a cluster file's PORT, PORT+1, ...); ``unlocked``: it steps on
+    synthetic inputs (``Config.unlocks``)."""
     hidden = ("act", "grad") if index < layers else ("act",)
-    return hidden + (("input",) if unlocked and index > 1 else ())
+    return hidden + (("input",) if unlocked else ())
 
 
 # --- kinds ---------------------------------------------------------------------------

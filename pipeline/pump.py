@@ -150,7 +150,7 @@ def input_inbox(link: ControlLink, cfg, net: Net, node, index: int,
     above the first (its port offset after the others'); None otherwise."""
     if node.check_input is None:
         return None
-    names = protocol.data_inboxes(index, cfg.layers, cfg.unlocked)
+    names = protocol.data_inboxes(index, cfg.layers, True)
     max_bytes = max_message_bytes(cfg)
     sock, endpoints["input"] = net.inbox(names.index("input"),
                                          cfg.input_delay + cfg.max_inflight + 2, max_bytes,

@@ -30,7 +30,8 @@ class Point:
         """The point's mode, and its complete unlock: one line of the plot."""
         if self.unlock == "none":
             return self.mode
-        return f"{self.mode} unlocked, input delay {self.input_delay}"
+        what = "unlocked" if self.unlock == "forward" else "hidden unlocked"
+        return f"{self.mode} {what}, input delay {self.input_delay}"
 
     def fields(self) -> dict:
         """The run options the point sets; a locked point drops the
@@ -44,7 +45,8 @@ class Point:
     @property
     def name(self) -> str:
         tag = f"{self.variant}-" if self.variant else ""
-        unlock = f"-unlocked-in{self.input_delay}" if self.unlock != "none" else ""
+        unlock = ("" if self.unlock == "none" else
+                  f"-{'' if self.unlock == 'forward' else 'hidden-'}unlocked-in{self.input_delay}")
         return f"{tag}{self.mode}{unlock}-delay{self.grad_delay}-seed{self.seed}"
 
 

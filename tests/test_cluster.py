@@ -344,3 +344,8 @@ def test_unlocked_layers_listen_on_one_more_port(tmp_path):
         clusters.load(path)
     path.write_text('[run]\nunlock = "forward"\n' + roles_.replace(":5006", ":5007"))
     clusters.load(path)                                   # output on 5007 and 5008
+    path.write_text('[run]\nunlock = "hidden"\n' + roles_)     # layer2 takes 5006 too
+    with pytest.raises(ValueError, match="both listen on 127.0.0.1:5006"):
+        clusters.load(path)
+    path.write_text('[run]\nunlock = "hidden"\n' + roles_.replace(":5006", ":5007"))
+    clusters.load(path)                       # the output layer stays locked: 5007 alone

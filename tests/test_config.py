@@ -82,6 +82,8 @@ INVALID = [
     # complete unlock
     (dict(unlock="backward"), "--unlock"),
     (dict(unlock="forward", mode="backprop"), "--unlock"),
+    (dict(unlock="hidden", layers=2, hidden=(7,)), "--unlock"),     # no hidden layer above the first
+    (dict(unlock="hidden", mode="async-backprop"), "--unlock"),
     (dict(unlock="forward", mode="async-backprop", grad_delay=1), "--unlock"),
     (dict(unlock="forward", batchnorm=True), "--unlock"),
     (dict(unlock="forward", input_delay=-1), "--input-delay"),
@@ -117,6 +119,7 @@ def test_invalid_field_raises_config_error_naming_flag(kw, flag):
     dict(unlock="forward", layers=2, hidden=(7,)), dict(unlock="forward", mode="dni"),
     dict(unlock="forward", grad_delay=3, input_delay=3, si_second_step=True, si_lr=1e-9),
     dict(unlock="forward", in_process=True, lockstep=True, grad_delay=1),
+    dict(unlock="hidden", mode="dni", grad_delay=1, input_delay=1),
 ])
 def test_boundary_values_are_accepted(kw):
     cfg = Config(**kw)
@@ -247,3 +250,15 @@ def test_si_lr_follows_sg_lr_unless_given():
     assert Config(unlock="forward", sg_lr=0.07).si_step == 0.07
     assert Config(unlock="forward", sg_lr=0.07, si_lr=0.2).si_step == 0.2
     assert not Config().unlocked and Config(unlock="forward").unlocked
+
+
+@pytest.mark.parametrize("unlock, layers, roles", [
+    ("none", 4, []), ("hidden", 4, ["layer2", "layer3"]),
+    ("forward", 4, ["layer2", "layer3", "output"]), ("forward", 2, ["output"]),
+    ("hidden", 3, ["layer2"]),
+])
+def test_which_layers_an_unlock_unlocks(unlock, layers, roles):
+    cfg = Config(unlock=unlock, layers=layers, hidden=(8,))
+    assert cfg.input_roles == roles
+    assert [i for i in range(1, layers + 1) if cfg.unlocks(i)] == \
+        [layers if r == "output" else int(r[5:]) for r in roles]

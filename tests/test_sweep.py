@@ -199,6 +199,8 @@ def test_grid_unlocks_the_sg_modes_with_input_delays_up_to_the_gradient_delay():
         Point("backprop", 0, 1)]                                  # backprop stays locked
     p = Point("dni", 4, 2, "v", "forward", 1)
     assert p.name == "v-dni-unlocked-in1-delay4-seed2"
+    assert Point("dni", 4, 2, "", "hidden", 0).name == "dni-hidden-unlocked-in0-delay4-seed2"
+    assert Point("dni", 4, 2, "", "hidden", 0).line == "dni hidden unlocked, input delay 0"
     assert p.line == "dni unlocked, input delay 1" and Point("dni", 4, 2).line == "dni"
     assert Point("cdni", 2, 1).fields() == dict(mode="cdni", grad_delay=2, unlock="none",
                                                 input_delay=0, si_lr=0.0, si_second_step=False)

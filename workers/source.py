@@ -16,7 +16,7 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     link.send(link.say.ready({}))
     peers = protocol.peers(link.wait_for(protocol.START))
     outs = {"down": net.outbox(*peers["downstream"], hwm=cfg.max_inflight + 2)}
-    for role in protocol.input_roles(cfg.layers) if cfg.unlocked else []:
+    for role in cfg.input_roles:
         port = protocol.input_port(role)
         outs[port] = net.outbox(*peers[port], hwm=cfg.input_delay + cfg.max_inflight + 2)
     for msg in node.messages():
