@@ -33,7 +33,7 @@ def argv(**kw) -> list[str]:
 
 @pytest.mark.parametrize("extra", [
     dict(mode="cdni"),
-    dict(mode="dni", grad_delay=2, input_delay=1),
+    dict(mode="dni", grad_delay=2, input_delay=1, drop_prob=0.1, update_prob=0.8),
     dict(mode="cdni", grad_delay=2, input_delay=2, si_second_step=True, si_lr=0.05),
     dict(mode="cdni", unlock="hidden", grad_delay=1, input_delay=1, si_second_step=True),
 ])
