@@ -256,3 +256,106 @@ def plain_stale_dni(cfg: Config):
 
 def max_diff(a, b) -> float:
     return float(np.max(np.abs(a - b)))
+
+
+def plain_unlocked_dni(cfg: Config):
+    """--unlock forward or hidden under the --lockstep schedule, as one loop
+    over steps (SGD, linear SG modules, every update applied, no drops).
+    At step t every unlocked layer steps on its synthetic input of batch t
+    (zero-started linear model of [x, y], or x alone at the output layer);
+    then, bottom up, the true inputs of batch t - K (all of the last K at
+    the final step) carry the true chain on: the output layer's loss
+    gradient and each layer's SG prediction at its true h, carried back
+    through its current weights, become the targets of the SG module below,
+    a second step on the true input by option, the input model regressed
+    onto the true input; then every SG module takes the targets K_grad
+    steps old. Returns (hidden (w, b), output (w, b), SG modules (v, c),
+    input models (u, b) by layer index)."""
+    layers, (wo, bo) = initial_weights(cfg)
+    sgs = zero_sg_modules(cfg, layers)
+    n_hidden, kin, kgrad, lr = len(layers), cfg.input_delay, cfg.grad_delay, cfg.lr
+    cond = cfg.mode == "cdni"
+    unlocked = [k for k in range(2, cfg.layers + 1) if cfg.unlocks(k)]  # 1-based indices
+    d = [cfg.dims[k - 1] for k in range(1, cfg.layers + 1)]            # input width of layer k
+    si = {k: (np.zeros((d[0] + (cfg.bits if cond and k < cfg.layers else 0), d[k - 1])),
+              np.zeros(d[k - 1])) for k in unlocked}
+    every = list(batches(cfg))
+    sg_in = {}       # (layer, batch) -> SG input at the true h
+    targets = {}     # (layer, batch) -> target for its SG module
+
+    def model_in(k, xb, yb):
+        return np.hstack([xb, yb]) if cond and k < cfg.layers else xb
+
+    h1 = {}          # batch -> layer 1's output, sent down as it forwarded it
+
+    def true_step(s, xb, yb):
+        """Batch s down the true chain from layer 1's output, each layer above
+        with its weights as they are now."""
+        h, n = h1.pop(s), len(xb)
+        for k in range(2, n_hidden + 1):
+            w, b = layers[k - 1]
+            v, c = sgs[k - 1]
+            h_in = h
+            h = act(cfg.activation, h_in @ w + b)
+            s_in = np.hstack([h, yb]) if cond else h
+            g = s_in @ v + c
+            dz = g * slope(cfg.activation, h)
+            targets[(k - 1, s)] = dz @ w.T          # with the weights before a second step
+            if cfg.si_second_step:
+                w -= lr * h_in.T @ dz / n
+                b -= lr * dz.sum(0) / n
+            u, ub = si[k]
+            inp = model_in(k, xb, yb)
+            err = inp @ u + ub - h_in
+            u -= cfg.si_step * inp.T @ err / n
+            ub -= cfg.si_step * err.sum(0) / n
+            sg_in[(k, s)] = s_in
+        dlt = act("sigmoid", h @ wo + bo) - yb
+        targets[(n_hidden, s)] = dlt @ wo.T
+        if cfg.layers not in unlocked or cfg.si_second_step:   # locked: its only step
+            wo[...] -= lr * h.T @ dlt / n
+            bo[...] -= lr * dlt.sum(0) / n
+        if cfg.layers in unlocked:
+            u, ub = si[cfg.layers]
+            err = xb @ u + ub - h
+            u -= cfg.si_step * xb.T @ err / n
+            ub -= cfg.si_step * err.sum(0) / n
+
+    for t, (xb, yb) in enumerate(every):
+        n = len(xb)
+        h = xb
+        for k in range(1, n_hidden + 1):              # the steps each layer takes at once
+            w, b = layers[k - 1]
+            v, c = sgs[k - 1]
+            if k in unlocked:
+                u, ub = si[k]
+                h_in = model_in(k, xb, yb) @ u + ub
+            elif k == 1:
+                h_in = xb
+            else:                                     # locked above the first: not here
+                raise AssertionError("a locked layer above the first")
+            hk = act(cfg.activation, h_in @ w + b)
+            s_in = np.hstack([hk, yb]) if cond else hk
+            dz = (s_in @ v + c) * slope(cfg.activation, hk)
+            if k == 1:
+                sg_in[(1, t)], h1[t] = s_in, hk
+            w -= lr * h_in.T @ dz / n
+            b -= lr * dz.sum(0) / n
+        if cfg.layers in unlocked:
+            u, ub = si[cfg.layers]
+            x_hat = xb @ u + ub
+            dlt = act("sigmoid", x_hat @ wo + bo) - yb
+            wo -= lr * x_hat.T @ dlt / n
+            bo -= lr * dlt.sum(0) / n
+        last = t == len(every) - 1
+        for s in (range(max(0, t - kin), t + 1) if last else [t - kin] if t >= kin else []):
+            true_step(s, *every[s])
+        for k in range(1, n_hidden + 1):              # every SG module's due targets
+            s = t - kgrad
+            if s >= 0:
+                v, c = sgs[k - 1]
+                s_in = sg_in.pop((k, s))
+                err = s_in @ v + c - targets.pop((k, s))
+                v -= cfg.sg_lr * s_in.T @ err / len(s_in)
+                c -= cfg.sg_lr * err.sum(0) / len(s_in)
+    return layers, (wo, bo), sgs, si

@@ -13,6 +13,7 @@ from pipeline.config import Config
 from pipeline.reference import train_reference
 from tests.conftest import Launch, assert_no_orphans
 from tests.test_checkpoint import latest
+from tests.oracle import max_diff, plain_unlocked_dni
 from tests.test_pipeline import assert_bit_identical, reference_weights
 
 pytestmark = pytest.mark.timeout(120)
@@ -67,6 +68,33 @@ def test_lockstep_unlocked_pipeline_equals_reference_bit_for_bit(launch, extra):
         # the synthetic inputs' quality: the reference's figures, to the bit
         assert layer["si_quality"] == ref_layer.stats.as_dict()["si_quality"]
         assert layer["si_quality"]["cosine"]["mean"] > 0.5
+
+
+@pytest.mark.parametrize("kw", [
+    dict(unlock="forward"),
+    dict(unlock="forward", grad_delay=3, input_delay=2, si_second_step=True, si_lr=0.05),
+    dict(unlock="hidden", mode="dni", grad_delay=1, input_delay=1, activation="relu",
+         lr=0.1),
+    dict(unlock="forward", layers=2, hidden=(12,), grad_delay=2, input_delay=1),
+])
+def test_unlocked_reference_equals_plain_numpy_loop(kw):
+    """The reference's nodes under --unlock against ``oracle.plain_unlocked_dni``,
+    a loop over steps written without pipeline/: every weight, SG module and
+    synthetic-input model."""
+    cfg = Config(**{**dict(epochs=6, layers=4, hidden=(16, 12, 8), examples=25, seed=3),
+                    **kw, "lockstep": True})
+    layers, (wo, bo), sgs, si = plain_unlocked_dni(cfg)
+    res = train_reference(cfg)
+    for (w, b), (v, c), layer in zip(layers, sgs, res.hidden):
+        for got, want in ((layer.w, w), (layer.b, b), (layer.v, v), (layer.c, c)):
+            assert max_diff(got, want) <= 1e-12, layer.index
+        assert np.abs(v).max() > 0
+    assert max_diff(res.output.w, wo) <= 1e-12 and max_diff(res.output.b, bo) <= 1e-12
+    models = {L.index: L.si.model for L in [*res.hidden, res.output] if L.si is not None}
+    assert sorted(models) == sorted(si)
+    for k, (u, ub) in si.items():
+        assert max_diff(models[k].u, u) <= 1e-12 and max_diff(models[k].b, ub) <= 1e-12
+        assert np.abs(u).max() > 0, k
 
 
 def test_unlocking_changes_the_weights_of_the_layers_above_the_first_only():
