@@ -133,18 +133,22 @@ def test_ctrl_c_ends_every_process_and_writes_interrupted(launch, sig):
     assert_no_orphans(run)
 
 
-def test_killed_worker_fails_the_run_cleanly(launch):
-    run = launch("--epochs", "100000", "--quiet")
+@pytest.mark.parametrize("extra, victim", [
+    ([], "layer2"),
+    # unlocked: the source mid-fan-out, and a layer with a third inbox
+    (["--unlock", "forward"], "source"), (["--unlock", "forward"], "output")])
+def test_killed_worker_fails_the_run_cleanly(launch, extra, victim):
+    run = launch("--epochs", "100000", "--quiet", *extra)
     pids = run.wait_started()["processes"]
     run.wait_training()
     import os
-    os.kill(pids["layer2"]["pid"], signal.SIGKILL)
+    os.kill(pids[victim]["pid"], signal.SIGKILL)
     assert run.finish(timeout=10) == 1
     s = run.summary()
     assert s["status"] == "failed"
-    assert s["error"]["role"] == "layer2"
+    assert s["error"]["role"] == victim
     assert "-9" in s["error"]["message"]
-    assert "layer2" in run.out
+    assert victim in run.out
     assert_no_orphans(run)
 
 
@@ -171,10 +175,12 @@ def _garbage(run_id: str, good_header: dict) -> list[list[bytes]]:
     ]
 
 
-def test_garbage_on_live_sockets_is_counted_and_harmless(launch):
-    """Bad messages on every data socket of a lockstep run: each is counted,
-    the run completes, and the weights are still the reference's, bit for bit."""
-    run = launch("--lockstep", "--quiet", "--epochs", "300", "--seed", "3")
+@pytest.mark.parametrize("unlock", ["none", "forward"])
+def test_garbage_on_live_sockets_is_counted_and_harmless(launch, unlock):
+    """Bad messages on every data socket of a lockstep run (unlocked: the
+    input inboxes too): each is counted, the run completes, and the weights
+    are still the reference's, bit for bit."""
+    run = launch("--lockstep", "--quiet", "--epochs", "300", "--seed", "3", "--unlock", unlock)
     config = run.wait_started()
     ctx = zmq.Context()
     sent: dict[str, int] = {}
@@ -215,7 +221,10 @@ def test_garbage_on_live_sockets_is_counted_and_harmless(launch):
     events = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     reported = {e["role"] for e in events if e["event"] == "decode_error"}
     assert reported == {"layer1", "layer2", "output"}
-    assert_bit_identical(run, reference_weights(Config(lockstep=True, epochs=300, seed=3)))
+    assert_bit_identical(run, reference_weights(Config(lockstep=True, epochs=300, seed=3,
+                                                       unlock=unlock)))
+    if unlock == "forward":
+        assert set(config["processes"]["layer2"]["endpoints"]) == {"act", "grad", "input"}
 
 
 def test_two_runs_at_once_do_not_collide(launch):
