@@ -37,6 +37,9 @@ def argv(**kw) -> list[str]:
     dict(mode="dni", grad_delay=2, input_delay=1, drop_prob=0.1, update_prob=0.8),
     dict(mode="cdni", grad_delay=2, input_delay=2, si_second_step=True, si_lr=0.05),
     dict(mode="cdni", unlock="hidden", grad_delay=1, input_delay=1, si_second_step=True),
+    # checkpoint barriers: the forward delay stops at each (the reference
+    # takes the same barriers; nothing is saved there)
+    dict(mode="cdni", grad_delay=2, input_delay=2, checkpoint_every=2),
 ])
 def test_lockstep_unlocked_pipeline_equals_reference_bit_for_bit(launch, extra):
     kw = {**SMALL, "unlock": "forward", **extra}
@@ -53,10 +56,16 @@ def test_lockstep_unlocked_pipeline_equals_reference_bit_for_bit(launch, extra):
     s = run.summary()
     assert s["status"] == "completed"
     assert (s["final_loss"], s["train_accuracy"]) == (ref.final_loss, ref.train_accuracy)
-    batches, k = cfg.total_batches, cfg.input_delay
-    # Forward staleness: exactly K steps, but for the last K batches, whose
-    # true inputs the end of training takes early (schedule.input_stop).
-    hist = {str(k): batches - k, **{str(j): 1 for j in range(k)}}
+    batches, k, bpe = cfg.total_batches, cfg.input_delay, cfg.batches_per_epoch
+    # Forward staleness: exactly K steps, but for the last K batches before
+    # a checkpoint barrier or the end, whose true inputs are taken early.
+    every = cfg.checkpoint_every
+    stops = [(e + 1) * bpe - 1 for e in range(cfg.epochs - 1)
+             if every and (e + 1) % every == 0] + [batches - 1]
+    hist: dict[str, int] = {}
+    for b in range(batches):
+        tau = str(min(k, min(s for s in stops if s >= b) - b))
+        hist[tau] = hist.get(tau, 0) + 1
     for layer, ref_layer in zip(s["layers"], [*ref.hidden, ref.output]):
         assert layer["forward_batches"] == batches
         assert layer["decode_errors"] == 0
