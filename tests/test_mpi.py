@@ -149,12 +149,17 @@ def test_mpiexec_trains_the_addition_task_to_every_sum(mpi):
     assert_all_gone(job.rank_pids())
 
 
-def test_lockstep_under_mpiexec_equals_the_in_process_reference_bit_for_bit(mpi):
+@pytest.mark.parametrize("unlock", [{}, dict(unlock="forward", grad_delay=2, input_delay=1)],
+                         ids=["locked", "unlocked"])
+def test_lockstep_under_mpiexec_equals_the_in_process_reference_bit_for_bit(mpi, unlock):
+    """Unlocked too: the source's input links go over CURVE to each layer's
+    third inbox, which admits the source's key alone."""
+    extra = [a for k, v in unlock.items() for a in ("--" + k.replace("_", "-"), str(v))]
     job = mpi(6, "--layers", "4", "--lockstep", "--epochs", "20", "--seed", "4",
-              "--hidden", "32,24,16")
+              "--hidden", "32,24,16", *extra)
     assert job.wait() == 0, job.stderr()
     assert job.summary()["status"] == "completed"
-    cfg = Config(layers=4, lockstep=True, epochs=20, seed=4, hidden=(32, 24, 16))
+    cfg = Config(layers=4, lockstep=True, epochs=20, seed=4, hidden=(32, 24, 16), **unlock)
     assert_bit_identical(Weights(job.run_dir), reference_weights(cfg))
 
 
