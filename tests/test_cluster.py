@@ -48,9 +48,10 @@ def _hold(port: int) -> socket.socket | None:
     return s
 
 
-def free_ports(n: int) -> list[int]:
-    """n ports the kernel gave (bind to port 0), each with the next one too
-    (hidden layers use PORT+1), held until the test ends.
+def free_ports(n: int, width: int = 2) -> list[int]:
+    """n ports the kernel gave (bind to port 0), each with the next ones too
+    (``width`` in all: hidden layers use PORT+1, and PORT+2 unlocked), held
+    until the test ends.
 
     A cluster file must name its ports, so a role binds a number we chose.
     Checking that a port is free and then closing the check leaves it open
@@ -64,11 +65,13 @@ def free_ports(n: int) -> list[int]:
         first = _hold(0)
         assert first is not None, "the kernel gave no port"
         port = first.getsockname()[1]
-        second = _hold(port + 1) if port < 65535 else None
-        if second is None:
-            first.close()
+        rest = [_hold(port + i) if port + i <= 65535 else None for i in range(1, width)]
+        if None in rest:
+            for sock in [first, *rest]:
+                if sock is not None:
+                    sock.close()
             continue
-        _held.extend([first, second])
+        _held.extend([first, *rest])
         ports.append(port)
     return ports
 
@@ -96,7 +99,7 @@ def test_free_ports_are_held_for_the_roles_alone():
 
 
 def write_cluster(tmp: Path, run: dict, keys: bool = True) -> Path:
-    c, l1, l2, out = free_ports(4)
+    c, l1, l2, out = free_ports(4, width=3 if run.get("unlock", "none") != "none" else 2)
     lines = ['keys = "keys"'] if keys else []
     lines += ["[run]"] + [f"{k} = {json.dumps(v)}" for k, v in run.items()]
     lines += ["[roles]", f'coordinator = "127.0.0.1:{c}"', 'source = "127.0.0.1"',
@@ -184,6 +187,25 @@ def test_cluster_run_with_keys_converges_and_writes_the_run_directory(tmp_path, 
     assert config["cluster"] == str(cluster)
     assert {p["host"] for p in config["processes"].values()} == {"127.0.0.1"}
     assert (tmp_path / "run" / "weights" / "layer1.npz").exists()
+
+
+def test_unlocked_cluster_run_with_keys_equals_the_reference(tmp_path, roles):
+    """--unlock forward from a cluster file: layer2 binds PORT+2 and the
+    output layer PORT+1 for the source's inputs, over CURVE; under lockstep
+    the weights are the reference's bit for bit."""
+    run = {"epochs": 20, "lockstep": True, "seed": 4, "unlock": "forward", "grad_delay": 1,
+           "input_delay": 1}
+    cluster = write_cluster(tmp_path, run)
+    r = roles(cluster)
+    host = r.start(None, "--run-dir", str(tmp_path / "run"))
+    assert host.wait(60) == 0, r.log("host")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    ports = {role: {name: int(ep.rsplit(":", 1)[1]) for name, ep in p["endpoints"].items()}
+             for role, p in config["processes"].items() if p["endpoints"]}
+    assert ports["layer2"]["input"] == ports["layer2"]["act"] + 2
+    assert ports["output"]["input"] == ports["output"]["act"] + 1
+    assert "input" not in ports["layer1"]
+    assert_bit_identical(Weights(tmp_path / "run"), reference_weights(Config(**run)))
 
 
 def test_roles_started_one_by_one_equal_the_reference(tmp_path, roles):
