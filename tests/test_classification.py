@@ -100,6 +100,9 @@ LOCKSTEP = ["--layers", "4", "--hidden", "16,12,8", "--epochs", "4", "--batch-si
      "--lr-staleness", "0.5"],
     ["--mode", "dni", "--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05",
      "--sg-lr", "0.01", "--grad-delay", "1", "--sg-lookahead", "1"],
+    # complete unlock (float32, Adam, shuffled, a test split after every epoch)
+    ["--no-batchnorm", "--unlock", "forward", "--grad-delay", "1", "--input-delay", "1",
+     "--si-second-step"],
 ])
 def test_lockstep_classification_equals_the_reference_bit_for_bit(launch, tmp_path, extra):
     data = blobs(tmp_path / "blobs.npz", seed=2)
