@@ -45,16 +45,23 @@ def _layer_lines(L: dict) -> list[str]:
                  f"(layer steps);  {_f(secs.get('mean'), '.2f', 1e3, ' ms')} mean, "
                  f"{_f(secs.get('max'), '.2f', 1e3, ' ms')} max")
     lines += ["      " + h for h in _histogram(L.get("staleness_hist") or {})]
-    q = L.get("sg_quality")
-    if q:
-        parts = []
-        for name in ("cosine", "rel_err", "sg_loss"):
-            d = q.get(name)
-            if d:
-                parts.append(f"{name} mean {_f(d.get('mean'), '.3f')} p50 {_f(d.get('p50'), '.3f')}")
-        if parts:
-            lines.append("    SG " + "   ".join(parts))
+    lines += _quality("    SG ", L.get("sg_quality"), "sg_loss")
+    if "input_staleness_steps" in L:  # --unlock: the layer's true inputs
+        steps = L["input_staleness_steps"]
+        lines.append(f"    true inputs {L.get('true_inputs', 'n/a')}   expired "
+                     f"{L.get('expired_inputs', 0)}   forward staleness "
+                     f"{_f(steps.get('mean'), '.2f')} mean, {_f(steps.get('max'), 'd')} max "
+                     "(layer steps)")
+        lines += ["      " + h for h in _histogram(L.get("input_staleness_hist") or {})]
+        lines += _quality("    synthetic input ", L.get("si_quality"), "si_loss")
     return lines
+
+
+def _quality(head: str, q: dict | None, loss: str) -> list[str]:
+    """One line of a module's quality figures (mean and median of each)."""
+    parts = [f"{name} mean {_f(d.get('mean'), '.3f')} p50 {_f(d.get('p50'), '.3f')}"
+             for name in ("cosine", "rel_err", loss) if (d := (q or {}).get(name))]
+    return [head + "   ".join(parts)] if parts else []
 
 
 def text_report(run: dict) -> str:

@@ -239,3 +239,22 @@ def test_report_of_a_real_run(tmp_path):
     assert "run completed" in text and "staleness 2.00 mean, 2 max" in text
     assert "not valid JSON" not in text
     assert_png(run_dir / "report.png")
+
+
+def test_text_report_shows_an_unlocked_layers_true_inputs(tmp_path):
+    q = {"mean": 0.25, "p10": 0.1, "p50": 0.2, "p90": 0.4, "count": 3}
+    layers = [dict(L) for L in SUMMARY["layers"]]
+    layers[1].update(true_inputs=40, expired_inputs=1,
+                     input_staleness_steps={"mean": 1.75, "max": 2, "count": 40},
+                     input_staleness_hist={"2": 30, "1": 10},
+                     si_quality={"cosine": {**q, "mean": 0.9876, "p50": 0.99},
+                                 "rel_err": q, "si_loss": q})
+    text = report.text_report(report.load_run(make_run(tmp_path / "run",
+                                                       {**SUMMARY, "layers": layers})))
+    layer2 = text.split("layer 2 layer2")[1].split("layer 3 output")[0]
+    assert "true inputs 40   expired 1   forward staleness 1.75 mean, 2 max" in layer2
+    assert ("synthetic input cosine mean 0.988 p50 0.990   rel_err mean 0.250 p50 0.200   "
+            "si_loss mean 0.250 p50 0.200") in layer2
+    hist = [ln.strip() for ln in layer2.split("forward staleness")[1].splitlines() if " | " in ln]
+    assert [(h.split(" | ")[0], h.split()[-1]) for h in hist] == [("1", "10"), ("2", "30")]
+    assert "true inputs" not in text.split("layer 2 layer2")[0]   # layer 1 is not unlocked
