@@ -127,14 +127,14 @@ class Config:
         "the same for the hidden layers only, the output layer waits for its true input; dni "
         "and cdni only, without --batchnorm", UNLOCK, choices=UNLOCKS, sweep=False)
     si_lr: float = option(0.0, "learning rate of the synthetic-input models (0: --sg-lr)",
-                          UNLOCK)
+                          UNLOCK, metavar="LR")
     si_second_step: bool = option(
         False, "when a batch's true input arrives, the layer also updates on it with its "
         "synthetic gradient (the output layer: its loss)", UNLOCK, kind="flag")
     input_delay: int = option(
         0, "take every true input exactly K of the layer's steps after its synthetic step "
         "(exact under --lockstep; at least K free-running); at most --grad-delay", UNLOCK,
-        sweep=False)
+        metavar="K", sweep=False)
     # data ------------------------------------------------------------------------
     dataset: str = option(
         "addition", "addition (the seed task: binary addition of --bits numbers), mnist (the "
