@@ -52,7 +52,7 @@ def collapsed(cosine: float, rel_err: float | None, staleness: float) -> bool:
 def advice(cfg) -> str:
     """What to try, given what the run already uses."""
     tries = []
-    if not cfg.batchnorm:
+    if not cfg.batchnorm and cfg.unlock == "none":  # --unlock refuses batch norm
         tries.append("--batchnorm")
     if not cfg.sg_lookahead:
         tries.append("--sg-lookahead 1")
