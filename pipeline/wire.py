@@ -87,8 +87,9 @@ def _encode_data(msg: Message) -> list | None:
     """The frames of a message without meta whose arrays are all in wire
     form, or None to take the general way (which also says what is wrong)."""
     b, t = msg.batch, msg.step
-    if not (type(b) is int and b >= -1 and type(t) is int and t >= 0):
-        return None
+    if not (type(b) is int and b >= -1 and type(t) is int and t >= 0
+            and type(msg.run_id) is str and type(msg.sender) is str):
+        return None  # (before the cache key: a field of another type may not hash)
     specs = []
     for a in msg.arrays:
         if not (type(a) is np.ndarray and a.flags.c_contiguous and a.ndim <= MAX_NDIM):
@@ -100,7 +101,7 @@ def _encode_data(msg: Message) -> list | None:
     key = (msg.kind, msg.run_id, msg.sender, *specs)
     prefix = _prefixes.get(key)
     if prefix is None:
-        if not (msg.kind in KINDS and type(msg.run_id) is str and type(msg.sender) is str):
+        if msg.kind not in KINDS:
             return None
         if len(_prefixes) >= _PREFIXES:
             _prefixes.clear()

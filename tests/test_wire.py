@@ -172,7 +172,9 @@ def test_encode_rejects_bad_dtype(arr):
     (Message("act", "r", step=-1), "step"),
     (Message("act", "r", step=1.0), "step"),
     (Message("act", 5), "run id"),
+    (Message("act", ["r"]), "run id"),          # unhashable: the data shortcut's cache key
     (Message("act", "r", sender=None), "sender"),
+    (Message("act", "r", sender=["layer1"]), "sender"),
     (Message("act", "r", arrays=([1.0, 2.0],)), "not a numpy.ndarray"),
     (Message("act", "r", arrays=(np.zeros((1,) * 5),)), "5 dims"),
     (Message("act", "r", meta={"big": "x" * (70 * 1024)}), "MAX_HEADER_BYTES"),
