@@ -185,6 +185,20 @@ def test_quality_figures_against_a_hand_computation():
 
 # --- the layer's two steps ------------------------------------------------------------
 
+def assert_second_step(layer, w, b, step, lr, g_w, g_b, second_step: bool) -> None:
+    """With the second step, ``layer`` (weights ``w``, ``b`` and ``step``
+    before it) moved by exactly -lr times the finite-difference gradients
+    (``g_w``, ``g_b``) and counted one step; without it, nothing moved."""
+    if second_step:
+        np.testing.assert_allclose((w - layer.w) / lr, g_w, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose((b - layer.b) / lr, g_b, rtol=RTOL, atol=ATOL)
+        assert layer.step == step + 1
+    else:
+        np.testing.assert_array_equal(layer.w, w)
+        np.testing.assert_array_equal(layer.b, b)
+        assert layer.step == step
+
+
 def layer(mode: str = "cdni", act: str = "sigmoid", lr: float = 0.25, **kw) -> HiddenLayer:
     hl = HiddenLayer(2, D_PREV, WIDTH, mode=mode, activation=act, lr=lr, sg_lr=0.05,
                      label_dim=LABELS, rng=np.random.default_rng(20), **kw)
@@ -243,14 +257,7 @@ def test_forward_true_sends_the_finite_difference_dx_and_steps_by_option(mode, a
     assert sent["h"] is h and sent["dx"] is dx
     np.testing.assert_allclose(h, h0, rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(dx, N * g_x, rtol=RTOL, atol=ATOL)
-    if second_step:
-        np.testing.assert_allclose((w - hl.w) / lr, g_w, rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose((b - hl.b) / lr, g_b, rtol=RTOL, atol=ATOL)
-        assert hl.step == step + 1
-    else:
-        np.testing.assert_array_equal(hl.w, w)
-        np.testing.assert_array_equal(hl.b, b)
-        assert hl.step == step
+    assert_second_step(hl, w, b, step, lr, g_w, g_b, second_step)
     assert hl.clock == clock                         # a step, not a forward batch
     assert a.batch == 0 and a.staleness == 0 and si.model.version == 1
     p = hl.pending[0]
@@ -335,14 +342,7 @@ def test_output_forward_true_is_the_finite_difference_loss_gradient(softmax, sec
                                             second_step=second_step)
     assert got == pytest.approx(want, rel=1e-12) and correct == hits
     np.testing.assert_allclose(dx, N * g_x, rtol=RTOL, atol=ATOL)  # per example
-    if second_step:
-        np.testing.assert_allclose((w - out.w) / lr, g_w, rtol=RTOL, atol=ATOL)
-        np.testing.assert_allclose((b - out.b) / lr, g_b, rtol=RTOL, atol=ATOL)
-        assert out.step == step + 1
-    else:
-        np.testing.assert_array_equal(out.w, w)
-        np.testing.assert_array_equal(out.b, b)
-        assert out.step == step
+    assert_second_step(out, w, b, step, lr, g_w, g_b, second_step)
     assert out.clock == clock and a.batch == 0 and a.staleness == 0
     assert si.model.version == 1 and not si.pending
 
