@@ -81,12 +81,9 @@ class HiddenNode:
 
     def may_take(self) -> bool:
         """May the next message of the activation inbox be read?"""
-        at_barrier = self.barrier is not None
-        if self.streams is None:
-            return schedule.may_read(stream_ended=self.stream_ended, at_barrier=at_barrier,
-                                     take=self._take_batch())
-        return schedule.may_read(stream_ended=self.stream_ended, at_barrier=at_barrier,
-                                 take=self._reads().act)
+        take = self._take_batch() if self.streams is None else self._reads().act
+        return schedule.may_read(stream_ended=self.stream_ended,
+                                 at_barrier=self.barrier is not None, take=take)
 
     def may_take_input(self) -> bool:
         """May the next message of the input inbox be read (unlocked only)?"""
