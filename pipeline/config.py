@@ -91,6 +91,10 @@ class Config:
         False, "batch normalisation in every hidden layer (Linear, BN, non-linearity), as the "
         "paper's MNIST nets; it keeps stale synthetic gradients from blowing the activations "
         "up", NET, kind="switch", task=True)
+    layernorm: bool = option(
+        False, "layer normalisation in every hidden layer (Linear, LN, non-linearity): each "
+        "example normalised over its own features, nothing tracked, so it combines with "
+        "--unlock; exclusive with --batchnorm", NET, kind="switch")
     sg_hidden: tuple[int, ...] = option(
         (), "hidden ReLU widths of every synthetic-gradient module, comma-separated "
         "(default: none, a linear module)", NET, kind="widths")
@@ -125,7 +129,7 @@ class Config:
         "training batch's input from the source, steps at once on a synthetic input predicted "
         "from it, and regresses that prediction onto its true input when it comes; hidden: "
         "the same for the hidden layers only, the output layer waits for its true input; dni "
-        "and cdni only, without --batchnorm", UNLOCK, choices=UNLOCKS, sweep=False)
+        "and cdni only", UNLOCK, choices=UNLOCKS, sweep=False)
     si_lr: float = option(0.0, "learning rate of the synthetic-input models (0: --sg-lr)",
                           UNLOCK, metavar="LR")
     si_second_step: bool = option(
@@ -273,6 +277,9 @@ class Config:
         need(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         need(all(h >= 1 for h in self.sg_hidden), "--sg-hidden", "widths must be positive")
         need(self.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}")
+        need(not (self.batchnorm and self.layernorm), "--layernorm",
+             "does not combine with --batchnorm (one normalisation per layer); add "
+             "--no-batchnorm (classification data turns batch norm on by default)")
         self._validate_remedies(need)
         self._validate_unlock(need)
         self._validate_data(need)
@@ -330,9 +337,6 @@ class Config:
             return
         need(self.mode in SG_MODES, "--unlock",
              f"forward needs synthetic gradients: --mode cdni or dni, not {self.mode}")
-        need(not self.batchnorm, "--unlock",
-             "forward does not combine with --batchnorm (the tracked statistics would mix "
-             "synthetic and true batches); add --no-batchnorm")
         need(self.unlock != "hidden" or self.layers >= 3, "--unlock",
              "hidden needs a hidden layer above the first (--layers 3 or more); --unlock "
              "forward unlocks the output layer of a 2-layer net")

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from pipeline import batchnorm as bn
+from pipeline import layernorm as lnorm
 from pipeline import nn, optim, schedule, staleness
 from pipeline.stats import Applied, LayerStats
 from pipeline.synthetic import SGModule
@@ -97,8 +98,8 @@ def _descend(layer: "HiddenLayer | OutputLayer", grads: dict[str, np.ndarray],
 
 
 class HiddenLayer:
-    """h = f(x W + b), or f(BN(x W + b)) with batch normalisation, and a
-    synthetic-gradient module in the DNI modes.
+    """h = f(x W + b), or f(N(x W + b)) with batch or layer normalisation N,
+    and a synthetic-gradient module in the DNI modes.
 
     * dni/cdni: ``forward`` updates the layer at once with the synthetic
       gradient; a true gradient later trains the SG module;
@@ -113,7 +114,7 @@ class HiddenLayer:
                  update: Chance | None = None, drop: Chance | None = None,
                  dtype: np.dtype = np.float64, optimizer: str = "sgd",
                  sg_hidden: tuple[int, ...] = (), batchnorm: bool = False,
-                 sg_refresh: bool = True, momentum: float = 0.0, sg_boost: float = 0.0,
+                 layernorm: bool = False, sg_refresh: bool = True, momentum: float = 0.0, sg_boost: float = 0.0,
                  lr_staleness: float = 0.0, sg_lookahead: float = 0.0,
                  delay_comp: float = 0.0):
         self.index = index
@@ -124,7 +125,10 @@ class HiddenLayer:
         self.update = update or Chance(1.0, rng)
         self.drop = drop or Chance(0.0, rng)
         self.w, self.b = nn.init_dense(rng, fan_in, fan_out, dtype)
+        if batchnorm and layernorm:
+            raise ValueError("batch norm and layer norm are exclusive")
         self.norm = bn.init_bn(fan_out, dtype) if batchnorm else None
+        self.ln = lnorm.init_ln(fan_out, dtype) if layernorm else None
         self.conditioned = mode == "cdni"
         self.uses_sg = mode in ("dni", "cdni")
         sg_in = fan_out + (label_dim if self.conditioned else 0)
@@ -160,22 +164,42 @@ class HiddenLayer:
         out = {"w": self.w, "b": self.b}
         if self.norm is not None:
             out.update(gamma=self.norm[0], beta=self.norm[1])
+        if self.ln is not None:
+            out.update(gamma=self.ln[0], beta=self.ln[1])
         return out
 
     # -- the layer's own math ----------------------------------------------------
-    def _forward(self, x: np.ndarray, train: bool) -> tuple[np.ndarray, tuple | None]:
-        """(h, batch-norm cache): training batches normalise with their own
-        statistics (and track them), evaluation with the tracked ones."""
+    def _forward(self, x: np.ndarray, train: bool, track: bool = True
+                 ) -> tuple[np.ndarray, tuple | None]:
+        """(h, normalisation cache): with batch norm, training batches
+        normalise with their own statistics (and track them, unless ``track``
+        is False: a batch of synthetic inputs), evaluation with the tracked
+        ones; layer norm is the same function in both."""
         z = x @ self.w + self.b
         cache = None
+        if self.ln is not None:
+            z, cache = lnorm.ln_forward(z, *self.ln)
         if self.norm is not None:
             gamma, beta, mean, var = self.norm
             if train:
                 z, cache = bn.bn_train(z, gamma, beta)
-                bn.bn_track(mean, var, cache[2], cache[3], rows=x.shape[0])
+                if track:
+                    bn.bn_track(mean, var, cache[2], cache[3], rows=x.shape[0])
             else:
                 z = bn.bn_eval(z, gamma, beta, mean, var)
         return nn.activate(self.activation, z), cache
+
+    def _dz(self, h: np.ndarray, cache: tuple | None, dh: np.ndarray
+            ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The per-example gradient at z = x W + b from dh at h, and the
+        normalisation's own parameter gradients (none without one)."""
+        dz = dh * nn.activation_slope(self.activation, h)
+        if cache is None:
+            return dz, {}
+        backward, gamma = ((bn.bn_backward, self.norm[0]) if self.norm is not None
+                           else (lnorm.ln_backward, self.ln[0]))
+        dz, dgamma, dbeta = backward(dz, cache, gamma)
+        return dz, {"gamma": dgamma, "beta": dbeta}
 
     def _grads(self, x: np.ndarray, h: np.ndarray, cache: tuple | None, dh: np.ndarray,
                need_dx: bool, send_dx: Send = None
@@ -184,10 +208,7 @@ class HiddenLayer:
         the per-example gradient dh at the output, with the current weights.
         dx comes first, handed to ``send_dx`` before the weight gradient is
         computed: the layer above can start on it meanwhile."""
-        dz = dh * nn.activation_slope(self.activation, h)
-        extra = {}
-        if cache is not None:
-            dz, extra["gamma"], extra["beta"] = bn.bn_backward(dz, cache, self.norm[0])
+        dz, extra = self._dz(h, cache, dh)
         dx = nn.input_grad(dz, self.w) if need_dx else None
         if send_dx is not None and dx is not None:
             send_dx(dx)
@@ -203,7 +224,9 @@ class HiddenLayer:
         modes). ``send_h`` and ``send_dx`` get each as soon as it is known,
         before the rest of the step (a worker sends them on at once)."""
         assert batch not in self.pending, f"batch {batch} forwarded twice"
-        h, cache = self._forward(x, train=True)
+        # an unlocked layer's x is a synthetic input: batch norm normalises it
+        # with its own statistics but tracks only true batches (forward_true)
+        h, cache = self._forward(x, train=True, track=self.si is None)
         if send_h is not None:
             send_h(h)
         act_norm = _rms_norm(h)
@@ -238,25 +261,23 @@ class HiddenLayer:
         the true gradient that comes back (computed from this h) trains the
         SG module at the activation it belongs to. With ``second_step`` the
         layer also updates on the true input with that synthetic gradient
-        (a weight update, not a forward batch: the clock stays). Returns (h, dx)."""
+        (a weight update, not a forward batch: the clock stays). With batch
+        norm this batch's statistics normalise it and are the ones tracked
+        for evaluation (the synthetic batch's never are). Returns (h, dx)."""
         if not self.uses_sg:
             raise ValueError(f"--unlock forward needs an SG module; mode {self.mode!r} has none")
-        if self.norm is not None:
-            raise ValueError("--unlock forward does not combine with --batchnorm: the "
-                             "tracked statistics would mix synthetic and true batches")
         p = self.pending[batch]
         assert batch not in self.arrived, f"gradient of batch {batch} came before its h"
-        h, _ = self._forward(x, train=True)
+        h, cache = self._forward(x, train=True)
         if send_h is not None:
             send_h(h)
         sg_in = nn.sg_input(h, y if self.conditioned else None)
         g, acts = self.sg.predict(sg_in)
         if second_step:
-            grads, dx = self._grads(x, h, None, g, need_dx, send_dx)
+            grads, dx = self._grads(x, h, cache, g, need_dx, send_dx)
             _descend(self, grads, staleness.layer_step_scale(self.tau_bar, self.lr_staleness))
         else:  # _grads's dx alone, same bits, without the weight gradient
-            dx = nn.input_grad(g * nn.activation_slope(self.activation, h), self.w) \
-                if need_dx else None
+            dx = nn.input_grad(self._dz(h, cache, g)[0], self.w) if need_dx else None
             if send_dx is not None and dx is not None:
                 send_dx(dx)
         p.sg_in, p.sg_pred, p.sg_acts, p.sg_version = sg_in, g, acts, self.sg.version

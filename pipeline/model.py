@@ -51,7 +51,8 @@ def _hidden(cfg: Config, index: int) -> HiddenLayer:
                        update=Chance(cfg.update_prob, layer_rng(cfg, index, 1)),
                        drop=Chance(cfg.drop_prob, layer_rng(cfg, index, 2)),
                        dtype=cfg.np_dtype, optimizer=cfg.optimizer, sg_hidden=cfg.sg_hidden,
-                       batchnorm=cfg.batchnorm, sg_refresh=cfg.sg_refresh,
+                       batchnorm=cfg.batchnorm, layernorm=cfg.layernorm,
+                       sg_refresh=cfg.sg_refresh,
                        momentum=cfg.momentum, sg_boost=cfg.sg_boost,
                        lr_staleness=cfg.lr_staleness, sg_lookahead=cfg.sg_lookahead,
                        delay_comp=cfg.delay_comp)

@@ -52,8 +52,8 @@ def collapsed(cosine: float, rel_err: float | None, staleness: float) -> bool:
 def advice(cfg) -> str:
     """What to try, given what the run already uses."""
     tries = []
-    if not cfg.batchnorm and cfg.unlock == "none":  # --unlock refuses batch norm
-        tries.append("--batchnorm")
+    if not cfg.batchnorm:
+        tries.append("--batchnorm" + (" in place of --layernorm" if cfg.layernorm else ""))
     if not cfg.sg_lookahead:
         tries.append("--sg-lookahead 1")
     if not cfg.lockstep and cfg.max_inflight > 1:

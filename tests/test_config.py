@@ -85,7 +85,7 @@ INVALID = [
     (dict(unlock="hidden", layers=2, hidden=(7,)), "--unlock"),     # no hidden layer above the first
     (dict(unlock="hidden", mode="async-backprop"), "--unlock"),
     (dict(unlock="forward", mode="async-backprop", grad_delay=1), "--unlock"),
-    (dict(unlock="forward", batchnorm=True), "--unlock"),
+    (dict(batchnorm=True, layernorm=True), "--layernorm"),
     (dict(unlock="forward", input_delay=-1), "--input-delay"),
     (dict(unlock="forward", input_delay=2, grad_delay=1), "--input-delay"),
     (dict(unlock="forward", si_lr=-0.1), "--si-lr"),

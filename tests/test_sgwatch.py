@@ -83,8 +83,9 @@ def test_staleness_of_another_layer_is_enough():
     (dict(batchnorm=True, sg_lookahead=1.0, lockstep=True, grad_delay=4),
      "try a smaller --grad-delay (now 4)"),
     (dict(batchnorm=True, sg_lookahead=1.0, lockstep=True), "see docs/staleness.md"),
-    # an unlocked run cannot have batch norm: not advised
-    (dict(unlock="forward"), "try --sg-lookahead 1 or a smaller --max-inflight (now 8)"),
+    (dict(unlock="forward", layernorm=True),
+     "try --batchnorm in place of --layernorm, --sg-lookahead 1 or a smaller --max-inflight "
+     "(now 8)"),
 ])
 def test_advice_names_only_what_the_run_does_not_use(kw, want):
     assert sgwatch.advice(Config(**kw)).startswith(want)

@@ -37,6 +37,8 @@ def argv(**kw) -> list[str]:
     dict(mode="dni", grad_delay=2, input_delay=1, drop_prob=0.1, update_prob=0.8),
     dict(mode="cdni", grad_delay=2, input_delay=2, si_second_step=True, si_lr=0.05),
     dict(mode="cdni", unlock="hidden", grad_delay=1, input_delay=1, si_second_step=True),
+    dict(mode="cdni", grad_delay=1, input_delay=1, si_second_step=True, layernorm=True),
+    dict(mode="cdni", grad_delay=2, input_delay=1, si_second_step=True, batchnorm=True),
     # checkpoint barriers: the forward delay stops at each (the reference
     # takes the same barriers; nothing is saved there)
     dict(mode="cdni", grad_delay=2, input_delay=2, checkpoint_every=2),
