@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from pipeline import rendezvous, security
+from pipeline.config import Config
 from pipeline.engines import Engine
 from tests.conftest import _alive
-from tests.test_cluster import free_ports
+from tests.test_cluster import Weights, free_ports
+from tests.test_pipeline import assert_bit_identical, reference_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(120)
@@ -42,7 +44,16 @@ def test_the_gathered_records_become_the_placement_with_each_peers_key():
     assert c.pids["layer2"] == 103 and c.roles["output"].host == "127.0.0.1"
 
 
-def test_torchrun_style_variables_start_a_run_through_rank_0(tmp_path):
+@pytest.mark.parametrize("unlock", [{}, dict(unlock="forward", grad_delay=2, input_delay=1)],
+                         ids=["locked", "unlocked"])
+def test_torchrun_style_variables_start_a_run_through_rank_0(tmp_path, unlock):
+    """The rank-based engines (srun, a Kubernetes indexed Job, torchrun-style
+    variables) share this rendezvous; unlocked, the source's input links
+    reach each layer's third inbox and --lockstep ends on the reference's
+    weights bit for bit."""
+    extra = [a for k, v in unlock.items() for a in ("--" + k.replace("_", "-"), str(v))]
+    if unlock:
+        extra.append("--lockstep")
     port = free_ports(1)[0]
     procs = []
     try:
@@ -52,7 +63,7 @@ def test_torchrun_style_variables_start_a_run_through_rank_0(tmp_path):
             log = open(tmp_path / f"rank{rank}.log", "w")
             procs.append(subprocess.Popen(
                 [sys.executable, "launch.py", "--layers", "3", "--epochs", "60", "--quiet",
-                 "--run-dir", str(tmp_path / "run")],
+                 "--run-dir", str(tmp_path / "run"), *extra],
                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True))
         codes = [p.wait(100) for p in procs]
@@ -64,6 +75,9 @@ def test_torchrun_style_variables_start_a_run_through_rank_0(tmp_path):
         assert config["cluster"] == "env:job"
         assert {r: p["rank"] for r, p in config["processes"].items()} == {
             "source": 1, "layer1": 2, "layer2": 3, "output": 4}
+        if unlock:
+            cfg = Config(layers=3, epochs=60, lockstep=True, **unlock)
+            assert_bit_identical(Weights(tmp_path / "run"), reference_weights(cfg))
     finally:
         for p in procs:
             if p.poll() is None:
