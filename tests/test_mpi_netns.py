@@ -18,7 +18,10 @@ import pytest
 
 from tests.netns import (SUBNET, Hosts, epoch_logged, host_name, kill_pids, ns_pids,
                          on_host, write_rsh_agent)
+from pipeline.config import Config
+from tests.test_cluster import Weights
 from tests.test_mpi import ROOT, Job, _mpiexec, assert_all_gone
+from tests.test_pipeline import assert_bit_identical, reference_weights
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -107,6 +110,22 @@ def test_mpiexec_across_three_hosts_converges_with_per_run_keys(across, hosts):
     for p in procs.values():  # each listens on its own host's address, nowhere else
         assert all(ep.startswith(f"tcp://{p['host']}:") for ep in p["endpoints"].values()), p
     assert all(L["decode_errors"] == 0 for L in s["layers"]), s["layers"]
+    assert_all_gone(job.rank_pids())
+
+
+def test_an_unlocked_lockstep_run_across_three_hosts_equals_the_reference(across, hosts):
+    """--unlock forward across hosts: the source (host A) reaches layer2 (B)
+    and the output (C) on their input inboxes over CURVE, and the run ends
+    on the in-process reference's weights bit for bit."""
+    job = across("--epochs", "30", "--lockstep", "--unlock", "forward", "--grad-delay", "1",
+                 "--input-delay", "1")
+    assert job.wait(150) == 0, job.stderr()
+    assert job.summary()["status"] == "completed"
+    procs = job.config()["processes"]
+    assert "input" in procs["layer2"]["endpoints"] and "input" in procs["output"]["endpoints"]
+    cfg = Config(layers=3, epochs=30, lockstep=True, unlock="forward", grad_delay=1,
+                 input_delay=1)
+    assert_bit_identical(Weights(job.run_dir), reference_weights(cfg))
     assert_all_gone(job.rank_pids())
 
 
