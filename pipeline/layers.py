@@ -114,8 +114,8 @@ class HiddenLayer:
                  update: Chance | None = None, drop: Chance | None = None,
                  dtype: np.dtype = np.float64, optimizer: str = "sgd",
                  sg_hidden: tuple[int, ...] = (), batchnorm: bool = False,
-                 layernorm: bool = False, sg_refresh: bool = True, momentum: float = 0.0, sg_boost: float = 0.0,
-                 lr_staleness: float = 0.0, sg_lookahead: float = 0.0,
+                 layernorm: bool = False, sg_refresh: bool = True, momentum: float = 0.0,
+                 sg_boost: float = 0.0, lr_staleness: float = 0.0, sg_lookahead: float = 0.0,
                  delay_comp: float = 0.0):
         self.index = index
         self.mode = mode
