@@ -51,6 +51,9 @@ def test_parse_unlock_options():
     assert parse(["--unlock", "forward", "--si-lr", "0.2", "--si-second-step", "--grad-delay",
                   "3", "--input-delay", "2"]) == Config(
         unlock="forward", si_lr=0.2, si_second_step=True, grad_delay=3, input_delay=2)
+    # an unlocked layer takes either normalisation (batch norm tracks true batches only)
+    assert parse(["--unlock", "forward", "--batchnorm"]).batchnorm
+    assert parse(["--unlock", "hidden", "--layernorm"]).layernorm
 
 
 @pytest.mark.parametrize("argv, flag", [
@@ -60,8 +63,8 @@ def test_parse_unlock_options():
     (["--unlock", "forward", "--input-delay", "-1"], "--input-delay"),
     (["--si-second-step"], "--si-second-step"),
     (["--unlock", "both"], "--unlock"),
-    # classification data defaults to batch normalisation, which unlocking refuses
-    (["--unlock", "forward", "--dataset", "mnist", "--data-dir", "nowhere"], "--unlock"),
+    # classification data defaults to batch normalisation: one normalisation per layer
+    (["--layernorm", "--dataset", "mnist", "--data-dir", "nowhere"], "--layernorm"),
 ])
 def test_parse_unlock_errors_in_one_line(argv, flag, capsys):
     with pytest.raises(SystemExit) as info:
