@@ -1,8 +1,11 @@
 """A layer's checkpoint: its state as (meta, arrays), and back.
 
-Taken at a checkpoint barrier, when no gradient is due, so the in-flight
-cache holds only gradients not yet due (under --grad-delay); those are not
-kept and count as expired after a resume. The run directory (``rundir``)
+Taken at a checkpoint barrier (``schedule.barrier_passes``). In the DNI
+modes every gradient of the batches before it has arrived by then; those
+not yet due (under --grad-delay) are kept with what the layer holds for
+their batches, so a resume goes on exactly. In the backprop modes the ones
+not yet due have not come; they are not kept and count as expired after a
+resume. The run directory (``rundir``)
 writes the files; this module turns a layer into them and, to resume, reads
 the last checkpoint back and checks every array against the run's layers
 before any process starts.
@@ -16,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import optim
-from pipeline.layers import Chance, HiddenLayer, OutputLayer
+from pipeline.layers import Chance, HiddenLayer, OutputLayer, _Pending
 from pipeline.protocol import OUTPUT, is_count, roles
 from pipeline.rundir import checkpoint_dir
 
@@ -57,17 +60,70 @@ def layer_state(layer: Layer) -> tuple[dict, dict[str, np.ndarray]]:
         arrays.update({f"{prefix}.{k}": v for k, v in opt_arrays.items()})
     if isinstance(layer, HiddenLayer):
         meta.update(sg_version=layer.sg_version, drop_rng=_rng_state(layer.drop),
-                    expired=len(layer.pending), tau_bar=layer.tau_bar)
+                    tau_bar=layer.tau_bar)
         if layer.sg is not None and layer.sg.drift is not None:
             arrays.update({f"sg_drift.{k}": v.copy() for k, v in layer.sg.drift.items()})
+        if layer.uses_sg:
+            meta["expired"], meta["pending"] = 0, _save_pending(layer, arrays)
+        else:
+            meta["expired"] = len(layer.pending)
     return meta, arrays
+
+
+def _save_pending(layer: HiddenLayer, arrays: dict[str, np.ndarray]) -> list[list]:
+    """DNI: the batches whose gradient has arrived but is not yet due, each
+    as [batch, clock, act_norm, sg_version, number of SG inputs] in the meta
+    and its SG inputs, prediction and true gradient as ``pending.I.*``
+    arrays (I: its place in the list)."""
+    assert len(layer.arrived) == len(layer.pending), "a checkpoint awaiting a gradient"
+    out = []
+    for i, batch in enumerate(sorted(layer.pending)):
+        p = layer.pending[batch]
+        out.append([batch, p.clock, p.act_norm, p.sg_version, len(p.sg_acts)])
+        arrays.update({f"pending.{i}.act{j}": a.copy() for j, a in enumerate(p.sg_acts)})
+        arrays[f"pending.{i}.pred"] = p.sg_pred.copy()
+        arrays[f"pending.{i}.grad"] = np.array(layer.arrived[batch])
+    return out
+
+
+def _load_pending(layer: HiddenLayer, entries: list, arrays: dict[str, np.ndarray]) -> None:
+    """The inverse of ``_save_pending``, every array checked against the
+    layer's widths (ValueError otherwise). Times are not kept: the seconds of
+    staleness of these batches go unmeasured."""
+    if not isinstance(entries, list):
+        raise ValueError("'pending' must be a list")
+    widths = [w.shape[0] for w, _ in layer.sg.layers]
+    out, dtype = layer.w.shape[1], layer.w.dtype
+    used = set()
+    for i, entry in enumerate(entries):
+        batch, clock, act_norm, version, n = entry
+        if not (is_count(batch) and is_count(clock) and clock <= layer.clock
+                and n == len(widths) and batch not in layer.pending):
+            raise ValueError(f"pending entry {i} is not [batch, clock, act_norm, version, "
+                             f"{len(widths)}] of a batch before clock {layer.clock}: {entry!r}")
+        acts = [arrays[f"pending.{i}.act{j}"] for j in range(n)]
+        pred, grad = arrays[f"pending.{i}.pred"], arrays[f"pending.{i}.grad"]
+        rows = pred.shape[0]
+        shapes = [a.shape for a in acts] + [pred.shape, grad.shape]
+        if (shapes != [(rows, w) for w in widths] + [(rows, out)] * 2
+                or any(a.dtype != dtype for a in (*acts, pred, grad))):
+            raise ValueError(f"pending entry {i}: arrays of shapes {shapes}, not rows by "
+                             f"{widths + [out, out]} of {dtype}")
+        used.update([f"pending.{i}.act{j}" for j in range(n)]
+                    + [f"pending.{i}.pred", f"pending.{i}.grad"])
+        layer.pending[batch] = _Pending(clock, None, float(act_norm), sg_in=acts[0],
+                                        sg_pred=pred, sg_acts=acts, sg_version=int(version))
+        layer.arrived[batch] = grad
+    extra = sorted(k for k in arrays if k.startswith("pending.") and k not in used)
+    if extra:
+        raise ValueError(f"arrays of no pending batch: {extra[:5]}")
 
 
 def load_layer_state(layer: Layer, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     live = layer.weights()
     for name, value in arrays.items():
         if "." not in name:
-            live[name][...] = value  # optimiser state and drift carry a prefix
+            live[name][...] = value  # optimiser state, drift and pending batches carry a prefix
     for prefix, opt in _optimizers(layer).items():
         opt.load_state(meta.get(prefix, {}), {k.removeprefix(prefix + "."): v
                                               for k, v in arrays.items()
@@ -86,6 +142,8 @@ def load_layer_state(layer: Layer, meta: dict, arrays: dict[str, np.ndarray]) ->
         layer.tau_bar = float(meta.get("tau_bar", 0.0))
         layer.drop.rng.bit_generator.state = json.loads(meta["drop_rng"])
         layer.stats.expired_gradients += int(meta["expired"])
+        if layer.uses_sg:
+            _load_pending(layer, meta.get("pending", []), arrays)
 
 
 # --- going on from a run directory's last checkpoint ------------------------------------
@@ -162,7 +220,8 @@ def check_states(cfg, states: dict[str, tuple[dict, dict[str, np.ndarray]]], whe
     finite, and a state that loads."""
     for role, (meta, arrays) in states.items():
         fresh = _fresh_layer(cfg, role)
-        _check_arrays(f"checkpoint {where}", role, arrays, layer_state(fresh)[1])
+        own = {k: a for k, a in arrays.items() if not k.startswith("pending.")}
+        _check_arrays(f"checkpoint {where}", role, own, layer_state(fresh)[1])
         for name, a in arrays.items():
             if not np.all(np.isfinite(a)):
                 raise _refuse(f"checkpoint {where}: {role}.{name} holds inf or NaN")

@@ -144,7 +144,7 @@ class HiddenNode:
             self.send("down", say.evaluation(msg.batch, layer.step, layer.forward_eval(x), y,
                                              protocol.test_epoch(msg)))
         elif msg.kind == CHECKPOINT:
-            self.barrier = msg  # take nothing more until every due gradient is in
+            self.barrier = msg  # take nothing more until the barrier may pass
         elif msg.kind == EOF:
             self.send("down", say.eof(msg.batch))
             self.stream_ended = True
@@ -189,9 +189,12 @@ class HiddenNode:
             self.send("up", self.say.lost(batch, self.layer.step))
 
     def _at_barrier(self) -> None:
-        """Save this layer's state to the coordinator once no due gradient is
-        outstanding, then pass the barrier on."""
-        if self.barrier is None or self.layer.due_outstanding():
+        """Save this layer's state to the coordinator once the barrier may
+        pass (``schedule.barrier_passes``), then pass it on."""
+        layer = self.layer
+        if self.barrier is None or not schedule.barrier_passes(
+                uses_sg=layer.uses_sg, due_outstanding=layer.due_outstanding(),
+                awaited=len(layer.pending) - len(layer.arrived)):
             return
         msg, self.barrier = self.barrier, None
         epoch = protocol.epoch(msg)

@@ -27,7 +27,8 @@ Send = Callable[[np.ndarray], None] | None  # takes an array as soon as it is co
 class _Pending:
     """What a hidden layer keeps for a batch until its true gradient is applied."""
     clock: int                       # the layer's clock right after this batch's forward
-    sent_at: float                   # time of the forward pass (seconds, the caller's clock)
+    sent_at: float | None            # time of the forward pass (the caller's clock); None:
+                                     # restored from a checkpoint
     act_norm: float = 0.0            # RMS over the batch of the per-example L2 norm of h
     x: np.ndarray | None = None      # backprop modes: input, for the weight gradient
     h: np.ndarray | None = None      # backprop modes: output, for f'(z)
@@ -42,6 +43,12 @@ class _Pending:
     @property
     def rows(self) -> int:
         return (self.h if self.h is not None else self.sg_in).shape[0]
+
+
+def _since(now: float, then: float | None) -> float | None:
+    """Seconds from ``then`` to ``now``; None where ``then`` is unknown (a
+    batch restored from a checkpoint, whose forward pass ran before it)."""
+    return None if then is None else now - then
 
 
 class Diverged(ValueError):
@@ -352,7 +359,7 @@ class HiddenLayer:
             grads = {k: staleness.compensate(g, live[k], p.then[k], self.delay_comp)
                      for k, g in grads.items()}
         _descend(self, grads, staleness.layer_step_scale(tau, self.lr_staleness))
-        return Applied(batch, dx, tau, now - p.sent_at, act_norm=p.act_norm)
+        return Applied(batch, dx, tau, _since(now, p.sent_at), act_norm=p.act_norm)
 
     def _train_sg(self, batch: int, p: _Pending, target: np.ndarray, now: float) -> Applied:
         """Regress the SG module onto the true gradient. With ``sg_refresh``
@@ -372,7 +379,7 @@ class HiddenLayer:
         loss = self.sg.train(acts, pred, target, staleness.sg_step_scale(tau, self.sg_boost))
         self.stats.sg_updates += 1
         cosine, rel = sg_quality(p.sg_pred, target)
-        return Applied(batch, None, tau, now - p.sent_at,
+        return Applied(batch, None, tau, _since(now, p.sent_at),
                        sg_loss=loss, cosine=cosine, rel_err=rel, act_norm=p.act_norm)
 
     def weights(self) -> dict[str, np.ndarray]:

@@ -50,9 +50,22 @@ def may_take_batch(*, mode: str, lockstep: bool, pending: int, due_outstanding: 
 
 def may_read(*, stream_ended: bool, at_barrier: bool, take: bool) -> bool:
     """May a layer read its activation inbox at all? Not after the end of
-    stream, nor while a checkpoint barrier waits for its due gradients;
+    stream, nor while a checkpoint barrier waits (``barrier_passes``);
     otherwise as ``may_take_batch`` says (``take``)."""
     return not stream_ended and not at_barrier and take
+
+
+def barrier_passes(*, uses_sg: bool, due_outstanding: int, awaited: int) -> bool:
+    """May a layer save its state at a checkpoint barrier and pass it on?
+
+    ``awaited``: batches forwarded whose gradient has not arrived (due or
+    not). DNI modes: once every gradient has arrived, due or not (each was
+    sent when the layer above forwarded its batch, before the barrier got
+    there), so the checkpoint holds the ones not yet due and a resume goes
+    on exactly; backprop modes: once no due gradient is outstanding (a later
+    one comes only when the layers above step on after the barrier: waiting
+    for it would deadlock, and it expires at a resume)."""
+    return (awaited if uses_sg else due_outstanding) == 0
 
 
 def finished(*, stream_ended: bool, due_outstanding: int) -> bool:

@@ -41,7 +41,7 @@ class Applied:
     batch: int
     dx: object                     # np.ndarray for upstream (backprop modes) or None
     staleness: int                 # layer steps between the batch's forward and now
-    staleness_s: float             # seconds between the two
+    staleness_s: float | None      # seconds between the two (None: not known)
     sg_loss: float | None = None   # SG module's loss on this batch (DNI modes)
     cosine: float | None = None    # cosine(synthetic gradient used, true gradient)
     rel_err: float | None = None   # |synthetic - true| / |true|

@@ -30,13 +30,15 @@ ARGS = ["--lockstep", "--epochs", "60", "--checkpoint-every", "10", "--seed", "6
         "--update-prob", "0.8", "--drop-prob", "0.1", "--quiet"]
 
 
-@pytest.mark.parametrize("mode,how", [
-    ("cdni", signal.SIGINT), ("cdni", signal.SIGKILL), ("dni", signal.SIGKILL),
-    ("backprop", signal.SIGKILL), ("async-backprop", signal.SIGINT)])
-def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(launch, mode, how):
+@pytest.mark.parametrize("mode,how,delay", [
+    ("cdni", signal.SIGINT, 0), ("cdni", signal.SIGKILL, 0), ("dni", signal.SIGKILL, 0),
+    ("backprop", signal.SIGKILL, 0), ("async-backprop", signal.SIGINT, 0),
+    ("cdni", signal.SIGKILL, 2), ("dni", signal.SIGINT, 3)])
+def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(launch, mode, how, delay):
     """Every mode: what a checkpoint holds differs (SG modules and their
-    versions, or none), and each must come back whole."""
-    run = launch(*ARGS, "--mode", mode)
+    versions, or none), and each must come back whole. Under --grad-delay
+    the DNI modes also keep the gradients not yet due at the barrier."""
+    run = launch(*ARGS, "--mode", mode, "--grad-delay", str(delay))
     run.wait_started()
     run.wait_for(lambda: (latest(run) or 0) >= 19, "a checkpoint after epoch 20")
     if how == signal.SIGKILL:   # a crash: no summary, no clean-up
@@ -62,11 +64,15 @@ def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(launch, mode, how)
         resumed.kill()
     summary = resumed.summary()
     assert summary["status"] == "completed" and summary["epochs_done"] == 60
-    cfg = Config(lockstep=True, epochs=60, seed=6, update_prob=0.8, drop_prob=0.1, mode=mode)
+    cfg = Config(lockstep=True, epochs=60, seed=6, update_prob=0.8, drop_prob=0.1, mode=mode,
+                 grad_delay=delay)
     assert_bit_identical(resumed, reference_weights(cfg))
-    # The counters run on across the resume: every batch is there once.
+    # The counters run on across the resume: every batch is there once, and
+    # only the last K gradients expire (at the end of training).
     for layer in summary["layers"]:
         assert layer["forward_batches"] == cfg.total_batches
+        if layer["role"] != "output":
+            assert layer["expired_gradients"] == delay
     assert_no_orphans(resumed)
 
 
@@ -202,6 +208,57 @@ def test_checkpoint_round_trip_carries_the_staleness_remedies_state(mode):
         assert np.array_equal(a_hid.weights()[k], b_hid.weights()[k]), k
     assert any(not np.array_equal(a_hid.weights()[k], c_hid.weights()[k])
                for k in a_hid.weights())
+
+
+def make_delayed():
+    hid = HiddenLayer(1, FAN_IN, 5, mode="cdni", activation="relu", lr=0.05, sg_lr=0.02,
+                      label_dim=CLASSES, rng=np.random.default_rng(0), grad_delay=2,
+                      sg_hidden=(6,))
+    out = OutputLayer(2, 5, CLASSES, lr=0.05, rng=np.random.default_rng(1), softmax=True)
+    return hid, out
+
+
+def test_checkpoint_keeps_the_gradients_not_yet_due_and_the_restored_layer_goes_on_exactly():
+    a_hid, a_out = make_delayed()
+    drive(a_hid, a_out, seed=30, steps=5, start=0)  # every gradient in; two not yet due
+    assert sorted(a_hid.arrived) == [3, 4]
+    meta, arrays = layer_state(a_hid)
+    assert meta["expired"] == 0 and [e[0] for e in meta["pending"]] == [3, 4]
+    assert {k for k in arrays if k.startswith("pending.")} == {
+        f"pending.{i}.{n}" for i in (0, 1) for n in ("act0", "act1", "pred", "grad")}
+    b_hid, b_out = make_delayed()
+    load_layer_state(b_hid, meta, arrays)
+    load_layer_state(b_out, *layer_state(a_out))
+    c_hid, c_out = make_delayed()  # without the pending batches: as a resume used to be
+    load_layer_state(c_hid, {**meta, "pending": []},
+                     {k: v for k, v in arrays.items() if not k.startswith("pending.")})
+    load_layer_state(c_out, *layer_state(a_out))
+    for hid, out in ((a_hid, a_out), (b_hid, b_out), (c_hid, c_out)):
+        drive(hid, out, seed=31, steps=3, start=5)
+    for k in a_hid.weights():
+        assert np.array_equal(a_hid.weights()[k], b_hid.weights()[k]), k
+    assert any(not np.array_equal(a_hid.weights()[k], c_hid.weights()[k])
+               for k in a_hid.weights())
+    assert b_hid.stats.true_gradients == a_hid.stats.true_gradients
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda m, a: a.update({"pending.0.grad": a["pending.0.grad"][:, :2]}), "shapes"),
+    (lambda m, a: a.update({"pending.1.pred": a["pending.1.pred"].astype(np.float32)}),
+     "shapes"),
+    (lambda m, a: a.update({"pending.7.grad": a["pending.0.grad"]}), "no pending batch"),
+    (lambda m, a: a.pop("pending.1.act1"), "pending.1.act1"),
+    (lambda m, a: m["pending"][0].__setitem__(1, 99), "pending entry 0"),
+    (lambda m, a: m["pending"][1].__setitem__(0, m["pending"][0][0]), "pending entry 1"),
+    (lambda m, a: m.__setitem__("pending", {"0": 1}), "must be a list"),
+])
+def test_a_damaged_pending_batch_is_refused(damage, says):
+    hid, out = make_delayed()
+    drive(hid, out, seed=32, steps=5, start=0)
+    meta, arrays = layer_state(hid)
+    damage(meta, arrays)
+    with pytest.raises((ValueError, KeyError), match=says):
+        load_layer_state(make_delayed()[0], meta, arrays)
 
 
 @pytest.mark.parametrize("mode", ["backprop", "async-backprop"])

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.config import MODES, Config
-from pipeline.schedule import (Reads, checkpoint_due, due_outstanding, ends_epoch, epoch_of,
+from pipeline.schedule import (Reads, barrier_passes, checkpoint_due, due_outstanding, ends_epoch, epoch_of,
                                finished, input_owed, input_stop, input_stream, is_due,
                                may_read, may_take_batch, stream, unlocked_reads)
 
@@ -81,6 +81,15 @@ def test_due_outstanding_counts_due_batches_not_arrived():
     (False, True, True, False), (True, True, True, False)])
 def test_may_read(ended, barrier, take, want):
     assert may_read(stream_ended=ended, at_barrier=barrier, take=take) is want
+
+
+@pytest.mark.parametrize("uses_sg, due, awaited, want", [
+    (True, 0, 0, True), (True, 0, 2, False),     # DNI: every gradient in, due or not
+    (True, 1, 1, False),
+    (False, 0, 0, True), (False, 0, 2, True),    # backprop: the due ones only
+    (False, 1, 1, False)])
+def test_barrier_passes(uses_sg, due, awaited, want):
+    assert barrier_passes(uses_sg=uses_sg, due_outstanding=due, awaited=awaited) is want
 
 
 @pytest.mark.parametrize("ended, due, want", [(False, 0, False), (True, 1, False),
