@@ -9,6 +9,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline import transport
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,7 +57,7 @@ class Signals:
             return
         self.first = signum
         if not self._shield:
-            raise KeyboardInterrupt
+            transport.raise_when_whole(KeyboardInterrupt())
 
     @contextmanager
     def shielded(self):

@@ -16,7 +16,7 @@ import zmq
 
 from commands.spawn import SIGNALS, module_of, spawn, worker_env
 from pipeline.worker import TOKEN_ENV
-from pipeline import memory, protocol, security, wire
+from pipeline import memory, protocol, security, transport, wire
 from pipeline.checkpoint import check_states, check_weights
 from pipeline.cluster import Cluster
 from pipeline.config import Config
@@ -194,7 +194,7 @@ class Supervisor:
         if conn is None:
             return
         try:
-            self.router.send_multipart([conn, *wire.encode(msg)], flags=zmq.NOBLOCK)
+            transport.send_whole(self.router, [conn, *wire.encode(msg)])
         except zmq.ZMQError:
             pass  # the peer is gone; nothing to tell it
 

@@ -10,7 +10,7 @@ import traceback
 
 import zmq
 
-from pipeline import memory, security, wire
+from pipeline import memory, security, transport, wire
 from pipeline.protocol import HEARTBEAT, METRIC, STOP, Message, Speaker
 from pipeline.transport import POLL_MS, Net, Stopped
 
@@ -72,7 +72,7 @@ class ControlLink:
         deadline = time.monotonic() + LIVENESS_S
         while True:
             try:
-                self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                transport.send_whole(self.sock, frames, copy=False)
                 return
             except zmq.Again:
                 if msg.kind == HEARTBEAT:
@@ -204,7 +204,7 @@ class ControlLink:
 
     def _last_word(self, msg: Message) -> None:
         try:
-            self.sock.send_multipart(wire.encode(msg), flags=zmq.NOBLOCK)
+            transport.send_whole(self.sock, wire.encode(msg))
         except zmq.ZMQError:
             return
         there = ((os.getppid() == self.parent or not self.parent_supervises)

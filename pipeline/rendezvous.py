@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import zmq
 
-from pipeline import security
+from pipeline import security, transport
 from pipeline.cluster import Cluster, Placement
 from pipeline.engines import Engine
 from pipeline.security import Keys
@@ -146,7 +146,7 @@ class ZmqExchange:
         self.peers = [ids[r] for r in range(1, self.size)]
         body = json.dumps(table).encode()
         for ident in self.peers:
-            self.sock.send_multipart([ident, body])
+            transport.send_whole(self.sock, [ident, body])  # a ROUTER: never blocks
         return table
 
     def share(self, value: Any = None) -> Any:
@@ -154,7 +154,7 @@ class ZmqExchange:
             return json.loads(self._recv("rank 0's control endpoint")[-1])
         body = json.dumps(value).encode()
         for ident in self.peers:
-            self.sock.send_multipart([ident, body])
+            transport.send_whole(self.sock, [ident, body])  # a ROUTER: never blocks
         return value
 
     def close(self) -> None:

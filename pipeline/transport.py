@@ -210,6 +210,42 @@ class Inbox:
         return msg
 
 
+# --- one message goes out whole -------------------------------------------------------
+# pyzmq runs Python's signal handlers after every frame it sends, even one that
+# went (PyErr_CheckSignals in _check_rc). A handler that raises there (Ctrl-C's
+# KeyboardInterrupt, a worker's Stopped) would leave a message half sent: its
+# peer would take the next message's frames for the rest of it, and closing a
+# socket that holds a half-written message aborts libzmq ("Resource temporarily
+# unavailable (src/session_base.cpp:...)"). So every send goes through
+# send_whole, and the handlers through raise_when_whole.
+_sending = False
+_deferred: BaseException | None = None
+
+
+def send_whole(sock: zmq.Socket, frames: Sequence, copy: bool = True) -> None:
+    """``send_multipart`` without blocking (zmq.Again: nothing went); an
+    exception a signal handler raises meanwhile comes after the last frame."""
+    global _sending, _deferred
+    _sending = True
+    try:
+        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+    finally:
+        _sending = False
+        exc, _deferred = _deferred, None
+        if exc is not None:
+            raise exc  # the signal's exception, in place of any other
+
+
+def raise_when_whole(exc: BaseException) -> None:
+    """For a signal handler: raise ``exc`` now or, in the middle of
+    ``send_whole``, as soon as its message is whole."""
+    global _deferred
+    if _sending:
+        _deferred = exc
+        return
+    raise exc
+
+
 def send(sock: zmq.Socket, msg: Message, control) -> None:
     """Send without blocking forever: while the peer is full (backpressure),
     keep answering the supervisor, so a stop still gets through."""
@@ -217,7 +253,7 @@ def send(sock: zmq.Socket, msg: Message, control) -> None:
     poller = None
     while True:
         try:
-            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            send_whole(sock, frames, copy=False)
             return
         except zmq.Again:
             if poller is None:

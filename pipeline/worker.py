@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Callable
 
-from pipeline import memory, protocol
+from pipeline import memory, protocol, transport
 from pipeline.config import Config
 from pipeline.control import ControlLink
 from pipeline.transport import UNPROTECTED, Net, Stopped, context
@@ -47,7 +47,7 @@ def _terminate(signum, frame) -> None:
     # ends the process by the kernel's default action.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.alarm(3)
-    raise Stopped(f"signal {signum}", outside=True)
+    transport.raise_when_whole(Stopped(f"signal {signum}", outside=True))
 
 
 def placement(args: argparse.Namespace) -> tuple[Net, str, contextlib.AbstractContextManager]:

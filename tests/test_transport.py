@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
 import pytest
 import zmq
 
-from pipeline import protocol, wire
+from pipeline import protocol, transport, wire
 from pipeline.protocol import Message, expect
 from pipeline.transport import MAX_REASONS, Inbox, Net
 
@@ -137,3 +138,51 @@ def test_a_local_run_listens_in_a_private_directory_unless_the_bench_says_otherw
         ctx.term()
     transport.remove_private_dir(unprotected)
     assert (tmp_path / "@").is_dir()
+
+
+# --- a signal never leaves a message half sent -------------------------------------------
+
+class FrameBySocket:
+    """Stands in for a socket: sends frame by frame in Python, as pyzmq does,
+    and raises SIGUSR1 after the first frame has gone (pyzmq runs the
+    handlers after every frame, even one that went)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_multipart(self, frames, flags=0, copy=True):
+        for i, frame in enumerate(frames):
+            self.sent.append(frame)
+            if i == 0:
+                signal.raise_signal(signal.SIGUSR1)
+
+
+@pytest.fixture
+def usr1_raises():
+    """SIGUSR1's handler raises KeyboardInterrupt the way Ctrl-C's does."""
+    old = signal.signal(signal.SIGUSR1, lambda *_: transport.raise_when_whole(KeyboardInterrupt()))
+    yield
+    signal.signal(signal.SIGUSR1, old)
+
+
+def test_a_signal_between_two_frames_is_raised_once_the_message_is_whole(usr1_raises):
+    sock = FrameBySocket()
+    with pytest.raises(KeyboardInterrupt):
+        transport.send_whole(sock, [b"a", b"b", b"c"])
+    assert sock.sent == [b"a", b"b", b"c"]
+    # outside a send it is raised at once; and nothing is left deferred
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGUSR1)
+    quiet = FrameBySocket()
+    quiet.send_multipart = lambda frames, flags=0, copy=True: quiet.sent.extend(frames)
+    transport.send_whole(quiet, [b"x"])  # raises nothing
+    assert quiet.sent == [b"x"]
+
+
+def test_without_send_whole_the_same_signal_cuts_the_message(usr1_raises):
+    # What send_whole is for: the plain call is left with one frame of three.
+    sock = FrameBySocket()
+    with pytest.raises(KeyboardInterrupt):
+        sock.send_multipart([b"a", b"b", b"c"])
+    assert sock.sent == [b"a"]
+
