@@ -59,6 +59,13 @@ class Signals:
         if not self._shield:
             transport.raise_when_whole(KeyboardInterrupt())
 
+    def raise_if_noted(self) -> None:
+        """For a command's waiting loops: the first signal's KeyboardInterrupt
+        again, should the handler's have been lost (raised where Python can
+        only print it, as in a socket's or frame's destructor)."""
+        if self.first is not None and not self._shield:
+            raise KeyboardInterrupt
+
     @contextmanager
     def shielded(self):
         self._shield += 1

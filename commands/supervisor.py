@@ -319,6 +319,7 @@ class Supervisor:
                 raise WorkerFailed(missing[0], f"no {kind!r} from {missing[0]} on "
                                                f"{self.host(missing[0])} in time")
             self._recv(POLL_MS)
+            SIGNALS.raise_if_noted()
             self._check_alive()
 
     # -- the run ---------------------------------------------------------------------
@@ -345,6 +346,7 @@ class Supervisor:
                 self._send(role, self.say.start(peers))
             while len(self.done) < len(self.roles):
                 self._recv(POLL_MS)
+                SIGNALS.raise_if_noted()
                 self._check_alive()
         except KeyboardInterrupt:
             status = "interrupted"
