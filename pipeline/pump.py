@@ -63,6 +63,24 @@ class Pump:
         for port, out in held:
             self.send(port, out)
 
+    @staticmethod
+    def _burst(inbox: Inbox, take: Callable[[Message], None], may: Callable[[], bool],
+               limit: int, grads_waiting: Callable[[], int]) -> bool:
+        """Take up to ``limit`` messages waiting in ``inbox``, each handed to
+        ``take``, while ``may()`` allows and no gradient is waiting
+        (gradients go first, as they would after a poll): one poll for a
+        burst, not each. Returns whether it read the end of the stream."""
+        for _ in range(limit):
+            msg = inbox.recv()
+            if msg is not None:
+                take(msg)
+                if msg.kind == EOF:
+                    return True
+            if (grads_waiting() or not inbox.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
+                    or not may()):
+                break
+        return False
+
     def run(self) -> None:
         """Until the node is finished (the stream has ended and no due
         gradient is still to come)."""
@@ -77,6 +95,12 @@ class Pump:
         lines = [line for line in (grad_line, act_line) if line is not None]
         grads_waiting = ((lambda: self.grads.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
                          if self.grads is not None else (lambda: 0))
+        # Without a delay line a burst of activations to the node; with one, a
+        # message onto the line.
+        take_act, act_burst = (((lambda m: self._call(node.on_activation, m)), DRAIN)
+                               if act_line is None else
+                               ((lambda m: act_line.push(m, time.monotonic())), 1))
+        take_in = lambda m: self._call(node.on_input, m)  # noqa: E731
         while not node.finished:
             # Backpressure: leave activations queued in ZeroMQ while the node
             # may not take them (with a delayed link, while its line is full).
@@ -114,31 +138,12 @@ class Pump:
                     self._call(node.on_gradient, msg)
             if take_input and in_sock in events:
                 # The source's inputs (the synthetic steps), while the rule allows.
-                for _ in range(DRAIN):
-                    msg = self.inputs.recv()
-                    if msg is not None:
-                        self._call(node.on_input, msg)
-                    if (grads_waiting() or not in_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
-                            or not node.may_take_input()):
-                        break
+                self._burst(self.inputs, take_in, node.may_take_input, DRAIN, grads_waiting)
                 if act_line is None:  # the synthetic steps may have changed the rule
                     take = take and node.may_take()
             if take and act_sock in events:
-                # Without a delay line, take every activation waiting while the
-                # schedule allows and no gradient is waiting (gradients go first,
-                # as they would after a poll): one poll for a burst, not each.
-                for _ in range(DRAIN if act_line is None else 1):
-                    msg = self.acts.recv()
-                    if msg is not None:
-                        eof_read = msg.kind == EOF
-                        if act_line is not None:
-                            act_line.push(msg, time.monotonic())
-                        else:
-                            self._call(node.on_activation, msg)
-                    if (eof_read or grads_waiting()
-                            or not act_sock.getsockopt(zmq.EVENTS) & zmq.POLLIN
-                            or not node.may_take()):
-                        break
+                eof_read = self._burst(self.acts, take_act, node.may_take, act_burst,
+                                       grads_waiting)
             if act_line is not None:
                 while act_line.wait_s(time.monotonic()) == 0 and node.may_take():
                     self._call(node.on_activation, act_line.pop())
@@ -152,8 +157,7 @@ def input_inbox(link: ControlLink, cfg, net: Net, node, index: int,
         return None
     names = protocol.data_inboxes(index, cfg.layers, True)
     max_bytes = max_message_bytes(cfg)
-    sock, endpoints["input"] = net.inbox(names.index("input"),
-                                         cfg.input_delay + cfg.max_inflight + 2, max_bytes,
+    sock, endpoints["input"] = net.inbox(names.index("input"), cfg.input_hwm, max_bytes,
                                          protocol.SOURCE)
     return Inbox(sock, link.run_id, max_bytes, node.check_input, link.dropped)
 
