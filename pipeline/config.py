@@ -360,6 +360,12 @@ class Config:
         return self.unlocked and 1 < index <= top
 
     @property
+    def input_hwm(self) -> int:
+        """High-water mark of the source's input links, at both ends: the
+        synthetic steps an unlocked layer may take ahead, and two more."""
+        return self.input_delay + self.max_inflight + 2
+
+    @property
     def input_roles(self) -> list[str]:
         """The roles the source also sends each training batch to, as INPUT."""
         return [layer_role(i, self.layers) for i in range(2, self.layers + 1) if self.unlocks(i)]

@@ -166,7 +166,7 @@ READS = {
     ("eval", False, False, True, True, False, 0): ((False, True), (True, True)),
     ("checkpoint", False, False, False, True, False, 0): ((False, True), (False, True)),
     ("eof", False, False, False, True, False, 0): ((False, True), (False, True)),
-    # at a checkpoint barrier, waiting for due gradients: no synthetic step
+    # at a checkpoint barrier, waiting for its gradients: no synthetic step
     ("act", False, False, True, True, True, 0): ((False, False), (False, False)),
     # the chain has ended
     (None, False, False, False, True, False, 0): ((False, False), (False, False)),

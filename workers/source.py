@@ -18,7 +18,7 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     outs = {"down": net.outbox(*peers["downstream"], hwm=cfg.max_inflight + 2)}
     for role in cfg.input_roles:
         port = protocol.input_port(role)
-        outs[port] = net.outbox(*peers[port], hwm=cfg.input_delay + cfg.max_inflight + 2)
+        outs[port] = net.outbox(*peers[port], hwm=cfg.input_hwm)
     for msg in node.messages():
         link.tick()
         for port, out in node.fan_out(msg):
