@@ -80,6 +80,15 @@ def context() -> zmq.Context:
 ZERO_COPY_BYTES = 1 << 20
 
 
+# A data outbox closes with a short linger, not none. With none, libzmq 4.3
+# refuses its I/O thread the rest of a message it has begun to write, and if
+# the peer's connection drops at that moment (at a stop every role closes at
+# once) it aborts the process ("Resource temporarily unavailable
+# (src/session_base.cpp:233)": session_base_t::clean_pipes). A lingering close
+# lets it finish; a peer that takes nothing costs the exit this long at most.
+OUTBOX_LINGER_MS = 100
+
+
 def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
     s = ctx.socket(kind)
     s.copy_threshold = ZERO_COPY_BYTES
@@ -171,7 +180,9 @@ class Net:
                          data=True, admit=[sender])
 
     def outbox(self, endpoint: str, server_role: str, hwm: int) -> zmq.Socket:
-        return self.connect(zmq.PUSH, endpoint, server_role, hwm)
+        s = self.connect(zmq.PUSH, endpoint, server_role, hwm)
+        s.linger = OUTBOX_LINGER_MS
+        return s
 
 
 class Inbox:

@@ -105,7 +105,8 @@ def serve_placed(role_main: RoleMain, role: str,
             return _serve(role_main, net, control, role, parent_supervises)
     finally:
         # After the guard: each socket closes with its own linger (data sockets
-        # drop what is queued; the control link delivers an error report, and
+        # drop what is queued, outboxes after OUTBOX_LINGER_MS at most; the
+        # control link delivers an error report, and
         # lingers only while the coordinator may still be there to take it,
         # see ControlLink.report_error). zmq_ctx_term waits out that linger
         # where no Python signal handler runs: a last-resort alarm, which
