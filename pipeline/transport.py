@@ -257,14 +257,22 @@ def raise_when_whole(exc: BaseException) -> None:
     raise exc
 
 
+def copies(frames: Sequence) -> bool:
+    """Whether to send ``wire.encode``'s frames by copying: unless one of them
+    is large enough for ZeroMQ to take in place (``ZERO_COPY_BYTES``). A
+    copying send makes no pyzmq Frame object per frame."""
+    return all(f.nbytes < ZERO_COPY_BYTES for f in frames[1:])
+
+
 def send(sock: zmq.Socket, msg: Message, control) -> None:
     """Send without blocking forever: while the peer is full (backpressure),
     keep answering the supervisor, so a stop still gets through."""
     frames = wire.encode(msg)
+    copy = copies(frames)
     poller = None
     while True:
         try:
-            send_whole(sock, frames, copy=False)
+            send_whole(sock, frames, copy=copy)
             return
         except zmq.Again:
             if poller is None:

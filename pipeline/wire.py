@@ -2,7 +2,9 @@
 
 Frame layout of one message (a ZeroMQ multipart message)::
 
-    frame 0      msgpack map, at most MAX_HEADER_BYTES, exactly these keys:
+    frame 0      the header: a data message without meta (every act, input
+                 and grad) has the binary header below; any other message a
+                 msgpack map of at most MAX_HEADER_BYTES with exactly these keys:
                    v  int        PROTOCOL_VERSION
                    k  str        message kind, one of protocol.KINDS
                    r  str        run id (lets a worker drop frames of another run)
@@ -13,11 +15,19 @@ Frame layout of one message (a ZeroMQ multipart message)::
                    m  map        small meta dict with str keys (metrics, config, ...)
     frame 1..n   raw C-order little-endian bytes of array i, one frame per array
 
-msgpack only (bin type on, str map keys); never pickle, so a peer cannot run code here.
+The binary header carries the same fields but meta, little-endian::
+
+    "DNI"  v:u8  kind:u8  n:u8  R:u8  S:u8   run id (R bytes UTF-8)  sender (S bytes)
+    n x [dtype:u8  ndim:u8  ndim x dim:i64]   batch:i64  step:i64
+
+kind and dtype index KIND_CODES and DTYPE_CODES. A msgpack map never starts
+with "D", so the first byte tells the layouts apart. msgpack and struct
+only (bin type on, str map keys); never pickle, so a peer cannot run code here.
 """
 from __future__ import annotations
 
 import math
+import struct
 from typing import Any, Sequence
 
 import msgpack
@@ -26,7 +36,7 @@ import numpy as np
 from pipeline.protocol import KINDS, Message
 from pipeline.protocol import is_int as _is_int
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: data messages have a binary header
 MAX_HEADER_BYTES = 64 * 1024
 MAX_NDIM = 4
 
@@ -50,7 +60,9 @@ def _wire_array(arr: Any, i: int) -> np.ndarray:
 
 
 def encode(msg: Message) -> list:
-    """Message -> [header bytes, one flat byte memoryview per array]; arrays already in wire form are not copied."""
+    """Message -> [header bytes, one C-contiguous little-endian array per
+    array frame, a buffer ZeroMQ sends as is]; arrays already in wire form
+    are not copied."""
     if not msg.meta:
         frames = _encode_data(msg)
         if frames is not None:
@@ -67,27 +79,34 @@ def encode(msg: Message) -> list:
         raise ValueError(f"header cannot be packed with msgpack (check meta): {e}") from e
     # Never emit what decode rejects: run the receiver's checks on our own header.
     _parse_header(memoryview(packed))
-    return [packed, *(_flat(a) for a in arrays)]
+    return [packed, *arrays]
 
 
-def _flat(a: np.ndarray) -> memoryview:
-    # reshape(-1) and view(uint8) are views of a contiguous array: no copy, even for 0-d or empty.
-    return memoryview(a.reshape(-1).view(np.uint8))
-
-
-# A data message's header is the same from batch to batch but for the batch
-# id and the step: its other six fields are packed once per (kind, run,
-# sender, array specs) and the two numbers appended (a msgpack map's keys
-# may come in any order). At most _PREFIXES of them are kept.
-_prefixes: dict[tuple, bytes] = {}
-_PREFIXES = 256
+# --- data messages: a binary header of fixed layout ---------------------------------
+# Everything before a binary header's last 16 bytes (batch, step) is the same
+# from batch to batch of one link: the sender packs it once and the receiver
+# checks it once (each keeps up to _CACHED of them).
+DATA_MAGIC = b"DNI"
+KIND_CODES = ("hello", "config", "ready", "start", "act", "input", "grad", "eval", "eof",
+              "metric", "done", "error", "stopped", "stop", "heartbeat", "checkpoint")
+DTYPE_CODES = ("<f8", "<f4", "<i8", "<i4", "|u1")
+_KIND_CODE = {k: i for i, k in enumerate(KIND_CODES)}
+_DTYPE_CODE = {d: i for i, d in enumerate(DTYPE_CODES)}
+_FIXED = struct.Struct("<3sBBBBB")     # magic, version, kind, n arrays, len(run id), len(sender)
+_SPEC = struct.Struct("<BB")           # dtype, ndim
+_DIM = struct.Struct("<q")
+_TAIL = struct.Struct("<qq")           # batch, step
+_INT64 = 1 << 63
+_CACHED = 256
+_prefixes: dict[tuple, bytes] = {}     # sender: (kind, run, sender, specs) -> packed prefix
+_parsed: dict[bytes, tuple] = {}       # receiver: prefix -> (kind, run, sender, specs)
 
 
 def _encode_data(msg: Message) -> list | None:
     """The frames of a message without meta whose arrays are all in wire
     form, or None to take the general way (which also says what is wrong)."""
     b, t = msg.batch, msg.step
-    if not (type(b) is int and b >= -1 and type(t) is int and t >= 0
+    if not (type(b) is int and -1 <= b < _INT64 and type(t) is int and 0 <= t < _INT64
             and type(msg.run_id) is str and type(msg.sender) is str):
         return None  # (before the cache key: a field of another type may not hash)
     specs = []
@@ -95,38 +114,106 @@ def _encode_data(msg: Message) -> list | None:
         if not (type(a) is np.ndarray and a.flags.c_contiguous and a.ndim <= MAX_NDIM):
             return None
         dtype = a.dtype.str
-        if dtype not in ALLOWED_DTYPES:
+        if dtype not in _DTYPE_CODE:
             return None
         specs.append((dtype, a.shape))
     key = (msg.kind, msg.run_id, msg.sender, *specs)
     prefix = _prefixes.get(key)
     if prefix is None:
-        if msg.kind not in KINDS:
-            return None
-        if len(_prefixes) >= _PREFIXES:
+        prefix = _pack_prefix(msg.kind, msg.run_id, msg.sender, specs)
+        if len(_prefixes) >= _CACHED:
             _prefixes.clear()
-        packer = msgpack.Packer(use_bin_type=True, autoreset=False)
-        packer.pack_map_header(len(_HEADER_KEYS))
-        for k, v in (("v", PROTOCOL_VERSION), ("k", msg.kind), ("r", msg.run_id),
-                     ("s", msg.sender), ("m", {}),
-                     ("a", [[dt, list(shape)] for dt, shape in specs])):
-            packer.pack(k)
-            packer.pack(v)
-        prefix = _prefixes[key] = packer.bytes()
-    header = b"".join((prefix, _B, _packb(b), _T, _packb(t)))
-    if len(header) > MAX_HEADER_BYTES:
-        return None
-    return [header, *(_flat(a) for a in msg.arrays)]
+        _prefixes[key] = prefix
+    if not prefix:
+        return None  # fields the binary header cannot hold
+    return [prefix + _TAIL.pack(b, t), *msg.arrays]
 
 
-_packb = msgpack.Packer(use_bin_type=True).pack
-_B, _T = _packb("b"), _packb("t")
+def _pack_prefix(kind: str, run_id: str, sender: str, specs: list) -> bytes:
+    """The binary header but its batch and step; b"" if these fields need the general way."""
+    try:
+        run, who = run_id.encode(), sender.encode()
+    except UnicodeEncodeError:  # a lone surrogate: msgpack's error names it
+        return b""
+    if kind not in _KIND_CODE or len(specs) > 255 or len(run) > 255 or len(who) > 255:
+        return b""
+    parts = [_FIXED.pack(DATA_MAGIC, PROTOCOL_VERSION, _KIND_CODE[kind], len(specs),
+                         len(run), len(who)), run, who]
+    for dtype, shape in specs:
+        parts.append(_SPEC.pack(_DTYPE_CODE[dtype], len(shape)))
+        parts.extend(_DIM.pack(d) for d in shape)
+    prefix = b"".join(parts)
+    return prefix if len(prefix) + _TAIL.size <= MAX_HEADER_BYTES else b""
+
+
+def _parse_prefix(prefix: bytes) -> tuple:
+    """(kind, run id, sender, ((dtype, shape, bytes), ...)) of a binary
+    header's fixed part; ValueError saying what is wrong with it."""
+    if len(prefix) < _FIXED.size:
+        raise ValueError(f"binary header is {len(prefix) + _TAIL.size} bytes, "
+                         f"too short for its fixed fields")
+    _, version, kind, n, r, s = _FIXED.unpack_from(prefix)
+    if version != PROTOCOL_VERSION:
+        raise ValueError(f"protocol version mismatch: message has v={version}, "
+                         f"this side speaks v={PROTOCOL_VERSION}")
+    if kind >= len(KIND_CODES):
+        raise ValueError(f"unknown message kind code {kind}")
+    at = _FIXED.size + r + s
+    if at > len(prefix):
+        raise ValueError("binary header ends inside its run id or sender")
+    try:
+        run_id = prefix[_FIXED.size:_FIXED.size + r].decode()
+        sender = prefix[_FIXED.size + r:at].decode()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"run id or sender is not UTF-8: {e}") from e
+    specs = []
+    for i in range(n):
+        if at + _SPEC.size > len(prefix):
+            raise ValueError(f"binary header ends inside array spec {i}")
+        code, ndim = _SPEC.unpack_from(prefix, at)
+        at += _SPEC.size
+        if code >= len(DTYPE_CODES):
+            raise ValueError(f"array {i} has unknown dtype code {code}")
+        if ndim > MAX_NDIM:
+            raise ValueError(f"array {i} has {ndim} dims, more than {MAX_NDIM}")
+        if at + ndim * _DIM.size > len(prefix):
+            raise ValueError(f"binary header ends inside array spec {i}")
+        shape = struct.unpack_from(f"<{ndim}q", prefix, at)
+        at += ndim * _DIM.size
+        if any(d < 0 for d in shape):
+            raise ValueError(f"array {i} has a negative dim in shape {list(shape)}")
+        dtype = ALLOWED_DTYPES[DTYPE_CODES[code]]
+        specs.append((dtype, shape, math.prod(shape) * dtype.itemsize))
+    if at != len(prefix):
+        raise ValueError(f"binary header has {len(prefix) - at} bytes after its array specs")
+    return KIND_CODES[kind], run_id, sender, tuple(specs)
+
+
+def _decode_data(head: bytes) -> tuple:
+    """(kind, run id, sender, specs, batch, step) of a binary header."""
+    if len(head) > MAX_HEADER_BYTES:
+        raise ValueError(f"header is {len(head)} bytes, more than MAX_HEADER_BYTES={MAX_HEADER_BYTES}")
+    cut = len(head) - _TAIL.size
+    if cut < 0:
+        raise ValueError(f"binary header is {len(head)} bytes, too short for its fixed fields")
+    prefix = head[:cut]
+    fields = _parsed.get(prefix)
+    if fields is None:
+        fields = _parse_prefix(prefix)  # raises: nothing unchecked is kept
+        if len(_parsed) >= _CACHED:
+            _parsed.clear()
+        _parsed[prefix] = fields
+    batch, step = _TAIL.unpack_from(head, cut)
+    if batch < -1 or step < 0:
+        raise ValueError(f"batch ('b') must be an int >= -1 and step ('t') >= 0, "
+                         f"got {batch} and {step}")
+    return (*fields, batch, step)
 
 
 def _buffer(frame: Any, i: int) -> memoryview:
-    # zmq.Frame exposes its bytes as .buffer; bytes/memoryview/bytearray are buffers themselves.
+    # zmq.Frame, bytes, memoryview and bytearray are buffers themselves.
     try:
-        mv = memoryview(getattr(frame, "buffer", frame))
+        mv = memoryview(frame)
     except TypeError as e:
         raise ValueError(f"frame {i} is a {type(frame).__name__}, not a buffer") from e
     if not mv.c_contiguous:
@@ -227,24 +314,29 @@ def decode(frames: Sequence[Any], *, run_id: str | None = None, max_bytes: int =
     total = sum(v.nbytes for v in views)
     if total > max_bytes:
         raise ValueError(f"message is {total} bytes, more than max_bytes={max_bytes}")
-    h = _parse_header(views[0])
-    if run_id is not None and h["r"] != run_id:
-        raise ValueError(f"foreign run id {h['r']!r} (expected {run_id!r})")
-    specs, bodies = h["a"], views[1:]
-    if len(bodies) != len(specs):
-        raise ValueError(f"header declares {len(specs)} arrays but {len(bodies)} array frames follow")
+    head = views[0]
+    if head[:3] == DATA_MAGIC:  # a data message's binary header
+        kind, run, sender, specs, batch, step = _decode_data(bytes(head))
+        meta: dict = {}
+    else:
+        h = _parse_header(head)
+        kind, run, sender, batch, step, meta = h["k"], h["r"], h["s"], h["b"], h["t"], h["m"]
+        specs = [(ALLOWED_DTYPES[dt], shape, math.prod(shape) * ALLOWED_DTYPES[dt].itemsize)
+                 for dt, shape in h["a"]]  # Python ints: no overflow on hostile shapes
+    if run_id is not None and run != run_id:
+        raise ValueError(f"foreign run id {run!r} (expected {run_id!r})")
+    if len(views) - 1 != len(specs):
+        raise ValueError(f"header declares {len(specs)} arrays but {len(views) - 1} array "
+                         f"frames follow")
     arrays = []
-    for i, ((dtype_str, shape), body) in enumerate(zip(specs, bodies)):
-        dtype = ALLOWED_DTYPES[dtype_str]
-        want = math.prod(shape) * dtype.itemsize  # Python ints: no overflow on hostile shapes
+    for i, (dtype, shape, want) in enumerate(specs):
+        body = views[i + 1]
         if body.nbytes != want:
-            raise ValueError(f"array {i} frame is {body.nbytes} bytes, but shape {shape} "
-                             f"of {dtype_str} needs {want}")
+            raise ValueError(f"array {i} frame is {body.nbytes} bytes, but shape {list(shape)} "
+                             f"of {dtype.str} needs {want}")
         try:
             # Over a read-only view: frames may be writable (zmq.Frame, bytearray), arrays never.
-            arr = np.ndarray(shape, dtype, body.toreadonly())
+            arrays.append(np.ndarray(shape, dtype, body.toreadonly()))
         except (ValueError, OverflowError, TypeError) as e:  # e.g. a zero-size shape, absurd dim
-            raise ValueError(f"array {i} shape {shape} is not representable: {e}") from e
-        arrays.append(arr)
-    return Message(kind=h["k"], run_id=h["r"], batch=h["b"], sender=h["s"], step=h["t"],
-                   arrays=tuple(arrays), meta=h["m"])
+            raise ValueError(f"array {i} shape {list(shape)} is not representable: {e}") from e
+    return Message(kind, run, batch, sender, step, tuple(arrays), meta)

@@ -35,7 +35,7 @@ def _dealer(ctx: zmq.Context, endpoint: str, identity: bytes | None = None) -> z
 
 def _raw(run_id: str, kind: str, sender: str, batch: int, meta: dict) -> list[bytes]:
     """A header as wire.encode writes one, with any meta (even mistyped)."""
-    return [msgpack.packb({"v": 1, "k": kind, "r": run_id, "b": batch, "s": sender, "t": 0,
+    return [msgpack.packb({"v": wire.PROTOCOL_VERSION, "k": kind, "r": run_id, "b": batch, "s": sender, "t": 0,
                            "a": [], "m": meta}, use_bin_type=True)]
 
 

@@ -92,7 +92,7 @@ def _state(cfg, role):
 def take(sup, msg) -> None:
     """Hand the supervisor ``msg`` as its receive loop does: with its size on the wire."""
     from pipeline import wire
-    sup._take(msg, sum(len(f) for f in wire.encode(msg)))
+    sup._take(msg, sum(memoryview(f).nbytes for f in wire.encode(msg)))
 
 
 def test_checkpoints_out_of_turn_or_unfit_are_dropped_and_counted(sup, tmp_path):

@@ -44,8 +44,10 @@ def _assert_same(got: Message, want: Message) -> None:
 # ---------------------------------------------------------------- constants
 
 def test_constants():
-    assert wire.PROTOCOL_VERSION == 1
+    assert wire.PROTOCOL_VERSION == 2
     assert protocol.KINDS == frozenset(ALL_KINDS)
+    assert sorted(wire.KIND_CODES) == sorted(ALL_KINDS)  # every kind, each once
+    assert list(wire.DTYPE_CODES) == WIRE_DTYPES
     assert all(getattr(protocol, k.upper()) == k for k in ALL_KINDS)
     assert sorted(wire.ALLOWED_DTYPES) == sorted(WIRE_DTYPES)
     assert all(wire.ALLOWED_DTYPES[s].str == s for s in WIRE_DTYPES)
@@ -115,7 +117,7 @@ def test_native_dtype_spellings_are_accepted():
 def test_header_layout():
     h = msgpack.unpackb(encode(Message("act", "r", 1, "layer1", 2, (np.zeros((2, 3)),), {"x": 1}))[0],
                         raw=False)
-    assert h == {"v": 1, "k": "act", "r": "r", "b": 1, "s": "layer1", "t": 2,
+    assert h == {"v": 2, "k": "act", "r": "r", "b": 1, "s": "layer1", "t": 2,
                  "a": [["<f8", [2, 3]]], "m": {"x": 1}}
 
 
@@ -124,10 +126,11 @@ def test_header_layout():
 @pytest.mark.parametrize("shape", [(100, 100), (), (0, 3)], ids=str)
 def test_encode_does_not_copy_contiguous_arrays(shape):
     x = _sample("<f8", shape)
-    frame = encode(Message("act", "r", arrays=(x,)))[1]
-    assert isinstance(frame, memoryview) and frame.nbytes == x.nbytes
-    if x.size:
-        assert np.shares_memory(np.frombuffer(frame, np.uint8), x)
+    for meta in ({}, {"general": "way"}):
+        frame = encode(Message("act", "r", arrays=(x,), meta=meta))[1]
+        assert memoryview(frame).nbytes == x.nbytes and memoryview(frame).c_contiguous
+        if x.size:
+            assert np.shares_memory(np.frombuffer(frame, np.uint8), x)
     x[...] = 42.0  # the frame is a view: a write to the array shows through
     assert np.all(np.frombuffer(frame, "<f8") == 42.0)
 
@@ -190,7 +193,7 @@ _DROP = object()
 
 
 def _header(**over) -> bytes:
-    h = {"v": 1, "k": "act", "r": "run", "b": 0, "s": "layer1", "t": 0,
+    h = {"v": 2, "k": "act", "r": "run", "b": 0, "s": "layer1", "t": 0,
          "a": [["<f8", [2, 3]]], "m": {}}
     for k, v in over.items():
         if v is _DROP:
@@ -217,7 +220,7 @@ DECODE_CASES = [
     ("header is int", [msgpack.packb(7)], {}, "msgpack int, not a map"),
     ("oversized header", [_header(m={"x": "y" * 70000}), BODY], {}, "MAX_HEADER_BYTES"),
     ("no version", [_header(v=_DROP), BODY], {}, "no version"),
-    ("wrong version", [_header(v=2), BODY], {}, r"version mismatch.*v=2.*speaks v=1"),
+    ("wrong version", [_header(v=1), BODY], {}, r"version mismatch.*v=1.*speaks v=2"),
     ("bool version", [_header(v=True), BODY], {}, "version mismatch"),
     ("missing key", [_header(m=_DROP), BODY], {}, r"missing \['m'\]"),
     ("extra key", [_header(x=1), BODY], {}, r"extra \[\"'x'\"\]"),
@@ -328,7 +331,7 @@ _msgpack_values = st.recursive(
 )
 # Near-valid headers, so the fuzzer gets past the msgpack layer into the field checks.
 _headers = st.fixed_dictionaries(
-    {"v": st.sampled_from([1, 1, 1, 2, True]), "k": st.sampled_from(ALL_KINDS + ["x", 1]),
+    {"v": st.sampled_from([2, 2, 2, 1, True]), "k": st.sampled_from(ALL_KINDS + ["x", 1]),
      "r": st.text(max_size=4) | st.binary(max_size=2), "b": st.integers(-3, 3) | st.booleans(),
      "s": st.text(max_size=4), "t": st.integers(-2, 3),
      "a": st.lists(st.tuples(st.sampled_from(WIRE_DTYPES + ["|O", ">f8", 3]),
@@ -351,19 +354,23 @@ def test_fuzz_near_valid_headers(header, bodies):
     _check_decode_total([msgpack.packb(header, use_bin_type=True), *bodies])
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.data())
-def test_fuzz_mutated_valid_messages(data):
-    arrays = (_sample("<f8", (2, 3)), _sample("|u1", (4,)))
-    frames = [bytes(f) for f in encode(Message("grad", "r", 1, "layer1", 1, arrays, {"k": [1, 2]}))]
+def _mutated(data, frames: list[bytes]) -> list[bytes]:
+    """One frame of ``frames`` with a byte changed or cut short."""
     i = data.draw(st.integers(0, len(frames) - 1))
     f = bytearray(frames[i])
     if data.draw(st.booleans()) and f:
         f[data.draw(st.integers(0, len(f) - 1))] = data.draw(st.integers(0, 255))
     else:
         f = f[:data.draw(st.integers(0, len(f)))]
-    frames[i] = bytes(f)
-    _check_decode_total(frames)
+    return frames[:i] + [bytes(f)] + frames[i + 1:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_valid_messages(data):
+    arrays = (_sample("<f8", (2, 3)), _sample("|u1", (4,)))
+    frames = [bytes(f) for f in encode(Message("grad", "r", 1, "layer1", 1, arrays, {"k": [1, 2]}))]
+    _check_decode_total(_mutated(data, frames))
 
 
 # ---------------------------------------------------------------- the fast paths
@@ -384,17 +391,100 @@ def test_the_data_header_shortcut_accepts_only_what_the_full_check_accepts(heade
         assert header["m"] != {}  # a valid header without meta takes the shortcut
 
 
+def _binary_header(kind: str, run_id: str, sender: str, specs, batch: int, step: int) -> bytes:
+    """A data message's binary header, byte by byte from the layout in wire's docs."""
+    out = bytearray(b"DNI")
+    out += bytes([2, ALL_KINDS.index(kind), len(specs)])
+    run, who = run_id.encode(), sender.encode()
+    out += bytes([len(run), len(who)]) + run + who
+    for dt, shape in specs:
+        out += bytes([WIRE_DTYPES.index(np.dtype(dt).str), len(shape)])
+        for d in shape:
+            out += d.to_bytes(8, "little", signed=True)
+    return bytes(out + batch.to_bytes(8, "little", signed=True)
+                 + step.to_bytes(8, "little", signed=True))
+
+
+def test_the_binary_header_byte_by_byte():
+    msg = Message("grad", "run-1", 7, "layer2", 300, (_sample("<f4", (2, 3)), _sample("|u1", ())))
+    want = (b"DNI" b"\x02" b"\x06" b"\x02" b"\x05" b"\x06" b"run-1" b"layer2"
+            b"\x01\x02" + (2).to_bytes(8, "little") + (3).to_bytes(8, "little")
+            + b"\x04\x00" + (7).to_bytes(8, "little") + (300).to_bytes(8, "little"))
+    assert bytes(encode(msg)[0]) == want == _binary_header(
+        "grad", "run-1", "layer2", [("<f4", (2, 3)), ("|u1", ())], 7, 300)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(ALL_KINDS), st.text(max_size=6), st.integers(-1, 2 ** 40),
        st.text(max_size=6), st.integers(0, 2 ** 40),
        st.lists(st.tuples(st.sampled_from(WIRE_DTYPES), st.sampled_from(SHAPES)), max_size=3))
-def test_a_data_messages_header_is_the_general_encodings(kind, run_id, batch, sender, step,
-                                                         specs):
+def test_a_data_message_has_the_binary_header_and_decodes_as_the_msgpack_one(
+        kind, run_id, batch, sender, step, specs):
     arrays = tuple(_sample(dt, shape) for dt, shape in specs)
     msg = Message(kind, run_id, batch, sender, step, arrays)
-    assert wire._encode_data(msg) is not None  # the shortcut was taken
-    for _ in range(2):  # the header's packed part made, then reused
-        header = msgpack.unpackb(encode(msg)[0])
-        assert header == {"v": wire.PROTOCOL_VERSION, "k": kind, "r": run_id, "b": batch,
-                          "s": sender, "t": step, "m": {},
-                          "a": [[np.dtype(dt).str, list(shape)] for dt, shape in specs]}
+    general = {"v": 2, "k": kind, "r": run_id, "b": batch, "s": sender, "t": step, "m": {},
+               "a": [[np.dtype(dt).str, list(shape)] for dt, shape in specs]}
+    for _ in range(2):  # the header's fixed part packed and parsed, then reused from the caches
+        frames = encode(msg)
+        assert bytes(frames[0]) == _binary_header(kind, run_id, sender, specs, batch, step)
+        got = decode(frames)
+        _assert_same(got, msg)
+        _assert_same(decode([msgpack.packb(general, use_bin_type=True), *frames[1:]]), got)
+
+
+def test_fields_the_binary_header_cannot_hold_take_the_general_way():
+    for msg in (Message("act", "r" * 256, 1, "layer1"), Message("act", "r", 2 ** 63, "layer1"),
+                Message("act", "r", 1, "s" * 300, 2 ** 64 - 1)):
+        frames = encode(msg)
+        assert bytes(frames[0])[:3] != b"DNI"
+        _assert_same(decode(frames), msg)
+
+
+_GOOD = _binary_header("act", "run", "layer1", [("<f8", (2, 3))], 0, 0)
+_TAIL16 = bytes(16)
+BINARY_CASES = [
+    ("truncated fixed part", [b"DNI\x02\x04", BODY], "too short"),
+    ("no tail", [_GOOD[:-16], BODY], "too short|ends inside|bytes after"),
+    ("wrong version", [b"DNI\x01" + _GOOD[4:], BODY], r"version mismatch.*v=1.*speaks v=2"),
+    ("unknown kind code", [_GOOD[:4] + b"\x10" + _GOOD[5:], BODY], "unknown message kind code 16"),
+    ("run id past the end", [_GOOD[:6] + b"\xff" + _GOOD[7:], BODY], "ends inside its run id"),
+    ("bad utf8 run id", [_GOOD[:8] + b"\xff\xfe\xfd" + _GOOD[11:], BODY], "not UTF-8"),
+    ("unknown dtype code", [_GOOD[:17] + b"\x05" + _GOOD[18:], BODY], "unknown dtype code 5"),
+    ("five dims", [_GOOD[:18] + b"\x05" + _GOOD[19:], BODY], "5 dims"),
+    ("spec past the end", [_GOOD[:18] + b"\x04" + _GOOD[19:], BODY], "ends inside array spec 0"),
+    ("negative dim", [_GOOD[:19] + (-2).to_bytes(8, "little", signed=True) + _GOOD[27:], BODY],
+     "negative dim"),
+    ("bytes after the specs", [_GOOD[:-16] + b"\x00" + _TAIL16, BODY], "1 bytes after"),
+    ("batch below -1", [_GOOD[:-16] + (-2).to_bytes(8, "little", signed=True) + bytes(8), BODY],
+     "batch"),
+    ("negative step", [_GOOD[:-8] + (-1).to_bytes(8, "little", signed=True), BODY], "step"),
+    ("missing array frame", [_GOOD], "declares 1 arrays but 0"),
+    ("short array frame", [_GOOD, BODY[:-1]], r"47 bytes, but shape \[2, 3\]"),
+    ("foreign run id", [_binary_header("act", "x", "layer1", [("<f8", (2, 3))], 0, 0), BODY],
+     "foreign run id 'x'"),
+]
+
+
+@pytest.mark.parametrize("frames, match", [c[1:] for c in BINARY_CASES],
+                         ids=[c[0] for c in BINARY_CASES])
+def test_decode_rejects_binary(frames, match):
+    assert decode([_GOOD, BODY], run_id="run").arrays[0].shape == (2, 3)  # one edit away
+    with pytest.raises(ValueError, match=match):
+        decode(frames, run_id="run")
+
+
+def test_a_rejected_binary_header_is_not_remembered():
+    bad = _GOOD[:17] + b"\x05" + _GOOD[18:]
+    for _ in range(3):  # the receiver's cache keeps checked fields only
+        with pytest.raises(ValueError, match="dtype code"):
+            decode([bad, BODY])
+    assert bytes(bad)[:-16] not in wire._parsed
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_binary_messages(data):
+    arrays = (_sample("<f8", (2, 3)), _sample("|u1", (4,)))
+    frames = [bytes(f) for f in encode(Message("act", "r", 1, "layer1", 1, arrays))]
+    assert frames[0][:3] == b"DNI"
+    _check_decode_total(_mutated(data, frames))
