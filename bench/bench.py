@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
+from bench import targets  # noqa: E402
 from pipeline import protocol, transport, wire  # noqa: E402
 
 WIRE_CASES = [("10x128 f64", (10, 128), np.float64),
@@ -86,6 +87,11 @@ def _time_hops(ways: dict, n: int, rounds: int = 20) -> dict[str, list[float]]:
     return times
 
 
+def _send_ours(sock: zmq.Socket, msg: protocol.Message) -> None:
+    frames = wire.encode(msg)  # as transport.send, without its backpressure loop
+    transport.send_whole(sock, frames, copy=transport.copies(frames))
+
+
 def bench_wire(n: int) -> list[dict]:
     ctx = zmq.Context()
     rows = []
@@ -99,7 +105,7 @@ def bench_wire(n: int) -> list[dict]:
             oa, ob = _pair(ctx, ours=True)
             reps = max(100, n // max(1, arr.nbytes // 100_000))  # fewer hops of big messages
             t = _time_hops({  # ours as the pipeline sends and receives (transport.send, Inbox)
-                "ours": (lambda: oa.send_multipart(wire.encode(msg), copy=False),
+                "ours": (lambda: _send_ours(oa, msg),
                          lambda: wire.decode(ob.recv_multipart(copy=False), run_id="bench")),
                 "zero": (lambda: a.send_multipart(raw, copy=False),
                          lambda: b.recv_multipart(copy=False)),
@@ -109,11 +115,13 @@ def bench_wire(n: int) -> list[dict]:
             # Per round: ours against the faster raw way; the median round.
             ratio = float(np.median([o / min(z, c) for o, z, c in
                                      zip(t["ours"], t["zero"], t["copied"])]))
+            to_copying = float(np.median([o / c for o, c in zip(t["ours"], t["copied"])]))
             ours, zero, copied = (float(np.median(t[k])) for k in ("ours", "zero", "copied"))
             nbytes = arr.nbytes + labels.nbytes
             rows.append({"case": name, "bytes": nbytes, "ours_us": ours * 1e6,
                          "raw_zero_copy_us": zero * 1e6, "raw_copy_us": copied * 1e6,
-                         "ratio": ratio, "ours_MBps": nbytes / ours / 1e6})
+                         "ratio": ratio, "ratio_to_copying": to_copying,
+                         "ours_MBps": nbytes / ours / 1e6})
     finally:
         ctx.term()
     return rows
@@ -183,7 +191,11 @@ def bench_pipeline(name: str, task: list[str], rounds: int) -> dict:
                                         "cpu_ms_per_batch": None, "status": s["status"]})
             elif label not in rows or (rows[label]["batches_per_s"] or 0) < s["batches_per_s"]:
                 rows[label] = {"batches_per_s": s["batches_per_s"], "wall_s": s["wall_s"],
-                               "cpu_ms_per_batch": _cpu_ms_per_batch(s)}
+                               "cpu_ms_per_batch": _cpu_ms_per_batch(s),
+                               # where a batch's CPU goes, process by process
+                               "cpu_ms_per_batch_by_role": {
+                                   role: t / s["batches"] * 1e3
+                                   for role, t in s["cpu_s"].items()}}
     bps = {k: v["batches_per_s"] for k, v in rows.items()}
     cpu = {k: v["cpu_ms_per_batch"] for k, v in rows.items()}
     ref = bps["reference dni (1 thread)"]
@@ -333,6 +345,11 @@ def bench_protection(tasks: dict[str, list[str]], repeats: int) -> dict:
     return out
 
 
+def _get_roles(results: dict, name: str) -> dict | None:
+    run = results.get(name, {}).get("runs", {}).get("pipeline dni") or {}
+    return run.get("cpu_ms_per_batch_by_role")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions and batches")
@@ -348,7 +365,8 @@ def main() -> int:
         for r in results["wire"]:
             print(f"  {r['case']:>14}: ours {r['ours_us']:8.1f} us, raw pyzmq zero-copy "
                   f"{r['raw_zero_copy_us']:8.1f} us, copying {r['raw_copy_us']:8.1f} us: "
-                  f"ratio {r['ratio']:.2f} to the faster (median round), "
+                  f"ratio {r['ratio']:.2f} to the faster, {r['ratio_to_copying']:.2f} to "
+                  f"copying (median round), "
                   f"{r['ours_MBps']:.0f} MB/s")
     if "pipeline" in parts:
         print("pipeline throughput", flush=True)
@@ -371,6 +389,15 @@ def main() -> int:
             {"seed task": ["--epochs", "200" if a.quick else "800"],
              "heavy": HEAVY + ["--mode", "dni", "--examples", "25600", "--epochs", "1"]},
             2 if a.quick else 6)
+    results["targets"] = targets.judge(results, os.cpu_count() or 1)
+    print("targets (issue #14), from this run", flush=True)
+    print("\n".join(targets.show(results["targets"])))
+    for name in ("seed task", "compute-heavy"):
+        roles = _get_roles(results, name)
+        if roles:
+            print(f"  where a batch's CPU goes, {name}, pipeline dni: " + ", ".join(
+                f"{role} {ms:.2f}" for role, ms in roles.items()) + " ms; reference "
+                f"{results[name]['runs']['reference dni (1 thread)']['cpu_ms_per_batch']:.2f} ms")
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {a.out}")
     return 0

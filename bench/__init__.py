@@ -1,0 +1,1 @@
+"""The benchmark (``python bench/bench.py``) and its targets."""

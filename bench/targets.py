@@ -1,0 +1,84 @@
+"""The performance targets (issue #14), judged from one ``bench.py`` run's results.
+
+``judge(results, cores)`` is pure: it takes the results dict that
+``bench.py`` writes and returns one row per target (what, the threshold, the
+measured ratio, met or not, and for a target not met the bound the run's own
+CPU accounting puts on it). Parts of the benchmark that were not run give
+rows with ``measured`` None.
+"""
+from __future__ import annotations
+
+WIRE_CASE, SMALL_CASE = "64x256 f32", "10x128 f64"
+
+
+def _get(d: dict | None, *keys):
+    for k in keys:
+        if not isinstance(d, dict) or d.get(k) is None:
+            return None
+        d = d[k]
+    return d
+
+
+def _row(target: str, measured: float | None, threshold: float, higher: bool,
+         bound: str = "") -> dict:
+    met = None if measured is None else (measured >= threshold if higher
+                                         else measured <= threshold)
+    return {"target": target, "threshold": threshold, "at_least": higher,
+            "measured": measured, "met": met, "bound": bound if met is False else ""}
+
+
+def _runs(results: dict, task: str) -> dict:
+    return _get(results, task, "runs") or {}
+
+
+def judge(results: dict, cores: int) -> list[dict]:
+    rows = []
+    heavy = _runs(results, "compute-heavy")
+    ratio = _get(results, "compute-heavy", "ratios", "pipeline dni / reference dni")
+    cpu = _get(results, "compute-heavy", "ratios", "cpu per batch, pipeline dni / reference dni")
+    # The pipeline keeps at most every core busy: it can gain at most
+    # cores / (its CPU per batch over the reference's).
+    cap = f"{cores} cores / CPU per batch {cpu:.2f}x the reference's = {cores / cpu:.2f}x" \
+        if cpu else ""
+    rows.append(_row("compute-heavy: pipeline DNI / one-thread reference", ratio, 1.85, True,
+                     cap))
+    one = _get(heavy, "reference dni (1 thread)", "batches_per_s")
+    every = _get(heavy, "reference dni (all threads)", "batches_per_s")
+    gain = every / one if one and every else None
+    rows.append(_row("compute-heavy: pipeline DNI / reference with all BLAS threads",
+                     _get(results, "compute-heavy", "ratios",
+                          "pipeline dni / reference dni with all BLAS threads"), 1.3, True,
+                     f"{cap} / the reference's own gain from all threads {gain:.2f}x = "
+                     f"{cores / cpu / gain:.2f}x" if cpu and gain else ""))
+    seed_cpu = _get(results, "seed task", "ratios", "cpu per batch, pipeline dni / reference dni")
+    rows.append(_row("seed task: pipeline DNI / reference", _get(
+        results, "seed task", "ratios", "pipeline dni / reference dni"), 1.0, True,
+        f"{cores} cores / CPU per batch {seed_cpu:.2f}x the reference's = "
+        f"{cores / seed_cpu:.2f}x" if seed_cpu else ""))
+    wire = {r["case"]: r for r in results.get("wire") or []}
+    rows.append(_row(f"wire {WIRE_CASE} (64 KiB) / raw pyzmq, the faster way",
+                     _get(wire, WIRE_CASE, "ratio"), 1.2, False))
+    rows.append(_row(f"wire {SMALL_CASE} / raw pyzmq's copying send",
+                     _get(wire, SMALL_CASE, "ratio_to_copying"), 1.0, False))
+    deep = [r for r in results.get("scaling") or []
+            if r["task"] == "seed task" and r["layers"] == 16]
+    rows.append(_row("seed task with --layers 16 runs (1 = it did)",
+                     (1.0 if deep[0]["ratio"] is not None else 0.0) if deep else None, 1.0, True))
+    growth = [p["growth_mb"] for p in (_get(results, "memory", "processes") or {}).values()]
+    rows.append(_row("memory: largest growth of a layer's resident size over the run, MiB",
+                     max(growth) if growth else None, 5.0, False))
+    return rows
+
+
+def show(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        if r["measured"] is None:
+            out.append(f"  {r['target']}: not measured in this run")
+            continue
+        sign = ">=" if r["at_least"] else "<="
+        verdict = "met" if r["met"] else "NOT MET"
+        out.append(f"  {r['target']}: {r['measured']:.2f} (target {sign} {r['threshold']:g}) "
+                   f"{verdict}" + (f"; bound from this run's CPU: {r['bound']}"
+                                   if r["bound"] else ""))
+    return out

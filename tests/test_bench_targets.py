@@ -1,0 +1,59 @@
+"""bench/targets.py: each target judged from a results dict written by hand."""
+from __future__ import annotations
+
+import pytest
+
+from bench import targets
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _results(**over) -> dict:
+    r = {
+        "wire": [{"case": "10x128 f64", "ratio": 1.10, "ratio_to_copying": 0.98},
+                 {"case": "64x256 f32", "ratio": 1.25, "ratio_to_copying": 1.30}],
+        "compute-heavy": {
+            "runs": {"reference dni (1 thread)": {"batches_per_s": 4.0},
+                     "reference dni (all threads)": {"batches_per_s": 6.0}},
+            "ratios": {"pipeline dni / reference dni": 1.70,
+                       "pipeline dni / reference dni with all BLAS threads": 1.7 * 4 / 6,
+                       "cpu per batch, pipeline dni / reference dni": 1.25}},
+        "seed task": {"runs": {}, "ratios": {"pipeline dni / reference dni": 0.5,
+                                             "cpu per batch, pipeline dni / reference dni": 4.0}},
+        "scaling": [{"task": "seed task", "layers": 16, "ratio": 0.4},
+                    {"task": "compute-heavy", "layers": 16, "ratio": 1.5}],
+        "memory": {"processes": {"layer1": {"growth_mb": 0.1}, "output": {"growth_mb": 6.5}}},
+    }
+    r.update(over)
+    return r
+
+
+
+def test_every_target_is_judged_with_its_bound():
+    rows = targets.judge(_results(), cores=2)
+    got = [(r["measured"], r["threshold"], r["met"]) for r in rows]
+    assert got == [(1.70, 1.85, False), (pytest.approx(1.7 * 4 / 6), 1.3, False),
+                   (0.5, 1.0, False), (1.25, 1.2, False), (0.98, 1.0, True),
+                   (1.0, 1.0, True), (6.5, 5.0, False)]
+    # The bounds: 2 cores / 1.25 = 1.60; over the reference's own gain 6/4 = 1.07; 2 / 4 = 0.50.
+    assert "= 1.60x" in rows[0]["bound"]
+    assert "1.50x = 1.07x" in rows[1]["bound"]
+    assert "= 0.50x" in rows[2]["bound"]
+    assert rows[4]["bound"] == ""  # met: nothing to explain
+
+
+def test_a_failed_deep_run_and_missing_parts():
+    rows = targets.judge(_results(scaling=[{"task": "seed task", "layers": 16, "ratio": None}]),
+                         cores=2)
+    assert (rows[5]["measured"], rows[5]["met"]) == (0.0, False)
+    empty = targets.judge({}, cores=2)
+    assert all(r["measured"] is None and r["met"] is None for r in empty)
+    assert all("not measured" in line for line in targets.show(empty))
+
+
+def test_show_says_met_or_not_with_the_direction():
+    lines = targets.show(targets.judge(_results(), cores=2))
+    assert lines[0].endswith("bound from this run's CPU: 2 cores / CPU per batch 1.25x the "
+                             "reference's = 1.60x")
+    assert "1.70 (target >= 1.85) NOT MET" in lines[0]
+    assert "0.98 (target <= 1) met" in lines[4]
