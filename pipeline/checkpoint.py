@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import optim
-from pipeline.layers import Chance, HiddenLayer, OutputLayer, _Pending
+from pipeline.layers import Chance, HiddenLayer, _Pending
+from pipeline.output_layer import OutputLayer
 from pipeline.protocol import OUTPUT, is_count, roles
 from pipeline.rundir import checkpoint_dir
 

@@ -24,7 +24,8 @@ import numpy as np
 from pipeline import data, protocol, schedule, tasks
 from pipeline.checkpoint import layer_state
 from pipeline.config import Config
-from pipeline.layers import HiddenLayer, OutputLayer
+from pipeline.layers import HiddenLayer
+from pipeline.output_layer import OutputLayer
 from pipeline.model import make_hidden, make_output
 from pipeline.protocol import (ACT, CHECKPOINT, EOF, EVAL, GRAD, ActivationCheck, Message,
                                Speaker, expect)

@@ -1,4 +1,5 @@
-"""A layer's state and its updates: weights, SG module, in-flight cache, counters.
+"""A hidden layer's state and its updates: weights, SG module, in-flight
+cache, counters; and what it shares with the output layer (``output_layer``).
 
 Pure numpy: no sockets, no clock (the time comes in as an argument, for the
 staleness in seconds). The node drivers (``pipeline.driver``) call these
@@ -49,11 +50,6 @@ def _since(now: float, then: float | None) -> float | None:
     """Seconds from ``then`` to ``now``; None where ``then`` is unknown (a
     batch restored from a checkpoint, whose forward pass ran before it)."""
     return None if then is None else now - then
-
-
-class Diverged(ValueError):
-    """The loss is no longer a number: the weights have gone to inf or NaN,
-    and nothing further would be worth training or saving."""
 
 
 class Chance:
@@ -393,79 +389,3 @@ class HiddenLayer:
             out.update(self.si.model.params())
         return out
 
-
-class OutputLayer:
-    """The output layer: sigmoid outputs with binary cross-entropy (addition)
-    or softmax with cross-entropy (classification). It computes the loss and
-    the true gradient, and updates with it at once (it has no SG module)."""
-
-    def __init__(self, index: int, fan_in: int, fan_out: int, *, lr: float,
-                 rng: np.random.Generator, update: Chance | None = None,
-                 dtype: np.dtype = np.float64, optimizer: str = "sgd",
-                 softmax: bool = False, momentum: float = 0.0):
-        self.index = index
-        self.softmax = softmax
-        self.update = update or Chance(1.0, rng)
-        self.w, self.b = nn.init_dense(rng, fan_in, fan_out, dtype)
-        self.si = None  # --unlock forward: its InputPredictor (model.make_output)
-        self.opt = optim.make(optimizer, self.weights(), lr, momentum)
-        self.clock = 0
-        self.step = 0
-        self.stats = LayerStats(seed=index)
-
-    def _loss(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int]:
-        """(per-example dl_i/dz_i, batch-mean loss, correct examples); ``y`` is
-        the sum's bits, or one-hot labels under softmax."""
-        z = x @ self.w + self.b
-        if self.softmax:
-            labels = y.argmax(axis=1)
-            return (nn.softmax(z) - y, nn.softmax_ce_loss(z, labels),
-                    nn.correct_classes(z, labels))
-        p = nn.sigmoid(z)
-        return nn.bce_delta(p, y), nn.bce_loss(p, y), nn.exact_matches(p, y)
-
-    def _checked_loss(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int]:
-        dz, loss, correct = self._loss(x, y)
-        if not np.isfinite(loss):
-            raise Diverged(f"training diverged at batch {self.clock}: the loss is {loss} "
-                           f"(activations or weights went to inf or NaN); try a smaller "
-                           f"--lr or --sg-lr")
-        return dz, loss, correct
-
-    def train_step(self, x: np.ndarray, y: np.ndarray, need_dx: bool
-                   ) -> tuple[np.ndarray | None, float, int]:
-        """Forward, loss, update. Returns (dx for upstream, loss, correct examples).
-        Under ``--unlock forward`` this is the synthetic step, on x_hat."""
-        dz, loss, correct = self._checked_loss(x, y)
-        dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
-        _descend(self, {"w": dw, "b": db})
-        self.clock += 1
-        self.stats.forward_batches += 1
-        self.stats.record(Applied(self.clock, None, 0, 0.0))
-        return dx, loss, correct
-
-    def forward_true(self, x: np.ndarray, y: np.ndarray, need_dx: bool,
-                     second_step: bool = False) -> tuple[np.ndarray | None, float, int]:
-        """``--unlock forward``: the true input x of a batch arrived after the
-        layer stepped on a synthetic one (``train_step``). The loss and the
-        count of correct examples of the true chain, and the true gradient dx
-        for the layer below, all with the weights as they are now; with
-        ``second_step`` the layer also updates on it (a weight update, not a
-        batch: the clock stays). Returns (dx, loss, correct examples)."""
-        dz, loss, correct = self._checked_loss(x, y)
-        if second_step:
-            dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
-            _descend(self, {"w": dw, "b": db})
-        else:
-            dx = nn.input_grad(dz, self.w) if need_dx else None
-        return dx, loss, correct
-
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
-        _, loss, correct = self._loss(x, y)
-        return loss, correct
-
-    def weights(self) -> dict[str, np.ndarray]:
-        out = {"w": self.w, "b": self.b}
-        if self.si is not None:
-            out.update(self.si.model.params())
-        return out

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.layers import Chance, HiddenLayer, OutputLayer
+from pipeline.layers import Chance, HiddenLayer
+from pipeline.output_layer import OutputLayer
 from pipeline.stats import InputStats
 from pipeline.synthetic_input import InputPredictor
 

@@ -25,7 +25,8 @@ from typing import Callable, TextIO
 from pipeline import memory, protocol, tasks
 from pipeline.config import Config
 from pipeline.driver import HiddenNode, OutputNode, SourceNode
-from pipeline.layers import Diverged, HiddenLayer, OutputLayer
+from pipeline.layers import HiddenLayer
+from pipeline.output_layer import Diverged, OutputLayer
 from pipeline.protocol import ACT, METRIC, Message
 from pipeline.rundir import RunDir
 from pipeline.sgwatch import SGWatch

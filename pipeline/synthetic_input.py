@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import nn, optim
-from pipeline.layers import HiddenLayer, OutputLayer, sg_quality
+from pipeline.layers import HiddenLayer, sg_quality
+from pipeline.output_layer import OutputLayer
 
 
 class SIModule:

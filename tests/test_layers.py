@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import MODES
-from pipeline.layers import Chance, HiddenLayer, OutputLayer
+from pipeline.layers import Chance, HiddenLayer
+from pipeline.output_layer import OutputLayer
 from pipeline.stats import Applied
 from tests.numeric import numeric_grad, ref_act
 

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import data
 from pipeline.config import MODES, Config
-from pipeline.layers import Diverged
+from pipeline.output_layer import Diverged
 from pipeline.reference import train_reference
 from tests.oracle import (act, initial_weights, max_diff, plain_backprop, plain_dni,
                           plain_stale_backprop, plain_stale_dni)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline import nn
-from pipeline.layers import HiddenLayer, OutputLayer
+from pipeline.layers import HiddenLayer
+from pipeline.output_layer import OutputLayer
 from pipeline.synthetic_input import (InputPredictor, SIModule, synthetic_forward,
                                       synthetic_output_step, true_input_arrives,
                                       true_output_input)
