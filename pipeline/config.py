@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -401,7 +402,7 @@ class Config:
             raise ValueError(f"dataset {self.dataset} not resolved: call tasks.resolve first")
         return [self.features, *self.hidden, self.classes]
 
-    @property
+    @functools.cached_property  # read for every message a layer checks
     def np_dtype(self) -> np.dtype:
         return np.dtype(self.dtype)
 
