@@ -18,7 +18,9 @@ def _results(**over) -> dict:
             "ratios": {"pipeline dni / reference dni": 1.70,
                        "pipeline dni / reference dni with all BLAS threads": 1.7 * 4 / 6,
                        "cpu per batch, pipeline dni / reference dni": 1.25}},
-        "seed task": {"runs": {}, "ratios": {"pipeline dni / reference dni": 0.5,
+        "message_cpu_us": 100.0,
+        "seed task": {"runs": {"reference dni (1 thread)": {"cpu_ms_per_batch": 0.5}},
+                      "ratios": {"pipeline dni / reference dni": 0.5,
                                              "cpu per batch, pipeline dni / reference dni": 4.0}},
         "scaling": [{"task": "seed task", "layers": 16, "ratio": 0.4},
                     {"task": "compute-heavy", "layers": 16, "ratio": 1.5}],
@@ -39,6 +41,8 @@ def test_every_target_is_judged_with_its_bound():
     assert "= 1.60x" in rows[0]["bound"]
     assert "1.50x = 1.07x" in rows[1]["bound"]
     assert "= 0.50x" in rows[2]["bound"]
+    # 0.5 ms of arithmetic + 5 messages x 100 us = 1.0 ms a batch: 2 x 0.5 / 1.0 = 1.00x.
+    assert rows[2]["bound"].endswith("= 1.00 ms a batch, at most 1.00x")
     assert rows[4]["bound"] == ""  # met: nothing to explain
 
 
