@@ -10,8 +10,10 @@ pytestmark = pytest.mark.timeout(30)
 
 def _results(**over) -> dict:
     r = {
-        "wire": [{"case": "10x128 f64", "ratio": 1.10, "ratio_to_copying": 0.98},
-                 {"case": "64x256 f32", "ratio": 1.25, "ratio_to_copying": 1.30}],
+        "wire": [{"case": "10x128 f64", "ratio": 1.10, "ratio_to_copying": 0.98,
+                  "ratio_to_three_frames": 1.0, "ratio_to_one_frame": 1.1},
+                 {"case": "64x256 f32", "ratio": 1.30, "ratio_to_copying": 1.30,
+                  "ratio_to_three_frames": 1.25, "ratio_to_one_frame": 1.4}],
         "compute-heavy": {
             "runs": {"reference dni (1 thread)": {"batches_per_s": 4.0},
                      "reference dni (all threads)": {"batches_per_s": 6.0}},
@@ -42,7 +44,7 @@ def test_every_target_is_judged_with_its_bound():
     assert "1.50x = 1.07x" in rows[1]["bound"]
     assert "= 0.50x" in rows[2]["bound"]
     # 0.5 ms of arithmetic + 5 messages x 100 us = 1.0 ms a batch: 2 x 0.5 / 1.0 = 1.00x.
-    assert rows[2]["bound"].endswith("= 1.00 ms a batch, at most 1.00x")
+    assert rows[2]["bound"].endswith("streamed = 1.00 ms a batch, at most 1.00x")
     assert rows[4]["bound"] == ""  # met: nothing to explain
 
 
@@ -60,4 +62,6 @@ def test_show_says_met_or_not_with_the_direction():
     assert lines[0].endswith("bound from this run's CPU: 2 cores / CPU per batch 1.25x the "
                              "reference's = 1.60x")
     assert "1.70 (target >= 1.85) NOT MET" in lines[0]
-    assert "0.98 (target <= 1) met" in lines[4]
+    assert "0.98 (target <= 1) met (1.10x raw pyzmq's send of the same bytes as one frame)" \
+        in lines[4]
+    assert lines[3].endswith("NOT MET (1.40x raw pyzmq's send of the same bytes as one frame)")
