@@ -46,10 +46,10 @@ PROTOCOL_VERSION = 2  # 2: data messages have a binary header
 MAX_HEADER_BYTES = 64 * 1024
 MAX_NDIM = 4
 
-# Wire dtype string (numpy ``dtype.str``, always little-endian) -> dtype.
-ALLOWED_DTYPES: dict[str, np.dtype] = {
-    np.dtype(s).str: np.dtype(s) for s in ("<f8", "<f4", "<i8", "<i4", "|u1")
-}
+# Wire dtype strings (numpy ``dtype.str``, always little-endian), in the
+# order of their codes in the binary header; and each one's dtype.
+DTYPE_CODES = ("<f8", "<f4", "<i8", "<i4", "|u1")
+ALLOWED_DTYPES: dict[str, np.dtype] = {s: np.dtype(s) for s in DTYPE_CODES}
 _HEADER_KEYS = frozenset("vkrbstam")
 
 
@@ -95,7 +95,6 @@ def encode(msg: Message) -> list:
 DATA_MAGIC = b"DNI"
 KIND_CODES = ("hello", "config", "ready", "start", "act", "input", "grad", "eval", "eof",
               "metric", "done", "error", "stopped", "stop", "heartbeat", "checkpoint")
-DTYPE_CODES = ("<f8", "<f4", "<i8", "<i4", "|u1")
 _KIND_CODE = {k: i for i, k in enumerate(KIND_CODES)}
 _DTYPE_CODE = {d: i for i, d in enumerate(DTYPE_CODES)}
 _FIXED = struct.Struct("<3sBBBBB")     # magic, version, kind, n arrays, len(run id), len(sender)
@@ -159,7 +158,8 @@ def _plan(kind: str, run_id: str, sender: str, specs: list) -> tuple[bytes, tupl
     sizes = [math.prod(shape) * ALLOWED_DTYPES[dtype].itemsize for dtype, shape in specs]
     if not prefix or sum(sizes) > PACK_BYTES:
         return prefix, None
-    start = PACKED_MAGIC + _LEN.pack(len(prefix) - len(DATA_MAGIC) + _TAIL.size) + prefix[3:]
+    rest = prefix[len(DATA_MAGIC):]  # the packed frame repeats the header after its magic
+    start = PACKED_MAGIC + _LEN.pack(len(rest) + _TAIL.size) + rest
     at, pads = len(start) + _TAIL.size, []
     for size in sizes:
         pads.append(bytes(-at % _ALIGN))
