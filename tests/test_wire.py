@@ -1,6 +1,8 @@
 """Tests for pipeline.wire: round trips, zero-copy, every malformed-input rejection, fuzzing."""
 from __future__ import annotations
 
+import contextlib
+
 import msgpack
 import numpy as np
 import pytest
@@ -19,13 +21,23 @@ WIRE_DTYPES = ["<f8", "<f4", "<i8", "<i4", "|u1"]
 SHAPES = [(), (0, 3), (1,), (7,), (2, 3), (1, 2, 3, 4)]
 
 
+@contextlib.contextmanager
+def _unpacked():
+    """Data messages in several frames, however small (packing off; the
+    sender's plans made with packing on are forgotten, and those made without)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(wire, "PACK_BYTES", -1)
+        wire._prefixes.clear()
+        try:
+            yield
+        finally:
+            wire._prefixes.clear()
+
+
 @pytest.fixture
-def unpacked(monkeypatch):
-    """Data messages in several frames, however small (packing off)."""
-    monkeypatch.setattr(wire, "PACK_BYTES", -1)
-    wire._prefixes.clear()
-    yield
-    wire._prefixes.clear()
+def unpacked():
+    with _unpacked():
+        yield
 
 
 def _sample(dtype: str, shape: tuple, seed: int = 0) -> np.ndarray:
@@ -429,13 +441,8 @@ def test_the_binary_header_byte_by_byte(unpacked):
        st.lists(st.tuples(st.sampled_from(WIRE_DTYPES), st.sampled_from(SHAPES)), max_size=3))
 def test_a_data_message_has_the_binary_header_and_decodes_as_the_msgpack_one(
         kind, run_id, batch, sender, step, specs):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(wire, "PACK_BYTES", -1)
-        wire._prefixes.clear()
-        try:
-            _check_binary_and_msgpack_alike(kind, run_id, batch, sender, step, specs)
-        finally:
-            wire._prefixes.clear()
+    with _unpacked():  # (hypothesis: no function-scoped fixture)
+        _check_binary_and_msgpack_alike(kind, run_id, batch, sender, step, specs)
 
 
 def _check_binary_and_msgpack_alike(kind, run_id, batch, sender, step, specs):
@@ -558,13 +565,8 @@ def test_fuzz_mutated_binary_messages(data):
     msg = Message("act", "r", 1, "layer1", 1, arrays)
     packed = [bytes(f) for f in encode(msg)]
     assert len(packed) == 1 and packed[0][:3] == b"DNP"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(wire, "PACK_BYTES", -1)
-        wire._prefixes.clear()
-        try:
-            frames = [bytes(f) for f in encode(msg)]
-        finally:
-            wire._prefixes.clear()
+    with _unpacked():
+        frames = [bytes(f) for f in encode(msg)]
     assert frames[0][:3] == b"DNI"
     _check_decode_total(_mutated(data, frames))
     _check_decode_total(_mutated(data, packed))
