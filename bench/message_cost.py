@@ -73,6 +73,7 @@ def cpu_per_message(n: int = 20000, in_flight: int = 1, rows: int = 10, width: i
                 + _cpu(resource.RUSAGE_CHILDREN) - before_child)
     return used / (n + n // in_flight)
 
+
 if __name__ == "__main__":
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
     for k in (1, 8, 64):
