@@ -234,6 +234,7 @@ def test_ctrl_c_on_mpiexec_is_interrupted_and_resume_under_mpiexec_ends_bit_iden
     pids = job.rank_pids()
     job.proc.send_signal(signal.SIGINT)  # what Ctrl-C at the terminal does
     assert job.wait(30) != 0
+    assert (job.run_dir / "summary.json").exists(), f"no summary; mpiexec said:\n{job.stderr()}"
     s = job.summary()
     assert s["status"] == "interrupted", s
     assert s["epochs_done"] < 300
