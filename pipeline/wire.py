@@ -116,6 +116,7 @@ _LEN = struct.Struct("<H")
 _ALIGN = 8
 _prefixes: dict[tuple, tuple] = {}     # sender: (kind, run, sender, specs) -> (prefix, pads)
 _parsed: dict[bytes, tuple] = {}       # receiver: prefix -> (kind, run, sender, specs)
+_layouts: dict[bytes, tuple] = {}      # receiver: packed start -> (kind, run, sender, arrays, size)
 
 
 def _encode_data(msg: Message) -> list | None:
@@ -227,47 +228,75 @@ def _parse_prefix(prefix: bytes) -> tuple:
     return KIND_CODES[kind], run_id, sender, tuple(specs)
 
 
-def _decode_data(head: bytes) -> tuple:
+def _decode_data(head: memoryview) -> tuple:
     """(kind, run id, sender, specs, batch, step) of a binary header."""
-    if len(head) > MAX_HEADER_BYTES:
-        raise ValueError(f"header is {len(head)} bytes, more than MAX_HEADER_BYTES={MAX_HEADER_BYTES}")
-    cut = len(head) - _TAIL.size
+    if head.nbytes > MAX_HEADER_BYTES:
+        raise ValueError(f"header is {head.nbytes} bytes, more than MAX_HEADER_BYTES={MAX_HEADER_BYTES}")
+    cut = head.nbytes - _TAIL.size
     if cut < 0:
-        raise ValueError(f"binary header is {len(head)} bytes, too short for its fixed fields")
-    prefix = head[:cut]
+        raise ValueError(f"binary header is {head.nbytes} bytes, too short for its fixed fields")
+    prefix = bytes(head[:cut])
     fields = _parsed.get(prefix)
     if fields is None:
         fields = _parse_prefix(prefix)  # raises: nothing unchecked is kept
-        if len(_parsed) >= _CACHED:
-            _parsed.clear()
-        _parsed[prefix] = fields
-    batch, step = _TAIL.unpack_from(head, cut)
-    if batch < -1 or step < 0:
-        raise ValueError(f"batch ('b') must be an int >= -1 and step ('t') >= 0, "
-                         f"got {batch} and {step}")
+        _remember(_parsed, prefix, fields)
+    batch, step = _batch_step(head, cut)
     return (*fields, batch, step)
 
 
+def _remember(cache: dict, key: bytes, value: tuple) -> None:
+    if len(cache) >= _CACHED:
+        cache.clear()
+    cache[key] = value
+
+
+def _batch_step(buf: memoryview, at: int) -> tuple[int, int]:
+    batch, step = _TAIL.unpack_from(buf, at)
+    if batch < -1 or step < 0:
+        raise ValueError(f"batch ('b') must be an int >= -1 and step ('t') >= 0, "
+                         f"got {batch} and {step}")
+    return batch, step
+
+
 def _decode_packed(frame: memoryview, frames: int) -> tuple:
-    """(kind, run id, sender, specs, batch, step, array views) of a packed message."""
+    """(kind, run id, sender, batch, step, arrays) of a packed message (a
+    read-only view). Everything before its batch and step is looked up in
+    the cache: the fields and where each array starts."""
     if frames != 1:
         raise ValueError(f"a packed data message is one frame, got {frames}")
-    if frame.nbytes < len(PACKED_MAGIC) + _LEN.size:
-        raise ValueError(f"packed message is {frame.nbytes} bytes, too short for its header")
+    n = frame.nbytes
+    if n < len(PACKED_MAGIC) + _LEN.size:
+        raise ValueError(f"packed message is {n} bytes, too short for its header")
     (size,) = _LEN.unpack_from(frame, len(PACKED_MAGIC))
     at = len(PACKED_MAGIC) + _LEN.size + size
-    if at > frame.nbytes:
-        raise ValueError(f"packed message is {frame.nbytes} bytes, its header alone needs {at}")
-    fields = _decode_data(DATA_MAGIC + bytes(frame[at - size:at]))
-    bodies = []
-    for _, _, nbytes in fields[3]:
-        at += -at % _ALIGN
-        bodies.append(frame[at:at + nbytes])
-        at += nbytes
-    if at != frame.nbytes:
-        raise ValueError(f"packed message is {frame.nbytes} bytes, but its header and "
-                         f"arrays take {at}")
-    return (*fields, bodies)
+    if at > n:
+        raise ValueError(f"packed message is {n} bytes, its header alone needs {at}")
+    cut = at - _TAIL.size
+    key = bytes(frame[:cut]) if cut >= len(PACKED_MAGIC) + _LEN.size else b""
+    layout = _layouts.get(key)
+    if layout is None:  # raises, if the header is short too
+        kind, run, sender, specs, _, _ = _decode_data(memoryview(DATA_MAGIC + frame[at - size:at]))
+        arrays = []
+        for dtype, shape, nbytes in specs:
+            at += -at % _ALIGN
+            arrays.append((dtype, shape, at))
+            at += nbytes
+        layout = (kind, run, sender, tuple(arrays), at)
+        _remember(_layouts, key, layout)
+    kind, run, sender, arrays, end = layout
+    if end != n:
+        raise ValueError(f"packed message is {n} bytes, but its header and arrays take {end}")
+    batch, step = _batch_step(frame, cut)
+    return kind, run, sender, batch, step, tuple([_array(dtype, shape, frame, start, i)
+                                                  for i, (dtype, shape, start)
+                                                  in enumerate(arrays)])
+
+
+def _array(dtype: np.dtype, shape: tuple, buf: memoryview, start: int, i: int) -> np.ndarray:
+    try:
+        return np.ndarray(shape, dtype, buf, start)
+    except (ValueError, OverflowError, TypeError) as e:  # e.g. a zero-size shape, absurd dim
+        raise ValueError(f"array {i} shape {list(shape)} is not representable: {e}") from e
 
 
 def _buffer(frame: Any, i: int) -> memoryview:
@@ -278,6 +307,8 @@ def _buffer(frame: Any, i: int) -> memoryview:
         raise ValueError(f"frame {i} is a {type(frame).__name__}, not a buffer") from e
     if not mv.c_contiguous:
         raise ValueError(f"frame {i} is not a contiguous buffer")
+    if mv.format != "B" or mv.ndim != 1:  # e.g. an array: as bytes, which slices count
+        mv = mv.cast("B") if mv.nbytes else memoryview(b"")
     return mv
 
 
@@ -355,13 +386,14 @@ def decode(frames: Sequence[Any], *, run_id: str | None = None, max_bytes: int =
         raise ValueError(f"message is {total} bytes, more than max_bytes={max_bytes}")
     head = views[0]
     magic = head[:3]
+    if magic == PACKED_MAGIC:  # a data message in one frame
+        kind, run, sender, batch, step, arrays = _decode_packed(head.toreadonly(), len(views))
+        if run_id is not None and run != run_id:
+            raise ValueError(f"foreign run id {run!r} (expected {run_id!r})")
+        return Message(kind, run, batch, sender, step, arrays, {})
     if magic == DATA_MAGIC:  # a data message's binary header
-        kind, run, sender, specs, batch, step = _decode_data(bytes(head))
+        kind, run, sender, specs, batch, step = _decode_data(head.toreadonly())
         meta: dict = {}
-        bodies = views[1:]
-    elif magic == PACKED_MAGIC:  # a data message in one frame
-        kind, run, sender, specs, batch, step, bodies = _decode_packed(head, len(views))
-        meta = {}
     elif magic[:1] == b"D":
         raise ValueError(f"unknown binary header {bytes(magic)!r} (a peer of another "
                          f"protocol version than {PROTOCOL_VERSION}?)")
@@ -370,7 +402,7 @@ def decode(frames: Sequence[Any], *, run_id: str | None = None, max_bytes: int =
         kind, run, sender, batch, step, meta = h["k"], h["r"], h["s"], h["b"], h["t"], h["m"]
         specs = [(ALLOWED_DTYPES[dt], shape, math.prod(shape) * ALLOWED_DTYPES[dt].itemsize)
                  for dt, shape in h["a"]]  # Python ints: no overflow on hostile shapes
-        bodies = views[1:]
+    bodies = views[1:]
     if run_id is not None and run != run_id:
         raise ValueError(f"foreign run id {run!r} (expected {run_id!r})")
     if len(bodies) != len(specs):
@@ -381,9 +413,6 @@ def decode(frames: Sequence[Any], *, run_id: str | None = None, max_bytes: int =
         if body.nbytes != want:
             raise ValueError(f"array {i} frame is {body.nbytes} bytes, but shape {list(shape)} "
                              f"of {dtype.str} needs {want}")
-        try:
-            # Over a read-only view: frames may be writable (zmq.Frame, bytearray), arrays never.
-            arrays.append(np.ndarray(shape, dtype, body.toreadonly()))
-        except (ValueError, OverflowError, TypeError) as e:  # e.g. a zero-size shape, absurd dim
-            raise ValueError(f"array {i} shape {list(shape)} is not representable: {e}") from e
+        # Over a read-only view: frames may be writable (zmq.Frame, bytearray), arrays never.
+        arrays.append(_array(dtype, shape, body.toreadonly(), 0, i))
     return Message(kind, run, batch, sender, step, tuple(arrays), meta)

@@ -558,6 +558,16 @@ def test_a_rejected_binary_header_is_not_remembered():
     assert bytes(bad)[:-16] not in wire._parsed
 
 
+def test_a_rejected_packed_header_is_not_remembered():
+    bad = _PACKED[:5] + b"\x01" + _PACKED[6:]  # its header's version
+    for _ in range(3):
+        with pytest.raises(ValueError, match="version mismatch"):
+            decode([bad])
+    decode([_PACKED])
+    cut = 5 + int.from_bytes(_PACKED[3:5], "little") - 16  # up to its batch and step
+    assert _PACKED[:cut] in wire._layouts and bad[:cut] not in wire._layouts
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.data())
 def test_fuzz_mutated_binary_messages(data):
