@@ -82,6 +82,10 @@ class Job:
         self.err.seek(0)
         return self.err.read()
 
+    def stdout(self) -> str:
+        self.out.seek(0)
+        return self.out.read()
+
     def wait_for(self, predicate, what: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -240,7 +244,7 @@ def test_ctrl_c_on_mpiexec_is_interrupted_and_resume_under_mpiexec_ends_bit_iden
     assert s["epochs_done"] < 300
     assert_all_gone(pids)
     again = mpi(5, "--resume", str(job.run_dir))
-    assert again.wait() == 0, again.stderr()
+    assert again.wait() == 0, f"{again.stderr()}\nstdout:\n{again.stdout()}"
     assert again.summary()["status"] == "completed"
     cfg = Config(layers=3, lockstep=True, epochs=300, checkpoint_every=10, seed=3)
     assert_bit_identical(Weights(job.run_dir), reference_weights(cfg))
