@@ -76,7 +76,8 @@ class SGModule:
         loss, dv, dc = nn.sg_grads(acts[-1], pred, target)
         names = list(self.params())
         grads = {names[-2]: dv, names[-1]: dc}
-        delta = (pred - target) @ self.layers[-1][0].T  # per-example d(loss_i)/d(acts[-1])
+        if len(self.layers) > 1:  # (a linear module has no hidden layer to carry it to)
+            delta = (pred - target) @ self.layers[-1][0].T  # per-example d(loss_i)/d(acts[-1])
         for i in range(len(self.layers) - 2, -1, -1):
             dz = delta * nn.activation_slope("relu", acts[i + 1])
             w = self.layers[i][0]
