@@ -138,9 +138,7 @@ def _encode_data(msg: Message) -> list | None:
     plan = _prefixes.get(key)
     if plan is None:
         plan = _plan(msg.kind, msg.run_id, msg.sender, specs)
-        if len(_prefixes) >= _CACHED:
-            _prefixes.clear()
-        _prefixes[key] = plan
+        _remember(_prefixes, key, plan)
     prefix, pads = plan
     if not prefix:
         return None  # fields the binary header cannot hold
