@@ -206,7 +206,7 @@ class Inbox:
 
     def recv(self) -> Message | None:
         """One message (the caller knows one is waiting), or None if dropped."""
-        frames = self.sock.recv_multipart(copy=False)
+        frames = recv_frames(self.sock)
         try:
             msg = wire.decode(frames, run_id=self.run_id, max_bytes=self.max_bytes)
             self.check(msg)
@@ -219,6 +219,15 @@ class Inbox:
                          "more kinds of bad message; no longer logged, still counted")
             return None
         return msg
+
+
+def recv_frames(sock: zmq.Socket) -> list[zmq.Frame]:
+    """The frames of one message, without copying them. Most data messages
+    are one frame (``wire.PACK_BYTES``): its own flag says whether more
+    follow, where ``recv_multipart`` asks the socket (a getsockopt, several
+    us when the thread has just woken)."""
+    first = sock.recv(copy=False)
+    return [first, *sock.recv_multipart(copy=False)] if first.more else [first]
 
 
 # --- one message goes out whole -------------------------------------------------------
@@ -239,7 +248,10 @@ def send_whole(sock: zmq.Socket, frames: Sequence, copy: bool = True) -> None:
     global _sending, _deferred
     _sending = True
     try:
-        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
+        if len(frames) == 1:  # (send_multipart's Python loop and checks cost a few us)
+            sock.send(frames[0], flags=zmq.NOBLOCK, copy=copy)
+        else:
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=copy)
     finally:
         _sending = False
         exc, _deferred = _deferred, None

@@ -285,9 +285,12 @@ def _decode_packed(frame: memoryview, frames: int) -> tuple:
     if end != n:
         raise ValueError(f"packed message is {n} bytes, but its header and arrays take {end}")
     batch, step = _batch_step(frame, cut)
-    return kind, run, sender, batch, step, tuple([_array(dtype, shape, frame, start, i)
-                                                  for i, (dtype, shape, start)
-                                                  in enumerate(arrays)])
+    try:  # one comprehension, not a call per array: this runs for every small message
+        built = tuple([np.ndarray(shape, dtype, frame, start) for dtype, shape, start in arrays])
+    except (ValueError, OverflowError, TypeError):
+        built = tuple(_array(dtype, shape, frame, start, i)  # raises, saying which array
+                      for i, (dtype, shape, start) in enumerate(arrays))
+    return kind, run, sender, batch, step, built
 
 
 def _array(dtype: np.dtype, shape: tuple, buf: memoryview, start: int, i: int) -> np.ndarray:

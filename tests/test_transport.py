@@ -60,6 +60,18 @@ def test_inbox_passes_good_and_counts_bad_messages(pair):
     assert "run id" in logged[1] and "[2, 5]" in logged[2] and "rows" in logged[3]
 
 
+def test_recv_frames_takes_one_whole_message_of_one_or_several_frames(pair):
+    sock, out = pair
+    sent = [[b"one"], [b"a", b"bb", b"ccc"], [b"two"]]
+    for frames in sent:
+        out.send_multipart(frames)
+    got = []
+    for _ in sent:
+        assert sock.poll(5000), "nothing arrived"
+        got.append([f.bytes for f in transport.recv_frames(sock)])
+    assert got == sent
+
+
 def test_inbox_logs_each_reason_once_and_at_most_a_few(pair):
     sock, out = pair
     logged: list[str] = []
@@ -150,11 +162,14 @@ class FrameBySocket:
     def __init__(self):
         self.sent = []
 
+    def send(self, frame, flags=0, copy=True):
+        self.sent.append(frame)
+        if len(self.sent) == 1:
+            signal.raise_signal(signal.SIGUSR1)
+
     def send_multipart(self, frames, flags=0, copy=True):
-        for i, frame in enumerate(frames):
-            self.sent.append(frame)
-            if i == 0:
-                signal.raise_signal(signal.SIGUSR1)
+        for frame in frames:
+            self.send(frame, flags, copy)
 
 
 @pytest.fixture
@@ -174,9 +189,17 @@ def test_a_signal_between_two_frames_is_raised_once_the_message_is_whole(usr1_ra
     with pytest.raises(KeyboardInterrupt):
         signal.raise_signal(signal.SIGUSR1)
     quiet = FrameBySocket()
-    quiet.send_multipart = lambda frames, flags=0, copy=True: quiet.sent.extend(frames)
+    quiet.send = lambda frame, flags=0, copy=True: quiet.sent.append(frame)
     transport.send_whole(quiet, [b"x"])  # raises nothing
-    assert quiet.sent == [b"x"]
+    transport.send_whole(quiet, [b"y", b"z"])
+    assert quiet.sent == [b"x", b"y", b"z"]
+
+
+def test_a_signal_during_a_one_frame_send_is_raised_after_it(usr1_raises):
+    sock = FrameBySocket()
+    with pytest.raises(KeyboardInterrupt):
+        transport.send_whole(sock, [b"packed"])  # (sent with send, not send_multipart)
+    assert sock.sent == [b"packed"]
 
 
 def test_without_send_whole_the_same_signal_cuts_the_message(usr1_raises):
