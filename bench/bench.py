@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from bench import message_cost, targets  # noqa: E402
+from bench import message_cost, targets, wire_parts  # noqa: E402
 from pipeline import memory, protocol, transport, wire  # noqa: E402
 
 WIRE_CASES = [("10x128 f64", (10, 128), np.float64),
@@ -53,19 +53,6 @@ HEAVY = ["--layers", "4", "--hidden", "1024", "--batch-size", "256", "--lr", "0.
 
 
 # --- 1. the wire ------------------------------------------------------------------
-
-def _pair(ctx: zmq.Context, ours: bool = False) -> tuple[zmq.Socket, zmq.Socket]:
-    """A PUSH/PULL pair on loopback: pyzmq's defaults, or ``ours`` (the
-    pipeline's socket options: transport._socket)."""
-    if ours:
-        a, b = transport._socket(ctx, zmq.PUSH, 1000), transport._socket(ctx, zmq.PULL, 1000)
-    else:
-        a, b = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
-    a.linger = b.linger = 0
-    b.bind("tcp://127.0.0.1:0")  # the kernel picks the port
-    a.connect(b.getsockopt_string(zmq.LAST_ENDPOINT))
-    return a, b
-
 
 def _time_hops(ways: dict, n: int, rounds: int = 20) -> dict[str, list[float]]:
     """Seconds per message of each way to send it (a (send, recv) pair),
@@ -109,8 +96,8 @@ def bench_wire(n: int) -> list[dict]:
                                            [(a.dtype.str, a.shape) for a in msg.arrays]))
             raw = [head + bytes(16), arr.tobytes(), labels.tobytes()]
             one = b"".join(raw)  # the same bytes as one frame, joined beforehand
-            a, b = _pair(ctx)
-            oa, ob = _pair(ctx, ours=True)
+            a, b = wire_parts.pair(ctx)
+            oa, ob = wire_parts.pair(ctx, ours=True)
             reps = max(100, n // max(1, arr.nbytes // 100_000))  # fewer hops of big messages
             t = _time_hops({  # ours as the pipeline sends and receives (transport.send, Inbox)
                 "ours": (lambda: _send_ours(oa, msg),
@@ -384,6 +371,9 @@ def main() -> int:
                   f"one frame {r['raw_one_frame_us']:7.1f} us: ratio {r['ratio']:.2f} to the "
                   f"fastest, {r['ratio_to_copying']:.2f} to three copied frames (median "
                   f"round), {r['ours_MBps']:.0f} MB/s")
+        print("  10x128 f64, part by part (wire_parts.py), median us a message:", flush=True)
+        results["wire_parts"] = wire_parts.measure(10, 128, 2000 if a.quick else 20000)
+        print("\n".join(wire_parts.show(results["wire_parts"])))
     if "pipeline" in parts:
         print("pipeline throughput", flush=True)
         heavy = HEAVY + ["--examples", "25600", "--epochs", "1" if a.quick else "2"]

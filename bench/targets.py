@@ -3,7 +3,8 @@
 ``judge(results, cores)`` is pure: it takes the results dict that
 ``bench.py`` writes and returns one row per target (what, the threshold, the
 measured ratio, met or not, and for a target not met the bound the run's own
-CPU accounting puts on it). Parts of the benchmark that were not run give
+CPU accounting puts on it, or the run's split of a small message, and where
+the profile of its time is). Parts of the benchmark that were not run give
 rows with ``measured`` None.
 """
 from __future__ import annotations
@@ -12,6 +13,10 @@ WIRE_CASE, SMALL_CASE = "64x256 f32", "10x128 f64"
 # Data messages a batch of the seed task (3 weight layers) takes: an
 # activation into each weight layer, a gradient out of each above the first.
 SEED_MESSAGES = 5
+# Where a missed target's time goes, beyond what one run's figures say.
+HEAVY_PROFILE = ("by layer and function: docs/bench/compute-profile.md "
+                 "(python bench/threads.py, py-spy)")
+SEED_PROFILE = "by thread and function: docs/bench/seed-profile.md (python bench/threads.py, py-spy)"
 
 
 def _get(d: dict | None, *keys):
@@ -45,15 +50,16 @@ def judge(results: dict, cores: int) -> list[dict]:
     cap = f"{cores} cores / CPU per batch {cpu:.2f}x the reference's = {cores / cpu:.2f}x" \
         if cpu else ""
     rows.append(_row("compute-heavy: pipeline DNI / one-thread reference", ratio, 1.85, True,
-                     cap))
+                     f"bound from this run's CPU: {cap}; {HEAVY_PROFILE}" if cap else ""))
     one = _get(heavy, "reference dni (1 thread)", "batches_per_s")
     every = _get(heavy, "reference dni (all threads)", "batches_per_s")
     gain = every / one if one and every else None
     rows.append(_row("compute-heavy: pipeline DNI / reference with all BLAS threads",
                      _get(results, "compute-heavy", "ratios",
                           "pipeline dni / reference dni with all BLAS threads"), 1.3, True,
-                     f"{cap} / the reference's own gain from all threads {gain:.2f}x = "
-                     f"{cores / cpu / gain:.2f}x" if cpu and gain else ""))
+                     f"bound from this run's CPU: {cap} / the reference's own gain from all "
+                     f"threads {gain:.2f}x = {cores / cpu / gain:.2f}x; {HEAVY_PROFILE}"
+                     if cpu and gain else ""))
     seed_cpu = _get(results, "seed task", "ratios", "cpu per batch, pipeline dni / reference dni")
     bound = (f"{cores} cores / CPU per batch {seed_cpu:.2f}x the reference's = "
              f"{cores / seed_cpu:.2f}x" if seed_cpu else "")
@@ -65,6 +71,8 @@ def judge(results: dict, cores: int) -> list[dict]:
         bound += (f"; with no cost of ours at all, the reference's {ref_ms:.2f} ms of "
                   f"arithmetic + {SEED_MESSAGES} messages x {message_us:.0f} us of raw pyzmq "
                   f"streamed = {floor:.2f} ms a batch, at most {cores * ref_ms / floor:.2f}x")
+    if bound:
+        bound = f"bound from this run's CPU: {bound}; {SEED_PROFILE}"
     rows.append(_row("seed task: pipeline DNI / reference", _get(
         results, "seed task", "ratios", "pipeline dni / reference dni"), 1.0, True, bound))
     # The wire against raw pyzmq sending the same bytes as we do, header and
@@ -79,8 +87,14 @@ def judge(results: dict, cores: int) -> list[dict]:
     rows.append(_row(f"wire {WIRE_CASE} (64 KiB) / raw pyzmq, the faster of its multipart ways",
                      _get(wire, WIRE_CASE, "ratio_to_three_frames"), 1.2, False,
                      note=one_frame(WIRE_CASE)))
+    parts = results.get("wire_parts")
+    split = (f"where it goes, one in flight: our encode {parts['encode']:.1f} us and decode "
+             f"{parts['decode']:.1f} us (warm: {parts['warm_encode']:.1f} and "
+             f"{parts['warm_decode']:.1f}); send and receive of our one frame "
+             f"{parts['send'] + parts['receive']:.1f} us against raw pyzmq's three copied "
+             f"frames {parts['raw_send'] + parts['raw_receive']:.1f} us" if parts else "")
     rows.append(_row(f"wire {SMALL_CASE} / raw pyzmq's copying multipart send",
-                     _get(wire, SMALL_CASE, "ratio_to_copying"), 1.0, False,
+                     _get(wire, SMALL_CASE, "ratio_to_copying"), 1.0, False, split,
                      note=one_frame(SMALL_CASE)))
     deep = [r for r in results.get("scaling") or []
             if r["task"] == "seed task" and r["layers"] == 16]
@@ -101,8 +115,8 @@ def show(rows: list[dict]) -> list[str]:
         sign = ">=" if r["at_least"] else "<="
         verdict = "met" if r["met"] else "NOT MET"
         out.append(f"  {r['target']}: {r['measured']:.2f} (target {sign} {r['threshold']:g}) "
-                   f"{verdict}" + (f"; bound from this run's CPU: {r['bound']}"
-                                   if r["bound"] else "") + (f" ({r['note']})" if r["note"] else ""))
+                   f"{verdict}" + (f"; {r['bound']}" if r["bound"] else "")
+                   + (f" ({r['note']})" if r["note"] else ""))
     return out
 
 

@@ -6,6 +6,7 @@ our encode, send, receive and decode against raw pyzmq's copying send and
 receive of the same bytes in three frames; and our encode and decode again
 in a tight loop, where they run warm. The difference between the two is
 what running cold after each wait costs. Medians of per-message times.
+``bench.py`` calls ``measure`` for the small-message target's explanation.
 """
 from __future__ import annotations
 
@@ -19,8 +20,20 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from bench.bench import _pair  # noqa: E402
 from pipeline import memory, protocol, transport, wire  # noqa: E402
+
+
+def pair(ctx: zmq.Context, ours: bool = False) -> tuple[zmq.Socket, zmq.Socket]:
+    """A PUSH/PULL pair on loopback: pyzmq's defaults, or ``ours`` (the
+    pipeline's socket options: transport._socket)."""
+    if ours:
+        a, b = transport._socket(ctx, zmq.PUSH, 1000), transport._socket(ctx, zmq.PULL, 1000)
+    else:
+        a, b = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    a.linger = b.linger = 0
+    b.bind("tcp://127.0.0.1:0")  # the kernel picks the port
+    a.connect(b.getsockopt_string(zmq.LAST_ENDPOINT))
+    return a, b
 
 
 def _parts(steps: list, n: int) -> list[float]:
@@ -42,7 +55,9 @@ def _warm(fn, n: int) -> float:
     return (time.perf_counter_ns() - start) / n / 1e3
 
 
-def main(rows: int = 10, width: int = 128, n: int = 20000) -> None:
+def measure(rows: int = 10, width: int = 128, n: int = 20000) -> dict[str, float]:
+    """Median us a message of each part: ours (encode, send, receive,
+    decode), raw pyzmq's (send, receive), and our encode and decode warm."""
     memory.tune_allocator()  # as every worker does
     ctx = zmq.Context()
     arr = np.random.default_rng(0).standard_normal((rows, width))
@@ -51,8 +66,8 @@ def main(rows: int = 10, width: int = 128, n: int = 20000) -> None:
     head = bytes(wire._pack_prefix(msg.kind, msg.run_id, msg.sender,
                                    [(a.dtype.str, a.shape) for a in msg.arrays]))
     raw = [head + bytes(16), arr.tobytes(), labels.tobytes()]
-    a, b = _pair(ctx)
-    oa, ob = _pair(ctx, ours=True)
+    a, b = pair(ctx)
+    oa, ob = pair(ctx, ours=True)
     got: list = []
     frames: list = []
     ours = [lambda: frames.__setitem__(slice(None), wire.encode(msg)),
@@ -60,27 +75,37 @@ def main(rows: int = 10, width: int = 128, n: int = 20000) -> None:
             lambda: got.__setitem__(slice(None), ob.recv_multipart(copy=False)),
             lambda: wire.decode(got, run_id="bench")]
     theirs = [lambda: a.send_multipart(raw), lambda: b.recv_multipart()]
-    for steps in (ours, theirs):
-        _parts(steps, 500)  # warm up the connection
-    mine, base = [], []
-    for _ in range(10):  # taking turns, as bench.py does
-        mine.append(_parts(ours, n // 10))
-        base.append(_parts(theirs, n // 10))
-    mine_med, base_med = np.median(mine, axis=0), np.median(base, axis=0)
-    warm_encode = _warm(lambda: wire.encode(msg), n)
-    oa.send_multipart(wire.encode(msg))
-    sample = ob.recv_multipart(copy=False)
-    warm_decode = _warm(lambda: wire.decode(sample, run_id="bench"), n)
-    print(f"{rows}x{width} f64 and {rows}x8 labels, one in flight, median us a message:")
-    print(f"  ours:     encode {mine_med[0]:6.1f} (warm {warm_encode:4.1f}), send "
-          f"{mine_med[1]:6.1f}, receive {mine_med[2]:6.1f}, decode {mine_med[3]:6.1f} "
-          f"(warm {warm_decode:4.1f}); total {mine_med.sum():6.1f}")
-    print(f"  raw pyzmq, three frames copied: send {base_med[0]:6.1f}, receive "
-          f"{base_med[1]:6.1f}; total {base_med.sum():6.1f}")
-    for s in (a, b, oa, ob):
-        s.close()
-    ctx.term()
+    try:
+        for steps in (ours, theirs):
+            _parts(steps, 500)  # warm up the connection
+        mine, base = [], []
+        for _ in range(10):  # taking turns, as bench.py does
+            mine.append(_parts(ours, n // 10))
+            base.append(_parts(theirs, n // 10))
+        m, r = np.median(mine, axis=0), np.median(base, axis=0)
+        out = {"encode": m[0], "send": m[1], "receive": m[2], "decode": m[3],
+               "raw_send": r[0], "raw_receive": r[1],
+               "warm_encode": _warm(lambda: wire.encode(msg), n)}
+        oa.send_multipart(wire.encode(msg))
+        sample = ob.recv_multipart(copy=False)
+        out["warm_decode"] = _warm(lambda: wire.decode(sample, run_id="bench"), n)
+    finally:
+        for s in (a, b, oa, ob):
+            s.close()
+        ctx.term()
+    return {k: float(v) for k, v in out.items()}
+
+
+def show(p: dict[str, float]) -> list[str]:
+    ours = p["encode"] + p["send"] + p["receive"] + p["decode"]
+    return [f"  ours:     encode {p['encode']:6.1f} (warm {p['warm_encode']:4.1f}), send "
+            f"{p['send']:6.1f}, receive {p['receive']:6.1f}, decode {p['decode']:6.1f} "
+            f"(warm {p['warm_decode']:4.1f}); total {ours:6.1f}",
+            f"  raw pyzmq, three frames copied: send {p['raw_send']:6.1f}, receive "
+            f"{p['raw_receive']:6.1f}; total {p['raw_send'] + p['raw_receive']:6.1f}"]
 
 
 if __name__ == "__main__":
-    main(*(int(x) for x in sys.argv[1:3]))
+    rows, width = (int(x) for x in (sys.argv[1:3] or (10, 128)))
+    print(f"{rows}x{width} f64 and {rows}x8 labels, one in flight, median us a message:")
+    print("\n".join(show(measure(rows, width))))

@@ -44,8 +44,21 @@ def test_every_target_is_judged_with_its_bound():
     assert "1.50x = 1.07x" in rows[1]["bound"]
     assert "= 0.50x" in rows[2]["bound"]
     # 0.5 ms of arithmetic + 5 messages x 100 us = 1.0 ms a batch: 2 x 0.5 / 1.0 = 1.00x.
-    assert rows[2]["bound"].endswith("streamed = 1.00 ms a batch, at most 1.00x")
+    assert "streamed = 1.00 ms a batch, at most 1.00x; " in rows[2]["bound"]
+    assert "seed-profile.md" in rows[2]["bound"] and "compute-profile.md" in rows[1]["bound"]
     assert rows[4]["bound"] == ""  # met: nothing to explain
+
+
+def test_a_missed_small_message_target_says_where_its_time_goes():
+    wire = [{"case": "10x128 f64", "ratio_to_copying": 1.1, "ratio_to_one_frame": 1.3}]
+    parts = {"encode": 17.0, "send": 160.0, "receive": 290.0, "decode": 30.0,
+             "raw_send": 163.0, "raw_receive": 297.0, "warm_encode": 6.0, "warm_decode": 8.0}
+    row = targets.judge(_results(wire=wire, wire_parts=parts), cores=2)[4]
+    assert (row["measured"], row["met"]) == (1.1, False)
+    assert row["bound"] == ("where it goes, one in flight: our encode 17.0 us and decode 30.0 us "
+                            "(warm: 6.0 and 8.0); send and receive of our one frame 450.0 us "
+                            "against raw pyzmq's three copied frames 460.0 us")
+    assert targets.judge(_results(wire=wire), cores=2)[4]["bound"] == ""  # no split measured
 
 
 def test_a_failed_deep_run_and_missing_parts():
@@ -59,8 +72,8 @@ def test_a_failed_deep_run_and_missing_parts():
 
 def test_show_says_met_or_not_with_the_direction():
     lines = targets.show(targets.judge(_results(), cores=2))
-    assert lines[0].endswith("bound from this run's CPU: 2 cores / CPU per batch 1.25x the "
-                             "reference's = 1.60x")
+    assert ("; bound from this run's CPU: 2 cores / CPU per batch 1.25x the reference's = "
+            "1.60x; by layer and function: docs/bench/compute-profile.md") in lines[0]
     assert "1.70 (target >= 1.85) NOT MET" in lines[0]
     assert "0.98 (target <= 1) met (1.10x raw pyzmq's send of the same bytes as one frame)" \
         in lines[4]
