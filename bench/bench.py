@@ -91,17 +91,14 @@ def bench_wire(n: int) -> list[dict]:
         for name, shape, dtype in WIRE_CASES:
             arr = np.random.default_rng(0).standard_normal(shape).astype(dtype)
             labels = np.zeros((shape[0], 8), dtype)
-            msg = wire.Message(protocol.ACT, "bench", batch=1, sender="layer1", arrays=(arr, labels))
-            head = bytes(wire._pack_prefix(msg.kind, msg.run_id, msg.sender,
-                                           [(a.dtype.str, a.shape) for a in msg.arrays]))
-            raw = [head + bytes(16), arr.tobytes(), labels.tobytes()]
+            msg, raw = wire_parts.message(arr, labels)
             one = b"".join(raw)  # the same bytes as one frame, joined beforehand
             a, b = wire_parts.pair(ctx)
             oa, ob = wire_parts.pair(ctx, ours=True)
             reps = max(100, n // max(1, arr.nbytes // 100_000))  # fewer hops of big messages
             t = _time_hops({  # ours as the pipeline sends and receives (transport.send, Inbox)
                 "ours": (lambda: _send_ours(oa, msg),
-                         lambda: wire.decode(ob.recv_multipart(copy=False), run_id="bench")),
+                         lambda: wire_parts.receive(ob)),
                 "zero": (lambda: a.send_multipart(raw, copy=False),
                          lambda: b.recv_multipart(copy=False)),
                 "copied": (lambda: a.send_multipart(raw), lambda: b.recv_multipart()),

@@ -36,6 +36,21 @@ def pair(ctx: zmq.Context, ours: bool = False) -> tuple[zmq.Socket, zmq.Socket]:
     return a, b
 
 
+def message(arr: np.ndarray, labels: np.ndarray) -> tuple[wire.Message, list[bytes]]:
+    """An activation message of ``arr`` and ``labels``, and raw pyzmq's
+    frames of the same bytes: the binary header (batch and step zero), then
+    each array in a frame of its own."""
+    msg = wire.Message(protocol.ACT, "bench", batch=1, sender="layer1", arrays=(arr, labels))
+    head = bytes(wire._pack_prefix(msg.kind, msg.run_id, msg.sender,
+                                   [(a.dtype.str, a.shape) for a in msg.arrays]))
+    return msg, [head + bytes(16), arr.tobytes(), labels.tobytes()]
+
+
+def receive(sock: zmq.Socket) -> wire.Message:
+    """Ours as the pipeline receives it (``transport.Inbox``, without its checks)."""
+    return wire.decode(transport.recv_frames(sock), run_id="bench")
+
+
 def _parts(steps: list, n: int) -> list[float]:
     """Median microseconds of each step of a message, over n messages."""
     times = np.empty((n, len(steps)))
@@ -62,17 +77,14 @@ def measure(rows: int = 10, width: int = 128, n: int = 20000) -> dict[str, float
     ctx = zmq.Context()
     arr = np.random.default_rng(0).standard_normal((rows, width))
     labels = np.zeros((rows, 8))
-    msg = wire.Message(protocol.ACT, "bench", batch=1, sender="layer1", arrays=(arr, labels))
-    head = bytes(wire._pack_prefix(msg.kind, msg.run_id, msg.sender,
-                                   [(a.dtype.str, a.shape) for a in msg.arrays]))
-    raw = [head + bytes(16), arr.tobytes(), labels.tobytes()]
+    msg, raw = message(arr, labels)
     a, b = pair(ctx)
     oa, ob = pair(ctx, ours=True)
     got: list = []
     frames: list = []
     ours = [lambda: frames.__setitem__(slice(None), wire.encode(msg)),
             lambda: transport.send_whole(oa, frames, copy=transport.copies(frames)),
-            lambda: got.__setitem__(slice(None), ob.recv_multipart(copy=False)),
+            lambda: got.__setitem__(slice(None), transport.recv_frames(ob)),
             lambda: wire.decode(got, run_id="bench")]
     theirs = [lambda: a.send_multipart(raw), lambda: b.recv_multipart()]
     try:
@@ -87,7 +99,7 @@ def measure(rows: int = 10, width: int = 128, n: int = 20000) -> dict[str, float
                "raw_send": r[0], "raw_receive": r[1],
                "warm_encode": _warm(lambda: wire.encode(msg), n)}
         oa.send_multipart(wire.encode(msg))
-        sample = ob.recv_multipart(copy=False)
+        sample = transport.recv_frames(ob)
         out["warm_decode"] = _warm(lambda: wire.decode(sample, run_id="bench"), n)
     finally:
         for s in (a, b, oa, ob):
