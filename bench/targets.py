@@ -64,6 +64,13 @@ def judge(results: dict, cores: int) -> list[dict]:
     bound = (f"{cores} cores / CPU per batch {seed_cpu:.2f}x the reference's = "
              f"{cores / seed_cpu:.2f}x" if seed_cpu else "")
     ref_ms = _get(results, "seed task", "runs", "reference dni (1 thread)", "cpu_ms_per_batch")
+    pipe_ms = _get(results, "seed task", "runs", "pipeline dni", "cpu_ms_per_batch")
+    sup_ms = _get(results, "seed task", "runs", "pipeline dni", "cpu_ms_per_batch_by_role",
+                  "supervisor")
+    if bound and ref_ms and pipe_ms and sup_ms:
+        # CPU per batch leaves the supervisor out; it runs on the same cores.
+        bound += (f"; with the supervisor's {sup_ms:.2f} ms a batch on the same cores, "
+                  f"{cores * ref_ms / (pipe_ms + sup_ms):.2f}x")
     message_us = results.get("message_cpu_us")
     if bound and ref_ms and message_us:
         # Its messages alone, at raw pyzmq's cost, with the reference's arithmetic:

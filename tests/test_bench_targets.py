@@ -46,7 +46,20 @@ def test_every_target_is_judged_with_its_bound():
     # 0.5 ms of arithmetic + 5 messages x 100 us = 1.0 ms a batch: 2 x 0.5 / 1.0 = 1.00x.
     assert "streamed = 1.00 ms a batch, at most 1.00x; " in rows[2]["bound"]
     assert "seed-profile.md" in rows[2]["bound"] and "compute-profile.md" in rows[1]["bound"]
+    assert "supervisor" not in rows[2]["bound"]  # its CPU not measured here
     assert rows[4]["bound"] == ""  # met: nothing to explain
+
+
+def test_the_seed_bound_counts_the_supervisor_beside_the_workers():
+    seed = {"runs": {"reference dni (1 thread)": {"cpu_ms_per_batch": 0.5},
+                     "pipeline dni": {"cpu_ms_per_batch": 2.0,
+                                      "cpu_ms_per_batch_by_role": {"layer1": 2.0,
+                                                                   "supervisor": 0.5}}},
+            "ratios": {"pipeline dni / reference dni": 0.4,
+                       "cpu per batch, pipeline dni / reference dni": 4.0}}
+    bound = targets.judge(_results(**{"seed task": seed}), cores=2)[2]["bound"]
+    # 2 cores x 0.5 ms / (2.0 ms of the workers + 0.5 of the supervisor) = 0.40x
+    assert "= 0.50x; with the supervisor's 0.50 ms a batch on the same cores, 0.40x; " in bound
 
 
 def test_a_missed_small_message_target_says_where_its_time_goes():
