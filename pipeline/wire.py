@@ -367,6 +367,12 @@ def _check_header(h: Any) -> None:
             raise ValueError(f"array {i} has {len(shape)} dims, more than {MAX_NDIM}")
 
 
+def _own_run(run: str, run_id: str | None) -> None:
+    """Refuse a message of another run than ``run_id`` (None: take any)."""
+    if run_id is not None and run != run_id:
+        raise ValueError(f"foreign run id {run!r} (expected {run_id!r})")
+
+
 def decode(frames: Sequence[Any], *, run_id: str | None = None, max_bytes: int = 1 << 30) -> Message:
     """Frames (bytes, memoryview or zmq.Frame) -> Message; any malformed input raises ValueError.
 
@@ -389,8 +395,7 @@ def decode(frames: Sequence[Any], *, run_id: str | None = None, max_bytes: int =
     magic = head[:3]
     if magic == PACKED_MAGIC:  # a data message in one frame
         kind, run, sender, batch, step, arrays = _decode_packed(head.toreadonly(), len(views))
-        if run_id is not None and run != run_id:
-            raise ValueError(f"foreign run id {run!r} (expected {run_id!r})")
+        _own_run(run, run_id)
         return Message(kind, run, batch, sender, step, arrays, {})
     if magic == DATA_MAGIC:  # a data message's binary header
         kind, run, sender, specs, batch, step = _decode_data(head.toreadonly())
@@ -404,8 +409,7 @@ def decode(frames: Sequence[Any], *, run_id: str | None = None, max_bytes: int =
         specs = [(ALLOWED_DTYPES[dt], shape, math.prod(shape) * ALLOWED_DTYPES[dt].itemsize)
                  for dt, shape in h["a"]]  # Python ints: no overflow on hostile shapes
     bodies = views[1:]
-    if run_id is not None and run != run_id:
-        raise ValueError(f"foreign run id {run!r} (expected {run_id!r})")
+    _own_run(run, run_id)
     if len(bodies) != len(specs):
         raise ValueError(f"header declares {len(specs)} arrays but {len(bodies)} array "
                          f"frames follow")
