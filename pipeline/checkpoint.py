@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import optim
-from pipeline.layers import Chance, HiddenLayer, _Pending
+from pipeline.layers import Chance, HiddenLayer, Pending
 from pipeline.output_layer import OutputLayer
 from pipeline.protocol import OUTPUT, is_count, roles
 from pipeline.rundir import checkpoint_dir
@@ -112,7 +112,7 @@ def _load_pending(layer: HiddenLayer, entries: list, arrays: dict[str, np.ndarra
                              f"{widths + [out, out]} of {dtype}")
         used.update([f"pending.{i}.act{j}" for j in range(n)]
                     + [f"pending.{i}.pred", f"pending.{i}.grad"])
-        layer.pending[batch] = _Pending(clock, None, float(act_norm), sg_in=acts[0],
+        layer.pending[batch] = Pending(clock, None, float(act_norm), sg_in=acts[0],
                                         sg_pred=pred, sg_acts=acts, sg_version=int(version))
         layer.arrived[batch] = grad
     extra = sorted(k for k in arrays if k.startswith("pending.") and k not in used)

@@ -1,4 +1,4 @@
-"""The seed task, binary addition, and how an epoch is cut into batches."""
+"""The seed task, binary addition."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +21,3 @@ def addition(bits: int, examples: int, seed: int) -> tuple[np.ndarray, np.ndarra
     b = rng.integers(0, 2 ** (bits - 1), size=examples)
     x = np.concatenate([to_bits(a, bits), to_bits(b, bits)], axis=1)
     return x, to_bits(a + b, bits)
-
-
-def batch_slices(examples: int, batch_size: int) -> list[slice]:
-    """The batches of one epoch, in the seed's fixed order; the last may be short."""
-    return [slice(i, min(i + batch_size, examples)) for i in range(0, examples, batch_size)]

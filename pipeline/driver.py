@@ -1,13 +1,16 @@
 """The node drivers: what each role of the pipeline does with each message.
 
 Socket-free and clock-free: a node takes a message and the time, works on
-its layer, and hands what it has to say to ``send(port, message)``: ``down``
-(activations, to the next role), ``up`` (gradients, to the previous layer)
-or ``link`` (metrics and checkpoints, to the coordinator). It hands each
-message over the moment it is known (a layer's output goes down before its
-own update), so a worker's neighbours start on it at once. The schedule rule
-(which message a layer may read next, when it is done) is the node's:
-``may_take`` and ``finished``, from ``pipeline.schedule``.
+its layer, and hands what it has to say to its *outlet*, given at
+construction: ``outlet(port, message)`` with port ``down`` (activations, to
+the next role), ``up`` (gradients, to the previous layer) or ``link``
+(metrics and checkpoints, to the coordinator). The layer itself never calls
+out: it returns what it computed, phase by phase, and the node sends each
+result the moment it is known (a layer's output goes down before its own
+update, dx up before its weight gradient), so a worker's neighbours start on
+it at once. The schedule rule (which message a layer may read next, when it
+is done) is the node's: ``may_take`` and ``finished``, from
+``pipeline.schedule``.
 
 The worker processes are socket pumps around these nodes
 (``pipeline.pump``); the in-process reference (``pipeline.reference``)
@@ -21,27 +24,78 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from pipeline import data, protocol, schedule, tasks
+from pipeline import protocol, schedule
 from pipeline.checkpoint import layer_state
 from pipeline.config import Config
 from pipeline.layers import HiddenLayer
-from pipeline.output_layer import OutputLayer
 from pipeline.model import make_hidden, make_output
+from pipeline.output_layer import OutputLayer
 from pipeline.protocol import (ACT, CHECKPOINT, EOF, EVAL, GRAD, ActivationCheck, Message,
                                Speaker, expect)
 from pipeline.stats import EpochStats, InputEpoch, LayerEpoch
-from pipeline.synthetic_input import (synthetic_forward, synthetic_output_step,
-                                      true_input_arrives, true_output_input)
+from pipeline.tasks import Task
 from pipeline.unlocked import Streams
 
-Send = Callable[[str, Message], None]  # (port: "down", "up" or "link", message)
+Outlet = Callable[[str, Message], None]  # (port: "down", "up" or "link", message)
 
 
-def _unwired(port: str, msg: Message) -> None:
-    raise RuntimeError(f"node sends {msg.kind} to {port!r} before it is wired to a send")
+class _LayerNode:
+    """What the hidden and the output nodes share: the check of their
+    activation inbox, and under ``--unlock forward`` their place in the two
+    data streams (``pipeline.unlocked``), which decides the inbox to read."""
+
+    def __init__(self, cfg: Config, layer: HiddenLayer | OutputLayer, role: str,
+                 run_id: str, start: float, outlet: Outlet):
+        self.cfg, self.layer, self.role = cfg, layer, role
+        self.say = Speaker(run_id, role)
+        self.outlet = outlet
+        self.start = start
+        self.stream_ended = False
+        d = cfg.dims
+        self.check_activation = ActivationCheck(
+            protocol.upstream(layer.index, cfg.layers), d[layer.index - 1], d[-1],
+            cfg.batch_size, schedule.stream(cfg), cfg.np_dtype)
+        self.streams = Streams(cfg, layer.si) if layer.si is not None else None
+        self.check_input = self.streams.check if self.streams is not None else None
+
+    # -- the schedule: the rule of each kind of node --------------------------------
+    def _take_batch(self) -> bool:
+        """May a new training batch come in (the gradient rule)?"""
+        return True
+
+    def _blocked(self) -> bool:
+        """Is the node held at a checkpoint barrier?"""
+        return False
+
+    def may_take(self) -> bool:
+        """May the next message of the activation inbox be read?"""
+        take = self._take_batch() if self.streams is None else self._reads().act
+        return schedule.may_read(stream_ended=self.stream_ended, at_barrier=self._blocked(),
+                                 take=take)
+
+    def may_take_input(self) -> bool:
+        """May the next message of the input inbox be read (unlocked only)?"""
+        return self.streams is not None and self._reads().input
+
+    def _reads(self) -> schedule.Reads:
+        return self.streams.reads(self.layer.clock, self._take_batch(),
+                                  blocked=self._blocked())
+
+    # -- messages ------------------------------------------------------------------
+    def on_input(self, msg: Message, now: float) -> None:
+        """The source's copy of a training batch: the synthetic step (nothing sent)."""
+        x, y = msg.arrays
+        self.layer.synthetic_step(msg.batch, x, y, now)
+        self.streams.took_input()
+
+    def _expire_guesses(self) -> None:
+        """Unlocked: the synthetic steps whose true input never came (a run
+        cut short; a finished stream takes every one) are counted."""
+        if self.layer.si is not None:
+            self.layer.stats.inputs.expired_inputs += self.layer.si.expire()
 
 
-class HiddenNode:
+class HiddenNode(_LayerNode):
     """A hidden layer: forward each training batch (DNI: update at once with
     the synthetic gradient and send dx up), apply true gradients when they
     are due, pass evaluation batches, barriers and the end of the stream on.
@@ -52,25 +106,16 @@ class HiddenNode:
     and trains the synthetic-input model; ``pipeline.unlocked`` says which
     inbox may be read next."""
 
-    def __init__(self, cfg: Config, index: int, run_id: str = "", start: float = 0.0,
-                 layer: HiddenLayer | None = None):
-        self.cfg, self.index = cfg, index
-        self.layer = layer if layer is not None else make_hidden(cfg, index)
-        self.role = protocol.layer_role(index, cfg.layers)
+    def __init__(self, cfg: Config, index: int, outlet: Outlet, run_id: str = "",
+                 start: float = 0.0, layer: HiddenLayer | None = None):
+        layer = layer if layer is not None else make_hidden(cfg, index)
+        super().__init__(cfg, layer, protocol.layer_role(index, cfg.layers), run_id, start,
+                         outlet)
+        self.index = index
         self.down_role = protocol.downstream(index, cfg.layers)
-        self.say = Speaker(run_id, self.role)
-        self.send: Send = _unwired
-        self.start = start
         self.has_up = index > 1
         self.barrier: Message | None = None   # a checkpoint waiting for due gradients
-        self.stream_ended = False
         self.epochs = LayerEpoch(self.role, cfg.batches_per_epoch)
-        d = cfg.dims
-        self.check_activation = ActivationCheck(
-            protocol.upstream(index, cfg.layers), d[index - 1], d[-1], cfg.batch_size,
-            schedule.stream(cfg), cfg.np_dtype)
-        self.streams = Streams(cfg, self.layer.si) if self.layer.si is not None else None
-        self.check_input = self.streams.check if self.streams is not None else None
 
     # -- the schedule --------------------------------------------------------------
     def _take_batch(self) -> bool:
@@ -80,19 +125,8 @@ class HiddenNode:
                                        due_outstanding=layer.due_outstanding(),
                                        max_inflight=c.max_inflight, grad_delay=c.grad_delay)
 
-    def may_take(self) -> bool:
-        """May the next message of the activation inbox be read?"""
-        take = self._take_batch() if self.streams is None else self._reads().act
-        return schedule.may_read(stream_ended=self.stream_ended,
-                                 at_barrier=self.barrier is not None, take=take)
-
-    def may_take_input(self) -> bool:
-        """May the next message of the input inbox be read (unlocked only)?"""
-        return self.streams is not None and self._reads().input
-
-    def _reads(self) -> schedule.Reads:
-        return self.streams.reads(self.layer.clock, self._take_batch(),
-                                  blocked=self.barrier is not None)
+    def _blocked(self) -> bool:
+        return self.barrier is not None
 
     @property
     def finished(self) -> bool:
@@ -115,10 +149,7 @@ class HiddenNode:
 
     # -- messages ------------------------------------------------------------------
     def on_input(self, msg: Message, now: float) -> None:
-        """The source's copy of a training batch: the synthetic step."""
-        x, y = msg.arrays
-        synthetic_forward(self.layer, self.layer.si, msg.batch, x, y, now)
-        self.streams.took_input()
+        super().on_input(msg, now)
         self._settle(now)  # the clock moved: gradients may have become due
 
     def on_activation(self, msg: Message, now: float) -> None:
@@ -126,30 +157,38 @@ class HiddenNode:
         if self.streams is not None:
             self.streams.took_chain(msg.kind)
         if msg.kind == ACT:
-            x, y = msg.arrays
-            b = msg.batch
-            send_h = lambda h: self.send("down", say.act(b, layer.step, h, y))  # noqa: E731
-            send_dx = lambda dx: self.send("up", say.grad(b, layer.step, dx))  # noqa: E731
-            if self.streams is None:
-                layer.forward(b, x, y, need_dx=self.has_up, now=now, send_h=send_h,
-                              send_dx=send_dx)
-            else:
-                a, _, _ = true_input_arrives(layer, layer.si, b, x, y, need_dx=self.has_up,
-                                             second_step=self.cfg.si_second_step,
-                                             send_h=send_h, send_dx=send_dx)
-                layer.stats.inputs.record(a)
-                self.epochs.add_input(a)
+            self._train(msg.batch, *msg.arrays, now)
             self._settle(now)  # the clock moved: gradients may have become due
         elif msg.kind == EVAL:
             x, y = msg.arrays
-            self.send("down", say.evaluation(msg.batch, layer.step, layer.forward_eval(x), y,
-                                             protocol.test_epoch(msg)))
+            self.outlet("down", say.evaluation(msg.batch, layer.step, layer.forward_eval(x), y,
+                                               protocol.test_epoch(msg)))
         elif msg.kind == CHECKPOINT:
             self.barrier = msg  # take nothing more until the barrier may pass
         elif msg.kind == EOF:
-            self.send("down", say.eof(msg.batch))
+            self.outlet("down", say.eof(msg.batch))
             self.stream_ended = True
         self._at_barrier()
+
+    def _train(self, b: int, x: np.ndarray, y: np.ndarray, now: float) -> None:
+        """A training batch from the chain: h down at once, then (DNI) dx up
+        before the layer's own update. Unlocked, it is the true input of a
+        batch the layer already stepped on synthetically."""
+        say, layer = self.say, self.layer
+        unlocked = self.streams is not None
+        h = layer.begin_true(b, x, y) if unlocked else layer.begin(b, x, y, now)
+        self.outlet("down", say.act(b, layer.step, h, y))
+        if not layer.uses_sg:
+            return  # backprop modes: the batch waits for its true gradient
+        dx = layer.synthetic_dx(need_dx=self.has_up)
+        if dx is not None:
+            self.outlet("up", say.grad(b, layer.step, dx))
+        if not unlocked:
+            layer.end()
+            return
+        a = layer.end_true(self.cfg.si_second_step)
+        layer.stats.inputs.record(a)
+        self.epochs.add_input(a)
 
     def on_gradient(self, msg: Message, now: float) -> None:
         if protocol.is_lost(msg):
@@ -165,29 +204,36 @@ class HiddenNode:
         guesses whose true input never came); returns the layer's counters
         and weights."""
         self.layer.expire()
-        _expire_guesses(self.layer)
+        self._expire_guesses()
         event = self.epochs.flush(now - self.start)
         if event:
-            self.send("link", self.say.metric(event))
+            self.outlet("link", self.say.metric(event))
         return self.layer.stats.as_dict(), self.layer.weights()
 
     def _settle(self, now: float) -> None:
+        """Apply every true gradient that has come and is due, oldest first
+        (backprop modes: each dx up before its update)."""
         say, layer = self.say, self.layer
         if not layer.arrived:
             return  # nothing to apply (the common case right after a forward pass)
         if self.streams is not None and self.streams.owed(layer.clock):
             return  # a step's true input comes before its gradients (schedule.input_owed)
-        up = (lambda b, dx: self.send("up", say.grad(b, layer.step, dx))) if self.has_up else None
-        for a in layer.apply_ready(need_dx=self.has_up, now=now, send_dx=up):
+        applied = []
+        while (batch := layer.next_due()) is not None:
+            dx = None if layer.uses_sg else layer.backward_dx(batch, need_dx=self.has_up)
+            if dx is not None:
+                self.outlet("up", say.grad(batch, layer.step, dx))
+            applied.append(layer.apply(batch, now, dx))
+        for a in applied:
             event = self.epochs.add(a, now - self.start)
             if event:
-                self.send("link", say.metric(event))
+                self.outlet("link", say.metric(event))
 
     def _lost_upstream(self, batch: int) -> None:
         # Backprop modes: no gradient for this batch will go up; say so, or
         # the layer above would wait for it forever.
         if not self.layer.uses_sg and self.has_up:
-            self.send("up", self.say.lost(batch, self.layer.step))
+            self.outlet("up", self.say.lost(batch, self.layer.step))
 
     def _at_barrier(self) -> None:
         """Save this layer's state to the coordinator once the barrier may
@@ -199,54 +245,25 @@ class HiddenNode:
             return
         msg, self.barrier = self.barrier, None
         epoch = protocol.epoch(msg)
-        self.send("link", self.say.state(epoch, *layer_state(self.layer)))
-        self.send("down", self.say.barrier(msg.batch, epoch))
+        self.outlet("link", self.say.state(epoch, *layer_state(self.layer)))
+        self.outlet("down", self.say.barrier(msg.batch, epoch))
 
 
-class OutputNode:
+class OutputNode(_LayerNode):
     """The output layer: loss, true gradient up, its own update; the test
     split's evaluation after every epoch; the final evaluation pass, whose
     result goes to the coordinator at the end of the stream."""
 
-    def __init__(self, cfg: Config, run_id: str = "", start: float = 0.0,
+    def __init__(self, cfg: Config, outlet: Outlet, run_id: str = "", start: float = 0.0,
                  layer: OutputLayer | None = None):
-        self.cfg = cfg
-        self.layer = layer if layer is not None else make_output(cfg)
-        self.role = protocol.OUTPUT
-        self.say = Speaker(run_id, self.role)
-        self.send: Send = _unwired
-        self.start = start
-        self.stream_ended = False
+        layer = layer if layer is not None else make_output(cfg)
+        super().__init__(cfg, layer, protocol.OUTPUT, run_id, start, outlet)
         self.batches = 0            # training batches done
         self.train_s = 0.0          # when the last training epoch ended
         self.stats, self.evaluation, self.test = EpochStats(), EpochStats(), EpochStats()
         self.last_test: dict = {}
         self.held: list[dict] = []  # an epoch's event, until its test split is evaluated
         self.input_epoch = InputEpoch()  # --unlock forward: the epoch's true inputs
-        d = cfg.dims
-        self.check_activation = ActivationCheck(
-            protocol.upstream(cfg.layers, cfg.layers), d[-2], d[-1], cfg.batch_size,
-            schedule.stream(cfg), cfg.np_dtype)
-        self.streams = Streams(cfg, self.layer.si) if self.layer.si is not None else None
-        self.check_input = self.streams.check if self.streams is not None else None
-
-    def may_take(self) -> bool:
-        if self.streams is None:
-            return not self.stream_ended
-        return not self.stream_ended and self._reads().act
-
-    def may_take_input(self) -> bool:
-        return self.streams is not None and self._reads().input
-
-    def _reads(self) -> schedule.Reads:
-        # No gradient comes back to the output layer: nothing holds a batch back.
-        return self.streams.reads(self.layer.clock, take_batch=True, blocked=False)
-
-    def on_input(self, msg: Message, now: float) -> None:
-        """The source's copy of a training batch: the synthetic step."""
-        x, y = msg.arrays
-        synthetic_output_step(self.layer, self.layer.si, msg.batch, x, y)
-        self.streams.took_input()
 
     @property
     def finished(self) -> bool:
@@ -261,23 +278,15 @@ class OutputNode:
             if self.streams is None:
                 dx, loss, correct = out.train_step(x, y, need_dx=True)
             else:
-                a, dx, loss, correct = true_output_input(out, out.si, msg.batch, x, y,
-                                                         need_dx=True,
-                                                         second_step=cfg.si_second_step)
+                a, dx, loss, correct = out.true_input(msg.batch, x, y, need_dx=True,
+                                                      second_step=cfg.si_second_step)
                 out.stats.inputs.record(a)
                 self.input_epoch.add(a)
             self.batches += 1
-            self.send("up", say.grad(msg.batch, out.step, dx))
+            self.outlet("up", say.grad(msg.batch, out.step, dx))
             self.stats.add(loss, correct, len(y))
             if schedule.ends_epoch(msg.batch, cfg.batches_per_epoch):
-                self.train_s = now - self.start
-                event = self.stats.epoch_event(self.role, schedule.epoch_of(
-                    msg.batch, cfg.batches_per_epoch), self.train_s)
-                event.update(self.input_epoch.take())
-                if cfg.test_examples:
-                    self.held.append(event)
-                else:
-                    self.send("link", say.metric(event))
+                self._end_epoch(msg.batch, now)
         elif msg.kind == EVAL and protocol.test_epoch(msg) is not None:
             x, y = msg.arrays
             self.test.add(*out.evaluate(x, y), len(y))
@@ -285,22 +294,34 @@ class OutputNode:
                 loss, accuracy, _ = self.test.take()
                 self.last_test.update(test_loss=loss, test_accuracy=accuracy)
                 if self.held:  # the epoch just trained (a resumed run trains it first too)
-                    self.send("link", say.metric({**self.held.pop(), **self.last_test}))
+                    self.outlet("link", say.metric({**self.held.pop(), **self.last_test}))
         elif msg.kind == EVAL:
             x, y = msg.arrays
             self.evaluation.add(*out.evaluate(x, y), len(y))
         elif msg.kind == CHECKPOINT:  # nothing in flight here: save at once
-            self.send("link", say.state(protocol.epoch(msg), *layer_state(out)))
+            self.outlet("link", say.state(protocol.epoch(msg), *layer_state(out)))
         elif msg.kind == EOF:
             self.stream_ended = True
             final_loss, accuracy, _ = self.evaluation.take()
-            self.send("link", say.metric({
+            self.outlet("link", say.metric({
                 "event": "final", "role": self.role, "final_loss": final_loss,
                 "train_accuracy": accuracy, "batches": self.batches,
                 "train_s": self.train_s, **self.last_test}))
 
+    def _end_epoch(self, batch: int, now: float) -> None:
+        """The epoch's event, held until its test split is evaluated (if any)."""
+        cfg = self.cfg
+        self.train_s = now - self.start
+        event = self.stats.epoch_event(self.role, schedule.epoch_of(
+            batch, cfg.batches_per_epoch), self.train_s)
+        event.update(self.input_epoch.take())
+        if cfg.test_examples:
+            self.held.append(event)
+        else:
+            self.outlet("link", self.say.metric(event))
+
     def finish(self, now: float) -> tuple[dict, dict[str, np.ndarray]]:
-        _expire_guesses(self.layer)
+        self._expire_guesses()
         return self.layer.stats.as_dict(), self.layer.weights()
 
 
@@ -308,11 +329,12 @@ class SourceNode:
     """The data source: every epoch's training batches (labels ride along),
     after each epoch the test split (when there is one) and a checkpoint
     barrier where one is due, then the evaluation pass over the training set,
-    then the end of the stream."""
+    then the end of the stream. The data comes in (``task``): the node reads
+    no file."""
 
-    def __init__(self, cfg: Config, run_id: str = "", task: tasks.Task | None = None):
+    def __init__(self, cfg: Config, task: Task, run_id: str = ""):
         self.cfg = cfg
-        self.task = task if task is not None else tasks.load(cfg)
+        self.task = task
         self.say = Speaker(run_id, protocol.SOURCE)
         self.batches = cfg.start_epoch * cfg.batches_per_epoch  # a resumed run goes on
 
@@ -330,10 +352,10 @@ class SourceNode:
     def messages(self) -> Iterator[Message]:
         cfg, task, say = self.cfg, self.task, self.say
         # Contiguous arrays: each batch goes on the wire as its own zero-copy frame.
-        test = (_cut(task.test_x, task.test_y, tasks.test_batches(cfg))
+        test = (_cut(task.test_x, task.test_y, schedule.test_batches(cfg))
                 if task.test_x is not None else [])
         for epoch in range(cfg.start_epoch, cfg.epochs):
-            for s in tasks.epoch_batches(cfg, epoch):
+            for s in schedule.epoch_batches(cfg, epoch):
                 yield say.act(self.batches, 0, np.ascontiguousarray(task.x[s]),
                               np.ascontiguousarray(task.y[s]))
                 self.batches += 1
@@ -341,17 +363,10 @@ class SourceNode:
                 yield say.evaluation(i, 0, xb, yb, epoch)
             if schedule.checkpoint_due(epoch, cfg):
                 yield say.barrier(self.batches - 1, epoch)
-        for i, s in enumerate(data.batch_slices(cfg.examples, cfg.batch_size)):
+        for i, s in enumerate(schedule.batch_slices(cfg.examples, cfg.batch_size)):
             yield say.evaluation(i, 0, np.ascontiguousarray(task.x[s]),
                                  np.ascontiguousarray(task.y[s]), None)
         yield say.eof(self.batches)
-
-
-def _expire_guesses(layer: HiddenLayer | OutputLayer) -> None:
-    """Unlocked: the synthetic steps whose true input never came (a run cut
-    short; a finished stream takes every one) are counted."""
-    if layer.si is not None:
-        layer.stats.inputs.expired_inputs += layer.si.expire()
 
 
 def _cut(xs: np.ndarray, ys: np.ndarray, parts: list) -> list[tuple[np.ndarray, np.ndarray]]:

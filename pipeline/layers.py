@@ -2,30 +2,85 @@
 cache, counters; and what it shares with the output layer (``output_layer``).
 
 Pure numpy: no sockets, no clock (the time comes in as an argument, for the
-staleness in seconds). The node drivers (``pipeline.driver``) call these
-classes in the workers and in the in-process reference alike, so the same
-calls in the same order give the same bits. A layer's *clock* counts the
-training batches it has forwarded; a true gradient is applied once it has
-arrived and is *due* (``schedule.is_due``), in batch order.
+staleness in seconds), and no callbacks: a layer returns what it computed
+and its node sends it. A training step comes in phases so that the node can
+send each result the moment it is known (h down before the layer's own
+update, dx up before its weight gradient): ``begin`` (h), ``synthetic_dx``
+(dx), ``end`` (the update); ``forward`` runs all three. A true gradient is
+applied likewise: ``backward_dx`` (dx, backprop modes), then ``apply``.
+
+The node drivers (``pipeline.driver``) call these classes in the workers and
+in the in-process reference alike, so the same calls in the same order give
+the same bits. A layer's *clock* counts the training batches it has
+forwarded; a true gradient is applied once it has arrived and is *due*
+(``schedule.is_due``), in batch order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline import batchnorm as bn
 from pipeline import layernorm as lnorm
 from pipeline import nn, optim, schedule, staleness
-from pipeline.stats import Applied, LayerStats
+from pipeline.stats import Applied, InputApplied, LayerStats, sg_quality
 from pipeline.synthetic import SGModule
 
-Send = Callable[[np.ndarray], None] | None  # takes an array as soon as it is computed
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How a weight layer computes and steps: what every layer of a run shares."""
+    activation: str = "sigmoid"
+    norm: str = ""                     # "", "batch" or "layer": after x W + b
+    dtype: np.dtype = np.dtype(np.float64)
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    lr_staleness: float = 0.0          # --lr-staleness: lr / (1 + B*tau)
+    grad_delay: int = 0                # --grad-delay: true gradients due K steps late
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """dni and cdni: the layer steps at once on its SG module's prediction;
+    a true gradient, when it comes, trains the module."""
+    conditioned: bool                  # cdni: the module also sees the labels
+    lr: float = 0.03
+    hidden: tuple[int, ...] = ()       # the module's hidden ReLU widths
+    refresh: bool = True               # --sg-refresh
+    boost: float = 0.0                 # --sg-boost
+    lookahead: float = 0.0             # --sg-lookahead
+
+    uses_sg = True
+
+
+@dataclass(frozen=True)
+class TrueGradients:
+    """backprop and async-backprop: the layer steps only on true gradients,
+    computed from what its forward pass cached."""
+    delay_comp: float = 0.0            # --delay-comp (async-backprop)
+
+    uses_sg = False
+
+
+Mode = Synthetic | TrueGradients
+
+
+def mode_of(name: str, sg_lr: float = 0.03, sg_hidden: tuple[int, ...] = (),
+            sg_refresh: bool = True, sg_boost: float = 0.0, sg_lookahead: float = 0.0,
+            delay_comp: float = 0.0) -> Mode:
+    """The strategy of a ``--mode`` name, with the options that mode reads."""
+    if name in ("dni", "cdni"):
+        return Synthetic(conditioned=name == "cdni", lr=sg_lr, hidden=tuple(sg_hidden),
+                         refresh=sg_refresh, boost=sg_boost, lookahead=sg_lookahead)
+    if name in ("backprop", "async-backprop"):
+        return TrueGradients(delay_comp=delay_comp)
+    raise ValueError(f"unknown mode {name!r}")
 
 
 @dataclass
-class _Pending:
+class Pending:
     """What a hidden layer keeps for a batch until its true gradient is applied."""
     clock: int                       # the layer's clock right after this batch's forward
     sent_at: float | None            # time of the forward pass (the caller's clock); None:
@@ -44,6 +99,26 @@ class _Pending:
     @property
     def rows(self) -> int:
         return (self.h if self.h is not None else self.sg_in).shape[0]
+
+
+@dataclass
+class _Step:
+    """A training step between its phases: what ``begin`` computed, for the
+    phases after it (``synthetic_dx``, ``end``)."""
+    batch: int
+    x: np.ndarray
+    h: np.ndarray
+    cache: tuple | None
+    y: np.ndarray | None
+    now: float
+    true_input: bool = False         # --unlock: the true input of a guessed batch
+    dz: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)  # the normalisation's own gradients
+    sg_in: np.ndarray | None = None
+    pred: np.ndarray | None = None
+    acts: list | None = None
+    version: int = 0
+    dx: np.ndarray | None = None
 
 
 def _since(now: float, then: float | None) -> float | None:
@@ -68,29 +143,15 @@ class Chance:
         return bool(self.rng.random() < self.p)
 
 
-def _norm(a: np.ndarray) -> float:
-    return float(np.sqrt(np.sum(a * a)))
-
-
-def _rms_norm(h: np.ndarray) -> float:
+def rms_norm(h: np.ndarray) -> float:
     """Root mean square over the batch of each example's L2 norm: how large
     the layer's activations are (they grow without bound when stale feedback
     destabilises a layer and its SG module). One dot product."""
     return float(np.sqrt(np.vdot(h, h) / h.shape[0]))
 
 
-def sg_quality(pred: np.ndarray, true: np.ndarray) -> tuple[float | None, float | None]:
-    """Cosine similarity and relative L2 error of a synthetic gradient against
-    the true one (None where a norm is zero and the figure is undefined)."""
-    np_, nt = _norm(pred), _norm(true)
-    cosine = float(np.sum(pred * true)) / (np_ * nt) if np_ > 0 and nt > 0 else None
-    rel = _norm(pred - true) / nt if nt > 0 else None
-    return cosine, rel
-
-
-def _descend(layer: "HiddenLayer | OutputLayer", grads: dict[str, np.ndarray],
-             scale: float = 1.0) -> None:
-    """One optimiser step on the layer's parameters (its step size times
+def descend(layer, grads: dict[str, np.ndarray], scale: float = 1.0) -> None:
+    """One optimiser step on a layer's parameters (its step size times
     ``scale``), if its update chance says yes."""
     if layer.update():
         layer.opt.step(grads, scale)
@@ -104,51 +165,40 @@ class HiddenLayer:
     """h = f(x W + b), or f(N(x W + b)) with batch or layer normalisation N,
     and a synthetic-gradient module in the DNI modes.
 
-    * dni/cdni: ``forward`` updates the layer at once with the synthetic
-      gradient; a true gradient later trains the SG module;
-    * backprop/async-backprop: ``forward`` only caches; a true gradient
-      updates the layer (with the weights as they are then: stale in
-      async-backprop).
+    * ``Synthetic`` (dni/cdni): a training step updates the layer at once
+      with the synthetic gradient; a true gradient later trains the SG module;
+    * ``TrueGradients`` (backprop/async-backprop): a training step only
+      caches; a true gradient updates the layer (with the weights as they
+      are then: stale in async-backprop).
     """
 
-    def __init__(self, index: int, fan_in: int, fan_out: int, *, mode: str,
-                 activation: str, lr: float, sg_lr: float, label_dim: int,
-                 rng: np.random.Generator, grad_delay: int = 0,
-                 update: Chance | None = None, drop: Chance | None = None,
-                 dtype: np.dtype = np.float64, optimizer: str = "sgd",
-                 sg_hidden: tuple[int, ...] = (), batchnorm: bool = False,
-                 layernorm: bool = False, sg_refresh: bool = True, momentum: float = 0.0,
-                 sg_boost: float = 0.0, lr_staleness: float = 0.0, sg_lookahead: float = 0.0,
-                 delay_comp: float = 0.0):
-        self.index = index
-        self.mode = mode
-        self.activation = activation
-        self.grad_delay = grad_delay
-        self.sg_refresh = sg_refresh
+    def __init__(self, index: int, fan_in: int, fan_out: int, *, spec: LayerSpec,
+                 mode: Mode, label_dim: int, rng: np.random.Generator,
+                 update: Chance | None = None, drop: Chance | None = None):
+        self.index, self.spec, self.mode = index, spec, mode
         self.update = update or Chance(1.0, rng)
         self.drop = drop or Chance(0.0, rng)
-        self.w, self.b = nn.init_dense(rng, fan_in, fan_out, dtype)
-        if batchnorm and layernorm:
-            raise ValueError("batch norm and layer norm are exclusive")
-        self.norm = bn.init_bn(fan_out, dtype) if batchnorm else None
-        self.ln = lnorm.init_ln(fan_out, dtype) if layernorm else None
-        self.conditioned = mode == "cdni"
-        self.uses_sg = mode in ("dni", "cdni")
+        self.w, self.b = nn.init_dense(rng, fan_in, fan_out, spec.dtype)
+        if spec.norm not in ("", "batch", "layer"):
+            raise ValueError(f"unknown normalisation {spec.norm!r}")
+        self.norm = bn.init_bn(fan_out, spec.dtype) if spec.norm == "batch" else None
+        self.ln = lnorm.init_ln(fan_out, spec.dtype) if spec.norm == "layer" else None
+        self.uses_sg = mode.uses_sg
+        self.conditioned = self.uses_sg and mode.conditioned
         sg_in = fan_out + (label_dim if self.conditioned else 0)
-        self.sg = (SGModule(rng, sg_in, fan_out, sg_hidden, dtype, optimizer, sg_lr,
-                            momentum, track_drift=sg_lookahead > 0)
+        self.sg = (SGModule(rng, sg_in, fan_out, mode.hidden, spec.dtype, spec.optimizer,
+                            mode.lr, spec.momentum, track_drift=mode.lookahead > 0)
                    if self.uses_sg else None)
-        self.opt = optim.make(optimizer, self._trainable(), lr, momentum)
-        # staleness remedies (pipeline.staleness), each off at 0
-        self.sg_boost, self.lr_staleness = sg_boost, lr_staleness
-        self.sg_lookahead, self.delay_comp = sg_lookahead, delay_comp
+        self.opt = optim.make(spec.optimizer, self._trainable(), spec.lr, spec.momentum)
         self.tau_bar = 0.0     # running staleness of the gradients applied
         self.clock = 0         # training batches forwarded
         self.step = 0          # weight updates applied
-        self.pending: dict[int, _Pending] = {}
+        self.pending: dict[int, Pending] = {}
         self.arrived: dict[int, np.ndarray] = {}   # true gradients not yet due
         self.stats = LayerStats(seed=index)
         self.si = None  # --unlock forward: its InputPredictor (model.make_hidden)
+        self._open: _Step | None = None  # a training step between its phases
+        self._back: tuple | None = None   # a true gradient between backward_dx and apply
 
     @property
     def v(self) -> np.ndarray | None:
@@ -171,6 +221,9 @@ class HiddenLayer:
             out.update(gamma=self.ln[0], beta=self.ln[1])
         return out
 
+    def _step_scale(self, tau: float) -> float:
+        return staleness.layer_step_scale(tau, self.spec.lr_staleness)
+
     # -- the layer's own math ----------------------------------------------------
     def _forward(self, x: np.ndarray, train: bool, track: bool = True
                  ) -> tuple[np.ndarray, tuple | None]:
@@ -190,13 +243,13 @@ class HiddenLayer:
                     bn.bn_track(mean, var, cache[2], cache[3], rows=x.shape[0])
             else:
                 z = bn.bn_eval(z, gamma, beta, mean, var)
-        return nn.activate(self.activation, z), cache
+        return nn.activate(self.spec.activation, z), cache
 
     def _dz(self, h: np.ndarray, cache: tuple | None, dh: np.ndarray
             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The per-example gradient at z = x W + b from dh at h, and the
         normalisation's own parameter gradients (none without one)."""
-        dz = dh * nn.activation_slope(self.activation, h)
+        dz = dh * nn.activation_slope(self.spec.activation, h)
         if cache is None:
             return dz, {}
         backward, gamma = ((bn.bn_backward, self.norm[0]) if self.norm is not None
@@ -204,91 +257,121 @@ class HiddenLayer:
         dz, dgamma, dbeta = backward(dz, cache, gamma)
         return dz, {"gamma": dgamma, "beta": dbeta}
 
-    def _grads(self, x: np.ndarray, h: np.ndarray, cache: tuple | None, dh: np.ndarray,
-               need_dx: bool, send_dx: Send = None
-               ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """Parameter gradients (batch-mean loss) and the per-example dx, from
-        the per-example gradient dh at the output, with the current weights.
-        dx comes first, handed to ``send_dx`` before the weight gradient is
-        computed: the layer above can start on it meanwhile."""
-        dz, extra = self._dz(h, cache, dh)
-        dx = nn.input_grad(dz, self.w) if need_dx else None
-        if send_dx is not None and dx is not None:
-            send_dx(dx)
+    def _weight_grads(self, x: np.ndarray, dz: np.ndarray, extra: dict
+                      ) -> dict[str, np.ndarray]:
+        """Parameter gradients of the batch-mean loss, from the per-example dz."""
         dw, db, _ = nn.dense_grads(x, dz, self.w, need_dx=False)
-        return {"w": dw, "b": db, **extra}, dx
+        return {"w": dw, "b": db, **extra}
 
-    # -- forward --------------------------------------------------------------
-    def forward(self, batch: int, x: np.ndarray, y: np.ndarray | None, need_dx: bool,
-                now: float = 0.0, send_h: Send = None, send_dx: Send = None
-                ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Training forward pass of ``batch`` at time ``now``. Returns (h, dx):
-        dx is the gradient to send upstream now (DNI), or None (backprop
-        modes). ``send_h`` and ``send_dx`` get each as soon as it is known,
-        before the rest of the step (a worker sends them on at once)."""
+    # -- a training step, in phases ------------------------------------------------
+    def begin(self, batch: int, x: np.ndarray, y: np.ndarray | None, now: float = 0.0
+              ) -> np.ndarray:
+        """The training forward pass of ``batch`` at time ``now``: returns h
+        (for the layer below to take at once). In the backprop modes this
+        is the whole step: the batch is cached for its true gradient."""
+        assert self._open is None, "a training step began before the last one ended"
         assert batch not in self.pending, f"batch {batch} forwarded twice"
         # an unlocked layer's x is a synthetic input: batch norm normalises it
-        # with its own statistics but tracks only true batches (forward_true)
+        # with its own statistics but tracks only true batches (begin_true)
         h, cache = self._forward(x, train=True, track=self.si is None)
-        if send_h is not None:
-            send_h(h)
-        act_norm = _rms_norm(h)
+        act_norm = rms_norm(h)
         self.clock += 1
         self.stats.forward_batches += 1
         if not self.uses_sg:
             then = ({k: v.copy() for k, v in self._trainable().items()}
-                    if self.delay_comp else None)
-            self.pending[batch] = _Pending(self.clock, now, act_norm, x=x, h=h, norm=cache,
-                                           then=then)
-            return h, None
-        sg_in = nn.sg_input(h, y if self.conditioned else None)
-        ahead = self.sg_lookahead * self.tau_bar
-        g, acts = self.sg.predict(sg_in, ahead)
-        grads, dx = self._grads(x, h, cache, g, need_dx, send_dx)
-        _descend(self, grads, staleness.layer_step_scale(self.tau_bar, self.lr_staleness))
-        self.pending[batch] = _Pending(self.clock, now, act_norm, sg_in=sg_in, sg_pred=g,
-                                       sg_acts=acts,
-                                       sg_version=-1 if ahead else self.sg.version)
-        return h, dx
+                    if self.mode.delay_comp else None)
+            self.pending[batch] = Pending(self.clock, now, act_norm, x=x, h=h, norm=cache,
+                                          then=then)
+            return h
+        self.pending[batch] = Pending(self.clock, now, act_norm)
+        self._open = _Step(batch, x, h, cache, y, now)
+        return h
 
-    def forward_true(self, batch: int, x: np.ndarray, y: np.ndarray | None, need_dx: bool,
-                     second_step: bool = False, send_h: Send = None, send_dx: Send = None
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """``--unlock forward``: the true input x of ``batch`` arrived after
-        the layer had forwarded and stepped on a synthetic one (``forward``).
-        The true chain goes on from here, with the weights as they are now:
-        h = f(x W + b) goes down (``send_h``) and dx, the SG module's
-        prediction at h carried back through the layer, goes up (``send_dx``):
-        the target of the layer below's SG module, at that layer's real
-        output. The batch's cache now holds this SG input and prediction, so
-        the true gradient that comes back (computed from this h) trains the
-        SG module at the activation it belongs to. With ``second_step`` the
-        layer also updates on the true input with that synthetic gradient
-        (a weight update, not a forward batch: the clock stays). With batch
-        norm this batch's statistics normalise it and are the ones tracked
-        for evaluation (the synthetic batch's never are). Returns (h, dx)."""
+    def synthetic_dx(self, need_dx: bool) -> np.ndarray | None:
+        """DNI, after ``begin``: the SG module's prediction of dL/dh and the
+        gradient at the layer's input from it, with the weights as they are
+        (for the layer above, sent before this layer updates): dx, or None
+        where no layer above wants one."""
+        s = self._open
+        sg_in = nn.sg_input(s.h, s.y if self.conditioned else None)
+        ahead = self.mode.lookahead * self.tau_bar if not s.true_input else 0.0
+        s.sg_in = sg_in
+        s.pred, s.acts = self.sg.predict(sg_in, ahead)
+        s.version = -1 if ahead else self.sg.version
+        s.dz, s.extra = self._dz(s.h, s.cache, s.pred)
+        s.dx = nn.input_grad(s.dz, self.w) if need_dx else None
+        return s.dx
+
+    def end(self, update: bool = True) -> None:
+        """DNI, after ``synthetic_dx``: the weight gradient and the layer's
+        update with it (``update`` False: a true input's step without the
+        second step, which only records the batch's SG prediction)."""
+        s, self._open = self._open, None
+        p = self.pending[s.batch]
+        p.sg_in, p.sg_pred, p.sg_acts, p.sg_version = s.sg_in, s.pred, s.acts, s.version
+        if s.true_input:
+            p.act_norm = rms_norm(s.h)
+        if update:
+            descend(self, self._weight_grads(s.x, s.dz, s.extra),
+                    self._step_scale(self.tau_bar))
+
+    def forward(self, batch: int, x: np.ndarray, y: np.ndarray | None, need_dx: bool,
+                now: float = 0.0) -> tuple[np.ndarray, np.ndarray | None]:
+        """A whole training step (``begin``, ``synthetic_dx``, ``end``):
+        returns (h, dx); dx is None in the backprop modes or without
+        ``need_dx``."""
+        h = self.begin(batch, x, y, now)
         if not self.uses_sg:
-            raise ValueError(f"--unlock forward needs an SG module; mode {self.mode!r} has none")
-        p = self.pending[batch]
-        assert batch not in self.arrived, f"gradient of batch {batch} came before its h"
-        h, cache = self._forward(x, train=True)
-        if send_h is not None:
-            send_h(h)
-        sg_in = nn.sg_input(h, y if self.conditioned else None)
-        g, acts = self.sg.predict(sg_in)
-        if second_step:
-            grads, dx = self._grads(x, h, cache, g, need_dx, send_dx)
-            _descend(self, grads, staleness.layer_step_scale(self.tau_bar, self.lr_staleness))
-        else:  # _grads's dx alone, same bits, without the weight gradient
-            dx = nn.input_grad(self._dz(h, cache, g)[0], self.w) if need_dx else None
-            if send_dx is not None and dx is not None:
-                send_dx(dx)
-        p.sg_in, p.sg_pred, p.sg_acts, p.sg_version = sg_in, g, acts, self.sg.version
-        p.act_norm = _rms_norm(h)
+            return h, None
+        dx = self.synthetic_dx(need_dx)
+        self.end()
         return h, dx
 
     def forward_eval(self, x: np.ndarray) -> np.ndarray:
         return self._forward(x, train=False)[0]
+
+    # -- complete unlock (--unlock forward) ------------------------------------------
+    def synthetic_step(self, batch: int, x_net: np.ndarray, y: np.ndarray | None,
+                       now: float = 0.0) -> np.ndarray:
+        """The source's batch (network input ``x_net``, labels y) reaches an
+        unlocked layer: it forwards the input its model predicts and updates
+        at once with its SG module, a whole training step. Nothing is sent:
+        the synthetic h is no one's input, and a dx at the synthetic input is
+        not a gradient of the layer below's true output. Returns that h."""
+        x_hat = self.si.guess(batch, x_net, y, self.clock + 1)  # the clock the step moves to
+        h, _ = self.forward(batch, x_hat, y, need_dx=False, now=now)
+        return h
+
+    def begin_true(self, batch: int, x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        """The true input x of ``batch`` arrived after the layer had stepped
+        on a synthetic one (``synthetic_step``). The true chain goes on from
+        here, with the weights as they are now: returns h = f(x W + b), for
+        the layer below; ``synthetic_dx`` then gives dx, the SG module's
+        prediction at h carried back through the layer (the target of the
+        layer below's SG module, at its real output), and ``end_true`` ends
+        the step. The batch's cache then holds this SG input and prediction,
+        so the true gradient that comes back (computed from this h) trains
+        the SG module at the activation it belongs to. With batch norm this
+        batch's statistics normalise it and are the ones tracked for
+        evaluation (the synthetic batch's never are)."""
+        if not self.uses_sg:
+            raise ValueError("--unlock forward needs an SG module; this layer's mode has none")
+        assert self._open is None, "a true input came between a step's phases"
+        assert batch not in self.arrived, f"gradient of batch {batch} came before its h"
+        h, cache = self._forward(x, train=True)
+        self._open = _Step(batch, x, h, cache, y, 0.0, true_input=True)
+        return h
+
+    def end_true(self, second_step: bool = False) -> InputApplied:
+        """After ``begin_true`` and ``synthetic_dx``: with ``second_step`` the
+        layer also updates on the true input with that synthetic gradient (a
+        weight update, not a forward batch: the clock stays); then the
+        synthetic-input model regresses onto the true input. The layer's
+        math first, so h and dx left before the regression; the two touch
+        disjoint arrays, so the order changes no bits."""
+        s = self._open
+        self.end(update=second_step)
+        return self.si.learn(s.batch, s.x, self.clock)
 
     # -- true gradients --------------------------------------------------------
     def receive(self, batch: int, grad: np.ndarray) -> bool:
@@ -308,31 +391,50 @@ class HiddenLayer:
         self.stats.lost_gradients += 1
 
     def is_due(self, batch: int) -> bool:
-        return schedule.is_due(self.clock, self.pending[batch].clock, self.grad_delay)
+        return schedule.is_due(self.clock, self.pending[batch].clock, self.spec.grad_delay)
 
     def due_outstanding(self) -> int:
         """Batches whose gradient is due but has not arrived yet."""
-        return schedule.due_outstanding(self.clock, self.pending, self.arrived, self.grad_delay)
+        return schedule.due_outstanding(self.clock, self.pending, self.arrived,
+                                        self.spec.grad_delay)
 
-    def apply_ready(self, need_dx: bool, now: float = 0.0,
-                    send_dx: Callable[[int, np.ndarray], None] | None = None) -> list[Applied]:
-        """Apply every arrived gradient that is due, oldest batch first, at
-        time ``now``; backprop modes hand each dx to ``send_dx(batch, dx)`` as
-        soon as it is known, before the weight gradient and update."""
-        done = []
+    def next_due(self) -> int | None:
+        """The oldest batch whose true gradient has arrived and is due, or
+        None (gradients are applied in batch order)."""
         for batch in sorted(self.arrived):
-            if not self.is_due(batch):
-                break  # later batches are due later still
-            grad = self.arrived.pop(batch)
-            p = self.pending.pop(batch)
-            if self.uses_sg:
-                a = self._train_sg(batch, p, grad, now)
-            else:
-                early = None if send_dx is None else (lambda dx, b=batch: send_dx(b, dx))
-                a = self._backward(batch, p, grad, need_dx, now, early)
-            self.tau_bar = staleness.track(self.tau_bar, a.staleness)
-            self.stats.record(a)
-            done.append(a)
+            return batch if self.is_due(batch) else None
+        return None
+
+    def backward_dx(self, batch: int, need_dx: bool) -> np.ndarray | None:
+        """Backprop modes, before ``apply``: the gradient at the layer's
+        input for ``batch``, from its true gradient and the forward pass's
+        cache, with the weights that pass used (for the layer above, sent
+        before the weight gradient and the update)."""
+        p = self.pending[batch]
+        dz, extra = self._dz(p.h, p.norm, self.arrived[batch])
+        self._back = (batch, dz, extra)  # for ``apply``: the same dz, computed once
+        return nn.input_grad(dz, self.w) if need_dx else None
+
+    def apply(self, batch: int, now: float = 0.0, dx: np.ndarray | None = None) -> Applied:
+        """Apply the due true gradient of ``batch`` at time ``now``: train
+        the SG module on it (DNI), or update the layer with it (backprop
+        modes, after ``backward_dx``; ``dx``: what that returned, kept in
+        the record)."""
+        grad = self.arrived.pop(batch)
+        p = self.pending.pop(batch)
+        a = (self._train_sg(batch, p, grad, now) if self.uses_sg
+             else self._backward(batch, p, grad, now, dx))
+        self.tau_bar = staleness.track(self.tau_bar, a.staleness)
+        self.stats.record(a)
+        return a
+
+    def apply_ready(self, need_dx: bool, now: float = 0.0) -> list[Applied]:
+        """Apply every arrived gradient that is due, oldest batch first (each
+        backprop-mode dx in its record): what a node does, without the sends."""
+        done = []
+        while (batch := self.next_due()) is not None:
+            dx = None if self.uses_sg else self.backward_dx(batch, need_dx)
+            done.append(self.apply(batch, now, dx))
         return done
 
     def expire(self) -> int:
@@ -343,22 +445,24 @@ class HiddenLayer:
         self.stats.expired_gradients += n
         return n
 
-    def _backward(self, batch: int, p: _Pending, dh: np.ndarray, need_dx: bool, now: float,
-                  send_dx: Send = None) -> Applied:
+    def _backward(self, batch: int, p: Pending, dh: np.ndarray, now: float,
+                  dx: np.ndarray | None) -> Applied:
         """The true gradient's update: computed from what the forward pass
         cached (so at the weights it used), applied to the weights as they
         are now; ``--delay-comp`` carries it across the difference."""
-        grads, dx = self._grads(p.x, p.h, p.norm, dh, need_dx, send_dx)
+        back, self._back = self._back, None
+        dz, extra = back[1:] if back is not None and back[0] == batch else self._dz(p.h, p.norm, dh)
+        grads = self._weight_grads(p.x, dz, extra)
         tau = self.clock - p.clock
         if p.then is not None:
             live = self._trainable()
-            grads = {k: staleness.compensate(g, live[k], p.then[k], self.delay_comp)
+            grads = {k: staleness.compensate(g, live[k], p.then[k], self.mode.delay_comp)
                      for k, g in grads.items()}
-        _descend(self, grads, staleness.layer_step_scale(tau, self.lr_staleness))
+        descend(self, grads, self._step_scale(tau))
         return Applied(batch, dx, tau, _since(now, p.sent_at), act_norm=p.act_norm)
 
-    def _train_sg(self, batch: int, p: _Pending, target: np.ndarray, now: float) -> Applied:
-        """Regress the SG module onto the true gradient. With ``sg_refresh``
+    def _train_sg(self, batch: int, p: Pending, target: np.ndarray, now: float) -> Applied:
+        """Regress the SG module onto the true gradient. With ``refresh``
         (the default) the prediction is recomputed from the cached input by
         the module as it is now, when it changed since the forward pass (one
         more matmul per batch), so the step is the gradient at the current
@@ -369,10 +473,10 @@ class HiddenLayer:
         pred, acts = p.sg_pred, p.sg_acts
         # A prediction of the extrapolated module (--sg-lookahead) is never
         # the module's own: it is always recomputed.
-        if p.sg_version != self.sg.version and (self.sg_refresh or p.sg_version < 0):
+        if p.sg_version != self.sg.version and (self.mode.refresh or p.sg_version < 0):
             pred, acts = self.sg.predict(p.sg_in)
         tau = self.clock - p.clock
-        loss = self.sg.train(acts, pred, target, staleness.sg_step_scale(tau, self.sg_boost))
+        loss = self.sg.train(acts, pred, target, staleness.sg_step_scale(tau, self.mode.boost))
         self.stats.sg_updates += 1
         cosine, rel = sg_quality(p.sg_pred, target)
         return Applied(batch, None, tau, _since(now, p.sent_at),
@@ -388,4 +492,3 @@ class HiddenLayer:
         if self.si is not None:
             out.update(self.si.model.params())
         return out
-

@@ -1,13 +1,13 @@
 """The output layer's state and its updates: the loss, the true gradient,
-and an update with it at once. Pure numpy, called by the node drivers in the
-workers and in the in-process reference alike (see ``pipeline.layers``)."""
+and an update with it at once. Pure numpy, and it never calls out: its
+node sends what it returns (see ``pipeline.layers``)."""
 from __future__ import annotations
 
 import numpy as np
 
 from pipeline import nn, optim
-from pipeline.layers import Chance, _descend
-from pipeline.stats import Applied, LayerStats
+from pipeline.layers import Chance, descend
+from pipeline.stats import Applied, InputApplied, LayerStats
 
 
 class Diverged(ValueError):
@@ -59,7 +59,7 @@ class OutputLayer:
         Under ``--unlock forward`` this is the synthetic step, on x_hat."""
         dz, loss, correct = self._checked_loss(x, y)
         dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
-        _descend(self, {"w": dw, "b": db})
+        descend(self, {"w": dw, "b": db})
         self.clock += 1
         self.stats.forward_batches += 1
         self.stats.record(Applied(self.clock, None, 0, 0.0))
@@ -76,10 +76,33 @@ class OutputLayer:
         dz, loss, correct = self._checked_loss(x, y)
         if second_step:
             dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
-            _descend(self, {"w": dw, "b": db})
+            descend(self, {"w": dw, "b": db})
         else:
             dx = nn.input_grad(dz, self.w) if need_dx else None
         return dx, loss, correct
+
+    def synthetic_step(self, batch: int, x_net: np.ndarray, y: np.ndarray,
+                       now: float = 0.0) -> float:
+        """``--unlock forward``: the source's batch reaches the output layer,
+        which steps on the loss at the input its model predicts from the
+        network input ``x_net`` (``train_step``), the true loss's gradient in
+        place of a synthetic one. Nothing is sent, and the loss returned is
+        not the network's (the true chain's comes later). ``now``: as for a
+        hidden layer; the output layer keeps no times."""
+        x_hat = self.si.guess(batch, x_net, y, self.clock + 1)  # the clock the step moves to
+        _, loss, _ = self.train_step(x_hat, y, need_dx=False)
+        return loss
+
+    def true_input(self, batch: int, x: np.ndarray, y: np.ndarray, need_dx: bool,
+                   second_step: bool = False
+                   ) -> tuple[InputApplied, np.ndarray | None, float, int]:
+        """The true input of ``batch`` has reached the unlocked output layer:
+        the network's loss and correct examples on it, the true gradient for
+        the layer below, by option a second step (``forward_true``), then the
+        model's regression onto x. Returns (the regression, dx, loss, correct
+        examples)."""
+        dx, loss, correct = self.forward_true(x, y, need_dx, second_step)
+        return self.si.learn(batch, x, self.clock), dx, loss, correct
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
         _, loss, correct = self._loss(x, y)

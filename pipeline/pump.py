@@ -36,25 +36,38 @@ def waiting(sock: zmq.Socket) -> bool:
     return bool(sock.getsockopt(_EVENTS) & _POLLIN)
 
 
-class Pump:
-    def __init__(self, link: ControlLink, node, acts: Inbox, outs: dict[str, zmq.Socket],
-                 grads: Inbox | None = None, act_line: DelayLine | None = None,
-                 grad_line: DelayLine | None = None, slowdown: float = 1.0,
-                 hwm: int = 1000, inputs: Inbox | None = None):
-        self.link, self.node = link, node
-        self.acts, self.grads, self.outs, self.inputs = acts, grads, outs, inputs
-        self.act_line, self.grad_line = act_line, grad_line
-        self.slowdown, self.hwm = slowdown, hwm
-        self._held: list[tuple[str, Message]] | None = None  # a straggler's sends, until done
-        node.send = self.send
+class Outlet:
+    """Where a node's messages go (``pipeline.driver``'s outlet, given to the
+    node when it is made): ``down``/``up`` to the sockets of those ports,
+    ``link`` to the coordinator. The sockets come once the run starts
+    (``attach``); a straggler's sends are held until its slowed work is done."""
 
-    def send(self, port: str, msg: Message) -> None:
-        if self._held is not None:
-            self._held.append((port, msg))
+    def __init__(self) -> None:
+        self.link: ControlLink | None = None
+        self.outs: dict[str, zmq.Socket] = {}
+        self.held: list[tuple[str, Message]] | None = None
+
+    def attach(self, link: ControlLink, outs: dict[str, zmq.Socket]) -> None:
+        self.link, self.outs = link, outs
+
+    def __call__(self, port: str, msg: Message) -> None:
+        if self.held is not None:
+            self.held.append((port, msg))
         elif port == "link":
             self.link.forward(msg)
         else:
             transport.send(self.outs[port], msg, self.link)
+
+
+class Pump:
+    def __init__(self, link: ControlLink, node, acts: Inbox, outlet: Outlet,
+                 grads: Inbox | None = None, act_line: DelayLine | None = None,
+                 grad_line: DelayLine | None = None, slowdown: float = 1.0,
+                 hwm: int = 1000, inputs: Inbox | None = None):
+        self.link, self.node, self.outlet = link, node, outlet
+        self.acts, self.grads, self.inputs = acts, grads, inputs
+        self.act_line, self.grad_line = act_line, grad_line
+        self.slowdown, self.hwm = slowdown, hwm
 
     def _call(self, handle: Handler, msg: Message) -> None:
         self.link.progress += 1
@@ -62,14 +75,14 @@ class Pump:
         if self.slowdown == 1.0:
             handle(msg, t0)
             return
-        self._held = []
+        self.outlet.held = []
         try:
             handle(msg, t0)
             straggle(t0, self.slowdown)
         finally:
-            held, self._held = self._held, None
+            held, self.outlet.held = self.outlet.held, None
         for port, out in held:
-            self.send(port, out)
+            self.outlet(port, out)
 
     @staticmethod
     def _burst(inbox: Inbox, take: Callable[[Message], None], may: Callable[[], bool],

@@ -60,13 +60,9 @@ def train_reference(cfg: Config, emit: Emit | None = None,
     emit = emit or (lambda event: None)
     start = time.perf_counter()
     final: dict = {}
-    hidden = [HiddenNode(cfg, k, start=start) for k in range(1, cfg.layers)]
-    output = OutputNode(cfg, start=start)
-    nodes: list[HiddenNode | OutputNode] = [*hidden, output]
-    acts = [deque() for _ in nodes]     # acts[i]: the activation queue of nodes[i]
-    grads = [deque() for _ in hidden]   # grads[i]: the gradient queue of hidden[i]
-    inputs = {protocol.input_port(protocol.layer_role(i + 1, cfg.layers)): deque()
-              for i, node in enumerate(nodes) if node.streams is not None}
+    n = cfg.layers
+    acts = [deque() for _ in range(n)]       # acts[i]: the activation queue of layer i + 1
+    grads = [deque() for _ in range(n - 1)]  # grads[i]: the gradient queue of layer i + 1
 
     def link(msg: Message) -> None:
         if msg.kind == METRIC:
@@ -75,7 +71,8 @@ def train_reference(cfg: Config, emit: Emit | None = None,
             else:
                 emit(dict(msg.meta))
 
-    def wire(i: int) -> None:
+    def outlet(i: int):
+        """Where layer i + 1's node sends: the queues of its neighbours."""
         def send(port: str, msg: Message) -> None:
             if port == "down":
                 acts[i + 1].append(msg)
@@ -83,11 +80,14 @@ def train_reference(cfg: Config, emit: Emit | None = None,
                 grads[i - 1].append(msg)
             else:
                 link(msg)
-        nodes[i].send = send
+        return send
 
-    for i in range(len(nodes)):
-        wire(i)
-    src = SourceNode(cfg, task=tasks.load(cfg))
+    hidden = [HiddenNode(cfg, k, outlet(k - 1), start=start) for k in range(1, n)]
+    output = OutputNode(cfg, outlet(n - 1), start=start)
+    nodes: list[HiddenNode | OutputNode] = [*hidden, output]
+    inputs = {protocol.input_port(protocol.layer_role(i + 1, n)): deque()
+              for i, node in enumerate(nodes) if node.streams is not None}
+    src = SourceNode(cfg, tasks.load(cfg))
     source = src.messages()
     sent_all = False
     down, up = list(zip(nodes, acts)), list(zip(reversed(hidden), reversed(grads)))

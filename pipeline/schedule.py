@@ -1,10 +1,12 @@
 """Scheduling rules, as pure functions: when a true gradient is due, when a
 layer may take its next batch, which inbox an unlocked layer may read, when
-it is done, and where a batch falls in the epochs. The node drivers (``pipeline.driver``) ask these and nothing
+it is done, where a batch falls in the epochs, and which examples make it. The node drivers (``pipeline.driver``) ask these and nothing
 else, in the workers and in the in-process reference alike."""
 from __future__ import annotations
 
 from typing import Container, Iterator, Mapping, NamedTuple, Protocol
+
+import numpy as np
 
 
 class _Forwarded(Protocol):
@@ -189,3 +191,24 @@ def stream(cfg) -> Iterator[Turn]:
     for i, rows in enumerate(_rows(cfg.examples, cfg.batch_size)):
         yield Turn("eval", i, None, rows)
     yield Turn("eof", batch, None, 0)
+
+
+# --- which examples make each batch -----------------------------------------------------
+
+def batch_slices(examples: int, batch_size: int) -> list[slice]:
+    """The batches of one epoch, in the seed's fixed order; the last may be short."""
+    return [slice(i, min(i + batch_size, examples)) for i in range(0, examples, batch_size)]
+
+
+def epoch_batches(cfg, epoch: int) -> list[np.ndarray] | list[slice]:
+    """The batches of ``epoch``: the seed's fixed order, or with ``shuffle`` a
+    permutation drawn from (seed, epoch), so every process and the reference
+    agree, and a resumed run draws what the uninterrupted one did."""
+    if not cfg.shuffle:
+        return batch_slices(cfg.examples, cfg.batch_size)
+    order = np.random.default_rng([cfg.seed, 0x5F1E, epoch]).permutation(cfg.examples)
+    return [order[i:i + cfg.batch_size] for i in range(0, cfg.examples, cfg.batch_size)]
+
+
+def test_batches(cfg) -> list[slice]:
+    return batch_slices(cfg.test_examples, cfg.batch_size)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass
 class EpochStats:
@@ -48,13 +50,35 @@ class Applied:
     act_norm: float | None = None  # RMS of the per-example L2 norm of the layer's output h
 
 
+@dataclass
+class InputApplied:
+    """One true input, as the predictor regressed onto it."""
+    batch: int
+    staleness: int          # forward staleness: layer steps between the guess and now
+    loss: float             # the regression's loss (at the refreshed prediction)
+    cosine: float | None    # cosine(synthetic input used, true input)
+    rel_err: float | None   # |synthetic - true| / |true|
+
+
+def _norm(a: np.ndarray) -> float:
+    return float(np.sqrt(np.sum(a * a)))
+
+
+def sg_quality(pred: np.ndarray, true: np.ndarray) -> tuple[float | None, float | None]:
+    """Cosine similarity and relative L2 error of a synthetic gradient (or
+    input) against the true one (None where a norm is zero and the figure
+    is undefined)."""
+    np_, nt = _norm(pred), _norm(true)
+    cosine = float(np.sum(pred * true)) / (np_ * nt) if np_ > 0 and nt > 0 else None
+    rel = _norm(pred - true) / nt if nt > 0 else None
+    return cosine, rel
+
+
 class Reservoir:
     """At most ``size`` samples of a stream, uniformly drawn (algorithm R), so
     a long run's percentiles cost constant memory."""
 
     def __init__(self, size: int = 4096, seed: int = 0):
-        import numpy as np
-        self._np = np
         self.values = np.empty(size)
         self.seen = 0
         self.total = 0.0
@@ -75,7 +99,7 @@ class Reservoir:
         if not self.seen:
             return None
         kept = self.values[:min(self.seen, len(self.values))]
-        p10, p50, p90 = self._np.percentile(kept, [10, 50, 90])
+        p10, p50, p90 = np.percentile(kept, [10, 50, 90])
         return {"mean": self.total / self.seen, "p10": float(p10), "p50": float(p50),
                 "p90": float(p90), "count": self.seen}
 

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline import nn, optim
-from pipeline.layers import HiddenLayer, sg_quality
-from pipeline.output_layer import OutputLayer
+from pipeline.stats import InputApplied, sg_quality
 
 
 class SIModule:
@@ -72,16 +71,6 @@ class Guess:
     clock: int          # the layer's clock when it stepped on ``pred``
 
 
-@dataclass
-class InputApplied:
-    """One true input, as the predictor regressed onto it."""
-    batch: int
-    staleness: int          # forward staleness: layer steps between the guess and now
-    loss: float             # the regression's loss (at the refreshed prediction)
-    cosine: float | None    # cosine(synthetic input used, true input)
-    rel_err: float | None   # |synthetic - true| / |true|
-
-
 class InputPredictor:
     """A layer's synthetic-input model and the guesses it has in flight.
 
@@ -128,54 +117,3 @@ class InputPredictor:
         n = len(self.pending)
         self.pending.clear()
         return n
-
-
-# --- the two steps of an unlocked hidden layer ------------------------------------
-
-def synthetic_forward(layer: HiddenLayer, si: InputPredictor, batch: int, x: np.ndarray,
-                      y: np.ndarray | None, now: float = 0.0) -> np.ndarray:
-    """The source's batch (network input x, labels y) reaches layer k > 1:
-    it forwards the synthetic input and updates at once with its SG module
-    (``HiddenLayer.forward``, unchanged). Nothing is sent: the synthetic h
-    is no one's input, and a dx at the synthetic input is not a gradient of
-    the layer below's true output. Returns the synthetic h."""
-    x_hat = si.guess(batch, x, y, layer.clock + 1)  # the clock the forward pass moves to
-    h, _ = layer.forward(batch, x_hat, y, need_dx=False, now=now)
-    return h
-
-
-def true_input_arrives(layer: HiddenLayer, si: InputPredictor, batch: int,
-                       h_prev: np.ndarray, y: np.ndarray | None, need_dx: bool,
-                       second_step: bool = False, send_h=None, send_dx=None
-                       ) -> tuple[InputApplied, np.ndarray, np.ndarray | None]:
-    """The true input h_{k-1} of ``batch`` has arrived: the layer carries
-    the true chain on (``HiddenLayer.forward_true``: h down, dx up, by
-    option a second step on the true input), then the model regresses onto
-    h_prev. The layer's math first, so h and dx leave before the regression;
-    the two touch disjoint arrays, so the order changes no bits.
-    Returns (the regression, h, dx)."""
-    h, dx = layer.forward_true(batch, h_prev, y, need_dx, second_step, send_h, send_dx)
-    return si.learn(batch, h_prev, layer.clock), h, dx
-
-
-def synthetic_output_step(out: OutputLayer, si: InputPredictor, batch: int, x: np.ndarray,
-                          y: np.ndarray) -> float:
-    """The source's batch reaches the unlocked output layer: it steps on the
-    loss at its synthetic input (``OutputLayer.train_step``, unchanged), the
-    true loss's gradient in place of a synthetic one. Nothing is sent, and
-    the loss returned is not the network's (the true chain's comes later)."""
-    x_hat = si.guess(batch, x, y, out.clock + 1)  # the clock the step moves to
-    _, loss, _ = out.train_step(x_hat, y, need_dx=False)
-    return loss
-
-
-def true_output_input(out: OutputLayer, si: InputPredictor, batch: int, h_prev: np.ndarray,
-                      y: np.ndarray, need_dx: bool, second_step: bool = False
-                      ) -> tuple[InputApplied, np.ndarray | None, float, int]:
-    """The true input h_{L-1} of ``batch`` has reached the unlocked output
-    layer: the network's loss and correct examples on it, the true gradient
-    for the layer below, by option a second step (``OutputLayer.forward_true``),
-    then the model's regression onto h_prev. Returns (the regression, dx,
-    loss, correct examples)."""
-    dx, loss, correct = out.forward_true(h_prev, y, need_dx, second_step)
-    return si.learn(batch, h_prev, out.clock), dx, loss, correct

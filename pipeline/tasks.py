@@ -1,5 +1,6 @@
 """What a run trains on: the seed's addition task or a classification dataset
-from files, as arrays in the run's dtype, and the batches of each epoch.
+from files, as arrays in the run's dtype (which examples make each batch is
+``schedule.epoch_batches``).
 
 Targets travel with the activations: the sum's bits for addition, one-hot
 class labels for classification (cDNI conditions its SG modules on them).
@@ -75,17 +76,3 @@ def load(cfg: Config) -> Task:
     if test is None:
         return Task(x, y)
     return Task(x, y, test.x.astype(dt), nn.one_hot(test.y, cfg.classes, dt))
-
-
-def epoch_batches(cfg: Config, epoch: int) -> list[np.ndarray] | list[slice]:
-    """The batches of ``epoch``: the seed's fixed order, or with ``shuffle`` a
-    permutation drawn from (seed, epoch), so every process and the reference
-    agree, and a resumed run draws what the uninterrupted one did."""
-    if not cfg.shuffle:
-        return data.batch_slices(cfg.examples, cfg.batch_size)
-    order = np.random.default_rng([cfg.seed, 0x5F1E, epoch]).permutation(cfg.examples)
-    return [order[i:i + cfg.batch_size] for i in range(0, cfg.examples, cfg.batch_size)]
-
-
-def test_batches(cfg: Config) -> list[slice]:
-    return data.batch_slices(cfg.test_examples, cfg.batch_size)

@@ -18,6 +18,7 @@ from pipeline.output_layer import OutputLayer
 from tests.conftest import Launch, assert_no_orphans, run_launch
 from tests.test_layer_options import B, CLASSES, FAN_IN, onehot
 from tests.test_pipeline import assert_bit_identical, reference_weights
+from tests.kit import hidden_layer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -103,7 +104,7 @@ def test_a_run_directory_named_like_the_flag_is_not_a_resume(tmp_path):
 # --- a layer's state, round trip --------------------------------------------
 
 def make_layers():
-    hid = HiddenLayer(1, FAN_IN, 5, mode="cdni", activation="relu", lr=0.01, sg_lr=0.01,
+    hid = hidden_layer(1, FAN_IN, 5, mode="cdni", activation="relu", lr=0.01, sg_lr=0.01,
                       label_dim=CLASSES, rng=np.random.default_rng(0), optimizer="adam",
                       sg_hidden=(6,), batchnorm=True)
     out = OutputLayer(2, 5, CLASSES, lr=0.01, rng=np.random.default_rng(1),
@@ -153,7 +154,7 @@ def test_checkpoint_round_trip_restores_adam_state():
 def make_remedied(mode: str, **kw):
     remedies = (dict(sg_boost=0.5, lr_staleness=0.5, sg_lookahead=1.0) if mode == "cdni"
                 else dict(lr_staleness=0.5, delay_comp=0.5))
-    hid = HiddenLayer(1, FAN_IN, 5, mode=mode, activation="relu", lr=0.05, sg_lr=0.02,
+    hid = hidden_layer(1, FAN_IN, 5, mode=mode, activation="relu", lr=0.05, sg_lr=0.02,
                       label_dim=CLASSES, rng=np.random.default_rng(0), optimizer="sgd",
                       momentum=0.9, **{**remedies, **kw})
     out = OutputLayer(2, 5, CLASSES, lr=0.05, rng=np.random.default_rng(1), optimizer="sgd",
@@ -218,7 +219,7 @@ def _assert_restored_goes_on(never_stopped, restored, without):
 
 
 def make_delayed():
-    hid = HiddenLayer(1, FAN_IN, 5, mode="cdni", activation="relu", lr=0.05, sg_lr=0.02,
+    hid = hidden_layer(1, FAN_IN, 5, mode="cdni", activation="relu", lr=0.05, sg_lr=0.02,
                       label_dim=CLASSES, rng=np.random.default_rng(0), grad_delay=2,
                       sg_hidden=(6,))
     out = OutputLayer(2, 5, CLASSES, lr=0.05, rng=np.random.default_rng(1), softmax=True)
@@ -269,7 +270,7 @@ def test_a_damaged_pending_batch_is_refused(damage, says):
 def test_checkpoint_round_trip_of_a_layer_without_sg_module(mode):
     """A backprop layer has no SG module: its checkpoint loads all the same."""
     def make():
-        return HiddenLayer(1, 4, 3, mode=mode, activation="relu", lr=0.1, sg_lr=0.1,
+        return hidden_layer(1, 4, 3, mode=mode, activation="relu", lr=0.1, sg_lr=0.1,
                            label_dim=2, rng=np.random.default_rng(0), optimizer="adam")
     rng = np.random.default_rng(2)
     a, b = make(), make()

@@ -7,7 +7,7 @@ import gzip
 import numpy as np
 import pytest
 
-from pipeline import cli, tasks
+from pipeline import cli, schedule, tasks
 from pipeline.config import Config, ConfigError
 from tests.conftest import error_line, run_launch
 
@@ -78,16 +78,16 @@ def test_npz_without_a_test_split(tmp_path):
 
 def test_shuffled_batches_are_a_fresh_permutation_each_epoch():
     cfg = Config(examples=23, batch_size=5, shuffle=True, seed=4)
-    epochs = [tasks.epoch_batches(cfg, e) for e in range(3)]
+    epochs = [schedule.epoch_batches(cfg, e) for e in range(3)]
     for batches in epochs:
         assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
         assert sorted(np.concatenate(batches).tolist()) == list(range(23))
     flat = [np.concatenate(b).tolist() for b in epochs]
     assert flat[0] != flat[1] != flat[2]
     # The same seed and epoch give the same order in every process.
-    assert [b.tolist() for b in tasks.epoch_batches(cfg, 1)] == [b.tolist() for b in epochs[1]]
+    assert [b.tolist() for b in schedule.epoch_batches(cfg, 1)] == [b.tolist() for b in epochs[1]]
     # Without shuffle: the seed's fixed order.
-    plain = tasks.epoch_batches(Config(examples=23, batch_size=5), 2)
+    plain = schedule.epoch_batches(Config(examples=23, batch_size=5), 2)
     assert [(s.start, s.stop) for s in plain] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
 
 

@@ -141,8 +141,8 @@ def test_unlocked_checkpoint_round_trip_restores_the_input_models_state():
     from pipeline import optim
     from pipeline.checkpoint import layer_state, load_layer_state
     from pipeline.model import make_hidden, make_output
-    from pipeline.synthetic_input import (synthetic_forward, synthetic_output_step,
-                                          true_input_arrives, true_output_input)
+    from tests.kit import (synthetic_forward, synthetic_output_step, true_input_arrives,
+                           true_output_input)
     cfg = Config(layers=3, hidden=(6, 5), unlock="forward", optimizer="adam", lr=0.01,
                  sg_lr=0.01, si_second_step=True, seed=3)
     rng = np.random.default_rng(4)

@@ -10,15 +10,16 @@ from pipeline.config import Config
 from pipeline.control import ControlLink
 from pipeline.delay import DelayLine
 from pipeline.driver import HiddenNode
-from pipeline.model import layer_rng
-from pipeline.pump import Pump, input_inbox
+from pipeline.model import Stream, layer_rng
+from pipeline.pump import Outlet, Pump, input_inbox
 from pipeline.transport import Inbox, Net, max_message_bytes
 from pipeline.worker import run
 
 
 def main(link: ControlLink, cfg: Config, net: Net) -> None:
     index = int(link.role.removeprefix("layer"))
-    node = HiddenNode(cfg, index, link.run_id, start=time.perf_counter())
+    outlet = Outlet()
+    node = HiddenNode(cfg, index, outlet, link.run_id, start=time.perf_counter())
     if link.resume:
         load_layer_state(node.layer, *link.resume)
     hwm = cfg.grad_delay + cfg.max_inflight + 2
@@ -37,10 +38,11 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     if index > 1:
         outs["up"] = net.outbox(*peers["upstream_grad"], hwm)
     delay_s, jitter_s = cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000
-    Pump(link, node, acts, outs, grads,
-         act_line=(DelayLine(delay_s, jitter_s, layer_rng(cfg, index, 4))
+    outlet.attach(link, outs)
+    Pump(link, node, acts, outlet, grads,
+         act_line=(DelayLine(delay_s, jitter_s, layer_rng(cfg, index, Stream.ACT_LINK))
                    if cfg.delay_activations else None),
-         grad_line=(DelayLine(delay_s, jitter_s, layer_rng(cfg, index, 3))
+         grad_line=(DelayLine(delay_s, jitter_s, layer_rng(cfg, index, Stream.GRAD_LINK))
                     if cfg.link_delay_ms > 0 else None),
          slowdown=cfg.slowdown(index), hwm=hwm, inputs=inputs).run()
     counters, weights = node.finish(time.perf_counter())

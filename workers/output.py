@@ -10,14 +10,15 @@ from pipeline.config import Config
 from pipeline.control import ControlLink
 from pipeline.delay import DelayLine
 from pipeline.driver import OutputNode
-from pipeline.model import layer_rng
-from pipeline.pump import Pump, input_inbox
+from pipeline.model import Stream, layer_rng
+from pipeline.pump import Outlet, Pump, input_inbox
 from pipeline.transport import Inbox, Net, max_message_bytes
 from pipeline.worker import run
 
 
 def main(link: ControlLink, cfg: Config, net: Net) -> None:
-    node = OutputNode(cfg, link.run_id, start=time.perf_counter())
+    outlet = Outlet()
+    node = OutputNode(cfg, outlet, link.run_id, start=time.perf_counter())
     if link.resume:
         load_layer_state(node.layer, *link.resume)
     hwm = cfg.max_inflight + 2
@@ -28,10 +29,10 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     inputs = input_inbox(link, cfg, net, node, cfg.layers, endpoints)
     link.send(link.say.ready(endpoints))
     peers = protocol.peers(link.wait_for(protocol.START))
-    up = net.outbox(*peers["upstream_grad"], hwm)
-    Pump(link, node, acts, {"up": up},
+    outlet.attach(link, {"up": net.outbox(*peers["upstream_grad"], hwm)})
+    Pump(link, node, acts, outlet,
          act_line=(DelayLine(cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000,
-                             layer_rng(cfg, cfg.layers, 4)) if cfg.delay_activations else None),
+                             layer_rng(cfg, cfg.layers, Stream.ACT_LINK)) if cfg.delay_activations else None),
          slowdown=cfg.slowdown(cfg.layers), hwm=hwm, inputs=inputs).run()
     counters, weights = node.finish(time.perf_counter())
     link.finish(counters, acts.errors + (inputs.errors if inputs else 0), weights)

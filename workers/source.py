@@ -3,7 +3,7 @@ down to the first layer (under ``--unlock forward`` each training batch also
 to every layer above it), holding while ZeroMQ's high-water mark says it is full."""
 from __future__ import annotations
 
-from pipeline import protocol, schedule
+from pipeline import protocol, schedule, tasks
 from pipeline.config import Config
 from pipeline.control import ControlLink
 from pipeline.driver import SourceNode
@@ -12,7 +12,7 @@ from pipeline.worker import run
 
 
 def main(link: ControlLink, cfg: Config, net: Net) -> None:
-    node = SourceNode(cfg, link.run_id)
+    node = SourceNode(cfg, tasks.load(cfg), link.run_id)
     link.send(link.say.ready({}))
     peers = protocol.peers(link.wait_for(protocol.START))
     outs = {"down": net.outbox(*peers["downstream"], hwm=cfg.max_inflight + 2)}
