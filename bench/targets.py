@@ -14,9 +14,9 @@ WIRE_CASE, SMALL_CASE = "64x256 f32", "10x128 f64"
 # activation into each weight layer, a gradient out of each above the first.
 SEED_MESSAGES = 5
 # Where a missed target's time goes, beyond what one run's figures say.
-HEAVY_PROFILE = ("by layer and function: docs/bench/compute-profile.md "
+HEAVY_PROFILE = ("by layer and function: docs/profile-compute.md "
                  "(python bench/threads.py, py-spy)")
-SEED_PROFILE = "by thread and function: docs/bench/seed-profile.md (python bench/threads.py, py-spy)"
+SEED_PROFILE = "by thread and function: docs/profile-addition.md (python bench/threads.py, py-spy)"
 
 
 def _get(d: dict | None, *keys):

@@ -45,7 +45,7 @@ def test_every_target_is_judged_with_its_bound():
     assert "= 0.50x" in rows[2]["bound"]
     # 0.5 ms of arithmetic + 5 messages x 100 us = 1.0 ms a batch: 2 x 0.5 / 1.0 = 1.00x.
     assert "streamed = 1.00 ms a batch, at most 1.00x; " in rows[2]["bound"]
-    assert "seed-profile.md" in rows[2]["bound"] and "compute-profile.md" in rows[1]["bound"]
+    assert "profile-addition.md" in rows[2]["bound"] and "profile-compute.md" in rows[1]["bound"]
     assert "supervisor" not in rows[2]["bound"]  # its CPU not measured here
     assert rows[4]["bound"] == ""  # met: nothing to explain
 
@@ -86,7 +86,7 @@ def test_a_failed_deep_run_and_missing_parts():
 def test_show_says_met_or_not_with_the_direction():
     lines = targets.show(targets.judge(_results(), cores=2))
     assert ("; bound from this run's CPU: 2 cores / CPU per batch 1.25x the reference's = "
-            "1.60x; by layer and function: docs/bench/compute-profile.md") in lines[0]
+            "1.60x; by layer and function: docs/profile-compute.md") in lines[0]
     assert "1.70 (target >= 1.85) NOT MET" in lines[0]
     assert "0.98 (target <= 1) met (1.10x raw pyzmq's send of the same bytes as one frame)" \
         in lines[4]
