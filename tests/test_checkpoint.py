@@ -13,7 +13,6 @@ import pytest
 
 from pipeline.checkpoint import layer_state, load_layer_state
 from pipeline.config import Config
-from pipeline.layers import HiddenLayer
 from pipeline.output_layer import OutputLayer
 from tests.conftest import Launch, assert_no_orphans, run_launch
 from tests.test_layer_options import B, CLASSES, FAN_IN, onehot

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.layers import Chance, HiddenLayer
+from pipeline.layers import Chance
 from pipeline.output_layer import OutputLayer
 from tests.numeric import numeric_grad, ref_act
 from tests.test_layers import LABELS, N, batch, bce
