@@ -1,7 +1,7 @@
 """What a run may ask of the machine, checked before anything starts: the
 memory it will need against the memory there is, and the sizes a data file
 may declare. Estimates, on the side of too much: a refused run says what it
-would have needed."""
+would have needed and which option made it that big."""
 from __future__ import annotations
 
 import os
@@ -29,9 +29,15 @@ def available_bytes() -> int:
         return 1 << 62  # unknown: do not refuse on a guess
 
 
-def _layer_bytes(cfg, index: int) -> int:
+def batch_rows(cfg) -> int:
+    """The most examples one batch holds."""
+    return min(cfg.batch_size, max(cfg.examples, cfg.test_examples))
+
+
+def _layer_bytes(cfg, index: int, rows: int | None = None) -> int:
     """One weight layer's arrays: weights, optimiser state, SG module, and the
-    batches it may hold in flight."""
+    batches of ``rows`` (default: ``batch_rows``) it may hold in flight."""
+    rows = batch_rows(cfg) if rows is None else rows
     d, item = cfg.dims, cfg.np_dtype.itemsize
     fan_in, fan_out = d[index - 1], d[index]
     slots = {"adam": 3, "sgd": 2 if cfg.momentum else 1}[cfg.optimizer]
@@ -40,16 +46,53 @@ def _layer_bytes(cfg, index: int) -> int:
         widths = [fan_out + (d[-1] if cfg.mode == "cdni" else 0), *cfg.sg_hidden, fan_out]
         params += sum((a + 1) * b for a, b in zip(widths, widths[1:])) * (2 if cfg.sg_lookahead
                                                                            else 1)
-    inflight = (cfg.grad_delay + cfg.max_inflight + 2) * cfg.batch_size
+    inflight = (cfg.grad_delay + cfg.max_inflight + 2) * rows
     cached = inflight * (fan_in + 3 * fan_out + d[-1])  # inputs, outputs, SG inputs, messages
     return (params * slots + 4 * cached) * item
 
 
-def run_bytes(cfg) -> tuple[int, int]:
-    """(bytes, processes) a run of ``cfg`` would need on one machine."""
+class _Resized:
+    """A Config with some sizes set otherwise, for the estimate alone (no
+    Config is made: the sizes need not combine into a valid one)."""
+
+    def __init__(self, cfg, **sizes):
+        self._cfg, self._sizes = cfg, sizes
+
+    def __getattr__(self, name: str):
+        return self._sizes[name] if name in self._sizes else getattr(self._cfg, name)
+
+    @property
+    def dims(self) -> list[int]:
+        d = self._cfg.dims
+        return [d[0], *self.hidden, d[-1]]
+
+
+# The sizes a run's memory grows with, each at its smallest.
+SMALLEST = {"hidden": lambda cfg: (1,) * len(cfg.hidden), "sg_hidden": lambda cfg: (),
+            "batch_size": lambda cfg: 1, "max_inflight": lambda cfg: 1,
+            "grad_delay": lambda cfg: 0, "examples": lambda cfg: 1,
+            "test_examples": lambda cfg: 0}
+
+
+def blame(cfg) -> str:
+    """The option that makes a run too big: the size that alone, at its
+    smallest, would save the most memory."""
+    from pipeline.config import flag
+    need, rows = run_bytes(cfg)[0], batch_rows(cfg)
+    # The data's size alone: the rows of a batch are the batch size's to answer for.
+    saved = {name: need - run_bytes(_Resized(cfg, **{name: smallest(cfg)}),
+                                    None if name == "batch_size" else rows)[0]
+             for name, smallest in SMALLEST.items()}
+    return flag(max(saved, key=saved.get))
+
+
+def run_bytes(cfg, rows: int | None = None) -> tuple[int, int]:
+    """(bytes, processes) a run of ``cfg`` would need on one machine, its
+    batches of ``rows`` examples (default: ``batch_rows``)."""
+    rows = batch_rows(cfg) if rows is None else rows
     item = cfg.np_dtype.itemsize
     data = (cfg.examples + cfg.test_examples) * (cfg.dims[0] + cfg.dims[-1]) * item
-    arrays = sum(_layer_bytes(cfg, k) for k in range(1, cfg.layers + 1)) + 2 * data
+    arrays = sum(_layer_bytes(cfg, k, rows) for k in range(1, cfg.layers + 1)) + 2 * data
     processes = 1 if cfg.in_process else cfg.layers + 2  # the workers and the supervisor
     return arrays + processes * PROCESS_MIB * MIB, processes
 
@@ -85,7 +128,7 @@ def check(cfg) -> None:
     have = available_bytes()
     if need > have:
         many = processes * PROCESS_MIB * MIB > need / 2
-        raise ConfigError("--layers" if many else "--hidden",
+        raise ConfigError("--layers" if many else blame(cfg),
                           f"a run this size needs about {need / (1 << 30):.1f} GiB "
                           f"({processes} process{'es' if processes > 1 else ''}); this machine "
                           f"has {have / (1 << 30):.1f} GiB available")
