@@ -8,7 +8,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from pipeline import tasks
+from pipeline import limits, tasks
 from pipeline.config import (CLASSIFICATION_DEFAULTS, MODES, UNLOCKS, Config, ConfigError,
                              default_hidden, defaults_for)
 
@@ -150,7 +150,8 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
         g.add_argument("--input-delay", type=_ints, default=[0],
                        help="comma-separated forward delays K of the unlocked runs (each at "
                             "most the point's gradient delay; others are left out)")
-        g.add_argument("--seeds", type=int, default=3, help="seeds per point: --seed, --seed+1, ...")
+        g.add_argument("--seeds", type=int, default=3,
+                       help=f"seeds per point: --seed, --seed+1, ... (at most {MAX_SEEDS})")
         g.add_argument("--variant", type=_variant, action="append", default=[],
                        metavar="'NAME: OPTIONS'",
                        help="a named set of run options added to the others, e.g. "
@@ -225,7 +226,10 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Co
     ``override``), options left unsaid from the task's defaults, then the
     Config's."""
     given = {**vars(a), **override}
-    task = {"hidden": default_hidden(given["layers"]), **defaults_for(given["dataset"])}
+    # Beyond the bound, --layers is refused by the Config, naming it; the
+    # default widths of so many layers are never made.
+    task = {"hidden": default_hidden(min(given["layers"], limits.MAX_LAYERS + 1)),
+            **defaults_for(given["dataset"])}
     all_examples = given["examples"] is None and given["dataset"] != "addition"
     fields = {}
     for f in dataclasses.fields(Config):
@@ -271,14 +275,18 @@ class SweepArgs:
         return list(self.bases)
 
 
+MAX_SEEDS = 1000  # per point of a sweep; every seed is a run
 GRID_AXES = ("modes", "grad_delay", "unlock", "input_delay", "seed", "seeds", "out")
 
 
 def parse_sweep(argv: list[str]) -> SweepArgs:
     p = build_parser(sweep=True)
     a = p.parse_args(argv)
-    if a.seeds < 1:
-        p.error("argument --seeds: must be at least 1")
+    if not 1 <= a.seeds <= MAX_SEEDS:
+        p.error(f"argument --seeds: must be in [1, {MAX_SEEDS}], got {limits.shown(a.seeds)}")
+    if 0 <= a.seed < 2 ** 32 <= a.seed + a.seeds - 1:  # a bad --seed itself: the Config's
+        p.error(f"argument --seeds: --seed {a.seed} + {a.seeds} seeds pass 2**32 - 1, the "
+                "largest seed")
     if min(a.grad_delay) < 0:
         p.error("argument --grad-delay: delays must be at least 0")
     if min(a.input_delay) < 0:
@@ -290,6 +298,9 @@ def parse_sweep(argv: list[str]) -> SweepArgs:
         for name, options in a.variant:
             if name in parsed:
                 p.error(f"argument --variant: {name} is named twice")
+            extra = p.parse_known_args(options)[1]
+            if extra:
+                p.error(f"argument --variant: {name}: unrecognized arguments: {' '.join(extra)}")
             va = p.parse_args(argv + options)
             moved = [x for x in GRID_AXES if getattr(va, x) != getattr(a, x)]
             if moved:
@@ -368,6 +379,7 @@ def parse_keys(argv: list[str]) -> tuple[str, int]:
             p.error(f"argument --cluster: {exc}")
     else:
         layers = a.layers if a.layers is not None else _default("layers")
-    if layers < 2:
-        p.error("argument --layers: must be at least 2")
+    if not 2 <= layers <= limits.MAX_LAYERS:
+        p.error(f"argument --layers: must be in [2, {limits.MAX_LAYERS}], got "
+                f"{limits.shown(layers)}")
     return a.out, layers

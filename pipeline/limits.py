@@ -1,9 +1,11 @@
 """What a run may ask of the machine, checked before anything starts: the
-memory it will need against the memory there is, and the sizes a data file
-may declare. Estimates, on the side of too much: a refused run says what it
-would have needed and which option made it that big."""
+numbers the wire and the clock can carry, the memory it will need against
+the memory there is, and the sizes a data file may declare. Estimates, on
+the side of too much: a refused run says what it would have needed and
+which option made it that big."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 MIB = 1 << 20
@@ -12,6 +14,77 @@ MAX_LAYERS = 1024         # whatever the memory: a process per layer, a port or 
 MAX_CLASSES = 100_000     # the output layer's width, from a file's labels
 FILES_PER_PROCESS = 2     # the supervisor's connection to each worker, with room to spare
 FILES_SPARE = 64          # its own sockets, the run directory, Python's files
+
+# The wire packs integers as 64-bit (msgpack; the data header's batch and
+# step are int64). Every count that grows as a run goes on (batch ids,
+# clocks, steps, versions, histogram counts) is held to MAX_COUNT: exact as a
+# float (JSON readers, means), and a run would need centuries at a batch per
+# microsecond to reach it, so no sum of counts leaves the wire's range.
+WIRE_INT = 2 ** 63 - 1
+MAX_COUNT = 2 ** 53
+MAX_QUEUE = 2 ** 20       # --max-inflight, --grad-delay, --input-delay: batches held;
+                          # their sum is a ZeroMQ high-water mark, a C int
+MAX_BLAS_THREADS = 1024   # per worker; BLAS libraries cap at their own build limit
+# The clock: a wait is a deadline of now + S, and a straggler sleeps FACTOR
+# times its compute; both stay far inside what time_t and ZeroMQ's poll
+# (milliseconds in a C int: 24 days) hold.
+MAX_WAIT_S = 7 * 24 * 3600.0   # --watchdog, --link-delay: a week
+MAX_SLOWDOWN = 1000.0          # --slow FACTOR
+
+
+def say(n: float) -> str:
+    """A bound as a reader would write it: 2**53, 2**63 - 1, 1024, 604800."""
+    if isinstance(n, int) and n > 1 << 16 and n & (n - 1) == 0:
+        return f"2**{n.bit_length() - 1}"
+    if isinstance(n, int) and n > 1 << 16 and n & (n + 1) == 0:
+        return f"2**{n.bit_length()} - 1"
+    if isinstance(n, float):
+        return str(int(n)) if n.is_integer() and abs(n) < 1e15 else f"{n:g}"
+    return str(n)
+
+
+def shown(value: object) -> str:
+    """A value for an error line: an integer of hundreds of digits by its size."""
+    if isinstance(value, int) and value.bit_length() > 128:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
+
+
+def _numbers(cfg):
+    """(option, what, value, most) of every number of a Config: its field's
+    ``most``, else the wire's 64 bits for an integer (the memory estimate
+    bounds the widths further)."""
+    from pipeline.config import flag
+    for f in dataclasses.fields(cfg):
+        value, most, option = getattr(cfg, f.name), f.metadata["most"], flag(f.name)
+        if f.name in ("hidden", "sg_hidden"):
+            yield from ((option, "widths ", w, WIRE_INT) for w in value)
+        elif f.name == "slow":
+            for layer, factor in value:
+                yield option, "LAYER ", layer, WIRE_INT
+                yield option, "FACTOR ", factor, most
+        elif isinstance(f.default, bool) or not isinstance(f.default, (int, float)):
+            continue
+        elif isinstance(f.default, int) or most is not None:
+            yield option, "", value, WIRE_INT if most is None else most
+
+
+def check_most(cfg) -> None:
+    """ConfigError where a number of ``cfg`` is beyond what the wire and the
+    clock carry: checked before anything is made from it (the Config checks
+    the lower bounds, then ``check_wire``)."""
+    from pipeline.config import ConfigError
+    for option, what, v, most in _numbers(cfg):
+        if v > most:
+            raise ConfigError(option, f"{what}at most {say(most)}, got {shown(v)}")
+
+
+def check_wire(cfg) -> None:
+    """What the Config's own lower bounds left: no integer below the wire's."""
+    from pipeline.config import ConfigError
+    for option, what, v, _ in _numbers(cfg):
+        if v < -WIRE_INT - 1:
+            raise ConfigError(option, f"{what}at least -2**63, got {shown(v)}")
 
 
 def available_bytes() -> int:
@@ -118,8 +191,6 @@ def open_files(wanted: int) -> int:
 def check(cfg) -> None:
     """ConfigError, before anything starts, where the run cannot fit."""
     from pipeline.config import ConfigError
-    if cfg.layers > MAX_LAYERS:
-        raise ConfigError("--layers", f"at most {MAX_LAYERS}, got {cfg.layers}")
     need, processes = run_bytes(cfg)
     files = FILES_PER_PROCESS * processes + FILES_SPARE
     if not cfg.in_process and open_files(files) < files:
