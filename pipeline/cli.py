@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shlex
 import sys
@@ -94,10 +95,10 @@ def _ints(text: str) -> list[int]:
 def _variant(text: str) -> tuple[str, list[str]]:
     name, sep, options = text.partition(":")
     name = name.strip()
-    if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*", name):
+    if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,63}", name):
         raise argparse.ArgumentTypeError(
-            f"expected NAME: OPTIONS like 'bn: --batchnorm' (NAME of letters, digits, "
-            f"_ . + = -), got {text!r}")
+            f"expected NAME: OPTIONS like 'bn: --batchnorm' (NAME of at most 64 letters, "
+            f"digits, _ . + = -), got {text[:80]!r}")
     try:
         return name, shlex.split(options)
     except ValueError as exc:
@@ -221,11 +222,22 @@ def parse_engine(argv: list[str]) -> EngineArgs:
     return EngineArgs(a.launcher, a.keys, a.insecure, a.quiet)
 
 
+def _check_path(p: argparse.ArgumentParser, option: str, path: str | None,
+                room: int = 0) -> None:
+    """One line naming ``option`` where ``path`` is longer than a file system takes."""
+    problem = limits.path_problem(path, room) if path else None
+    if problem:
+        p.error(f"argument {option}: {problem}")
+
+
 def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Config:
     """The Config of parsed options: every field from its option (or
     ``override``), options left unsaid from the task's defaults, then the
     Config's."""
     given = {**vars(a), **override}
+    _check_path(p, "--run-dir", given["run_dir"], limits.RUN_DIR_ROOM)
+    _check_path(p, "--data-dir", given["data_dir"], len("train-images-idx3-ubyte.gz"))
+    _check_path(p, "--dataset", given["dataset"].removeprefix("npz:"))
     # Beyond the bound, --layers is refused by the Config, naming it; the
     # default widths of so many layers are never made.
     task = {"hidden": default_hidden(min(given["layers"], limits.MAX_LAYERS + 1)),
@@ -252,6 +264,7 @@ def parse_run(argv: list[str] | None = None) -> tuple[Config, str | None]:
     """The run's Config, and the run directory named by --resume (or None)."""
     p = build_parser()
     a = p.parse_args(argv)
+    _check_path(p, "--resume", a.resume, limits.RUN_DIR_ROOM)
     return _config(p, a), a.resume
 
 
@@ -321,6 +334,13 @@ def parse_sweep(argv: list[str]) -> SweepArgs:
         # they keep their synthetic-input options): each point sets its own.
         base = next((pt for pt in points if pt.unlock != "none"), points[0])
         bases[name] = _config(p, va, **base.fields(), run_dir="")
+    # Each point's run directory, as commands/sweep.py names it (and sets an
+    # earlier attempt aside), must fit under --out.
+    from pipeline.sweep import grid
+    longest = max((pt.name for pt in grid(a.modes, a.grad_delay, seeds[-1:], list(bases),
+                                          a.unlock, a.input_delay)), key=len)
+    _check_path(p, "--out", os.path.join(a.out or "sweeps/YYYYmmdd-HHMMSS",
+                                         longest + ".attempt99"), limits.RUN_DIR_ROOM)
     return SweepArgs(bases, a.modes, a.grad_delay, seeds, a.out, a.unlock, a.input_delay)
 
 
@@ -329,7 +349,9 @@ def parse_report(argv: list[str]) -> str:
                 description="Summarise one run directory and draw its loss curves, SG quality "
                             "and staleness histogram to RUN_DIR/report.png.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by launch.py")
-    return p.parse_args(argv).run_dir
+    run_dir = p.parse_args(argv).run_dir
+    _check_path(p, "RUN_DIR", run_dir, len(".report.png.tmp"))
+    return run_dir
 
 
 @dataclass(frozen=True)
@@ -356,6 +378,8 @@ def parse_cluster(argv: list[str]) -> ClusterArgs:
                    help="the coordinator goes on from this run directory's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     a = p.parse_args(argv)
+    _check_path(p, "--run-dir", a.run_dir, limits.RUN_DIR_ROOM)
+    _check_path(p, "--resume", a.resume, limits.RUN_DIR_ROOM)
     return ClusterArgs(a.cluster, a.role, a.insecure, a.run_dir, a.quiet, a.resume)
 
 
@@ -371,6 +395,7 @@ def parse_keys(argv: list[str]) -> tuple[str, int]:
     g.add_argument("--layers", type=int, default=None, help="weight layers of the run")
     g.add_argument("--cluster", metavar="FILE", help="take the layers from a cluster file")
     a = p.parse_args(argv)
+    _check_path(p, "--out", a.out, len("layer1024.key_secret.tmp"))
     if a.cluster:
         from pipeline import cluster
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 import dataclasses
+import errno
+import os
 import struct
 import time
 
@@ -218,8 +220,10 @@ def test_launch_help_lists_every_option():
 
 # --- no traceback for any value of any option -------------------------------------------
 
+LONG_NAME = "n" * 300                       # longer than a file system's 255-byte names
+LONG_PATH = "/".join(["p" * 200] * 25)       # longer than a 4096-byte path
 EXTREMES = [str(2 ** 66), str(-2 ** 66), "99999999999999999999", str(2 ** 62), "1000000000",
-            "1e300", "-1e300", "nan", "inf", "-inf", "", "x"]
+            "1e300", "-1e300", "nan", "inf", "-inf", "", "x", LONG_NAME, LONG_PATH]
 
 
 def _value_options(parser) -> dict[str, str]:
@@ -236,9 +240,10 @@ def _forms(value: str) -> list[str]:
 
 
 def _carried(cfg: Config) -> None:
-    """What a run does with its numbers, checked with the wire's and the
-    clock's own tools: the config goes to every worker in msgpack, every
-    batch id and step in the int64 data header, every wait is a deadline."""
+    """What a run does with its numbers and paths, checked with the wire's,
+    the clock's and the kernel's own tools: the config goes to every worker
+    in msgpack, every batch id and step in the int64 data header, every wait
+    is a deadline, and a run writes its checkpoints inside its directory."""
     limits.check(cfg)
     msgpack.packb(cfg.to_dict())
     struct.pack("<qq", cfg.total_batches + cfg.batches_per_epoch, 2 * cfg.total_batches)
@@ -246,6 +251,11 @@ def _carried(cfg: Config) -> None:
     for seconds in (cfg.watchdog, (cfg.link_delay_ms + cfg.link_jitter_ms) / 1000,
                     *(3600 * factor for _, factor in cfg.slow)):
         time.gmtime(now + seconds)
+    for path in (cfg.run_dir, cfg.data_dir):
+        try:
+            os.stat(os.path.join(path or ".", "checkpoints", "epoch-000001", ".layer1.npz.tmp"))
+        except OSError as exc:
+            assert exc.errno != errno.ENAMETOOLONG, path
 
 
 @pytest.fixture
@@ -321,3 +331,40 @@ def test_launch_refuses_the_numbers_of_the_issue_before_anything_starts(argv, op
     line = error_line(run_launch(*argv, "--run-dir", str(tmp_path / "run")))
     assert line.startswith(f"launch.py: error: argument {option}: "), line
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("path", [LONG_NAME, LONG_PATH], ids=["name", "path"])
+@pytest.mark.parametrize("parse, argv, option", [
+    (cli.parse_keys, ["--out", "{}"], "--out"),
+    (cli.parse_report, ["{}"], "RUN_DIR"),
+    (cli.parse_cluster, ["--cluster", "c.json", "--run-dir", "{}"], "--run-dir"),
+    (cli.parse_cluster, ["--cluster", "c.json", "--resume", "{}"], "--resume"),
+    (cli.parse_sweep, ["--out", "{}"], "--out"),
+    (cli.parse_run, ["--resume", "{}"], "--resume"),
+    (cli.parse_run, ["--dataset", "npz:{}"], "--dataset"),
+], ids=["keys", "report", "cluster-run-dir", "cluster-resume", "sweep-out", "resume",
+        "npz"])
+def test_a_path_longer_than_a_file_system_takes_is_one_line(parse, argv, option, path,
+                                                            tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse([a.format(tmp_path / path) for a in argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and f"argument {option}: " in err
+    assert len(err) < 300  # the path shortened in the line
+
+
+def test_a_sweep_whose_run_directories_would_not_fit_under_out_is_one_line(tmp_path, capsys):
+    """--out alone fits; with each point's directory and what a run writes
+    in it, it would not."""
+    out = str(tmp_path) + "/s" * ((4096 - 60 - len(str(tmp_path))) // 2)  # 4036-odd bytes
+    with pytest.raises(SystemExit):
+        cli.parse_sweep(["--out", out, "--modes", "cdni", "--grad-delay", "16"])
+    err = capsys.readouterr().err
+    assert "argument --out: " in err and "cdni-delay16-seed3.attempt99" in err
+
+
+def test_launch_refuses_a_run_dir_longer_than_a_path_before_anything_starts(tmp_path):
+    """Once an ENAMETOOLONG traceback from the run directory."""
+    line = error_line(run_launch("--run-dir", str(tmp_path / LONG_PATH)))
+    assert line.startswith("launch.py: error: argument --run-dir: "), line
+    assert not any(tmp_path.iterdir())
