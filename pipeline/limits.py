@@ -87,8 +87,10 @@ def _numbers(cfg):
                 yield option, "FACTOR ", factor, most
         elif isinstance(f.default, bool) or not isinstance(f.default, (int, float)):
             continue
-        elif isinstance(f.default, int) or most is not None:
-            yield option, "", value, WIRE_INT if most is None else most
+        elif most is not None:
+            yield option, "", value, most
+        elif isinstance(f.default, int) or isinstance(value, int):  # an int where a float goes
+            yield option, "", value, WIRE_INT
 
 
 def check_most(cfg) -> None:

@@ -326,3 +326,13 @@ def test_the_longest_waits_accepted_stay_on_the_clock():
     sleep = cfg.slowdown(1) * 3600  # an hour-long step, slowed
     time.gmtime(now + sleep)
     assert sleep * 1e9 < 2 ** 63
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(Config)
+                                  if type(f.default) is float])
+def test_an_integer_where_a_number_goes_is_held_to_the_wire_too(name):
+    """A cluster file's JSON or TOML may give any float option as an integer
+    of any size; msgpack would refuse to send it to the workers."""
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict({name: 10 ** 30})
+    assert info.value.option == flag(name)
