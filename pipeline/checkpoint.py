@@ -250,7 +250,8 @@ def _histogram(value, path: str) -> None:
     if not isinstance(value, dict):
         raise _field(path, "an object of {steps: count}", value)
     for k, n in value.items():
-        if not (k.isdigit() and int(k) <= limits.MAX_COUNT):
+        if not (isinstance(k, str) and k.isascii() and k.isdigit()
+                and int(k) <= limits.MAX_COUNT):
             raise _field(f"{path}.{k}", "a number of steps (the key)", k)
         _count(n, f"{path}.{k}")
     _count(sum(value.values()), f"the sum of {path}")
@@ -301,9 +302,9 @@ def check_meta(meta, like: dict) -> None:
 def _like(meta, like: dict, path: str) -> None:
     if not isinstance(meta, dict):
         raise _field(path, "an object", meta)
-    unknown = sorted(set(meta) - set(like))
+    unknown = [k for k in meta if k not in like]  # a peer's keys may be bytes: no sorting
     if unknown:
-        raise ValueError(f"{path + '.' if path else ''}{unknown[0]} is not a field of this "
+        raise ValueError(f"{path + '.' if path else ''}{unknown[0]!s} is not a field of this "
                          "run's layers")
     for key, want in like.items():
         at = f"{path}.{key}" if path else key

@@ -458,10 +458,14 @@ def test_histograms_take_any_staleness_but_bounded_counts():
     like = layer_state(hid)[0]
     check_meta({**like, "stats": {**like["stats"], "staleness_hist": {"0": 3, "17": 2}}}, like)
     for hist, says in [({"-1": 1}, "staleness_hist.-1"), ({"x": 1}, "staleness_hist.x"),
+                       ({"\u00b2": 1}, "staleness_hist.\u00b2"),  # a digit to isdigit, not to int
+                       ({b"3": 1}, "staleness_hist.b'3'"),  # msgpack from a peer: bytes keys
                        ({"3": 1.5}, "staleness_hist.3"),
                        ({str(i): 2 ** 52 for i in range(3)}, "the sum of stats.staleness_hist")]:
         with pytest.raises(ValueError, match=re.escape(says)):
             check_meta({**like, "stats": {**like["stats"], "staleness_hist": hist}}, like)
+    with pytest.raises(ValueError, match="b'x' is not a field"):
+        check_meta({**like, b"x": 1}, like)  # unsortable beside str keys: still one ValueError
 
 
 def test_launch_refuses_a_step_of_1e30_before_starting_anything(tmp_path):
