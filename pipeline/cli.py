@@ -329,6 +329,7 @@ class ClusterArgs:
     run_dir: str
     quiet: bool
     resume: str | None = None
+    overwrite: bool = False
 
 
 def parse_cluster(argv: list[str]) -> ClusterArgs:
@@ -343,9 +344,11 @@ def parse_cluster(argv: list[str]) -> ClusterArgs:
     p.add_argument("--run-dir", default="", help="the coordinator's run directory")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="the coordinator goes on from this run directory's last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help=D["overwrite"].metadata["help"] + " (the coordinator's)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     a = p.parse_args(argv)
-    return ClusterArgs(a.cluster, a.role, a.insecure, a.run_dir, a.quiet, a.resume)
+    return ClusterArgs(a.cluster, a.role, a.insecure, a.run_dir, a.quiet, a.resume, a.overwrite)
 
 
 def parse_keys(argv: list[str]) -> tuple[str, int]:
