@@ -148,7 +148,7 @@ class RunDir:
         try:
             fd = open_private(self._reserve_path, os.O_TRUNC)
             try:
-                os.posix_fallocate(fd, 0, size)
+                runfiles.allocate(fd, size)
             finally:
                 os.close(fd)
         except OSError as exc:
@@ -344,7 +344,8 @@ def _lock(path: Path, option: str):
     the RunDir is gone, or the process): a second run there is refused
     instead of interleaving with the first."""
     fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    os.fchmod(fd, 0o600)
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, 0o600)
     f = open(fd, "rb", buffering=0)
     if fcntl is not None:
         try:

@@ -10,6 +10,7 @@ file elsewhere.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -241,11 +242,30 @@ def open_private(path: Path, flags: int) -> int:
     whatever the umask or the mode of a file already there."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
     try:
-        os.fchmod(fd, 0o600)
+        if hasattr(os, "fchmod"):  # (not on Windows, where modes are not the user's guard)
+            os.fchmod(fd, 0o600)
     except OSError:
         os.close(fd)
         raise
     return fd
+
+
+def allocate(fd: int, size: int) -> None:
+    """Take ``size`` bytes of the disk for the file open as ``fd`` (OSError,
+    ENOSPC, when there is not that much)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return
+    except AttributeError:  # not on every platform
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    chunk = bytes(min(size, 1 << 20))
+    done = 0
+    while done < size:
+        done += os.write(fd, chunk[:size - done])
+    os.fsync(fd)
 
 
 def write_private(path: Path, write: Callable, text: bool = False) -> Path:

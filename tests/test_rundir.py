@@ -306,7 +306,7 @@ def test_resume_removes_the_runs_own_temporaries_and_nothing_else(tmp_path):
 def test_a_refused_new_run_leaves_nothing_behind(tmp_path, monkeypatch):
     def no_room(fd, offset, size):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(rundir.os, "posix_fallocate", no_room)
+    monkeypatch.setattr(os, "posix_fallocate", no_room)
     with pytest.raises(ValueError, match=r"argument --run-dir: .* has no room for the 20 KiB a "
                                          r"run keeps for its weights and summary"):
         RunDir(tmp_path / "run", reserve=20 * 1024)

@@ -137,3 +137,21 @@ def test_files_beside_runs_are_written_whole_and_private(tmp_path):
     for p, mode in [("plot.png", 0o600), ("a", 0o700), ("a/b", 0o700), ("a/b/t.md", 0o600)]:
         assert stat.S_IMODE(os.stat(tmp_path / p).st_mode) == mode, p
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "plot.png", "t.md"]
+
+
+@pytest.mark.parametrize("how", ["unsupported", "missing"])
+def test_the_space_is_taken_where_the_file_system_cannot_allocate(tmp_path, monkeypatch, how):
+    import errno
+    if how == "missing":
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)
+    else:
+        def unsupported(fd, offset, size):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    fd = runfiles.open_private(tmp_path / ".reserve", os.O_TRUNC)
+    try:
+        runfiles.allocate(fd, 3 * 1024 * 1024 + 5)
+    finally:
+        os.close(fd)
+    assert (tmp_path / ".reserve").stat().st_size == 3 * 1024 * 1024 + 5
+    assert (tmp_path / ".reserve").stat().st_blocks * 512 >= 3 * 1024 * 1024 + 5
