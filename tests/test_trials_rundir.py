@@ -136,8 +136,8 @@ def test_a_full_disk_without_checkpoints_keeps_the_weights(small_disk, how):
 
 
 def test_a_disk_without_room_for_the_last_writes_refuses_the_run(small_disk):
-    """The seed's weights at a stop take about 270 KB: on 100 KB the run
-    could never keep them, so it does not start."""
+    """The seed's weights at a stop would not fit in 100 KB: the run could
+    never keep them, so it does not start."""
     disk = small_disk("100k")
     line = error_line(run_launch("--run-dir", str(disk / "run"), "--epochs", "10"))
     assert line.startswith(f"launch.py: error: argument --run-dir: {disk / 'run'} has no room "
