@@ -363,6 +363,11 @@ def parse_keys(argv: list[str]) -> tuple[str, int]:
     g.add_argument("--layers", type=int, default=None, help="weight layers of the run")
     g.add_argument("--cluster", metavar="FILE", help="take the layers from a cluster file")
     a = p.parse_args(argv)
+    from pipeline.runfiles import check_path
+    try:  # the longest name inside: a layer's secret key in the staging directory
+        check_path(a.out, "--out", inside=len(".keys-12345678/layer1024.key_secret"))
+    except ValueError as exc:
+        p.error(str(exc))
     if a.cluster:
         from pipeline import cluster
         try:

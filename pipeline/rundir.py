@@ -374,6 +374,10 @@ def load_run(run_dir: str | os.PathLike) -> dict:
     ValueError naming the file if the directory is not a finished run.
     """
     path = Path(run_dir)
+    try:
+        os.stat(path)
+    except OSError as exc:  # absent, or a name too long for the file system
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
     if not path.is_dir():
         raise ValueError(f"{path}: not a directory")
     summary_path, metrics_path = path / "summary.json", path / "metrics.jsonl"

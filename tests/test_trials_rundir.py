@@ -249,14 +249,35 @@ def test_everything_a_run_a_resume_a_report_and_a_sweep_write_is_the_users_alone
 
 # --- path lengths ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv", [
-    lambda t: ["--in-process", "--epochs", "1", "--run-dir", str(t / ("x" * 300))],
-    lambda t: ["--resume", str(t / ("x" * 300))],
-    lambda t: ["sweep", "--in-process", "--epochs", "1", "--seeds", "1", "--modes", "cdni",
-               "--grad-delay", "0", "--out", str(t / ("x" * 300))],
-], ids=["--run-dir", "--resume", "sweep --out"])
-def test_a_name_of_300_characters_is_one_line(tmp_path, argv):
+LONG_NAMES = {
+    "--run-dir": (lambda t: ["--in-process", "--epochs", "1", "--run-dir", str(t / ("x" * 300))],
+                  "launch.py: error: argument --run-dir: a name of 300 bytes in the path"),
+    "--resume": (lambda t: ["--resume", str(t / ("x" * 300))],
+                 "launch.py: error: argument --resume: a name of 300 bytes in the path"),
+    "sweep --out": (lambda t: ["sweep", "--in-process", "--epochs", "1", "--seeds", "1",
+                               "--modes", "cdni", "--grad-delay", "0", "--out",
+                               str(t / ("x" * 300))],
+                    "launch.py: error: argument --out: a name of 300 bytes in the path"),
+    "keys --out": (lambda t: ["keys", "--out", str(t / ("x" * 300))],
+                   "launch.py keys: error: argument --out: a name of 300 bytes in the path"),
+    "report": (lambda t: ["report", str(t / ("x" * 300))], "report: error: "),
+}
+
+
+@pytest.mark.parametrize("argv, says", LONG_NAMES.values(), ids=LONG_NAMES)
+def test_a_name_of_300_characters_is_one_line(tmp_path, argv, says):
     """Once an ENAMETOOLONG traceback."""
     line = error_line(run_launch(*argv(tmp_path)))
-    assert "a name of 300 bytes in the path" in line and line.startswith("launch.py: error: ")
+    assert line.startswith(says) and "Traceback" not in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_keys_make_their_parents_private(tmp_path):
+    """The parents `keys --out` makes were 0755, as a run directory's were."""
+    old = os.umask(0o022)
+    try:
+        assert run_launch("keys", "--out", str(tmp_path / "a" / "b" / "keys")).returncode == 0
+    finally:
+        os.umask(old)
+    for d in ("a", "a/b", "a/b/keys"):
+        assert stat.S_IMODE(os.stat(tmp_path / d).st_mode) == 0o700, d
