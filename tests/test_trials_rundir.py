@@ -22,6 +22,7 @@ from tests.conftest import ROOT, Launch, error_line, run_launch
 from tests.test_checkpoint import checkpointed_run
 from tests.test_pipeline import assert_bit_identical, reference_weights
 from tests.test_rundir import project, tree
+from tests.test_trials_local import run_patched
 
 pytestmark = pytest.mark.timeout(120)
 ROLES = ("layer1", "layer2", "output")
@@ -133,6 +134,34 @@ def test_a_full_disk_without_checkpoints_keeps_the_weights(small_disk, how):
     assert error["message"] == f"cannot write {run / 'metrics.jsonl'}: No space left on device"
     assert_nothing_half_written(run)
     assert_weights_at_stop(run, Config(hidden=(8,), epochs=100000))
+
+
+FILLS_AFTER_30_EVENTS = """
+import errno, os
+from pipeline import rundir
+_metric = rundir.RunDir.metric
+def metric(self, event):  # the disk fills at the 31st event
+    self.events = getattr(self, "events", 0) + 1
+    if self.events > 30 and self.full is None:
+        raise self._failed(self._metrics_path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    _metric(self, event)
+rundir.RunDir.metric = metric
+"""
+
+
+@pytest.mark.parametrize("how", [[], ["--in-process"]], ids=["pipeline", "in-process"])
+def test_a_full_disk_faked_ends_with_the_weights_at_the_stop(tmp_path, how):
+    """The same end without root: the disk fills (faked) mid-run."""
+    run = tmp_path / "run"
+    done = run_patched(FILLS_AFTER_30_EVENTS, "--run-dir", str(run), "--quiet", "--epochs",
+                       "100000", *how)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr == ""
+    assert summary(run)["error"]["message"] == \
+        f"cannot write {run / 'metrics.jsonl'}: No space left on device"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 30
+    assert_nothing_half_written(run)
+    assert_weights_at_stop(run, Config(epochs=100000))
 
 
 def test_a_disk_without_room_for_the_last_writes_refuses_the_run(small_disk):
