@@ -196,10 +196,12 @@ class RunDir:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
-        except OSError as exc:
+        except BaseException as exc:  # no temporary stays, whatever stopped the write
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise self._failed(final, exc) from None
+            if isinstance(exc, OSError):
+                raise self._failed(final, exc) from None
+            raise
         _fsync_dir(final.parent)  # the rename itself survives a crash
         return final
 
@@ -304,7 +306,8 @@ def _what_run(path: Path) -> str:
         status = None
     if status == "completed":
         return "a completed run; replace it with --overwrite, or choose another directory"
-    what = f"a {status} run" if isinstance(status, str) else "a run that did not finish"
+    what = {"interrupted": "an interrupted run", "failed": "a failed run"}.get(
+        status, "a run that did not finish")
     return (f"{what}; go on with it with --resume {path}, replace it with --overwrite, or "
             "choose another directory")
 

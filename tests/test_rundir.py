@@ -496,3 +496,15 @@ def test_a_summary_the_disk_has_no_room_for_is_one_line(tmp_path, monkeypatch, c
     assert err == (f"launch.py: error: cannot write {tmp_path / 'run' / 'summary.json'}: No "
                    "space left on device: the summary is not written\n")
     RunDir(tmp_path / "run", resume=True).close()  # closed: the lock is free
+
+
+@pytest.mark.parametrize("status, says", [
+    ("interrupted", "an interrupted run; go on with it with --resume"),
+    ("failed", "a failed run; go on with it with --resume"),
+    ("completed", "a completed run; replace it with --overwrite, or choose another directory")])
+def test_a_run_directory_taken_says_how_its_run_ended_and_what_may_be_done(tmp_path, status,
+                                                                           says):
+    killed_run(tmp_path / "run")
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"status": status}))
+    with pytest.raises(ValueError, match=f"already holds {says}"):
+        RunDir(tmp_path / "run")
