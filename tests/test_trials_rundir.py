@@ -121,6 +121,18 @@ def test_a_full_disk_with_a_checkpoint_every_epoch(small_disk):
     assert_bit_identical(resumed, reference_weights(cfg))
 
 
+def test_the_same_disk_holds_a_run_with_a_checkpoint_every_epoch_kept_to_three(small_disk):
+    """The trial as first tried, without --keep-checkpoints: the three
+    newest checkpoints fit where every one of them did not."""
+    run = small_disk("2m") / "run"
+    done = run_launch("--run-dir", str(run), "--quiet", "--epochs", "30",
+                      "--checkpoint-every", "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert summary(run)["status"] == "completed" and summary(run)["weights"] == "final"
+    assert sorted(d.name for d in (run / "checkpoints").iterdir()) == \
+        ["epoch-000026", "epoch-000027", "epoch-000028", "latest.json"]
+
+
 @pytest.mark.parametrize("how", [[], ["--in-process"]], ids=["pipeline", "in-process"])
 def test_a_full_disk_without_checkpoints_keeps_the_weights(small_disk, how):
     """Once the final weights were lost: metrics.jsonl filled 100 KB, and
