@@ -104,12 +104,12 @@ class RunDir:
             elif ours:
                 if not overwrite:
                     raise ValueError(f"argument --run-dir: {self.path} already holds "
-                                     f"{_what_run(self.path)}")
+                                     f"{runfiles.what_run(self.path)}")
                 self.removed = runfiles.clear(self.path)
             self._reserve(reserve, option)
             self._metrics_path = self.path / "metrics.jsonl"
             self._metrics = open_private(self._metrics_path, os.O_APPEND)
-            self._metrics_end = _whole_lines(self._metrics_path, self._metrics)
+            self._metrics_end = runfiles.whole_lines(self._metrics_path, self._metrics)
         except BaseException:
             self._lock.close()
             if not ours:  # a new run refused: nothing it made stays
@@ -130,7 +130,7 @@ class RunDir:
                 raise ValueError(f"argument --resume: {p} is not a run directory")
             return True
         try:
-            empty = not p.exists() or _empty(p)
+            empty = not p.exists() or runfiles.is_empty(p)
         except OSError as exc:
             raise ValueError(f"argument {option}: cannot read {p}: {exc.strerror}") from None
         if empty or runfiles.is_run(p):
@@ -291,45 +291,6 @@ def unfinished() -> list[tuple[RunDir, object]]:
     """(RunDir, Config) of every run directory open_run opened that is still
     open and holds no summary: what an interrupted command must write up."""
     return [(rd, cfg) for rd, cfg in _OPENED if not (rd.path / "summary.json").exists()]
-
-
-def _empty(path: Path) -> bool:
-    with os.scandir(path) as entries:
-        return next(entries, None) is None
-
-
-def _what_run(path: Path) -> str:
-    """The run in ``path``, and what may be done with it, for a refusal."""
-    try:
-        status = json.loads((path / "summary.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        status = None
-    if status == "completed":
-        return "a completed run; replace it with --overwrite, or choose another directory"
-    what = {"interrupted": "an interrupted run", "failed": "a failed run"}.get(
-        status, "a run that did not finish")
-    return (f"{what}; go on with it with --resume {path}, replace it with --overwrite, or "
-            "choose another directory")
-
-
-def _whole_lines(path: Path, fd: int) -> int:
-    """The length of the metrics file open as ``fd``, cut back to its last
-    whole line: a run killed mid-write left half a line, which the next
-    line (of a resumed run) must not join."""
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return 0
-    window = 4 * 64 * 1024  # several of the largest events a role may send
-    with open(path, "rb") as f:
-        f.seek(max(0, size - window))
-        tail = f.read()
-    cut = tail.rfind(b"\n")
-    if cut < 0 and size > window:
-        return size  # no line end in sight: not ours to judge
-    whole = size - len(tail) + cut + 1
-    if whole < size:
-        os.ftruncate(fd, whole)
-    return whole
 
 
 def _fsync_dir(path: Path) -> None:

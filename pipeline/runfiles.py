@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -123,6 +124,45 @@ def clear(path: Path, keep: tuple[str, ...] = (".lock",)) -> list[str]:
             said[top] = said.get(top, 0) + (len(rel.parts) > 1)
     return [f"{top}/ ({n} file{'s' * (n != 1)})" if top in (WEIGHTS, CHECKPOINTS) else top
             for top, n in said.items()]
+
+
+def is_empty(path: Path) -> bool:
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
+
+
+def what_run(path: Path) -> str:
+    """The run in ``path``, and what may be done with it, for a refusal."""
+    try:
+        status = json.loads((path / "summary.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status == "completed":
+        return "a completed run; replace it with --overwrite, or choose another directory"
+    what = {"interrupted": "an interrupted run", "failed": "a failed run"}.get(
+        status, "a run that did not finish")
+    return (f"{what}; go on with it with --resume {path}, replace it with --overwrite, or "
+            "choose another directory")
+
+
+def whole_lines(path: Path, fd: int) -> int:
+    """The length of the metrics file open as ``fd``, cut back to its last
+    whole line: a run killed mid-write left half a line, which the next
+    line (of a resumed run) must not join."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 0
+    window = 4 * 64 * 1024  # several of the largest events a role may send
+    with open(path, "rb") as f:
+        f.seek(max(0, size - window))
+        tail = f.read()
+    cut = tail.rfind(b"\n")
+    if cut < 0 and size > window:
+        return size  # no line end in sight: not ours to judge
+    whole = size - len(tail) + cut + 1
+    if whole < size:
+        os.ftruncate(fd, whole)
+    return whole
 
 
 def remove_temporaries(path: Path) -> None:
