@@ -363,9 +363,14 @@ def resume_config(run_dir, quiet: bool):
     after its last checkpoint, every array checked against the run's layers."""
     from pipeline.config import Config
     from pipeline.rundir import RunDir
+    from pipeline.runfiles import check_path
     path = Path(run_dir)
+    check_path(path, "--resume")
     try:
-        config = json.loads((path / "config.json").read_text())["config"]
+        # A run from before checkpoint retention kept every checkpoint: so
+        # does its resume. A resume goes on; it never replaces the run.
+        saved = json.loads((path / "config.json").read_text())["config"]
+        config = {"keep_checkpoints": 0, **saved, "overwrite": False}
         Config.from_dict(config)
     except FileNotFoundError:
         raise _refuse(f"{path} is not a run directory") from None

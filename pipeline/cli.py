@@ -9,7 +9,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from pipeline import limits, tasks
+from pipeline import limits, runfiles, tasks
 from pipeline.config import (CLASSIFICATION_DEFAULTS, MODES, UNLOCKS, Config, ConfigError,
                              default_hidden, defaults_for)
 
@@ -224,10 +224,13 @@ def parse_engine(argv: list[str]) -> EngineArgs:
 
 def _check_path(p: argparse.ArgumentParser, option: str, path: str | None,
                 room: int = 0) -> None:
-    """One line naming ``option`` where ``path`` is longer than a file system takes."""
-    problem = limits.path_problem(path, room) if path else None
-    if problem:
-        p.error(f"argument {option}: {problem}")
+    """One line naming ``option`` where ``path``, with ``room`` bytes written
+    inside it, is longer than a file system takes."""
+    if path:
+        try:
+            runfiles.check_path(path, option, inside=room)
+        except ValueError as exc:
+            p.error(str(exc))
 
 
 def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Config:
@@ -235,7 +238,7 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Co
     ``override``), options left unsaid from the task's defaults, then the
     Config's."""
     given = {**vars(a), **override}
-    _check_path(p, "--run-dir", given["run_dir"], limits.RUN_DIR_ROOM)
+    _check_path(p, "--run-dir", given["run_dir"], runfiles.LONGEST_INSIDE)
     _check_path(p, "--data-dir", given["data_dir"], len("train-images-idx3-ubyte.gz"))
     _check_path(p, "--dataset", given["dataset"].removeprefix("npz:"))
     # Beyond the bound, --layers is refused by the Config, naming it; the
@@ -264,7 +267,7 @@ def parse_run(argv: list[str] | None = None) -> tuple[Config, str | None]:
     """The run's Config, and the run directory named by --resume (or None)."""
     p = build_parser()
     a = p.parse_args(argv)
-    _check_path(p, "--resume", a.resume, limits.RUN_DIR_ROOM)
+    _check_path(p, "--resume", a.resume, runfiles.LONGEST_INSIDE)
     return _config(p, a), a.resume
 
 
@@ -334,13 +337,13 @@ def parse_sweep(argv: list[str]) -> SweepArgs:
         # they keep their synthetic-input options): each point sets its own.
         base = next((pt for pt in points if pt.unlock != "none"), points[0])
         bases[name] = _config(p, va, **base.fields(), run_dir="")
-    # Each point's run directory, as commands/sweep.py names it (and sets an
-    # earlier attempt aside), must fit under --out.
+    # Each point's run directory, as sweep.point_config names it (and
+    # commands/sweep.py sets an earlier attempt aside), must fit under --out.
     from pipeline.sweep import grid
     longest = max((pt.name for pt in grid(a.modes, a.grad_delay, seeds[-1:], list(bases),
                                           a.unlock, a.input_delay)), key=len)
-    _check_path(p, "--out", os.path.join(a.out or "sweeps/YYYYmmdd-HHMMSS",
-                                         longest + ".attempt99"), limits.RUN_DIR_ROOM)
+    _check_path(p, "--out", os.path.join(a.out or "sweeps/YYYYmmdd-HHMMSS", "runs",
+                                         longest + ".attempt99"), runfiles.LONGEST_INSIDE)
     return SweepArgs(bases, a.modes, a.grad_delay, seeds, a.out, a.unlock, a.input_delay)
 
 
@@ -362,6 +365,7 @@ class ClusterArgs:
     run_dir: str
     quiet: bool
     resume: str | None = None
+    overwrite: bool = False
 
 
 def parse_cluster(argv: list[str]) -> ClusterArgs:
@@ -376,11 +380,13 @@ def parse_cluster(argv: list[str]) -> ClusterArgs:
     p.add_argument("--run-dir", default="", help="the coordinator's run directory")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="the coordinator goes on from this run directory's last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help=D["overwrite"].metadata["help"] + " (the coordinator's)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     a = p.parse_args(argv)
-    _check_path(p, "--run-dir", a.run_dir, limits.RUN_DIR_ROOM)
-    _check_path(p, "--resume", a.resume, limits.RUN_DIR_ROOM)
-    return ClusterArgs(a.cluster, a.role, a.insecure, a.run_dir, a.quiet, a.resume)
+    _check_path(p, "--run-dir", a.run_dir, runfiles.LONGEST_INSIDE)
+    _check_path(p, "--resume", a.resume, runfiles.LONGEST_INSIDE)
+    return ClusterArgs(a.cluster, a.role, a.insecure, a.run_dir, a.quiet, a.resume, a.overwrite)
 
 
 def parse_keys(argv: list[str]) -> tuple[str, int]:
@@ -395,7 +401,8 @@ def parse_keys(argv: list[str]) -> tuple[str, int]:
     g.add_argument("--layers", type=int, default=None, help="weight layers of the run")
     g.add_argument("--cluster", metavar="FILE", help="take the layers from a cluster file")
     a = p.parse_args(argv)
-    _check_path(p, "--out", a.out, len("layer1024.key_secret.tmp"))
+    # the longest name inside: a layer's secret key in the staging directory
+    _check_path(p, "--out", a.out, len(".keys-12345678/layer1024.key_secret"))
     if a.cluster:
         from pipeline import cluster
         try:

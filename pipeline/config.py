@@ -184,6 +184,9 @@ class Config:
     checkpoint_every: int = option(0, "every N epochs, save every layer's weights, SG module "
                                    "and counters to RUN_DIR/checkpoints (0: never)", FAULTS,
                                    metavar="N", most=limits.MAX_COUNT)
+    keep_checkpoints: int = option(3, "after each checkpoint, keep the newest N complete "
+                                   "ones and remove the older ones (0: keep all)", FAULTS,
+                                   metavar="N", most=limits.MAX_COUNT)
     watchdog: float = option(60.0, "end the run as failed, naming the role that stopped, when "
                              "no role has handled a message for S seconds though every "
                              "process still answers (0: never; at most a week, 604800)", FAULTS, metavar="S",
@@ -225,6 +228,10 @@ class Config:
     # output -----------------------------------------------------------------------
     run_dir: str = option("", "directory for config.json, metrics.jsonl, summary.json and "
                           "weights (default: runs/<time>-<mode>-<id>)", OUT, sweep=False)
+    overwrite: bool = option(
+        False, "replace the run already in --run-dir: remove the files a run writes there "
+        "(saying which) before this one starts; a directory holding anything else is refused",
+        OUT, kind="flag", sweep=False)
     quiet: bool = option(False, "no progress line", OUT, kind="flag")
 
     def __post_init__(self) -> None:
@@ -315,6 +322,7 @@ class Config:
         need(len({i for i, _ in self.slow}) == len(self.slow), "--slow", "a layer is named twice")
         need(0 <= self.update_prob <= 1, "--update-prob", "must be in [0, 1]")
         need(self.checkpoint_every >= 0, "--checkpoint-every", "must be at least 0")
+        need(self.keep_checkpoints >= 0, "--keep-checkpoints", "must be at least 0 (0: keep all)")
         need(self.watchdog >= 0 and math.isfinite(self.watchdog), "--watchdog",
              "must be 0 (off) or a number of seconds")
         need(0 <= self.start_epoch < self.epochs, "--resume",

@@ -25,12 +25,7 @@ MAX_COUNT = 2 ** 53
 MAX_QUEUE = 2 ** 20       # --max-inflight, --grad-delay, --input-delay: batches held;
                           # their sum is a ZeroMQ high-water mark, a C int
 MAX_BLAS_THREADS = 1024   # per worker; BLAS libraries cap at their own build limit
-# Paths: the longest name and whole path a file system takes (Linux; macOS
-# allows shorter whole paths, and says so itself), and what a run writes
-# inside its directory (checkpoints/epoch-N/, a temporary file's name).
-NAME_MAX = 255
-PATH_MAX = 4096           # bytes, its terminating NUL included
-RUN_DIR_ROOM = 96
+# (Path lengths: runfiles.check_path, from what the file system itself says.)
 # The clock: a wait is a deadline of now + S, and a straggler sleeps FACTOR
 # times its compute; both stay far inside what time_t and ZeroMQ's poll
 # (milliseconds in a C int: 24 days) hold.
@@ -54,22 +49,6 @@ def shown(value: object) -> str:
     if isinstance(value, int) and value.bit_length() > 128:
         return f"an integer of {value.bit_length()} bits"
     return repr(value)
-
-
-def path_problem(path: str, room: int = 0) -> str | None:
-    """Why ``path``, with ``room`` bytes written inside it, is longer than a
-    file system takes; None if it is not. Measured as an absolute path, as
-    the run opens it."""
-    full = os.fsencode(os.path.abspath(path))
-    shown = path if len(path) <= 60 else f"{path[:28]}...{path[-28:]}"
-    longest = max(full.split(b"/"), key=len)
-    if len(longest) > NAME_MAX:
-        return (f"{shown}: a name of {len(longest)} bytes, more than the {NAME_MAX} a file "
-                "system takes")
-    if len(full) + room >= PATH_MAX:
-        return (f"{shown}: {len(full)} bytes, more than the {PATH_MAX - 1 - room} a path may "
-                f"have to hold what is written inside it")
-    return None
 
 
 def _numbers(cfg):

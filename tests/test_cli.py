@@ -368,3 +368,19 @@ def test_launch_refuses_a_run_dir_longer_than_a_path_before_anything_starts(tmp_
     line = error_line(run_launch("--run-dir", str(tmp_path / LONG_PATH)))
     assert line.startswith("launch.py: error: argument --run-dir: "), line
     assert not any(tmp_path.iterdir())
+
+
+def test_the_run_directory_options_parse_and_are_explained(capsys):
+    assert parse(["--keep-checkpoints", "0", "--overwrite"]) == \
+        Config(keep_checkpoints=0, overwrite=True)
+    assert parse([]).keep_checkpoints == 3 and not parse([]).overwrite
+    from pipeline.cli import parse_cluster, parse_sweep
+    assert parse_cluster(["--cluster", "c.toml", "--overwrite"]).overwrite
+    assert not parse_cluster(["--cluster", "c.toml"]).overwrite
+    with pytest.raises(SystemExit) as stop:  # a sweep makes its own run directories
+        parse_sweep(["--overwrite"])
+    assert stop.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    proc = run_launch("-h")
+    assert "--keep-checkpoints N" in proc.stdout and "--overwrite" in proc.stdout
+    line = error_line(run_launch("--keep-checkpoints", "-1"))
+    assert line.startswith("launch.py: error: argument --keep-checkpoints: ")
