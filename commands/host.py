@@ -41,14 +41,15 @@ def run_cluster(args: ClusterArgs, stream: TextIO) -> int:
             cfg, resume = resume_config(args.resume, args.quiet)
         else:
             cfg = tasks.resolve(c.config(run_dir=args.run_dir or c.run.get("run_dir", ""),
-                                         quiet=args.quiet),
+                                         quiet=args.quiet,
+                                         overwrite=args.overwrite or c.run.get("overwrite", False)),
                                 limit_examples="examples" in c.run)
         rd = open_run(cfg, resume is not None, stream)
         try:
             supervisor = Supervisor(cfg, rd, secrets.token_hex(6), stream, cluster=c,
                                     spawn=workers, insecure=args.insecure, resume=resume)
         except (OSError, zmq.ZMQError) as exc:  # its port taken, its address not this host's
-            rd.close()
+            rd.discard()
             me = c.roles["coordinator"]
             raise ValueError(f"argument --cluster: the coordinator at {me.host}:{me.port}: "
                              f"{exc}") from None

@@ -24,10 +24,10 @@ from pipeline.membership import Membership
 from pipeline.control import HEARTBEAT_S, LIVENESS_S
 from pipeline.protocol import Message, Speaker
 from pipeline.reference import run_in_process
-from pipeline.rundir import RunDir, open_run
+from pipeline.rundir import RunDir, WriteError, open_run
 from pipeline.schedule import checkpoint_due
 from pipeline.sgwatch import SGWatch
-from pipeline.summary import Progress, build_summary, close_run, layer_entry
+from pipeline.summary import Progress, build_summary, close_run, layer_entry, save_weights
 from pipeline.transport import Net, private_dir, remove_private_dir
 from pipeline.watchdog import Watchdog
 
@@ -115,6 +115,7 @@ class Supervisor:
         self.last_beat = 0.0
         self.started = False
         self.final: dict | None = None
+        self.write_error: WriteError | None = None  # the run directory could not be written
         self.progress = Progress(cfg, stream)
         self.watch = SGWatch(cfg)
         self.moves: Watchdog | None = None  # each role's handled-message count, from the start
@@ -171,10 +172,22 @@ class Supervisor:
                 self._send(role, self.say.heartbeat())
             self.last_beat = now
 
-    def _stop_all(self) -> None:
+    def _collect_done(self, deadline: float) -> None:
+        """Until every layer role that took part has sent its DONE, or
+        ``deadline``; whatever else comes meanwhile changes nothing now."""
+        waiting = {r for r in self.roles[1:] if r in self.hello} - set(self.done)
+        while waiting - set(self.done) and time.monotonic() < deadline:
+            with contextlib.suppress(WorkerFailed, WriteError):
+                self._recv(POLL_MS)
+
+    def _stop_all(self, weights: bool = False) -> None:
+        """Stop every process; with ``weights``, each layer first sends its
+        weights as they are (a DONE), for a run that cannot go on writing."""
         for role in self.hello:
-            self._send(role, self.say.stop())
+            self._send(role, self.say.stop(report=weights))
         deadline = time.monotonic() + STOP_GRACE_S
+        if weights:
+            self._collect_done(deadline)
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             for p in self.procs.values():
                 if p.poll() is None and sig is not None:
@@ -294,7 +307,7 @@ class Supervisor:
             got = self.checkpoints.setdefault(epoch, set())
             got.add(role)
             if got >= set(self.roles[1:]):
-                self.rd.commit_checkpoint(epoch)
+                self.rd.commit_checkpoint(epoch, self.roles[1:], self.cfg.keep_checkpoints)
                 self.committed = epoch
                 self.rd.metric({"event": "checkpoint", "epoch": epoch})
                 del self.checkpoints[epoch]
@@ -350,6 +363,10 @@ class Supervisor:
                 self._check_alive()
         except KeyboardInterrupt:
             status = "interrupted"
+        except WriteError as exc:  # the disk is full: stop now, keep what is written
+            self.write_error = exc
+            status, error = "failed", {"role": "supervisor", "host": "localhost",
+                                       "message": str(exc)}
         except WorkerFailed as exc:
             status = "failed"
             error = {"role": exc.role, "host": self.host(exc.role) if exc.role in self.roles
@@ -362,8 +379,11 @@ class Supervisor:
             return self._close(status, error, start)
 
     def _close(self, status: str, error: dict | None, start: float) -> int:
-        """Stop every process, write the weights and the summary."""
-        self._stop_all()
+        """Stop every process, write the weights and the summary. A run the
+        run directory failed asks each layer for its weights as it stops,
+        and writes them (into the space kept for them)."""
+        at_stop = self.write_error is not None and self.started
+        self._stop_all(weights=at_stop)
         self.router.close()
         self.guard.close()
         self.ctx.term()
@@ -374,18 +394,23 @@ class Supervisor:
         peaks["supervisor"] = memory.peak_rss_mb()
         cpu = {role: msg.meta.get("cpu_s") for role, msg in self.done.items()}
         cpu["supervisor"] = memory.cpu_s()
+        weights = {}
         for role in self.roles[1:]:
             msg = self.done.get(role)
             if msg is None:
                 continue
-            counters, decode_errors, weights = protocol.done(msg)
-            if status == "completed":
-                self.rd.write_weights(role, weights)
+            counters, decode_errors, weights[role] = protocol.done(msg)
             layers.append(layer_entry(self.roles.index(role), role, counters, decode_errors))
+        saved, failed = None, None
+        if status == "completed" or at_stop:
+            saved, failed = save_weights(self.rd, weights, status)
+        if failed is not None and error is None:
+            status, error = "failed", {"role": "supervisor", "host": "localhost",
+                                       "message": str(failed)}
         summary = build_summary(self.cfg, status=status, run_id=self.run_id, final=self.final,
                                 layers=layers, error=error, epochs_done=self.progress.epochs_done,
                                 wall_s=time.perf_counter() - start, peak_rss_mb=peaks,
-                                cpu_s=cpu, watch=self.watch)
+                                cpu_s=cpu, watch=self.watch, weights=saved)
         summary["control_dropped"] = dict(self.refused)
         return close_run(self.rd, summary, self.stream)
 

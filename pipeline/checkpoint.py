@@ -13,12 +13,13 @@ before any process starts.
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import optim
+from pipeline import limits, optim
 from pipeline.layers import Chance, HiddenLayer, Pending
 from pipeline.output_layer import OutputLayer
 from pipeline.protocol import OUTPUT, is_count, roles
@@ -167,7 +168,8 @@ def read_latest(path: Path, roles: list[str]
     except (OSError, ValueError) as exc:
         raise _refuse(f"{latest_path}: unreadable ({exc})") from None
     epoch = latest.get("epoch") if isinstance(latest, dict) else None
-    if not is_count(epoch) or latest.get("dir") != checkpoint_dir(epoch):
+    if (not is_count(epoch) or epoch >= limits.MAX_COUNT
+            or latest.get("dir") != checkpoint_dir(epoch)):
         raise _refuse(f"{latest_path} must name an epoch and its directory "
                       f"epoch-NNNNNN in this run, got {latest!r}")
     d = path / "checkpoints" / latest["dir"]
@@ -209,6 +211,124 @@ def _check_arrays(where: str, role: str, arrays: dict[str, np.ndarray],
                           f"is {want[name].dtype}{list(want[name].shape)}")
 
 
+# A layer's state JSON, checked field by field against the state a fresh
+# layer of the run writes: the same fields, each of the same kind.
+OPTIONAL = frozenset({"tau_bar", "pending", "inputs"})  # loaded with a default when absent
+HISTOGRAMS = frozenset({"staleness_hist", "hist"})     # {steps: batches}, any steps
+RNG_MOST = 1 << 128                                    # a generator's state words
+
+
+def _field(path: str, want: str, value) -> ValueError:
+    return ValueError(f"{path or 'the state'} must be {want}, got {limits.shown(value)}")
+
+
+def _numbers_carried(value, path: str = "") -> None:
+    """Anywhere in the JSON: no inf or NaN, no integer beyond the wire's 64 bits."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _field(path, "a finite number", value)
+    if isinstance(value, int) and not -limits.WIRE_INT - 1 <= value <= limits.WIRE_INT:
+        raise _field(path, "within 64 bits", value)
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ())
+    for k, v in items:
+        _numbers_carried(v, f"{path}.{k}" if path else str(k))
+
+
+def _count(value, path: str, most: int = limits.MAX_COUNT) -> int:
+    if not (is_count(value) and value <= most):
+        raise _field(path, f"an integer in [0, {limits.say(most)}]", value)
+    return value
+
+
+def _real(value, path: str) -> None:
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and 0 <= value <= limits.MAX_COUNT):
+        raise _field(path, f"a finite number in [0, {limits.say(limits.MAX_COUNT)}]", value)
+
+
+def _histogram(value, path: str) -> None:
+    if not isinstance(value, dict):
+        raise _field(path, "an object of {steps: count}", value)
+    for k, n in value.items():
+        if not (isinstance(k, str) and k.isascii() and k.isdigit()
+                and int(k) <= limits.MAX_COUNT):
+            raise _field(f"{path}.{k}", "a number of steps (the key)", k)
+        _count(n, f"{path}.{k}")
+    _count(sum(value.values()), f"the sum of {path}")
+
+
+def _pending_entries(value, path: str) -> None:
+    if not isinstance(value, list):
+        raise _field(path, "a list", value)
+    for i, entry in enumerate(value):
+        if not (isinstance(entry, list) and len(entry) == 5):
+            raise _field(f"{path}.{i}", "[batch, clock, act_norm, version, n]", entry)
+        for j, name in enumerate(("batch", "clock", "act_norm", "version", "n")):
+            (_real if name == "act_norm" else _count)(entry[j], f"{path}.{i}.{name}")
+
+
+def _rng(value, like, path: str) -> None:
+    """A generator's state as JSON text: the fields of this run's generator,
+    each word an integer it can hold."""
+    try:
+        state = json.loads(value)
+    except (TypeError, ValueError):
+        raise _field(path, "a generator's state as JSON text", value) from None
+
+    def same(v, w, at: str) -> None:
+        if isinstance(w, dict):
+            if not isinstance(v, dict) or sorted(v) != sorted(w):
+                raise _field(at, f"an object of {sorted(w)}", v)
+            for k in w:
+                same(v[k], w[k], f"{at}.{k}")
+        elif isinstance(w, str):
+            if v != w:
+                raise _field(at, repr(w), v)
+        else:
+            _count(v, at, RNG_MOST - 1)
+    same(state, json.loads(like), path)
+
+
+def check_meta(meta, like: dict) -> None:
+    """ValueError naming the first field of a layer's state JSON that is not
+    what ``like`` (a fresh layer's state) has: every field it has (but
+    ``OPTIONAL``), no other, and each of its kind: counts within
+    ``limits.MAX_COUNT``, finite non-negative numbers, generator states.
+    Then, whatever the fields, no number anywhere the wire cannot carry."""
+    _like(meta, like, "")
+    _numbers_carried(meta)
+
+
+def _like(meta, like: dict, path: str) -> None:
+    if not isinstance(meta, dict):
+        raise _field(path, "an object", meta)
+    unknown = [k for k in meta if k not in like]  # a peer's keys may be bytes: no sorting
+    if unknown:
+        raise ValueError(f"{path + '.' if path else ''}{unknown[0]!s} is not a field of this "
+                         "run's layers")
+    for key, want in like.items():
+        at = f"{path}.{key}" if path else key
+        if key not in meta:
+            if key in OPTIONAL:
+                continue
+            raise ValueError(f"{at} is missing")
+        value = meta[key]
+        if key in HISTOGRAMS:
+            _histogram(value, at)
+        elif key == "pending":
+            _pending_entries(value, at)
+        elif isinstance(want, dict):
+            _like(value, want, at)
+        elif isinstance(want, str):
+            if not isinstance(value, str):
+                raise _field(at, "a string", value)
+            _rng(value, want, at)
+        elif isinstance(want, float):
+            _real(value, at)
+        else:
+            _count(value, at)
+
+
 def check_weights(cfg, role: str, arrays: dict[str, np.ndarray], where: str) -> None:
     """A layer role's final weights fit the run: the names, shapes and dtypes
     a layer of this configuration has (ValueError otherwise)."""
@@ -221,14 +341,19 @@ def check_states(cfg, states: dict[str, tuple[dict, dict[str, np.ndarray]]], whe
     finite, and a state that loads."""
     for role, (meta, arrays) in states.items():
         fresh = _fresh_layer(cfg, role)
+        like, want = layer_state(fresh)
+        try:
+            check_meta(meta, like)
+        except ValueError as exc:
+            raise _refuse(f"checkpoint {where}: {role}.json: {exc}") from None
         own = {k: a for k, a in arrays.items() if not k.startswith("pending.")}
-        _check_arrays(f"checkpoint {where}", role, own, layer_state(fresh)[1])
+        _check_arrays(f"checkpoint {where}", role, own, want)
         for name, a in arrays.items():
             if not np.all(np.isfinite(a)):
                 raise _refuse(f"checkpoint {where}: {role}.{name} holds inf or NaN")
         try:
             load_layer_state(fresh, meta, arrays)
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as exc:
             raise _refuse(f"checkpoint {where}: {role}.json does not load: "
                           f"{type(exc).__name__}: {exc}") from None
 
@@ -238,9 +363,14 @@ def resume_config(run_dir, quiet: bool):
     after its last checkpoint, every array checked against the run's layers."""
     from pipeline.config import Config
     from pipeline.rundir import RunDir
+    from pipeline.runfiles import check_path
     path = Path(run_dir)
+    check_path(path, "--resume")
     try:
-        config = json.loads((path / "config.json").read_text())["config"]
+        # A run from before checkpoint retention kept every checkpoint: so
+        # does its resume. A resume goes on; it never replaces the run.
+        saved = json.loads((path / "config.json").read_text())["config"]
+        config = {"keep_checkpoints": 0, **saved, "overwrite": False}
         Config.from_dict(config)
     except FileNotFoundError:
         raise _refuse(f"{path} is not a run directory") from None

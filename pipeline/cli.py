@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shlex
 import sys
 from dataclasses import dataclass
 
-from pipeline import tasks
+from pipeline import limits, runfiles, tasks
 from pipeline.config import (CLASSIFICATION_DEFAULTS, MODES, UNLOCKS, Config, ConfigError,
                              default_hidden, defaults_for)
 
@@ -94,10 +95,10 @@ def _ints(text: str) -> list[int]:
 def _variant(text: str) -> tuple[str, list[str]]:
     name, sep, options = text.partition(":")
     name = name.strip()
-    if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=-]*", name):
+    if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,63}", name):
         raise argparse.ArgumentTypeError(
-            f"expected NAME: OPTIONS like 'bn: --batchnorm' (NAME of letters, digits, "
-            f"_ . + = -), got {text!r}")
+            f"expected NAME: OPTIONS like 'bn: --batchnorm' (NAME of at most 64 letters, "
+            f"digits, _ . + = -), got {text[:80]!r}")
     try:
         return name, shlex.split(options)
     except ValueError as exc:
@@ -150,7 +151,8 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
         g.add_argument("--input-delay", type=_ints, default=[0],
                        help="comma-separated forward delays K of the unlocked runs (each at "
                             "most the point's gradient delay; others are left out)")
-        g.add_argument("--seeds", type=int, default=3, help="seeds per point: --seed, --seed+1, ...")
+        g.add_argument("--seeds", type=int, default=3,
+                       help=f"seeds per point: --seed, --seed+1, ... (at most {MAX_SEEDS})")
         g.add_argument("--variant", type=_variant, action="append", default=[],
                        metavar="'NAME: OPTIONS'",
                        help="a named set of run options added to the others, e.g. "
@@ -220,12 +222,29 @@ def parse_engine(argv: list[str]) -> EngineArgs:
     return EngineArgs(a.launcher, a.keys, a.insecure, a.quiet)
 
 
+def _check_path(p: argparse.ArgumentParser, option: str, path: str | None,
+                room: int = 0) -> None:
+    """One line naming ``option`` where ``path``, with ``room`` bytes written
+    inside it, is longer than a file system takes."""
+    if path:
+        try:
+            runfiles.check_path(path, option, inside=room)
+        except ValueError as exc:
+            p.error(str(exc))
+
+
 def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Config:
     """The Config of parsed options: every field from its option (or
     ``override``), options left unsaid from the task's defaults, then the
     Config's."""
     given = {**vars(a), **override}
-    task = {"hidden": default_hidden(given["layers"]), **defaults_for(given["dataset"])}
+    _check_path(p, "--run-dir", given["run_dir"], runfiles.LONGEST_INSIDE)
+    _check_path(p, "--data-dir", given["data_dir"], len("train-images-idx3-ubyte.gz"))
+    _check_path(p, "--dataset", given["dataset"].removeprefix("npz:"))
+    # Beyond the bound, --layers is refused by the Config, naming it; the
+    # default widths of so many layers are never made.
+    task = {"hidden": default_hidden(min(given["layers"], limits.MAX_LAYERS + 1)),
+            **defaults_for(given["dataset"])}
     all_examples = given["examples"] is None and given["dataset"] != "addition"
     fields = {}
     for f in dataclasses.fields(Config):
@@ -248,6 +267,7 @@ def parse_run(argv: list[str] | None = None) -> tuple[Config, str | None]:
     """The run's Config, and the run directory named by --resume (or None)."""
     p = build_parser()
     a = p.parse_args(argv)
+    _check_path(p, "--resume", a.resume, runfiles.LONGEST_INSIDE)
     return _config(p, a), a.resume
 
 
@@ -271,14 +291,18 @@ class SweepArgs:
         return list(self.bases)
 
 
+MAX_SEEDS = 1000  # per point of a sweep; every seed is a run
 GRID_AXES = ("modes", "grad_delay", "unlock", "input_delay", "seed", "seeds", "out")
 
 
 def parse_sweep(argv: list[str]) -> SweepArgs:
     p = build_parser(sweep=True)
     a = p.parse_args(argv)
-    if a.seeds < 1:
-        p.error("argument --seeds: must be at least 1")
+    if not 1 <= a.seeds <= MAX_SEEDS:
+        p.error(f"argument --seeds: must be in [1, {MAX_SEEDS}], got {limits.shown(a.seeds)}")
+    if 0 <= a.seed < 2 ** 32 <= a.seed + a.seeds - 1:  # a bad --seed itself: the Config's
+        p.error(f"argument --seeds: --seed {a.seed} + {a.seeds} seeds pass 2**32 - 1, the "
+                "largest seed")
     if min(a.grad_delay) < 0:
         p.error("argument --grad-delay: delays must be at least 0")
     if min(a.input_delay) < 0:
@@ -290,6 +314,9 @@ def parse_sweep(argv: list[str]) -> SweepArgs:
         for name, options in a.variant:
             if name in parsed:
                 p.error(f"argument --variant: {name} is named twice")
+            extra = p.parse_known_args(options)[1]
+            if extra:
+                p.error(f"argument --variant: {name}: unrecognized arguments: {' '.join(extra)}")
             va = p.parse_args(argv + options)
             moved = [x for x in GRID_AXES if getattr(va, x) != getattr(a, x)]
             if moved:
@@ -310,6 +337,13 @@ def parse_sweep(argv: list[str]) -> SweepArgs:
         # they keep their synthetic-input options): each point sets its own.
         base = next((pt for pt in points if pt.unlock != "none"), points[0])
         bases[name] = _config(p, va, **base.fields(), run_dir="")
+    # Each point's run directory, as sweep.point_config names it (and
+    # commands/sweep.py sets an earlier attempt aside), must fit under --out.
+    from pipeline.sweep import grid
+    longest = max((pt.name for pt in grid(a.modes, a.grad_delay, seeds[-1:], list(bases),
+                                          a.unlock, a.input_delay)), key=len)
+    _check_path(p, "--out", os.path.join(a.out or "sweeps/YYYYmmdd-HHMMSS", "runs",
+                                         longest + ".attempt99"), runfiles.LONGEST_INSIDE)
     return SweepArgs(bases, a.modes, a.grad_delay, seeds, a.out, a.unlock, a.input_delay)
 
 
@@ -318,7 +352,9 @@ def parse_report(argv: list[str]) -> str:
                 description="Summarise one run directory and draw its loss curves, SG quality "
                             "and staleness histogram to RUN_DIR/report.png.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by launch.py")
-    return p.parse_args(argv).run_dir
+    run_dir = p.parse_args(argv).run_dir
+    _check_path(p, "RUN_DIR", run_dir, len(".report.png.tmp"))
+    return run_dir
 
 
 @dataclass(frozen=True)
@@ -329,6 +365,7 @@ class ClusterArgs:
     run_dir: str
     quiet: bool
     resume: str | None = None
+    overwrite: bool = False
 
 
 def parse_cluster(argv: list[str]) -> ClusterArgs:
@@ -343,9 +380,13 @@ def parse_cluster(argv: list[str]) -> ClusterArgs:
     p.add_argument("--run-dir", default="", help="the coordinator's run directory")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="the coordinator goes on from this run directory's last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help=D["overwrite"].metadata["help"] + " (the coordinator's)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     a = p.parse_args(argv)
-    return ClusterArgs(a.cluster, a.role, a.insecure, a.run_dir, a.quiet, a.resume)
+    _check_path(p, "--run-dir", a.run_dir, runfiles.LONGEST_INSIDE)
+    _check_path(p, "--resume", a.resume, runfiles.LONGEST_INSIDE)
+    return ClusterArgs(a.cluster, a.role, a.insecure, a.run_dir, a.quiet, a.resume, a.overwrite)
 
 
 def parse_keys(argv: list[str]) -> tuple[str, int]:
@@ -360,6 +401,8 @@ def parse_keys(argv: list[str]) -> tuple[str, int]:
     g.add_argument("--layers", type=int, default=None, help="weight layers of the run")
     g.add_argument("--cluster", metavar="FILE", help="take the layers from a cluster file")
     a = p.parse_args(argv)
+    # the longest name inside: a layer's secret key in the staging directory
+    _check_path(p, "--out", a.out, len(".keys-12345678/layer1024.key_secret"))
     if a.cluster:
         from pipeline import cluster
         try:
@@ -368,6 +411,7 @@ def parse_keys(argv: list[str]) -> tuple[str, int]:
             p.error(f"argument --cluster: {exc}")
     else:
         layers = a.layers if a.layers is not None else _default("layers")
-    if layers < 2:
-        p.error("argument --layers: must be at least 2")
+    if not 2 <= layers <= limits.MAX_LAYERS:
+        p.error(f"argument --layers: must be in [2, {limits.MAX_LAYERS}], got "
+                f"{limits.shown(layers)}")
     return a.out, layers

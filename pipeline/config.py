@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline import limits
 from pipeline.nn import ACTIVATIONS
 from pipeline.optim import OPTIMIZERS
 from pipeline.protocol import is_int as _is_int
@@ -56,16 +57,18 @@ class ConfigError(ValueError):
 
 def option(default, help: str, group: str, *, kind: str = "", metavar: str | None = None,
            choices: tuple[str, ...] | None = None, task: bool = False, flag: str = "",
-           cli: bool = True, sweep: bool = True):
+           cli: bool = True, sweep: bool = True, most: float | None = None):
     """A Config field with what the command line needs to offer it: the help
     text, the ``--help`` group, and ``kind`` where the plain type is not
     enough ("widths", "link_delay", "straggler", "flag": on/off with no value,
     "switch": --X / --no-X). ``task``: its default depends on the task
     (``defaults_for``); ``cli=False``: not an option (derived, or set by
-    --resume); ``sweep=False``: a sweep varies it itself."""
+    --resume); ``sweep=False``: a sweep varies it itself. ``most``: its
+    largest value (``pipeline.limits`` says why); an integer without one is
+    held to the wire's 64 bits, a float to finite values."""
     return field(default=default, metadata=dict(
         help=help, group=group, kind=kind, metavar=metavar, choices=choices, task=task,
-        flag=flag, cli=cli, sweep=sweep))
+        flag=flag, cli=cli, sweep=sweep, most=most))
 
 
 NET, TRAIN, UNLOCK, DATA, PIPE, FAULTS, STALE, REMEDY, OUT = (
@@ -80,7 +83,8 @@ class Config:
     # network ---------------------------------------------------------------
     layers: int = option(3, "weight layers, counting the output layer: 3 = two hidden layers "
                          "and the output layer, each its own process (at most 1024, and what "
-                         "the machine's memory holds: estimated before anything starts)", NET)
+                         "the machine's memory holds: estimated before anything starts)", NET,
+                         most=limits.MAX_LAYERS)
     hidden: tuple[int, ...] = option(
         (128, 64), "hidden widths, comma-separated; one number repeats for every hidden layer "
         "(default: the seed's 128,64; deeper nets repeat 64; 256 on classification data; as "
@@ -109,9 +113,10 @@ class Config:
         "only; backprop: locked true gradients (the baseline); async-backprop: true gradients "
         "applied whenever they arrive, however stale", NET, choices=MODES, sweep=False)
     # training ----------------------------------------------------------------
-    epochs: int = option(800, "passes over the data", TRAIN, task=True)
+    epochs: int = option(800, "passes over the data (at most 2**53 batches in all)", TRAIN,
+                         task=True, most=limits.MAX_COUNT)
     batch_size: int = option(10, "examples per batch (the last batch of an epoch may be short)",
-                             TRAIN, task=True)
+                             TRAIN, task=True, most=limits.MAX_COUNT)
     optimizer: str = option("sgd", "for every layer and every SG module, each with its own state",
                             TRAIN, choices=OPTIMIZERS, task=True)
     momentum: float = option(0.0, "SGD's heavy-ball momentum for every layer and SG module "
@@ -123,7 +128,8 @@ class Config:
                           task=True)
     dtype: str = option("float64", "floating-point type of the math and the messages", TRAIN,
                         choices=DTYPES, task=True)
-    seed: int = option(1, "seeds the data and every layer's initial weights", TRAIN)
+    seed: int = option(1, "seeds the data and every layer's initial weights (0 to 2**32 - 1)",
+                       TRAIN, most=2 ** 32 - 1)
     # complete unlock ---------------------------------------------------------------
     unlock: str = option(
         "none", "forward: every layer above the first (and the output layer) also gets each "
@@ -139,7 +145,7 @@ class Config:
     input_delay: int = option(
         0, "take every true input exactly K of the layer's steps after its synthetic step "
         "(exact under --lockstep; at least K free-running); at most --grad-delay", UNLOCK,
-        metavar="K", sweep=False)
+        metavar="K", sweep=False, most=limits.MAX_QUEUE)
     # data ------------------------------------------------------------------------
     dataset: str = option(
         "addition", "addition (the seed task: binary addition of --bits numbers), mnist (the "
@@ -151,50 +157,57 @@ class Config:
         metavar="DIR")
     bits: int = option(8, "addition: bits per operand and sum", DATA)
     examples: int = option(100, "training examples (default: 100 on addition; a dataset's "
-                           "first N, default all)", DATA, task=True)
+                           "first N, default all)", DATA, task=True, most=limits.MAX_COUNT)
     shuffle: bool = option(False, "reshuffle the training batches every epoch, from --seed",
                            DATA, kind="switch", task=True)
     # read from the data files at launch (tasks.resolve), not set by hand
-    features: int = option(0, "input width of a file dataset", DATA, cli=False, flag="--dataset")
-    classes: int = option(0, "classes of a file dataset", DATA, cli=False, flag="--dataset")
+    features: int = option(0, "input width of a file dataset", DATA, cli=False, flag="--dataset",
+                           most=limits.MAX_COUNT)
+    classes: int = option(0, "classes of a file dataset", DATA, cli=False, flag="--dataset",
+                          most=limits.MAX_CLASSES)
     test_examples: int = option(0, "size of its test split (0: none)", DATA, cli=False,
-                                flag="--dataset")
+                                flag="--dataset", most=limits.MAX_COUNT)
     # pipeline ------------------------------------------------------------------
     lockstep: bool = option(False, "deterministic schedule: the same weights, bit for bit, as "
                             "the in-process reference", PIPE, kind="flag")
     max_inflight: int = option(8, "batches a layer may hold awaiting their true gradient, "
                                "beyond --grad-delay, before it stops taking new ones "
-                               "(backpressure)", PIPE)
+                               "(backpressure; at most 2**20)", PIPE, most=limits.MAX_QUEUE)
     blas_threads: int = option(1, "BLAS threads per worker process (the workers share the "
                                "cores); an --in-process run takes the environment's "
                                "(OPENBLAS_NUM_THREADS, OMP_NUM_THREADS: all cores unless "
-                               "set)", PIPE)
+                               "set); at most 1024", PIPE, most=limits.MAX_BLAS_THREADS)
     in_process: bool = option(False, "train the same configuration with the in-process "
                               "reference (the baseline to time against); writes the same run "
                               "directory", PIPE, kind="flag")
     # faults -------------------------------------------------------------------------
     checkpoint_every: int = option(0, "every N epochs, save every layer's weights, SG module "
                                    "and counters to RUN_DIR/checkpoints (0: never)", FAULTS,
-                                   metavar="N")
+                                   metavar="N", most=limits.MAX_COUNT)
+    keep_checkpoints: int = option(3, "after each checkpoint, keep the newest N complete "
+                                   "ones and remove the older ones (0: keep all)", FAULTS,
+                                   metavar="N", most=limits.MAX_COUNT)
     watchdog: float = option(60.0, "end the run as failed, naming the role that stopped, when "
                              "no role has handled a message for S seconds though every "
-                             "process still answers (0: never)", FAULTS, metavar="S")
+                             "process still answers (0: never; at most a week, 604800)", FAULTS, metavar="S",
+                             most=limits.MAX_WAIT_S)
     start_epoch: int = option(0, "the first epoch still to train", FAULTS, cli=False,
-                              flag="--resume")
+                              flag="--resume", most=limits.MAX_COUNT)
     # staleness injection ------------------------------------------------------------
     grad_delay: int = option(0, "apply every true gradient exactly K of the layer's steps late "
-                             "(exact under --lockstep; at least K free-running)", STALE,
-                             sweep=False)
+                             "(exact under --lockstep; at least K free-running; at most 2**20)",
+                             STALE, sweep=False, most=limits.MAX_QUEUE)
     link_delay_ms: float = option(0.0, "wall-clock delay on the gradient links, with optional "
-                                  "+-jitter (order is kept); free-running only", STALE,
-                                  kind="link_delay", metavar="MS[:JITTER]", flag="--link-delay")
+                                  "+-jitter (order is kept); free-running only; at most a week",
+                                  STALE, kind="link_delay", metavar="MS[:JITTER]",
+                                  flag="--link-delay", most=limits.MAX_WAIT_S * 1000)
     link_jitter_ms: float = option(0.0, "+- uniform jitter on that delay", STALE, cli=False,
-                                   flag="--link-delay")
+                                   flag="--link-delay", most=limits.MAX_WAIT_S * 1000)
     delay_activations: bool = option(False, "put the --link-delay on the activation links too",
                                      STALE, kind="flag")
     slow: tuple[tuple[int, float], ...] = option(
-        (), "layer LAYER (1..N) computes FACTOR times slower; repeatable", STALE,
-        kind="straggler", metavar="LAYER:FACTOR")
+        (), "layer LAYER (1..N) computes FACTOR times slower (1 to 1000); repeatable", STALE,
+        kind="straggler", metavar="LAYER:FACTOR", most=limits.MAX_SLOWDOWN)
     update_prob: float = option(1.0, "each layer applies each weight update only with this "
                                 "probability (the paper's update-decoupling experiment)", STALE)
     drop_prob: float = option(0.0, "each true-gradient message is lost with this probability",
@@ -215,10 +228,15 @@ class Config:
     # output -----------------------------------------------------------------------
     run_dir: str = option("", "directory for config.json, metrics.jsonl, summary.json and "
                           "weights (default: runs/<time>-<mode>-<id>)", OUT, sweep=False)
+    overwrite: bool = option(
+        False, "replace the run already in --run-dir: remove the files a run writes there "
+        "(saying which) before this one starts; a directory holding anything else is refused",
+        OUT, kind="flag", sweep=False)
     quiet: bool = option(False, "no progress line", OUT, kind="flag")
 
     def __post_init__(self) -> None:
         self._check_types()
+        limits.check_most(self)
         # A single width repeats for every hidden layer.
         hidden = tuple(self.hidden)
         if len(hidden) == 1 and self.layers > 2:
@@ -227,6 +245,7 @@ class Config:
         object.__setattr__(self, "sg_hidden", tuple(self.sg_hidden))
         object.__setattr__(self, "slow", tuple((int(i), float(f)) for i, f in self.slow))
         self.validate()
+        limits.check_wire(self)
 
     def _check_types(self) -> None:
         """A config may come from the wire (a worker's handshake): wrong types
@@ -275,6 +294,9 @@ class Config:
         need(0 <= self.seed < 2 ** 32, "--seed", "must be in [0, 2**32)")
         need(2 <= self.bits <= 62, "--bits", "must be in [2, 62]")
         need(self.examples >= 1, "--examples", "must be at least 1")
+        need(self.total_batches <= limits.MAX_COUNT, "--epochs",
+             f"{self.epochs} epochs of {self.batches_per_epoch} batches are more than "
+             f"{limits.say(limits.MAX_COUNT)} batches (what a run's counters may reach)")
         need(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         need(all(h >= 1 for h in self.sg_hidden), "--sg-hidden", "widths must be positive")
         need(self.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}")
@@ -300,6 +322,7 @@ class Config:
         need(len({i for i, _ in self.slow}) == len(self.slow), "--slow", "a layer is named twice")
         need(0 <= self.update_prob <= 1, "--update-prob", "must be in [0, 1]")
         need(self.checkpoint_every >= 0, "--checkpoint-every", "must be at least 0")
+        need(self.keep_checkpoints >= 0, "--keep-checkpoints", "must be at least 0 (0: keep all)")
         need(self.watchdog >= 0 and math.isfinite(self.watchdog), "--watchdog",
              "must be 0 (off) or a number of seconds")
         need(0 <= self.start_epoch < self.epochs, "--resume",

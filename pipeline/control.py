@@ -7,11 +7,12 @@ import signal
 import sys
 import time
 import traceback
+from typing import Callable
 
 import zmq
 
 from pipeline import memory, security, transport, wire
-from pipeline.protocol import HEARTBEAT, METRIC, STOP, Message, Speaker
+from pipeline.protocol import HEARTBEAT, METRIC, STOP, Message, Speaker, stop_report
 from pipeline.transport import POLL_MS, Net, Stopped
 
 HEARTBEAT_S = 1.0   # a process says it is alive at least this often
@@ -52,6 +53,9 @@ class ControlLink:
         self.progress = 0  # messages handled: each heartbeat carries it to the watchdog
         self.joined = False  # the handshake is done: from now on, silence means death
         self.resume: tuple[dict, dict] | None = None  # (state, weights) of a resumed run
+        # The role's (counters, decode errors, weights) as they are now, for
+        # a stop that asks for them; set by the role once it has its node.
+        self.at_stop: Callable[[], tuple[dict, int, dict]] | None = None
 
     @property
     def run_id(self) -> str:
@@ -145,6 +149,10 @@ class ControlLink:
                               run_id=self.run_id or None)
             self.last_heard = time.monotonic()
             if msg.kind == STOP:
+                if stop_report(msg) and self.at_stop is not None:
+                    # A node sends before or after an update, never within
+                    # one: its arrays hold whole updates whenever this comes.
+                    self._last_word(self._done(*self.at_stop()))
                 raise Stopped("stop requested")
             if msg.kind != HEARTBEAT:
                 return msg
@@ -173,10 +181,14 @@ class ControlLink:
         garbage collection does when a role's main returns) with linger=0
         would drop messages that are queued but not yet on the wire.
         """
-        self.send(self.say.done(counters, decode_errors, memory.peak_rss_mb(), memory.cpu_s(),
-                                weights))
+        self.at_stop = None  # the weights go now, and once only
+        self.send(self._done(counters, decode_errors, weights))
         while True:
             self.recv(1000)  # raises Stopped
+
+    def _done(self, counters: dict, decode_errors: int, weights: dict) -> Message:
+        return self.say.done(counters, decode_errors, memory.peak_rss_mb(), memory.cpu_s(),
+                             weights)
 
     def log(self, text: str) -> None:
         print(f"[{self.role}] {text}", file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from pipeline.rundir import load_run
+from pipeline.runfiles import write_private
 
 HINT = "plots need matplotlib: pip install -e '.[plot]'"
 DPI = 120
@@ -37,9 +38,8 @@ def _figure(**kwargs):
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, format="png")
+    """Write the figure whole, readable by the user alone (as the run is)."""
+    path = write_private(Path(path), lambda f: fig.savefig(f, dpi=DPI, format="png"))
     fig.clear()  # free the artists now rather than at garbage collection
     return path
 

@@ -217,8 +217,10 @@ class Speaker:
         """``progress``: messages the sender has handled so far (the watchdog's)."""
         return self._msg(HEARTBEAT, step=progress)
 
-    def stop(self) -> Message:
-        return self._msg(STOP)
+    def stop(self, report: bool = False) -> Message:
+        """``report``: each layer sends its weights as they are (a DONE)
+        before it stops, for a run that cannot go on (its disk is full)."""
+        return self._msg(STOP, meta={"report": True} if report else None)
 
 
 # --- readers ----------------------------------------------------------------------------
@@ -292,6 +294,11 @@ def stopped_why(msg: Message) -> str:
     """What stopped a worker from outside the run, at most 200 characters."""
     value = msg.meta.get("why")
     return value[:200] if isinstance(value, str) else "unknown"
+
+
+def stop_report(msg: Message) -> bool:
+    """Whether a stop asks for the layer's weights first."""
+    return msg.meta.get("report") is True
 
 
 def done(msg: Message) -> tuple[dict, int, dict[str, np.ndarray]]:

@@ -28,9 +28,9 @@ from pipeline.driver import HiddenNode, OutputNode, SourceNode
 from pipeline.layers import HiddenLayer
 from pipeline.output_layer import Diverged, OutputLayer
 from pipeline.protocol import ACT, METRIC, Message
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, WriteError
 from pipeline.sgwatch import SGWatch
-from pipeline.summary import Progress, build_summary, close_run, layer_entry
+from pipeline.summary import Progress, build_summary, close_run, layer_entry, save_weights
 
 Event = dict
 Emit = Callable[[Event], None]
@@ -49,14 +49,16 @@ class ReferenceResult:
 
 
 def train_reference(cfg: Config, emit: Emit | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> ReferenceResult:
+                    should_stop: Callable[[], bool] | None = None,
+                    layers: list | None = None) -> ReferenceResult:
     """Train ``cfg`` in this process: the source's messages go down the
     nodes' activation queues one batch at a time, each node reading its
     queue while its schedule lets it; gradients go up their queues and are
     delivered as they come, top layer first, so locked backprop passes its
     gradient all the way down in one sweep. ``emit`` gets every metric event
     the nodes send the coordinator; ``should_stop`` is asked before each
-    training batch (True: KeyboardInterrupt)."""
+    training batch (True: KeyboardInterrupt); ``layers`` gets every layer as
+    it is made (layer 1 first), for a run cut short to write them as they are."""
     emit = emit or (lambda event: None)
     start = time.perf_counter()
     final: dict = {}
@@ -85,6 +87,8 @@ def train_reference(cfg: Config, emit: Emit | None = None,
     hidden = [HiddenNode(cfg, k, outlet(k - 1), start=start) for k in range(1, n)]
     output = OutputNode(cfg, outlet(n - 1), start=start)
     nodes: list[HiddenNode | OutputNode] = [*hidden, output]
+    if layers is not None:
+        layers.extend(node.layer for node in nodes)
     inputs = {protocol.input_port(protocol.layer_role(i + 1, n)): deque()
               for i, node in enumerate(nodes) if node.streams is not None}
     src = SourceNode(cfg, tasks.load(cfg))
@@ -126,8 +130,9 @@ def run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
                    shield: Callable[[], AbstractContextManager] = nullcontext) -> int:
     """``launch.py --in-process``: train with the reference and write the
     same run directory a pipeline run writes; returns the exit code.
-    ``shield()`` holds signals off while the results are written."""
-    rd.write_json("config.json", {"run_id": run_id, "config": cfg.to_dict(), "processes": {}})
+    ``shield()`` holds signals off while the results are written. Should the
+    run directory fail (its disk full), the run stops and writes the layers
+    as they are."""
     progress = Progress(cfg, stream)
     watch = SGWatch(cfg)
 
@@ -140,26 +145,37 @@ def run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
 
     start = time.perf_counter()
     status, final, layers, error = "completed", None, [], None
+    live: list = []  # the layers as they train
+    at_stop = False
     try:
-        result = train_reference(cfg, emit)
+        rd.write_json("config.json", {"run_id": run_id, "config": cfg.to_dict(),
+                                      "processes": {}})
+        result = train_reference(cfg, emit, layers=live)
     except KeyboardInterrupt:
         status = "interrupted"
     except Diverged as exc:
         status, error = "failed", {"role": "reference", "message": f"Diverged: {exc}"}
+    except WriteError as exc:
+        status, error = "failed", {"role": "reference", "message": str(exc)}
+        at_stop = True
     with shield():  # a signal now is noted and ends the command after the summary
+        saved = None
         if status == "completed":
-            for layer in [*result.hidden, result.output]:
-                rd.write_weights(protocol.layer_role(layer.index, cfg.layers), layer.weights())
             final = {"final_loss": result.final_loss, "train_accuracy": result.train_accuracy,
                      "test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
                      "batches": result.batches, "train_s": result.wall_s}
+        if status == "completed" or at_stop:
             layers = [layer_entry(L.index, protocol.layer_role(L.index, cfg.layers),
-                                  L.stats.as_dict(), 0)
-                      for L in [*result.hidden, result.output]]
+                                  L.stats.as_dict(), 0) for L in live]
+            saved, failed = save_weights(rd, {protocol.layer_role(L.index, cfg.layers):
+                                              L.weights() for L in live}, status)
+            if failed is not None and error is None:
+                status, error = "failed", {"role": "reference", "message": str(failed)}
         progress.finish()
         summary = build_summary(cfg, status=status, run_id=run_id, final=final, layers=layers,
                                 wall_s=time.perf_counter() - start,
                                 epochs_done=progress.epochs_done, error=error,
                                 peak_rss_mb={"reference": memory.peak_rss_mb()},
-                                cpu_s={"reference": memory.cpu_s()}, watch=watch)
+                                cpu_s={"reference": memory.cpu_s()}, watch=watch,
+                                weights=saved)
         return close_run(rd, summary, stream)

@@ -19,6 +19,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
+from pipeline.runfiles import make_private_dirs
+
 PUBLIC_SUFFIX = ".key"            # czmq/pyzmq convention: the ZAP handler loads every *.key
 SECRET_SUFFIX = ".key_secret"
 _ROLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # becomes a file name: no paths
@@ -52,8 +54,7 @@ def generate_keys(out_dir: str | os.PathLike, roles: list[str]) -> list[Path]:
                              "(remove it or choose another directory)")
     try:
         if not out.exists():
-            out.mkdir(mode=0o700, parents=True)
-            os.chmod(out, 0o700)  # mkdir's mode is masked by the umask
+            make_private_dirs(out)  # its parents too: mkdir's parents get the default mode
         elif not out.is_dir():
             raise ValueError(f"{out} is not a directory")
         # pyzmq writes the secret file with the umask's mode and we can only

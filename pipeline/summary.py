@@ -2,10 +2,12 @@
 the progress line and the closing table."""
 from __future__ import annotations
 
+import sys
 import time
 from typing import TextIO
 
 from pipeline.config import Config
+from pipeline.rundir import WriteError
 from pipeline.sgwatch import SGWatch
 
 
@@ -17,9 +19,12 @@ def layer_entry(index: int, role: str, counters: dict, decode_errors: int) -> di
 def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
                   final: dict | None, layers: list[dict], error: dict | None = None,
                   epochs_done: int = 0, peak_rss_mb: dict | None = None,
-                  cpu_s: dict | None = None, watch: SGWatch | None = None) -> dict:
+                  cpu_s: dict | None = None, watch: SGWatch | None = None,
+                  weights: str | None = None) -> dict:
     """``watch``: what the run's layer events said of each layer's synthetic
-    gradients, added to its entry as ``sg_tracking``, and its warnings."""
+    gradients, added to its entry as ``sg_tracking``, and its warnings;
+    ``weights``: what weights/ holds ("final", "at stop": as they were when
+    a failed run stopped; None: nothing written)."""
     final = final or {}
     tracking = watch.tracking() if watch else {}
     layers = [{**L, "sg_tracking": tracking.get(L["role"])} for L in layers]
@@ -47,6 +52,7 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
         "cpu_s": cpu_s or {},
         "layers": layers,
         "warnings": list(watch.warnings) if watch else [],
+        "weights": weights,
     }
     if error:
         summary["error"] = error
@@ -104,13 +110,40 @@ def table(summary: dict, run_dir: str) -> str:
     return "\n".join(lines)
 
 
+def save_weights(rd, weights: dict[str, dict], status: str) -> tuple[str | None,
+                                                                   WriteError | None]:
+    """Write each layer's weights (role -> arrays) into the run directory,
+    the space kept for them given back first: (what weights/ now holds for
+    the summary, the write that failed or None)."""
+    rd.release()
+    try:
+        for role, arrays in weights.items():
+            rd.write_weights(role, arrays)
+    except WriteError as exc:
+        return None, exc
+    if not weights:
+        return None, None
+    return ("final" if status == "completed" else "at stop"), None
+
+
 def close_run(rd, summary: dict, stream: TextIO) -> int:
     """Write ``summary.json`` into the run directory, close it, print the
-    closing table; the run's exit code (0 completed, 130 interrupted, 1 failed)."""
-    rd.write_json("summary.json", summary)
-    rd.close()
+    closing table; the run's exit code (0 completed, 130 interrupted, 1 failed).
+    A summary the disk has no room for, even in the space kept for it, is
+    one line on stderr."""
+    rd.release()
+    written = True
+    try:
+        rd.write_json("summary.json", summary)
+    except WriteError as exc:
+        print(f"launch.py: error: {exc}: the summary is not written", file=sys.stderr,
+              flush=True)
+        written = False
+    finally:
+        rd.close()
     print(table(summary, str(rd.path)), file=stream, flush=True)
-    return {"completed": 0, "interrupted": 130}.get(summary["status"], 1)
+    code = {"completed": 0, "interrupted": 130}.get(summary["status"], 1)
+    return code if written or code else 1
 
 
 class Progress:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import SG_MODES, Config
+from pipeline.runfiles import write_private
 
 CSV_FIELDS = ["variant", "mode", "unlock", "grad_delay", "input_delay", "seed", "status",
               "final_loss", "train_accuracy", "test_accuracy", "staleness_mean",
@@ -141,11 +142,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
-    with open(path, "w", newline="") as f:
+    def write(f) -> None:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         w.writerows(rows)
-    return path
+    return write_private(path, write, text=True)
 
 
 def _pm(m: float | None, sd: float | None, fmt: str, scale: float = 1.0) -> str:

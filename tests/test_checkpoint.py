@@ -4,8 +4,11 @@ drift and momentum); a run interrupted (or killed) after a checkpoint goes
 on from it, to the same weights, bit for bit, as a run never stopped."""
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
+import re
 import signal
 
 import numpy as np
@@ -14,7 +17,7 @@ import pytest
 from pipeline.checkpoint import layer_state, load_layer_state
 from pipeline.config import Config
 from pipeline.output_layer import OutputLayer
-from tests.conftest import Launch, assert_no_orphans, run_launch
+from tests.conftest import Launch, assert_no_orphans, error_line, run_launch
 from tests.test_layer_options import B, CLASSES, FAN_IN, onehot
 from tests.test_pipeline import assert_bit_identical, reference_weights
 from tests.kit import hidden_layer
@@ -335,7 +338,7 @@ def _rewrite(path, role, change):
     (lambda p: _rewrite(p, "layer1", lambda a: a.update(w=a["w"].astype(np.float32))),
      "float32"),
     (lambda p: (p / "checkpoints" / "epoch-000001" / "layer2.json").write_text('{"clock": 3}'),
-     "layer2.json does not load"),
+     "layer2.json: step is missing"),
     (lambda p: (p / "config.json").write_text("{"), "config.json: unreadable"),
 ])
 def test_a_damaged_checkpoint_is_refused_in_one_line_naming_what(tmp_path, damage, says):
@@ -352,3 +355,123 @@ def test_launch_refuses_a_damaged_checkpoint_before_starting_anything(tmp_path):
     done = run_launch("--resume", str(path))
     assert done.returncode == 2 and done.stderr.startswith("launch.py: error: argument --resume")
     assert len(done.stderr.splitlines()) == 1 and not (path / "weights").exists()
+
+
+# --- a checkpoint's JSON, every field bounded and typed ---------------------------------
+
+def _set_field(path, role: str, field: str, value) -> None:
+    f = path / "checkpoints" / "epoch-000001" / f"{role}.json"
+    meta = json.loads(f.read_text())
+    meta[field] = value
+    f.write_text(json.dumps(meta))  # NaN as JSON's NaN, as Python writes and reads it
+
+
+@pytest.mark.parametrize("role, field, value, says", [
+    ("layer1", "step", 1e30, "layer1.json: step must be an integer"),
+    ("layer2", "tau_bar", math.nan, "layer2.json: tau_bar must be a finite number"),
+    ("output", "clock", 2 ** 66, "output.json: clock must be an integer"),
+    ("layer1", "update_rng", json.dumps({"bit_generator": "PCG64", "has_uint32": 0,
+                                         "uinteger": 0, "state": {"state": 2 ** 200, "inc": 1}}),
+     "layer1.json: update_rng.state.state must be an integer"),
+    ("layer2", "expired", -1, "layer2.json: expired must be an integer"),
+    ("layer1", "extra", 1, "layer1.json: extra is not a field"),
+], ids=["step-1e30", "tau-bar-nan", "clock-2**66", "rng-200-bits", "expired-negative", "extra"])
+def test_a_checkpoint_field_out_of_bounds_is_refused_naming_the_file_and_field(
+        tmp_path, role, field, value, says):
+    """The first two once started the run, which ended "taken for dead" or
+    "diverged"; a generator state too large was a traceback."""
+    from pipeline.checkpoint import resume_config
+    path = checkpointed_run(tmp_path / "run")
+    _set_field(path, role, field, value)
+    with pytest.raises(ValueError, match=says) as info:
+        resume_config(path, quiet=True)
+    assert str(path / "checkpoints" / "epoch-000001") in str(info.value)
+
+
+def _leaves(value, path=""):
+    """(path, container, key) of every leaf of a layer's state, the fields of
+    the generator states (JSON text) included."""
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ())
+    for k, v in items:
+        at = f"{path}.{k}" if path else str(k)
+        if isinstance(v, (dict, list)) and v:
+            yield from _leaves(v, at)
+        elif not isinstance(v, (dict, list)):
+            yield at, value, k
+
+
+def _states():
+    """Every kind of state a layer writes: SGD and Adam, cDNI with pending
+    batches, unlocked layers (synthetic inputs), the output layer."""
+    hid, out = make_delayed()
+    drive(hid, out, seed=33, steps=5, start=0)
+    yield "delayed", layer_state(hid)[0]
+    yield "output", layer_state(out)[0]
+    from pipeline.model import make_hidden, make_output
+    cfg = Config(optimizer="adam", unlock="forward", sg_lookahead=1.0)
+    yield "unlocked", layer_state(make_hidden(cfg, 2))[0]
+    yield "unlocked-output", layer_state(make_output(cfg))[0]
+
+
+BAD = [1e30, math.nan, math.inf, 2 ** 66, -1, 2.5, "x", None, True, [], {}]
+
+
+@pytest.mark.parametrize("name", ["delayed", "output", "unlocked", "unlocked-output"])
+def test_every_field_of_a_layer_state_is_checked(name):
+    """Each leaf of a real state, set to each kind of bad value, is refused
+    naming its path; inside a generator's state (JSON text) too."""
+    from pipeline.checkpoint import check_meta
+    like = dict(_states())[name]
+    check_meta(copy.deepcopy(like), like)
+    leaves = list(_leaves(like))
+    assert {"clock", "step", "stats.forward_batches"} <= {p for p, _, _ in leaves}
+    for at, box, key in leaves:
+        # an entry of a list is named by its place and then its own name
+        named = at.rsplit(".", 1)[0] + "." if isinstance(box, list) else at
+        for bad in BAD:
+            if isinstance(box[key], float) and bad == 2.5:
+                continue  # a fine value of a number
+            meta = copy.deepcopy(like)
+            for path, inner, k in _leaves(meta):
+                if path == at:
+                    inner[k] = bad
+            with pytest.raises(ValueError, match=re.escape(named)):
+                check_meta(meta, like)
+    for key in ("update_rng", "drop_rng"):
+        if key not in like:
+            continue
+        for at, _, _ in _leaves(json.loads(like[key]), key):
+            for bad in (2 ** 200, -1, 1.5, "x", None):
+                state = json.loads(like[key])
+                for path, box, k in _leaves(state, key):
+                    if path == at:
+                        box[k] = bad
+                with pytest.raises(ValueError, match=re.escape(at)):
+                    check_meta({**like, key: json.dumps(state)}, like)
+
+
+def test_histograms_take_any_staleness_but_bounded_counts():
+    from pipeline.checkpoint import check_meta
+    hid, out = make_delayed()
+    drive(hid, out, seed=34, steps=5, start=0)
+    like = layer_state(hid)[0]
+    check_meta({**like, "stats": {**like["stats"], "staleness_hist": {"0": 3, "17": 2}}}, like)
+    for hist, says in [({"-1": 1}, "staleness_hist.-1"), ({"x": 1}, "staleness_hist.x"),
+                       ({"\u00b2": 1}, "staleness_hist.\u00b2"),  # a digit to isdigit, not to int
+                       ({b"3": 1}, "staleness_hist.b'3'"),  # msgpack from a peer: bytes keys
+                       ({"3": 1.5}, "staleness_hist.3"),
+                       ({str(i): 2 ** 52 for i in range(3)}, "the sum of stats.staleness_hist")]:
+        with pytest.raises(ValueError, match=re.escape(says)):
+            check_meta({**like, "stats": {**like["stats"], "staleness_hist": hist}}, like)
+    with pytest.raises(ValueError, match="b'x' is not a field"):
+        check_meta({**like, b"x": 1}, like)  # unsortable beside str keys: still one ValueError
+
+
+def test_launch_refuses_a_step_of_1e30_before_starting_anything(tmp_path):
+    path = checkpointed_run(tmp_path / "run")
+    _set_field(path, "layer1", "step", 1e30)
+    line = error_line(run_launch("--resume", str(path)))
+    assert line.startswith("launch.py: error: argument --resume: checkpoint ")
+    assert "layer1.json: step must be an integer" in line
+    assert not (path / "weights").exists()

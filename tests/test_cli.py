@@ -3,10 +3,18 @@ launch.py's one-line refusals of bad arguments."""
 from __future__ import annotations
 
 
+import dataclasses
+import errno
+import os
+import struct
+import time
+
+import msgpack
 import pytest
 
+from pipeline import cli, limits
 from pipeline.cli import parse
-from pipeline.config import Config
+from pipeline.config import Config, flag
 from tests.conftest import error_line, run_launch
 
 pytestmark = pytest.mark.timeout(60)
@@ -208,3 +216,171 @@ def test_launch_help_lists_every_option():
         assert opt in proc.stdout, opt
     for mode in ("cdni", "dni", "backprop", "async-backprop"):
         assert mode in proc.stdout
+
+
+# --- no traceback for any value of any option -------------------------------------------
+
+LONG_NAME = "n" * 300                       # longer than a file system's 255-byte names
+LONG_PATH = "/".join(["p" * 200] * 25)       # longer than a 4096-byte path
+EXTREMES = [str(2 ** 66), str(-2 ** 66), "99999999999999999999", str(2 ** 62), "1000000000",
+            "1e300", "-1e300", "nan", "inf", "-inf", "", "x", LONG_NAME, LONG_PATH]
+
+
+def _value_options(parser) -> dict[str, str]:
+    """{option: the name the error must give} of every option of ``parser``
+    that takes a value, as the parser itself lists them."""
+    return {a.option_strings[0]: a.option_strings[0] for a in parser._actions
+            if a.option_strings and a.nargs != 0}
+
+
+def _forms(value: str) -> list[str]:
+    """The value alone and in every compound form an option takes
+    (LAYER:FACTOR, MS:JITTER, comma lists, a sweep variant's NAME: OPTIONS)."""
+    return [value, f"1:{value}", f"{value}:1", f"8,{value}", f"0,{value}"]
+
+
+def _carried(cfg: Config) -> None:
+    """What a run does with its numbers and paths, checked with the wire's,
+    the clock's and the kernel's own tools: the config goes to every worker
+    in msgpack, every batch id and step in the int64 data header, every wait
+    is a deadline, and a run writes its checkpoints inside its directory."""
+    limits.check(cfg)
+    msgpack.packb(cfg.to_dict())
+    struct.pack("<qq", cfg.total_batches + cfg.batches_per_epoch, 2 * cfg.total_batches)
+    now = time.time()
+    for seconds in (cfg.watchdog, (cfg.link_delay_ms + cfg.link_jitter_ms) / 1000,
+                    *(3600 * factor for _, factor in cfg.slow)):
+        time.gmtime(now + seconds)
+    for path in (cfg.run_dir, cfg.data_dir):
+        try:
+            os.stat(os.path.join(path or ".", "checkpoints", "epoch-000001", ".layer1.npz.tmp"))
+        except OSError as exc:
+            assert exc.errno != errno.ENAMETOOLONG, path
+
+
+@pytest.fixture
+def sixteen_gib(monkeypatch):
+    """The memory estimate against a fixed machine, so that every outcome is the same anywhere."""
+    monkeypatch.setattr(limits, "available_bytes", lambda: 16 << 30)
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_every_option_takes_any_value_without_a_traceback(sweep, sixteen_gib, capsys):
+    parser = cli.build_parser(sweep=sweep)
+    options = _value_options(parser)
+    # the parser offers every option with a value that a Config field declares
+    fields = {flag(f.name) for f in dataclasses.fields(Config)
+              if f.metadata["cli"] and (f.metadata["sweep"] or not sweep)
+              and f.metadata["kind"] not in ("flag", "switch")}
+    assert fields <= set(options), fields - set(options)
+
+    def parse_all(argv):
+        return list(cli.parse_sweep(argv).bases.values()) if sweep else [cli.parse(argv)]
+    tried = 0
+    for option in options:
+        for value in EXTREMES:
+            for form in _forms(value):
+                argv = [option, form]
+                try:
+                    configs = parse_all(argv)
+                except SystemExit as exit:
+                    err = capsys.readouterr().err
+                    assert exit.code == 2 and err.count("\n") == 1, (argv, err)
+                    assert f"argument {option}" in err, (argv, err)
+                else:
+                    for cfg in configs:
+                        _carried(cfg)
+                tried += 1
+    assert tried == len(options) * len(EXTREMES) * 5
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--seeds", str(2 ** 66)], "--seeds"), (["--seeds", "0"], "--seeds"),
+    (["--seed", str(2 ** 32 - 2), "--seeds", "3"], "--seeds"),
+    (["--seed", str(2 ** 66)], "--seed"),
+    (["--variant", "v: --epochs " + str(2 ** 66)], "--epochs"),
+    (["--variant", "v: 12"], "--variant"),
+])
+def test_sweep_seeds_and_variants_beyond_the_bounds_are_one_line(argv, option, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.parse_sweep(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and f"argument {option}: " in err
+
+
+@pytest.mark.parametrize("layers", [str(2 ** 66), "99999999999999999999", "1025", "1"])
+def test_keys_for_more_layers_than_a_run_may_have_is_one_line(layers, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.parse_keys(["--out", str(tmp_path / "keys"), "--layers", layers])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "argument --layers: " in err
+    assert not (tmp_path / "keys").exists()
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--epochs", str(2 ** 66)], "--epochs"),
+    (["--blas-threads", str(2 ** 66)], "--blas-threads"),
+    (["--checkpoint-every", str(2 ** 66)], "--checkpoint-every"),
+    (["--slow", "1:1e300"], "--slow"),
+    (["--layers", "99999999999999999999"], "--layers"),
+    (["--sg-hidden", "99999999999999999999"], "--sg-hidden"),
+], ids=["epochs", "blas-threads", "checkpoint-every", "slow", "layers", "sg-hidden"])
+def test_launch_refuses_the_numbers_of_the_issue_before_anything_starts(argv, option, tmp_path):
+    """Once each started every process and ended "taken for dead", or a
+    worker failed on the clock, or a traceback; now one line naming it."""
+    line = error_line(run_launch(*argv, "--run-dir", str(tmp_path / "run")))
+    assert line.startswith(f"launch.py: error: argument {option}: "), line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("path", [LONG_NAME, LONG_PATH], ids=["name", "path"])
+@pytest.mark.parametrize("parse, argv, option", [
+    (cli.parse_keys, ["--out", "{}"], "--out"),
+    (cli.parse_report, ["{}"], "RUN_DIR"),
+    (cli.parse_cluster, ["--cluster", "c.json", "--run-dir", "{}"], "--run-dir"),
+    (cli.parse_cluster, ["--cluster", "c.json", "--resume", "{}"], "--resume"),
+    (cli.parse_sweep, ["--out", "{}"], "--out"),
+    (cli.parse_run, ["--resume", "{}"], "--resume"),
+    (cli.parse_run, ["--dataset", "npz:{}"], "--dataset"),
+], ids=["keys", "report", "cluster-run-dir", "cluster-resume", "sweep-out", "resume",
+        "npz"])
+def test_a_path_longer_than_a_file_system_takes_is_one_line(parse, argv, option, path,
+                                                            tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse([a.format(tmp_path / path) for a in argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and f"argument {option}: " in err
+    assert len(err) < 300  # the path shortened in the line
+
+
+def test_a_sweep_whose_run_directories_would_not_fit_under_out_is_one_line(tmp_path, capsys):
+    """--out alone fits; with each point's directory and what a run writes
+    in it, it would not."""
+    out = str(tmp_path) + "/s" * ((4096 - 60 - len(str(tmp_path))) // 2)  # 4036-odd bytes
+    with pytest.raises(SystemExit):
+        cli.parse_sweep(["--out", out, "--modes", "cdni", "--grad-delay", "16"])
+    err = capsys.readouterr().err
+    assert "argument --out: " in err and "cdni-delay16-seed3.attempt99" in err
+
+
+def test_launch_refuses_a_run_dir_longer_than_a_path_before_anything_starts(tmp_path):
+    """Once an ENAMETOOLONG traceback from the run directory."""
+    line = error_line(run_launch("--run-dir", str(tmp_path / LONG_PATH)))
+    assert line.startswith("launch.py: error: argument --run-dir: "), line
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_run_directory_options_parse_and_are_explained(capsys):
+    assert parse(["--keep-checkpoints", "0", "--overwrite"]) == \
+        Config(keep_checkpoints=0, overwrite=True)
+    assert parse([]).keep_checkpoints == 3 and not parse([]).overwrite
+    from pipeline.cli import parse_cluster, parse_sweep
+    assert parse_cluster(["--cluster", "c.toml", "--overwrite"]).overwrite
+    assert not parse_cluster(["--cluster", "c.toml"]).overwrite
+    with pytest.raises(SystemExit) as stop:  # a sweep makes its own run directories
+        parse_sweep(["--overwrite"])
+    assert stop.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    proc = run_launch("-h")
+    assert "--keep-checkpoints N" in proc.stdout and "--overwrite" in proc.stdout
+    line = error_line(run_launch("--keep-checkpoints", "-1"))
+    assert line.startswith("launch.py: error: argument --keep-checkpoints: ")

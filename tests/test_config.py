@@ -4,10 +4,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import struct
+import time
 
+import msgpack
 import pytest
 
-from pipeline.config import Config, ConfigError
+from pipeline import limits
+from pipeline.config import Config, ConfigError, flag
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -262,3 +266,73 @@ def test_which_layers_an_unlock_unlocks(unlock, layers, roles):
     assert cfg.input_roles == roles
     assert [i for i in range(1, layers + 1) if cfg.unlocks(i)] == \
         [layers if r == "output" else int(r[5:]) for r in roles]
+
+
+# --- every number within what the wire and the clock carry ---------------------------------
+
+WIRE = 2 ** 63  # one more than msgpack's and the data header's signed 64-bit integers carry
+INTEGERS = [f.name for f in dataclasses.fields(Config) if type(f.default) is int]
+
+
+@pytest.mark.parametrize("value", [WIRE, 2 ** 66, 99999999999999999999, -2 ** 66])
+@pytest.mark.parametrize("name", INTEGERS)
+def test_every_integer_beyond_the_wire_is_refused_naming_its_option(name, value):
+    with pytest.raises(ConfigError) as info:
+        Config(**{name: value})
+    assert info.value.option == flag(name)
+
+
+@pytest.mark.parametrize("kw, option", [
+    (dict(hidden=(8, 2 ** 66)), "--hidden"), (dict(sg_hidden=(99999999999999999999,)), "--sg-hidden"),
+    (dict(layers=99999999999999999999, hidden=(8,)), "--layers"),
+    (dict(slow=((1, 1e300),)), "--slow"), (dict(slow=((2 ** 66, 2.0),)), "--slow"),
+    (dict(watchdog=1e300), "--watchdog"),
+    (dict(link_delay_ms=1e300), "--link-delay"),
+    (dict(link_delay_ms=1e300, link_jitter_ms=1e300), "--link-delay"),
+])
+def test_widths_layers_and_waits_beyond_their_bounds_name_their_option(kw, option):
+    with pytest.raises(ConfigError) as info:
+        Config(**kw)
+    assert info.value.option == option
+
+
+def test_the_batches_a_run_counts_stay_within_the_wire():
+    """Every batch's id and each layer's step go in the data header as int64;
+    epochs x batches per epoch bounds them, whatever each alone."""
+    most = limits.MAX_COUNT // 10
+    cfg = Config(epochs=most, examples=100, batch_size=10, checkpoint_every=most,
+                 mode="async-backprop", grad_delay=limits.MAX_QUEUE, max_inflight=limits.MAX_QUEUE)
+    # a layer steps at most twice a batch (--si-second-step); eval batches come after
+    struct.pack("<qq", cfg.total_batches + cfg.batches_per_epoch, 2 * cfg.total_batches)
+    msgpack.packb(cfg.to_dict())
+    with pytest.raises(ConfigError) as info:
+        Config(epochs=most + 1, examples=100, batch_size=10)
+    assert info.value.option == "--epochs"
+    with pytest.raises(ConfigError) as info:
+        Config(epochs=2, examples=limits.MAX_COUNT, batch_size=1)
+    assert info.value.option == "--epochs"
+
+
+def test_the_longest_waits_accepted_stay_on_the_clock():
+    """A wait is a deadline of now + S seconds (time_t) that ZeroMQ polls
+    towards in a C int of milliseconds; a straggler sleeps FACTOR times its
+    step, which Python's clock holds in int64 nanoseconds."""
+    cfg = Config(watchdog=limits.MAX_WAIT_S, link_delay_ms=limits.MAX_WAIT_S * 1000,
+                 link_jitter_ms=limits.MAX_WAIT_S * 1000, slow=((1, limits.MAX_SLOWDOWN),))
+    now = time.time()
+    for seconds in (cfg.watchdog, (cfg.link_delay_ms + cfg.link_jitter_ms) / 1000):
+        time.gmtime(now + seconds)
+        assert int(seconds * 1000) + 1 < 2 ** 31
+    sleep = cfg.slowdown(1) * 3600  # an hour-long step, slowed
+    time.gmtime(now + sleep)
+    assert sleep * 1e9 < 2 ** 63
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(Config)
+                                  if type(f.default) is float])
+def test_an_integer_where_a_number_goes_is_held_to_the_wire_too(name):
+    """A cluster file's JSON or TOML may give any float option as an integer
+    of any size; msgpack would refuse to send it to the workers."""
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict({name: 10 ** 30})
+    assert info.value.option == flag(name)

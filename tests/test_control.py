@@ -126,6 +126,32 @@ def test_finish_reports_and_then_waits_for_stop(joined):
     assert done.meta["peak_rss_mb"] > 1 and done.meta["cpu_s"] >= 0
 
 
+def test_a_stop_that_asks_for_the_weights_gets_them_as_they_are_once(joined):
+    """The run's disk is full: each layer sends its weights as they are
+    when the stop comes, before it stops; a plain stop gets nothing, and a
+    layer that has sent its final report already sends no second one."""
+    link, router = joined
+    w = np.arange(4.0)
+    link.at_stop = lambda: ({"forward_batches": 3}, 1, {"w": w})
+    w += 10  # what counts is the array when the stop comes, not when at_stop was set
+    tell(router, BOSS.stop(report=True))
+    with pytest.raises(Stopped):
+        link.recv(5000)
+    done = heard(router)
+    counters, errors, weights = protocol.done(done)
+    assert (done.kind, counters, errors) == ("done", {"forward_batches": 3}, 1)
+    np.testing.assert_array_equal(weights["w"], np.arange(4.0) + 10)
+    tell(router, BOSS.stop())
+    with pytest.raises(Stopped):
+        link.recv(5000)
+    assert router.poll(200) == 0
+    tell(router, BOSS.stop(report=True))
+    with pytest.raises(Stopped):
+        link.finish({"forward_batches": 9}, 0, {"w": w})
+    assert protocol.done(heard(router))[0] == {"forward_batches": 9}
+    assert router.poll(200) == 0  # the final report was the one
+
+
 def test_a_failure_is_reported_with_its_type_and_traceback(joined):
     link, router = joined
     try:

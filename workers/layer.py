@@ -32,6 +32,11 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     grads = Inbox(grad_sock, link.run_id, max_bytes, node.check_gradient, link.dropped)
     endpoints = {"act": act_ep, "grad": grad_ep}
     inputs = input_inbox(link, cfg, net, node, index, endpoints)
+
+    def errors() -> int:
+        return acts.errors + grads.errors + (inputs.errors if inputs else 0)
+    # A stop that asks for the weights (the run's disk is full) gets them as they are.
+    link.at_stop = lambda: (node.layer.stats.as_dict(), errors(), node.layer.weights())
     link.send(link.say.ready(endpoints))
     peers = protocol.peers(link.wait_for(protocol.START))
     outs = {"down": net.outbox(*peers["downstream"], hwm)}
@@ -46,8 +51,7 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
                     if cfg.link_delay_ms > 0 else None),
          slowdown=cfg.slowdown(index), hwm=hwm, inputs=inputs).run()
     counters, weights = node.finish(time.perf_counter())
-    link.finish(counters, acts.errors + grads.errors + (inputs.errors if inputs else 0),
-                weights)
+    link.finish(counters, errors(), weights)
 
 
 if __name__ == "__main__":

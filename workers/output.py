@@ -27,6 +27,11 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     acts = Inbox(act_sock, link.run_id, max_bytes, node.check_activation, link.dropped)
     endpoints = {"act": act_ep}
     inputs = input_inbox(link, cfg, net, node, cfg.layers, endpoints)
+
+    def errors() -> int:
+        return acts.errors + (inputs.errors if inputs else 0)
+    # A stop that asks for the weights (the run's disk is full) gets them as they are.
+    link.at_stop = lambda: (node.layer.stats.as_dict(), errors(), node.layer.weights())
     link.send(link.say.ready(endpoints))
     peers = protocol.peers(link.wait_for(protocol.START))
     outlet.attach(link, {"up": net.outbox(*peers["upstream_grad"], hwm)})
@@ -35,7 +40,7 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
                              layer_rng(cfg, cfg.layers, Stream.ACT_LINK)) if cfg.delay_activations else None),
          slowdown=cfg.slowdown(cfg.layers), hwm=hwm, inputs=inputs).run()
     counters, weights = node.finish(time.perf_counter())
-    link.finish(counters, acts.errors + (inputs.errors if inputs else 0), weights)
+    link.finish(counters, errors(), weights)
 
 
 if __name__ == "__main__":
