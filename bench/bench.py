@@ -6,11 +6,11 @@
    copying, and one frame joined beforehand), per size, and what a message
    costs raw pyzmq in CPU between two processes (``message_cost.py``);
 2. pipeline throughput: the in-process reference against the process
-   pipeline (locked backprop, free-running DNI/cDNI) on the seed task and on
+   pipeline (locked backprop, free-running DNI/cDNI) on the addition task and on
    a compute-heavy configuration, every process with one BLAS thread (the
    reference with all threads too);
 3. scaling: pipeline DNI against reference DNI, throughput and CPU per
-   batch, for 2, 4, 8 and 16 layers on the seed task and on the
+   batch, for 2, 4, 8 and 16 layers on the addition task and on the
    compute-heavy widths (with the reference's time per batch against its
    2-layer time), and for several batch sizes;
 4. memory: every process's resident size over a long run, first epoch to last;
@@ -18,7 +18,7 @@
    run's private 0700 directory (the default) against abstract-namespace
    Unix sockets that any process of the machine can reach
    (``DNI_BENCH_UNPROTECTED=1``, a switch for this benchmark only), on the
-   seed task and the compute-heavy configuration.
+   addition task and the compute-heavy configuration.
 Not a test: the machine is shared and noisy; compare the ratios.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from bench import message_cost, targets, wire_parts  # noqa: E402
 from bench.wire_hops import bench_wire  # noqa: E402
 
 # The compute-heavy configuration, with steps at which 1024-wide sigmoid layers
-# train (the seed task's 0.5 and 0.03 diverge there, and inf/NaN arithmetic
+# train (the addition task's 0.5 and 0.03 diverge there, and inf/NaN arithmetic
 # would time something else).
 HEAVY = ["--layers", "4", "--hidden", "1024", "--batch-size", "256", "--lr", "0.1",
          "--sg-lr", "0.003"]
@@ -156,13 +156,13 @@ def _point(task: list[str]) -> dict:
             "status": f"{ref['status']}/{pipe['status']}"}
 
 
-def bench_scaling(batches: int, seed_epochs: int) -> list[dict]:
-    """By layer count (2 to 16), on the seed task and on the compute-heavy
+def bench_scaling(batches: int, addition_epochs: int) -> list[dict]:
+    """By layer count (2 to 16), on the addition task and on the compute-heavy
     widths: throughput and CPU per batch of the pipeline and of the
     reference, and how the reference's time per batch grows with depth (what
     one process pays for each layer added); then by batch size at 4 layers."""
     rows = []
-    tasks = {"seed task": lambda L: ["--layers", str(L), "--epochs", str(seed_epochs)],
+    tasks = {"addition task": lambda L: ["--layers", str(L), "--epochs", str(addition_epochs)],
              "compute-heavy": lambda L: ["--layers", str(L), "--hidden", "1024",
                                          "--batch-size", "256", "--examples",
                                          str(256 * batches), "--epochs", "1",
@@ -203,7 +203,7 @@ def _show_point(r: dict) -> None:
 # --- 4. memory --------------------------------------------------------------------------
 
 def bench_memory(epochs: int) -> dict:
-    """A long seed-task run: each process's resident size at its first and
+    """A long addition-task run: each process's resident size at its first and
     last per-epoch event, and its peak."""
     s = _run(["--epochs", str(epochs), "--mode", "cdni"])
     out = {"batches": s["batches"], "peak_rss_mb": s["peak_rss_mb"], "processes": {}}
@@ -293,34 +293,34 @@ def main() -> int:
     if "pipeline" in parts:
         print("pipeline throughput", flush=True)
         heavy = HEAVY + ["--examples", "25600", "--epochs", "1" if a.quick else "2"]
-        seed = ["--epochs", "200" if a.quick else "800"]
-        results["seed task"] = bench_pipeline("seed task", seed, 1 if a.quick else 2)
+        addition = ["--epochs", "200" if a.quick else "800"]
+        results["addition task"] = bench_pipeline("addition task", addition, 1 if a.quick else 2)
         # What a message costs with nothing of ours around it, streamed (the
-        # cheapest it gets): the seed task's bound with no cost of ours.
+        # cheapest it gets): the addition task's bound with no cost of ours.
         results["message_cpu_us"] = message_cost.cpu_per_message(
             5000 if a.quick else 20000, in_flight=64) * 1e6
         print(f"  raw pyzmq between two processes, streamed: "
               f"{results['message_cpu_us']:.1f} us of CPU per message", flush=True)
         results["compute-heavy"] = bench_pipeline("heavy", heavy, 1 if a.quick else 2)
-        for name in ("seed task", "compute-heavy"):
+        for name in ("addition task", "compute-heavy"):
             for k, v in results[name]["ratios"].items():
                 print(f"  {name:>14}: {k} = " + ("n/a (a run failed)" if v is None else f"{v:.2f}"))
     if "scaling" in parts:
         print("scaling: pipeline dni / reference dni by layers and batch size", flush=True)
         results["scaling"] = bench_scaling(8 if a.quick else 24, 100 if a.quick else 300)
     if "memory" in parts:
-        print("memory over a long run (seed task, cdni)", flush=True)
+        print("memory over a long run (addition task, cdni)", flush=True)
         results["memory"] = bench_memory(2000 if a.quick else 8000)
     if "protection" in parts:
         print("protection: private socket directory / abstract-namespace sockets", flush=True)
         results["protection"] = bench_protection(
-            {"seed task": ["--epochs", "200" if a.quick else "800"],
+            {"addition task": ["--epochs", "200" if a.quick else "800"],
              "heavy": HEAVY + ["--mode", "dni", "--examples", "25600", "--epochs", "1"]},
             2 if a.quick else 6)
     results["targets"] = targets.judge(results, os.cpu_count() or 1)
     print("targets (issue #14), from this run", flush=True)
     print("\n".join(targets.show(results["targets"])))
-    for name in ("seed task", "compute-heavy"):
+    for name in ("addition task", "compute-heavy"):
         roles = _get_roles(results, name)
         if roles:
             print(f"  where a batch's CPU goes, {name}, pipeline dni: " + ", ".join(

@@ -10,7 +10,8 @@ import numpy as np
 import zmq
 
 from bench import wire_parts
-from pipeline import memory, protocol, transport, wire
+from pipeline.net import memory, transport
+from pipeline.wire import codec as wire, protocol
 
 WIRE_CASES = [("10x128 f64", (10, 128), np.float64),
               ("64x256 f32", (64, 256), np.float32),

@@ -16,10 +16,10 @@ from zmq.utils.monitor import parse_monitor_message
 
 from commands.spawn import module_of
 from commands.supervisor import Supervisor, WorkerFailed
-from pipeline import engines, rendezvous, security
-from pipeline.cli import EngineArgs
-from pipeline.engines import Engine
-from pipeline.rendezvous import EngineCluster
+from pipeline.net import engines, rendezvous, security
+from pipeline.run.cli import EngineArgs
+from pipeline.net.engines import Engine
+from pipeline.net.rendezvous import EngineCluster
 
 # A rank's connection that closes without a word is taken for its death
 # only if no signal from the engine follows within this long: then we look
@@ -89,7 +89,7 @@ def _coordinate(cfg, resume, cluster: EngineCluster, exchange, opts: EngineArgs,
                 stream: TextIO) -> int:
     """Rank 0: open the run directory, bind the control socket, tell the
     other ranks where it is, and supervise the run (nothing to spawn)."""
-    from pipeline.rundir import open_run
+    from pipeline.run.rundir import open_run
     try:
         if cluster.policy(opts.insecure) == "insecure":
             print("WARNING: --insecure: traffic between hosts is NOT encrypted, and anyone who "
@@ -130,8 +130,8 @@ class _Lenient:
 
 def _work(role: str, cluster: EngineCluster, endpoint: str, opts: EngineArgs) -> int:
     """Any other rank: this process becomes its role's worker."""
-    from pipeline.transport import Net, context
-    from pipeline.worker import serve_placed
+    from pipeline.net.transport import Net, context
+    from workers.serve import serve_placed
     role_main = importlib.import_module(module_of(role)).main
 
     def place():

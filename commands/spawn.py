@@ -9,7 +9,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline import transport
+from pipeline.net import transport
 
 ROOT = Path(__file__).resolve().parent.parent
 

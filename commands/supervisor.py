@@ -15,21 +15,22 @@ from typing import TextIO
 import zmq
 
 from commands.spawn import SIGNALS, module_of, spawn, worker_env
-from pipeline.worker import TOKEN_ENV
-from pipeline import memory, protocol, security, transport, wire
-from pipeline.checkpoint import check_states, check_weights
-from pipeline.cluster import Cluster
+from workers.serve import TOKEN_ENV
+from pipeline.net import memory, security, transport
+from pipeline.wire import codec as wire, protocol
+from pipeline.layers.state import check_states, check_weights
+from pipeline.net.cluster import Cluster
 from pipeline.config import Config
-from pipeline.membership import Membership
-from pipeline.control import HEARTBEAT_S, LIVENESS_S
-from pipeline.protocol import Message, Speaker
-from pipeline.reference import run_in_process
-from pipeline.rundir import RunDir, WriteError, open_run
-from pipeline.schedule import checkpoint_due
-from pipeline.sgwatch import SGWatch
-from pipeline.summary import Progress, build_summary, close_run, layer_entry, save_weights
-from pipeline.transport import Net, private_dir, remove_private_dir
-from pipeline.watchdog import Watchdog
+from pipeline.coord.membership import Membership
+from pipeline.wire.protocol import HEARTBEAT_S, LIVENESS_S
+from pipeline.wire.protocol import Message, Speaker
+from pipeline.run.in_process import run_in_process
+from pipeline.run.rundir import RunDir, WriteError, open_run
+from pipeline.nodes.schedule import checkpoint_due
+from pipeline.coord.sgwatch import SGWatch
+from pipeline.run.summary import Progress, build_summary, close_run, layer_entry, save_weights
+from pipeline.net.transport import Net, private_dir, remove_private_dir
+from pipeline.coord.watchdog import Watchdog
 
 STARTUP_S = 60.0     # a worker that has not said hello by then is broken
 CLUSTER_STARTUP_S = 600.0  # roles started by hand on other hosts get longer
@@ -102,7 +103,7 @@ class Supervisor:
             remove_private_dir(self.ipc_dir)
             raise
         # Local runs: the processes we start get this secret, and a hello
-        # must show it before any config goes out (pipeline/membership.py).
+        # must show it before any config goes out (pipeline/coord/membership.py).
         self.token = secrets.token_hex(16) if cluster is None else None
         self.members = Membership(self.roles, self.token,
                                   curve=cluster is not None and net.keys is not None)

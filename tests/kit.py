@@ -1,11 +1,12 @@
 """Test shorthand: a hidden layer from the command line's option names, as
 the tests describe their layers (the library takes a LayerSpec and a mode
-strategy, built from a Config by ``pipeline.model``)."""
+strategy, built from a Config by ``pipeline.layers.build``)."""
 from __future__ import annotations
 
 import numpy as np
 
-from pipeline.layers import Chance, HiddenLayer, LayerSpec, mode_of
+from pipeline.layers.common import Chance, LayerSpec, mode_of
+from pipeline.layers.hidden import HiddenLayer
 
 
 def hidden_layer(index: int, fan_in: int, fan_out: int, *, mode: str, activation: str,
@@ -73,3 +74,10 @@ def true_output_input(out, si, batch: int, h_prev, y, need_dx: bool,
         return out.true_input(batch, h_prev, y, need_dx, second_step)
     finally:
         out.si = before
+
+
+def reference(cfg, **kw):
+    """The in-process reference trained on ``cfg``'s own data."""
+    from pipeline.data import tasks
+    from pipeline.nodes.reference import train_reference
+    return train_reference(cfg, tasks.load(cfg), **kw)

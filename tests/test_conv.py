@@ -1,11 +1,11 @@
-"""pipeline.conv against independent references: a convolution and a
+"""pipeline.math.conv against independent references: a convolution and a
 max-pool written as plain loops, and central finite differences."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import conv
+from pipeline.math import conv
 from tests.numeric import numeric_grad
 
 pytestmark = pytest.mark.timeout(60)

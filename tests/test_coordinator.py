@@ -1,19 +1,19 @@
-"""pipeline.coordinator: what the coordinator does with each message and each
+"""pipeline.coord.coordinator: what the coordinator does with each message and each
 moment, as exact tables of the actions it returns (no socket, no clock)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import protocol
-from pipeline.checkpoint import layer_state
+from pipeline.wire import protocol
+from pipeline.layers.state import layer_state
 from pipeline.config import Config
-from pipeline.control import HEARTBEAT_S, LIVENESS_S
-from pipeline.coordinator import (METRIC_BURST, METRIC_BYTES, METRIC_PER_EPOCH, Commit,
-                                  Coordinator, Record, SaveCheckpoint, Say, Send, Warn,
-                                  WorkerFailed)
-from pipeline.model import make_hidden, make_output
-from pipeline.protocol import Speaker
+from pipeline.wire.protocol import HEARTBEAT_S, LIVENESS_S
+from pipeline.coord.coordinator import (METRIC_BURST, METRIC_BYTES, METRIC_PER_EPOCH, Commit,
+                                        Coordinator, Record, SaveCheckpoint, Send, Warn,
+                                        WorkerFailed)
+from pipeline.layers.build import make_hidden, make_output
+from pipeline.wire.protocol import Speaker
 
 pytestmark = pytest.mark.timeout(30)
 

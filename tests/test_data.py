@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline import data, schedule
+from pipeline.data import arithmetic as data
+from pipeline.nodes import schedule
 from pipeline.config import Config
 
 pytestmark = pytest.mark.timeout(60)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import protocol, tasks
+from pipeline.data import tasks
+from pipeline.wire import protocol
 from pipeline.config import Config
-from pipeline.driver import HiddenNode, OutputNode, SourceNode
-from pipeline.protocol import Speaker
+from pipeline.nodes.driver import HiddenNode, OutputNode, SourceNode
+from pipeline.wire.protocol import Speaker
 
 pytestmark = pytest.mark.timeout(30)
 

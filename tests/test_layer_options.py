@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.layers import Chance
-from pipeline.output_layer import OutputLayer
+from pipeline.layers.common import Chance
+from pipeline.layers.output import OutputLayer
 from tests.numeric import numeric_grad, ref_act
 from tests.test_layers import LABELS, N, batch, bce
 from tests.kit import hidden_layer

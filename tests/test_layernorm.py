@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import layernorm as ln
+from pipeline.math import layernorm as ln
 from pipeline.config import Config, ConfigError
-from pipeline.layers import HiddenLayer
+from pipeline.layers.hidden import HiddenLayer
 from tests.numeric import numeric_grad, ref_act
 from tests.kit import hidden_layer
 

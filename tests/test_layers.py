@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from pipeline.config import MODES
-from pipeline.layers import Chance, HiddenLayer
-from pipeline.output_layer import OutputLayer
-from pipeline.stats import Applied
+from pipeline.layers.common import Chance
+from pipeline.layers.hidden import HiddenLayer
+from pipeline.layers.output import OutputLayer
+from pipeline.layers.stats import Applied
 from tests.numeric import numeric_grad, ref_act
 from tests.kit import hidden_layer
 

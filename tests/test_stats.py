@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.stats import (Applied, EpochStats, InputApplied, InputEpoch, InputStats,
-                            LayerEpoch, LayerStats, Reservoir, Staleness, sg_quality)
+from pipeline.layers.stats import (Applied, EpochStats, InputApplied, InputEpoch, InputStats,
+                                   LayerEpoch, LayerStats, Reservoir, Staleness, sg_quality)
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import nn
-from pipeline.layers import HiddenLayer
-from pipeline.output_layer import OutputLayer
-from pipeline.synthetic_input import InputPredictor, SIModule
+from pipeline.math import nn
+from pipeline.layers.hidden import HiddenLayer
+from pipeline.layers.output import OutputLayer
+from pipeline.layers.input_model import InputPredictor, SIModule
 from tests.kit import (synthetic_forward, synthetic_output_step, true_input_arrives,
                        true_output_input)
 from tests.numeric import numeric_grad, ref_act

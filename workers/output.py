@@ -1,19 +1,19 @@
-"""The output layer: its node (``pipeline.driver``) between its activation inbox
-and the gradient socket of the last hidden layer, pumped by ``pipeline.pump``."""
+"""The output layer: its node (``pipeline.nodes.driver``) between its activation inbox
+and the gradient socket of the last hidden layer, pumped by ``pipeline.net.pump``."""
 from __future__ import annotations
 
 import time
 
-from pipeline import protocol
-from pipeline.checkpoint import load_layer_state
+from pipeline.wire import protocol
+from pipeline.layers.state import load_layer_state
 from pipeline.config import Config
-from pipeline.control import ControlLink
-from pipeline.delay import DelayLine
-from pipeline.driver import OutputNode
-from pipeline.model import Stream, layer_rng
-from pipeline.pump import Outlet, Pump, input_inbox
-from pipeline.transport import Inbox, Net, max_message_bytes
-from pipeline.worker import run
+from pipeline.net.control import ControlLink
+from pipeline.net.delay import DelayLine
+from pipeline.nodes.driver import OutputNode
+from pipeline.layers.build import Stream, layer_rng
+from pipeline.net.pump import Outlet, Pump, input_inbox
+from pipeline.net.transport import Inbox, Net, max_message_bytes
+from workers.serve import run
 
 
 def main(link: ControlLink, cfg: Config, net: Net) -> None:
