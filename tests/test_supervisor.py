@@ -93,9 +93,10 @@ def _state(cfg, role):
 
 
 def take(sup, msg) -> None:
-    """Hand the supervisor ``msg`` as its receive loop does: with its size on the wire."""
+    """Hand the supervisor's coordinator ``msg`` from a proven role, as its
+    receive loop does (with its size on the wire), and carry out what it says."""
     from pipeline.wire import codec as wire
-    sup._take(msg, sum(memoryview(f).nbytes for f in wire.encode(msg)))
+    sup._do(sup.coord.take(msg, sum(memoryview(f).nbytes for f in wire.encode(msg))))
 
 
 def test_checkpoints_out_of_turn_or_unfit_are_dropped_and_counted(sup, tmp_path):
@@ -115,12 +116,12 @@ def test_checkpoints_out_of_turn_or_unfit_are_dropped_and_counted(sup, tmp_path)
                         {k: v for k, v in forged[1].meta.items() if k != "epoch"})
     for msg in forged:
         take(sup, msg)
-    assert sup.refused == {"layer1": 5, "source": 1}
+    assert sup.coord.refused == {"layer1": 5, "source": 1}
     assert not (tmp_path / "run" / "checkpoints").exists()
     take(sup, say.state(1, state, arrays))     # the real one
-    assert (tmp_path / "run" / "checkpoints").is_dir() and sup.checkpoints == {1: {"layer1"}}
+    assert (tmp_path / "run" / "checkpoints").is_dir() and sup.coord.checkpoints == {1: {"layer1"}}
     take(sup, say.state(1, state, arrays))     # the same again
-    assert sup.refused["layer1"] == 6
+    assert sup.coord.refused["layer1"] == 6
 
 
 def test_done_with_weights_unfit_for_the_layer_is_dropped(sup):
@@ -129,11 +130,11 @@ def test_done_with_weights_unfit_for_the_layer_is_dropped(sup):
     _, arrays = _state(sup.cfg, "layer2")
     weights = {k: v for k, v in arrays.items() if k in _fresh_weights(sup.cfg, "layer2")}
     take(sup, say.done({}, 0, 1.0, 1.0, {"w": np.zeros((3, 3))}))
-    assert "layer2" not in sup.done and sup.refused == {"layer2": 1}
+    assert "layer2" not in sup.coord.done and sup.coord.refused == {"layer2": 1}
     take(sup, say.done({}, 0, 1.0, 1.0, weights))
-    assert "layer2" in sup.done
+    assert "layer2" in sup.coord.done
     take(sup, say.done({}, 0, 1.0, 1.0, weights))   # a second done
-    assert sup.refused == {"layer2": 2}
+    assert sup.coord.refused == {"layer2": 2}
 
 
 def _fresh_weights(cfg, role):
@@ -142,18 +143,18 @@ def _fresh_weights(cfg, role):
 
 
 def test_metric_floods_and_giants_are_dropped_not_written(sup, tmp_path):
-    from commands.supervisor import METRIC_BURST, METRIC_PER_EPOCH
+    from pipeline.coord.coordinator import METRIC_BURST, METRIC_PER_EPOCH
     from pipeline.wire.protocol import Message, Speaker
     say = Speaker("feedc0ffee02", "layer1")
     # too large: 70 KB on the wire (a header alone cannot be: wire.decode
     # refuses headers over 64 KiB; the bytes come as an array)
     take(sup, Message("metric", "feedc0ffee02", -1, "layer1", 0, (np.zeros(8750),),
                       {"event": "log"}))
-    assert sup.refused == {"layer1": 1}
+    assert sup.coord.refused == {"layer1": 1}
     allowed = METRIC_BURST + METRIC_PER_EPOCH   # no epoch done yet
     for i in range(allowed + 500):
         take(sup, say.metric({"event": "log", "text": f"line {i}"}))
-    assert sup.refused == {"layer1": 1 + 500}
+    assert sup.coord.refused == {"layer1": 1 + 500}
     sup.rd.close()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == allowed and lines[-1].endswith(f'"line {allowed - 1}"}}')

@@ -157,6 +157,12 @@ class Coordinator:
         self.last_seen[role] = now
         if msg.kind == protocol.HEARTBEAT and self.moves is not None:
             self.moves.heard(role, msg.step, now)
+        return self.take(msg, size)
+
+    def take(self, msg: Message, size: int) -> list[Action]:
+        """A message of ``size`` bytes on the wire from a role proven to be
+        its sender: one that is well-formed but not what this role may say
+        now is counted and dropped."""
         try:
             return self._handle(msg, size)
         except ValueError as exc:
@@ -328,9 +334,15 @@ class Coordinator:
                if role in self.stopped else "")
         raise WorkerFailed(role, f"process exited with code {code}{why}")
 
-    def stop(self) -> list[Action]:
-        """The end, however it came: tell every role that said hello to stop."""
-        return [Send(role, self.say.stop()) for role in self.hello]
+    def stop(self, report: bool = False) -> list[Action]:
+        """The end, however it came: tell every role that said hello to stop;
+        with ``report``, each layer first sends its weights as they are (a
+        DONE), for a run that cannot go on (its disk is full)."""
+        return [Send(role, self.say.stop(report)) for role in self.hello]
+
+    def awaited_reports(self) -> set[str]:
+        """The layer roles that said hello and have not reported done."""
+        return {r for r in self.roles[1:] if r in self.hello} - set(self.done)
 
     # -- under an engine: connections that close ---------------------------------------------
     def connection_closed(self, role: str | None, now: float) -> None:
