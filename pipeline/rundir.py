@@ -132,6 +132,18 @@ class RunDir:
         self._lock.close()  # and with it the lock
         _OPENED[:] = [(rd, cfg) for rd, cfg in _OPENED if rd is not self]
 
+    def write_json_at_once(self, name: str, obj: dict) -> None:
+        """As write_json, whole or absent, but not synced: a kill of this
+        process loses nothing the kernel already has, a crash of the machine
+        may. For a provisional summary that must be in place within a
+        fraction of a second whatever the disk's load; write_json follows."""
+        final = self.path / name
+        tmp = final.with_name(f".{final.name}.tmp")
+        text = json.dumps(obj, indent=2, default=_jsonable) + "\n"
+        with open(_private(tmp, os.O_TRUNC), "wb") as f:
+            f.write(text.encode())
+        os.replace(tmp, final)
+
 
 def unfinished() -> list[tuple[RunDir, object]]:
     """(RunDir, Config) of every run directory open_run opened that is still
