@@ -247,8 +247,8 @@ class EngineSupervisor(Supervisor):
     def _close(self, status: str, error: dict | None, start: float) -> int:
         if status == "interrupted":
             status, error = self._signal_or_death()
-        elif error is not None:
-            error = self._error(error["role"], error["message"])
+        elif error is not None and error.get("role") in self.cluster.ranks:
+            error = {**error, "rank": self.cluster.ranks[error["role"]]}
         if status != "completed":  # a completed run's summary comes after its weights
             self._write_early(status, error)
         self.monitor.close(linger=0)
