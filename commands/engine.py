@@ -14,22 +14,27 @@ from typing import Callable, TextIO
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from commands.spawn import module_of
+from commands.spawn import SIGNALS, module_of
 from commands.supervisor import Supervisor, WorkerFailed
 from pipeline import engines, rendezvous, security
 from pipeline.cli import EngineArgs
 from pipeline.engines import Engine
 from pipeline.rendezvous import EngineCluster
+from pipeline.summary import build_summary
 
 # A rank's connection that closes without a word is taken for its death
 # only if no signal from the engine follows within this long: then we look
 # at how the ranks go (see EngineSupervisor._signal_or_death).
 SIGNAL_GRACE_S = 0.1
 # How long, once the engine's signal came, the ranks have to go or say they
-# were stopped before the run is called interrupted: short, since Open MPI
-# follows its SIGTERM with a SIGKILL a second later, and the summary must be
-# written by then.
+# were stopped before the run is called interrupted. Open MPI follows its
+# SIGTERM with a SIGKILL within a fraction of a second (docs/clusters.md), so
+# the summary is written as the verdict stands before this window, and again
+# should the window change it.
 SIGNAL_WINDOW_S = 0.25
+# While a closed connection awaits its verdict (blame), the longest the
+# supervisor waits for a message before it looks again.
+VERDICT_POLL_MS = 10
 # A rank that said it was stopped from outside is named only if no silent
 # death shows within this long (see blame).
 STOPPED_GRACE_S = 1.0
@@ -161,11 +166,22 @@ class EngineSupervisor(Supervisor):
         self.closed: dict[str, float] = {}  # role -> when its connection closed, in order
         self.engine_parent = os.getppid()  # the engine's process that started this rank
         self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.router = _Sources(self.router, self.fd_conn)
+        self.router = _Sources(self.router, self.fd_conn, self.monitor)
+        self.began = time.perf_counter()  # run() sets it again as it starts
+        self.written: tuple | None = None  # the verdict summary.json says so far
+
+    def run(self) -> int:
+        self.began = time.perf_counter()
+        return super().run()
 
     def process_info(self, role: str) -> dict:
         c = self.cluster
         return {"pid": c.pids.get(role), "rank": c.ranks.get(role)}
+
+    def _recv(self, timeout_ms: int):
+        if self.closed:  # blame's grace runs: look again soon after it ends
+            timeout_ms = min(timeout_ms, VERDICT_POLL_MS)
+        return super()._recv(timeout_ms)
 
     def _check_alive(self) -> None:
         self._watch_connections()
@@ -173,8 +189,10 @@ class EngineSupervisor(Supervisor):
             self._drain(0)  # a closing rank's last word came before its connection closed
             lost = blame(self.closed, self.stopped, time.monotonic(), self._explained())
             if lost is not None:
+                failure = self._failure(lost)
+                self._write_early("failed", self._error(lost, failure.message))
                 self._drain(50)  # it may have said why just before it went
-                raise self._failure(lost)
+                raise failure
         super()._check_alive()
 
     def _failure(self, role: str) -> WorkerFailed:
@@ -201,11 +219,38 @@ class EngineSupervisor(Supervisor):
             if role is not None and role not in self.done:
                 self.closed.setdefault(role, time.monotonic())
 
+    def _error(self, role: str, message: str) -> dict:
+        """summary.json's error for ``role`` (also the supervisor's own)."""
+        error = {"role": role, "host": self.host(role) if role in self.roles else "localhost",
+                 "message": message}
+        if role in self.cluster.ranks:
+            error["rank"] = self.cluster.ranks[role]
+        return error
+
+    def _write_early(self, status: str, error: dict | None) -> None:
+        """summary.json with the verdict as it stands, before the clean-up:
+        the engine tears the job down on its own after a rank's death or a
+        Ctrl-C, and its SIGKILL may end this process before the clean-up is
+        over. The closing summary replaces it."""
+        if self.written == (status, error):
+            return
+        summary = build_summary(self.cfg, status=status, run_id=self.run_id, final=self.final,
+                                layers=[], error=error, epochs_done=self.progress.epochs_done,
+                                wall_s=time.perf_counter() - self.began, watch=self.watch)
+        summary["control_dropped"] = dict(self.refused)
+        # Not synced (a sync can take seconds on a busy disk), and whole: a
+        # signal meanwhile is noted, not raised.
+        with SIGNALS.shielded(), contextlib.suppress(OSError):  # the closing summary says why
+            self.rd.write_json_at_once("summary.json", summary)
+            self.written = (status, error)
+
     def _close(self, status: str, error: dict | None, start: float) -> int:
         if status == "interrupted":
             status, error = self._signal_or_death()
-        if error is not None and error.get("role") in self.cluster.ranks:
+        elif error is not None and error.get("role") in self.cluster.ranks:
             error = {**error, "rank": self.cluster.ranks[error["role"]]}
+        if status != "completed":  # a completed run's summary comes after its weights
+            self._write_early(status, error)
         self.monitor.close(linger=0)
         self.router = self.router.sock
         return super()._close(status, error, start)
@@ -222,19 +267,16 @@ class EngineSupervisor(Supervisor):
             while True:
                 self._watch_connections()
                 self._drain(0)  # after the closures: each word came before its closure
+                first = first_silent(self.closed, self.stopped)
+                if first is not None:
+                    return "failed", self._error(first, self._failure(first).message)
+                self._write_early("interrupted", None)  # so far
                 gone = set(self.closed) | set(self.done)
-                if (gone >= set(self.roles) or time.monotonic() >= deadline
-                        or first_silent(self.closed, self.stopped) is not None):
-                    break
+                if gone >= set(self.roles) or time.monotonic() >= deadline:
+                    return "interrupted", None
                 self.monitor.poll(20)
         except WorkerFailed as exc:  # one said why it failed, meanwhile
-            return "failed", {"role": exc.role, "host": self.host(exc.role),
-                              "message": exc.message}
-        first = first_silent(self.closed, self.stopped)
-        if first is None:
-            return "interrupted", None
-        return "failed", {"role": first, "host": self.host(first),
-                          "message": self._failure(first).message}
+            return "failed", self._error(exc.role, exc.message)
 
 
 def first_silent(closed: dict[str, float], stopped: dict[str, str]) -> str | None:
@@ -269,9 +311,17 @@ class _Sources:
     connection's messages arrive on, so a closed one names its role (the
     supervisor ties connections to roles, ``members``)."""
 
-    def __init__(self, sock: zmq.Socket, fd_conn: dict[int, bytes]):
+    def __init__(self, sock: zmq.Socket, fd_conn: dict[int, bytes], monitor: zmq.Socket):
         self.sock = sock
         self.fd_conn = fd_conn
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(monitor, zmq.POLLIN)
+
+    def poll(self, timeout: int | None = None) -> int:
+        """The ROUTER's poll, ended early by a connection closing (an event
+        on its monitor): a rank's death is seen at once, not after the wait."""
+        return dict(self.poller.poll(timeout)).get(self.sock, 0)
 
     def recv_multipart(self, *args, **kwargs):
         frames = self.sock.recv_multipart(*args, **kwargs)
