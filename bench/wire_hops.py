@@ -49,7 +49,7 @@ def _send_ours(sock: zmq.Socket, msg: protocol.Message) -> None:
 
 
 def bench_wire(n: int) -> list[dict]:
-    memory.tune_allocator()  # as every worker does (pipeline.worker)
+    memory.tune_allocator()  # as every worker does (workers/serve.py)
     ctx = zmq.Context()
     rows = []
     try:

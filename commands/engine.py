@@ -21,6 +21,7 @@ from pipeline.net import engines, rendezvous, security
 from pipeline.run.cli import EngineArgs
 from pipeline.net.engines import Engine
 from pipeline.net.rendezvous import EngineCluster
+from pipeline.run.rundir import WriteError
 
 # How long, once the engine's signal came, the ranks have to go or say they
 # were stopped before the run is called interrupted. Open MPI follows its
@@ -256,7 +257,7 @@ class RankWatch:
         summary = self.sup.summary(status, error, time.perf_counter() - self.began, [])
         # Not synced (a sync can take seconds on a busy disk), and whole: a
         # signal meanwhile is noted, not raised.
-        with SIGNALS.shielded(), contextlib.suppress(OSError):  # the closing summary says why
+        with SIGNALS.shielded(), contextlib.suppress(OSError, WriteError):  # the closing summary says why
             self.sup.rd.write_json_at_once("summary.json", summary)
             self.written = (status, error)
 

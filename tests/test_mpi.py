@@ -61,17 +61,17 @@ class Job:
 
     def __init__(self, tmp: Path, n: int, *args: str, via: Sequence[str] = (),
                  mpi_args: Sequence[str] = ("--oversubscribe",),
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, program: Sequence[str] = ("launch.py",)):
         """``via``: a command that runs mpiexec elsewhere (and execs it, so
         the pid is mpiexec's); ``mpi_args``: mpiexec's own options (by
         default --oversubscribe: more ranks than cores, CI has 2); ``env``:
-        added to mpi_env()."""
+        added to mpi_env(); ``program``: what each rank's Python runs."""
         self.run_dir = tmp / "run"
         self.out = open(tmp / "mpiexec.out", "w+")
         self.err = open(tmp / "mpiexec.err", "w+")
         self.proc = subprocess.Popen(
             [*via, _mpiexec(), *mpi_args, "-n", str(n), sys.executable,
-             "launch.py", "--run-dir", str(self.run_dir), "--quiet", *args],
+             *program, "--run-dir", str(self.run_dir), "--quiet", *args],
             cwd=ROOT, env={**mpi_env(), **(env or {})}, stdout=self.out, stderr=self.err,
             stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -178,6 +178,48 @@ def test_a_killed_rank_ends_the_job_failed_by_role_host_and_rank_with_nothing_le
     assert s["error"]["role"] == "layer1" and s["error"]["rank"] == 2, s["error"]
     assert s["error"]["host"] == "127.0.0.1"
     assert "layer1 (rank 2) on 127.0.0.1" in s["error"]["message"]
+    # The ranks the engine stopped after the death (SIGTERM, often in their
+    # clean-up by then) exit quietly: every rank's output passes through mpiexec.
+    assert "Traceback" not in job.stderr() + job.stdout(), job.stderr()
+    assert_all_gone(pids)
+
+
+# The engine's SIGKILL at the worst moment: as rank 0's clean-up begins
+# (Open MPI sends it a quarter second after its SIGTERM, whatever the load).
+KILLED_AS_THE_CLEAN_UP_BEGINS = """
+import os, signal, sys
+sys.argv[0] = "launch.py"
+from commands import supervisor
+def _close(self, *args):
+    os.kill(os.getpid(), signal.SIGKILL)
+supervisor.Supervisor._close = _close
+import launch
+sys.exit(launch.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("end, status", [("kill layer1", "failed"), ("Ctrl-C", "interrupted")])
+def test_the_summary_is_written_before_rank_0s_clean_up_begins(mpi, end, status):
+    """Under load the engine's SIGKILL can come before rank 0 has cleaned up:
+    the verdict is on disk before the clean-up begins."""
+    job = mpi(5, "--layers", "3", "--epochs", "100000",
+              program=["-c", KILLED_AS_THE_CLEAN_UP_BEGINS])
+    _first_epoch(job)
+    pids = job.rank_pids()
+    if end == "kill layer1":
+        os.kill(pids["layer1"], signal.SIGKILL)
+    else:
+        job.proc.send_signal(signal.SIGINT)
+    job.wait(30)
+    assert (job.run_dir / "summary.json").exists(), f"no summary; mpiexec said:\n{job.stderr()}"
+    s = job.summary()
+    assert s["status"] == status, s
+    if status == "failed":
+        assert s["error"] == {"role": "layer1", "host": "127.0.0.1", "rank": 2, "message":
+                              "layer1 (rank 2) on 127.0.0.1 is gone: its connection closed"}
+    else:
+        assert "error" not in s
+    assert s["epochs_done"] >= 1
     assert_all_gone(pids)
 
 

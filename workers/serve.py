@@ -43,12 +43,35 @@ def _die_with_parent() -> None:
         raise SystemExit("the supervisor that started this worker is gone")
 
 
+# Whether the role has ended and the process only cleans up. A SIGTERM then
+# (an engine tearing the job down after another rank's death, the
+# supervisor's after a stop) has nothing left to stop: raised, it would cut
+# the clean-up short (Context.term, the Guard's thread) with a traceback.
+_cleaning_up = False
+
+
 def _terminate(signum, frame) -> None:
     # A clean exit, but a bounded one: a second SIGTERM, or 3 s of clean-up,
     # ends the process by the kernel's default action.
+    global _cleaning_up
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.alarm(3)
+    _bound_exit(3)
+    if _cleaning_up:
+        return  # noted: the alarm bounds what is left
+    _cleaning_up = True
     transport.raise_when_whole(Stopped(f"signal {signum}", outside=True))
+
+
+def _bound_exit(seconds: int) -> None:
+    """Have the kernel end the process within ``seconds``, never extending
+    an alarm already armed to go off sooner."""
+    pending = signal.alarm(0)
+    signal.alarm(min(pending, seconds) if pending else seconds)
+
+
+def _clean_up_begins() -> None:
+    global _cleaning_up
+    _cleaning_up = True
 
 
 def placement(args: argparse.Namespace) -> tuple[Net, str, contextlib.AbstractContextManager]:
@@ -100,10 +123,14 @@ def serve_placed(role_main: RoleMain, role: str,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminate)
     _die_with_parent()
-    net, control, guard = place()
     try:
+        net, control, guard = place()
         with guard:
             return _serve(role_main, net, control, role, parent_supervises)
+    except Stopped:
+        # The signal came before the role began, or just as it ended (before
+        # _serve could say the clean-up had begun): stopped, nothing to say.
+        return 0
     finally:
         # After the guard: each socket closes with its own linger (data sockets
         # drop what is queued, outboxes after OUTBOX_LINGER_MS at most; the
@@ -113,8 +140,8 @@ def serve_placed(role_main: RoleMain, role: str,
         # where no Python signal handler runs: a last-resort alarm, which
         # never extends the shorter one a stop has already armed, ends the
         # process by the kernel's default action should anything else hold it.
-        pending = signal.alarm(0)
-        signal.alarm(min(pending, 5) if pending else 5)
+        _clean_up_begins()
+        _bound_exit(5)
         context().destroy()
 
 
@@ -131,6 +158,7 @@ def _serve(role_main: RoleMain, net: Net, control: str, role: str,
         role_main(link, cfg, net)  # returns only through Stopped (see ControlLink.finish)
         raise RuntimeError("role ended without waiting for stop")
     except Stopped as stop:
+        _clean_up_begins()
         if stop.outside and link.joined:
             # Stopped from outside the run (an engine's teardown, a user):
             # say so, so that the coordinator does not take it for a death.
@@ -140,6 +168,7 @@ def _serve(role_main: RoleMain, net: Net, control: str, role: str,
             link.report_stopped(str(stop))
         return 0
     except BaseException as exc:  # report every failure, then exit non-zero
+        _clean_up_begins()
         link.report_error(exc)
         link.log(f"failed: {type(exc).__name__}: {exc}")
         return 1

@@ -9,12 +9,11 @@ import os
 import secrets
 import shutil
 import sys
-import tempfile
 from typing import Callable, Sequence
 
 import zmq
 
-from pipeline.net import security
+from pipeline.net import security, sockdir
 from pipeline.wire import codec as wire
 from pipeline.config import Config
 from pipeline.wire.protocol import Message
@@ -34,8 +33,8 @@ def private_dir() -> str | None:
     """A fresh directory only this user may enter (0700), for a local run's
     Unix-domain sockets: no other user of the machine can connect to a socket
     in it. None where the platform has no such sockets (then loopback TCP).
-    Under /tmp when $TMPDIR's path would make socket paths too long (about
-    100 bytes is all a socket address holds).
+    Named after its owner, so that the next run removes it should this
+    process be killed before it can (``pipeline/net/sockdir.py``).
 
     For the benchmark only: with DNI_BENCH_UNPROTECTED=1 it returns
     ``UNPROTECTED`` instead, and every socket of the run is an
@@ -47,10 +46,7 @@ def private_dir() -> str | None:
         print("WARNING: DNI_BENCH_UNPROTECTED=1: every local user can reach this run's "
               "sockets (a benchmark's baseline, never for real runs)", file=sys.stderr, flush=True)
         return UNPROTECTED
-    base = tempfile.gettempdir()
-    if len(base) > 60:
-        base = "/tmp"
-    return tempfile.mkdtemp(prefix="dni-", dir=base)  # mkdtemp makes it 0700
+    return sockdir.make()
 
 
 def remove_private_dir(path: str | None) -> None:

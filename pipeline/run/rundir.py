@@ -188,15 +188,18 @@ class RunDir:
                 raise ValueError(f"argument --resume: the run in {path} completed; "
                                  "there is nothing to resume")
 
-    def _atomic(self, name: str, write) -> Path:
+    def _atomic(self, name: str, write, sync: bool = True) -> Path:
+        """Write ``name`` whole or not at all (a temporary, then a rename);
+        ``sync``: on the disk before the rename, and the rename too."""
         final = self.path / name
         tmp = final.with_name(files.temporary(final.name))
         try:
             files.make_private_dirs(final.parent)
             with open(open_private(tmp, os.O_TRUNC), "wb") as f:
                 write(f)
-                f.flush()
-                os.fsync(f.fileno())
+                if sync:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, final)
         except BaseException as exc:  # no temporary stays, whatever stopped the write
             with contextlib.suppress(OSError):
@@ -204,7 +207,8 @@ class RunDir:
             if isinstance(exc, OSError):
                 raise self._failed(final, exc) from None
             raise
-        _fsync_dir(final.parent)  # the rename itself survives a crash
+        if sync:
+            _fsync_dir(final.parent)  # the rename itself survives a crash
         return final
 
     def write_json(self, name: str, obj: dict) -> Path:
@@ -287,6 +291,14 @@ class RunDir:
             if self._made:
                 with contextlib.suppress(OSError):
                     self.path.rmdir()
+
+    def write_json_at_once(self, name: str, obj: dict) -> Path:
+        """As write_json, whole or absent, but not synced: a kill of this
+        process loses nothing the kernel already has, a crash of the machine
+        may. For a provisional summary that must be in place within a
+        fraction of a second whatever the disk's load; write_json follows."""
+        text = json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n"
+        return self._atomic(name, lambda f: f.write(text.encode()), sync=False)
 
 
 def unfinished() -> list[tuple[RunDir, object]]:
