@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 def _write_up_unfinished() -> None:
     """A run directory the signal found opened but not yet in a run's charge
     (its sockets still binding): its summary says ``interrupted`` all the same."""
-    from pipeline.rundir import unfinished
-    from pipeline.summary import build_summary, close_run
+    from pipeline.run.rundir import unfinished
+    from pipeline.run.summary import build_summary, close_run
     for rd, cfg in unfinished():
         close_run(rd, build_summary(cfg, status="interrupted", run_id="", wall_s=0.0,
                                     final=None, layers=[], epochs_done=cfg.start_epoch),
@@ -59,14 +59,14 @@ def _engine(argv: list[str]) -> Callable[[], int] | None:
     """Under an engine (mpiexec, srun, an Indexed Job, torchrun-style
     variables; --launcher): this rank's part of the run. None: a local run."""
     import os
-    from pipeline import engines
-    from pipeline.cli import parse_engine
+    from pipeline.net import engines
+    from pipeline.run.cli import parse_engine
     opts = parse_engine(argv)
     engine = engines.detect(os.environ, opts.launcher)
     if engine.local:
         return None
-    from pipeline.cli import parse_run
-    from pipeline.checkpoint import resume_config
+    from pipeline.run.cli import parse_run
+    from pipeline.run.resume import resume_config
     from commands.engine import run_rank
 
     def prepare():  # rank 0 alone: the other hosts need not hold the data or the run
@@ -80,22 +80,22 @@ def _command(argv: list[str]) -> Callable[[], int]:
     argument exits here, with its one line)."""
     if not any(a in ("sweep", "report", "keys") for a in argv[:1]):
         _cap_blas_threads()
-    from pipeline.memory import tune_allocator
+    from pipeline.net.memory import tune_allocator
     tune_allocator()  # the supervisor, and the reference trainer with --in-process
     if argv[:1] == ["sweep"]:
-        from pipeline.cli import parse_sweep
+        from pipeline.run.cli import parse_sweep
         from commands.sweep import run_sweep
         args = parse_sweep(argv[1:])
         return lambda: run_sweep(args, sys.stdout)
     if argv[:1] == ["report"]:
-        from pipeline.cli import parse_report
-        from pipeline.report import main as report
+        from pipeline.run.subcommands import parse_report
+        from commands.report import main as report
         run_dir = parse_report(argv[1:])
         return lambda: report(run_dir, sys.stdout)
     if argv[:1] == ["keys"]:
-        from pipeline.cli import parse_keys
-        from pipeline.protocol import all_roles
-        from pipeline.security import generate_keys
+        from pipeline.run.subcommands import parse_keys
+        from pipeline.wire.protocol import all_roles
+        from pipeline.net.security import generate_keys
         out, layers = parse_keys(argv[1:])
 
         def keys() -> int:
@@ -104,15 +104,15 @@ def _command(argv: list[str]) -> Callable[[], int]:
             return 0
         return keys
     if any(a == "--cluster" or a.startswith("--cluster=") for a in argv):
-        from pipeline.cli import parse_cluster
+        from pipeline.run.subcommands import parse_cluster
         from commands.host import run_cluster
         cluster = parse_cluster(argv)
         return lambda: run_cluster(cluster, sys.stdout)
     engine = _engine(argv)
     if engine is not None:
         return engine
-    from pipeline.cli import parse_run
-    from pipeline.checkpoint import resume_config
+    from pipeline.run.cli import parse_run
+    from pipeline.run.resume import resume_config
     from commands.supervisor import run
     cfg, resume = parse_run(argv)
     if resume is not None:
@@ -125,7 +125,7 @@ def _cap_blas_threads() -> None:
     """A rank an engine started is a worker itself, with no supervisor to cap
     its BLAS threads before numpy loads: one each, unless the user said."""
     import os
-    from pipeline.engines import RANK_VARIABLES
+    from pipeline.net.engines import RANK_VARIABLES
     if any(v in os.environ for v in RANK_VARIABLES):
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, "1")

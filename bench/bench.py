@@ -6,11 +6,11 @@
    copying, and one frame joined beforehand), per size, and what a message
    costs raw pyzmq in CPU between two processes (``message_cost.py``);
 2. pipeline throughput: the in-process reference against the process
-   pipeline (locked backprop, free-running DNI/cDNI) on the seed task and on
+   pipeline (locked backprop, free-running DNI/cDNI) on the addition task and on
    a compute-heavy configuration, every process with one BLAS thread (the
    reference with all threads too);
 3. scaling: pipeline DNI against reference DNI, throughput and CPU per
-   batch, for 2, 4, 8 and 16 layers on the seed task and on the
+   batch, for 2, 4, 8 and 16 layers on the addition task and on the
    compute-heavy widths (with the reference's time per batch against its
    2-layer time), and for several batch sizes;
 4. memory: every process's resident size over a long run, first epoch to last;
@@ -18,7 +18,7 @@
    run's private 0700 directory (the default) against abstract-namespace
    Unix sockets that any process of the machine can reach
    (``DNI_BENCH_UNPROTECTED=1``, a switch for this benchmark only), on the
-   seed task and the compute-heavy configuration.
+   addition task and the compute-heavy configuration.
 Not a test: the machine is shared and noisy; compare the ratios.
 """
 from __future__ import annotations
@@ -29,102 +29,21 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-import zmq  # noqa: E402
 
 from bench import message_cost, targets, wire_parts  # noqa: E402
-from pipeline import memory, protocol, transport, wire  # noqa: E402
+from bench.wire_hops import bench_wire  # noqa: E402
 
-WIRE_CASES = [("10x128 f64", (10, 128), np.float64),
-              ("64x256 f32", (64, 256), np.float32),
-              ("256x1024 f32", (256, 1024), np.float32),
-              ("256x4096 f32", (256, 4096), np.float32)]
 # The compute-heavy configuration, with steps at which 1024-wide sigmoid layers
-# train (the seed task's 0.5 and 0.03 diverge there, and inf/NaN arithmetic
+# train (the addition task's 0.5 and 0.03 diverge there, and inf/NaN arithmetic
 # would time something else).
 HEAVY = ["--layers", "4", "--hidden", "1024", "--batch-size", "256", "--lr", "0.1",
          "--sg-lr", "0.003"]
-
-
-# --- 1. the wire ------------------------------------------------------------------
-
-def _time_hops(ways: dict, n: int, rounds: int = 20) -> dict[str, list[float]]:
-    """Seconds per message of each way to send it (a (send, recv) pair),
-    sender and receiver alternating (one in flight), per round: the ways
-    take turns, each first in turn, ``rounds`` times n/rounds messages
-    each, so that ratios can be taken within a round, where a neighbour's
-    burst on this shared machine hits both sides alike."""
-    for send, recv in ways.values():
-        for _ in range(min(n, 50)):  # warm up the connection and the allocator
-            send()
-            recv()
-    per_round = max(1, n // rounds)
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    names = list(ways)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # each goes first in turn
-            send, recv = ways[name]
-            start = time.perf_counter()
-            for _ in range(per_round):
-                send()
-                recv()
-            times[name].append((time.perf_counter() - start) / per_round)
-    return times
-
-
-def _send_ours(sock: zmq.Socket, msg: protocol.Message) -> None:
-    frames = wire.encode(msg)  # as transport.send, without its backpressure loop
-    transport.send_whole(sock, frames, copy=transport.copies(frames))
-
-
-def bench_wire(n: int) -> list[dict]:
-    memory.tune_allocator()  # as every worker does (pipeline.worker)
-    ctx = zmq.Context()
-    rows = []
-    try:
-        for name, shape, dtype in WIRE_CASES:
-            arr = np.random.default_rng(0).standard_normal(shape).astype(dtype)
-            labels = np.zeros((shape[0], 8), dtype)
-            msg, raw = wire_parts.message(arr, labels)
-            one = b"".join(raw)  # the same bytes as one frame, joined beforehand
-            a, b = wire_parts.pair(ctx)
-            oa, ob = wire_parts.pair(ctx, ours=True)
-            reps = max(100, n // max(1, arr.nbytes // 100_000))  # fewer hops of big messages
-            t = _time_hops({  # ours as the pipeline sends and receives (transport.send, Inbox)
-                "ours": (lambda: _send_ours(oa, msg),
-                         lambda: wire_parts.receive(ob)),
-                "zero": (lambda: a.send_multipart(raw, copy=False),
-                         lambda: b.recv_multipart(copy=False)),
-                "copied": (lambda: a.send_multipart(raw), lambda: b.recv_multipart()),
-                "one": (lambda: a.send(one), lambda: b.recv())}, reps)
-            for sock in (a, b, oa, ob):
-                sock.close()
-            # Ours over each raw way within each round, the median round; the
-            # ratio to the fastest way is the largest of these. (Not to the
-            # fastest way of each round: on a noisy machine that minimum of
-            # three takes the luckiest run and biases the ratio up.)
-            to = {way: float(np.median([o / r for o, r in zip(t["ours"], t[way])]))
-                  for way in ("zero", "copied", "one")}
-            ratio, to_copying = max(to.values()), to["copied"]  # to the fastest way
-            to_three = max(to["zero"], to["copied"])  # the faster way as three frames
-            ours, zero, copied, joined = (float(np.median(t[k]))
-                                          for k in ("ours", "zero", "copied", "one"))
-            nbytes = arr.nbytes + labels.nbytes
-            rows.append({"case": name, "bytes": nbytes, "ours_us": ours * 1e6,
-                         "raw_zero_copy_us": zero * 1e6, "raw_copy_us": copied * 1e6,
-                         "raw_one_frame_us": joined * 1e6, "ratio_to_one_frame": to["one"],
-                         "ratio": ratio, "ratio_to_copying": to_copying,
-                         "ratio_to_three_frames": to_three,
-                         "ours_MBps": nbytes / ours / 1e6})
-    finally:
-        ctx.term()
-    return rows
 
 
 # --- runs of launch.py -----------------------------------------------------------------
@@ -237,13 +156,13 @@ def _point(task: list[str]) -> dict:
             "status": f"{ref['status']}/{pipe['status']}"}
 
 
-def bench_scaling(batches: int, seed_epochs: int) -> list[dict]:
-    """By layer count (2 to 16), on the seed task and on the compute-heavy
+def bench_scaling(batches: int, addition_epochs: int) -> list[dict]:
+    """By layer count (2 to 16), on the addition task and on the compute-heavy
     widths: throughput and CPU per batch of the pipeline and of the
     reference, and how the reference's time per batch grows with depth (what
     one process pays for each layer added); then by batch size at 4 layers."""
     rows = []
-    tasks = {"seed task": lambda L: ["--layers", str(L), "--epochs", str(seed_epochs)],
+    tasks = {"addition task": lambda L: ["--layers", str(L), "--epochs", str(addition_epochs)],
              "compute-heavy": lambda L: ["--layers", str(L), "--hidden", "1024",
                                          "--batch-size", "256", "--examples",
                                          str(256 * batches), "--epochs", "1",
@@ -284,7 +203,7 @@ def _show_point(r: dict) -> None:
 # --- 4. memory --------------------------------------------------------------------------
 
 def bench_memory(epochs: int) -> dict:
-    """A long seed-task run: each process's resident size at its first and
+    """A long addition-task run: each process's resident size at its first and
     last per-epoch event, and its peak."""
     s = _run(["--epochs", str(epochs), "--mode", "cdni"])
     out = {"batches": s["batches"], "peak_rss_mb": s["peak_rss_mb"], "processes": {}}
@@ -374,34 +293,34 @@ def main() -> int:
     if "pipeline" in parts:
         print("pipeline throughput", flush=True)
         heavy = HEAVY + ["--examples", "25600", "--epochs", "1" if a.quick else "2"]
-        seed = ["--epochs", "200" if a.quick else "800"]
-        results["seed task"] = bench_pipeline("seed task", seed, 1 if a.quick else 2)
+        addition = ["--epochs", "200" if a.quick else "800"]
+        results["addition task"] = bench_pipeline("addition task", addition, 1 if a.quick else 2)
         # What a message costs with nothing of ours around it, streamed (the
-        # cheapest it gets): the seed task's bound with no cost of ours.
+        # cheapest it gets): the addition task's bound with no cost of ours.
         results["message_cpu_us"] = message_cost.cpu_per_message(
             5000 if a.quick else 20000, in_flight=64) * 1e6
         print(f"  raw pyzmq between two processes, streamed: "
               f"{results['message_cpu_us']:.1f} us of CPU per message", flush=True)
         results["compute-heavy"] = bench_pipeline("heavy", heavy, 1 if a.quick else 2)
-        for name in ("seed task", "compute-heavy"):
+        for name in ("addition task", "compute-heavy"):
             for k, v in results[name]["ratios"].items():
                 print(f"  {name:>14}: {k} = " + ("n/a (a run failed)" if v is None else f"{v:.2f}"))
     if "scaling" in parts:
         print("scaling: pipeline dni / reference dni by layers and batch size", flush=True)
         results["scaling"] = bench_scaling(8 if a.quick else 24, 100 if a.quick else 300)
     if "memory" in parts:
-        print("memory over a long run (seed task, cdni)", flush=True)
+        print("memory over a long run (addition task, cdni)", flush=True)
         results["memory"] = bench_memory(2000 if a.quick else 8000)
     if "protection" in parts:
         print("protection: private socket directory / abstract-namespace sockets", flush=True)
         results["protection"] = bench_protection(
-            {"seed task": ["--epochs", "200" if a.quick else "800"],
+            {"addition task": ["--epochs", "200" if a.quick else "800"],
              "heavy": HEAVY + ["--mode", "dni", "--examples", "25600", "--epochs", "1"]},
             2 if a.quick else 6)
     results["targets"] = targets.judge(results, os.cpu_count() or 1)
     print("targets (issue #14), from this run", flush=True)
     print("\n".join(targets.show(results["targets"])))
-    for name in ("seed task", "compute-heavy"):
+    for name in ("addition task", "compute-heavy"):
         roles = _get_roles(results, name)
         if roles:
             print(f"  where a batch's CPU goes, {name}, pipeline dni: " + ", ".join(

@@ -4,7 +4,7 @@ ZeroMQ I/O threads together, one in flight (each message wakes its receiver)
 or several (the receiver seldom waits).
 
 ``python bench/message_cost.py [n]`` prints it; ``bench.py`` calls
-``cpu_per_message`` for the seed task's bound.
+``cpu_per_message`` for the addition task's bound.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def cpu_per_message(n: int = 20000, in_flight: int = 1, rows: int = 10, width: i
                     labels: int = 8) -> float:
     """Seconds of CPU per message (both processes, all threads) of ``n``
     messages of a (rows, width) float64 array, its (rows, labels) labels and
-    a 60-byte header (the seed task's activation), sent ``in_flight`` at a
+    a 60-byte header (the addition task's activation), sent ``in_flight`` at a
     time: the echo sends every ``in_flight``-th message back, and the sender
     waits for it. One in flight, every message wakes a waiting receiver;
     many, the receiver seldom waits and ZeroMQ batches its writes."""

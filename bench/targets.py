@@ -10,13 +10,13 @@ rows with ``measured`` None.
 from __future__ import annotations
 
 WIRE_CASE, SMALL_CASE = "64x256 f32", "10x128 f64"
-# Data messages a batch of the seed task (3 weight layers) takes: an
+# Data messages a batch of the addition task (3 weight layers) takes: an
 # activation into each weight layer, a gradient out of each above the first.
 SEED_MESSAGES = 5
 # Where a missed target's time goes, beyond what one run's figures say.
-HEAVY_PROFILE = ("by layer and function: docs/bench/compute-profile.md "
+HEAVY_PROFILE = ("by layer and function: docs/profile-compute.md "
                  "(python bench/threads.py, py-spy)")
-SEED_PROFILE = "by thread and function: docs/bench/seed-profile.md (python bench/threads.py, py-spy)"
+ADDITION_PROFILE = "by thread and function: docs/profile-addition.md (python bench/threads.py, py-spy)"
 
 
 def _get(d: dict | None, *keys):
@@ -60,12 +60,12 @@ def judge(results: dict, cores: int) -> list[dict]:
                      f"bound from this run's CPU: {cap} / the reference's own gain from all "
                      f"threads {gain:.2f}x = {cores / cpu / gain:.2f}x; {HEAVY_PROFILE}"
                      if cpu and gain else ""))
-    seed_cpu = _get(results, "seed task", "ratios", "cpu per batch, pipeline dni / reference dni")
-    bound = (f"{cores} cores / CPU per batch {seed_cpu:.2f}x the reference's = "
-             f"{cores / seed_cpu:.2f}x" if seed_cpu else "")
-    ref_ms = _get(results, "seed task", "runs", "reference dni (1 thread)", "cpu_ms_per_batch")
-    pipe_ms = _get(results, "seed task", "runs", "pipeline dni", "cpu_ms_per_batch")
-    sup_ms = _get(results, "seed task", "runs", "pipeline dni", "cpu_ms_per_batch_by_role",
+    addition_cpu = _get(results, "addition task", "ratios", "cpu per batch, pipeline dni / reference dni")
+    bound = (f"{cores} cores / CPU per batch {addition_cpu:.2f}x the reference's = "
+             f"{cores / addition_cpu:.2f}x" if addition_cpu else "")
+    ref_ms = _get(results, "addition task", "runs", "reference dni (1 thread)", "cpu_ms_per_batch")
+    pipe_ms = _get(results, "addition task", "runs", "pipeline dni", "cpu_ms_per_batch")
+    sup_ms = _get(results, "addition task", "runs", "pipeline dni", "cpu_ms_per_batch_by_role",
                   "supervisor")
     if bound and ref_ms and pipe_ms and sup_ms:
         # CPU per batch leaves the supervisor out; it runs on the same cores.
@@ -79,9 +79,9 @@ def judge(results: dict, cores: int) -> list[dict]:
                   f"arithmetic + {SEED_MESSAGES} messages x {message_us:.0f} us of raw pyzmq "
                   f"streamed = {floor:.2f} ms a batch, at most {cores * ref_ms / floor:.2f}x")
     if bound:
-        bound = f"bound from this run's CPU: {bound}; {SEED_PROFILE}"
-    rows.append(_row("seed task: pipeline DNI / reference", _get(
-        results, "seed task", "ratios", "pipeline dni / reference dni"), 1.0, True, bound))
+        bound = f"bound from this run's CPU: {bound}; {ADDITION_PROFILE}"
+    rows.append(_row("addition task: pipeline DNI / reference", _get(
+        results, "addition task", "ratios", "pipeline dni / reference dni"), 1.0, True, bound))
     # The wire against raw pyzmq sending the same bytes as we do, header and
     # arrays in frames of their own (the baseline); raw pyzmq's send of
     # the bytes joined into one frame beforehand beside it.
@@ -104,8 +104,8 @@ def judge(results: dict, cores: int) -> list[dict]:
                      _get(wire, SMALL_CASE, "ratio_to_copying"), 1.0, False, split,
                      note=one_frame(SMALL_CASE)))
     deep = [r for r in results.get("scaling") or []
-            if r["task"] == "seed task" and r["layers"] == 16]
-    rows.append(_row("seed task with --layers 16 runs (1 = it did)",
+            if r["task"] == "addition task" and r["layers"] == 16]
+    rows.append(_row("addition task with --layers 16 runs (1 = it did)",
                      (1.0 if deep[0]["ratio"] is not None else 0.0) if deep else None, 1.0, True))
     growth = [p["growth_mb"] for p in (_get(results, "memory", "processes") or {}).values()]
     rows.append(_row("memory: largest growth of a layer's resident size over the run, MiB",

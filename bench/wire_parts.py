@@ -20,7 +20,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
-from pipeline import memory, protocol, transport, wire  # noqa: E402
+from pipeline.net import memory, transport  # noqa: E402
+from pipeline.wire import binary, protocol  # noqa: E402
+from pipeline.wire import codec as wire  # noqa: E402
 
 
 def pair(ctx: zmq.Context, ours: bool = False) -> tuple[zmq.Socket, zmq.Socket]:
@@ -41,7 +43,7 @@ def message(arr: np.ndarray, labels: np.ndarray) -> tuple[wire.Message, list[byt
     frames of the same bytes: the binary header (batch and step zero), then
     each array in a frame of its own."""
     msg = wire.Message(protocol.ACT, "bench", batch=1, sender="layer1", arrays=(arr, labels))
-    head = bytes(wire._pack_prefix(msg.kind, msg.run_id, msg.sender,
+    head = bytes(binary._pack_prefix(msg.kind, msg.run_id, msg.sender,
                                    [(a.dtype.str, a.shape) for a in msg.arrays]))
     return msg, [head + bytes(16), arr.tobytes(), labels.tobytes()]
 

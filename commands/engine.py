@@ -15,17 +15,14 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from commands.spawn import SIGNALS, module_of
-from commands.supervisor import Supervisor, WorkerFailed
-from pipeline import engines, rendezvous, security
-from pipeline.cli import EngineArgs
-from pipeline.engines import Engine
-from pipeline.rendezvous import EngineCluster
-from pipeline.summary import build_summary
+from commands.supervisor import Supervisor
+from pipeline.coord.coordinator import Coordinator, WorkerFailed
+from pipeline.net import engines, rendezvous, security
+from pipeline.run.cli import EngineArgs
+from pipeline.net.engines import Engine
+from pipeline.net.rendezvous import EngineCluster
+from pipeline.run.rundir import WriteError
 
-# A rank's connection that closes without a word is taken for its death
-# only if no signal from the engine follows within this long: then we look
-# at how the ranks go (see EngineSupervisor._signal_or_death).
-SIGNAL_GRACE_S = 0.1
 # How long, once the engine's signal came, the ranks have to go or say they
 # were stopped before the run is called interrupted. Open MPI follows its
 # SIGTERM with a SIGKILL within a fraction of a second (docs/clusters.md), so
@@ -35,9 +32,6 @@ SIGNAL_WINDOW_S = 0.25
 # While a closed connection awaits its verdict (blame), the longest the
 # supervisor waits for a message before it looks again.
 VERDICT_POLL_MS = 10
-# A rank that said it was stopped from outside is named only if no silent
-# death shows within this long (see blame).
-STOPPED_GRACE_S = 1.0
 
 
 def run_rank(engine: Engine, opts: EngineArgs, prepare: Callable[[], tuple], stream: TextIO) -> int:
@@ -94,15 +88,16 @@ def _coordinate(cfg, resume, cluster: EngineCluster, exchange, opts: EngineArgs,
                 stream: TextIO) -> int:
     """Rank 0: open the run directory, bind the control socket, tell the
     other ranks where it is, and supervise the run (nothing to spawn)."""
-    from pipeline.rundir import open_run
+    from pipeline.run.rundir import open_run
     try:
         if cluster.policy(opts.insecure) == "insecure":
             print("WARNING: --insecure: traffic between hosts is NOT encrypted, and anyone who "
                   "can reach these ports can send the run messages", file=sys.stderr, flush=True)
         stream, sys.stderr = _Lenient(stream), _Lenient(sys.stderr)
         rd = open_run(cfg, resume is not None, stream)
-        sup = EngineSupervisor(cfg, rd, secrets.token_hex(6), stream, cluster=cluster, spawn=[],
-                               insecure=opts.insecure, resume=resume)
+        sup = Supervisor(cfg, rd, secrets.token_hex(6), stream, cluster=cluster, spawn=[],
+                         insecure=opts.insecure, resume=resume, ranks=cluster.ranks)
+        sup.watch = RankWatch(sup, cluster)
     except BaseException:
         exchange.share(None)  # every other rank exits 2 at once instead of waiting
         raise
@@ -135,8 +130,8 @@ class _Lenient:
 
 def _work(role: str, cluster: EngineCluster, endpoint: str, opts: EngineArgs) -> int:
     """Any other rank: this process becomes its role's worker."""
-    from pipeline.transport import Net, context
-    from pipeline.worker import serve_placed
+    from pipeline.net.transport import Net, context
+    from workers.serve import serve_placed
     role_main = importlib.import_module(module_of(role)).main
 
     def place():
@@ -146,9 +141,9 @@ def _work(role: str, cluster: EngineCluster, endpoint: str, opts: EngineArgs) ->
     return serve_placed(role_main, role, place, parent_supervises=False)
 
 
-class EngineSupervisor(Supervisor):
-    """The supervisor of an engine's run: its workers are the other ranks,
-    so a dead one is noticed by its connection closing (within
+class RankWatch:
+    """What rank 0 adds to the supervisor's pump: its workers are the other
+    ranks, so a dead one is noticed by its connection closing (within
     milliseconds, before the engine tears the job down), not only by its
     heartbeats stopping; the error names its rank.
 
@@ -158,104 +153,78 @@ class EngineSupervisor(Supervisor):
     are gone. A rank the engine ends says so first (``stopped``, as every
     worker stopped by a signal does); a connection that closes without that
     word is a death. So the blame goes to the first silent closure, or,
-    with none, to the first rank stopped from outside (see blame)."""
+    with none, to the first rank stopped from outside (``coord.blame``)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, sup: Supervisor, cluster: EngineCluster):
+        self.sup, self.cluster = sup, cluster
         self.fd_conn: dict[int, bytes] = {}  # file descriptor -> the ROUTER's name of it
-        self.closed: dict[str, float] = {}  # role -> when its connection closed, in order
         self.engine_parent = os.getppid()  # the engine's process that started this rank
-        self.monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.router = _Sources(self.router, self.fd_conn, self.monitor)
-        self.began = time.perf_counter()  # run() sets it again as it starts
-        self.written: tuple | None = None  # the verdict summary.json says so far
-
-    def run(self) -> int:
+        self.monitor = sup.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.poller = zmq.Poller()
+        self.poller.register(sup.router, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self.began = time.perf_counter()
-        return super().run()
+        self.written: tuple | None = None  # the verdict summary.json says so far
 
     def process_info(self, role: str) -> dict:
         c = self.cluster
         return {"pid": c.pids.get(role), "rank": c.ranks.get(role)}
 
-    def _recv(self, timeout_ms: int):
-        if self.closed:  # blame's grace runs: look again soon after it ends
+    def poll(self, router: zmq.Socket, timeout_ms: int) -> bool:
+        """The ROUTER's poll, ended early by a connection closing (an event
+        on its monitor): a rank's death is seen at once, not after the wait;
+        while a closure awaits its verdict, a short wait."""
+        if self.sup.coord.closed:
             timeout_ms = min(timeout_ms, VERDICT_POLL_MS)
-        return super()._recv(timeout_ms)
+        return router in dict(self.poller.poll(timeout_ms))
 
-    def _check_alive(self) -> None:
-        self._watch_connections()
-        if self.closed:
-            self._drain(0)  # a closing rank's last word came before its connection closed
-            lost = blame(self.closed, self.stopped, time.monotonic(), self._explained())
-            if lost is not None:
-                failure = self._failure(lost)
-                self._write_early("failed", self._error(lost, failure.message))
-                self._drain(50)  # it may have said why just before it went
-                raise failure
-        super()._check_alive()
+    def received(self, conn_frame: zmq.Frame) -> None:
+        """Note which file descriptor a connection's messages arrive on, so a
+        closed one names its role (the coordinator ties connections to roles)."""
+        with contextlib.suppress(zmq.ZMQError):
+            self.fd_conn[conn_frame.get(zmq.SRCFD)] = conn_frame.bytes
 
-    def _failure(self, role: str) -> WorkerFailed:
-        where = f"{role} (rank {self.cluster.ranks[role]}) on {self.host(role)}"
-        if role in self.stopped:
-            return WorkerFailed(role, f"{where} was the first rank stopped from outside the "
-                                      f"run ({self.stopped[role]})")
-        return WorkerFailed(role, f"{where} is gone: its connection closed")
+    def _watch_connections(self, coord: Coordinator) -> None:
+        """Tell the coordinator when each role's connection closed."""
+        while self.monitor.poll(0):
+            event = parse_monitor_message(self.monitor.recv_multipart())
+            conn = self.fd_conn.pop(int(event["value"]), b"")
+            coord.connection_closed(coord.members.role(conn), time.monotonic())
 
-    def _explained(self) -> set[str]:
+    def _explained(self, coord: Coordinator) -> set[str]:
         """Roles whose stop our own engine process going explains: it
         started every rank of this host, and its end stops them all (the
         kernel signals a rank whose parent dies)."""
         if os.getppid() == self.engine_parent:
             return set()
-        here = self.host("coordinator")
-        return {role for role in self.stopped if self.host(role) == here}
+        here = coord.host("coordinator")
+        return {role for role in coord.stopped if coord.host(role) == here}
 
-    def _watch_connections(self) -> None:
-        """Note when each role's connection closed before it was done."""
-        while self.monitor.poll(0):
-            event = parse_monitor_message(self.monitor.recv_multipart())
-            role = self.members.role(self.fd_conn.pop(int(event["value"]), b""))
-            if role is not None and role not in self.done:
-                self.closed.setdefault(role, time.monotonic())
-
-    def _error(self, role: str, message: str) -> dict:
-        """summary.json's error for ``role`` (also the supervisor's own)."""
-        error = {"role": role, "host": self.host(role) if role in self.roles else "localhost",
-                 "message": message}
-        if role in self.cluster.ranks:
-            error["rank"] = self.cluster.ranks[role]
-        return error
-
-    def _write_early(self, status: str, error: dict | None) -> None:
-        """summary.json with the verdict as it stands, before the clean-up:
-        the engine tears the job down on its own after a rank's death or a
-        Ctrl-C, and its SIGKILL may end this process before the clean-up is
-        over. The closing summary replaces it."""
-        if self.written == (status, error):
+    def check(self, coord: Coordinator, drain) -> None:
+        """WorkerFailed naming the rank whose loss the closed connections show."""
+        self._watch_connections(coord)
+        if not coord.closed:
             return
-        summary = build_summary(self.cfg, status=status, run_id=self.run_id, final=self.final,
-                                layers=[], error=error, epochs_done=self.progress.epochs_done,
-                                wall_s=time.perf_counter() - self.began, watch=self.watch)
-        summary["control_dropped"] = dict(self.refused)
-        # Not synced (a sync can take seconds on a busy disk), and whole: a
-        # signal meanwhile is noted, not raised.
-        with SIGNALS.shielded(), contextlib.suppress(OSError):  # the closing summary says why
-            self.rd.write_json_at_once("summary.json", summary)
-            self.written = (status, error)
+        drain(0)  # a closing rank's last word came before its connection closed
+        lost = coord.lost(time.monotonic(), self._explained(coord))
+        if lost is not None:
+            failure = coord.rank_failure(lost)
+            self._write_early("failed", self.sup.error_of(lost, failure.message))
+            drain(50)  # it may have said why just before it went
+            raise failure
 
-    def _close(self, status: str, error: dict | None, start: float) -> int:
+    def verdict(self, coord: Coordinator, drain, status: str, error: dict | None
+                ) -> tuple[str, dict | None]:
+        """The run's end as the summary is to say it: after the engine's
+        signal (``interrupted``), a Ctrl-C or a rank's death; written at once
+        unless the run completed (its summary comes after its weights)."""
         if status == "interrupted":
-            status, error = self._signal_or_death()
-        elif error is not None and error.get("role") in self.cluster.ranks:
-            error = {**error, "rank": self.cluster.ranks[error["role"]]}
-        if status != "completed":  # a completed run's summary comes after its weights
+            status, error = self._signal_or_death(coord, drain)
+        if status != "completed":
             self._write_early(status, error)
-        self.monitor.close(linger=0)
-        self.router = self.router.sock
-        return super()._close(status, error, start)
+        return status, error
 
-    def _signal_or_death(self) -> tuple[str, dict | None]:
+    def _signal_or_death(self, coord: Coordinator, drain) -> tuple[str, dict | None]:
         """A signal came (the engine's): a Ctrl-C on mpiexec or scancel, or
         the engine's teardown after a death. A Ctrl-C reaches every rank,
         and each says it was stopped before its connection closes; a death
@@ -265,71 +234,32 @@ class EngineSupervisor(Supervisor):
         deadline = time.monotonic() + SIGNAL_WINDOW_S
         try:
             while True:
-                self._watch_connections()
-                self._drain(0)  # after the closures: each word came before its closure
-                first = first_silent(self.closed, self.stopped)
-                if first is not None:
-                    return "failed", self._error(first, self._failure(first).message)
+                self._watch_connections(coord)
+                drain(0)  # after the closures: each word came before its closure
+                failure = coord.after_signal()
+                if failure is not None:
+                    return "failed", self.sup.error_of(failure.role, failure.message)
                 self._write_early("interrupted", None)  # so far
-                gone = set(self.closed) | set(self.done)
-                if gone >= set(self.roles) or time.monotonic() >= deadline:
+                gone = set(coord.closed) | set(coord.done)
+                if gone >= set(coord.roles) or time.monotonic() >= deadline:
                     return "interrupted", None
                 self.monitor.poll(20)
         except WorkerFailed as exc:  # one said why it failed, meanwhile
-            return "failed", self._error(exc.role, exc.message)
+            return "failed", self.sup.error_of(exc.role, exc.message)
 
+    def _write_early(self, status: str, error: dict | None) -> None:
+        """summary.json with the verdict as it stands, before the clean-up:
+        the engine tears the job down on its own after a rank's death or a
+        Ctrl-C, and its SIGKILL may end this process before the clean-up is
+        over. The closing summary replaces it."""
+        if self.written == (status, error):
+            return
+        summary = self.sup.summary(status, error, time.perf_counter() - self.began, [])
+        # Not synced (a sync can take seconds on a busy disk), and whole: a
+        # signal meanwhile is noted, not raised.
+        with SIGNALS.shielded(), contextlib.suppress(OSError, WriteError):  # the closing summary says why
+            self.sup.rd.write_json_at_once("summary.json", summary)
+            self.written = (status, error)
 
-def first_silent(closed: dict[str, float], stopped: dict[str, str]) -> str | None:
-    """The first role whose connection closed without saying it was stopped."""
-    silent = [(t, role) for role, t in closed.items() if role not in stopped]
-    return min(silent)[1] if silent else None
-
-
-def blame(closed: dict[str, float], stopped: dict[str, str], now: float,
-          explained: set[str] = frozenset()) -> str | None:
-    """The role whose loss a closed connection shows, from when each role's
-    connection closed (``closed``) and which of them said they were stopped
-    from outside (``stopped``), or None: none yet. The first silent closure,
-    SIGNAL_GRACE_S after it (a signal to us may yet show it was a Ctrl-C).
-    With none, the first rank stopped from outside, STOPPED_GRACE_S after the
-    first closure (a silent death may yet show meanwhile), leaving out those
-    whose stop we can explain otherwise (``explained``: our own engine
-    process went, and so did this host's ranks) while there are others: the
-    ranks of a host whose engine daemon died are stopped by the kernel
-    (their parent died), and the engine, learning of it, ends the job."""
-    first = first_silent(closed, stopped)
-    if first is not None:
-        return first if now - closed[first] >= SIGNAL_GRACE_S else None
-    if not closed or now - min(closed.values()) < STOPPED_GRACE_S:
-        return None
-    unexplained = [(t, role) for role, t in closed.items() if role not in explained]
-    return min(unexplained or [(t, role) for role, t in closed.items()])[1]
-
-
-class _Sources:
-    """The coordinator's ROUTER, noting which file descriptor each
-    connection's messages arrive on, so a closed one names its role (the
-    supervisor ties connections to roles, ``members``)."""
-
-    def __init__(self, sock: zmq.Socket, fd_conn: dict[int, bytes], monitor: zmq.Socket):
-        self.sock = sock
-        self.fd_conn = fd_conn
-        self.poller = zmq.Poller()
-        self.poller.register(sock, zmq.POLLIN)
-        self.poller.register(monitor, zmq.POLLIN)
-
-    def poll(self, timeout: int | None = None) -> int:
-        """The ROUTER's poll, ended early by a connection closing (an event
-        on its monitor): a rank's death is seen at once, not after the wait."""
-        return dict(self.poller.poll(timeout)).get(self.sock, 0)
-
-    def recv_multipart(self, *args, **kwargs):
-        frames = self.sock.recv_multipart(*args, **kwargs)
-        ident = frames[0]
-        if isinstance(ident, zmq.Frame):
-            with contextlib.suppress(zmq.ZMQError):
-                self.fd_conn[ident.get(zmq.SRCFD)] = ident.bytes
-        return frames
-
-    def __getattr__(self, name: str):
-        return getattr(self.sock, name)
+    def close(self) -> None:
+        self.monitor.close(linger=0)

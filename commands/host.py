@@ -11,11 +11,11 @@ import zmq
 
 from commands.spawn import module_of, spawn, worker_env
 from commands.supervisor import Supervisor
-from pipeline import cluster as clusters
-from pipeline import tasks
-from pipeline.cli import ClusterArgs
-from pipeline.checkpoint import resume_config
-from pipeline.rundir import open_run
+from pipeline.net import cluster as clusters
+from pipeline.data import tasks
+from pipeline.run.subcommands import ClusterArgs
+from pipeline.run.resume import resume_config
+from pipeline.run.rundir import open_run
 
 
 def run_cluster(args: ClusterArgs, stream: TextIO) -> int:

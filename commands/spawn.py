@@ -9,7 +9,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline import transport
+from pipeline.net import transport
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ def worker_env(blas_threads: int) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(blas_threads)
-    env["DNI_PARENT_PID"] = str(os.getpid())  # pipeline.worker.PARENT_ENV: orphaned at birth?
+    env["DNI_PARENT_PID"] = str(os.getpid())  # workers.serve.PARENT_ENV: orphaned at birth?
     return env
 
 

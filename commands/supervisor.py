@@ -1,6 +1,10 @@
-"""A local run (``launch.py``) and the supervisor of every run: starts one
-process per role, handshakes, shows progress, writes the run directory, and
-stops every process it started."""
+"""A local run (``launch.py``) and the supervisor of every run: a thin pump
+around the socket-free coordinator (``pipeline/coord/coordinator.py``). It
+starts one process per role, carries the control socket's messages and the
+time to the coordinator, carries out the actions it returns (sends, the run
+directory's records, what the user reads), and stops every process it
+started. A cluster host's coordinator is this same pump; an engine's rank 0
+adds a watch on its ranks' connections (``commands/engine.py``)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,42 +14,31 @@ import signal
 import subprocess
 import sys
 import time
-from typing import TextIO
+from typing import Protocol, TextIO
 
 import zmq
 
 from commands.spawn import SIGNALS, module_of, spawn, worker_env
-from pipeline.worker import TOKEN_ENV
-from pipeline import memory, protocol, security, transport, wire
-from pipeline.checkpoint import check_states, check_weights
-from pipeline.cluster import Cluster
 from pipeline.config import Config
-from pipeline.membership import Membership
-from pipeline.control import HEARTBEAT_S, LIVENESS_S
-from pipeline.protocol import Message, Speaker
-from pipeline.reference import run_in_process
-from pipeline.rundir import RunDir, WriteError, open_run
-from pipeline.schedule import checkpoint_due
-from pipeline.sgwatch import SGWatch
-from pipeline.summary import Progress, build_summary, close_run, layer_entry, save_weights
-from pipeline.transport import Net, private_dir, remove_private_dir
-from pipeline.watchdog import Watchdog
+from pipeline.coord.coordinator import (Action, Commit, Coordinator, Record, SaveCheckpoint,
+                                        Say, Send, Warn, WorkerFailed)
+from pipeline.net import memory, security, transport
+from pipeline.net.cluster import Cluster
+from pipeline.net.transport import Net, private_dir, remove_private_dir
+from pipeline.run.in_process import run_in_process
+from pipeline.run.rundir import RunDir, WriteError, open_run
+from pipeline.run.summary import Progress, build_summary, close_run, layer_entry, save_weights
+from pipeline.wire import codec as wire
+from pipeline.wire import protocol
+from pipeline.wire.protocol import Message
+from workers.serve import TOKEN_ENV
 
 STARTUP_S = 60.0     # a worker that has not said hello by then is broken
 CLUSTER_STARTUP_S = 600.0  # roles started by hand on other hosts get longer
 STOP_GRACE_S = 3.0   # after "stop", time to exit before SIGTERM, then SIGKILL
-# A role's metric events: each at most this many bytes on the wire, and no
-# more than a burst plus a few per epoch (a layer sends one or two an epoch).
-METRIC_BYTES = 64 * 1024
-METRIC_BURST, METRIC_PER_EPOCH = 256, 16
 POLL_MS = 100
 
-
-class WorkerFailed(Exception):
-    def __init__(self, role: str, message: str):
-        super().__init__(f"{role}: {message}")
-        self.role = role
-        self.message = message
+__all__ = ["Supervisor", "WorkerFailed", "run"]
 
 
 def run(cfg: Config, stream: TextIO = sys.stdout, resume: dict | None = None) -> int:
@@ -59,6 +52,19 @@ def run(cfg: Config, stream: TextIO = sys.stdout, resume: dict | None = None) ->
     return Supervisor(cfg, rd, run_id, stream, resume=resume).run()
 
 
+class Watch(Protocol):
+    """What an engine's rank 0 adds to the pump (``commands/engine.py``):
+    its ranks' connections watched as they close."""
+
+    def poll(self, router: zmq.Socket, timeout_ms: int) -> bool: ...
+    def received(self, conn_frame: zmq.Frame) -> None: ...
+    def check(self, coord: Coordinator, drain) -> None: ...
+    def verdict(self, coord: Coordinator, drain, status: str, error: dict | None
+                ) -> tuple[str, dict | None]: ...
+    def process_info(self, role: str) -> dict: ...
+    def close(self) -> None: ...
+
+
 class Supervisor:
     """Runs one training run: spawns the worker roles it is to start, waits
     for every role to say hello (also roles started by hand on other hosts,
@@ -66,21 +72,10 @@ class Supervisor:
 
     def __init__(self, cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
                  cluster: "Cluster | None" = None, spawn: list[str] | None = None,
-                 insecure: bool = False, resume: dict | None = None):
-        self.cfg = cfg
-        self.rd = rd
-        self.run_id = run_id
-        self.stream = stream
-        self.cluster = cluster
-        self.insecure = insecure
-        self.roles = protocol.roles(cfg.layers)
-        self.say = Speaker(run_id, "supervisor")
-        self.resume = resume or {}   # role -> (state, arrays) from a checkpoint
-        self.checkpoints: dict[int, set[str]] = {}
-        self.committed = -1          # the last checkpoint epoch made the one to resume from
-        self.refused: dict[str, int] = {}  # control messages dropped, per role
-        self.metric_counts: dict[str, int] = {}
-        self.spawn_roles = self.roles if spawn is None else spawn
+                 insecure: bool = False, resume: dict | None = None,
+                 ranks: dict[str, int] | None = None):
+        self.cfg, self.rd, self.run_id, self.stream = cfg, rd, run_id, stream
+        self.cluster, self.insecure = cluster, insecure
         self.ctx = zmq.Context()
         self.guard = contextlib.ExitStack()
         # A local run's sockets live in a directory only this user can enter.
@@ -95,37 +90,106 @@ class Supervisor:
                 net = Net(self.ctx, me.host, me.port, keys)
             # Under CURVE only the keys of the run's roles get in; each
             # message then carries its key's role (security.user_id).
-            self.router, self.endpoint = net.bind(zmq.ROUTER, admit=self.roles)
+            self.router, self.endpoint = net.bind(zmq.ROUTER,
+                                                  admit=protocol.roles(cfg.layers))
         except BaseException:  # a failed bind, a signal: leave nothing behind
             self.guard.close()
             self.ctx.destroy(linger=0)
             remove_private_dir(self.ipc_dir)
             raise
         # Local runs: the processes we start get this secret, and a hello
-        # must show it before any config goes out (pipeline/membership.py).
+        # must show it before any config goes out (pipeline/coord/membership.py).
         self.token = secrets.token_hex(16) if cluster is None else None
-        self.members = Membership(self.roles, self.token,
-                                  curve=cluster is not None and net.keys is not None)
+        hosts = {r: cluster.roles[r].host for r in cluster.roles} if cluster else {}
+        self.coord = Coordinator(cfg, run_id, token=self.token,
+                                 curve=cluster is not None and net.keys is not None,
+                                 hosts=hosts, announce=cluster is not None, resume=resume,
+                                 ranks=ranks)
+        self.spawn_roles = self.coord.roles if spawn is None else spawn
         self.procs: dict[str, subprocess.Popen] = {}
-        self.hello: dict[str, Message] = {}
-        self.ready: dict[str, Message] = {}
-        self.done: dict[str, Message] = {}
-        self.stopped: dict[str, str] = {}  # role -> what stopped it from outside the run
-        self.last_seen: dict[str, float] = {}
-        self.last_beat = 0.0
-        self.started = False
-        self.final: dict | None = None
-        self.write_error: WriteError | None = None  # the run directory could not be written
         self.progress = Progress(cfg, stream)
-        self.watch = SGWatch(cfg)
-        self.moves: Watchdog | None = None  # each role's handled-message count, from the start
+        self.write_error: WriteError | None = None  # the run directory could not be written
+        self.watch: Watch | None = None  # an engine's rank 0: its ranks' connections
 
     def host(self, role: str) -> str:
-        return self.cluster.roles[role].host if self.cluster else "localhost"
+        return self.coord.host(role)
 
     def process_info(self, role: str) -> dict:
         """What config.json says of a role's process besides host and endpoints."""
+        if self.watch is not None:
+            return self.watch.process_info(role)
         return {"pid": self.procs[role].pid if role in self.procs else None}
+
+    # -- what the coordinator says to do ---------------------------------------------------
+    def _do(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Send):
+                self._send(a.role, a.msg)
+            elif isinstance(a, Record):
+                self.rd.metric(a.event)
+                if a.event.get("event") == "epoch":
+                    self.progress.epoch(a.event)
+            elif isinstance(a, SaveCheckpoint):
+                self.rd.write_checkpoint(a.epoch, a.role, a.state, a.arrays)
+            elif isinstance(a, Commit):
+                self.rd.commit_checkpoint(a.epoch, self.coord.roles[1:],
+                                          self.cfg.keep_checkpoints)
+            elif isinstance(a, Warn):
+                self.progress.warn(a.text)
+            elif isinstance(a, Say):
+                print(a.text, file=sys.stderr, flush=True)
+
+    def _send(self, role: str, msg: Message) -> None:
+        conn = self.coord.members.conn(role)
+        if conn is None:
+            return
+        try:
+            transport.send_whole(self.router, [conn, *wire.encode(msg)])
+        except zmq.ZMQError:
+            pass  # the peer is gone; nothing to tell it
+
+    def _recv(self, timeout_ms: int) -> bool:
+        """One control message to the coordinator, if one comes within
+        ``timeout_ms``; whether one came."""
+        ready = (self.watch.poll(self.router, timeout_ms) if self.watch is not None
+                 else self.router.poll(timeout_ms))
+        if not ready:
+            return False
+        conn_frame, *frames = self.router.recv_multipart(copy=False)
+        if self.watch is not None:
+            self.watch.received(conn_frame)
+        conn = conn_frame.bytes
+        try:
+            msg = wire.decode(frames)
+        except ValueError as exc:
+            self._do(self.coord.undecodable(conn, str(exc)))
+            return True
+        key_role = (security.user_id(frames[0]) if self.coord.members.curve and frames
+                    else None)
+        size = sum(len(f) for f in frames)  # bytes on the wire, for the metric budget
+        self._do(self.coord.receive(conn, msg, size, time.monotonic(), key_role))
+        return True
+
+    def _drain(self, timeout_ms: int) -> None:
+        while self._recv(timeout_ms):
+            timeout_ms = 0
+
+    def _check_alive(self) -> None:
+        if self.watch is not None:
+            self.watch.check(self.coord, self._drain)
+        for role, p in self.procs.items():
+            code = p.poll()
+            if code is not None and role not in self.coord.done:
+                self._drain(500)  # it may have said why just before exiting
+                self.coord.exited(role, code)
+        self._do(self.coord.tick(time.monotonic()))
+
+    def _step(self) -> None:
+        """One turn of the pump: a message (or the wait for one), a signal
+        noted and lost to a destructor raised again, the liveness checks."""
+        self._recv(POLL_MS)
+        SIGNALS.raise_if_noted()
+        self._check_alive()
 
     # -- processes ---------------------------------------------------------------
     def _spawn(self) -> None:
@@ -136,58 +200,18 @@ class Supervisor:
             if self.cluster is None:
                 where = ["--control", self.endpoint]
             else:
-                where = ["--cluster", str(self.cluster.path)] + (["--insecure"] if self.insecure else [])
+                where = (["--cluster", str(self.cluster.path)]
+                         + (["--insecure"] if self.insecure else []))
             self.procs[role] = spawn(module_of(role), role, where, env)
-
-    def _check_alive(self) -> None:
-        for role, p in self.procs.items():
-            code = p.poll()
-            if code is not None and role not in self.done:
-                # It may have said why just before exiting: give that a moment.
-                self._drain(500)
-                why = (f" (stopped from outside the run: {self.stopped[role]})"
-                       if role in self.stopped else "")
-                raise WorkerFailed(role, f"process exited with code {code}{why}")
-        now = time.monotonic()
-        # Of the roles silent too long, the one silent longest went first.
-        silent = [(seen, role) for role, seen in self.last_seen.items()
-                  if now - seen > LIVENESS_S and role not in self.done]
-        if silent:
-            role = min(silent)[1]
-            if role in self.stopped:
-                raise WorkerFailed(role, f"{role} on {self.host(role)} was stopped from "
-                                         f"outside the run ({self.stopped[role]})")
-            raise WorkerFailed(role, f"no word from {role} on {self.host(role)} "
-                                     f"for {LIVENESS_S:.0f} s: taken for dead")
-        if self.moves is not None:
-            stopped = self.moves.stalled(self.done, now, self.cfg.watchdog)
-            if stopped is not None:
-                raise WorkerFailed(stopped, (
-                    f"the run stopped making progress: no role has handled a message for "
-                    f"{self.cfg.watchdog:g} s though every process still answers; {stopped} on "
-                    f"{self.host(stopped)} stopped first, after {self.moves.count[stopped]} "
-                    f"messages (--watchdog)"))
-        if now - self.last_beat >= HEARTBEAT_S:
-            for role in self.hello:
-                self._send(role, self.say.heartbeat())
-            self.last_beat = now
-
-    def _collect_done(self, deadline: float) -> None:
-        """Until every layer role that took part has sent its DONE, or
-        ``deadline``; whatever else comes meanwhile changes nothing now."""
-        waiting = {r for r in self.roles[1:] if r in self.hello} - set(self.done)
-        while waiting - set(self.done) and time.monotonic() < deadline:
-            with contextlib.suppress(WorkerFailed, WriteError):
-                self._recv(POLL_MS)
 
     def _stop_all(self, weights: bool = False) -> None:
         """Stop every process; with ``weights``, each layer first sends its
         weights as they are (a DONE), for a run that cannot go on writing."""
-        for role in self.hello:
-            self._send(role, self.say.stop(report=weights))
+        self._do(self.coord.stop(report=weights))
         deadline = time.monotonic() + STOP_GRACE_S
-        if weights:
-            self._collect_done(deadline)
+        while weights and self.coord.awaited_reports() and time.monotonic() < deadline:
+            with contextlib.suppress(WorkerFailed, WriteError):  # nothing changes now
+                self._recv(POLL_MS)
         for sig in (None, signal.SIGTERM, signal.SIGKILL):
             for p in self.procs.values():
                 if p.poll() is None and sig is not None:
@@ -201,166 +225,27 @@ class Supervisor:
                 return
             deadline = time.monotonic() + 1.0
 
-    # -- messages ------------------------------------------------------------------
-    def _send(self, role: str, msg: Message) -> None:
-        conn = self.members.conn(role)
-        if conn is None:
-            return
-        try:
-            transport.send_whole(self.router, [conn, *wire.encode(msg)])
-        except zmq.ZMQError:
-            pass  # the peer is gone; nothing to tell it
-
-    def _recv(self, timeout_ms: int) -> Message | None:
-        if not self.router.poll(timeout_ms):
-            return None
-        conn, *frames = self.router.recv_multipart(copy=False)
-        conn = conn.bytes
-        size = sum(len(f) for f in frames)  # bytes on the wire, for the metric budget
-        try:
-            # Hello comes before the worker knows the run id; nothing else may.
-            msg = wire.decode(frames)
-            if msg.kind != protocol.HELLO and msg.run_id != self.run_id:
-                raise ValueError(f"foreign run id {msg.run_id!r}")
-            key_role = (security.user_id(frames[0])
-                        if self.members.curve and frames else None)
-            role = self.members.speaker(conn, msg, key_role)
-        except ValueError as exc:
-            who = self.members.role(conn) or "unknown"
-            self._dropped(who, f"a control message from {who}'s connection: {exc}")
-            return None
-        if msg.kind == protocol.HELLO and not self.started:
-            self.members.tie(role, conn)
-        self.last_seen[role] = time.monotonic()
-        if msg.kind == protocol.HEARTBEAT and self.moves is not None:
-            self.moves.heard(role, msg.step, self.last_seen[role])
-        self._take(msg, size)
-        return msg
-
-    def _take(self, msg: Message, size: int) -> None:
-        """Handle a message of ``size`` bytes on the wire from a known role;
-        one that is well-formed but not what this role may say now is
-        counted and dropped."""
-        try:
-            self._handle(msg, size)
-        except ValueError as exc:
-            self._dropped(msg.sender, f"a {msg.kind} from {msg.sender}: {exc}")
-
-    def _dropped(self, who: str, what: str) -> None:
-        """Count a control message dropped under ``who`` (a role, or
-        "unknown"); the first few of each are said on stderr."""
-        self.refused[who] = self.refused.get(who, 0) + 1
-        if self.refused[who] <= 3:
-            print(f"[supervisor] dropped {what}", file=sys.stderr)
-
-    def _drain(self, timeout_ms: int) -> None:
-        while self._recv(timeout_ms) is not None:
-            timeout_ms = 0
-
-    def _handle(self, msg: Message, size: int) -> None:
-        role = msg.sender
-        if msg.kind == protocol.ERROR:
-            raise WorkerFailed(role, protocol.error_text(msg))
-        if msg.kind == protocol.STOPPED:
-            self.stopped.setdefault(role, protocol.stopped_why(msg))
-            return
-        if msg.kind == protocol.METRIC:
-            event = protocol.event(msg)
-            self._metric_budget(role, size)
-            self.rd.metric(event)
-            if event.get("event") == "epoch":
-                self.progress.epoch(event)
-            elif event.get("event") == "final":
-                self.final = event
-            elif (warning := self.watch.add(event)) is not None:
-                self.progress.warn(warning)
-        elif msg.kind == protocol.DONE:
-            if role in self.done:
-                raise ValueError("a second done")
-            _, _, weights = protocol.done(msg)
-            if role != protocol.SOURCE:
-                check_weights(self.cfg, role, weights, "final weights")
-            self.done[role] = msg
-        elif msg.kind == protocol.HELLO:
-            if self.started:
-                raise WorkerFailed(role, f"{role} on {self.host(role)} restarted mid-run; "
-                                         "its state is lost (resume from a checkpoint)")
-            rejoined = role in self.hello
-            self.hello[role] = msg
-            if self.cluster is not None:  # roles started by hand: say who is here
-                print(f"[coordinator] {role} {'rejoined' if rejoined else 'joined'} from "
-                      f"{self.host(role)} ({len(self.hello)}/{len(self.roles)} roles)",
-                      file=sys.stderr, flush=True)
-            self.ready.pop(role, None)
-            self._send(role, self.say.config(self.cfg.to_dict(), self.resume.get(role)))
-        elif msg.kind == protocol.READY:
-            self.ready[role] = msg
-        elif msg.kind == protocol.CHECKPOINT:
-            epoch = protocol.epoch(msg)
-            if (role == protocol.SOURCE or not checkpoint_due(epoch, self.cfg)
-                    or epoch < self.cfg.start_epoch or epoch <= self.committed
-                    or role in self.checkpoints.get(epoch, ())):
-                raise ValueError(f"no checkpoint of epoch {epoch} is due from {role}")
-            check_states(self.cfg, {role: (protocol.state(msg), protocol.named_arrays(msg))},
-                         f"from {role}")
-            self.rd.write_checkpoint(epoch, role, protocol.state(msg), protocol.named_arrays(msg))
-            got = self.checkpoints.setdefault(epoch, set())
-            got.add(role)
-            if got >= set(self.roles[1:]):
-                self.rd.commit_checkpoint(epoch, self.roles[1:], self.cfg.keep_checkpoints)
-                self.committed = epoch
-                self.rd.metric({"event": "checkpoint", "epoch": epoch})
-                del self.checkpoints[epoch]
-
-    def _metric_budget(self, role: str, size: int) -> None:
-        """ValueError for a metric event too large (``size``: its bytes on the
-        wire), or one too many for how far the run has got: a flood cannot
-        fill the disk or drown the real ones."""
-        if size > METRIC_BYTES:
-            raise ValueError(f"a metric event of {size} bytes (at most {METRIC_BYTES})")
-        n = self.metric_counts[role] = self.metric_counts.get(role, 0) + 1
-        allowed = METRIC_BURST + METRIC_PER_EPOCH * (self.progress.epochs_done + 1)
-        if n > allowed:
-            raise ValueError(f"more metric events than {allowed} by epoch "
-                             f"{self.progress.epochs_done}")
-
-    def _wait_all(self, got: dict, kind: str, deadline: float) -> None:
-        """Until every role has sent ``kind`` (a handshake step, not a sleep)."""
-        while len(got) < len(self.roles):
-            if time.monotonic() > deadline:
-                missing = sorted(set(self.roles) - set(got))
-                raise WorkerFailed(missing[0], f"no {kind!r} from {missing[0]} on "
-                                               f"{self.host(missing[0])} in time")
-            self._recv(POLL_MS)
-            SIGNALS.raise_if_noted()
-            self._check_alive()
-
     # -- the run ---------------------------------------------------------------------
     def run(self) -> int:
         start = time.perf_counter()
         status, error = "completed", None
         try:
             self._spawn()
-            deadline = time.monotonic() + (STARTUP_S if self.cluster is None else CLUSTER_STARTUP_S)
-            while len(self.ready) < len(self.roles):  # a rejoin may take a ready back
-                self._wait_all(self.hello, protocol.HELLO, deadline)
-                self._wait_all(self.ready, protocol.READY, deadline)
-            endpoints = {r: protocol.endpoints(self.ready[r]) for r in self.roles}
+            deadline = time.monotonic() + (STARTUP_S if self.cluster is None
+                                           else CLUSTER_STARTUP_S)
+            while not self.coord.all_ready:  # a rejoin may take a ready back
+                self._step()
+                self.coord.waiting_for(deadline, time.monotonic())
             self.rd.write_json("config.json", {
                 "run_id": self.run_id, "config": self.cfg.to_dict(),
                 "supervisor": {"control": self.endpoint, "pid": os.getpid()},
                 "cluster": str(self.cluster.path) if self.cluster else None,
-                "processes": {r: {"host": self.host(r), "endpoints": endpoints[r],
+                "processes": {r: {"host": self.host(r), "endpoints": ep,
                                   **self.process_info(r)}
-                              for r in self.roles}})
-            self.started = True
-            self.moves = Watchdog(self.roles, time.monotonic())
-            for role, peers in self._peers(endpoints).items():
-                self._send(role, self.say.start(peers))
-            while len(self.done) < len(self.roles):
-                self._recv(POLL_MS)
-                SIGNALS.raise_if_noted()
-                self._check_alive()
+                              for r, ep in self.coord.endpoints().items()}})
+            self._do(self.coord.start(time.monotonic()))
+            while not self.coord.finished:
+                self._step()
         except KeyboardInterrupt:
             status = "interrupted"
         except WriteError as exc:  # the disk is full: stop now, keep what is written
@@ -368,65 +253,60 @@ class Supervisor:
             status, error = "failed", {"role": "supervisor", "host": "localhost",
                                        "message": str(exc)}
         except WorkerFailed as exc:
-            status = "failed"
-            error = {"role": exc.role, "host": self.host(exc.role) if exc.role in self.roles
-                     else "localhost", "message": exc.message}
+            status, error = "failed", self.error_of(exc.role, exc.message)
         except Exception as exc:  # a bug here must still stop the workers and say why
             status, error = "failed", {"role": "supervisor", "host": "localhost",
                                        "message": f"{type(exc).__name__}: {exc}"}
         # No signal may cut the clean-up short: it is noted, and ends the command after.
         with SIGNALS.shielded():
+            if self.watch is not None:  # the engine's signal: a Ctrl-C, or a rank's death?
+                status, error = self.watch.verdict(self.coord, self._drain, status, error)
             return self._close(status, error, start)
+
+    def error_of(self, role: str, message: str) -> dict:
+        """summary.json's error naming ``role`` (its rank, under an engine)."""
+        error = {"role": role, "host": self.host(role) if role in self.coord.roles
+                 else "localhost", "message": message}
+        if role in self.coord.ranks:
+            error["rank"] = self.coord.ranks[role]
+        return error
+
+    def summary(self, status: str, error: dict | None, wall_s: float, layers: list[dict],
+                weights: str | None = None, usage: tuple[dict, dict] = ({}, {})) -> dict:
+        """summary.json as the run stands."""
+        summary = build_summary(self.cfg, status=status, run_id=self.run_id,
+                                final=self.coord.final, layers=layers, error=error,
+                                epochs_done=self.progress.epochs_done, wall_s=wall_s,
+                                peak_rss_mb=usage[0], cpu_s=usage[1], watch=self.coord.watch,
+                                weights=weights)
+        summary["control_dropped"] = dict(self.coord.refused)
+        return summary
 
     def _close(self, status: str, error: dict | None, start: float) -> int:
         """Stop every process, write the weights and the summary. A run the
         run directory failed asks each layer for its weights as it stops,
         and writes them (into the space kept for them)."""
-        at_stop = self.write_error is not None and self.started
+        at_stop = self.write_error is not None and self.coord.started
         self._stop_all(weights=at_stop)
+        if self.watch is not None:
+            self.watch.close()
         self.router.close()
         self.guard.close()
         self.ctx.term()
         remove_private_dir(self.ipc_dir)
         self.progress.finish()
-        layers = []
-        peaks = {role: msg.meta.get("peak_rss_mb") for role, msg in self.done.items()}
-        peaks["supervisor"] = memory.peak_rss_mb()
-        cpu = {role: msg.meta.get("cpu_s") for role, msg in self.done.items()}
-        cpu["supervisor"] = memory.cpu_s()
-        weights = {}
-        for role in self.roles[1:]:
-            msg = self.done.get(role)
-            if msg is None:
-                continue
-            counters, decode_errors, weights[role] = protocol.done(msg)
-            layers.append(layer_entry(self.roles.index(role), role, counters, decode_errors))
+        peaks, cpu = self.coord.usage()
+        peaks["supervisor"], cpu["supervisor"] = memory.peak_rss_mb(), memory.cpu_s()
+        results = self.coord.results()
+        layers = [layer_entry(self.coord.roles.index(role), role, counters, errors)
+                  for role, counters, errors, _ in results]
         saved, failed = None, None
         if status == "completed" or at_stop:
-            saved, failed = save_weights(self.rd, weights, status)
+            saved, failed = save_weights(self.rd, {role: w for role, _, _, w in results},
+                                         status)
         if failed is not None and error is None:
             status, error = "failed", {"role": "supervisor", "host": "localhost",
                                        "message": str(failed)}
-        summary = build_summary(self.cfg, status=status, run_id=self.run_id, final=self.final,
-                                layers=layers, error=error, epochs_done=self.progress.epochs_done,
-                                wall_s=time.perf_counter() - start, peak_rss_mb=peaks,
-                                cpu_s=cpu, watch=self.watch, weights=saved)
-        summary["control_dropped"] = dict(self.refused)
+        summary = self.summary(status, error, time.perf_counter() - start, layers, saved,
+                               (peaks, cpu))
         return close_run(self.rd, summary, self.stream)
-
-    def _peers(self, ep: dict[str, dict]) -> dict[str, dict]:
-        """Who connects where: activations flow down, gradients up; with the
-        role behind each endpoint, whose public key a CURVE client needs."""
-        r = self.roles
-        peers = {}
-        for i, role in enumerate(r):
-            p = {}
-            if i + 1 < len(r):
-                p["downstream"] = [ep[r[i + 1]]["act"], r[i + 1]]
-            if i >= 2:
-                p["upstream_grad"] = [ep[r[i - 1]]["grad"], r[i - 1]]
-            peers[role] = p
-        # --unlock: the source's copy of each training batch to every unlocked layer
-        peers[protocol.SOURCE].update({protocol.input_port(x): [ep[x]["input"], x]
-                                       for x in self.cfg.input_roles})
-        return peers

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from pipeline import plots, runfiles
-from pipeline.cli import SweepArgs
-from pipeline.sweep import (Point, aggregate, grid, markdown, markdown_by_variant,
-                            point_config, row, write_csv)
+from pipeline import files
+from pipeline.run import plots
+from pipeline.run.cli import SweepArgs
+from pipeline.run.sweep import (Point, aggregate, grid, markdown, markdown_by_variant,
+                                point_config, row, write_csv)
 from commands import supervisor
 from commands.spawn import SIGNALS
 
@@ -40,14 +41,14 @@ def run_sweep(args: SweepArgs, stream: TextIO) -> int:
                   args.input_delays)
     # (--out was measured with every point's run directory inside: cli.parse_sweep)
     try:
-        runfiles.make_private_dirs(out)
+        files.make_private_dirs(out)
     except OSError as exc:
         raise ValueError(f"argument --out: cannot make {out}: {exc.strerror or exc}") from None
     text = json.dumps({
         "modes": args.modes, "grad_delays": args.delays, "seeds": args.seeds,
         "unlock": args.unlocks, "input_delays": args.input_delays,
         "variants": {name: base.to_dict() for name, base in args.bases.items()}}, indent=2)
-    runfiles.write_private(out / "sweep.json", lambda f: f.write(text + "\n"), text=True)
+    files.write_private(out / "sweep.json", lambda f: f.write(text + "\n"), text=True)
     print(f"sweep directory: {out}  ({len(points)} runs)", file=stream, flush=True)
     rows: list[dict] = []
     code = 0
@@ -100,7 +101,7 @@ def _write_results(rows: list[dict], out: Path, stream: TextIO) -> None:
     side_by_side = markdown_by_variant(agg)
     if side_by_side:
         table += "\n" + side_by_side
-    runfiles.write_private(out / "results.md", lambda f: f.write(table), text=True)
+    files.write_private(out / "results.md", lambda f: f.write(table), text=True)
     print(f"\n{table}\nwrote {out / 'results.csv'} and {out / 'results.md'}", file=stream)
     if not agg:
         return

@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline import limits
-from pipeline.nn import ACTIVATIONS
-from pipeline.optim import OPTIMIZERS
-from pipeline.protocol import is_int as _is_int
-from pipeline.protocol import layer_role
+from pipeline.math.nn import ACTIVATIONS
+from pipeline.math.optim import OPTIMIZERS
+from pipeline.wire.protocol import layer_role
 
 MODES = ("cdni", "dni", "backprop", "async-backprop")
 SG_MODES = ("cdni", "dni")
@@ -21,7 +19,7 @@ DTYPES = ("float64", "float32")
 
 
 def default_hidden(layers: int) -> tuple[int, ...]:
-    """The seed's widths, 128 then 64, the last repeated for deeper nets."""
+    """The notebook's widths, 128 then 64, the last repeated for deeper nets."""
     return tuple(([128] + [64] * max(0, layers - 2))[: max(1, layers - 1)])
 
 
@@ -29,8 +27,8 @@ def default_hidden(layers: int) -> tuple[int, ...]:
 # nothing: the paper's feed-forward MNIST setting (256-unit ReLU layers with
 # batch normalisation, Adam, batches of 256), float32, with a learning rate and
 # length that fit a laptop. Batch normalisation is what keeps cDNI with Adam
-# accurate when its feedback is stale (docs/staleness-mnist.md): without it,
-# 8 steps of delay took 3-layer MNIST from 98.0 to 30 % test accuracy.
+# accurate when its feedback is stale: without it, a few steps of delay
+# wreck 3-layer MNIST (docs/staleness-mnist.md has the figures).
 CLASSIFICATION_DEFAULTS = {"activation": "relu", "hidden": (256,), "epochs": 10,
                            "batch_size": 256, "lr": 1e-3, "sg_lr": 1e-3,
                            "optimizer": "adam", "dtype": "float32", "shuffle": True,
@@ -87,7 +85,7 @@ class Config:
                          most=limits.MAX_LAYERS)
     hidden: tuple[int, ...] = option(
         (128, 64), "hidden widths, comma-separated; one number repeats for every hidden layer "
-        "(default: the seed's 128,64; deeper nets repeat 64; 256 on classification data; as "
+        "(default: the notebook's 128,64; deeper nets repeat 64; 256 on classification data; as "
         "wide as the machine's memory holds)",
         NET, kind="widths", task=True)
     activation: str = option("sigmoid", "hidden-layer non-linearity", NET,
@@ -121,7 +119,7 @@ class Config:
                             TRAIN, choices=OPTIMIZERS, task=True)
     momentum: float = option(0.0, "SGD's heavy-ball momentum for every layer and SG module "
                              "(0: plain SGD; Adam keeps its own)", TRAIN)
-    # the seed's 0.05 was on the sum over 10 examples; 0.5 is on their mean
+    # the notebook's 0.05 was on the sum over 10 examples; 0.5 is on their mean
     lr: float = option(0.5, "layer learning rate, on the batch-mean loss", TRAIN, task=True)
     # at the layer's rate the SG modules diverge (tests/test_reference.py)
     sg_lr: float = option(0.03, "learning rate of the synthetic-gradient modules", TRAIN,
@@ -148,7 +146,7 @@ class Config:
         metavar="K", sweep=False, most=limits.MAX_QUEUE)
     # data ------------------------------------------------------------------------
     dataset: str = option(
-        "addition", "addition (the seed task: binary addition of --bits numbers), mnist (the "
+        "addition", "addition (the addition task: binary addition of --bits numbers), mnist (the "
         "MNIST or Fashion-MNIST IDX files in --data-dir, plain or .gz) or npz:PATH (a NumPy "
         "archive with x_train, y_train and optionally x_test, y_test)", DATA, metavar="NAME")
     data_dir: str = option(
@@ -235,7 +233,8 @@ class Config:
     quiet: bool = option(False, "no progress line", OUT, kind="flag")
 
     def __post_init__(self) -> None:
-        self._check_types()
+        from pipeline import validation  # (it reads this module's ConfigError and flags)
+        validation.check_types(self)
         limits.check_most(self)
         # A single width repeats for every hidden layer.
         hidden = tuple(self.hidden)
@@ -244,129 +243,13 @@ class Config:
         object.__setattr__(self, "hidden", hidden)
         object.__setattr__(self, "sg_hidden", tuple(self.sg_hidden))
         object.__setattr__(self, "slow", tuple((int(i), float(f)) for i, f in self.slow))
-        self.validate()
+        validation.validate(self)
         limits.check_wire(self)
 
-    def _check_types(self) -> None:
-        """A config may come from the wire (a worker's handshake): wrong types
-        are bad input, refused with ValueError, never coerced."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            option = flag(f.name)
-            if f.name in ("hidden", "sg_hidden"):
-                ok = isinstance(value, (tuple, list)) and all(_is_int(h) for h in value)
-                want = "a list of integers"
-            elif f.name == "slow":
-                ok = isinstance(value, (tuple, list)) and all(
-                    isinstance(p, (tuple, list)) and len(p) == 2 and _is_int(p[0])
-                    and isinstance(p[1], (int, float)) and not isinstance(p[1], bool)
-                    and math.isfinite(p[1]) for p in value)
-                want = "a list of LAYER:FACTOR pairs"
-            elif isinstance(f.default, bool):
-                ok, want = isinstance(value, bool), "true or false"
-            elif isinstance(f.default, int):
-                ok, want = _is_int(value), "an integer"
-            elif isinstance(f.default, float):
-                ok = _is_int(value) or (isinstance(value, float) and math.isfinite(value))
-                want = "a finite number"
-            else:
-                ok, want = isinstance(value, str), "a string"
-            if not ok:
-                raise ConfigError(option, f"must be {want}, got {value!r}")
-
     def validate(self) -> None:
-        def need(ok: bool, option: str, message: str) -> None:
-            if not ok:
-                raise ConfigError(option, message)
-
-        need(self.layers >= 2, "--layers", f"must be at least 2 (got {self.layers})")
-        need(len(self.hidden) == self.layers - 1, "--hidden",
-             f"--layers {self.layers} needs {self.layers - 1} hidden width(s) or one to repeat, "
-             f"got {len(self.hidden)}")
-        need(all(h >= 1 for h in self.hidden), "--hidden", "widths must be positive")
-        need(self.mode in MODES, "--mode", f"must be one of {', '.join(MODES)}")
-        need(self.activation in ACTIVATIONS, "--activation",
-             f"must be one of {', '.join(ACTIVATIONS)}")
-        need(self.epochs >= 1, "--epochs", "must be at least 1")
-        need(self.batch_size >= 1, "--batch-size", "must be at least 1")
-        need(self.lr > 0, "--lr", "must be positive")
-        need(self.sg_lr > 0, "--sg-lr", "must be positive")
-        need(0 <= self.seed < 2 ** 32, "--seed", "must be in [0, 2**32)")
-        need(2 <= self.bits <= 62, "--bits", "must be in [2, 62]")
-        need(self.examples >= 1, "--examples", "must be at least 1")
-        need(self.total_batches <= limits.MAX_COUNT, "--epochs",
-             f"{self.epochs} epochs of {self.batches_per_epoch} batches are more than "
-             f"{limits.say(limits.MAX_COUNT)} batches (what a run's counters may reach)")
-        need(self.optimizer in OPTIMIZERS, "--optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
-        need(all(h >= 1 for h in self.sg_hidden), "--sg-hidden", "widths must be positive")
-        need(self.dtype in DTYPES, "--dtype", f"must be one of {', '.join(DTYPES)}")
-        need(not (self.batchnorm and self.layernorm), "--layernorm",
-             "does not combine with --batchnorm (one normalisation per layer); add "
-             "--no-batchnorm (classification data turns batch norm on by default)")
-        self._validate_remedies(need)
-        self._validate_unlock(need)
-        self._validate_data(need)
-        need(self.max_inflight >= 1, "--max-inflight", "must be at least 1")
-        need(self.grad_delay >= 0, "--grad-delay", "must be at least 0")
-        need(self.grad_delay == 0 or self.mode != "backprop", "--grad-delay",
-             "locked backprop cannot run ahead of its gradients; use --mode async-backprop")
-        need(self.link_delay_ms >= 0, "--link-delay", "must be at least 0 ms")
-        need(0 <= self.link_jitter_ms <= max(self.link_delay_ms, 0), "--link-delay",
-             "jitter must be between 0 and the delay")
-        need(not self.delay_activations or self.link_delay_ms > 0, "--delay-activations",
-             "needs --link-delay")
-        for index, factor in self.slow:
-            need(1 <= index <= self.layers, "--slow",
-                 f"layer {index} does not exist (layers are 1..{self.layers})")
-            need(factor >= 1, "--slow", f"factor must be at least 1, got {factor}")
-        need(len({i for i, _ in self.slow}) == len(self.slow), "--slow", "a layer is named twice")
-        need(0 <= self.update_prob <= 1, "--update-prob", "must be in [0, 1]")
-        need(self.checkpoint_every >= 0, "--checkpoint-every", "must be at least 0")
-        need(self.keep_checkpoints >= 0, "--keep-checkpoints", "must be at least 0 (0: keep all)")
-        need(self.watchdog >= 0 and math.isfinite(self.watchdog), "--watchdog",
-             "must be 0 (off) or a number of seconds")
-        need(0 <= self.start_epoch < self.epochs, "--resume",
-             f"nothing left to train: the checkpoint is at epoch {self.start_epoch} "
-             f"of {self.epochs}")
-        need(0 <= self.drop_prob <= 1, "--drop-prob", "must be in [0, 1]")
-        need(not (self.in_process and (self.checkpoint_every or self.start_epoch)),
-             "--in-process", "checkpoints and --resume are the process pipeline's")
-        wall_clock = self.link_delay_ms > 0 or bool(self.slow)
-        need(not (wall_clock and self.in_process), "--in-process",
-             "--link-delay and --slow act on real processes; the in-process reference has none")
-        need(self.blas_threads >= 1, "--blas-threads", "must be at least 1")
-
-    def _validate_remedies(self, need) -> None:
-        need(0 <= self.momentum < 1, "--momentum", "must be in [0, 1)")
-        need(self.momentum == 0 or self.optimizer == "sgd", "--momentum",
-             "is SGD's; Adam keeps its own first moment")
-        for name in ("sg_boost", "lr_staleness", "sg_lookahead", "delay_comp"):
-            need(getattr(self, name) >= 0, flag(name), "must be at least 0")
-        for name in ("sg_boost", "sg_lookahead"):
-            need(getattr(self, name) == 0 or self.mode in SG_MODES, flag(name),
-                 f"acts on the synthetic-gradient modules: --mode cdni or dni, not {self.mode}")
-        need(self.lr_staleness == 0 or self.mode != "backprop", "--lr-staleness",
-             "locked backprop is never stale; use --mode async-backprop, dni or cdni")
-        need(self.delay_comp == 0 or self.mode == "async-backprop", "--delay-comp",
-             "corrects true gradients computed at older weights: --mode async-backprop only "
-             "(a DNI layer steps on synthetic gradients of its current weights)")
-
-    def _validate_unlock(self, need) -> None:
-        need(self.unlock in UNLOCKS, "--unlock", f"must be one of {', '.join(UNLOCKS)}")
-        need(self.si_lr >= 0, "--si-lr", "must be positive (or 0: --sg-lr)")
-        need(self.input_delay >= 0, "--input-delay", "must be at least 0")
-        if self.unlock == "none":
-            for name in ("si_lr", "si_second_step", "input_delay"):
-                need(not getattr(self, name), flag(name), "needs --unlock forward")
-            return
-        need(self.mode in SG_MODES, "--unlock",
-             f"forward needs synthetic gradients: --mode cdni or dni, not {self.mode}")
-        need(self.unlock != "hidden" or self.layers >= 3, "--unlock",
-             "hidden needs a hidden layer above the first (--layers 3 or more); --unlock "
-             "forward unlocks the output layer of a 2-layer net")
-        need(self.input_delay <= self.grad_delay, "--input-delay",
-             f"must not exceed --grad-delay ({self.input_delay} > {self.grad_delay}): a "
-             "batch's true gradient can only come after its true input")
+        """ConfigError naming the option of the first setting that breaks a rule."""
+        from pipeline import validation
+        validation.validate(self)
 
     @property
     def si_step(self) -> float:
@@ -393,21 +276,6 @@ class Config:
     def input_roles(self) -> list[str]:
         """The roles the source also sends each training batch to, as INPUT."""
         return [layer_role(i, self.layers) for i in range(2, self.layers + 1) if self.unlocks(i)]
-
-    def _validate_data(self, need) -> None:
-        files = self.dataset != "addition"
-        need(self.dataset in ("addition", "mnist")
-             or (self.dataset.startswith("npz:") and len(self.dataset) > 4), "--dataset",
-             f"must be addition, mnist or npz:PATH, got {self.dataset!r}")
-        need(bool(self.data_dir) == (self.dataset == "mnist"), "--data-dir",
-             "--dataset mnist needs --data-dir DIR (the directory of the IDX files); "
-             "other datasets take none")
-        need(min(self.features, self.classes, self.test_examples) >= 0, "--dataset",
-             "features, classes and test examples cannot be negative")
-        need(files or not (self.features or self.classes or self.test_examples), "--dataset",
-             "the addition task has no data files to describe")
-        need(not files or self.features == 0 or self.classes >= 2, "--dataset",
-             "a classification dataset needs at least 2 classes")
 
     # derived -------------------------------------------------------------------
     @property

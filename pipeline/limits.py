@@ -9,7 +9,7 @@ import dataclasses
 import os
 
 MIB = 1 << 20
-PROCESS_MIB = 64          # a worker's resident size before its arrays (measured: 42-46 MiB)
+PROCESS_MIB = 64          # a worker's resident size before its arrays, with room to spare
 MAX_LAYERS = 1024         # whatever the memory: a process per layer, a port or two each
 MAX_CLASSES = 100_000     # the output layer's width, from a file's labels
 FILES_PER_PROCESS = 2     # the supervisor's connection to each worker, with room to spare
@@ -25,7 +25,7 @@ MAX_COUNT = 2 ** 53
 MAX_QUEUE = 2 ** 20       # --max-inflight, --grad-delay, --input-delay: batches held;
                           # their sum is a ZeroMQ high-water mark, a C int
 MAX_BLAS_THREADS = 1024   # per worker; BLAS libraries cap at their own build limit
-# (Path lengths: runfiles.check_path, from what the file system itself says.)
+# (Path lengths: files.check_path, from what the file system itself says.)
 # The clock: a wait is a deadline of now + S, and a straggler sleeps FACTOR
 # times its compute; both stay far inside what time_t and ZeroMQ's poll
 # (milliseconds in a C int: 24 days) hold.

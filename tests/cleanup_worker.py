@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.transport import Net, context
-from pipeline.worker import serve_placed
+from pipeline.net.transport import Net, context
+from workers.serve import serve_placed
 
 WAIT_S = 60.0  # bounds a test that never sends the signal
 

@@ -1,5 +1,6 @@
 """Shared fixtures: run launch.py as a real process, wait on its files, and make
-sure every process it started is gone afterwards."""
+sure every process it started is gone afterwards; and the guard of the quick
+tier: a test not marked ``slow`` may start no process."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,20 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _quick_tests_start_no_process(request, monkeypatch):
+    """The quick tier (``-m "not slow"``) starts no process: a test that
+    does must be marked ``slow``, or it fails here saying so."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process: mark it "
+                             "@pytest.mark.slow (the quick tier starts none)")
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(os, "fork", refuse)
 
 
 def _alive(pid: int) -> bool:

@@ -2,8 +2,8 @@
 supervisor's tests; never used by launch.py)."""
 from __future__ import annotations
 
-from pipeline import protocol
-from pipeline.worker import run
+from pipeline.wire import protocol
+from workers.serve import run
 
 
 def main(link, cfg, net) -> None:

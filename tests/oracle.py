@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import data
+from pipeline.data import arithmetic as data
 from pipeline.config import Config
-from pipeline.model import layer_rng, make_hidden, make_output
+from pipeline.layers.build import layer_rng, make_hidden, make_output
 
 
 def act(name, z):
@@ -27,7 +27,7 @@ def initial_weights(cfg: Config):
 
 
 def batches(cfg: Config):
-    """The seed task's batches, epoch after epoch, in order; the last batch of
+    """The addition task's batches, epoch after epoch, in order; the last batch of
     an epoch may be short."""
     x, y = data.addition(cfg.bits, cfg.examples, cfg.seed)
     for _ in range(cfg.epochs):
@@ -45,7 +45,7 @@ def forward(cfg: Config, layers, wo, bo, xb):
 
 
 def zero_sg_modules(cfg: Config, layers):
-    """A linear SG module per hidden layer, zero as the seed starts them; under
+    """A linear SG module per hidden layer, zero as the notebook starts them; under
     cdni its input is [h, y]."""
     sgs = []
     for w, _ in layers:
@@ -77,7 +77,7 @@ def plain_backprop(cfg: Config):
 
 
 def plain_dni(cfg: Config):
-    """The seed's DNI loop: per batch, every hidden layer updates at once with
+    """The notebook's DNI loop: per batch, every hidden layer updates at once with
     its SG prediction (from [h, y] under cdni) and passes (g*f') W^T down as
     the next-lower SG module's target; the output layer's true gradient is
     the top SG module's target."""
@@ -189,7 +189,7 @@ def plain_stale_backprop(cfg: Config):
 
 
 def plain_stale_dni(cfg: Config):
-    """The seed's DNI loop with each SG module trained K steps late (on its
+    """The notebook's DNI loop with each SG module trained K steps late (on its
     input cached at step t, with the module as it is at t + K; with
     --no-sg-refresh on the prediction it made at step t), updates and
     arriving targets subject to their chances. The remedies: momentum;

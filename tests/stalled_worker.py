@@ -3,8 +3,8 @@ goes on answering heartbeats: a hung node, for the watchdog's test (never used
 by launch.py)."""
 from __future__ import annotations
 
-from pipeline import protocol
-from pipeline.worker import run
+from pipeline.wire import protocol
+from workers.serve import run
 
 
 def main(link, cfg, net) -> None:

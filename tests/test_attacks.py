@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 import zmq
 
-from pipeline import protocol, security, wire
+from pipeline.net import security
+from pipeline.wire import codec as wire, protocol
 from pipeline.config import Config
-from pipeline.protocol import Speaker
+from pipeline.wire.protocol import Speaker
 from tests.test_cluster import Weights, epoch_logged, roles, wait_for, write_cluster  # noqa: F401
 from tests.test_pipeline import assert_bit_identical, reference_weights
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 EPOCHS, SEED = 300, 8
 NO_REPLY_MS = 300  # the forger listens this long for a config nobody may send it

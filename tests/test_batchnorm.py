@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import batchnorm as bn
+from pipeline.math import batchnorm as bn
 from tests.numeric import numeric_grad
 
 pytestmark = pytest.mark.timeout(60)

@@ -21,10 +21,10 @@ def _results(**over) -> dict:
                        "pipeline dni / reference dni with all BLAS threads": 1.7 * 4 / 6,
                        "cpu per batch, pipeline dni / reference dni": 1.25}},
         "message_cpu_us": 100.0,
-        "seed task": {"runs": {"reference dni (1 thread)": {"cpu_ms_per_batch": 0.5}},
+        "addition task": {"runs": {"reference dni (1 thread)": {"cpu_ms_per_batch": 0.5}},
                       "ratios": {"pipeline dni / reference dni": 0.5,
                                              "cpu per batch, pipeline dni / reference dni": 4.0}},
-        "scaling": [{"task": "seed task", "layers": 16, "ratio": 0.4},
+        "scaling": [{"task": "addition task", "layers": 16, "ratio": 0.4},
                     {"task": "compute-heavy", "layers": 16, "ratio": 1.5}],
         "memory": {"processes": {"layer1": {"growth_mb": 0.1}, "output": {"growth_mb": 6.5}}},
     }
@@ -45,7 +45,7 @@ def test_every_target_is_judged_with_its_bound():
     assert "= 0.50x" in rows[2]["bound"]
     # 0.5 ms of arithmetic + 5 messages x 100 us = 1.0 ms a batch: 2 x 0.5 / 1.0 = 1.00x.
     assert "streamed = 1.00 ms a batch, at most 1.00x; " in rows[2]["bound"]
-    assert "seed-profile.md" in rows[2]["bound"] and "compute-profile.md" in rows[1]["bound"]
+    assert "profile-addition.md" in rows[2]["bound"] and "profile-compute.md" in rows[1]["bound"]
     assert "supervisor" not in rows[2]["bound"]  # its CPU not measured here
     assert rows[4]["bound"] == ""  # met: nothing to explain
 
@@ -57,7 +57,7 @@ def test_the_seed_bound_counts_the_supervisor_beside_the_workers():
                                                                    "supervisor": 0.5}}},
             "ratios": {"pipeline dni / reference dni": 0.4,
                        "cpu per batch, pipeline dni / reference dni": 4.0}}
-    bound = targets.judge(_results(**{"seed task": seed}), cores=2)[2]["bound"]
+    bound = targets.judge(_results(**{"addition task": seed}), cores=2)[2]["bound"]
     # 2 cores x 0.5 ms / (2.0 ms of the workers + 0.5 of the supervisor) = 0.40x
     assert "= 0.50x; with the supervisor's 0.50 ms a batch on the same cores, 0.40x; " in bound
 
@@ -75,7 +75,7 @@ def test_a_missed_small_message_target_says_where_its_time_goes():
 
 
 def test_a_failed_deep_run_and_missing_parts():
-    rows = targets.judge(_results(scaling=[{"task": "seed task", "layers": 16, "ratio": None}]),
+    rows = targets.judge(_results(scaling=[{"task": "addition task", "layers": 16, "ratio": None}]),
                          cores=2)
     assert (rows[5]["measured"], rows[5]["met"]) == (0.0, False)
     empty = targets.judge({}, cores=2)
@@ -86,7 +86,7 @@ def test_a_failed_deep_run_and_missing_parts():
 def test_show_says_met_or_not_with_the_direction():
     lines = targets.show(targets.judge(_results(), cores=2))
     assert ("; bound from this run's CPU: 2 cores / CPU per batch 1.25x the reference's = "
-            "1.60x; by layer and function: docs/bench/compute-profile.md") in lines[0]
+            "1.60x; by layer and function: docs/profile-compute.md") in lines[0]
     assert "1.70 (target >= 1.85) NOT MET" in lines[0]
     assert "0.98 (target <= 1) met (1.10x raw pyzmq's send of the same bytes as one frame)" \
         in lines[4]

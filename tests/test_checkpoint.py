@@ -14,13 +14,13 @@ import signal
 import numpy as np
 import pytest
 
-from pipeline.checkpoint import layer_state, load_layer_state
+from pipeline.layers.state import layer_state, load_layer_state
 from pipeline.config import Config
-from pipeline.layers import HiddenLayer
-from pipeline.output_layer import OutputLayer
+from pipeline.layers.output import OutputLayer
 from tests.conftest import Launch, assert_no_orphans, error_line, run_launch
 from tests.test_layer_options import B, CLASSES, FAN_IN, onehot
 from tests.test_pipeline import assert_bit_identical, reference_weights
+from tests.kit import hidden_layer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,6 +34,7 @@ ARGS = ["--lockstep", "--epochs", "60", "--checkpoint-every", "10", "--seed", "6
         "--update-prob", "0.8", "--drop-prob", "0.1", "--quiet"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode,how,delay", [
     ("cdni", signal.SIGINT, 0), ("cdni", signal.SIGKILL, 0), ("dni", signal.SIGKILL, 0),
     ("backprop", signal.SIGKILL, 0), ("async-backprop", signal.SIGINT, 0),
@@ -80,6 +81,7 @@ def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(launch, mode, how,
     assert_no_orphans(resumed)
 
 
+@pytest.mark.slow
 def test_resume_refuses_what_cannot_be_resumed(launch, tmp_path):
     done = launch("--in-process", "--epochs", "2", "--quiet", name="done")
     assert done.finish() == 0
@@ -94,6 +96,7 @@ def test_resume_refuses_what_cannot_be_resumed(launch, tmp_path):
     assert missing.finish() == 2 and "not a run directory" in missing.err
 
 
+@pytest.mark.slow
 def test_a_run_directory_named_like_the_flag_is_not_a_resume(tmp_path):
     """Only the --resume option resumes; a path that merely contains the word
     once made launch.py crash looking for a checkpoint."""
@@ -106,7 +109,7 @@ def test_a_run_directory_named_like_the_flag_is_not_a_resume(tmp_path):
 # --- a layer's state, round trip --------------------------------------------
 
 def make_layers():
-    hid = HiddenLayer(1, FAN_IN, 5, mode="cdni", activation="relu", lr=0.01, sg_lr=0.01,
+    hid = hidden_layer(1, FAN_IN, 5, mode="cdni", activation="relu", lr=0.01, sg_lr=0.01,
                       label_dim=CLASSES, rng=np.random.default_rng(0), optimizer="adam",
                       sg_hidden=(6,), batchnorm=True)
     out = OutputLayer(2, 5, CLASSES, lr=0.01, rng=np.random.default_rng(1),
@@ -156,7 +159,7 @@ def test_checkpoint_round_trip_restores_adam_state():
 def make_remedied(mode: str, **kw):
     remedies = (dict(sg_boost=0.5, lr_staleness=0.5, sg_lookahead=1.0) if mode == "cdni"
                 else dict(lr_staleness=0.5, delay_comp=0.5))
-    hid = HiddenLayer(1, FAN_IN, 5, mode=mode, activation="relu", lr=0.05, sg_lr=0.02,
+    hid = hidden_layer(1, FAN_IN, 5, mode=mode, activation="relu", lr=0.05, sg_lr=0.02,
                       label_dim=CLASSES, rng=np.random.default_rng(0), optimizer="sgd",
                       momentum=0.9, **{**remedies, **kw})
     out = OutputLayer(2, 5, CLASSES, lr=0.05, rng=np.random.default_rng(1), optimizer="sgd",
@@ -221,7 +224,7 @@ def _assert_restored_goes_on(never_stopped, restored, without):
 
 
 def make_delayed():
-    hid = HiddenLayer(1, FAN_IN, 5, mode="cdni", activation="relu", lr=0.05, sg_lr=0.02,
+    hid = hidden_layer(1, FAN_IN, 5, mode="cdni", activation="relu", lr=0.05, sg_lr=0.02,
                       label_dim=CLASSES, rng=np.random.default_rng(0), grad_delay=2,
                       sg_hidden=(6,))
     out = OutputLayer(2, 5, CLASSES, lr=0.05, rng=np.random.default_rng(1), softmax=True)
@@ -272,7 +275,7 @@ def test_a_damaged_pending_batch_is_refused(damage, says):
 def test_checkpoint_round_trip_of_a_layer_without_sg_module(mode):
     """A backprop layer has no SG module: its checkpoint loads all the same."""
     def make():
-        return HiddenLayer(1, 4, 3, mode=mode, activation="relu", lr=0.1, sg_lr=0.1,
+        return hidden_layer(1, 4, 3, mode=mode, activation="relu", lr=0.1, sg_lr=0.1,
                            label_dim=2, rng=np.random.default_rng(0), optimizer="adam")
     rng = np.random.default_rng(2)
     a, b = make(), make()
@@ -290,9 +293,9 @@ def test_checkpoint_round_trip_of_a_layer_without_sg_module(mode):
 def checkpointed_run(path, **kw):
     """A run directory with a committed checkpoint after epoch 1 of a 3-layer
     run, written as the coordinator writes one (the states of fresh layers)."""
-    from pipeline.checkpoint import layer_state
-    from pipeline.model import make_hidden, make_output
-    from pipeline.rundir import RunDir
+    from pipeline.layers.state import layer_state
+    from pipeline.layers.build import make_hidden, make_output
+    from pipeline.run.rundir import RunDir
     cfg = Config(epochs=5, checkpoint_every=2, **kw)
     rd = RunDir(path)
     rd.write_json("config.json", {"run_id": "r", "config": cfg.to_dict()})
@@ -307,7 +310,7 @@ def checkpointed_run(path, **kw):
 
 
 def test_a_whole_checkpoint_resumes_after_its_epoch(tmp_path):
-    from pipeline.checkpoint import resume_config
+    from pipeline.run.resume import resume_config
     cfg, states = resume_config(checkpointed_run(tmp_path / "run"), quiet=True)
     assert cfg.start_epoch == 2 and sorted(states) == ["layer1", "layer2", "output"]
 
@@ -342,13 +345,14 @@ def _rewrite(path, role, change):
     (lambda p: (p / "config.json").write_text("{"), "config.json: unreadable"),
 ])
 def test_a_damaged_checkpoint_is_refused_in_one_line_naming_what(tmp_path, damage, says):
-    from pipeline.checkpoint import resume_config
+    from pipeline.run.resume import resume_config
     path = checkpointed_run(tmp_path / "run")
     damage(path)
     with pytest.raises(ValueError, match=says):
         resume_config(path, quiet=True)
 
 
+@pytest.mark.slow
 def test_launch_refuses_a_damaged_checkpoint_before_starting_anything(tmp_path):
     path = checkpointed_run(tmp_path / "run")
     _rewrite(path, "layer1", lambda a: a.update(w=a["w"][:1]))
@@ -380,7 +384,7 @@ def test_a_checkpoint_field_out_of_bounds_is_refused_naming_the_file_and_field(
         tmp_path, role, field, value, says):
     """The first two once started the run, which ended "taken for dead" or
     "diverged"; a generator state too large was a traceback."""
-    from pipeline.checkpoint import resume_config
+    from pipeline.run.resume import resume_config
     path = checkpointed_run(tmp_path / "run")
     _set_field(path, role, field, value)
     with pytest.raises(ValueError, match=says) as info:
@@ -408,7 +412,7 @@ def _states():
     drive(hid, out, seed=33, steps=5, start=0)
     yield "delayed", layer_state(hid)[0]
     yield "output", layer_state(out)[0]
-    from pipeline.model import make_hidden, make_output
+    from pipeline.layers.build import make_hidden, make_output
     cfg = Config(optimizer="adam", unlock="forward", sg_lookahead=1.0)
     yield "unlocked", layer_state(make_hidden(cfg, 2))[0]
     yield "unlocked-output", layer_state(make_output(cfg))[0]
@@ -421,7 +425,7 @@ BAD = [1e30, math.nan, math.inf, 2 ** 66, -1, 2.5, "x", None, True, [], {}]
 def test_every_field_of_a_layer_state_is_checked(name):
     """Each leaf of a real state, set to each kind of bad value, is refused
     naming its path; inside a generator's state (JSON text) too."""
-    from pipeline.checkpoint import check_meta
+    from pipeline.layers.state import check_meta
     like = dict(_states())[name]
     check_meta(copy.deepcopy(like), like)
     leaves = list(_leaves(like))
@@ -452,7 +456,7 @@ def test_every_field_of_a_layer_state_is_checked(name):
 
 
 def test_histograms_take_any_staleness_but_bounded_counts():
-    from pipeline.checkpoint import check_meta
+    from pipeline.layers.state import check_meta
     hid, out = make_delayed()
     drive(hid, out, seed=34, steps=5, start=0)
     like = layer_state(hid)[0]
@@ -468,6 +472,7 @@ def test_histograms_take_any_staleness_but_bounded_counts():
         check_meta({**like, b"x": 1}, like)  # unsortable beside str keys: still one ValueError
 
 
+@pytest.mark.slow
 def test_launch_refuses_a_step_of_1e30_before_starting_anything(tmp_path):
     path = checkpointed_run(tmp_path / "run")
     _set_field(path, "layer1", "step", 1e30)

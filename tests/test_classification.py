@@ -13,12 +13,12 @@ import signal
 import numpy as np
 import pytest
 
-from pipeline import cli
-from pipeline.reference import train_reference
+from pipeline.run import cli
+from tests.kit import reference
 from tests.conftest import Launch, assert_no_orphans
 from tests.test_pipeline import reference_weights
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 
 def blobs(path, seed: int = 0, train: int = 360, test: int = 180, classes: int = 4,
@@ -110,14 +110,14 @@ def test_lockstep_classification_equals_the_reference_bit_for_bit(launch, tmp_pa
     run = launch("--lockstep", "--quiet", *args)
     assert run.finish() == 0, run.err
     cfg = cli.parse(["--lockstep", *args])
-    ref = train_reference(cfg)
+    ref = reference(cfg)
     assert_bit_identical(run, reference_weights(cfg))
     s = run.summary()
     assert (s["final_loss"], s["train_accuracy"]) == (ref.final_loss, ref.train_accuracy)
     assert (s["test_loss"], s["test_accuracy"]) == (ref.test_loss, ref.test_accuracy)
     # Every epoch's test evaluation, not just the last, saw the reference's weights.
     events = []
-    train_reference(cfg, emit=lambda e: events.append(e) if e["event"] == "epoch" else None)
+    reference(cfg, emit=lambda e: events.append(e) if e["event"] == "epoch" else None)
     assert [(e["test_loss"], e["test_accuracy"]) for e in epochs_of(run)] == \
         [(e["test_loss"], e["test_accuracy"]) for e in events]
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import nn
+from pipeline.math import nn
 from tests.numeric import numeric_grad
 
 

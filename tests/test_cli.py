@@ -12,8 +12,9 @@ import time
 import msgpack
 import pytest
 
-from pipeline import cli, limits
-from pipeline.cli import parse
+from pipeline import limits
+from pipeline.run import cli, subcommands
+from pipeline.run.cli import parse
 from pipeline.config import Config, flag
 from tests.conftest import error_line, run_launch
 
@@ -123,7 +124,7 @@ def test_parse_non_finite_link_delay_names_the_flag(value, capsys):
     (["--hidden", "128", "--layers", "4"], (128, 128, 128)),
     (["--hidden", "32,16,8", "--layers", "4"], (32, 16, 8)),
     (["--hidden", "5", "--layers", "2"], (5,)),
-    (["--layers", "2"], (128,)),              # no --hidden: the seed's widths,
+    (["--layers", "2"], (128,)),              # no --hidden: the notebook's widths,
     (["--layers", "3"], (128, 64)),           # the last repeated for deeper nets
     (["--layers", "5"], (128, 64, 64, 64)),
 ])
@@ -167,6 +168,7 @@ BAD_ARGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, flag", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
 def test_launch_rejects_bad_args_in_one_line(argv, flag):
     proc = run_launch(*argv)
@@ -194,6 +196,7 @@ STALENESS_BAD_ARGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, flag", STALENESS_BAD_ARGS,
                          ids=[" ".join(a) for a, _ in STALENESS_BAD_ARGS])
 def test_launch_rejects_bad_staleness_args_in_one_line(argv, flag):
@@ -203,6 +206,7 @@ def test_launch_rejects_bad_staleness_args_in_one_line(argv, flag):
     assert line.startswith(f"launch.py: error: argument {flag}: "), line
 
 
+@pytest.mark.slow
 def test_launch_help_lists_every_option():
     proc = run_launch("-h")
     assert proc.returncode == 0, proc.stderr
@@ -311,12 +315,13 @@ def test_sweep_seeds_and_variants_beyond_the_bounds_are_one_line(argv, option, c
 @pytest.mark.parametrize("layers", [str(2 ** 66), "99999999999999999999", "1025", "1"])
 def test_keys_for_more_layers_than_a_run_may_have_is_one_line(layers, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        cli.parse_keys(["--out", str(tmp_path / "keys"), "--layers", layers])
+        subcommands.parse_keys(["--out", str(tmp_path / "keys"), "--layers", layers])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1 and "argument --layers: " in err
     assert not (tmp_path / "keys").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, option", [
     (["--epochs", str(2 ** 66)], "--epochs"),
     (["--blas-threads", str(2 ** 66)], "--blas-threads"),
@@ -335,10 +340,10 @@ def test_launch_refuses_the_numbers_of_the_issue_before_anything_starts(argv, op
 
 @pytest.mark.parametrize("path", [LONG_NAME, LONG_PATH], ids=["name", "path"])
 @pytest.mark.parametrize("parse, argv, option", [
-    (cli.parse_keys, ["--out", "{}"], "--out"),
-    (cli.parse_report, ["{}"], "RUN_DIR"),
-    (cli.parse_cluster, ["--cluster", "c.json", "--run-dir", "{}"], "--run-dir"),
-    (cli.parse_cluster, ["--cluster", "c.json", "--resume", "{}"], "--resume"),
+    (subcommands.parse_keys, ["--out", "{}"], "--out"),
+    (subcommands.parse_report, ["{}"], "RUN_DIR"),
+    (subcommands.parse_cluster, ["--cluster", "c.json", "--run-dir", "{}"], "--run-dir"),
+    (subcommands.parse_cluster, ["--cluster", "c.json", "--resume", "{}"], "--resume"),
     (cli.parse_sweep, ["--out", "{}"], "--out"),
     (cli.parse_run, ["--resume", "{}"], "--resume"),
     (cli.parse_run, ["--dataset", "npz:{}"], "--dataset"),
@@ -363,6 +368,7 @@ def test_a_sweep_whose_run_directories_would_not_fit_under_out_is_one_line(tmp_p
     assert "argument --out: " in err and "cdni-delay16-seed3.attempt99" in err
 
 
+@pytest.mark.slow
 def test_launch_refuses_a_run_dir_longer_than_a_path_before_anything_starts(tmp_path):
     """Once an ENAMETOOLONG traceback from the run directory."""
     line = error_line(run_launch("--run-dir", str(tmp_path / LONG_PATH)))
@@ -370,11 +376,13 @@ def test_launch_refuses_a_run_dir_longer_than_a_path_before_anything_starts(tmp_
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_the_run_directory_options_parse_and_are_explained(capsys):
     assert parse(["--keep-checkpoints", "0", "--overwrite"]) == \
         Config(keep_checkpoints=0, overwrite=True)
     assert parse([]).keep_checkpoints == 3 and not parse([]).overwrite
-    from pipeline.cli import parse_cluster, parse_sweep
+    from pipeline.run.cli import parse_sweep
+    from pipeline.run.subcommands import parse_cluster
     assert parse_cluster(["--cluster", "c.toml", "--overwrite"]).overwrite
     assert not parse_cluster(["--cluster", "c.toml"]).overwrite
     with pytest.raises(SystemExit) as stop:  # a sweep makes its own run directories

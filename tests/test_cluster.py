@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import zmq
 
-from pipeline import protocol, security, wire
+from pipeline.net import security
+from pipeline.wire import codec as wire, protocol
 from pipeline.config import Config
 from tests.conftest import _alive, error_line, run_launch
 from tests.test_pipeline import assert_bit_identical, reference_weights
@@ -176,6 +177,7 @@ def epoch_logged(run_dir: Path) -> bool:
     return m.exists() and '"event": "epoch"' in m.read_text()
 
 
+@pytest.mark.slow
 def test_cluster_run_with_keys_converges_and_writes_the_run_directory(tmp_path, roles):
     cluster = write_cluster(tmp_path, {"epochs": 600})
     r = roles(cluster)
@@ -189,6 +191,7 @@ def test_cluster_run_with_keys_converges_and_writes_the_run_directory(tmp_path, 
     assert (tmp_path / "run" / "weights" / "layer1.npz").exists()
 
 
+@pytest.mark.slow
 def test_unlocked_cluster_run_with_keys_equals_the_reference(tmp_path, roles):
     """--unlock forward from a cluster file: layer2 binds PORT+2 and the
     output layer PORT+1 for the source's inputs, over CURVE; under lockstep
@@ -208,6 +211,7 @@ def test_unlocked_cluster_run_with_keys_equals_the_reference(tmp_path, roles):
     assert_bit_identical(Weights(tmp_path / "run"), reference_weights(Config(**run)))
 
 
+@pytest.mark.slow
 def test_roles_started_one_by_one_equal_the_reference(tmp_path, roles):
     """Each role its own process, the coordinator last; under lockstep the
     weights are the reference's bit for bit: the cluster path changes nothing."""
@@ -223,6 +227,7 @@ def test_roles_started_one_by_one_equal_the_reference(tmp_path, roles):
     assert_bit_identical(Weights(tmp_path / "run"), reference_weights(Config(epochs=20, lockstep=True, seed=4)))
 
 
+@pytest.mark.slow
 def test_role_killed_mid_run_fails_the_run_naming_role_and_host(tmp_path, roles):
     cluster = write_cluster(tmp_path, {"epochs": 100000})
     r = roles(cluster)
@@ -245,6 +250,7 @@ def test_role_killed_mid_run_fails_the_run_naming_role_and_host(tmp_path, roles)
     assert not [n for n, p in r.procs.items() if _alive(p.pid)]
 
 
+@pytest.mark.slow
 def test_a_role_restarted_before_the_start_rejoins(tmp_path, roles):
     cluster = write_cluster(tmp_path, {"epochs": 30})
     r = roles(cluster)
@@ -264,6 +270,7 @@ def test_a_role_restarted_before_the_start_rejoins(tmp_path, roles):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_non_loopback_without_keys_is_refused(tmp_path):
     cluster = tmp_path / "cluster.toml"
     cluster.write_text('[roles]\ncoordinator = "127.0.0.1:47900"\nsource = "127.0.0.1"\n'
@@ -275,6 +282,7 @@ def test_non_loopback_without_keys_is_refused(tmp_path):
     assert "10.254.254.1" in done.stderr and "keys" in done.stderr and "--insecure" in done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("intruder", ["foreign-key", "no-curve"])
 def test_a_peer_without_a_listed_key_reaches_nothing(tmp_path, roles, intruder):
     """Messages from a peer whose key is not in the cluster's key directory
@@ -315,6 +323,7 @@ def test_a_peer_without_a_listed_key_reaches_nothing(tmp_path, roles, intruder):
     assert_bit_identical(Weights(tmp_path / "run"), reference_weights(Config(epochs=200, lockstep=True, seed=2)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text, reason", [
     ("[roles\n", "not valid TOML"),
     ('[roles]\ncoordinator = "127.0.0.1:5000"\n', "missing"),
@@ -332,11 +341,13 @@ def test_bad_cluster_file_is_one_clear_error(tmp_path, text, reason):
     assert reason in line and str(path) in line
 
 
+@pytest.mark.slow
 def test_cluster_run_on_a_classification_dataset_equals_the_reference(tmp_path, roles):
     """A [run] table naming a dataset takes the classification defaults, the
     coordinator sizes the layers from the file, and under lockstep the
     weights are the reference's bit for bit (float32, Adam, shuffling)."""
-    from pipeline import cluster as clusters, tasks
+    from pipeline.data import tasks
+    from pipeline.net import cluster as clusters
     from tests.test_classification import assert_bit_identical as same_bits, blobs
     data = blobs(tmp_path / "blobs.npz", seed=6, train=120, test=40)
     run = {"dataset": data, "epochs": 3, "lockstep": True, "hidden": [16], "batch_size": 20}
@@ -354,7 +365,7 @@ def test_cluster_run_on_a_classification_dataset_equals_the_reference(tmp_path, 
 def test_unlocked_layers_listen_on_one_more_port(tmp_path):
     """Under --unlock forward a hidden layer above the first binds PORT+2
     and the output layer PORT+1 for the source's inputs (pure: no process)."""
-    from pipeline import cluster as clusters
+    from pipeline.net import cluster as clusters
     roles_ = ('[roles]\ncoordinator = "127.0.0.1:5000"\nsource = "127.0.0.1"\n'
               'layer1 = "127.0.0.1:5002"\nlayer2 = "127.0.0.1:5004"\noutput = "127.0.0.1:5006"\n')
     path = tmp_path / "c.toml"

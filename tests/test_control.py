@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import zmq
 
-from pipeline import protocol, wire
-from pipeline.control import HEARTBEAT_S, LIVENESS_S, ControlLink
-from pipeline.protocol import Speaker
-from pipeline.transport import Net, Stopped
+from pipeline.wire import codec as wire, protocol
+from pipeline.net.control import ControlLink
+from pipeline.wire.protocol import HEARTBEAT_S, LIVENESS_S
+from pipeline.wire.protocol import Speaker
+from pipeline.net.transport import Net, Stopped
 
 pytestmark = pytest.mark.timeout(30)
 BOSS = Speaker("run9", "supervisor")

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline import data
+from pipeline.data import arithmetic as data
+from pipeline.nodes import schedule
 from pipeline.config import Config
 
 pytestmark = pytest.mark.timeout(60)
@@ -69,14 +70,14 @@ def test_different_seeds_differ(s1, s2):
     (7, 3, [(0, 3), (3, 6), (6, 7)]),
 ])
 def test_batch_slices_table(examples, batch_size, want):
-    got = data.batch_slices(examples, batch_size)
+    got = schedule.batch_slices(examples, batch_size)
     assert [(s.start, s.stop) for s in got] == want
     assert all(s.step in (None, 1) for s in got)
 
 
 @given(examples=st.integers(1, 500), batch_size=st.integers(1, 60))
 def test_batch_slices_cover_every_example_once(examples, batch_size):
-    slices = data.batch_slices(examples, batch_size)
+    slices = schedule.batch_slices(examples, batch_size)
     covered = np.concatenate([np.arange(examples)[s] for s in slices])
     np.testing.assert_array_equal(covered, np.arange(examples))
     sizes = [s.stop - s.start for s in slices]

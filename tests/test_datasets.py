@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.datasets import MNIST_FILES, load_mnist, load_npz, read_idx
+from pipeline.data.files import MNIST_FILES, load_mnist, load_npz, read_idx
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.delay import DelayLine, straggle
+from pipeline.net.delay import DelayLine, straggle
 
 pytestmark = pytest.mark.timeout(30)
 

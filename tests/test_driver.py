@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import protocol
+from pipeline.data import tasks
+from pipeline.wire import protocol
 from pipeline.config import Config
-from pipeline.driver import HiddenNode, OutputNode, SourceNode
-from pipeline.protocol import Speaker
+from pipeline.nodes.driver import HiddenNode, OutputNode, SourceNode
+from pipeline.wire.protocol import Speaker
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -27,10 +28,9 @@ def cfg(**kw) -> Config:
 class Wire:
     """Records what a node sends: (port, kind, batch) per message."""
 
-    def __init__(self, node):
+    def __init__(self):
         self.sent: list[tuple[str, str, int]] = []
         self.msgs: list[tuple[str, protocol.Message]] = []
-        node.send = self
 
     def __call__(self, port: str, msg: protocol.Message) -> None:
         self.sent.append((port, msg.kind, msg.batch))
@@ -60,9 +60,10 @@ def grad(c: Config, batch: int, index: int = 2, who: Speaker = LAYER3) -> protoc
 
 def node2(**kw) -> tuple[HiddenNode, Wire]:
     c = cfg(**kw)
-    n = HiddenNode(c, 2, "r")
+    w = Wire()
+    n = HiddenNode(c, 2, w, "r")
     n.down_role = "layer3"  # a 3-layer net's layer2 sends to the output; speak as layer3 here
-    return n, Wire(n)
+    return n, w
 
 
 # --- a hidden layer -----------------------------------------------------------------------
@@ -208,8 +209,8 @@ def test_gradient_checks_refuse_what_is_not_awaited():
 # --- the output layer ---------------------------------------------------------------------
 
 def out_node(**kw) -> tuple[OutputNode, Wire]:
-    n = OutputNode(cfg(**kw), "r")
-    return n, Wire(n)
+    w = Wire()
+    return OutputNode(cfg(**kw), w, "r"), w
 
 
 def test_output_sends_the_true_gradient_up_and_reports_each_epoch():
@@ -227,8 +228,8 @@ def test_output_holds_an_epoch_until_its_test_split_and_reports_the_final_pass_a
     c = cfg(examples=4, batch_size=2)
     c = Config(**{**c.to_dict(), "dataset": "npz:x", "features": c.dims[0], "classes": 3,
                   "test_examples": 3, "hidden": [6, 5]})
-    n = OutputNode(c, "r")
-    w = Wire(n)
+    w = Wire()
+    n = OutputNode(c, w, "r")
     up = Speaker("r", "layer2")
     y = np.eye(3)[[0, 1]]
     for t in range(2):
@@ -251,7 +252,7 @@ def test_output_holds_an_epoch_until_its_test_split_and_reports_the_final_pass_a
 
 def test_source_sends_the_epochs_barriers_final_pass_and_end_in_order():
     c = cfg(examples=5, batch_size=2, epochs=3, checkpoint_every=1)
-    msgs = list(SourceNode(c, "r").messages())
+    msgs = list(SourceNode(c, tasks.load(c), "r").messages())
     table = [(m.kind, m.batch, m.meta.get("test"), m.meta.get("epoch")) for m in msgs]
     acts = lambda first: [("act", t, None, None) for t in range(first, first + 3)]
     assert table == [*acts(0), ("checkpoint", 2, None, 0), *acts(3), ("checkpoint", 5, None, 1),
@@ -263,7 +264,7 @@ def test_source_sends_the_epochs_barriers_final_pass_and_end_in_order():
 
 def test_a_resumed_source_starts_at_its_epoch():
     c = cfg(examples=4, batch_size=2, epochs=3, start_epoch=2)
-    assert [(m.kind, m.batch) for m in SourceNode(c, "r").messages()] == \
+    assert [(m.kind, m.batch) for m in SourceNode(c, tasks.load(c), "r").messages()] == \
         [("act", 4), ("act", 5), ("eval", 0), ("eval", 1), ("eof", 6)]
 
 
@@ -274,8 +275,8 @@ def test_every_layer_takes_exactly_what_the_source_sends(kw):
     # The source and the layers' inbox check each spell out the stream; they
     # must agree message for message, and a second copy of any is refused.
     c = cfg(**kw)
-    node = HiddenNode(c, 1, "r")
-    for msg in SourceNode(c, "r").messages():
+    node = HiddenNode(c, 1, Wire(), "r")
+    for msg in SourceNode(c, tasks.load(c), "r").messages():
         node.check_activation(msg)
         with pytest.raises(ValueError, match="out of turn|after the end"):
             node.check_activation(msg)

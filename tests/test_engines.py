@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import engines, protocol
-from pipeline.engines import Engine, detect
+from pipeline.net import engines
+from pipeline.wire import protocol
+from pipeline.net.engines import Engine, detect
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -140,5 +141,5 @@ BLAME = [
                          [(*row, frozenset()) if len(row) == 4 else row for row in BLAME])
 def test_blame_names_the_first_silent_closure_before_any_rank_stopped_from_outside(
         closed, stopped, now, want, explained):
-    from commands.engine import blame
+    from pipeline.coord.blame import blame
     assert blame(closed, stopped, now, explained) == want

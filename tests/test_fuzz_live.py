@@ -15,6 +15,8 @@ from pipeline.config import Config
 from tests.test_pipeline import assert_bit_identical, reference_weights
 from tests.test_wire import ALL_KINDS, WIRE_DTYPES, _msgpack_values
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 _RUNS = itertools.count()
 RUN = "<this run>"  # stands for the run id, which exists only once the run starts
@@ -147,8 +149,8 @@ def test_every_kind_and_field_from_real_roles_is_dropped_and_changes_nothing(lau
     the reference's."""
     import numpy as np
 
-    from pipeline import wire
-    from pipeline.protocol import Message
+    from pipeline.wire import codec as wire
+    from pipeline.wire.protocol import Message
 
     run = launch("--lockstep", "--quiet", "--epochs", "300", "--seed", "8",
                  name=f"run-{next(_RUNS)}")

@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.layers import Chance, HiddenLayer
-from pipeline.output_layer import OutputLayer
+from pipeline.layers.common import Chance
+from pipeline.layers.output import OutputLayer
 from tests.numeric import numeric_grad, ref_act
 from tests.test_layers import LABELS, N, batch, bce
+from tests.kit import hidden_layer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,7 +46,7 @@ def ref_bn_hidden(x, w, b, gamma, beta, act):
 @pytest.mark.parametrize("act", ["relu", "sigmoid"])
 def test_batchnorm_backprop_matches_finite_differences(act):
     lr = 0.1
-    layer = HiddenLayer(1, FAN_IN, WIDTH, mode="backprop", activation=act, lr=lr, sg_lr=0.0,
+    layer = hidden_layer(1, FAN_IN, WIDTH, mode="backprop", activation=act, lr=lr, sg_lr=0.0,
                         label_dim=0, rng=np.random.default_rng(0), batchnorm=True)
     assert set(layer.weights()) == {"w", "b", "gamma", "beta", "bn_mean", "bn_var"}
     live = layer.weights()
@@ -147,7 +148,7 @@ def test_adam_through_the_output_layer_two_steps_by_hand():
 
 def test_float32_layers_stay_float32():
     f32 = np.float32
-    layer = HiddenLayer(1, FAN_IN, 5, mode="cdni", activation="relu", lr=0.01, sg_lr=0.01,
+    layer = hidden_layer(1, FAN_IN, 5, mode="cdni", activation="relu", lr=0.01, sg_lr=0.01,
                         label_dim=CLASSES, rng=np.random.default_rng(0), dtype=f32,
                         optimizer="adam", sg_hidden=(8,), batchnorm=True)
     out = OutputLayer(2, 5, CLASSES, lr=0.01, rng=np.random.default_rng(1), dtype=f32,
@@ -179,31 +180,45 @@ def test_float32_layers_stay_float32():
 
 @pytest.mark.parametrize("mode", ["dni", "backprop"])
 def test_activations_and_input_gradients_are_handed_out_before_the_update(mode):
-    """send_h gets h before anything else, send_dx gets dx while the weights
-    are still the ones the forward pass used; both equal what is returned."""
+    """A step's phases give h first, then dx, while the weights are still the
+    ones the forward pass used (a node sends each as it comes); both equal
+    what the whole step gives on a twin layer."""
     rng = np.random.default_rng(40)
-    layer = HiddenLayer(2, 5, 4, mode=mode, activation="sigmoid", lr=0.5, sg_lr=0.1,
-                        label_dim=3, rng=np.random.default_rng(1))
-    if layer.sg is not None:
-        layer.sg.v[...] = rng.standard_normal(layer.sg.v.shape)  # a non-zero SG: W moves
+
+    def make():
+        layer = hidden_layer(2, 5, 4, mode=mode, activation="sigmoid", lr=0.5, sg_lr=0.1,
+                             label_dim=3, rng=np.random.default_rng(1))
+        if layer.sg is not None:  # a non-zero SG: W moves
+            layer.sg.v[...] = np.random.default_rng(41).standard_normal(layer.sg.v.shape)
+        return layer
+
+    layer, twin = make(), make()
     w0 = layer.w.copy()
     seen = []
     x, y = rng.standard_normal((6, 5)), np.eye(3)[rng.integers(0, 3, 6)]
-    h, dx = layer.forward(0, x, y, need_dx=True,
-                          send_h=lambda a: seen.append(("h", a, layer.w.copy())),
-                          send_dx=lambda a: seen.append(("dx", a, layer.w.copy())))
+    h = layer.begin(0, x, y)
+    seen.append(("h", h, layer.w.copy()))
     if mode == "backprop":
-        assert [s[0] for s in seen] == ["h"] and dx is None
-        layer.receive(0, rng.standard_normal((6, 4)))
-        [applied] = layer.apply_ready(need_dx=True,
-                                      send_dx=lambda b, a: seen.append(("dx", a, layer.w.copy())))
-        dx = applied.dx
+        grad = rng.standard_normal((6, 4))
+        assert layer.receive(0, grad) and layer.next_due() == 0
+        dx = layer.backward_dx(0, need_dx=True)
+        seen.append(("dx", dx, layer.w.copy()))
+        layer.apply(0, dx=dx)
+        want_h, _ = twin.forward(0, x, y, need_dx=True)
+        twin.receive(0, grad)
+        [applied] = twin.apply_ready(need_dx=True)
+        want_dx = applied.dx
+    else:
+        dx = layer.synthetic_dx(need_dx=True)
+        seen.append(("dx", dx, layer.w.copy()))
+        layer.end()
+        want_h, want_dx = twin.forward(0, x, y, need_dx=True)
     assert [s[0] for s in seen] == ["h", "dx"]
-    assert seen[0][1] is h
-    assert np.array_equal(seen[1][1], dx)
+    assert np.array_equal(h, want_h) and np.array_equal(dx, want_dx)
     for _, _, w in seen:
         np.testing.assert_array_equal(w, w0)      # handed out before the update
     assert not np.array_equal(layer.w, w0)        # and the update did happen
+    np.testing.assert_array_equal(layer.w, twin.w)
 
 
 # --- the sigmoid output layer (the addition task) -------------------------------------------------------------------------

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import layernorm as ln
+from pipeline.math import layernorm as ln
 from pipeline.config import Config, ConfigError
-from pipeline.layers import HiddenLayer
+from pipeline.layers.hidden import HiddenLayer
 from tests.numeric import numeric_grad, ref_act
+from tests.kit import hidden_layer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,7 +96,7 @@ FAN_IN, WIDTH, B, LABELS = 4, 5, 6, 3
 
 def normed_layer(mode: str, act: str, lr: float, seed: int = 0, norm: str = "layernorm"
                  ) -> HiddenLayer:
-    hl = HiddenLayer(2, FAN_IN, WIDTH, mode=mode, activation=act, lr=lr, sg_lr=0.05,
+    hl = hidden_layer(2, FAN_IN, WIDTH, mode=mode, activation=act, lr=lr, sg_lr=0.05,
                      label_dim=LABELS, rng=np.random.default_rng(seed), **{norm: True})
     rng = np.random.default_rng(seed + 1)
     for k in ("gamma", "beta", "b"):
@@ -153,5 +154,5 @@ def test_layernorm_is_exclusive_with_batchnorm_and_combines_with_unlock():
         Config(layernorm=True, batchnorm=True).validate()
     Config(unlock="forward", layernorm=True).validate()
     with pytest.raises(ValueError, match="exclusive"):
-        HiddenLayer(1, 2, 3, mode="cdni", activation="relu", lr=0.1, sg_lr=0.1, label_dim=0,
+        hidden_layer(1, 2, 3, mode="cdni", activation="relu", lr=0.1, sg_lr=0.1, label_dim=0,
                     rng=np.random.default_rng(0), batchnorm=True, layernorm=True)

@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 
 from pipeline.config import MODES
-from pipeline.layers import Chance, HiddenLayer
-from pipeline.output_layer import OutputLayer
-from pipeline.stats import Applied
+from pipeline.layers.common import Chance
+from pipeline.layers.hidden import HiddenLayer
+from pipeline.layers.output import OutputLayer
+from pipeline.layers.stats import Applied
 from tests.numeric import numeric_grad, ref_act
+from tests.kit import hidden_layer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,7 +30,7 @@ def bce(logits: np.ndarray, y: np.ndarray) -> float:
 
 def hidden(mode: str, act: str = "sigmoid", lr: float = 0.1, sg_lr: float = 0.05,
            seed: int = 0, **kw) -> HiddenLayer:
-    return HiddenLayer(1, FAN_IN, WIDTH, mode=mode, activation=act, lr=lr, sg_lr=sg_lr,
+    return hidden_layer(1, FAN_IN, WIDTH, mode=mode, activation=act, lr=lr, sg_lr=sg_lr,
                        label_dim=LABELS, rng=np.random.default_rng(seed), **kw)
 
 

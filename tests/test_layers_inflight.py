@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import MODES
-from pipeline.layers import Chance
-from pipeline import nn
+from pipeline.layers.common import Chance
+from pipeline.math import nn
 from tests.numeric import numeric_grad
 from tests.test_layers import (ATOL, BACKPROP_MODES, RTOL, SG_MODES, WIDTH, N, Script, batch,
                                deliver, grad_of, hidden, run_events, staleness_of)

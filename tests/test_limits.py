@@ -24,10 +24,10 @@ pytestmark = pytest.mark.timeout(60)
 ], ids=["hidden", "sg-hidden", "batch-size", "examples", "max-inflight", "grad-delay",
         "test-split", "layers"])
 def test_a_run_too_big_names_the_option_that_makes_it_so(kw, option, monkeypatch):
-    """Each run is the seed task's with one size made large: that option is
+    """Each run is the addition task's with one size made large: that option is
     the one to name, whatever the others."""
     monkeypatch.setattr(limits, "available_bytes", lambda: 2 << 30)
-    limits.check(Config())  # the seed task fits
+    limits.check(Config())  # the addition task fits
     with pytest.raises(ConfigError, match="a run this size needs about") as info:
         limits.check(Config(**kw))
     assert info.value.option == option

@@ -1,10 +1,10 @@
-"""pipeline.membership: who may speak on the control link, as an exact table."""
+"""pipeline.coord.membership: who may speak on the control link, as an exact table."""
 from __future__ import annotations
 
 import pytest
 
-from pipeline.membership import Membership
-from pipeline.protocol import Speaker
+from pipeline.coord.membership import Membership
+from pipeline.wire.protocol import Speaker
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import memory
+from pipeline.net import memory
 from tests.conftest import ROOT
 
 
@@ -29,6 +29,7 @@ def test_cpu_time_counts_work_done():
     assert memory.cpu_s() > start
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_allocator_keeps_freed_blocks_for_reuse():
     """In a fresh process: after the setting, a freed 8 MiB block stays in

@@ -23,7 +23,7 @@ from tests.test_cluster import Weights
 from tests.test_pipeline import assert_bit_identical, reference_weights
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 
 def _mpiexec() -> str:

@@ -23,7 +23,7 @@ from tests.test_cluster import Weights
 from tests.test_mpi import ROOT, Job, _mpiexec, assert_all_gone
 from tests.test_pipeline import assert_bit_identical, reference_weights
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 # coordinator and source on A (which has the data), layer1 and layer2 on B, output on C
 SLOTS = {"A": 2, "B": 2, "C": 1}

@@ -15,6 +15,8 @@ import pytest
 from tests.netns import (Hosts, Launchers, epoch_logged, make_keys,
                          write_cluster)
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 # -- the tests ------------------------------------------------------------------------
 
 @pytest.mark.timeout(150)

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from pipeline import nn
+from pipeline.math import nn
 from tests.numeric import EPS, numeric_grad, ref_act
 
 pytestmark = pytest.mark.timeout(60)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import nn, optim
+from pipeline.math import nn, optim
 from tests.numeric import ref_act
 from tests.test_nn import bce_from_logits
 

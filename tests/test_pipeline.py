@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 import zmq
 
-from pipeline import protocol, wire
+from pipeline.wire import codec as wire, protocol
 from pipeline.config import Config
-from pipeline.reference import train_reference
-from pipeline.transport import LOCAL_IPC
+from tests.kit import reference
+from pipeline.net.transport import LOCAL_IPC
 from tests.conftest import assert_no_orphans
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def reference_weights(cfg: Config) -> dict[str, dict[str, np.ndarray]]:
-    result = train_reference(cfg)
+    result = reference(cfg)
     out = {protocol.layer_role(L.index, cfg.layers): L.weights() for L in result.hidden}
     out["output"] = result.output.weights()
     return out
@@ -51,7 +51,7 @@ def test_lockstep_pipeline_equals_reference_bit_for_bit(launch, mode):
                  "--hidden", "32,24,16", "--seed", "7", "--examples", "37", "--batch-size", "8")
     assert run.finish() == 0, run.err
     cfg = Config(**args)
-    ref = train_reference(cfg)
+    ref = reference(cfg)
     assert_bit_identical(run, reference_weights(cfg))
     s = run.summary()
     assert s["status"] == "completed"
@@ -69,7 +69,7 @@ def test_lockstep_pipeline_equals_reference_bit_for_bit(launch, mode):
 
 
 def test_free_running_pipeline_solves_the_seed_task(launch):
-    run = launch()  # the defaults: cdni, --layers 3, the seed's addition task
+    run = launch()  # the defaults: cdni, --layers 3, the addition task
     assert run.finish() == 0, run.err
     s = run.summary()
     cfg = Config()
@@ -283,7 +283,7 @@ def test_update_prob_zero_leaves_weights_untouched(launch):
     run = launch("--lockstep", "--quiet", "--update-prob", "0", "--epochs", "5")
     assert run.finish() == 0, run.err
     cfg = Config(epochs=5)
-    from pipeline.model import make_hidden, make_output
+    from pipeline.layers.build import make_hidden, make_output
     initial = {protocol.layer_role(k, cfg.layers): make_hidden(cfg, k).weights() for k in range(1, cfg.layers)}
     initial["output"] = make_output(cfg).weights()
     for role, arrays in initial.items():

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import protocol, wire
-from pipeline.protocol import ActivationCheck, Message, Speaker, expect
+from pipeline.wire import codec as wire, protocol
+from pipeline.wire.checks import ActivationCheck, expect
+from pipeline.wire.protocol import Message, Speaker
 
 pytestmark = pytest.mark.timeout(10)
 F64 = np.dtype(np.float64)

@@ -1,6 +1,6 @@
 """Tests for pipeline.reference: equal to the plain numpy loops of tests/oracle.py
 (also with gradient delay, update and drop probability and the staleness
-remedies); learns the seed task as measured."""
+remedies); learns the addition task as measured."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,10 +9,10 @@ import warnings
 import numpy as np
 import pytest
 
-from pipeline import data
+from pipeline.data import arithmetic as data
 from pipeline.config import MODES, Config
-from pipeline.output_layer import Diverged
-from pipeline.reference import train_reference
+from pipeline.layers.output import Diverged
+from tests.kit import reference
 from tests.oracle import (act, initial_weights, max_diff, plain_backprop, plain_dni,
                           plain_stale_backprop, plain_stale_dni)
 
@@ -31,7 +31,7 @@ CASES = [
 def test_backprop_reference_equals_plain_numpy_loop(kw):
     cfg = Config(mode="backprop", quiet=True, **kw)
     layers, (wo, bo) = plain_backprop(cfg)
-    res = train_reference(cfg)
+    res = reference(cfg)
     assert res.batches == cfg.total_batches
     assert len(res.hidden) == cfg.layers - 1
     for (w, b), layer in zip(layers, res.hidden):
@@ -57,11 +57,11 @@ def test_backprop_reference_equals_plain_numpy_loop(kw):
 @pytest.mark.parametrize("mode", ["dni", "cdni"])
 @pytest.mark.parametrize("kw", [dict(epochs=5), dict(epochs=3, layers=4, hidden=(16, 12, 8),
                                                       examples=25, activation="relu", lr=0.1)],
-                         ids=["seed-shape", "deep-relu-short-batch"])
+                         ids=["notebook-shape", "deep-relu-short-batch"])
 def test_dni_reference_equals_plain_numpy_loop(mode, kw):
     cfg = Config(mode=mode, quiet=True, **kw)
     layers, (wo, bo), sgs = plain_dni(cfg)
-    res = train_reference(cfg)
+    res = reference(cfg)
     for (w, b), (v, c), layer in zip(layers, sgs, res.hidden):
         assert max_diff(layer.w, w) <= 1e-12
         assert max_diff(layer.b, b) <= 1e-12
@@ -76,7 +76,7 @@ def test_dni_reference_equals_plain_numpy_loop(mode, kw):
 def test_emitted_events_per_epoch(mode):
     cfg = Config(mode=mode, epochs=3, examples=25, quiet=True)
     events = []
-    res = train_reference(cfg, emit=events.append)
+    res = reference(cfg, emit=events.append)
     epochs = [e for e in events if e["event"] == "epoch"]
     layer = [e for e in events if e["event"] == "layer"]
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
@@ -104,7 +104,7 @@ def test_emitted_events_per_epoch(mode):
 def test_every_epoch_has_its_layer_event(kw):
     cfg = Config(mode="cdni", epochs=3, quiet=True, **kw)
     events = []
-    res = train_reference(cfg, emit=events.append)
+    res = reference(cfg, emit=events.append)
     layer = [e for e in events if e["event"] == "layer"]
     for k, h in enumerate(res.hidden, start=1):
         mine = [e for e in layer if e["role"] == f"layer{k}"]
@@ -161,7 +161,7 @@ def _assert_injected(cfg: Config, res) -> None:
 def test_async_backprop_without_delay_is_backprop():
     cfg = Config(mode="async-backprop", epochs=4, quiet=True)
     layers, (wo, bo) = plain_backprop(cfg)
-    res = train_reference(cfg)
+    res = reference(cfg)
     for (w, b), layer in zip(layers, res.hidden):
         assert max_diff(layer.w, w) <= 1e-12 and max_diff(layer.b, b) <= 1e-12
     assert max_diff(res.output.w, wo) <= 1e-12
@@ -171,7 +171,7 @@ def test_async_backprop_without_delay_is_backprop():
 def test_stale_backprop_reference_equals_plain_numpy_loop(kw):
     cfg = Config(quiet=True, **kw)
     layers, (wo, bo) = plain_stale_backprop(cfg)
-    res = train_reference(cfg)
+    res = reference(cfg)
     for (w, b), layer in zip(layers, res.hidden):
         assert max_diff(layer.w, w) <= 1e-12
         assert max_diff(layer.b, b) <= 1e-12
@@ -193,7 +193,7 @@ def test_stale_backprop_reference_equals_plain_numpy_loop(kw):
 def test_stale_dni_reference_equals_plain_numpy_loop(mode, kw, refresh):
     cfg = Config(mode=mode, quiet=True, sg_refresh=refresh, **kw)
     layers, (wo, bo), sgs = plain_stale_dni(cfg)
-    res = train_reference(cfg)
+    res = reference(cfg)
     for (w, b), (v, c), layer in zip(layers, sgs, res.hidden):
         assert max_diff(layer.w, w) <= 1e-12
         assert max_diff(layer.b, b) <= 1e-12
@@ -219,14 +219,14 @@ def _assert_remedies_acted(cfg: Config, res) -> None:
     the loops above agree on more than an inert option."""
     if all(getattr(cfg, k) == v for k, v in REMEDIES.items()):
         return
-    plain = train_reference(dataclasses.replace(cfg, **REMEDIES))
+    plain = reference(dataclasses.replace(cfg, **REMEDIES))
     assert max(max_diff(a.w, b.w) for a, b in zip(res.hidden, plain.hidden)) > 1e-9
 
 
 @pytest.mark.parametrize("mode, delay", [("cdni", 2), ("async-backprop", 2), ("backprop", 0)])
 def test_gradients_not_due_at_the_end_expire(mode, delay):
     cfg = Config(mode=mode, epochs=2, examples=25, grad_delay=delay, quiet=True)
-    res = train_reference(cfg)
+    res = reference(cfg)
     for layer in res.hidden:
         st = layer.stats.as_dict()
         assert st["expired_gradients"] == delay
@@ -239,7 +239,7 @@ def test_gradients_not_due_at_the_end_expire(mode, delay):
 def test_update_prob_zero_freezes_every_weight_but_not_the_sg_modules(mode):
     cfg = Config(mode=mode, epochs=3, examples=25, update_prob=0.0, quiet=True)
     (hidden0, (wo0, bo0)) = initial_weights(cfg)
-    res = train_reference(cfg)
+    res = reference(cfg)
     total = cfg.total_batches
     for (w, b), layer in zip(hidden0, res.hidden):
         np.testing.assert_array_equal(layer.w, w)
@@ -259,7 +259,7 @@ def test_drop_prob_one_no_true_gradient_reaches_a_hidden_layer(mode):
     cfg = Config(mode=mode, layers=4, hidden=(6,), epochs=2, examples=25, drop_prob=1.0,
                  quiet=True)
     (hidden0, (wo0, _)) = initial_weights(cfg)
-    res = train_reference(cfg)
+    res = reference(cfg)
     total = cfg.total_batches
     for k, ((w, b), layer) in enumerate(zip(hidden0, res.hidden)):
         # DNI: the SG modules never learn, so they predict zero and W never moves
@@ -284,17 +284,17 @@ def test_should_stop_interrupts():
         return len(calls) > 4
 
     with pytest.raises(KeyboardInterrupt):
-        train_reference(Config(mode="backprop", epochs=2, quiet=True), should_stop=stop)
+        reference(Config(mode="backprop", epochs=2, quiet=True), should_stop=stop)
     assert len(calls) == 5
 
 
-# --- behaviour on the seed task (Config defaults: 8 bits, 100 examples, batch 10,
+# --- behaviour on the addition task (Config defaults: 8 bits, 100 examples, batch 10,
 # --- hidden 128/64, sigmoid, lr 0.5, sg-lr 0.03, 800 epochs). Measured with seeds 1-3:
 # --- cdni 100 %, backprop 100 %, dni 1-3 % (its loss falls slowly: 6.5 -> 5.2).
 
 def _run(**kw):
     events = []
-    res = train_reference(Config(quiet=True, **kw), emit=events.append)
+    res = reference(Config(quiet=True, **kw), emit=events.append)
     losses = [e["loss"] for e in events if e["event"] == "epoch"]
     return res, losses
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import rendezvous, security
+from pipeline.net import rendezvous, security
 from pipeline.config import Config
-from pipeline.engines import Engine
+from pipeline.net.engines import Engine
 from tests.conftest import _alive
 from tests.test_cluster import Weights, free_ports
 from tests.test_pipeline import assert_bit_identical, reference_weights
@@ -44,6 +44,7 @@ def test_the_gathered_records_become_the_placement_with_each_peers_key():
     assert c.pids["layer2"] == 103 and c.roles["output"].host == "127.0.0.1"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unlock", [{}, dict(unlock="forward", grad_delay=2, input_delay=1)],
                          ids=["locked", "unlocked"])
 def test_torchrun_style_variables_start_a_run_through_rank_0(tmp_path, unlock):

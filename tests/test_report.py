@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import plots, report
+from commands import report as report_command
+from pipeline.run import plots, report
+from pipeline.run.rundir import load_run
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,8 +102,9 @@ def assert_png(path: Path) -> None:
 
 # --- text_report -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_text_report_shows_the_numbers_of_the_run(tmp_path):
-    text = report.text_report(report.load_run(make_run(tmp_path / "run")))
+    text = report.text_report(load_run(make_run(tmp_path / "run")))
     for expected in ["run completed", "cdni (pipeline)", "4/4 epochs", "final loss 4.4817",
                      "exact sums 5.0 %", "1 line(s) not valid JSON",
                      "layer 1 layer1", "layer 2 layer2", "layer 3 output",
@@ -121,10 +124,11 @@ def test_text_report_shows_the_numbers_of_the_run(tmp_path):
     assert text.count("    SG ") == 2
 
 
+@pytest.mark.slow
 def test_text_report_of_a_failed_run_without_results(tmp_path):
     summary = {**SUMMARY, "status": "failed", "final_loss": None, "train_accuracy": None,
                "batches_per_s": None, "error": {"role": "layer2", "message": "boom"}}
-    text = report.text_report(report.load_run(make_run(tmp_path / "run", summary)))
+    text = report.text_report(load_run(make_run(tmp_path / "run", summary)))
     assert "run failed" in text and "failed role layer2: boom" in text
     assert "final loss n/a" in text and "exact sums n/a" in text
 
@@ -135,7 +139,7 @@ def test_text_report_of_a_failed_run_without_results(tmp_path):
 def test_main_prints_the_report_and_writes_a_png(tmp_path):
     path = make_run(tmp_path / "run")
     out = io.StringIO()
-    assert report.main(str(path), out) == 0
+    assert report_command.main(str(path), out) == 0
     assert "final loss 4.4817" in out.getvalue()
     assert str(path / "report.png") in out.getvalue()
     assert_png(path / "report.png")
@@ -148,7 +152,7 @@ def test_report_png_of_a_backprop_run_without_sg_or_histograms(tmp_path):
     summary = {**SUMMARY, "mode": "backprop", "status": "interrupted", "final_loss": None,
                "train_accuracy": None, "layers": layers}
     path = make_run(tmp_path / "run", summary, _events(sg=False))
-    assert report.main(path, io.StringIO()) == 0
+    assert report_command.main(path, io.StringIO()) == 0
     assert_png(path / "report.png")
 
 
@@ -156,7 +160,7 @@ def test_main_without_matplotlib_prints_the_hint_and_draws_nothing(tmp_path, mon
     monkeypatch.setattr(plots, "available", lambda: False)
     path = make_run(tmp_path / "run")
     out = io.StringIO()
-    assert report.main(path, out) == 0
+    assert report_command.main(path, out) == 0
     assert "final loss 4.4817" in out.getvalue()
     assert out.getvalue().rstrip().endswith(plots.HINT)
     assert not (path / "report.png").exists()
@@ -164,7 +168,7 @@ def test_main_without_matplotlib_prints_the_hint_and_draws_nothing(tmp_path, mon
 
 def test_main_on_a_bad_directory_says_why_and_returns_2(tmp_path, capsys):
     out = io.StringIO()
-    assert report.main(tmp_path / "missing", out) == 2
+    assert report_command.main(tmp_path / "missing", out) == 2
     assert out.getvalue() == ""
     err = capsys.readouterr().err
     assert err.startswith("report: error: ") and "missing" in err
@@ -226,6 +230,7 @@ def test_sweep_plot_refuses_no_rows(tmp_path):
 
 # --- end to end ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @needs_matplotlib
 def test_report_of_a_real_run(tmp_path):
     run_dir = tmp_path / "run"
@@ -234,13 +239,14 @@ def test_report_of_a_real_run(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     out = io.StringIO()
-    assert report.main(run_dir, out) == 0
+    assert report_command.main(run_dir, out) == 0
     text = out.getvalue()
     assert "run completed" in text and "staleness 2.00 mean, 2 max" in text
     assert "not valid JSON" not in text
     assert_png(run_dir / "report.png")
 
 
+@pytest.mark.slow
 def test_text_report_shows_an_unlocked_layers_true_inputs(tmp_path):
     q = {"mean": 0.25, "p10": 0.1, "p50": 0.2, "p90": 0.4, "count": 3}
     layers = [dict(L) for L in SUMMARY["layers"]]
@@ -249,7 +255,7 @@ def test_text_report_shows_an_unlocked_layers_true_inputs(tmp_path):
                      input_staleness_hist={"2": 30, "1": 10},
                      si_quality={"cosine": {**q, "mean": 0.9876, "p50": 0.99},
                                  "rel_err": q, "si_loss": q})
-    text = report.text_report(report.load_run(make_run(tmp_path / "run",
+    text = report.text_report(load_run(make_run(tmp_path / "run",
                                                        {**SUMMARY, "layers": layers})))
     layer2 = text.split("layer 2 layer2")[1].split("layer 3 output")[0]
     assert "true inputs 40   expired 1   forward staleness 1.75 mean, 2 max" in layer2

@@ -12,10 +12,10 @@ import stat
 import numpy as np
 import pytest
 
-from pipeline import rundir
+from pipeline.run import rundir
 from pipeline.config import Config
-from pipeline.checkpoint import read_latest
-from pipeline.rundir import RunDir, open_run
+from pipeline.run.resume import read_latest
+from pipeline.run.rundir import RunDir, open_run
 from tests.test_report import SUMMARY, make_run
 
 pytestmark = pytest.mark.timeout(30)
@@ -483,7 +483,7 @@ def test_a_resumed_run_does_not_join_a_killed_runs_half_line(tmp_path):
 
 
 def test_a_summary_the_disk_has_no_room_for_is_one_line(tmp_path, monkeypatch, capsys):
-    from pipeline.summary import build_summary, close_run
+    from pipeline.run.summary import build_summary, close_run
     rd = RunDir(tmp_path / "run")
 
     def full(name, obj):

@@ -10,9 +10,11 @@ import stat
 import numpy as np
 import pytest
 
-from pipeline import protocol, runfiles
+from pipeline import files
+from pipeline.run import runfiles
+from pipeline.wire import protocol
 from pipeline.config import Config
-from pipeline.rundir import RunDir
+from pipeline.run.rundir import RunDir
 
 pytestmark = pytest.mark.timeout(60)
 ROLES = ["layer1", "output"]
@@ -71,7 +73,7 @@ def test_retention_leaves_what_the_run_did_not_write(tmp_path):
 
 
 def test_no_checkpoint_goes_before_the_new_one_is_in_force(tmp_path, monkeypatch):
-    from pipeline import rundir
+    from pipeline.run import rundir
     rd = RunDir(tmp_path / "run")
     for epoch in (1, 2, 3):
         for role in ROLES:
@@ -96,7 +98,7 @@ def test_no_checkpoint_goes_before_the_new_one_is_in_force(tmp_path, monkeypatch
 # --- the space kept for the last writes ------------------------------------------------
 
 KINDS = {
-    "the seed's": {},
+    "the addition task's": {},
     "dni, SG hidden layers, batch norm": dict(mode="dni", sg_hidden=(32, 16), batchnorm=True),
     "backprop float32 layer norm": dict(mode="backprop", dtype="float32", layernorm=True),
     "unlock forward": dict(unlock="forward", layers=4, hidden=(20, 12, 9)),
@@ -110,7 +112,7 @@ def test_the_space_kept_holds_what_a_stopped_run_writes(tmp_path, kw):
     """The sizes from the configuration alone against the layers a run of it
     builds, and the space against the weights files written of them and a
     summary of that many layers."""
-    from pipeline.model import make_hidden, make_output
+    from pipeline.layers.build import make_hidden, make_output
     cfg = Config(**kw)
     layers = [make_hidden(cfg, k) for k in range(1, cfg.layers)] + [make_output(cfg)]
     assert runfiles.weight_sizes(cfg) == [[a.size for a in L.weights().values()]
@@ -129,8 +131,8 @@ def test_files_beside_runs_are_written_whole_and_private(tmp_path):
     try:
         (tmp_path / "plot.png").write_bytes(b"old")
         os.chmod(tmp_path / "plot.png", 0o644)
-        runfiles.write_private(tmp_path / "plot.png", lambda f: f.write(b"new"))
-        runfiles.write_private(tmp_path / "a" / "b" / "t.md", lambda f: f.write("x"), text=True)
+        files.write_private(tmp_path / "plot.png", lambda f: f.write(b"new"))
+        files.write_private(tmp_path / "a" / "b" / "t.md", lambda f: f.write("x"), text=True)
     finally:
         os.umask(old)
     assert (tmp_path / "plot.png").read_bytes() == b"new"
@@ -148,9 +150,9 @@ def test_the_space_is_taken_where_the_file_system_cannot_allocate(tmp_path, monk
         def unsupported(fd, offset, size):
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         monkeypatch.setattr(os, "posix_fallocate", unsupported)
-    fd = runfiles.open_private(tmp_path / ".reserve", os.O_TRUNC)
+    fd = files.open_private(tmp_path / ".reserve", os.O_TRUNC)
     try:
-        runfiles.allocate(fd, 3 * 1024 * 1024 + 5)
+        files.allocate(fd, 3 * 1024 * 1024 + 5)
     finally:
         os.close(fd)
     assert (tmp_path / ".reserve").stat().st_size == 3 * 1024 * 1024 + 5

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline.config import MODES, Config
-from pipeline.schedule import (Reads, barrier_passes, checkpoint_due, due_outstanding, ends_epoch, epoch_of,
-                               finished, input_owed, input_stop, input_stream, is_due,
-                               may_read, may_take_batch, stream, unlocked_reads)
+from pipeline.math.staleness import due_outstanding, is_due
+from pipeline.nodes.schedule import (Reads, barrier_passes, checkpoint_due, ends_epoch,
+                                     epoch_of, finished, input_owed, input_stop, input_stream,
+                                     may_read, may_take_batch, stream, unlocked_reads)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -130,7 +131,7 @@ def test_every_epoch_ends_exactly_once_over_a_run(examples, batch_size, epochs, 
 
 
 def test_the_data_stream_in_order_exact_table():
-    from pipeline.schedule import Turn, stream
+    from pipeline.nodes.schedule import Turn, stream
     c = SimpleNamespace(start_epoch=1, epochs=3, examples=5, batch_size=2, batches_per_epoch=3,
                         test_examples=3, checkpoint_every=1)
     assert list(stream(c)) == [

@@ -12,9 +12,10 @@ import pytest
 import zmq
 import zmq.auth
 
-from pipeline import protocol, security
-from pipeline.security import Guard, Refusals
-from pipeline.transport import LOCAL_IPC
+from pipeline.net import security
+from pipeline.wire import protocol
+from pipeline.net.security import Guard, Refusals
+from pipeline.net.transport import LOCAL_IPC
 from tests.conftest import error_line, run_launch
 
 REFUSAL_WAIT_MS = 5000   # a refusal is a local handshake: it comes in milliseconds
@@ -143,6 +144,7 @@ def test_generate_keys_never_replaces_a_key(tmp_path):
         security.generate_keys(out, ["../evil"])
 
 
+@pytest.mark.slow
 def test_keys_where_they_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="cannot write keys in .*file/keys: Not a directory"):
@@ -370,6 +372,7 @@ def try_as(uid: int | None, endpoints: list[str], files: list[str]) -> dict[str,
     return json.loads(text)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not LOCAL_IPC or os.geteuid() != 0,
                     reason="needs Unix sockets and root, to act as another user")
 def test_another_user_can_neither_connect_nor_read_the_run(launch):

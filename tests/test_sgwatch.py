@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from pipeline import sgwatch
+from pipeline.coord import sgwatch
 from pipeline.config import Config
-from pipeline.sgwatch import SGWatch, collapsed
-from pipeline.summary import Progress, build_summary, table
+from pipeline.coord.sgwatch import SGWatch, collapsed
+from pipeline.run.summary import Progress, build_summary, table
 from tests.conftest import run_launch
 from tests.test_classification import blobs
 
@@ -126,6 +126,7 @@ def test_progress_prints_a_warning_unless_quiet():
     assert quiet.getvalue() == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["--in-process", "--lockstep"])
 def test_a_run_that_staleness_breaks_says_so(tmp_path, where):
     """Adam at ten times the default step with 16 steps of delay and no batch

@@ -1,4 +1,4 @@
-"""The private socket directory's leftovers (pipeline/sockdir.py): a
+"""The private socket directory's leftovers (pipeline/net/sockdir.py): a
 directory of ours whose owner is gone is removed, on an exact table of
 owners, users, modes and names; and the directory a supervisor killed with
 SIGKILL left behind goes with the next run."""
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import sockdir
+from pipeline.net import sockdir
 from tests.conftest import _alive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +51,7 @@ def dead() -> tuple[int, int]:
     return child.pid, start
 
 
+@pytest.mark.slow
 def test_a_leftover_goes_only_when_it_is_ours_and_its_owner_is_gone(tmp_path, dead):
     me, my_start = os.getpid(), start_of("self")
     pid, start = dead
@@ -102,6 +103,7 @@ def test_the_directory_is_named_after_its_owner_and_private(monkeypatch):
         shutil.rmtree(temp)
 
 
+@pytest.mark.slow
 def test_the_next_run_removes_what_a_supervisor_killed_outright_left(tmp_path):
     temp = Path(tempfile.mkdtemp())  # short: socket paths are short
     env = dict(os.environ, TMPDIR=str(temp))

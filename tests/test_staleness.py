@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import staleness
+from pipeline.math import staleness
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.stats (and layers.sg_quality, the figures it aggregates): exact
+"""Tests for pipeline.stats (and sg_quality, the figures it aggregates): exact
 tables for the per-epoch events and the whole-run counters, the reservoir's bounds."""
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.layers import sg_quality
-from pipeline.stats import (Applied, EpochStats, InputEpoch, InputStats, LayerEpoch, LayerStats,
-                           Reservoir, Staleness)
-from pipeline.synthetic_input import InputApplied
+from pipeline.layers.stats import (Applied, EpochStats, InputApplied, InputEpoch, InputStats,
+                                   LayerEpoch, LayerStats, Reservoir, Staleness, sg_quality)
 
 pytestmark = pytest.mark.timeout(30)
 

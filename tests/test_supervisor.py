@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import Config
-from pipeline.rundir import RunDir
+from pipeline.run.rundir import RunDir
 from tests.conftest import _alive, assert_no_orphans
 from commands import supervisor
 
@@ -23,6 +23,7 @@ pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_worker_exception_fails_the_run_naming_role_and_error(tmp_path, monkeypatch):
     real = supervisor.module_of
     monkeypatch.setattr(supervisor, "module_of",
@@ -40,6 +41,7 @@ def test_worker_exception_fails_the_run_naming_role_and_error(tmp_path, monkeypa
     assert not [r for r, p in pids.items() if _alive(p["pid"])]
 
 
+@pytest.mark.slow
 def test_killing_the_supervisor_leaves_no_orphans(launch):
     run = launch("--epochs", "100000", "--quiet")
     run.wait_started()
@@ -50,6 +52,7 @@ def test_killing_the_supervisor_leaves_no_orphans(launch):
     assert_no_orphans(run)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_run_that_stops_moving_is_failed_naming_the_role(tmp_path, monkeypatch):
     """layer2 answers every heartbeat but handles nothing: the others fill
@@ -72,7 +75,7 @@ def test_a_run_that_stops_moving_is_failed_naming_the_role(tmp_path, monkeypatch
 @pytest.fixture
 def sup(tmp_path):
     """A supervisor that is not running: its message handling, driven directly."""
-    from pipeline.transport import remove_private_dir
+    from pipeline.net.transport import remove_private_dir
     cfg = Config(epochs=6, checkpoint_every=2, quiet=True, run_dir=str(tmp_path / "run"))
     s = supervisor.Supervisor(cfg, RunDir(cfg.run_dir), "feedc0ffee02", io.StringIO())
     yield s
@@ -83,20 +86,21 @@ def sup(tmp_path):
 
 
 def _state(cfg, role):
-    from pipeline.checkpoint import layer_state
-    from pipeline.model import make_hidden, make_output
+    from pipeline.layers.state import layer_state
+    from pipeline.layers.build import make_hidden, make_output
     layer = make_output(cfg) if role == "output" else make_hidden(cfg, int(role[-1]))
     return layer_state(layer)
 
 
 def take(sup, msg) -> None:
-    """Hand the supervisor ``msg`` as its receive loop does: with its size on the wire."""
-    from pipeline import wire
-    sup._take(msg, sum(memoryview(f).nbytes for f in wire.encode(msg)))
+    """Hand the supervisor's coordinator ``msg`` from a proven role, as its
+    receive loop does (with its size on the wire), and carry out what it says."""
+    from pipeline.wire import codec as wire
+    sup._do(sup.coord.take(msg, sum(memoryview(f).nbytes for f in wire.encode(msg))))
 
 
 def test_checkpoints_out_of_turn_or_unfit_are_dropped_and_counted(sup, tmp_path):
-    from pipeline.protocol import Message, Speaker
+    from pipeline.wire.protocol import Message, Speaker
     say = Speaker("feedc0ffee02", "layer1")
     state, arrays = _state(sup.cfg, "layer1")
     bad_shape = dict(arrays, w=np.zeros((1, 128), arrays["w"].dtype))
@@ -112,50 +116,51 @@ def test_checkpoints_out_of_turn_or_unfit_are_dropped_and_counted(sup, tmp_path)
                         {k: v for k, v in forged[1].meta.items() if k != "epoch"})
     for msg in forged:
         take(sup, msg)
-    assert sup.refused == {"layer1": 5, "source": 1}
+    assert sup.coord.refused == {"layer1": 5, "source": 1}
     assert not (tmp_path / "run" / "checkpoints").exists()
     take(sup, say.state(1, state, arrays))     # the real one
-    assert (tmp_path / "run" / "checkpoints").is_dir() and sup.checkpoints == {1: {"layer1"}}
+    assert (tmp_path / "run" / "checkpoints").is_dir() and sup.coord.checkpoints == {1: {"layer1"}}
     take(sup, say.state(1, state, arrays))     # the same again
-    assert sup.refused["layer1"] == 6
+    assert sup.coord.refused["layer1"] == 6
 
 
 def test_done_with_weights_unfit_for_the_layer_is_dropped(sup):
-    from pipeline.protocol import Speaker
+    from pipeline.wire.protocol import Speaker
     say = Speaker("feedc0ffee02", "layer2")
     _, arrays = _state(sup.cfg, "layer2")
     weights = {k: v for k, v in arrays.items() if k in _fresh_weights(sup.cfg, "layer2")}
     take(sup, say.done({}, 0, 1.0, 1.0, {"w": np.zeros((3, 3))}))
-    assert "layer2" not in sup.done and sup.refused == {"layer2": 1}
+    assert "layer2" not in sup.coord.done and sup.coord.refused == {"layer2": 1}
     take(sup, say.done({}, 0, 1.0, 1.0, weights))
-    assert "layer2" in sup.done
+    assert "layer2" in sup.coord.done
     take(sup, say.done({}, 0, 1.0, 1.0, weights))   # a second done
-    assert sup.refused == {"layer2": 2}
+    assert sup.coord.refused == {"layer2": 2}
 
 
 def _fresh_weights(cfg, role):
-    from pipeline.model import make_hidden
+    from pipeline.layers.build import make_hidden
     return make_hidden(cfg, int(role[-1])).weights()
 
 
 def test_metric_floods_and_giants_are_dropped_not_written(sup, tmp_path):
-    from commands.supervisor import METRIC_BURST, METRIC_PER_EPOCH
-    from pipeline.protocol import Message, Speaker
+    from pipeline.coord.coordinator import METRIC_BURST, METRIC_PER_EPOCH
+    from pipeline.wire.protocol import Message, Speaker
     say = Speaker("feedc0ffee02", "layer1")
     # too large: 70 KB on the wire (a header alone cannot be: wire.decode
     # refuses headers over 64 KiB; the bytes come as an array)
     take(sup, Message("metric", "feedc0ffee02", -1, "layer1", 0, (np.zeros(8750),),
                       {"event": "log"}))
-    assert sup.refused == {"layer1": 1}
+    assert sup.coord.refused == {"layer1": 1}
     allowed = METRIC_BURST + METRIC_PER_EPOCH   # no epoch done yet
     for i in range(allowed + 500):
         take(sup, say.metric({"event": "log", "text": f"line {i}"}))
-    assert sup.refused == {"layer1": 1 + 500}
+    assert sup.coord.refused == {"layer1": 1 + 500}
     sup.rd.close()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == allowed and lines[-1].endswith(f'"line {allowed - 1}"}}')
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_worker_whose_supervisor_died_before_it_started_leaves_at_once(tmp_path):
     """The kernel's parent-death signal is set only once a worker's imports

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.sweep import Point, aggregate, grid, markdown, markdown_by_variant
+from pipeline.run.sweep import Point, aggregate, grid, markdown, markdown_by_variant
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(120)
@@ -31,7 +31,7 @@ def test_grid_runs_every_variant_over_the_whole_grid():
 
 
 def test_parse_sweep_variants_carry_their_run_options():
-    from pipeline.cli import parse_sweep
+    from pipeline.run.cli import parse_sweep
     args = parse_sweep(["--modes", "cdni", "--grad-delay", "0,8", "--epochs", "3",
                         "--variant", "plain:", "--variant", "bn: --batchnorm --sg-boost 0.5",
                         "--variant", "sgd: --optimizer sgd --momentum 0.9 --lr 0.1"])
@@ -43,6 +43,7 @@ def test_parse_sweep_variants_carry_their_run_options():
     assert parse_sweep(["--modes", "cdni"]).variants == [""]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, says", [
     ("k: --grad-delay 3", "--grad-delay"),
     ("s: --seed 4", "--seed"),
@@ -58,6 +59,7 @@ def test_sweep_refuses_a_bad_variant_in_one_line(tmp_path, variant, says):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.slow
 def test_sweep_refuses_a_variant_that_does_not_fit_a_mode(tmp_path):
     done = sweep(tmp_path / "s", "--modes", "cdni,backprop", "--variant", "b: --sg-boost 1")
     assert done.returncode == 2 and "--sg-boost" in done.stderr
@@ -110,6 +112,7 @@ ARGS = ["--modes", "cdni,async-backprop", "--grad-delay", "0,2", "--seeds", "1",
         "--epochs", "8", "--examples", "30"]
 
 
+@pytest.mark.slow
 def test_sweep_writes_csv_table_and_plot_and_resumes(tmp_path):
     out = tmp_path / "sweep"
     done = sweep(out, *ARGS, "--in-process")
@@ -134,6 +137,7 @@ def test_sweep_writes_csv_table_and_plot_and_resumes(tmp_path):
     assert read_csv(out / "results.csv") == rows
 
 
+@pytest.mark.slow
 def test_sweep_with_variants_writes_a_row_and_a_line_per_variant(tmp_path):
     out = tmp_path / "sweep"
     done = sweep(out, "--modes", "cdni", "--grad-delay", "0,2", "--seeds", "1", "--epochs", "4",
@@ -154,6 +158,7 @@ def test_sweep_with_variants_writes_a_row_and_a_line_per_variant(tmp_path):
     assert (out / "accuracy_vs_staleness.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_sweep_reruns_a_point_that_did_not_complete(tmp_path):
     out = tmp_path / "sweep"
     point = out / "runs" / "cdni-delay0-seed1"
@@ -167,6 +172,7 @@ def test_sweep_reruns_a_point_that_did_not_complete(tmp_path):
     assert json.loads(kept.read_text()) == {"status": "interrupted"}
 
 
+@pytest.mark.slow
 def test_process_sweep_under_lockstep_equals_in_process_sweep(tmp_path):
     args = ["--modes", "cdni", "--grad-delay", "0,1", "--seeds", "1", "--epochs", "6",
             "--examples", "30"]
@@ -178,6 +184,7 @@ def test_process_sweep_under_lockstep_equals_in_process_sweep(tmp_path):
     assert [{k: r[k] for k in keys} for r in ra] == [{k: r[k] for k in keys} for r in rb]
 
 
+@pytest.mark.slow
 def test_sweep_rejects_bad_grid_before_running(tmp_path):
     done = sweep(tmp_path / "s", "--modes", "cdni,nope")
     assert done.returncode == 2 and "--modes" in done.stderr
@@ -207,8 +214,8 @@ def test_grid_unlocks_the_sg_modes_with_input_delays_up_to_the_gradient_delay():
 
 
 def test_parse_sweep_keeps_the_synthetic_input_options_for_the_unlocked_points(tmp_path):
-    from pipeline.cli import parse_sweep
-    from pipeline.sweep import point_config
+    from pipeline.run.cli import parse_sweep
+    from pipeline.run.sweep import point_config
     args = parse_sweep(["--modes", "cdni", "--grad-delay", "1", "--unlock", "none,forward",
                         "--input-delay", "0,1", "--si-second-step", "--si-lr", "0.1"])
     assert (args.unlocks, args.input_delays) == (["none", "forward"], [0, 1])
@@ -232,6 +239,7 @@ def test_aggregate_keeps_unlocked_runs_apart():
         ("cdni unlocked, input delay 1", 3.0)]
 
 
+@pytest.mark.slow
 def test_sweep_over_unlock_and_input_delay_runs_and_measures_it(tmp_path):
     out = tmp_path / "sweep"
     done = sweep(out, "--modes", "cdni", "--grad-delay", "2", "--unlock", "none,forward",
@@ -249,6 +257,7 @@ def test_sweep_over_unlock_and_input_delay_runs_and_measures_it(tmp_path):
     assert "| cdni unlocked, input delay 2 | 2 | 1 |" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, flag", [
     (["--unlock", "forward", "--modes", "backprop"], "--input-delay"),   # nothing can run
     (["--unlock", "forward", "--grad-delay", "0", "--input-delay", "1"], "--input-delay"),

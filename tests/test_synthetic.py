@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import nn
-from pipeline.synthetic import SGModule
+from pipeline.math import nn
+from pipeline.layers.sg_module import SGModule
 from tests.numeric import numeric_grad
 
 pytestmark = pytest.mark.timeout(30)

@@ -1,19 +1,20 @@
 """Tests for pipeline.synthetic_input: the synthetic-input model's regression
 against finite differences, its zero start, the refresh rule, the quality
-figures against a hand computation; HiddenLayer.forward_true against finite
+figures against a hand computation; HiddenLayer.begin_true against finite
 differences; and a small completely unlocked network in numpy alone."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import nn
-from pipeline.layers import HiddenLayer
-from pipeline.output_layer import OutputLayer
-from pipeline.synthetic_input import (InputPredictor, SIModule, synthetic_forward,
-                                      synthetic_output_step, true_input_arrives,
-                                      true_output_input)
+from pipeline.math import nn
+from pipeline.layers.hidden import HiddenLayer
+from pipeline.layers.output import OutputLayer
+from pipeline.layers.input_model import InputPredictor, SIModule
+from tests.kit import (synthetic_forward, synthetic_output_step, true_input_arrives,
+                       true_output_input)
 from tests.numeric import numeric_grad, ref_act
+from tests.kit import hidden_layer
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -201,7 +202,7 @@ def assert_second_step(layer, w, b, step, lr, g_w, g_b, second_step: bool) -> No
 
 
 def layer(mode: str = "cdni", act: str = "sigmoid", lr: float = 0.25, **kw) -> HiddenLayer:
-    hl = HiddenLayer(2, D_PREV, WIDTH, mode=mode, activation=act, lr=lr, sg_lr=0.05,
+    hl = hidden_layer(2, D_PREV, WIDTH, mode=mode, activation=act, lr=lr, sg_lr=0.05,
                      label_dim=LABELS, rng=np.random.default_rng(20), **kw)
     if hl.sg is not None:
         rng = np.random.default_rng(21)
@@ -251,11 +252,14 @@ def test_forward_true_sends_the_finite_difference_dx_and_steps_by_option(mode, a
         return float(np.sum(g * ref_act(act, h_prev @ w + b)) / N)
 
     g_w, g_b, g_x = (numeric_grad(surrogate, a) for a in (w, b, h_prev))
-    sent = {}
-    a, h, dx = true_input_arrives(hl, si, 0, h_prev, y, need_dx=True, second_step=second_step,
-                                  send_h=lambda v: sent.setdefault("h", v),
-                                  send_dx=lambda v: sent.setdefault("dx", v))
-    assert sent["h"] is h and sent["dx"] is dx
+    # The layer's phases, as its node runs them: h, then dx, each out before
+    # the weights move (the node sends each at once), then the step's end.
+    hl.si = si
+    h = hl.begin_true(0, h_prev, y)
+    dx = hl.synthetic_dx(need_dx=True)
+    np.testing.assert_array_equal(hl.w, w)
+    np.testing.assert_array_equal(hl.b, b)
+    a = hl.end_true(second_step)
     np.testing.assert_allclose(h, h0, rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(dx, N * g_x, rtol=RTOL, atol=ATOL)
     assert_second_step(hl, w, b, step, lr, g_w, g_b, second_step)
@@ -290,7 +294,7 @@ def test_forward_true_refuses_a_layer_without_sg_module():
     _, y = data(28)
     hl.forward(0, np.zeros((N, D_PREV)), y, need_dx=False)
     with pytest.raises(ValueError, match="--unlock forward"):
-        hl.forward_true(0, np.ones((N, D_PREV)), y, need_dx=False)
+        hl.begin_true(0, np.ones((N, D_PREV)), y)
 
 
 # --- the output layer's two steps ----------------------------------------------------
@@ -380,11 +384,11 @@ def test_unlocked_network_learns_and_its_synthetic_input_fits_the_linear_map(sec
     rng = np.random.default_rng(30)
     d0, d1, d2, dout, n, steps = 4, 5, 5, 3, 16, 600
     teacher = rng.standard_normal((d0, dout))
-    l1 = HiddenLayer(1, d0, d1, mode="dni", activation="relu", lr=0.005, sg_lr=0.05,
+    l1 = hidden_layer(1, d0, d1, mode="dni", activation="relu", lr=0.005, sg_lr=0.05,
                      label_dim=dout, rng=np.random.default_rng(31))
     l1.w[...] = np.abs(l1.w)
     l1.b[...] = 0.5
-    l2 = HiddenLayer(2, d1, d2, mode="cdni", activation="sigmoid", lr=0.3, sg_lr=0.05,
+    l2 = hidden_layer(2, d1, d2, mode="cdni", activation="sigmoid", lr=0.3, sg_lr=0.05,
                      label_dim=dout, rng=np.random.default_rng(32))
     out = OutputLayer(3, d2, dout, lr=0.3, rng=np.random.default_rng(33))
     si = InputPredictor(d0, dout, d1, conditioned=False, lr=0.5)

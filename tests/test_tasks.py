@@ -7,7 +7,9 @@ import gzip
 import numpy as np
 import pytest
 
-from pipeline import cli, tasks
+from pipeline.data import tasks
+from pipeline.nodes import schedule
+from pipeline.run import cli
 from pipeline.config import Config, ConfigError
 from tests.conftest import error_line, run_launch
 
@@ -61,7 +63,7 @@ def test_options_said_on_the_command_line_beat_the_task_defaults(mnist_dir):
     assert (cfg.lr, cfg.optimizer, cfg.dtype, cfg.shuffle, cfg.activation, cfg.hidden,
             cfg.batchnorm) == (0.1, "sgd", "float64", False, "sigmoid", (9, 9), False)
     assert tasks.load(cfg).x.dtype == np.float64
-    # And the addition task keeps the seed's settings.
+    # And the addition task keeps the notebook's settings.
     seed = cli.parse([])
     assert (seed.lr, seed.optimizer, seed.dtype, seed.shuffle, seed.batch_size,
             seed.batchnorm) == (0.5, "sgd", "float64", False, 10, False)
@@ -78,19 +80,20 @@ def test_npz_without_a_test_split(tmp_path):
 
 def test_shuffled_batches_are_a_fresh_permutation_each_epoch():
     cfg = Config(examples=23, batch_size=5, shuffle=True, seed=4)
-    epochs = [tasks.epoch_batches(cfg, e) for e in range(3)]
+    epochs = [schedule.epoch_batches(cfg, e) for e in range(3)]
     for batches in epochs:
         assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
         assert sorted(np.concatenate(batches).tolist()) == list(range(23))
     flat = [np.concatenate(b).tolist() for b in epochs]
     assert flat[0] != flat[1] != flat[2]
     # The same seed and epoch give the same order in every process.
-    assert [b.tolist() for b in tasks.epoch_batches(cfg, 1)] == [b.tolist() for b in epochs[1]]
-    # Without shuffle: the seed's fixed order.
-    plain = tasks.epoch_batches(Config(examples=23, batch_size=5), 2)
+    assert [b.tolist() for b in schedule.epoch_batches(cfg, 1)] == [b.tolist() for b in epochs[1]]
+    # Without shuffle: the notebook's fixed order.
+    plain = schedule.epoch_batches(Config(examples=23, batch_size=5), 2)
     assert [(s.start, s.stop) for s in plain] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "mnist"], "--data-dir: --dataset mnist needs --data-dir"),
     (["--dataset", "cifar"], "--dataset: must be addition, mnist or npz:PATH"),
@@ -107,6 +110,7 @@ def test_bad_data_options_get_one_clear_line(args, message):
     assert message in line and "Traceback" not in line, line
 
 
+@pytest.mark.slow
 def test_a_truncated_image_file_names_the_file(mnist_dir):
     path = mnist_dir / "t10k-labels-idx1-ubyte"
     path.write_bytes(path.read_bytes()[:-3])
@@ -136,7 +140,7 @@ def test_a_run_bigger_than_memory_names_what_to_shrink(monkeypatch):
 
 
 def test_estimate_covers_the_arrays_it_counts():
-    """Independent count for one layer of the seed task: weights and bias,
+    """Independent count for one layer of the addition task: weights and bias,
     SGD with no momentum (one slot), the SG module of a cDNI layer."""
     from pipeline import limits
     cfg = Config()

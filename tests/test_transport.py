@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import zmq
 
-from pipeline import protocol, transport, wire
-from pipeline.protocol import Message, expect
-from pipeline.transport import MAX_REASONS, Inbox, Net
+from pipeline.net import transport
+from pipeline.wire import codec as wire, protocol
+from pipeline.wire.checks import expect
+from pipeline.wire.protocol import Message
+from pipeline.net.transport import MAX_REASONS, Inbox, Net
 
 pytestmark = pytest.mark.timeout(30)
 F64 = np.dtype(np.float64)
@@ -114,8 +116,8 @@ def test_a_local_run_listens_in_a_private_directory_unless_the_bench_says_otherw
     import stat
     import sys
 
-    from pipeline import transport
-    from pipeline.worker import placement
+    from pipeline.net import transport
+    from workers.serve import placement
 
     if not transport.LOCAL_IPC or not sys.platform.startswith("linux"):
         pytest.skip("Unix-domain and abstract-namespace sockets are Linux's")

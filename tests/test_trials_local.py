@@ -24,7 +24,7 @@ from tests.conftest import ROOT, Launch, assert_no_orphans, error_line, run_laun
 from tests.test_checkpoint import checkpointed_run
 from tests.test_datasets import idx_bytes
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
 def run_patched(patch: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -83,7 +83,7 @@ def test_signals_until_the_command_has_exited(launch):
 
 SIGNAL_ONCE_OPENED = """
 import os, signal
-from pipeline import rundir
+from pipeline.run import rundir
 _open_run = rundir.open_run
 def open_run(*args, **kwargs):  # the run directory exists; the run has not begun
     rd = _open_run(*args, **kwargs)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.checkpoint import check_weights, resume_config
+from pipeline.layers.state import check_weights
+from pipeline.run.resume import resume_config
 from pipeline.config import Config
 from tests.conftest import ROOT, Launch, error_line, run_launch
 from tests.test_checkpoint import checkpointed_run
@@ -25,7 +26,7 @@ from tests.test_pipeline import assert_bit_identical, reference_weights
 from tests.test_rundir import project, tree
 from tests.test_trials_local import run_patched
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 ROLES = ("layer1", "layer2", "output")
 
 
@@ -77,7 +78,7 @@ def assert_nothing_half_written(run: Path) -> None:
 def assert_weights_at_stop(run: Path, cfg: Config) -> None:
     """weights/ holds every layer's, of the layer's shapes, trained (not the
     initial ones), and the summary says they are the weights at the stop."""
-    from pipeline.model import make_hidden, make_output
+    from pipeline.layers.build import make_hidden, make_output
     assert summary(run)["weights"] == "at stop"
     for k, role in enumerate(ROLES, 1):
         with np.load(run / "weights" / f"{role}.npz") as z:
@@ -151,7 +152,7 @@ def test_a_full_disk_without_checkpoints_keeps_the_weights(small_disk, how):
 
 FILLS_AFTER_30_EVENTS = """
 import errno, os
-from pipeline import rundir
+from pipeline.run import rundir
 _metric = rundir.RunDir.metric
 def metric(self, event):  # the disk fills at the 31st event
     self.events = getattr(self, "events", 0) + 1
@@ -178,14 +179,14 @@ def test_a_full_disk_faked_ends_with_the_weights_at_the_stop(tmp_path, how):
 
 
 def test_a_disk_without_room_for_the_last_writes_refuses_the_run(small_disk):
-    """The seed's weights at a stop would not fit in 100 KB: the run could
+    """The addition task's weights at a stop would not fit in 100 KB: the run could
     never keep them, so it does not start."""
     disk = small_disk("100k")
     line = error_line(run_launch("--run-dir", str(disk / "run"), "--epochs", "10"))
     assert re.fullmatch(rf"launch.py: error: argument --run-dir: {re.escape(str(disk))}/run has "
                         r"no room for the (\d+) KiB a run keeps for its weights and summary "
                         r"should the disk fill \(100 KiB free\): No space left on device", line)
-    # At least the seed's weights: layer1 16x128 + 128 and its SG module 136x128 + 128,
+    # At least the addition task's weights: layer1 16x128 + 128 and its SG module 136x128 + 128,
     # layer2 128x64 + 64 and 72x64 + 64, the output 64x8 + 8: 33,160 float64.
     assert int(re.search(r"the (\d+) KiB", line)[1]) * 1024 >= 33160 * 8
     assert list(disk.iterdir()) == []

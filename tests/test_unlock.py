@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import Config
-from pipeline.reference import train_reference
+from tests.kit import reference
 from tests.conftest import Launch, assert_no_orphans
 from tests.test_checkpoint import latest
 from tests.oracle import max_diff, plain_unlocked_dni
@@ -32,6 +32,7 @@ def argv(**kw) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [
     dict(mode="cdni"),
     dict(mode="dni", grad_delay=2, input_delay=1, drop_prob=0.1, update_prob=0.8),
@@ -48,7 +49,7 @@ def test_lockstep_unlocked_pipeline_equals_reference_bit_for_bit(launch, extra):
     run = launch("--lockstep", "--quiet", *argv(**kw))
     assert run.finish() == 0, run.err
     cfg = Config(**kw)
-    ref = train_reference(cfg)
+    ref = reference(cfg)
     expected = reference_weights(cfg)
     # every unlocked layer carries its synthetic-input model, and it learnt
     unlocked = ["layer2", "layer3"] + (["output"] if cfg.unlock == "forward" else [])
@@ -95,7 +96,7 @@ def test_unlocked_reference_equals_plain_numpy_loop(kw):
     cfg = Config(**{**dict(epochs=6, layers=4, hidden=(16, 12, 8), examples=25, seed=3),
                     **kw, "lockstep": True})
     layers, (wo, bo), sgs, si = plain_unlocked_dni(cfg)
-    res = train_reference(cfg)
+    res = reference(cfg)
     for (w, b), (v, c), layer in zip(layers, sgs, res.hidden):
         for got, want in ((layer.w, w), (layer.b, b), (layer.v, v), (layer.c, c)):
             assert max_diff(got, want) <= 1e-12, layer.index
@@ -120,6 +121,7 @@ def test_unlocking_changes_the_weights_of_the_layers_above_the_first_only():
     assert "si_u" not in unlocked["layer1"]
 
 
+@pytest.mark.slow
 def test_free_running_unlocked_pipeline_completes(launch):
     kw = dict(SMALL, epochs=30, unlock="forward", grad_delay=1, input_delay=1)
     run = launch("--quiet", *argv(**kw))
@@ -138,11 +140,11 @@ def test_unlocked_checkpoint_round_trip_restores_the_input_models_state():
     """Layer 2 and the output layer of an unlocked Adam run, driven by the
     reference's nodes: their state taken and loaded into fresh layers goes
     on exactly; without the SI optimiser's state it parts."""
-    from pipeline import optim
-    from pipeline.checkpoint import layer_state, load_layer_state
-    from pipeline.model import make_hidden, make_output
-    from pipeline.synthetic_input import (synthetic_forward, synthetic_output_step,
-                                          true_input_arrives, true_output_input)
+    from pipeline.math import optim
+    from pipeline.layers.state import layer_state, load_layer_state
+    from pipeline.layers.build import make_hidden, make_output
+    from tests.kit import (synthetic_forward, synthetic_output_step, true_input_arrives,
+                           true_output_input)
     cfg = Config(layers=3, hidden=(6, 5), unlock="forward", optimizer="adam", lr=0.01,
                  sg_lr=0.01, si_second_step=True, seed=3)
     rng = np.random.default_rng(4)
@@ -183,6 +185,7 @@ def test_unlocked_checkpoint_round_trip_restores_the_input_models_state():
         assert not np.array_equal(x.si.model.u, z.si.model.u)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delays", [{}, dict(grad_delay=2, input_delay=2)],
                          ids=["no-delay", "input-delay"])
 def test_resumed_unlocked_run_equals_the_uninterrupted_run_bit_for_bit(launch, delays):

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import batchnorm as bn
-from pipeline.synthetic_input import InputPredictor, synthetic_forward, true_input_arrives
+from pipeline.math import batchnorm as bn
+from pipeline.layers.input_model import InputPredictor
+from tests.kit import synthetic_forward, true_input_arrives
 from tests.numeric import numeric_grad, ref_act
 from tests.test_layernorm import B, FAN_IN, LABELS, normed_layer, off_the_kink, ref_ln
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.watchdog import Watchdog
+from pipeline.coord.watchdog import Watchdog
 
 ROLES = ["source", "layer1", "layer2", "output"]
 

@@ -10,8 +10,10 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import protocol, wire
-from pipeline.wire import Message, decode, encode
+from pipeline.wire import binary, protocol
+from pipeline.wire import codec as wire
+from pipeline.wire.codec import decode, encode
+from pipeline.wire.protocol import Message
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,12 +28,12 @@ def _unpacked():
     """Data messages in several frames, however small (packing off; the
     sender's plans made with packing on are forgotten, and those made without)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(wire, "PACK_BYTES", -1)
-        wire._prefixes.clear()
+        patch.setattr(binary, "PACK_BYTES", -1)
+        binary._prefixes.clear()
         try:
             yield
         finally:
-            wire._prefixes.clear()
+            binary._prefixes.clear()
 
 
 @pytest.fixture
@@ -67,8 +69,8 @@ def _assert_same(got: Message, want: Message) -> None:
 def test_constants():
     assert wire.PROTOCOL_VERSION == 2
     assert protocol.KINDS == frozenset(ALL_KINDS)
-    assert sorted(wire.KIND_CODES) == sorted(ALL_KINDS)  # every kind, each once
-    assert list(wire.DTYPE_CODES) == WIRE_DTYPES
+    assert sorted(binary.KIND_CODES) == sorted(ALL_KINDS)  # every kind, each once
+    assert list(binary.DTYPE_CODES) == WIRE_DTYPES
     assert all(getattr(protocol, k.upper()) == k for k in ALL_KINDS)
     assert sorted(wire.ALLOWED_DTYPES) == sorted(WIRE_DTYPES)
     assert all(wire.ALLOWED_DTYPES[s].str == s for s in WIRE_DTYPES)
@@ -481,7 +483,7 @@ def test_a_small_data_message_is_one_frame_byte_by_byte():
 
 
 def test_packing_stops_at_pack_bytes():
-    for rows, frames in ((wire.PACK_BYTES // 8, 1), (wire.PACK_BYTES // 8 + 1, 2)):
+    for rows, frames in ((binary.PACK_BYTES // 8, 1), (binary.PACK_BYTES // 8 + 1, 2)):
         msg = Message("act", "r", 1, "source", 0, (np.ones(rows),))
         got = encode(msg)
         assert len(got) == frames
@@ -555,7 +557,7 @@ def test_a_rejected_binary_header_is_not_remembered():
     for _ in range(3):  # the receiver's cache keeps checked fields only
         with pytest.raises(ValueError, match="dtype code"):
             decode([bad, BODY])
-    assert bytes(bad)[:-16] not in wire._parsed
+    assert bytes(bad)[:-16] not in binary._parsed
 
 
 def test_a_rejected_packed_header_is_not_remembered():
@@ -565,7 +567,7 @@ def test_a_rejected_packed_header_is_not_remembered():
             decode([bad])
     decode([_PACKED])
     cut = 5 + int.from_bytes(_PACKED[3:5], "little") - 16  # up to its batch and step
-    assert _PACKED[:cut] in wire._layouts and bad[:cut] not in wire._layouts
+    assert _PACKED[:cut] in binary._layouts and bad[:cut] not in binary._layouts
 
 
 @settings(max_examples=400, deadline=None)

@@ -1,4 +1,4 @@
-"""What a worker process does around its role (pipeline/worker.py): a
+"""What a worker process does around its role (workers/serve.py): a
 SIGTERM that comes once the role has ended, while the process cleans up (an
 engine tearing the job down, the supervisor after a stop), ends it quietly."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pipeline.config import Config
 from tests.test_control import BOSS, heard, tell
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 
 def test_a_sigterm_in_the_clean_up_ends_the_worker_quietly(tmp_path):

@@ -1,24 +1,25 @@
-"""A hidden layer: its node (``pipeline.driver``) between an activation inbox,
-a gradient inbox, and the sockets to its neighbours, pumped by ``pipeline.pump``."""
+"""A hidden layer: its node (``pipeline.nodes.driver``) between an activation inbox,
+a gradient inbox, and the sockets to its neighbours, pumped by ``pipeline.net.pump``."""
 from __future__ import annotations
 
 import time
 
-from pipeline import protocol
-from pipeline.checkpoint import load_layer_state
+from pipeline.wire import protocol
+from pipeline.layers.state import load_layer_state
 from pipeline.config import Config
-from pipeline.control import ControlLink
-from pipeline.delay import DelayLine
-from pipeline.driver import HiddenNode
-from pipeline.model import layer_rng
-from pipeline.pump import Pump, input_inbox
-from pipeline.transport import Inbox, Net, max_message_bytes
-from pipeline.worker import run
+from pipeline.net.control import ControlLink
+from pipeline.net.delay import DelayLine
+from pipeline.nodes.driver import HiddenNode
+from pipeline.layers.build import Stream, layer_rng
+from pipeline.net.pump import Outlet, Pump, input_inbox
+from pipeline.net.transport import Inbox, Net, max_message_bytes
+from workers.serve import run
 
 
 def main(link: ControlLink, cfg: Config, net: Net) -> None:
     index = int(link.role.removeprefix("layer"))
-    node = HiddenNode(cfg, index, link.run_id, start=time.perf_counter())
+    outlet = Outlet()
+    node = HiddenNode(cfg, index, outlet, link.run_id, start=time.perf_counter())
     if link.resume:
         load_layer_state(node.layer, *link.resume)
     hwm = cfg.grad_delay + cfg.max_inflight + 2
@@ -42,10 +43,11 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     if index > 1:
         outs["up"] = net.outbox(*peers["upstream_grad"], hwm)
     delay_s, jitter_s = cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000
-    Pump(link, node, acts, outs, grads,
-         act_line=(DelayLine(delay_s, jitter_s, layer_rng(cfg, index, 4))
+    outlet.attach(link, outs)
+    Pump(link, node, acts, outlet, grads,
+         act_line=(DelayLine(delay_s, jitter_s, layer_rng(cfg, index, Stream.ACT_LINK))
                    if cfg.delay_activations else None),
-         grad_line=(DelayLine(delay_s, jitter_s, layer_rng(cfg, index, 3))
+         grad_line=(DelayLine(delay_s, jitter_s, layer_rng(cfg, index, Stream.GRAD_LINK))
                     if cfg.link_delay_ms > 0 else None),
          slowdown=cfg.slowdown(index), hwm=hwm, inputs=inputs).run()
     counters, weights = node.finish(time.perf_counter())

@@ -1,23 +1,24 @@
-"""The output layer: its node (``pipeline.driver``) between its activation inbox
-and the gradient socket of the last hidden layer, pumped by ``pipeline.pump``."""
+"""The output layer: its node (``pipeline.nodes.driver``) between its activation inbox
+and the gradient socket of the last hidden layer, pumped by ``pipeline.net.pump``."""
 from __future__ import annotations
 
 import time
 
-from pipeline import protocol
-from pipeline.checkpoint import load_layer_state
+from pipeline.wire import protocol
+from pipeline.layers.state import load_layer_state
 from pipeline.config import Config
-from pipeline.control import ControlLink
-from pipeline.delay import DelayLine
-from pipeline.driver import OutputNode
-from pipeline.model import layer_rng
-from pipeline.pump import Pump, input_inbox
-from pipeline.transport import Inbox, Net, max_message_bytes
-from pipeline.worker import run
+from pipeline.net.control import ControlLink
+from pipeline.net.delay import DelayLine
+from pipeline.nodes.driver import OutputNode
+from pipeline.layers.build import Stream, layer_rng
+from pipeline.net.pump import Outlet, Pump, input_inbox
+from pipeline.net.transport import Inbox, Net, max_message_bytes
+from workers.serve import run
 
 
 def main(link: ControlLink, cfg: Config, net: Net) -> None:
-    node = OutputNode(cfg, link.run_id, start=time.perf_counter())
+    outlet = Outlet()
+    node = OutputNode(cfg, outlet, link.run_id, start=time.perf_counter())
     if link.resume:
         load_layer_state(node.layer, *link.resume)
     hwm = cfg.max_inflight + 2
@@ -33,10 +34,10 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     link.at_stop = lambda: (node.layer.stats.as_dict(), errors(), node.layer.weights())
     link.send(link.say.ready(endpoints))
     peers = protocol.peers(link.wait_for(protocol.START))
-    up = net.outbox(*peers["upstream_grad"], hwm)
-    Pump(link, node, acts, {"up": up},
+    outlet.attach(link, {"up": net.outbox(*peers["upstream_grad"], hwm)})
+    Pump(link, node, acts, outlet,
          act_line=(DelayLine(cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000,
-                             layer_rng(cfg, cfg.layers, 4)) if cfg.delay_activations else None),
+                             layer_rng(cfg, cfg.layers, Stream.ACT_LINK)) if cfg.delay_activations else None),
          slowdown=cfg.slowdown(cfg.layers), hwm=hwm, inputs=inputs).run()
     counters, weights = node.finish(time.perf_counter())
     link.finish(counters, errors(), weights)

@@ -1,18 +1,20 @@
-"""The data source: sends every message of the source node (``pipeline.driver``)
+"""The data source: sends every message of the source node (``pipeline.nodes.driver``)
 down to the first layer (under ``--unlock forward`` each training batch also
 to every layer above it), holding while ZeroMQ's high-water mark says it is full."""
 from __future__ import annotations
 
-from pipeline import protocol, schedule
+from pipeline.data import tasks
+from pipeline.nodes import schedule
+from pipeline.wire import protocol
 from pipeline.config import Config
-from pipeline.control import ControlLink
-from pipeline.driver import SourceNode
-from pipeline.transport import Net, send
-from pipeline.worker import run
+from pipeline.net.control import ControlLink
+from pipeline.nodes.driver import SourceNode
+from pipeline.net.transport import Net, send
+from workers.serve import run
 
 
 def main(link: ControlLink, cfg: Config, net: Net) -> None:
-    node = SourceNode(cfg, link.run_id)
+    node = SourceNode(cfg, tasks.load(cfg), link.run_id)
     link.send(link.say.ready({}))
     peers = protocol.peers(link.wait_for(protocol.START))
     outs = {"down": net.outbox(*peers["downstream"], hwm=cfg.max_inflight + 2)}

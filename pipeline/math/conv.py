@@ -1,0 +1,108 @@
+"""Convolution and max-pooling as pure numpy functions, with the conventions of ``nn``.
+
+* images are channels-last batches ``(N, H, W, C)``: a convolution's output
+  as a matrix ``(N*H*W, K)`` is then a dense layer's output over pixel rows,
+  so batch norm per channel is ``batchnorm`` over those rows, unchanged;
+* a k x k same-padded convolution with stride 1 is im2col and one matmul:
+  every k x k x C window of the padded input is a row of ``cols``
+  ``(N*H*W, k*k*C)``, and the weights ``(k, k, C, K)`` are a dense layer's
+  ``(k*k*C, K)``;
+* as for dense layers, the gradient passed in is per example (``dl_i/dz_i``)
+  and the parameter gradients are of the batch-mean loss (divided by N
+  examples, not by N*H*W pixels);
+* dtype preserving: float32 in gives float32 out.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+POOL = 2  # max-pooling window and stride
+
+
+def init_conv(rng: np.random.Generator, k: int, c_in: int, c_out: int,
+              dtype: np.dtype = np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """Weights ``(k, k, c_in, c_out)`` scaled by 1/sqrt(fan-in), as
+    ``nn.init_dense`` scales a dense layer's; bias zero."""
+    fan_in = k * k * c_in
+    w = rng.standard_normal((k, k, c_in, c_out)) / np.sqrt(fan_in)
+    return w.astype(dtype), np.zeros(c_out, dtype=dtype)
+
+
+def im2col(x: np.ndarray, k: int) -> np.ndarray:
+    """``(N, H, W, C)`` -> ``(N*H*W, k*k*C)``: each row the k x k window,
+    zero-padded by k // 2, centred on one pixel, in (row, column, channel)
+    order (one copy, through a strided view)."""
+    n, h, w, c = x.shape
+    p = k // 2
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    windows = sliding_window_view(xp, (k, k), axis=(1, 2))  # (N, H, W, C, k, k)
+    return windows.transpose(0, 1, 2, 4, 5, 3).reshape(n * h * w, k * k * c)
+
+
+def col2im(dcols: np.ndarray, shape: tuple[int, int, int, int], k: int) -> np.ndarray:
+    """The adjoint of ``im2col``: each row's gradient added back onto the
+    pixels its window covered; ``shape`` (N, H, W, C) of the input."""
+    n, h, w, c = shape
+    p = k // 2
+    d = dcols.reshape(n, h, w, k, k, c)
+    dxp = np.zeros((n, h + 2 * p, w + 2 * p, c), dtype=dcols.dtype)
+    for i in range(k):          # k*k adds of whole (N, H, W, C) blocks
+        for j in range(k):
+            dxp[:, i:i + h, j:j + w, :] += d[:, :, :, i, j, :]
+    return dxp[:, p:p + h, p:p + w, :]
+
+
+def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """z = conv(x, w) + b, same padding, stride 1: ``(N, H, W, C)`` with
+    ``w (k, k, C, K)`` -> (z as rows ``(N*H*W, K)``, cols for the backward pass)."""
+    k, _, c, out = w.shape
+    cols = im2col(x, k)
+    return cols @ w.reshape(k * k * c, out) + b, cols
+
+
+def conv_weight_grads(cols: np.ndarray, dz: np.ndarray, examples: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(dW as ``(k*k*C, K)``, db) of the batch-mean loss from per-example
+    ``dz`` rows ``(N*H*W, K)``; reshape dW to the weights' shape."""
+    return cols.T @ dz / examples, dz.sum(axis=0) / examples
+
+
+def conv_input_grad(dz: np.ndarray, w: np.ndarray, shape: tuple[int, int, int, int]
+                    ) -> np.ndarray:
+    """Per-example dx ``(N, H, W, C)`` from dz rows ``(N*H*W, K)``, with the
+    weights ``w`` as they are (before any update)."""
+    k, _, c, out = w.shape
+    return col2im(dz @ w.reshape(k * k * c, out).T, shape, k)
+
+
+def pooled(h: int, w: int) -> tuple[int, int]:
+    """The size after a 2 x 2 max-pool of stride 2 (a last odd row or column is dropped)."""
+    return h // POOL, w // POOL
+
+
+def pool_forward(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """2 x 2 max-pool, stride 2, of ``(N, H, W, K)``: (out ``(N, H//2, W//2, K)``,
+    the argmax of each window in 0..3, row-major; the first of tied maxima)."""
+    n, h, w, k = a.shape
+    ho, wo = pooled(h, w)
+    win = (a[:, :ho * POOL, :wo * POOL, :].reshape(n, ho, POOL, wo, POOL, k)
+           .transpose(0, 1, 3, 5, 2, 4).reshape(n, ho, wo, k, POOL * POOL))
+    idx = win.argmax(axis=-1)
+    return np.take_along_axis(win, idx[..., None], axis=-1)[..., 0], idx
+
+
+def pool_backward(g: np.ndarray, idx: np.ndarray, shape: tuple[int, int, int, int]
+                  ) -> np.ndarray:
+    """The gradient at the pool's input ``shape`` (N, H, W, K): each window's
+    gradient to its argmax, zero elsewhere (and on a dropped odd edge)."""
+    n, h, w, k = shape
+    ho, wo = g.shape[1], g.shape[2]
+    win = np.zeros((n, ho, wo, k, POOL * POOL), dtype=g.dtype)
+    np.put_along_axis(win, idx[..., None], g[..., None], axis=-1)
+    out = np.zeros(shape, dtype=g.dtype)
+    out[:, :ho * POOL, :wo * POOL, :] = (win.reshape(n, ho, wo, k, POOL, POOL)
+                                         .transpose(0, 1, 4, 2, 5, 3)
+                                         .reshape(n, ho * POOL, wo * POOL, k))
+    return out

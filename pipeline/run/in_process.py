@@ -1,0 +1,73 @@
+"""``launch.py --in-process``: a run trained by the in-process reference
+(``reference``), written up in the same run directory a pipeline run
+writes: the baseline a pipeline run is timed against."""
+from __future__ import annotations
+
+import time
+from contextlib import AbstractContextManager, nullcontext
+from typing import Callable, TextIO
+
+from pipeline.data import tasks
+from pipeline.net import memory
+from pipeline.wire import protocol
+from pipeline.config import Config
+from pipeline.layers.output import Diverged
+from pipeline.nodes.reference import train_reference
+from pipeline.run.rundir import RunDir, WriteError
+from pipeline.coord.sgwatch import SGWatch
+from pipeline.run.summary import Progress, build_summary, close_run, layer_entry, save_weights
+
+
+def run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
+                   shield: Callable[[], AbstractContextManager] = nullcontext) -> int:
+    """``launch.py --in-process``: train with the reference and write the
+    same run directory a pipeline run writes; returns the exit code.
+    ``shield()`` holds signals off while the results are written. Should the
+    run directory fail (its disk full), the run stops and writes the layers
+    as they are."""
+    progress = Progress(cfg, stream)
+    watch = SGWatch(cfg)
+
+    def emit(event: dict) -> None:
+        rd.metric(event)
+        if event["event"] == "epoch":
+            progress.epoch(event)
+        elif (warning := watch.add(event)) is not None:
+            progress.warn(warning)
+
+    start = time.perf_counter()
+    status, final, layers, error = "completed", None, [], None
+    live: list = []  # the layers as they train
+    at_stop = False
+    try:
+        rd.write_json("config.json", {"run_id": run_id, "config": cfg.to_dict(),
+                                      "processes": {}})
+        result = train_reference(cfg, tasks.load(cfg), emit, layers=live)
+    except KeyboardInterrupt:
+        status = "interrupted"
+    except Diverged as exc:
+        status, error = "failed", {"role": "reference", "message": f"Diverged: {exc}"}
+    except WriteError as exc:
+        status, error = "failed", {"role": "reference", "message": str(exc)}
+        at_stop = True
+    with shield():  # a signal now is noted and ends the command after the summary
+        saved = None
+        if status == "completed":
+            final = {"final_loss": result.final_loss, "train_accuracy": result.train_accuracy,
+                     "test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
+                     "batches": result.batches, "train_s": result.wall_s}
+        if status == "completed" or at_stop:
+            layers = [layer_entry(L.index, protocol.layer_role(L.index, cfg.layers),
+                                  L.stats.as_dict(), 0) for L in live]
+            saved, failed = save_weights(rd, {protocol.layer_role(L.index, cfg.layers):
+                                              L.weights() for L in live}, status)
+            if failed is not None and error is None:
+                status, error = "failed", {"role": "reference", "message": str(failed)}
+        progress.finish()
+        summary = build_summary(cfg, status=status, run_id=run_id, final=final, layers=layers,
+                                wall_s=time.perf_counter() - start,
+                                epochs_done=progress.epochs_done, error=error,
+                                peak_rss_mb={"reference": memory.peak_rss_mb()},
+                                cpu_s={"reference": memory.cpu_s()}, watch=watch,
+                                weights=saved)
+        return close_run(rd, summary, stream)

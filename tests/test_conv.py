@@ -1,0 +1,127 @@
+"""pipeline.math.conv against independent references: a convolution and a
+max-pool written as plain loops, and central finite differences."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.math import conv
+from tests.numeric import numeric_grad
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def loop_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Same-padded, stride-1 convolution (cross-correlation, as every deep
+    learning library computes it) written out pixel by pixel."""
+    n, h, wd, c = x.shape
+    k, _, _, out = w.shape
+    p = k // 2
+    z = np.zeros((n, h, wd, out))
+    for e in range(n):
+        for r in range(h):
+            for s in range(wd):
+                for o in range(out):
+                    total = b[o]
+                    for i in range(k):
+                        for j in range(k):
+                            rr, ss = r + i - p, s + j - p
+                            if 0 <= rr < h and 0 <= ss < wd:
+                                total += x[e, rr, ss, :] @ w[i, j, :, o]
+                    z[e, r, s, o] = total
+    return z
+
+
+def loop_pool(a: np.ndarray) -> np.ndarray:
+    n, h, w, k = a.shape
+    out = np.zeros((n, h // 2, w // 2, k))
+    for e in range(n):
+        for r in range(h // 2):
+            for s in range(w // 2):
+                for c in range(k):
+                    out[e, r, s, c] = a[e, 2 * r:2 * r + 2, 2 * s:2 * s + 2, c].max()
+    return out
+
+
+def case(seed: int, n=2, h=5, w=4, c=3, k=3, out=2, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, h, w, c)).astype(dtype)
+    wt = (rng.standard_normal((k, k, c, out)) / np.sqrt(k * k * c)).astype(dtype)
+    b = rng.standard_normal(out).astype(dtype)
+    return x, wt, b
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (1, 7, 7, 1)])
+def test_forward_is_the_loop_written_convolution(k, shape):
+    n, h, w, c = shape
+    x, wt, b = case(k, n, h, w, c, k, out=4)
+    z, cols = conv.conv_forward(x, wt, b)
+    assert z.shape == (n * h * w, 4) and cols.shape == (n * h * w, k * k * c)
+    np.testing.assert_allclose(z.reshape(n, h, w, 4), loop_conv(x, wt, b), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dtype_is_kept(dtype):
+    x, wt, b = case(1, dtype=dtype)
+    z, cols = conv.conv_forward(x, wt, b)
+    dz = np.ones_like(z)
+    dw, db = conv.conv_weight_grads(cols, dz, x.shape[0])
+    dx = conv.conv_input_grad(dz, wt, x.shape)
+    out, idx = conv.pool_forward(z.reshape(2, 5, 4, 2))
+    back = conv.pool_backward(out, idx, (2, 5, 4, 2))
+    assert {a.dtype for a in (z, cols, dw, db, dx, out, back)} == {np.dtype(dtype)}
+    assert conv.init_conv(np.random.default_rng(0), 3, 2, 4, dtype)[0].dtype == dtype
+
+
+def test_gradients_are_finite_differences_of_the_batch_mean_loss():
+    # L = mean over examples of sum(g_i * z_i): per-example dz_i = g_i, and the
+    # parameter gradients are of L; dx is per example (n * dL/dx).
+    x, wt, b = case(2, n=3, h=4, w=5, c=2, k=3, out=3)
+    n = x.shape[0]
+    g = np.random.default_rng(3).standard_normal((n * 4 * 5, 3))
+
+    def loss():
+        z, _ = conv.conv_forward(x, wt, b)
+        return float(np.sum(g * z) / n)
+
+    _, cols = conv.conv_forward(x, wt, b)
+    dw, db = conv.conv_weight_grads(cols, g, n)
+    np.testing.assert_allclose(dw.reshape(wt.shape), numeric_grad(loss, wt), rtol=1e-6,
+                               atol=1e-9)
+    np.testing.assert_allclose(db, numeric_grad(loss, b), rtol=1e-6, atol=1e-9)
+    dx = conv.conv_input_grad(g, wt, x.shape)
+    np.testing.assert_allclose(dx, n * numeric_grad(loss, x), rtol=1e-6, atol=1e-8)
+
+
+def test_col2im_is_the_adjoint_of_im2col():
+    # <im2col(x), c> == <x, col2im(c)> for every x and c: the backward pass
+    # is the transpose of the forward one.
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 6, 5, 3))
+    c = rng.standard_normal((2 * 6 * 5, 5 * 5 * 3))
+    assert np.vdot(conv.im2col(x, 5), c) == pytest.approx(
+        np.vdot(x, conv.col2im(c, x.shape, 5)), rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 6, 3), (1, 7, 5, 2)])  # odd edges are dropped
+def test_pool_is_the_loop_written_max_and_routes_the_gradient_to_each_argmax(shape):
+    rng = np.random.default_rng(5)
+    a = rng.permutation(np.prod(shape)).reshape(shape) / np.prod(shape)  # no ties
+    out, idx = conv.pool_forward(a)
+    np.testing.assert_array_equal(out, loop_pool(a))
+    g = rng.standard_normal(out.shape)
+
+    def loss():
+        return float(np.sum(g * conv.pool_forward(a)[0]))
+
+    np.testing.assert_allclose(conv.pool_backward(g, idx, shape), numeric_grad(loss, a),
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_a_tie_sends_the_gradient_to_the_first_maximum_only():
+    a = np.zeros((1, 2, 2, 1))
+    out, idx = conv.pool_forward(a)
+    back = conv.pool_backward(np.ones_like(out), idx, a.shape)
+    assert back[0, :, :, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
