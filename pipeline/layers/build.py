@@ -7,6 +7,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.layers.common import Chance, LayerSpec, Mode, mode_of
+from pipeline.layers.conv import ConvLayer
 from pipeline.layers.hidden import HiddenLayer
 from pipeline.layers.output import OutputLayer
 from pipeline.layers.stats import InputStats
@@ -59,12 +60,18 @@ def make_input_model(cfg: Config, index: int) -> InputPredictor | None:
 
 
 def make_hidden(cfg: Config, index: int) -> HiddenLayer:
+    """Hidden layer ``index``: convolutional for the first ``len(cfg.conv)``,
+    dense after them."""
     d = cfg.dims
-    layer = HiddenLayer(index, d[index - 1], d[index], spec=layer_spec(cfg),
-                        mode=layer_mode(cfg), label_dim=d[-1],
-                        rng=layer_rng(cfg, index, Stream.INIT),
-                        update=Chance(cfg.update_prob, layer_rng(cfg, index, Stream.UPDATE)),
-                        drop=Chance(cfg.drop_prob, layer_rng(cfg, index, Stream.DROP)))
+    common = dict(spec=layer_spec(cfg), mode=layer_mode(cfg), label_dim=d[-1],
+                  rng=layer_rng(cfg, index, Stream.INIT),
+                  update=Chance(cfg.update_prob, layer_rng(cfg, index, Stream.UPDATE)),
+                  drop=Chance(cfg.drop_prob, layer_rng(cfg, index, Stream.DROP)))
+    if index <= len(cfg.conv):
+        layer = ConvLayer(index, cfg.conv_shapes()[index - 1], cfg.conv[index - 1],
+                          cfg.kernel, **common)
+    else:
+        layer = HiddenLayer(index, d[index - 1], d[index], **common)
     _unlock(layer, cfg, index)
     return layer
 
