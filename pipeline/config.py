@@ -220,6 +220,10 @@ class Config:
     slow: tuple[tuple[int, float], ...] = option(
         (), "layer LAYER (1..N) computes FACTOR times slower (1 to 1000); repeatable", STALE,
         kind="straggler", metavar="LAYER:FACTOR", most=limits.MAX_SLOWDOWN)
+    freeze: tuple[int, ...] = option(
+        (), "these layers (1..N, comma-separated) never update their weights: a control for "
+        "what the others learn without them (their SG modules still learn)", STALE,
+        kind="widths", metavar="LAYERS")
     update_prob: float = option(1.0, "each layer applies each weight update only with this "
                                 "probability (the paper's update-decoupling experiment)", STALE)
     drop_prob: float = option(0.0, "each true-gradient message is lost with this probability",
@@ -260,6 +264,7 @@ class Config:
         object.__setattr__(self, "hidden", hidden)
         object.__setattr__(self, "conv", tuple(self.conv))
         object.__setattr__(self, "image", tuple(self.image))
+        object.__setattr__(self, "freeze", tuple(self.freeze))
         object.__setattr__(self, "sg_hidden", tuple(self.sg_hidden))
         object.__setattr__(self, "slow", tuple((int(i), float(f)) for i, f in self.slow))
         validation.validate(self)
@@ -358,6 +363,7 @@ class Config:
         d["hidden"] = list(self.hidden)
         d["conv"] = list(self.conv)
         d["image"] = list(self.image)
+        d["freeze"] = list(self.freeze)
         d["sg_hidden"] = list(self.sg_hidden)
         d["slow"] = [list(p) for p in self.slow]
         return d

@@ -20,7 +20,7 @@ def check_types(cfg) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         option = flag(f.name)
-        if f.name in ("hidden", "sg_hidden", "conv", "image"):
+        if f.name in ("hidden", "sg_hidden", "conv", "image", "freeze"):
             ok = isinstance(value, (tuple, list)) and all(_is_int(h) for h in value)
             want = "a list of integers"
         elif f.name == "slow":
@@ -91,6 +91,9 @@ def validate(cfg) -> None:
         need(factor >= 1, "--slow", f"factor must be at least 1, got {factor}")
     need(len({i for i, _ in cfg.slow}) == len(cfg.slow), "--slow", "a layer is named twice")
     need(0 <= cfg.update_prob <= 1, "--update-prob", "must be in [0, 1]")
+    need(all(1 <= i <= cfg.layers for i in cfg.freeze), "--freeze",
+         f"layers are 1..{cfg.layers}, got {list(cfg.freeze)}")
+    need(len(set(cfg.freeze)) == len(cfg.freeze), "--freeze", "a layer is named twice")
     need(cfg.checkpoint_every >= 0, "--checkpoint-every", "must be at least 0")
     need(cfg.keep_checkpoints >= 0, "--keep-checkpoints", "must be at least 0 (0: keep all)")
     need(cfg.watchdog >= 0 and math.isfinite(cfg.watchdog), "--watchdog",

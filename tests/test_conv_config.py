@@ -64,3 +64,19 @@ def test_a_flat_dataset_with_conv_is_one_line(tmp_path, capsys):
 def test_a_config_with_conv_goes_through_its_dict():
     cfg = Config(**MNIST, conv=(16, 32), layers=4, hidden=(256,), kernel=3)
     assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("mode", ["cdni", "backprop"])
+def test_a_frozen_layer_keeps_its_initial_weights_and_the_others_learn(mode):
+    from pipeline.layers.build import make_hidden, make_output
+    from tests.kit import reference
+    cfg = Config(layers=3, freeze=(1, 3), epochs=3, mode=mode)
+    result = reference(cfg)
+    first, second = result.hidden
+    for got, fresh in ((first, make_hidden(cfg, 1)), (result.output, make_output(cfg))):
+        for name in ("w", "b"):
+            assert np.array_equal(got.weights()[name], fresh.weights()[name]), name
+        assert got.stats.weight_updates == 0 and got.stats.skipped_updates > 0
+    assert not np.array_equal(second.w, make_hidden(cfg, 2).w)
+    with pytest.raises(ConfigError, match="--freeze"):
+        Config(layers=3, freeze=(4,))
