@@ -27,6 +27,12 @@ MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 class Split:
     x: np.ndarray   # (n, features) float32 in [0, 1]
     y: np.ndarray   # (n,) int64 class labels
+    # (H, W, C) of each example, channels last, or () for flat data; x holds
+    # the images flattened row-major, so x.reshape(n, *shape) is NHWC.
+    shape: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        assert not self.shape or math.prod(self.shape) == self.x.shape[1], (self.shape, self.x.shape)
 
 
 class _Refused(ValueError):
@@ -97,6 +103,14 @@ def _find(directory: Path, name: str) -> Path:
     raise ValueError(f"{directory}: no {name} (or {name}.gz) here")
 
 
+def _image_shape(x: np.ndarray) -> tuple[int, ...]:
+    """(H, W, C) of each example of x: (n, H, W) is one channel, (n, H, W, C)
+    channels last; anything else is flat data, ()."""
+    if x.ndim == 3:
+        return (*x.shape[1:], 1)
+    return tuple(x.shape[1:]) if x.ndim == 4 else ()
+
+
 def _split(x: np.ndarray, y: np.ndarray, where: str, classes: int | None) -> Split:
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
         raise ValueError(f"{where}: {len(x)} inputs of shape {x.shape[1:]} but labels of "
@@ -109,6 +123,7 @@ def _split(x: np.ndarray, y: np.ndarray, where: str, classes: int | None) -> Spl
     if y.min() < 0 or y.max() >= top:
         raise ValueError(f"{where}: labels must lie in 0..{top - 1}, "
                          f"found {int(y.min())}..{int(y.max())}")
+    shape = _image_shape(x)
     x = x.reshape(len(x), -1)
     if np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float32) / np.float32(np.iinfo(x.dtype).max)  # pixels to [0, 1]
@@ -116,12 +131,12 @@ def _split(x: np.ndarray, y: np.ndarray, where: str, classes: int | None) -> Spl
         x = x.astype(np.float32)
         if not np.all(np.isfinite(x)):
             raise ValueError(f"{where}: inputs hold NaN or infinity")
-    return Split(x, y.astype(np.int64))
+    return Split(x, y.astype(np.int64), shape)
 
 
 def load_mnist(directory: str | Path, classes: int = 10) -> dict[str, Split]:
     """{"train": Split, "test": Split} from the four MNIST (or Fashion-MNIST)
-    IDX files in ``directory``, plain or .gz."""
+    IDX files in ``directory``, plain or .gz; images of shape (rows, cols, 1)."""
     directory = Path(directory)
     out = {}
     for part, (images, labels) in MNIST_FILES.items():
@@ -156,7 +171,10 @@ def _check_npz_members(path: Path) -> None:
 
 def load_npz(path: str | Path) -> dict[str, Split]:
     """{"train": Split[, "test": Split]} from an archive with x_train, y_train
-    and optionally x_test, y_test (integer class labels)."""
+    and optionally x_test, y_test (integer class labels). Inputs of shape
+    (n, features) are flat data; (n, H, W) are one-channel images, shape
+    (H, W, 1); (n, H, W, C) are images with channels last (NHWC, not NCHW),
+    shape (H, W, C). Each split is flattened row-major to (n, features)."""
     path = Path(path)
     try:
         _check_npz_members(path)
