@@ -71,8 +71,10 @@ def test_free_running_cdni_conv_learns_and_reports_its_sg_cosine(launch, tmp_pat
     assert run.finish() == 0, run.err
     s = run.summary()
     assert s["test_accuracy"] >= 0.9, s["test_accuracy"]     # chance is 0.25
-    cosine = s["layers"]["layer1"]["sg_quality"]["cosine"]
-    assert cosine is not None and cosine["count"] > 0
+    first = next(L for L in s["layers"] if L["role"] == "layer1")
+    tracking = first["sg_tracking"]
+    # The convolutional layer's SG module learned to point along its targets.
+    assert tracking["last_cosine"] is not None and tracking["last_cosine"] > 0.1, tracking
 
 
 def test_a_killed_conv_run_resumes_to_the_uninterrupted_runs_bits(launch, tmp_path):
