@@ -32,6 +32,25 @@ def loop_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     return z
 
 
+def loop_input_grad(dz: np.ndarray, w: np.ndarray, shape) -> np.ndarray:
+    """dx of the same convolution, pixel by pixel: each output pixel's
+    gradient sent back through every tap onto the input pixel it read."""
+    n, h, wd, c = shape
+    k, _, _, out = w.shape
+    p = k // 2
+    g = dz.reshape(n, h, wd, out)
+    dx = np.zeros(shape)
+    for e in range(n):
+        for r in range(h):
+            for s in range(wd):
+                for i in range(k):
+                    for j in range(k):
+                        rr, ss = r + i - p, s + j - p
+                        if 0 <= rr < h and 0 <= ss < wd:
+                            dx[e, rr, ss, :] += w[i, j] @ g[e, r, s]
+    return dx
+
+
 def loop_pool(a: np.ndarray) -> np.ndarray:
     n, h, w, k = a.shape
     out = np.zeros((n, h // 2, w // 2, k))
@@ -51,15 +70,35 @@ def case(seed: int, n=2, h=5, w=4, c=3, k=3, out=2, dtype=np.float64):
     return x, wt, b
 
 
+TOL = {np.float32: 2e-5, np.float64: 1e-12}  # float32: its rounding over k*k*C terms
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("k", [1, 3, 5])
-@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (1, 7, 7, 1)])
-def test_forward_is_the_loop_written_convolution(k, shape):
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (1, 7, 7, 1), (3, 6, 5, 1)])
+def test_forward_is_the_loop_written_convolution(k, shape, dtype):
     n, h, w, c = shape
-    x, wt, b = case(k, n, h, w, c, k, out=4)
+    x, wt, b = case(k, n, h, w, c, k, out=4, dtype=dtype)
     z, cols = conv.conv_forward(x, wt, b)
     assert z.shape == (n * h * w, 4) and cols.shape == (n * h * w, k * k * c)
-    np.testing.assert_allclose(z.reshape(n, h, w, 4), loop_conv(x, wt, b), rtol=1e-12,
-                               atol=1e-12)
+    np.testing.assert_allclose(z.reshape(n, h, w, 4), loop_conv(x, wt, b), rtol=TOL[dtype],
+                               atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (1, 7, 7, 1), (3, 6, 5, 1)])
+def test_input_grad_is_the_loop_written_one_and_col2im_of_the_matmul(k, shape, dtype):
+    n, h, w, c = shape
+    _, wt, _ = case(k, n, h, w, c, k, out=4, dtype=dtype)
+    dz = np.random.default_rng(k).standard_normal((n * h * w, 4)).astype(dtype)
+    dx = conv.conv_input_grad(dz, wt, shape)
+    assert dx.shape == shape and dx.dtype == dtype
+    np.testing.assert_allclose(dx, loop_input_grad(dz, wt, shape), rtol=TOL[dtype],
+                               atol=TOL[dtype])
+    # the textbook form: the matmul back to cols, then col2im
+    np.testing.assert_allclose(dx, conv.col2im(dz @ wt.reshape(-1, 4).T, shape, k),
+                               rtol=TOL[dtype], atol=TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

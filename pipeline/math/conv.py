@@ -7,6 +7,9 @@
   every k x k x C window of the padded input is a row of ``cols``
   ``(N*H*W, k*k*C)``, and the weights ``(k, k, C, K)`` are a dense layer's
   ``(k*k*C, K)``;
+* the input gradient is one matmul per tap (k*k of them, ``(N*H*W, K)`` by
+  ``(K, C)``) and k*k shifted adds of whole images, not col2im: col2im's
+  adds move C numbers at a time, these move a whole image row (W*C);
 * as for dense layers, the gradient passed in is per example (``dl_i/dz_i``)
   and the parameter gradients are of the batch-mean loss (divided by N
   examples, not by N*H*W pixels);
@@ -73,8 +76,21 @@ def conv_input_grad(dz: np.ndarray, w: np.ndarray, shape: tuple[int, int, int, i
                     ) -> np.ndarray:
     """Per-example dx ``(N, H, W, C)`` from dz rows ``(N*H*W, K)``, with the
     weights ``w`` as they are (before any update)."""
-    k, _, c, out = w.shape
-    return col2im(dz @ w.reshape(k * k * c, out).T, shape, k)
+    n, h, wd, c = shape
+    k, _, _, out = w.shape
+    p = k // 2
+    # taps[i, j] (N*H*W, C): what output pixel (r, s) sends through tap (i, j)
+    # to input pixel (r + i - p, s + j - p).
+    if c == 1:  # one matmul gives the same layout
+        taps = w.reshape(k * k, out) @ dz.T
+    else:
+        taps = np.matmul(dz, w.reshape(k * k, c, out).transpose(0, 2, 1))
+    taps = taps.reshape(k, k, n, h, wd, c)
+    dxp = np.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=taps.dtype)
+    for i in range(k):
+        for j in range(k):
+            dxp[:, i:i + h, j:j + wd] += taps[i, j]
+    return dxp[:, p:p + h, p:p + wd]
 
 
 def pooled(h: int, w: int) -> tuple[int, int]:
