@@ -101,6 +101,30 @@ def test_input_grad_is_the_loop_written_one_and_col2im_of_the_matmul(k, shape, d
                                rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@pytest.mark.parametrize("c", [1, 3])
+def test_im2col_is_every_padded_window_in_row_column_channel_order(c):
+    # written out from the definition, for the tap-by-tap copy (one channel)
+    # and the strided one alike
+    x = np.random.default_rng(6).standard_normal((2, 5, 4, c)).astype(np.float32)
+    k, p = 3, 1
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    want = np.array([xp[e, r:r + k, s:s + k, :].ravel()
+                     for e in range(2) for r in range(5) for s in range(4)])
+    cols = conv.im2col(x, k)
+    assert cols.shape == want.shape and cols.dtype == np.float32
+    np.testing.assert_array_equal(cols, want)
+
+
+def test_the_forward_in_chunks_is_the_forward_in_one(monkeypatch):
+    # several chunks of images, the last one short, and the same z and cols
+    x, wt, b = case(7, n=5, h=4, w=3, c=2, k=3, out=3, dtype=np.float32)
+    z1, cols1 = conv.conv_forward(x, wt, b)
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 2 * 4 * 3 * 9 * 2 * 4)  # two images a chunk
+    z2, cols2 = conv.conv_forward(x, wt, b)
+    np.testing.assert_array_equal(cols1, cols2)
+    np.testing.assert_allclose(z1, z2, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_dtype_is_kept(dtype):
     x, wt, b = case(1, dtype=dtype)
@@ -111,6 +135,7 @@ def test_dtype_is_kept(dtype):
     out, idx = conv.pool_forward(z.reshape(2, 5, 4, 2))
     back = conv.pool_backward(out, idx, (2, 5, 4, 2))
     assert {a.dtype for a in (z, cols, dw, db, dx, out, back)} == {np.dtype(dtype)}
+    np.testing.assert_allclose(db, dz.sum(axis=0) / 2, rtol=1e-6)
     assert conv.init_conv(np.random.default_rng(0), 3, 2, 4, dtype)[0].dtype == dtype
 
 

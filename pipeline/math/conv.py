@@ -21,6 +21,9 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 POOL = 2  # max-pooling window and stride
+# conv_forward copies cols and multiplies them a chunk of images at a time,
+# so that the matmul reads each chunk while it is still in the cache.
+CHUNK_BYTES = 1 << 20
 
 
 def init_conv(rng: np.random.Generator, k: int, c_in: int, c_out: int,
@@ -32,15 +35,32 @@ def init_conv(rng: np.random.Generator, k: int, c_in: int, c_out: int,
     return w.astype(dtype), np.zeros(c_out, dtype=dtype)
 
 
+def _windows(x: np.ndarray, k: int) -> np.ndarray:
+    """The strided view ``(N, H, W, k, k, C)`` of every zero-padded k x k window."""
+    p = k // 2
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    return sliding_window_view(xp, (k, k), axis=(1, 2)).transpose(0, 1, 2, 4, 5, 3)
+
+
 def im2col(x: np.ndarray, k: int) -> np.ndarray:
     """``(N, H, W, C)`` -> ``(N*H*W, k*k*C)``: each row the k x k window,
     zero-padded by k // 2, centred on one pixel, in (row, column, channel)
-    order (one copy, through a strided view)."""
+    order (one copy, through a strided view).
+
+    With one channel the copy goes tap by tap into the transposed layout
+    (each tap a contiguous shifted image) and the result is its transpose, a
+    Fortran-ordered view: a row-major copy would move one number at a time.
+    """
     n, h, w, c = x.shape
-    p = k // 2
-    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-    windows = sliding_window_view(xp, (k, k), axis=(1, 2))  # (N, H, W, C, k, k)
-    return windows.transpose(0, 1, 2, 4, 5, 3).reshape(n * h * w, k * k * c)
+    if c == 1:
+        p = k // 2
+        xp = np.pad(x[..., 0], ((0, 0), (p, p), (p, p)))
+        taps = np.empty((k, k, n, h, w), dtype=x.dtype)
+        for i in range(k):
+            for j in range(k):
+                taps[i, j] = xp[:, i:i + h, j:j + w]
+        return taps.reshape(k * k, n * h * w).T
+    return _windows(x, k).reshape(n * h * w, k * k * c)
 
 
 def col2im(dcols: np.ndarray, shape: tuple[int, int, int, int], k: int) -> np.ndarray:
@@ -56,20 +76,49 @@ def col2im(dcols: np.ndarray, shape: tuple[int, int, int, int], k: int) -> np.nd
     return dxp[:, p:p + h, p:p + w, :]
 
 
+def _add_bias(z: np.ndarray, b: np.ndarray, width: int) -> None:
+    """z ``(N*H*W, K)`` += b in place, over rows of ``width`` pixels (W*K
+    numbers each) rather than pixel by pixel (K each): longer inner loops."""
+    rows = z.reshape(-1, width * b.shape[0])
+    np.add(rows, np.tile(b, width), out=rows)
+
+
 def conv_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
     """z = conv(x, w) + b, same padding, stride 1: ``(N, H, W, C)`` with
     ``w (k, k, C, K)`` -> (z as rows ``(N*H*W, K)``, cols for the backward pass)."""
+    n, h, wd, _ = x.shape
     k, _, c, out = w.shape
-    cols = im2col(x, k)
-    return cols @ w.reshape(k * k * c, out) + b, cols
+    wm = w.reshape(k * k * c, out)
+    if c == 1:
+        cols = im2col(x, k)
+        z = cols @ wm
+        _add_bias(z, b, wd)
+        return z, cols
+    win = _windows(x, k)
+    cols = np.empty(win.shape, dtype=x.dtype)
+    z = np.empty((n * h * wd, out), dtype=np.result_type(x.dtype, w.dtype))
+    step = max(1, CHUNK_BYTES // (h * wd * k * k * c * cols.itemsize or 1))  # images
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        cols[s:e] = win[s:e]
+        zs = z[s * h * wd:e * h * wd]
+        np.matmul(cols[s:e].reshape(-1, k * k * c), wm, out=zs)
+        _add_bias(zs, b, wd)
+    return z, cols.reshape(n * h * wd, k * k * c)
 
 
 def conv_weight_grads(cols: np.ndarray, dz: np.ndarray, examples: int
                       ) -> tuple[np.ndarray, np.ndarray]:
     """(dW as ``(k*k*C, K)``, db) of the batch-mean loss from per-example
     ``dz`` rows ``(N*H*W, K)``; reshape dW to the weights' shape."""
-    return cols.T @ dz / examples, dz.sum(axis=0) / examples
+    dw = cols.T @ dz
+    dw /= examples
+    # A sum over many short rows: numpy's sum over axis 0 runs one inner loop
+    # of K numbers per row; as a matrix-vector product it is one BLAS pass.
+    db = np.ones(dz.shape[0], dtype=dz.dtype) @ dz
+    db /= examples
+    return dw, db
 
 
 def conv_input_grad(dz: np.ndarray, w: np.ndarray, shape: tuple[int, int, int, int]
