@@ -51,6 +51,23 @@ def loop_input_grad(dz: np.ndarray, w: np.ndarray, shape) -> np.ndarray:
     return dx
 
 
+def loop_pool_routes(a: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each window's index as np.argmax gives it over its four values in
+    row-major order (the first of tied maxima, the first NaN), and the
+    gradient ``g`` sent to that pixel alone."""
+    n, h, w, k = a.shape
+    idx = np.zeros((n, h // 2, w // 2, k), dtype=int)
+    back = np.zeros_like(a, dtype=g.dtype)
+    for e in range(n):
+        for r in range(h // 2):
+            for s in range(w // 2):
+                for c in range(k):
+                    i = int(np.argmax(a[e, 2 * r:2 * r + 2, 2 * s:2 * s + 2, c].ravel()))
+                    idx[e, r, s, c] = i
+                    back[e, 2 * r + i // 2, 2 * s + i % 2, c] = g[e, r, s, c]
+    return idx, back
+
+
 def loop_pool(a: np.ndarray) -> np.ndarray:
     n, h, w, k = a.shape
     out = np.zeros((n, h // 2, w // 2, k))
@@ -135,6 +152,7 @@ def test_dtype_is_kept(dtype):
     out, idx = conv.pool_forward(z.reshape(2, 5, 4, 2))
     back = conv.pool_backward(out, idx, (2, 5, 4, 2))
     assert {a.dtype for a in (z, cols, dw, db, dx, out, back)} == {np.dtype(dtype)}
+    assert np.issubdtype(idx.dtype, np.integer)
     np.testing.assert_allclose(db, dz.sum(axis=0) / 2, rtol=1e-6)
     assert conv.init_conv(np.random.default_rng(0), 3, 2, 4, dtype)[0].dtype == dtype
 
@@ -189,3 +207,37 @@ def test_a_tie_sends_the_gradient_to_the_first_maximum_only():
     out, idx = conv.pool_forward(a)
     back = conv.pool_backward(np.ones_like(out), idx, a.shape)
     assert back[0, :, :, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(3, 8, 6, 5), (2, 7, 5, 3)])
+def test_pool_is_exact_with_ties_in_both_dtypes(shape, dtype):
+    # after a ReLU most windows tie at zero; the index is np.argmax's
+    rng = np.random.default_rng(8)
+    a = np.maximum(rng.standard_normal(shape), 0).astype(dtype)
+    a[0, :2, :2, 0] = 1.5  # a window of four equal maxima
+    out, idx = conv.pool_forward(a)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, loop_pool(a))
+    g = rng.standard_normal(out.shape).astype(dtype)
+    want_idx, want_back = loop_pool_routes(a, g)
+    np.testing.assert_array_equal(idx, want_idx)
+    back = conv.pool_backward(g, idx, shape)
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back, want_back)
+    assert not np.signbit(back[back == 0]).any()  # +0.0 where nothing is sent
+
+
+def test_pool_with_nan_and_inf_is_what_argmax_and_max_give():
+    a = np.zeros((1, 4, 4, 1))
+    a[0, 0, 1, 0] = a[0, 1, 0, 0] = np.nan          # window 0: the first NaN is 1
+    a[0, 1, 3, 0] = np.nan                         # window 1: its only NaN, 3
+    a[0, 2, 2, 0], a[0, 3, 3, 0] = np.inf, np.inf  # window 3: the first inf, 0
+    out, idx = conv.pool_forward(a)
+    np.testing.assert_array_equal(out[0, :, :, 0], [[np.nan, np.nan], [0.0, np.inf]])
+    assert idx[0, :, :, 0].tolist() == [[1, 3], [0, 0]]
+    # an inf or NaN gradient goes to its argmax alone; the other pixels get +0.0
+    g = np.array([np.inf, np.nan, -0.0, -2.0]).reshape(1, 2, 2, 1)
+    back = conv.pool_backward(g, idx, a.shape)
+    _, want = loop_pool_routes(a, g)
+    np.testing.assert_array_equal(back.view(np.uint64), want.view(np.uint64))  # bit for bit

@@ -147,27 +147,45 @@ def pooled(h: int, w: int) -> tuple[int, int]:
     return h // POOL, w // POOL
 
 
+def _quadrants(a: np.ndarray) -> list[np.ndarray]:
+    """The four strided views ``(N, H//2, W//2, K)`` of each 2 x 2 window's
+    top left, top right, bottom left, bottom right (row-major: 0..3)."""
+    ho, wo = pooled(a.shape[1], a.shape[2])
+    return [a[:, r:POOL * ho:POOL, s:POOL * wo:POOL] for r in range(POOL) for s in range(POOL)]
+
+
 def pool_forward(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """2 x 2 max-pool, stride 2, of ``(N, H, W, K)``: (out ``(N, H//2, W//2, K)``,
-    the argmax of each window in 0..3, row-major; the first of tied maxima)."""
-    n, h, w, k = a.shape
-    ho, wo = pooled(h, w)
-    win = (a[:, :ho * POOL, :wo * POOL, :].reshape(n, ho, POOL, wo, POOL, k)
-           .transpose(0, 1, 3, 5, 2, 4).reshape(n, ho, wo, k, POOL * POOL))
-    idx = win.argmax(axis=-1)
-    return np.take_along_axis(win, idx[..., None], axis=-1)[..., 0], idx
+    the argmax of each window in 0..3 as uint8, row-major; the first of tied
+    maxima, and in a window holding NaN the first NaN, as ``np.argmax``)."""
+    q = _quadrants(a)
+    out = np.maximum(q[0], q[1])
+    np.maximum(out, q[2], out=out)
+    np.maximum(out, q[3], out=out)
+    # The first quadrant equal to the max: 0 if q0 is, else 1 + (0 if q1 is,
+    # else 1 + (0 if q2 is, else 1)).
+    idx = (q[2] != out).astype(np.uint8)
+    idx += 1
+    idx *= q[1] != out
+    idx += 1
+    idx *= q[0] != out
+    nan = np.isnan(out)
+    if nan.any():  # NaN equals nothing: set those windows' index as argmax does
+        for i in (3, 2, 1, 0):
+            idx[nan & np.isnan(q[i])] = i
+    return out, idx
 
 
 def pool_backward(g: np.ndarray, idx: np.ndarray, shape: tuple[int, int, int, int]
                   ) -> np.ndarray:
     """The gradient at the pool's input ``shape`` (N, H, W, K): each window's
     gradient to its argmax, zero elsewhere (and on a dropped odd edge)."""
-    n, h, w, k = shape
-    ho, wo = g.shape[1], g.shape[2]
-    win = np.zeros((n, ho, wo, k, POOL * POOL), dtype=g.dtype)
-    np.put_along_axis(win, idx[..., None], g[..., None], axis=-1)
-    out = np.zeros(shape, dtype=g.dtype)
-    out[:, :ho * POOL, :wo * POOL, :] = (win.reshape(n, ho, wo, k, POOL, POOL)
-                                         .transpose(0, 1, 4, 2, 5, 3)
-                                         .reshape(n, ho * POOL, wo * POOL, k))
+    h, w = shape[1], shape[2]
+    out = np.zeros(shape, dtype=g.dtype) if h % POOL or w % POOL else np.empty(shape, g.dtype)
+    # Selected as bit patterns, times 1 or 0 in integers: exactly g or +0.0
+    # (a float product would turn an inf or NaN of g into NaN where it is not sent).
+    bits = np.dtype(f"u{g.dtype.itemsize}")
+    g_bits = g.view(bits)
+    for i, quadrant in enumerate(_quadrants(out.view(bits))):
+        np.multiply(g_bits, idx == i, out=quadrant)
     return out
