@@ -104,7 +104,8 @@ def test_forward_is_the_loop_written_convolution(k, shape, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("k", [1, 3, 5])
-@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (1, 7, 7, 1), (3, 6, 5, 1)])
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (1, 7, 7, 1), (3, 6, 5, 1),
+                                   (2, 4, 5, conv.FEW_CHANNELS)])  # both forms
 def test_input_grad_is_the_loop_written_one_and_col2im_of_the_matmul(k, shape, dtype):
     n, h, w, c = shape
     _, wt, _ = case(k, n, h, w, c, k, out=4, dtype=dtype)
@@ -132,14 +133,19 @@ def test_im2col_is_every_padded_window_in_row_column_channel_order(c):
     np.testing.assert_array_equal(cols, want)
 
 
-def test_the_forward_in_chunks_is_the_forward_in_one(monkeypatch):
-    # several chunks of images, the last one short, and the same z and cols
-    x, wt, b = case(7, n=5, h=4, w=3, c=2, k=3, out=3, dtype=np.float32)
+@pytest.mark.parametrize("c", [2, conv.FEW_CHANNELS + 1])
+def test_the_passes_in_chunks_are_the_passes_in_one(monkeypatch, c):
+    # several chunks of images, the last one short: the same z, cols and dx
+    x, wt, b = case(7, n=5, h=4, w=3, c=c, k=3, out=3, dtype=np.float32)
+    dz = np.random.default_rng(7).standard_normal((5 * 4 * 3, 3)).astype(np.float32)
     z1, cols1 = conv.conv_forward(x, wt, b)
-    monkeypatch.setattr(conv, "CHUNK_BYTES", 2 * 4 * 3 * 9 * 2 * 4)  # two images a chunk
+    dx1 = conv.conv_input_grad(dz, wt, x.shape)
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 2 * 4 * 3 * 9 * c * 4)  # two images a chunk
     z2, cols2 = conv.conv_forward(x, wt, b)
     np.testing.assert_array_equal(cols1, cols2)
     np.testing.assert_allclose(z1, z2, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(conv.conv_input_grad(dz, wt, x.shape), dx1, rtol=1e-6,
+                               atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

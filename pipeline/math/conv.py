@@ -8,8 +8,9 @@
   ``(N*H*W, k*k*C)``, and the weights ``(k, k, C, K)`` are a dense layer's
   ``(k*k*C, K)``;
 * the input gradient is one matmul per tap (k*k of them, ``(N*H*W, K)`` by
-  ``(K, C)``) and k*k shifted adds of whole images, not col2im: col2im's
-  adds move C numbers at a time, these move a whole image row (W*C);
+  ``(K, C)``; with few channels one for all taps, channel-major) and k*k
+  shifted adds of whole images, not col2im: col2im's adds move C numbers at
+  a time, these move a whole image row;
 * as for dense layers, the gradient passed in is per example (``dl_i/dz_i``)
   and the parameter gradients are of the batch-mean loss (divided by N
   examples, not by N*H*W pixels);
@@ -21,9 +22,13 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 POOL = 2  # max-pooling window and stride
-# conv_forward copies cols and multiplies them a chunk of images at a time,
-# so that the matmul reads each chunk while it is still in the cache.
-CHUNK_BYTES = 1 << 20
+# conv_forward and conv_input_grad go a chunk of images at a time, so that
+# each chunk of cols (or of the input gradient's taps) is read back from the
+# cache rather than from memory.
+CHUNK_BYTES = 2 << 20
+# Below this many input channels the input gradient is one matmul for all
+# taps, from this many one matmul per tap (docs/performance.md, "Convolution").
+FEW_CHANNELS = 8
 
 
 def init_conv(rng: np.random.Generator, k: int, c_in: int, c_out: int,
@@ -121,6 +126,15 @@ def conv_weight_grads(cols: np.ndarray, dz: np.ndarray, examples: int
     return dw, db
 
 
+def _add_taps(dxp: np.ndarray, taps: np.ndarray, axis: int) -> None:
+    """dxp += each tap's block ``taps[i, j]`` shifted by (i, j) along dxp's
+    padded height and width, which are its axes ``axis`` and ``axis + 1``."""
+    k, h, w = taps.shape[0], taps.shape[2 + axis], taps.shape[3 + axis]
+    for i in range(k):
+        for j in range(k):
+            dxp[(slice(None),) * axis + (slice(i, i + h), slice(j, j + w))] += taps[i, j]
+
+
 def conv_input_grad(dz: np.ndarray, w: np.ndarray, shape: tuple[int, int, int, int]
                     ) -> np.ndarray:
     """Per-example dx ``(N, H, W, C)`` from dz rows ``(N*H*W, K)``, with the
@@ -128,18 +142,26 @@ def conv_input_grad(dz: np.ndarray, w: np.ndarray, shape: tuple[int, int, int, i
     n, h, wd, c = shape
     k, _, _, out = w.shape
     p = k // 2
-    # taps[i, j] (N*H*W, C): what output pixel (r, s) sends through tap (i, j)
-    # to input pixel (r + i - p, s + j - p).
-    if c == 1:  # one matmul gives the same layout
-        taps = w.reshape(k * k, out) @ dz.T
-    else:
-        taps = np.matmul(dz, w.reshape(k * k, c, out).transpose(0, 2, 1))
-    taps = taps.reshape(k, k, n, h, wd, c)
-    dxp = np.zeros((n, h + 2 * p, wd + 2 * p, c), dtype=taps.dtype)
-    for i in range(k):
-        for j in range(k):
-            dxp[:, i:i + h, j:j + wd] += taps[i, j]
-    return dxp[:, p:p + h, p:p + wd]
+    # taps[i, j]: what every output pixel (r, s) sends through tap (i, j) to
+    # input pixel (r + i - p, s + j - p). With few channels, one matmul gives
+    # them channel-major, (k, k, C, N, H, W): a matmul per tap with C columns
+    # would run at a matrix-vector product's speed, reading dz once per tap.
+    few = c < FEW_CHANNELS
+    dxp = np.zeros((c, n, h + 2 * p, wd + 2 * p) if few else (n, h + 2 * p, wd + 2 * p, c),
+                   dtype=np.result_type(dz.dtype, w.dtype))
+    wm = w.reshape(k * k * c, out) if few else w.reshape(k * k, c, out).transpose(0, 2, 1)
+    step = max(1, CHUNK_BYTES // (h * wd * k * k * c * dxp.itemsize or 1))  # images
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        d = dz[s * h * wd:e * h * wd]
+        if few:
+            _add_taps(dxp[:, s:e], (wm @ d.T).reshape(k, k, c, e - s, h, wd), 2)
+        else:
+            _add_taps(dxp[s:e], np.matmul(d, wm).reshape(k, k, e - s, h, wd, c), 1)
+    if not few:
+        return dxp[:, p:p + h, p:p + wd]
+    dx = dxp[:, :, p:p + h, p:p + wd].transpose(1, 2, 3, 0)
+    return dx if c == 1 else np.ascontiguousarray(dx)  # channels last again
 
 
 def pooled(h: int, w: int) -> tuple[int, int]:
