@@ -124,7 +124,7 @@ class Layer:
         n, h, w, c = self.shape
         k, out = self.k, self.w.shape[3]
         flipped = self.w[::-1, ::-1].transpose(0, 1, 3, 2).reshape(k * k * out, c)
-        t["dx per tap (ours)"] = _cpu(lambda: conv.conv_input_grad(self.dz, self.w, self.shape))
+        t["dx ours"] = _cpu(lambda: conv.conv_input_grad(self.dz, self.w, self.shape))
         t["dx col2im"] = _cpu(lambda: conv.col2im(self.dz @ self.wm.T, self.shape, k))
         t["dx flipped kernel"] = _cpu(
             lambda: conv.im2col(self.dz.reshape(n, h, w, out), k) @ flipped)

@@ -15,6 +15,9 @@
   and the parameter gradients are of the batch-mean loss (divided by N
   examples, not by N*H*W pixels);
 * dtype preserving: float32 in gives float32 out.
+
+What each pass costs against plain matmuls, and the forms compared:
+``docs/performance.md`` ("Convolution", ``python bench/conv_speed.py``).
 """
 from __future__ import annotations
 
