@@ -228,7 +228,7 @@ class Config:
                                 "probability (the paper's update-decoupling experiment)", STALE)
     drop_prob: float = option(0.0, "each true-gradient message is lost with this probability",
                               STALE)
-    # staleness remedies (pipeline.staleness) --------------------------------------------
+    # staleness remedies (pipeline.math.staleness) --------------------------------------------
     sg_boost: float = option(0.0, "two timescales: an SG module regressing a target tau steps "
                              "stale steps (1 + A*tau) times --sg-lr", REMEDY, metavar="A")
     lr_staleness: float = option(

@@ -1,4 +1,4 @@
-"""Tests for pipeline.batchnorm against references written here: hand formulas,
+"""Tests for pipeline.math.batchnorm against references written here: hand formulas,
 hand-computed running statistics, and central finite differences."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.cli: argv -> Config, every option and its forms, and
+"""Tests for pipeline.run.cli: argv -> Config, every option and its forms, and
 launch.py's one-line refusals of bad arguments."""
 from __future__ import annotations
 

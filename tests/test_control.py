@@ -1,4 +1,4 @@
-"""Tests for pipeline.control: a worker's link against a coordinator's ROUTER
+"""Tests for pipeline.net.control: a worker's link against a coordinator's ROUTER
 socket made here; the handshake, what goes out (events with memory, the
 final report, an error, heartbeats) and how stop, silence and a wrong reply
 end a worker. No sleeps: the clock of the link is moved by hand."""

@@ -1,4 +1,4 @@
-"""Tests for pipeline.delay: DelayLine release times on a fake clock (the caller passes
+"""Tests for pipeline.net.delay: DelayLine release times on a fake clock (the caller passes
 ``now``), and straggle's idle time measured on the real one."""
 from __future__ import annotations
 

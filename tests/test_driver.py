@@ -1,4 +1,4 @@
-"""Tests for pipeline.driver: each node driven by hand, message by message,
+"""Tests for pipeline.nodes.driver: each node driven by hand, message by message,
 against exact tables of what it sends where, and its schedule rule (what it
 may read next, when it is done) as a worker and the reference see it."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for pipeline.layernorm and --layernorm against references written
+"""Tests for pipeline.math.layernorm and --layernorm against references written
 here: the textbook formula with loops, central finite differences of the
 function and of a hidden layer using it, and the configuration rules."""
 from __future__ import annotations

@@ -38,7 +38,7 @@ def test_allocator_keeps_freed_blocks_for_reuse():
     code = """
 import sys
 import numpy as np
-from pipeline import memory
+from pipeline.net import memory
 if sys.argv[1] == "tuned":
     assert memory.tune_allocator()
 base = memory.rss_mb()

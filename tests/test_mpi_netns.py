@@ -169,7 +169,7 @@ def test_a_host_killed_ends_the_job_failed_naming_its_role_and_host(across, host
 # memory). Prints what its socket monitors saw, as JSON.
 _OUTSIDER = """
 import json, sys, zmq
-from pipeline import security
+from pipeline.net import security
 endpoint = sys.argv[1]
 ctx = zmq.Context()
 seen = {}

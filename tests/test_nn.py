@@ -1,4 +1,4 @@
-"""Tests for pipeline.nn: every gradient against central finite differences of a loss written here."""
+"""Tests for pipeline.math.nn: every gradient against central finite differences of a loss written here."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Tests for pipeline.optim: SGD (with momentum) and Adam against steps written
+"""Tests for pipeline.math.optim: SGD (with momentum) and Adam against steps written
 out by hand, the per-step scale, the state a checkpoint keeps, and a plain
 step that lowers a network's loss."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for pipeline.protocol: the roles and their order, every builder read
+"""Tests for pipeline.wire.protocol: the roles and their order, every builder read
 back by its reader (also through the wire), readers refusing missing and
 mistyped fields, and the shape checks of a data inbox."""
 from __future__ import annotations

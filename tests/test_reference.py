@@ -1,4 +1,4 @@
-"""Tests for pipeline.reference: equal to the plain numpy loops of tests/oracle.py
+"""Tests for pipeline.nodes.reference: equal to the plain numpy loops of tests/oracle.py
 (also with gradient delay, update and drop probability and the staleness
 remedies); learns the addition task as measured."""
 from __future__ import annotations
@@ -125,7 +125,7 @@ STALE_DNI = [
     dict(epochs=3, layers=4, hidden=(16, 12, 8), examples=25, activation="relu", lr=0.1,
          grad_delay=3, drop_prob=0.2),
 ]
-# The staleness remedies (pipeline.staleness), alone and together, with the
+# The staleness remedies (pipeline.math.staleness), alone and together, with the
 # chances on so that skipped updates and lost targets meet them too.
 REMEDIED_DNI = [
     dict(epochs=4, grad_delay=3, sg_boost=0.3),

@@ -1,4 +1,4 @@
-"""Tests for pipeline.rundir: what a run directory holds, written so that a
+"""Tests for pipeline.run.rundir: what a run directory holds, written so that a
 crash loses nothing already written, opened and announced, and read back."""
 from __future__ import annotations
 

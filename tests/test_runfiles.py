@@ -1,4 +1,4 @@
-"""Tests for pipeline.runfiles: which checkpoints retention keeps (an exact
+"""Tests for pipeline.run.runfiles: which checkpoints retention keeps (an exact
 table), the space kept for a run's last writes against the files a run of
 each kind really writes, and files written private."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for pipeline.schedule: every rule against exact tables (the rules
+"""Tests for pipeline.nodes.schedule: every rule against exact tables (the rules
 driving real nodes are tested in test_driver)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for pipeline.sgwatch: the collapse rule and the per-layer tracking on
+"""Tests for pipeline.coord.sgwatch: the collapse rule and the per-layer tracking on
 exact event tables; the warning and the figures reach summary.json, the
 progress output and the closing table of a real run."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for pipeline.staleness: each rule on an exact table worked out by hand."""
+"""Tests for pipeline.math.staleness: each rule on an exact table worked out by hand."""
 from __future__ import annotations
 
 import numpy as np

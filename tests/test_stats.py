@@ -1,4 +1,4 @@
-"""Tests for pipeline.stats (and sg_quality, the figures it aggregates): exact
+"""Tests for pipeline.layers.stats (and sg_quality, the figures it aggregates): exact
 tables for the per-epoch events and the whole-run counters, the reservoir's bounds."""
 from __future__ import annotations
 

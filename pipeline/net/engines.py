@@ -7,7 +7,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Mapping
 
-# No numpy here (pipeline.protocol imports it): launch.py detects the engine
+# No numpy here (pipeline.wire.protocol imports it): launch.py detects the engine
 # before numpy loads, to cap the BLAS threads of every rank first.
 
 LAUNCHERS = ("auto", "local", "mpi", "slurm", "k8s", "env")

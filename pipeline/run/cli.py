@@ -187,7 +187,7 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
     return p
 
 
-LAUNCHERS = ("auto", "local", "mpi", "slurm", "k8s", "env")  # as pipeline.engines knows them
+LAUNCHERS = ("auto", "local", "mpi", "slurm", "k8s", "env")  # as pipeline.net.engines knows them
 
 
 def add_engine_options(p: argparse.ArgumentParser) -> None:
