@@ -116,7 +116,21 @@ def judge(results: dict, cores: int) -> list[dict]:
     growth = [p["growth_mb"] for p in (_get(results, "memory", "processes") or {}).values()]
     rows.append(_row("memory: largest growth of a layer's resident size over the run, MiB",
                      max(growth) if growth else None, 5.0, False))
-    return rows + conv_rows(results)
+    return rows + conv_rows(results) + [cnn_row(results, cores)]
+
+
+CNN_TARGET = 1.6  # a 4-layer conv pipeline's batches/s over the one-thread reference's
+
+
+def cnn_row(results: dict, cores: int) -> dict:
+    """The convolutional pipeline against the one-thread reference, with the
+    bound its CPU per batch puts on it (as for the dense net)."""
+    cpu = _get(results, "cnn", "ratios", "cpu per batch, pipeline / reference")
+    bound = (f"bound from this run's CPU: {cores} cores / CPU per batch {cpu:.2f}x the "
+             f"reference's = {cores / cpu:.2f}x" if cpu else "")
+    return _row("4-layer conv pipeline, free-running cDNI / one-thread reference",
+                _get(results, "cnn", "ratios", "pipeline cdni / reference cdni"), CNN_TARGET,
+                True, bound, note=bound.removeprefix("bound from this run's CPU: "))
 
 
 def conv_rows(results: dict) -> list[dict]:

@@ -39,7 +39,8 @@ def test_every_target_is_judged_with_its_bound():
     assert got == [(1.70, 1.85, False), (pytest.approx(1.7 * 4 / 6), 1.3, False),
                    (0.5, 1.0, False), (1.25, 1.2, False), (0.98, 1.0, True),
                    (1.0, 1.0, True), (6.5, 5.0, False),
-                   (None, 0.5, None), (None, 0.5, None)]  # no conv section in this run
+                   (None, 0.5, None), (None, 0.5, None),  # no conv section in this run
+                   (None, 1.6, None)]
     # The bounds: 2 cores / 1.25 = 1.60; over the reference's own gain 6/4 = 1.07; 2 / 4 = 0.50.
     assert "= 1.60x" in rows[0]["bound"]
     assert "1.50x = 1.07x" in rows[1]["bound"]
@@ -108,7 +109,7 @@ def test_the_conv_target_per_mnist_layer_with_where_its_time_goes():
     conv = {"layers": [_conv_layer("mnist layer 1", (5.0, 5.0, 5.0), (12.0, 6.0, 14.0), 80.0),
                        _conv_layer("mnist layer 2", (30.0, 25.0, 35.0), (35.0, 25.0, 40.0), 130.0),
                        _conv_layer("mnist layer 2 SG", (6.0, 6.0, 6.0), (6.0, 6.0, 8.0), None)]}
-    rows = targets.judge(_results(conv=conv), cores=2)[-2:]
+    rows = targets.judge(_results(conv=conv), cores=2)[-3:-1]
     # 15 ms of GEMMs / 32 ms of conv; 90 / 100
     assert [(r["measured"], r["threshold"], r["met"]) for r in rows] == [
         (pytest.approx(15 / 32), 0.5, False), (pytest.approx(0.9), 0.5, True)]
@@ -140,3 +141,15 @@ def test_conv_speed_measures_what_the_conv_target_reads(monkeypatch):
     rows = targets.conv_rows({"conv": r})
     assert all(row["measured"] is not None and row["measured"] > 0 for row in rows)
     assert len(conv_speed.show(r)) == 1 + 3 + (3 + 3 + 2)  # header, a line a layer, its parts
+
+
+def test_the_conv_pipeline_target_with_the_bound_of_its_cpu():
+    cnn = {"ratios": {"pipeline cdni / reference cdni": 1.2,
+                      "cpu per batch, pipeline / reference": 1.6}}
+    row = targets.judge(_results(cnn=cnn), cores=2)[-1]
+    assert (row["measured"], row["threshold"], row["met"]) == (1.2, 1.6, False)
+    assert "2 cores / CPU per batch 1.60x the reference's = 1.25x" in row["bound"]
+    met = targets.judge(_results(cnn={"ratios": {"pipeline cdni / reference cdni": 1.7,
+                                                 "cpu per batch, pipeline / reference": 1.1}}),
+                        cores=2)[-1]
+    assert met["met"] and met["bound"] == "" and "= 1.82x" in met["note"]
