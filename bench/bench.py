@@ -331,7 +331,7 @@ def main() -> int:
     if "cnn" in parts:
         print("cnn: a 4-layer convolutional pipeline / the in-process reference", flush=True)
         results["cnn"] = cnn_pipeline.bench_cnn(_run, _show, _cpu_ms_per_batch,
-                                                2560 if a.quick else 7680, 1 if a.quick else 2)
+                                                5120 if a.quick else 20480, 1 if a.quick else 2)
     results["targets"] = targets.judge(results, os.cpu_count() or 1)
     print("targets (issue #14 and the convolution's), from this run", flush=True)
     print("\n".join(targets.show(results["targets"])))

@@ -50,7 +50,12 @@ def bench_cnn(run: Callable[[list[str]], dict], show: Callable[[str, str, dict],
                                          < s["batches_per_s"]):
                     rows[label] = {"batches_per_s": s["batches_per_s"] if ok else None,
                                    "cpu_ms_per_batch": cpu_ms(s) if ok else None,
-                                   "status": s["status"]}
+                                   "status": s["status"],
+                                   # where a batch's CPU goes, process by process (with
+                                   # each process's start-up, over the run's batches)
+                                   "cpu_ms_per_batch_by_role": {
+                                       role: t / s["batches"] * 1e3
+                                       for role, t in s["cpu_s"].items()} if ok else {}}
     ref, pipe = rows["reference cdni (1 thread)"], rows["pipeline cdni"]
     ratio = (pipe["batches_per_s"] / ref["batches_per_s"]
              if pipe["batches_per_s"] and ref["batches_per_s"] else None)
