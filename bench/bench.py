@@ -1,5 +1,6 @@
 """Side-by-side measurements, printed as ratios and written as JSON:
-``python bench/bench.py [--quick] [--only wire,pipeline,scaling,memory,protection] [--out FILE]``.
+``python bench/bench.py [--quick] [--only wire,pipeline,scaling,memory,protection,conv,cnn]
+[--out FILE]``.
 
 1. wire: one message (encode + send + receive + decode) over our sockets
    against raw pyzmq sending the same bytes (three frames zero-copy and
@@ -18,7 +19,12 @@
    run's private 0700 directory (the default) against abstract-namespace
    Unix sockets that any process of the machine can reach
    (``DNI_BENCH_UNPROTECTED=1``, a switch for this benchmark only), on the
-   addition task and the compute-heavy configuration.
+   addition task and the compute-heavy configuration;
+6. conv: a convolutional layer's forward and backward (MNIST layers 1 and 2,
+   batch 256, float32) against matmuls of the same shapes, one BLAS thread,
+   in a child process (``conv_speed.py``);
+7. cnn: a 4-layer convolutional pipeline (free-running cDNI) against the
+   one-thread in-process reference (``cnn_pipeline.py``).
 Not a test: the machine is shared and noisy; compare the ratios.
 """
 from __future__ import annotations
@@ -36,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench import message_cost, targets, wire_parts  # noqa: E402
+from bench import cnn_pipeline, conv_speed, message_cost, targets, wire_parts  # noqa: E402
 from bench.wire_hops import bench_wire  # noqa: E402
 
 # The compute-heavy configuration, with steps at which 1024-wide sigmoid layers
@@ -272,7 +278,7 @@ def _get_roles(results: dict, name: str) -> dict | None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer repetitions and batches")
-    p.add_argument("--only", default="wire,pipeline,scaling,memory,protection",
+    p.add_argument("--only", default="wire,pipeline,scaling,memory,protection,conv,cnn",
                    help="comma-separated parts to run")
     p.add_argument("--out", default="bench-results.json")
     a = p.parse_args()
@@ -317,8 +323,17 @@ def main() -> int:
             {"addition task": ["--epochs", "200" if a.quick else "800"],
              "heavy": HEAVY + ["--mode", "dni", "--examples", "25600", "--epochs", "1"]},
             2 if a.quick else 6)
+    if "conv" in parts:
+        print("conv: a conv layer's forward and backward / matmuls of the same shapes, "
+              "one BLAS thread", flush=True)
+        results["conv"] = conv_speed.measure_in_child(a.quick)
+        print("\n".join(conv_speed.show(results["conv"])))
+    if "cnn" in parts:
+        print("cnn: a 4-layer convolutional pipeline / the in-process reference", flush=True)
+        results["cnn"] = cnn_pipeline.bench_cnn(_run, _show, _cpu_ms_per_batch,
+                                                5120 if a.quick else 20480, 1 if a.quick else 2)
     results["targets"] = targets.judge(results, os.cpu_count() or 1)
-    print("targets (issue #14), from this run", flush=True)
+    print("targets (issue #14 and the convolution's), from this run", flush=True)
     print("\n".join(targets.show(results["targets"])))
     for name in ("addition task", "compute-heavy"):
         roles = _get_roles(results, name)

@@ -1,4 +1,5 @@
-"""The performance targets (issue #14), judged from one ``bench.py`` run's results.
+"""The performance targets (issue #14, and the convolution's), judged from one
+``bench.py`` run's results.
 
 ``judge(results, cores)`` is pure: it takes the results dict that
 ``bench.py`` writes and returns one row per target (what, the threshold, the
@@ -17,6 +18,11 @@ SEED_MESSAGES = 5
 HEAVY_PROFILE = ("by layer and function: docs/profile-compute.md "
                  "(python bench/threads.py, py-spy)")
 ADDITION_PROFILE = "by thread and function: docs/profile-addition.md (python bench/threads.py, py-spy)"
+# The convolution's target: a conv layer's forward and backward run at no less
+# than half the rate of one-thread matmuls of the same shapes (bench/conv_speed.py).
+CONV_TARGET = 0.5
+CONV_LAYERS = {"mnist layer 1": "MNIST layer 1 (28x28x1 -> 16, k=5, batch 256)",
+               "mnist layer 2": "MNIST layer 2 (14x14x16 -> 32, k=5, batch 256)"}
 
 
 def _get(d: dict | None, *keys):
@@ -110,6 +116,44 @@ def judge(results: dict, cores: int) -> list[dict]:
     growth = [p["growth_mb"] for p in (_get(results, "memory", "processes") or {}).values()]
     rows.append(_row("memory: largest growth of a layer's resident size over the run, MiB",
                      max(growth) if growth else None, 5.0, False))
+    return rows + conv_rows(results) + [cnn_row(results, cores)]
+
+
+CNN_TARGET = 1.6  # a 4-layer conv pipeline's batches/s over the one-thread reference's
+
+
+def cnn_row(results: dict, cores: int) -> dict:
+    """The convolutional pipeline against the one-thread reference, with the
+    bound its CPU per batch puts on it (as for the dense net)."""
+    cpu = _get(results, "cnn", "ratios", "cpu per batch, pipeline / reference")
+    bound = (f"bound from this run's CPU: {cores} cores / CPU per batch {cpu:.2f}x the "
+             f"reference's = {cores / cpu:.2f}x" if cpu else "")
+    return _row("4-layer conv pipeline, free-running cDNI / one-thread reference",
+                _get(results, "cnn", "ratios", "pipeline cdni / reference cdni"), CNN_TARGET,
+                True, bound, note=bound.removeprefix("bound from this run's CPU: "))
+
+
+def conv_rows(results: dict) -> list[dict]:
+    """The convolution's target, one row per MNIST layer: its conv's rate of
+    multiply-adds (forward, dW and db, dx) over the same shapes' GEMMs'; the
+    whole layer's ratio (batch norm, ReLU, pool too) beside it, and for a
+    missed target where the conv's time goes."""
+    measured = {r["layer"]: r for r in _get(results, "conv", "layers") or []}
+    rows = []
+    for name, label in CONV_LAYERS.items():
+        r = measured.get(name)
+        where = note = ""
+        if r:
+            c, g = r["parts_ms"]["conv"], r["parts_ms"]["gemms"]
+            where = (f"where it goes: forward {c['conv forward']:.1f}, dW and db "
+                     f"{c['conv dW, db']:.1f}, dx {c['conv dx']:.1f} ms against the GEMMs' "
+                     f"{g['gemm forward']:.1f}, {g['gemm dW']:.1f}, {g['gemm dx']:.1f} ms")
+            note = f"GEMMs {r['gemm_ms']:.1f} ms, conv {r['conv_ms']:.1f} ms" + (
+                f"; with batch norm, ReLU and the pool {r['layer_ms']:.1f} ms, ratio "
+                f"{r['layer_ratio']:.2f}, of which batch norm {r['batch_norm_ms']:.1f} ms"
+                if r.get("layer_ratio") else "")
+        rows.append(_row(f"conv {label}: conv fwd+bwd rate / one-thread GEMM rate",
+                         r["ratio"] if r else None, CONV_TARGET, True, where, note))
     return rows
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,10 +85,18 @@ class Config:
                          "the machine's memory holds: estimated before anything starts)", NET,
                          most=limits.MAX_LAYERS)
     hidden: tuple[int, ...] = option(
-        (128, 64), "hidden widths, comma-separated; one number repeats for every hidden layer "
+        (128, 64), "dense hidden widths, comma-separated; one number repeats for every dense "
+        "hidden layer "
         "(default: the notebook's 128,64; deeper nets repeat 64; 256 on classification data; as "
         "wide as the machine's memory holds)",
         NET, kind="widths", task=True)
+    conv: tuple[int, ...] = option(
+        (), "convolutional hidden layers first, C1,C2,... channels: each a K x K same-padded "
+        "convolution, batch norm per channel (unless --no-batchnorm), ReLU and a 2 x 2 "
+        "max-pool; the hidden layers after them are dense (--hidden); image data only "
+        "(docs/cnn.md)", NET, kind="widths", metavar="C1,C2")
+    kernel: int = option(5, "--conv: the convolutions' kernel size K (odd)", NET, metavar="K",
+                         most=limits.MAX_KERNEL)
     activation: str = option("sigmoid", "hidden-layer non-linearity", NET,
                              choices=ACTIVATIONS, task=True)
     batchnorm: bool = option(
@@ -147,11 +156,13 @@ class Config:
     # data ------------------------------------------------------------------------
     dataset: str = option(
         "addition", "addition (the addition task: binary addition of --bits numbers), mnist (the "
-        "MNIST or Fashion-MNIST IDX files in --data-dir, plain or .gz) or npz:PATH (a NumPy "
-        "archive with x_train, y_train and optionally x_test, y_test)", DATA, metavar="NAME")
+        "MNIST or Fashion-MNIST IDX files in --data-dir, plain or .gz), cifar10 (the CIFAR-10 "
+        "binary version's .bin files in --data-dir) or npz:PATH (a NumPy archive with x_train, "
+        "y_train and optionally x_test, y_test)", DATA, metavar="NAME")
     data_dir: str = option(
         "", "--dataset mnist: the directory holding train-images-idx3-ubyte, "
-        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte", DATA,
+        "train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte; "
+        "cifar10: data_batch_1.bin ... data_batch_5.bin and test_batch.bin", DATA,
         metavar="DIR")
     bits: int = option(8, "addition: bits per operand and sum", DATA)
     examples: int = option(100, "training examples (default: 100 on addition; a dataset's "
@@ -165,6 +176,9 @@ class Config:
                           most=limits.MAX_CLASSES)
     test_examples: int = option(0, "size of its test split (0: none)", DATA, cli=False,
                                 flag="--dataset", most=limits.MAX_COUNT)
+    image: tuple[int, ...] = option((), "its examples' image shape (height, width, channels); "
+                                    "none: flat data", DATA, cli=False, flag="--dataset",
+                                    kind="widths")
     # pipeline ------------------------------------------------------------------
     lockstep: bool = option(False, "deterministic schedule: the same weights, bit for bit, as "
                             "the in-process reference", PIPE, kind="flag")
@@ -206,6 +220,10 @@ class Config:
     slow: tuple[tuple[int, float], ...] = option(
         (), "layer LAYER (1..N) computes FACTOR times slower (1 to 1000); repeatable", STALE,
         kind="straggler", metavar="LAYER:FACTOR", most=limits.MAX_SLOWDOWN)
+    freeze: tuple[int, ...] = option(
+        (), "these layers (1..N, comma-separated) never update their weights: a control for "
+        "what the others learn without them (their SG modules still learn)", STALE,
+        kind="widths", metavar="LAYERS")
     update_prob: float = option(1.0, "each layer applies each weight update only with this "
                                 "probability (the paper's update-decoupling experiment)", STALE)
     drop_prob: float = option(0.0, "each true-gradient message is lost with this probability",
@@ -238,9 +256,15 @@ class Config:
         limits.check_most(self)
         # A single width repeats for every hidden layer.
         hidden = tuple(self.hidden)
-        if len(hidden) == 1 and self.layers > 2:
-            hidden = hidden * (self.layers - 1)
+        dense = self.layers - 1 - len(self.conv)
+        if len(hidden) == 1 and dense > 1:
+            hidden = hidden * dense
+        elif dense == 0 and self.conv and self.classification:
+            hidden = ()  # every hidden layer convolutional: the task's default width unused
         object.__setattr__(self, "hidden", hidden)
+        object.__setattr__(self, "conv", tuple(self.conv))
+        object.__setattr__(self, "image", tuple(self.image))
+        object.__setattr__(self, "freeze", tuple(self.freeze))
         object.__setattr__(self, "sg_hidden", tuple(self.sg_hidden))
         object.__setattr__(self, "slow", tuple((int(i), float(f)) for i, f in self.slow))
         validation.validate(self)
@@ -285,13 +309,34 @@ class Config:
 
     @property
     def dims(self) -> list[int]:
-        """Widths from input to output: [2*bits, *hidden, bits] for addition,
-        [features, *hidden, classes] for a file dataset."""
+        """Widths from input to output, each layer's output as a row of
+        numbers: [2*bits, *hidden, bits] for addition, [features, *conv
+        outputs, *hidden, classes] for a file dataset."""
+        return [math.prod(s) for s in self.shapes]
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Each layer's output shape per example, from the input (as the
+        source sends it: a row of features) to the output: (H, W, C) after
+        a convolutional layer (``conv_shapes``), (width,) after a dense one."""
         if not self.classification:
-            return [2 * self.bits, *self.hidden, self.bits]
+            return [(w,) for w in (2 * self.bits, *self.hidden, self.bits)]
         if not self.features:
             raise ValueError(f"dataset {self.dataset} not resolved: call tasks.resolve first")
-        return [self.features, *self.hidden, self.classes]
+        return [(self.features,), *self.conv_shapes()[1:], *((w,) for w in self.hidden),
+                (self.classes,)]
+
+    def conv_shapes(self) -> list[tuple[int, int, int]]:
+        """The image, then each convolutional layer's output (H, W, C): a
+        same-padded convolution keeps H and W, its 2 x 2 max-pool halves
+        them (a last odd row or column dropped)."""
+        if not self.conv:
+            return [tuple(self.image)] if self.image else []
+        out = [tuple(self.image)]
+        for channels in self.conv:
+            h, w, _ = out[-1]
+            out.append((h // 2, w // 2, channels))
+        return out
 
     @functools.cached_property  # read for every message a layer checks
     def np_dtype(self) -> np.dtype:
@@ -316,6 +361,9 @@ class Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
+        d["conv"] = list(self.conv)
+        d["image"] = list(self.image)
+        d["freeze"] = list(self.freeze)
         d["sg_hidden"] = list(self.sg_hidden)
         d["slow"] = [list(p) for p in self.slow]
         return d

@@ -12,6 +12,7 @@ MIB = 1 << 20
 PROCESS_MIB = 64          # a worker's resident size before its arrays, with room to spare
 MAX_LAYERS = 1024         # whatever the memory: a process per layer, a port or two each
 MAX_CLASSES = 100_000     # the output layer's width, from a file's labels
+MAX_KERNEL = 99           # a convolution's kernel side (its im2col rows are K*K*C wide)
 FILES_PER_PROCESS = 2     # the supervisor's connection to each worker, with room to spare
 FILES_SPARE = 64          # its own sockets, the run directory, Python's files
 
@@ -117,6 +118,8 @@ def _layer_bytes(cfg, index: int, rows: int | None = None) -> int:
     d, item = cfg.dims, cfg.np_dtype.itemsize
     fan_in, fan_out = d[index - 1], d[index]
     slots = {"adam": 3, "sgd": 2 if cfg.momentum else 1}[cfg.optimizer]
+    if index <= len(getattr(cfg, "conv", ())):
+        return _conv_layer_bytes(cfg, index, rows, slots)
     params = (fan_in + 1) * fan_out
     if index < cfg.layers and cfg.mode in ("dni", "cdni"):
         widths = [fan_out + (d[-1] if cfg.mode == "cdni" else 0), *cfg.sg_hidden, fan_out]
@@ -125,6 +128,23 @@ def _layer_bytes(cfg, index: int, rows: int | None = None) -> int:
     inflight = (cfg.grad_delay + cfg.max_inflight + 2) * rows
     cached = inflight * (fan_in + 3 * fan_out + d[-1])  # inputs, outputs, SG inputs, messages
     return (params * slots + 4 * cached) * item
+
+
+def _conv_layer_bytes(cfg, index: int, rows: int, slots: int) -> int:
+    """A convolutional layer (``_layer_bytes``): besides what a dense layer
+    holds, the im2col rows of a step (k*k times its input, and 9 times its
+    SG module's input) and the convolution's output before the pool."""
+    (h, w, c_in), (ho, wo, c) = cfg.conv_shapes()[index - 1:index + 1]
+    labels = cfg.dims[-1] if cfg.mode == "cdni" else 0
+    k2, item = cfg.kernel * cfg.kernel, cfg.np_dtype.itemsize
+    params = k2 * c_in * c + 3 * c
+    sg_in = ho * wo * (c + labels)
+    if cfg.mode in ("dni", "cdni"):
+        params += 9 * (c + labels) * c + (1 + labels) * ho * wo * c
+    inflight = (cfg.grad_delay + cfg.max_inflight + 2) * rows
+    cached = inflight * (h * w * c_in + 3 * ho * wo * c + sg_in + labels)
+    step = rows * (h * w * (k2 * c_in + 3 * c) + 9 * sg_in)   # im2col rows, z, its gradient
+    return (params * slots + 4 * cached + 2 * step) * item
 
 
 class _Resized:
@@ -140,7 +160,7 @@ class _Resized:
     @property
     def dims(self) -> list[int]:
         d = self._cfg.dims
-        return [d[0], *self.hidden, d[-1]]
+        return [*d[:1 + len(self._cfg.conv)], *self.hidden, d[-1]]
 
 
 # The sizes a run's memory grows with, each at its smallest.

@@ -20,7 +20,7 @@ def check_types(cfg) -> None:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         option = flag(f.name)
-        if f.name in ("hidden", "sg_hidden"):
+        if f.name in ("hidden", "sg_hidden", "conv", "image", "freeze"):
             ok = isinstance(value, (tuple, list)) and all(_is_int(h) for h in value)
             want = "a list of integers"
         elif f.name == "slow":
@@ -47,9 +47,12 @@ def validate(cfg) -> None:
             raise ConfigError(option, message)
 
     need(cfg.layers >= 2, "--layers", f"must be at least 2 (got {cfg.layers})")
-    need(len(cfg.hidden) == cfg.layers - 1, "--hidden",
-         f"--layers {cfg.layers} needs {cfg.layers - 1} hidden width(s) or one to repeat, "
-         f"got {len(cfg.hidden)}")
+    _conv(cfg, need)
+    dense = cfg.layers - 1 - len(cfg.conv)
+    need(len(cfg.hidden) == dense, "--hidden",
+         f"--layers {cfg.layers} needs {dense} dense hidden width(s) or one to repeat, "
+         f"got {len(cfg.hidden)}" + (f" (after {len(cfg.conv)} --conv layers)" if cfg.conv
+                                     else ""))
     need(all(h >= 1 for h in cfg.hidden), "--hidden", "widths must be positive")
     need(cfg.mode in MODES, "--mode", f"must be one of {', '.join(MODES)}")
     need(cfg.activation in ACTIVATIONS, "--activation",
@@ -88,6 +91,9 @@ def validate(cfg) -> None:
         need(factor >= 1, "--slow", f"factor must be at least 1, got {factor}")
     need(len({i for i, _ in cfg.slow}) == len(cfg.slow), "--slow", "a layer is named twice")
     need(0 <= cfg.update_prob <= 1, "--update-prob", "must be in [0, 1]")
+    need(all(1 <= i <= cfg.layers for i in cfg.freeze), "--freeze",
+         f"layers are 1..{cfg.layers}, got {list(cfg.freeze)}")
+    need(len(set(cfg.freeze)) == len(cfg.freeze), "--freeze", "a layer is named twice")
     need(cfg.checkpoint_every >= 0, "--checkpoint-every", "must be at least 0")
     need(cfg.keep_checkpoints >= 0, "--keep-checkpoints", "must be at least 0 (0: keep all)")
     need(cfg.watchdog >= 0 and math.isfinite(cfg.watchdog), "--watchdog",
@@ -102,6 +108,39 @@ def validate(cfg) -> None:
     need(not (wall_clock and cfg.in_process), "--in-process",
          "--link-delay and --slow act on real processes; the in-process reference has none")
     need(cfg.blas_threads >= 1, "--blas-threads", "must be at least 1")
+
+def _conv(cfg, need) -> None:
+    """--conv: image data, room for the layers, and what convolutional
+    layers do not do (docs/cnn.md says why)."""
+    need(len(cfg.image) in (0, 3) and all(d >= 1 for d in cfg.image), "--dataset",
+         f"an image shape is (height, width, channels), got {list(cfg.image)}")
+    need(cfg.kernel >= 1 and cfg.kernel % 2 == 1, "--kernel",
+         f"must be an odd number of at least 1 (same padding), got {cfg.kernel}")
+    if not cfg.conv:
+        return
+    need(all(c >= 1 for c in cfg.conv), "--conv", "channel counts must be positive")
+    need(len(cfg.conv) <= cfg.layers - 1, "--conv",
+         f"{len(cfg.conv)} convolutional layers need --layers {len(cfg.conv) + 1} or more "
+         f"(the output layer comes after them), got --layers {cfg.layers}")
+    need(cfg.classification, "--conv", "needs image data (--dataset mnist or cifar10); the "
+         "addition task is a row of bits")
+    if not cfg.features:
+        return  # the data is read later (tasks.resolve), and its shape checked then
+    need(bool(cfg.image), "--conv",
+         f"{cfg.dataset} is flat data with no image shape; convolutional layers need "
+         "images (mnist, cifar10, or an npz archive of (n, H, W) or (n, H, W, C) arrays)")
+    h, w, _ = cfg.image
+    need(h >> len(cfg.conv) >= 1 and w >> len(cfg.conv) >= 1, "--conv",
+         f"{len(cfg.conv)} 2 x 2 max-pools leave nothing of a {h} x {w} image; at most "
+         f"{min(h, w).bit_length() - 1} convolutional layers")
+    need(not cfg.layernorm, "--layernorm",
+         "is for dense layers; convolutional layers normalise per channel (batch norm)")
+    need(cfg.unlock == "none", "--unlock",
+         "synthetic inputs are for dense layers only: a convolutional layer's input model "
+         "is not built (docs/cnn.md)")
+    need(cfg.sg_lookahead == 0, "--sg-lookahead",
+         "is for dense layers' SG modules only; the convolutional SG module tracks no drift")
+
 
 def _remedies(cfg, need) -> None:
     need(0 <= cfg.momentum < 1, "--momentum", "must be in [0, 1)")
@@ -135,14 +174,20 @@ def _unlock(cfg, need) -> None:
          f"must not exceed --grad-delay ({cfg.input_delay} > {cfg.grad_delay}): a "
          "batch's true gradient can only come after its true input")
 
+DIR_DATASETS = ("addition", "mnist", "cifar10")  # by name; the last two read --data-dir
+
+
 def _data(cfg, need) -> None:
     files = cfg.dataset != "addition"
-    need(cfg.dataset in ("addition", "mnist")
+    need(cfg.dataset in DIR_DATASETS
          or (cfg.dataset.startswith("npz:") and len(cfg.dataset) > 4), "--dataset",
-         f"must be addition, mnist or npz:PATH, got {cfg.dataset!r}")
-    need(bool(cfg.data_dir) == (cfg.dataset == "mnist"), "--data-dir",
-         "--dataset mnist needs --data-dir DIR (the directory of the IDX files); "
-         "other datasets take none")
+         f"must be addition, mnist, cifar10 or npz:PATH, got {cfg.dataset!r}")
+    need(bool(cfg.data_dir) == (cfg.dataset in DIR_DATASETS[1:]), "--data-dir",
+         f"--dataset {cfg.dataset} needs --data-dir DIR (the directory of its files)"
+         if cfg.dataset in DIR_DATASETS[1:] else
+         "--dataset mnist and cifar10 take a --data-dir; other datasets none")
+    need(not cfg.image or cfg.features == math.prod(cfg.image), "--dataset",
+         f"an image of shape {list(cfg.image)} is not {cfg.features} features")
     need(min(cfg.features, cfg.classes, cfg.test_examples) >= 0, "--dataset",
          "features, classes and test examples cannot be negative")
     need(files or not (cfg.features or cfg.classes or cfg.test_examples), "--dataset",

@@ -38,7 +38,9 @@ def test_every_target_is_judged_with_its_bound():
     got = [(r["measured"], r["threshold"], r["met"]) for r in rows]
     assert got == [(1.70, 1.85, False), (pytest.approx(1.7 * 4 / 6), 1.3, False),
                    (0.5, 1.0, False), (1.25, 1.2, False), (0.98, 1.0, True),
-                   (1.0, 1.0, True), (6.5, 5.0, False)]
+                   (1.0, 1.0, True), (6.5, 5.0, False),
+                   (None, 0.5, None), (None, 0.5, None),  # no conv section in this run
+                   (None, 1.6, None)]
     # The bounds: 2 cores / 1.25 = 1.60; over the reference's own gain 6/4 = 1.07; 2 / 4 = 0.50.
     assert "= 1.60x" in rows[0]["bound"]
     assert "1.50x = 1.07x" in rows[1]["bound"]
@@ -91,3 +93,63 @@ def test_show_says_met_or_not_with_the_direction():
     assert "0.98 (target <= 1) met (1.10x raw pyzmq's send of the same bytes as one frame)" \
         in lines[4]
     assert lines[3].endswith("NOT MET (1.40x raw pyzmq's send of the same bytes as one frame)")
+
+
+def _conv_layer(name: str, gemm: tuple, conv: tuple, layer_ms: float | None) -> dict:
+    """A row of conv_speed's results: the GEMMs' and the conv's parts in ms."""
+    return {"layer": name, "gemm_ms": sum(gemm), "conv_ms": sum(conv),
+            "ratio": sum(gemm) / sum(conv), "layer_ms": layer_ms,
+            "layer_ratio": sum(gemm) / layer_ms if layer_ms else None,
+            "batch_norm_ms": 30.0 if layer_ms else None,
+            "parts_ms": {"gemms": dict(zip(("gemm forward", "gemm dW", "gemm dx"), gemm)),
+                         "conv": dict(zip(("conv forward", "conv dW, db", "conv dx"), conv))}}
+
+
+def test_the_conv_target_per_mnist_layer_with_where_its_time_goes():
+    conv = {"layers": [_conv_layer("mnist layer 1", (5.0, 5.0, 5.0), (12.0, 6.0, 14.0), 80.0),
+                       _conv_layer("mnist layer 2", (30.0, 25.0, 35.0), (35.0, 25.0, 40.0), 130.0),
+                       _conv_layer("mnist layer 2 SG", (6.0, 6.0, 6.0), (6.0, 6.0, 8.0), None)]}
+    rows = targets.judge(_results(conv=conv), cores=2)[-3:-1]
+    # 15 ms of GEMMs / 32 ms of conv; 90 / 100
+    assert [(r["measured"], r["threshold"], r["met"]) for r in rows] == [
+        (pytest.approx(15 / 32), 0.5, False), (pytest.approx(0.9), 0.5, True)]
+    assert "MNIST layer 1 (28x28x1 -> 16, k=5, batch 256)" in rows[0]["target"]
+    assert rows[0]["bound"] == ("where it goes: forward 12.0, dW and db 6.0, dx 14.0 ms "
+                                "against the GEMMs' 5.0, 5.0, 5.0 ms")
+    assert rows[1]["bound"] == ""  # met: nothing to explain
+    assert rows[1]["note"] == ("GEMMs 90.0 ms, conv 100.0 ms; with batch norm, ReLU and the "
+                               "pool 130.0 ms, ratio 0.69, of which batch norm 30.0 ms")
+    lines = targets.show(rows)
+    assert "conv fwd+bwd rate / one-thread GEMM rate: 0.47 (target >= 0.5) NOT MET; " \
+        "where it goes" in lines[0]
+    assert "0.90 (target >= 0.5) met (GEMMs 90.0 ms" in lines[1]
+    # conv_speed prints the same rows from its own results alone
+    assert targets.conv_rows({"conv": conv}) == rows
+
+
+def test_conv_speed_measures_what_the_conv_target_reads(monkeypatch):
+    # tiny layers under the target's names, in this process (bench.py runs it in a child)
+    from bench import conv_speed
+    monkeypatch.setattr(conv_speed, "LAYERS", {
+        "mnist layer 1": ((2, 6, 6, 1, 5, 4), True), "mnist layer 2": ((2, 4, 4, 3, 3, 5), True),
+        "mnist layer 2 SG": ((2, 3, 3, 4, 3, 2), False)})
+    r = conv_speed.measure(quick=True, forms=True)
+    assert [row["layer"] for row in r["layers"]] == list(conv_speed.LAYERS)
+    sg = r["layers"][2]
+    assert sg["layer_ms"] is None and "layer" not in sg["parts_ms"]
+    assert sg["macs"] == 3 * 2 * 3 * 3 * (3 * 3 * 4) * 2
+    rows = targets.conv_rows({"conv": r})
+    assert all(row["measured"] is not None and row["measured"] > 0 for row in rows)
+    assert len(conv_speed.show(r)) == 1 + 3 + (3 + 3 + 2)  # header, a line a layer, its parts
+
+
+def test_the_conv_pipeline_target_with_the_bound_of_its_cpu():
+    cnn = {"ratios": {"pipeline cdni / reference cdni": 1.2,
+                      "cpu per batch, pipeline / reference": 1.6}}
+    row = targets.judge(_results(cnn=cnn), cores=2)[-1]
+    assert (row["measured"], row["threshold"], row["met"]) == (1.2, 1.6, False)
+    assert "2 cores / CPU per batch 1.60x the reference's = 1.25x" in row["bound"]
+    met = targets.judge(_results(cnn={"ratios": {"pipeline cdni / reference cdni": 1.7,
+                                                 "cpu per batch, pipeline / reference": 1.1}}),
+                        cores=2)[-1]
+    assert met["met"] and met["bound"] == "" and "= 1.82x" in met["note"]

@@ -192,3 +192,32 @@ def test_npz_refuses_arrays_that_are_not_real_numbers(tmp_path, dtype):
     np.savez(p, x_train=np.zeros((2, 2), dtype), y_train=np.array([0, 1]))
     with pytest.raises(ValueError, match="x_train.npy: arrays must hold real numbers"):
         load_npz(p)
+
+
+# The image shape of each example, channels last: x.reshape(n, *shape) is NHWC.
+
+def test_mnist_images_are_one_channel(tmp_path):
+    want = write_mnist(tmp_path)
+    for part, split in load_mnist(tmp_path).items():
+        assert split.shape == (3, 2, 1)
+        x = want[part][0]
+        assert np.array_equal(split.x.reshape(len(x), *split.shape)[..., 0],
+                              x.astype(np.float32) / 255)
+
+
+@pytest.mark.parametrize("x, shape", [
+    (np.arange(24, dtype=np.uint8).reshape(2, 12), ()),                 # flat
+    (np.arange(24, dtype=np.uint8).reshape(2, 4, 3), (4, 3, 1)),        # (n, H, W)
+    (np.arange(48, dtype=np.uint8).reshape(2, 4, 3, 2), (4, 3, 2)),     # (n, H, W, C)
+])
+def test_npz_shape_follows_the_arrays_dimensions(tmp_path, x, shape):
+    y = np.array([0, 1])
+    np.savez(tmp_path / "a.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    for split in load_npz(tmp_path / "a.npz").values():
+        assert split.shape == shape
+        assert split.x.shape == (2, x[0].size) and split.x.dtype == np.float32
+        # row-major in H, W, C: the example's own layout, not transposed
+        assert np.array_equal(split.x, x.reshape(2, -1).astype(np.float32) / 255)
+        if shape:
+            assert np.array_equal(split.x.reshape(2, *shape),
+                                  x.reshape(2, *shape).astype(np.float32) / 255)

@@ -290,3 +290,15 @@ def test_ctrl_c_on_mpiexec_is_interrupted_and_resume_under_mpiexec_ends_bit_iden
     assert again.summary()["status"] == "completed"
     cfg = Config(layers=3, lockstep=True, epochs=300, checkpoint_every=10, seed=3)
     assert_bit_identical(Weights(job.run_dir), reference_weights(cfg))
+
+
+def test_a_conv_net_under_mpiexec_equals_the_in_process_reference_bit_for_bit(mpi, tmp_path):
+    """Image batches between ranks: two convolutional layers, a dense one
+    and the output layer, cDNI under --lockstep."""
+    from pipeline.run import cli
+    from tests.test_conv_pipeline import SMALL, images
+    args = ["--dataset", images(tmp_path / "images.npz"), *SMALL, "--lockstep"]
+    job = mpi(6, *args)
+    assert job.wait() == 0, job.stderr()
+    assert job.summary()["status"] == "completed"
+    assert_bit_identical(Weights(job.run_dir), reference_weights(cli.parse(args)))

@@ -1,7 +1,9 @@
 """Classification data from files: MNIST-format IDX (plain or .gz, as MNIST
-and Fashion-MNIST ship) and NumPy archives, checked on load."""
+and Fashion-MNIST ship), CIFAR-10's binary version and NumPy archives,
+checked on load."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
@@ -22,11 +24,28 @@ _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
+# CIFAR-10, binary version: records of a label byte, then 32x32 red, green and
+# blue planes, each row-major. The official tarball unpacks into CIFAR_SUBDIR.
+CIFAR_FILES = {"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+               "test": ("test_batch.bin",)}
+CIFAR_SUBDIR = "cifar-10-batches-bin"
+CIFAR_SHAPE = (32, 32, 3)
+CIFAR_RECORD = 1 + 32 * 32 * 3   # 3,073 bytes
+_PICKLE_MAGIC = 0x80             # first byte of a pickle (protocol 2 and later)
+
 
 @dataclass(frozen=True)
 class Split:
     x: np.ndarray   # (n, features) float32 in [0, 1]
     y: np.ndarray   # (n,) int64 class labels
+    # (H, W, C) of each example, channels last, or () for flat data; x holds
+    # the images flattened row-major, so x.reshape(n, *shape) is NHWC.
+    shape: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        # our invariant: the shape folds a row of x back into one example
+        assert not self.shape or math.prod(self.shape) == self.x.shape[1], \
+            (self.shape, self.x.shape)
 
 
 class _Refused(ValueError):
@@ -97,6 +116,14 @@ def _find(directory: Path, name: str) -> Path:
     raise ValueError(f"{directory}: no {name} (or {name}.gz) here")
 
 
+def _image_shape(x: np.ndarray) -> tuple[int, ...]:
+    """(H, W, C) of each example of x: (n, H, W) is one channel, (n, H, W, C)
+    channels last; anything else is flat data, ()."""
+    if x.ndim == 3:
+        return (*x.shape[1:], 1)
+    return tuple(x.shape[1:]) if x.ndim == 4 else ()
+
+
 def _split(x: np.ndarray, y: np.ndarray, where: str, classes: int | None) -> Split:
     if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
         raise ValueError(f"{where}: {len(x)} inputs of shape {x.shape[1:]} but labels of "
@@ -109,6 +136,7 @@ def _split(x: np.ndarray, y: np.ndarray, where: str, classes: int | None) -> Spl
     if y.min() < 0 or y.max() >= top:
         raise ValueError(f"{where}: labels must lie in 0..{top - 1}, "
                          f"found {int(y.min())}..{int(y.max())}")
+    shape = _image_shape(x)
     x = x.reshape(len(x), -1)
     if np.issubdtype(x.dtype, np.integer):
         x = x.astype(np.float32) / np.float32(np.iinfo(x.dtype).max)  # pixels to [0, 1]
@@ -116,12 +144,12 @@ def _split(x: np.ndarray, y: np.ndarray, where: str, classes: int | None) -> Spl
         x = x.astype(np.float32)
         if not np.all(np.isfinite(x)):
             raise ValueError(f"{where}: inputs hold NaN or infinity")
-    return Split(x, y.astype(np.int64))
+    return Split(x, y.astype(np.int64), shape)
 
 
 def load_mnist(directory: str | Path, classes: int = 10) -> dict[str, Split]:
     """{"train": Split, "test": Split} from the four MNIST (or Fashion-MNIST)
-    IDX files in ``directory``, plain or .gz."""
+    IDX files in ``directory``, plain or .gz; images of shape (rows, cols, 1)."""
     directory = Path(directory)
     out = {}
     for part, (images, labels) in MNIST_FILES.items():
@@ -132,6 +160,96 @@ def load_mnist(directory: str | Path, classes: int = 10) -> dict[str, Split]:
         if y.ndim != 1:
             raise _fail(yi, f"labels must be 1-d, got shape {y.shape}")
         out[part] = _split(x, y, f"{xi.name} / {yi.name}", classes)
+    return out
+
+
+def _cifar_directory(directory: Path) -> Path:
+    """Where the batch files are: ``directory`` itself, or the subdirectory
+    the official tarball unpacks to."""
+    names = [n for files in CIFAR_FILES.values() for n in files]
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: " + ("not a directory" if directory.exists()
+                                              else "no such directory"))
+    inner = directory / CIFAR_SUBDIR
+    if not any((directory / n).exists() for n in names) and inner.is_dir():
+        return inner
+    return directory
+
+
+def _open_cifar(directory: Path, name: str, stack: contextlib.ExitStack):
+    """(path, open file, records) for one batch file, checked on its size and
+    first byte before any record is read."""
+    path = directory / name
+    if not path.exists():
+        pickled = (directory / name.removesuffix(".bin"), directory / "cifar-10-batches-py")
+        hint = (" (this looks like the pickled 'python version'; use the binary version)"
+                if any(p.exists() for p in pickled) else "")
+        raise ValueError(f"{directory}: no {name} here (nor in {CIFAR_SUBDIR}/){hint}")
+    try:
+        f = stack.enter_context(open(path, "rb"))
+        size = os.fstat(f.fileno()).st_size
+        first = f.read(1)
+    except OSError as exc:
+        raise _fail(path, f"cannot read it ({exc.strerror or exc})") from None
+    if size == 0:
+        raise _fail(path, "empty file: no CIFAR-10 records")
+    if first and first[0] == _PICKLE_MAGIC:
+        raise _fail(path, "starts with the pickle marker 0x80: this is the pickled "
+                          "'python version'; use the binary version")
+    if size % CIFAR_RECORD:
+        raise _fail(path, f"{size} bytes is not a whole number of {CIFAR_RECORD}-byte records "
+                          f"({size // CIFAR_RECORD} records and {size % CIFAR_RECORD} bytes over): "
+                          "truncated or not CIFAR-10's binary version")
+    return path, f, size // CIFAR_RECORD
+
+
+def _read_cifar(path: Path, f, n: int, out: np.ndarray) -> np.ndarray:
+    """The n records of an open batch file: pixels into out (n, 3072) as HWC
+    float32 in [0, 1]; returns the labels. Reads exactly n records."""
+    try:
+        f.seek(0)
+        data = f.read(n * CIFAR_RECORD)
+    except OSError as exc:
+        raise _fail(path, f"cannot read it ({exc.strerror or exc})") from None
+    if len(data) != n * CIFAR_RECORD:
+        raise _fail(path, f"holds {len(data)} bytes, {n * CIFAR_RECORD} a moment ago: "
+                          "changed while being read")
+    records = np.frombuffer(data, np.uint8).reshape(n, CIFAR_RECORD)
+    labels = records[:, 0]
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        raise _fail(path, f"record {bad[0]} has label {labels[bad[0]]}: CIFAR-10's labels are "
+                          "0..9 (not CIFAR-10's binary version?)")
+    chw = records[:, 1:].reshape(n, 3, 32, 32)
+    # (n, C, H, W) planes into (n, H, W, C) rows, scaled as _split scales pixels
+    np.divide(chw.transpose(0, 2, 3, 1), np.float32(255), out=out.reshape(n, *CIFAR_SHAPE),
+              dtype=np.float32)
+    return labels.astype(np.int64)
+
+
+def load_cifar10(directory: str | Path) -> dict[str, Split]:
+    """{"train": Split, "test": Split} from CIFAR-10's binary version
+    (data_batch_1.bin .. data_batch_5.bin, test_batch.bin) in ``directory`` or
+    its cifar-10-batches-bin/; images of shape (32, 32, 3), channels last.
+    Every file is checked on its size and first byte before any is read."""
+    directory = _cifar_directory(Path(directory))
+    with contextlib.ExitStack() as stack:
+        opened = {part: [_open_cifar(directory, name, stack) for name in names]
+                  for part, names in CIFAR_FILES.items()}
+        n_all = sum(n for files in opened.values() for _, _, n in files)
+        biggest = max(n for files in opened.values() for _, _, n in files) * CIFAR_RECORD
+        _check_fits(directory, n_all * (CIFAR_RECORD - 1) * 4 + n_all * 8 + biggest)
+        out = {}
+        try:
+            for part, files in opened.items():
+                x = np.empty((sum(n for _, _, n in files), CIFAR_RECORD - 1), np.float32)
+                y, start = [], 0
+                for path, f, n in files:
+                    y.append(_read_cifar(path, f, n, x[start:start + n]))
+                    start += n
+                out[part] = Split(x, np.concatenate(y), CIFAR_SHAPE)
+        except MemoryError:
+            raise _fail(directory, "too large for this machine's memory") from None
     return out
 
 
@@ -156,7 +274,10 @@ def _check_npz_members(path: Path) -> None:
 
 def load_npz(path: str | Path) -> dict[str, Split]:
     """{"train": Split[, "test": Split]} from an archive with x_train, y_train
-    and optionally x_test, y_test (integer class labels)."""
+    and optionally x_test, y_test (integer class labels). Inputs of shape
+    (n, features) are flat data; (n, H, W) are one-channel images, shape
+    (H, W, 1); (n, H, W, C) are images with channels last (NHWC, not NCHW),
+    shape (H, W, C). Each split is flattened row-major to (n, features)."""
     path = Path(path)
     try:
         _check_npz_members(path)

@@ -30,6 +30,8 @@ def _read(cfg: Config) -> dict[str, datasets.Split]:
     try:
         if cfg.dataset == "mnist":
             return datasets.load_mnist(cfg.data_dir)
+        if cfg.dataset == "cifar10":
+            return datasets.load_cifar10(cfg.data_dir)
         return datasets.load_npz(cfg.dataset.removeprefix("npz:"))
     except ValueError as exc:
         raise ConfigError("--dataset", str(exc)) from None
@@ -46,7 +48,7 @@ def resolve(cfg: Config, limit_examples: bool = True) -> Config:
     splits = _read(cfg)
     train, test = splits["train"], splits.get("test")
     # MNIST has ten classes whatever a file holds; an archive, as many as its labels name.
-    classes = 10 if cfg.dataset == "mnist" else int(
+    classes = 10 if cfg.dataset in ("mnist", "cifar10") else int(
         max(train.y.max(), test.y.max() if test else 0)) + 1
     examples = cfg.examples if limit_examples else len(train.y)
     if examples > len(train.y):
@@ -56,7 +58,8 @@ def resolve(cfg: Config, limit_examples: bool = True) -> Config:
         raise ConfigError("--dataset", f"{cfg.dataset}: labels name {classes} classes, more "
                                        f"than {limits.MAX_CLASSES}")
     cfg = dataclasses.replace(cfg, features=train.x.shape[1], classes=classes,
-                              examples=examples, test_examples=len(test.y) if test else 0)
+                              examples=examples, test_examples=len(test.y) if test else 0,
+                              image=tuple(train.shape))
     limits.check(cfg)
     return cfg
 

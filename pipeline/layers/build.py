@@ -7,6 +7,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.layers.common import Chance, LayerSpec, Mode, mode_of
+from pipeline.layers.conv import ConvLayer
 from pipeline.layers.hidden import HiddenLayer
 from pipeline.layers.output import OutputLayer
 from pipeline.layers.stats import InputStats
@@ -58,13 +59,26 @@ def make_input_model(cfg: Config, index: int) -> InputPredictor | None:
                           momentum=cfg.momentum, refresh=cfg.sg_refresh)
 
 
+def _updates(cfg: Config, index: int) -> Chance:
+    """Does layer ``index`` apply an update: never if frozen (``--freeze``),
+    else with ``--update-prob``."""
+    return Chance(0.0 if index in cfg.freeze else cfg.update_prob,
+                  layer_rng(cfg, index, Stream.UPDATE))
+
+
 def make_hidden(cfg: Config, index: int) -> HiddenLayer:
+    """Hidden layer ``index``: convolutional for the first ``len(cfg.conv)``,
+    dense after them."""
     d = cfg.dims
-    layer = HiddenLayer(index, d[index - 1], d[index], spec=layer_spec(cfg),
-                        mode=layer_mode(cfg), label_dim=d[-1],
-                        rng=layer_rng(cfg, index, Stream.INIT),
-                        update=Chance(cfg.update_prob, layer_rng(cfg, index, Stream.UPDATE)),
-                        drop=Chance(cfg.drop_prob, layer_rng(cfg, index, Stream.DROP)))
+    common = dict(spec=layer_spec(cfg), mode=layer_mode(cfg), label_dim=d[-1],
+                  rng=layer_rng(cfg, index, Stream.INIT),
+                  update=_updates(cfg, index),
+                  drop=Chance(cfg.drop_prob, layer_rng(cfg, index, Stream.DROP)))
+    if index <= len(cfg.conv):
+        layer = ConvLayer(index, cfg.conv_shapes()[index - 1], cfg.conv[index - 1],
+                          cfg.kernel, **common)
+    else:
+        layer = HiddenLayer(index, d[index - 1], d[index], **common)
     _unlock(layer, cfg, index)
     return layer
 
@@ -73,7 +87,7 @@ def make_output(cfg: Config) -> OutputLayer:
     d = cfg.dims
     n = cfg.layers
     out = OutputLayer(n, d[-2], d[-1], lr=cfg.lr, rng=layer_rng(cfg, n, Stream.INIT),
-                      update=Chance(cfg.update_prob, layer_rng(cfg, n, Stream.UPDATE)),
+                      update=_updates(cfg, n),
                       dtype=cfg.np_dtype, optimizer=cfg.optimizer,
                       softmax=cfg.classification, momentum=cfg.momentum)
     _unlock(out, cfg, n)

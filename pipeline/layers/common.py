@@ -105,6 +105,12 @@ class Chance:
         return bool(self.rng.random() < self.p)
 
 
+def flat(x: np.ndarray) -> np.ndarray:
+    """A batch as rows of numbers: an image batch (N, H, W, C) as (N, H*W*C),
+    a view (channels-last order); rows stay as they are."""
+    return x if x.ndim == 2 else x.reshape(x.shape[0], -1)
+
+
 def rms_norm(h: np.ndarray) -> float:
     """Root mean square over the batch of each example's L2 norm: how large
     the layer's activations are (they grow without bound when stale feedback

@@ -24,8 +24,8 @@ import numpy as np
 from pipeline.math import batchnorm as bn
 from pipeline.math import layernorm as lnorm
 from pipeline.math import nn, optim, staleness
-from pipeline.layers.common import (Chance, LayerSpec, Mode, Pending, descend, rms_norm,
-                                    since)
+from pipeline.layers.common import (Chance, LayerSpec, Mode, Pending, descend, flat,
+                                    rms_norm, since)
 from pipeline.layers.sg_module import SGModule
 from pipeline.layers.stats import Applied, InputApplied, LayerStats, sg_quality
 
@@ -64,21 +64,25 @@ class HiddenLayer:
     def __init__(self, index: int, fan_in: int, fan_out: int, *, spec: LayerSpec,
                  mode: Mode, label_dim: int, rng: np.random.Generator,
                  update: Chance | None = None, drop: Chance | None = None):
-        self.index, self.spec, self.mode = index, spec, mode
-        self.update = update or Chance(1.0, rng)
-        self.drop = drop or Chance(0.0, rng)
+        self._setup(index, spec, mode, rng, update, drop)
         self.w, self.b = nn.init_dense(rng, fan_in, fan_out, spec.dtype)
-        if spec.norm not in ("", "batch", "layer"):
-            raise ValueError(f"unknown normalisation {spec.norm!r}")
-        self.norm = bn.init_bn(fan_out, spec.dtype) if spec.norm == "batch" else None
-        self.ln = lnorm.init_ln(fan_out, spec.dtype) if spec.norm == "layer" else None
-        self.uses_sg = mode.uses_sg
-        self.conditioned = self.uses_sg and mode.conditioned
+        self.out_shape: tuple[int, ...] = (fan_out,)   # h of one example
+        self._normalise(fan_out)
         sg_in = fan_out + (label_dim if self.conditioned else 0)
         self.sg = (SGModule(rng, sg_in, fan_out, mode.hidden, spec.dtype, spec.optimizer,
                             mode.lr, spec.momentum, track_drift=mode.lookahead > 0)
                    if self.uses_sg else None)
         self.opt = optim.make(spec.optimizer, self._trainable(), spec.lr, spec.momentum)
+
+    def _setup(self, index: int, spec: LayerSpec, mode: Mode, rng: np.random.Generator,
+               update: Chance | None, drop: Chance | None) -> None:
+        """What every hidden layer starts with besides its arrays: its
+        mode, chances, counters and batches in flight."""
+        self.index, self.spec, self.mode = index, spec, mode
+        self.update = update or Chance(1.0, rng)
+        self.drop = drop or Chance(0.0, rng)
+        self.uses_sg = mode.uses_sg
+        self.conditioned = self.uses_sg and mode.conditioned
         self.tau_bar = 0.0     # running staleness of the gradients applied
         self.clock = 0         # training batches forwarded
         self.step = 0          # weight updates applied
@@ -88,6 +92,14 @@ class HiddenLayer:
         self.si = None  # --unlock forward: its InputPredictor (model.make_hidden)
         self._open: _Step | None = None  # a training step between its phases
         self._back: tuple | None = None   # a true gradient between backward_dx and apply
+
+    def _normalise(self, features: int) -> None:
+        """The normalisation's parameters over ``features`` (``spec.norm``)."""
+        if self.spec.norm not in ("", "batch", "layer"):
+            raise ValueError(f"unknown normalisation {self.spec.norm!r}")
+        dtype = self.spec.dtype
+        self.norm = bn.init_bn(features, dtype) if self.spec.norm == "batch" else None
+        self.ln = lnorm.init_ln(features, dtype) if self.spec.norm == "layer" else None
 
     @property
     def v(self) -> np.ndarray | None:
@@ -119,8 +131,9 @@ class HiddenLayer:
         """(h, normalisation cache): with batch norm, training batches
         normalise with their own statistics (and track them, unless ``track``
         is False: a batch of synthetic inputs), evaluation with the tracked
-        ones; layer norm is the same function in both."""
-        z = x @ self.w + self.b
+        ones; layer norm is the same function in both. An image batch from a
+        convolutional layer above is taken as rows of its numbers."""
+        z = flat(x) @ self.w + self.b
         cache = None
         if self.ln is not None:
             z, cache = lnorm.ln_forward(z, *self.ln)
@@ -146,11 +159,26 @@ class HiddenLayer:
         dz, dgamma, dbeta = backward(dz, cache, gamma)
         return dz, {"gamma": dgamma, "beta": dbeta}
 
-    def _weight_grads(self, x: np.ndarray, dz: np.ndarray, extra: dict
+    def _weight_grads(self, x: np.ndarray, dz: np.ndarray, extra: dict, cache: tuple | None
                       ) -> dict[str, np.ndarray]:
-        """Parameter gradients of the batch-mean loss, from the per-example dz."""
-        dw, db, _ = nn.dense_grads(x, dz, self.w, need_dx=False)
+        """Parameter gradients of the batch-mean loss, from the per-example dz
+        (``cache``: the forward pass's, for layers that reuse it)."""
+        dw, db, _ = nn.dense_grads(flat(x), dz, self.w, need_dx=False)
         return {"w": dw, "b": db, **extra}
+
+    def _input_grad(self, dz: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """The per-example gradient at the input x, shaped as x came (an
+        image batch from a convolutional layer above gets its gradient as one)."""
+        return nn.input_grad(dz, self.w).reshape(x.shape)
+
+    def _sg_input(self, h: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        """What the SG module sees: h, with the labels under cDNI."""
+        return nn.sg_input(h, y)
+
+    def _kept(self, cache: tuple | None) -> tuple | None:
+        """What of the forward pass's cache a backprop-mode batch keeps in
+        flight until its true gradient (all of it here)."""
+        return cache
 
     # -- a training step, in phases ------------------------------------------------
     def begin(self, batch: int, x: np.ndarray, y: np.ndarray | None, now: float = 0.0
@@ -169,8 +197,8 @@ class HiddenLayer:
         if not self.uses_sg:
             then = ({k: v.copy() for k, v in self._trainable().items()}
                     if self.mode.delay_comp else None)
-            self.pending[batch] = Pending(self.clock, now, act_norm, x=x, h=h, norm=cache,
-                                          then=then)
+            self.pending[batch] = Pending(self.clock, now, act_norm, x=x, h=h,
+                                          norm=self._kept(cache), then=then)
             return h
         self.pending[batch] = Pending(self.clock, now, act_norm)
         self._open = _Step(batch, x, h, cache, y, now)
@@ -182,13 +210,13 @@ class HiddenLayer:
         (for the layer above, sent before this layer updates): dx, or None
         where no layer above wants one."""
         s = self._open
-        sg_in = nn.sg_input(s.h, s.y if self.conditioned else None)
+        sg_in = self._sg_input(s.h, s.y if self.conditioned else None)
         ahead = self.mode.lookahead * self.tau_bar if not s.true_input else 0.0
         s.sg_in = sg_in
         s.pred, s.acts = self.sg.predict(sg_in, ahead)
         s.version = -1 if ahead else self.sg.version
         s.dz, s.extra = self._dz(s.h, s.cache, s.pred)
-        s.dx = nn.input_grad(s.dz, self.w) if need_dx else None
+        s.dx = self._input_grad(s.dz, s.x) if need_dx else None
         return s.dx
 
     def end(self, update: bool = True) -> None:
@@ -201,7 +229,7 @@ class HiddenLayer:
         if s.true_input:
             p.act_norm = rms_norm(s.h)
         if update:
-            descend(self, self._weight_grads(s.x, s.dz, s.extra),
+            descend(self, self._weight_grads(s.x, s.dz, s.extra, s.cache),
                     self._step_scale(self.tau_bar))
 
     def forward(self, batch: int, x: np.ndarray, y: np.ndarray | None, need_dx: bool,
@@ -302,7 +330,7 @@ class HiddenLayer:
         p = self.pending[batch]
         dz, extra = self._dz(p.h, p.norm, self.arrived[batch])
         self._back = (batch, dz, extra)  # for ``apply``: the same dz, computed once
-        return nn.input_grad(dz, self.w) if need_dx else None
+        return self._input_grad(dz, p.x) if need_dx else None
 
     def apply(self, batch: int, now: float = 0.0, dx: np.ndarray | None = None) -> Applied:
         """Apply the due true gradient of ``batch`` at time ``now``: train
@@ -341,7 +369,7 @@ class HiddenLayer:
         are now; ``--delay-comp`` carries it across the difference."""
         back, self._back = self._back, None
         dz, extra = back[1:] if back is not None and back[0] == batch else self._dz(p.h, p.norm, dh)
-        grads = self._weight_grads(p.x, dz, extra)
+        grads = self._weight_grads(p.x, dz, extra, p.norm)
         tau = self.clock - p.clock
         if p.then is not None:
             live = self._trainable()

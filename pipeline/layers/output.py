@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.math import nn, optim
-from pipeline.layers.common import Chance, descend
+from pipeline.layers.common import Chance, descend, flat
 from pipeline.layers.stats import Applied, InputApplied, LayerStats
 
 
@@ -37,7 +37,7 @@ class OutputLayer:
     def _loss(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, int]:
         """(per-example dl_i/dz_i, batch-mean loss, correct examples); ``y`` is
         the sum's bits, or one-hot labels under softmax."""
-        z = x @ self.w + self.b
+        z = flat(x) @ self.w + self.b
         if self.softmax:
             labels = y.argmax(axis=1)
             return (nn.softmax(z) - y, nn.softmax_ce_loss(z, labels),
@@ -58,8 +58,7 @@ class OutputLayer:
         """Forward, loss, update. Returns (dx for upstream, loss, correct examples).
         Under ``--unlock forward`` this is the synthetic step, on x_hat."""
         dz, loss, correct = self._checked_loss(x, y)
-        dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
-        descend(self, {"w": dw, "b": db})
+        dx = self._grads(x, dz, need_dx)
         self.clock += 1
         self.stats.forward_batches += 1
         self.stats.record(Applied(self.clock, None, 0, 0.0))
@@ -75,11 +74,18 @@ class OutputLayer:
         batch: the clock stays). Returns (dx, loss, correct examples)."""
         dz, loss, correct = self._checked_loss(x, y)
         if second_step:
-            dw, db, dx = nn.dense_grads(x, dz, self.w, need_dx)
-            descend(self, {"w": dw, "b": db})
+            dx = self._grads(x, dz, need_dx)
         else:
-            dx = nn.input_grad(dz, self.w) if need_dx else None
+            dx = nn.input_grad(dz, self.w).reshape(x.shape) if need_dx else None
         return dx, loss, correct
+
+    def _grads(self, x: np.ndarray, dz: np.ndarray, need_dx: bool) -> np.ndarray | None:
+        """The update with the loss's gradient dz; returns dx at the input,
+        shaped as x came (an image batch from a convolutional layer gets its
+        gradient as one), or None without ``need_dx``."""
+        dw, db, dx = nn.dense_grads(flat(x), dz, self.w, need_dx)
+        descend(self, {"w": dw, "b": db})
+        return None if dx is None else dx.reshape(x.shape)
 
     def synthetic_step(self, batch: int, x_net: np.ndarray, y: np.ndarray,
                        now: float = 0.0) -> float:

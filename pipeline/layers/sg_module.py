@@ -41,6 +41,12 @@ class SGModule:
     def c(self) -> np.ndarray:
         return self.layers[-1][1]
 
+    def input_shapes(self) -> list[tuple[int, ...]]:
+        """The shape of one example of each array ``predict`` returns in its
+        list: the input of every layer (what a checkpoint keeps of a batch
+        in flight)."""
+        return [(w.shape[0],) for w, _ in self.layers]
+
     def params(self) -> dict[str, np.ndarray]:
         """The live arrays by name: sg_v0, sg_c0, ... for hidden layers, sg_v
         and sg_c for the last (so a linear module keeps the paper's names)."""

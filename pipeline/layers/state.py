@@ -93,8 +93,8 @@ def _load_pending(layer: HiddenLayer, entries: list, arrays: dict[str, np.ndarra
     staleness of these batches go unmeasured."""
     if not isinstance(entries, list):
         raise ValueError("'pending' must be a list")
-    widths = [w.shape[0] for w, _ in layer.sg.layers]
-    out, dtype = layer.w.shape[1], layer.w.dtype
+    widths = layer.sg.input_shapes()
+    out, dtype = tuple(layer.out_shape), layer.w.dtype
     used = set()
     for i, entry in enumerate(entries):
         batch, clock, act_norm, version, n = entry
@@ -106,10 +106,11 @@ def _load_pending(layer: HiddenLayer, entries: list, arrays: dict[str, np.ndarra
         pred, grad = arrays[f"pending.{i}.pred"], arrays[f"pending.{i}.grad"]
         rows = pred.shape[0]
         shapes = [a.shape for a in acts] + [pred.shape, grad.shape]
-        if (shapes != [(rows, w) for w in widths] + [(rows, out)] * 2
+        if (shapes != [(rows, *w) for w in widths] + [(rows, *out)] * 2
                 or any(a.dtype != dtype for a in (*acts, pred, grad))):
+            want = [list(w) for w in widths + [out, out]]
             raise ValueError(f"pending entry {i}: arrays of shapes {shapes}, not rows by "
-                             f"{widths + [out, out]} of {dtype}")
+                             f"{want} of {dtype}")
         used.update([f"pending.{i}.act{j}" for j in range(n)]
                     + [f"pending.{i}.pred", f"pending.{i}.grad"])
         layer.pending[batch] = Pending(clock, None, float(act_norm), sg_in=acts[0],

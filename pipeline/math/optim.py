@@ -45,11 +45,14 @@ class AdamSlot:
 
 class SGD:
     """``param -= lr * grad``; with ``momentum`` mu > 0 the heavy ball:
-    ``buf = mu * buf + grad; param -= lr * buf`` (one buffer per array)."""
+    ``buf = mu * buf + grad; param -= lr * buf`` (one buffer per array).
+    ``rates``: arrays whose step size is lr times their rate."""
 
-    def __init__(self, params: dict[str, np.ndarray], lr: float, momentum: float = 0.0):
+    def __init__(self, params: dict[str, np.ndarray], lr: float, momentum: float = 0.0,
+                 rates: dict[str, float] | None = None):
         self.params = params
         self.lr = lr
+        self.rates = rates or {}
         self.momentum = momentum
         self.bufs = ({name: np.zeros_like(p) for name, p in params.items()}
                      if momentum else {})
@@ -62,7 +65,7 @@ class SGD:
                 buf *= self.momentum
                 buf += grad
                 grad = buf
-            descend(self.params[name], grad, lr)
+            descend(self.params[name], grad, lr * self.rates[name] if name in self.rates else lr)
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         return {}, {f"{name}.buf": b.copy() for name, b in self.bufs.items()}
@@ -76,9 +79,11 @@ class Adam:
     """One ``AdamSlot`` per parameter array; every array steps together, so
     their bias corrections share one step count."""
 
-    def __init__(self, params: dict[str, np.ndarray], lr: float):
+    def __init__(self, params: dict[str, np.ndarray], lr: float,
+                 rates: dict[str, float] | None = None):
         self.params = params
-        self.slots = {name: AdamSlot(p.shape, lr, dtype=p.dtype)
+        rates = rates or {}
+        self.slots = {name: AdamSlot(p.shape, lr * rates.get(name, 1.0), dtype=p.dtype)
                       for name, p in params.items()}
 
     def step(self, grads: dict[str, np.ndarray], scale: float = 1.0) -> None:
@@ -101,10 +106,11 @@ class Adam:
 
 
 def make(name: str, params: dict[str, np.ndarray], lr: float,
-         momentum: float = 0.0) -> SGD | Adam:
-    """``momentum`` is SGD's; Adam keeps its own first moment (beta1 = 0.9)."""
+         momentum: float = 0.0, rates: dict[str, float] | None = None) -> SGD | Adam:
+    """``momentum`` is SGD's; Adam keeps its own first moment (beta1 = 0.9).
+    ``rates``: arrays whose step size is ``lr`` times their rate."""
     if name == "sgd":
-        return SGD(params, lr, momentum)
+        return SGD(params, lr, momentum, rates)
     if name == "adam":
-        return Adam(params, lr)
+        return Adam(params, lr, rates)
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")

@@ -59,9 +59,9 @@ class _LayerNode:
         self.outlet = outlet
         self.start = start
         self.stream_ended = False
-        d = cfg.dims
+        shapes = cfg.shapes
         self.check_activation = ActivationCheck(
-            protocol.upstream(layer.index, cfg.layers), d[layer.index - 1], d[-1],
+            protocol.upstream(layer.index, cfg.layers), shapes[layer.index - 1], cfg.dims[-1],
             cfg.batch_size, schedule.stream(cfg), cfg.np_dtype)
         self.streams = Streams(cfg, layer.si) if layer.si is not None else None
         self.check_input = self.streams.check if self.streams is not None else None
@@ -144,7 +144,7 @@ class HiddenNode(_LayerNode):
     # -- checks of what arrives (ValueError: counted and dropped) ------------------
     def check_gradient(self, msg: Message) -> None:
         lost = protocol.is_lost(msg)
-        expect(msg, (GRAD,), [] if lost else [(None, self.cfg.dims[self.index])],
+        expect(msg, (GRAD,), [] if lost else [(None, *self.cfg.shapes[self.index])],
                self.cfg.np_dtype, self.cfg.batch_size)
         if msg.sender != self.down_role:
             raise ValueError(f"gradient from {msg.sender!r}, expected {self.down_role!r}")

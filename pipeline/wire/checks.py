@@ -11,10 +11,11 @@ import numpy as np
 from pipeline.wire.protocol import ACT, CHECKPOINT, EOF, EVAL, Message, epoch, test_epoch
 
 
-def expect(msg: Message, kinds: Sequence[str], shapes: Sequence[tuple[int | None, int]],
+def expect(msg: Message, kinds: Sequence[str], shapes: Sequence[tuple[int | None, ...]],
            dtype: np.dtype, max_rows: int) -> None:
     """Raise ValueError unless ``msg`` is one of ``kinds`` carrying arrays of
-    these shapes ((None, w): any row count from 1 to max_rows, all equal)."""
+    these shapes ((None, w): rows of w numbers; (None, h, w, c): images;
+    any row count from 1 to max_rows, the same in every array)."""
     if msg.kind not in kinds:
         raise ValueError(f"unexpected message kind {msg.kind!r} on this socket")
     if msg.kind in (EOF, CHECKPOINT):
@@ -23,11 +24,11 @@ def expect(msg: Message, kinds: Sequence[str], shapes: Sequence[tuple[int | None
         return
     if len(msg.arrays) != len(shapes):
         raise ValueError(f"{msg.kind} needs {len(shapes)} arrays, got {len(msg.arrays)}")
-    rows = msg.arrays[0].shape[0] if msg.arrays and msg.arrays[0].ndim == 2 else -1
-    for arr, (_, width) in zip(msg.arrays, shapes):
-        if arr.dtype != dtype or arr.ndim != 2 or arr.shape[1] != width:
+    rows = msg.arrays[0].shape[0] if msg.arrays and msg.arrays[0].ndim >= 1 else -1
+    for arr, (_, *each) in zip(msg.arrays, shapes):
+        if arr.dtype != dtype or list(arr.shape[1:]) != each or arr.ndim != 1 + len(each):
             raise ValueError(f"{msg.kind} array {arr.dtype}{list(arr.shape)} is not "
-                             f"{dtype}[n, {width}]")
+                             f"{dtype}[{', '.join(['n', *map(str, each)])}]")
         if arr.shape[0] != rows or not 1 <= rows <= max_rows:
             raise ValueError(f"{msg.kind} arrays have {arr.shape[0]} rows, need 1..{max_rows}, equal")
 
@@ -42,15 +43,17 @@ class ActivationCheck:
     ``schedule.stream``): kind, batch id, epoch and row count. A message out
     of turn (early, late, a second copy, an eof or a test batch nobody sent
     at that point) cannot be ours, and is dropped before the node sees it.
+    Inputs are images (n, h, w, c) below a convolutional layer.
     The input inbox of an unlocked layer is checked the same way: ``kinds``
     (INPUT,) from the source, ``turns`` from ``schedule.input_stream``."""
 
-    def __init__(self, upstream: str, width: int, labels: int, max_rows: int,
+    def __init__(self, upstream: str, shape: int | tuple[int, ...], labels: int, max_rows: int,
                  turns: Iterator[tuple], dtype: np.dtype = np.dtype(np.float64),
                  kinds: tuple[str, ...] = CHAIN):
         self.kinds = kinds
         self.upstream = upstream
-        self.shapes = [(None, width), (None, labels)]
+        each = (shape,) if isinstance(shape, int) else tuple(shape)  # one example's
+        self.shapes = [(None, *each), (None, labels)]
         self.max_rows = max_rows
         self.dtype = dtype
         self.turns = turns
