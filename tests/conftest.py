@@ -120,6 +120,26 @@ class Launch:
             self.proc.wait()
 
 
+def kill_and_resume(run: Launch, after_epoch: int, timeout: float = 90) -> Launch:
+    """SIGKILL the supervisor of ``run`` once a checkpoint after epoch
+    ``after_epoch`` (1-based) is written; check nothing of it survives;
+    resume it with ``--resume`` to its end. Returns the finished resumed run."""
+    run.wait_started()
+    path = run.run_dir / "checkpoints" / "latest.json"
+    run.wait_for(lambda: path.exists() and json.loads(path.read_text())["epoch"] >= after_epoch - 1,
+                 f"a checkpoint after epoch {after_epoch}")
+    os.kill(run.proc.pid, signal.SIGKILL)
+    run.proc.wait(10)
+    assert_no_orphans(run)
+    resumed = Launch(run.run_dir, ["--resume", str(run.run_dir), "--quiet"])
+    try:
+        assert resumed.finish(timeout=timeout) == 0, resumed.err
+    finally:
+        resumed.kill()
+    assert_no_orphans(resumed)
+    return resumed
+
+
 def assert_no_orphans(run: Launch) -> None:
     if not (run.run_dir / "config.json").exists():
         return

@@ -7,15 +7,13 @@ remedies, SGD with momentum)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
 
 from pipeline.run import cli
 from tests.kit import reference
-from tests.conftest import Launch, assert_no_orphans
+from tests.conftest import kill_and_resume
 from tests.test_pipeline import reference_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -127,19 +125,6 @@ def test_resume_with_adam_and_batchnorm_equals_the_uninterrupted_run(launch, tmp
     args = ["--dataset", data, "--lockstep", "--quiet", "--epochs", "40", "--batch-size", "20",
             "--hidden", "16", "--batchnorm", "--sg-hidden", "8", "--checkpoint-every", "5",
             "--lr", "0.003", "--sg-lr", "0.001"]
-    run = launch(*args)
-    run.wait_started()
-    path = run.run_dir / "checkpoints" / "latest.json"
-    run.wait_for(lambda: path.exists() and json.loads(path.read_text())["epoch"] >= 9,
-                 "a checkpoint after epoch 10")
-    os.kill(run.proc.pid, signal.SIGKILL)
-    run.proc.wait(10)
-    assert_no_orphans(run)
-    resumed = Launch(run.run_dir, ["--resume", str(run.run_dir), "--quiet"])
-    try:
-        assert resumed.finish(timeout=90) == 0, resumed.err
-    finally:
-        resumed.kill()
+    resumed = kill_and_resume(launch(*args), after_epoch=10)
     assert resumed.summary()["epochs_done"] == 40
     assert_bit_identical(resumed, reference_weights(cli.parse(args)))
-    assert_no_orphans(resumed)

@@ -8,6 +8,8 @@ import pytest
 
 from pipeline.layers.common import Chance, LayerSpec, mode_of
 from pipeline.layers.conv import WEIGHT_RATE, ConvLayer, ConvSG
+from tests.numeric import numeric_grad
+from tests.test_conv import loop_conv
 
 
 def conv_layer(mode: str = "backprop", norm: str = "batch", shape=(6, 6, 2), channels=3,
@@ -22,21 +24,9 @@ def conv_layer(mode: str = "backprop", norm: str = "batch", shape=(6, 6, 2), cha
 def loops_forward(x, w, b, gamma, beta, batchnorm: bool, eps=1e-5):
     """Convolution, batch norm over (N, H, W), ReLU and 2x2 max-pool, every
     step a plain loop or sum: the reference the layer is checked against."""
-    n, hh, ww, c = x.shape
-    k, _, _, out = w.shape
-    p = k // 2
-    z = np.zeros((n, hh, ww, out))
-    for i in range(n):
-        for r in range(hh):
-            for s in range(ww):
-                for o in range(out):
-                    acc = b[o]
-                    for di in range(k):
-                        for dj in range(k):
-                            rr, ss = r + di - p, s + dj - p
-                            if 0 <= rr < hh and 0 <= ss < ww:
-                                acc += np.dot(x[i, rr, ss, :], w[di, dj, :, o])
-                    z[i, r, s, o] = acc
+    n, hh, ww, _ = x.shape
+    out = w.shape[3]
+    z = loop_conv(x, w, b)
     if batchnorm:
         for o in range(out):
             m = z[..., o].mean()
@@ -65,19 +55,6 @@ def test_forward_is_the_loop_written_conv_norm_relu_pool(norm):
     np.testing.assert_allclose(h, want, rtol=1e-12, atol=1e-12)
 
 
-def _finite_difference(f, a: np.ndarray, eps=1e-6) -> np.ndarray:
-    g = np.zeros_like(a)
-    for idx in np.ndindex(a.shape):
-        old = a[idx]
-        a[idx] = old + eps
-        up = f()
-        a[idx] = old - eps
-        down = f()
-        a[idx] = old
-        g[idx] = (up - down) / (2 * eps)
-    return g
-
-
 @pytest.mark.parametrize("norm", ["batch", ""])
 def test_true_gradient_step_matches_finite_differences(norm):
     """Backprop mode, SGD at lr 1: the update is minus the gradient of the
@@ -95,8 +72,8 @@ def test_true_gradient_step_matches_finite_differences(norm):
         return float(np.sum(h * r) / n)
 
     params = probe._trainable()
-    want = {name: _finite_difference(loss, a) for name, a in params.items()}
-    want_dx = _finite_difference(loss, x) * n
+    want = {name: numeric_grad(loss, a) for name, a in params.items()}
+    want_dx = numeric_grad(loss, x) * n
     before = {name: a.copy() for name, a in layer._trainable().items()}
     layer.begin(0, x, None)
     layer.receive(0, r)
@@ -125,7 +102,7 @@ def test_sg_module_learns_by_the_gradient_of_its_regression_loss():
         pred, _ = sg.predict(inp)
         return float(0.5 * np.sum((pred - target) ** 2) / 5)
 
-    want = {name: _finite_difference(loss, a) for name, a in sg.params().items()}
+    want = {name: numeric_grad(loss, a) for name, a in sg.params().items()}
     before = {name: a.copy() for name, a in sg.params().items()}
     expected_loss = loss()
     pred, acts = sg.predict(inp)

@@ -3,17 +3,14 @@ bit for bit with the in-process reference, a killed run resumes to the same
 bits, and a free-running run learns; the wire carries the image batches."""
 from __future__ import annotations
 
-import json
-import os
-import signal
 
 import numpy as np
 import pytest
 
 from pipeline.run import cli
-from tests.conftest import Launch, assert_no_orphans
+from tests.conftest import kill_and_resume
 from tests.kit import reference
-from tests.test_classification import assert_bit_identical, epochs_of
+from tests.test_classification import assert_bit_identical
 from tests.test_pipeline import reference_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -81,19 +78,6 @@ def test_a_killed_conv_run_resumes_to_the_uninterrupted_runs_bits(launch, tmp_pa
     data = images(tmp_path / "images.npz", seed=1, train=640)
     args = ["--dataset", data, *SMALL, "--epochs", "12", "--lockstep", "--quiet",
             "--checkpoint-every", "2", "--grad-delay", "1"]
-    run = launch(*args)
-    run.wait_started()
-    path = run.run_dir / "checkpoints" / "latest.json"
-    run.wait_for(lambda: path.exists() and json.loads(path.read_text())["epoch"] >= 3,
-                 "a checkpoint after epoch 4")
-    os.kill(run.proc.pid, signal.SIGKILL)
-    run.proc.wait(10)
-    assert_no_orphans(run)
-    resumed = Launch(run.run_dir, ["--resume", str(run.run_dir), "--quiet"])
-    try:
-        assert resumed.finish(timeout=120) == 0, resumed.err
-    finally:
-        resumed.kill()
+    resumed = kill_and_resume(launch(*args), after_epoch=4, timeout=120)
     assert resumed.summary()["epochs_done"] == 12
     assert_bit_identical(resumed, reference_weights(cli.parse(args)))
-    assert_no_orphans(resumed)

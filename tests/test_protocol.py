@@ -104,6 +104,32 @@ def test_expect_accepts_eof_and_good_shapes():
     expect(SAY.act(0, 0, np.ones((2, 4)), np.zeros((2, 3))), (protocol.ACT,), [(None, 4), (None, 3)], F64, 8)
 
 
+IMAGES = [(None, 3, 3, 2), (None, 4)]
+
+
+@pytest.mark.parametrize("arrays, reason", [
+    ((np.ones((2, 18)), np.ones((2, 4))), r"is not float64\[n, 3, 3, 2\]"),      # flat rows
+    ((np.ones((2, 3, 2, 3)), np.ones((2, 4))), r"\[n, 3, 3, 2\]"),                # transposed
+    ((np.ones((2, 3, 3, 2, 1)), np.ones((2, 4))), r"\[n, 3, 3, 2\]"),             # 5-D
+    ((np.ones((2, 3, 3, 2)), np.ones((3, 4))), "rows"),
+    ((np.ones((9, 3, 3, 2)), np.ones((9, 4))), "rows"),                            # > max_rows
+])
+def test_image_batches_of_another_shape_are_refused(arrays, reason):
+    msg = Message(protocol.ACT, "r", arrays=arrays)
+    with pytest.raises(ValueError, match=reason):
+        expect(msg, (protocol.ACT,), IMAGES, F64, max_rows=8)
+
+
+def test_image_batches_pass_the_check_of_their_shape():
+    expect(SAY.act(0, 0, np.ones((2, 3, 3, 2)), np.zeros((2, 4))), (protocol.ACT,), IMAGES, F64, 8)
+    check = ActivationCheck("layer1", (3, 3, 2), 4, max_rows=8, turns=iter([("act", 0, None, 2)]))
+    check(Message(protocol.ACT, "r", sender="layer1", batch=0,
+                  arrays=(np.ones((2, 3, 3, 2)), np.zeros((2, 4)))))
+    with pytest.raises(ValueError, match="n, 3, 3, 2"):
+        check(Message(protocol.ACT, "r", sender="layer1", batch=0,
+                      arrays=(np.ones((2, 18)), np.zeros((2, 4)))))
+
+
 def test_activation_check_wants_the_upstream_role_and_the_stream_in_turn():
     # The turns of a tiny run resumed at batch 5: two training batches of 2
     # rows, a test batch of 1 row after epoch 2, a barrier, the final pass,

@@ -5,7 +5,7 @@ what it keeps of a batch in flight (``Pending``), its chances to update and
 to lose a gradient (``Chance``), and its optimiser step (``descend``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -81,6 +81,26 @@ class Pending:
     @property
     def rows(self) -> int:
         return (self.h if self.h is not None else self.sg_in).shape[0]
+
+
+@dataclass
+class Step:
+    """A hidden layer's training step between its phases: what ``begin``
+    computed, for the phases after it (``synthetic_dx``, ``end``)."""
+    batch: int
+    x: np.ndarray
+    h: np.ndarray
+    cache: tuple | None
+    y: np.ndarray | None
+    now: float
+    true_input: bool = False         # --unlock: the true input of a guessed batch
+    dz: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)  # the normalisation's own gradients
+    sg_in: np.ndarray | None = None
+    pred: np.ndarray | None = None
+    acts: list | None = None
+    version: int = 0
+    dx: np.ndarray | None = None
 
 
 def since(now: float, then: float | None) -> float | None:

@@ -144,13 +144,7 @@ class ConvLayer(HiddenLayer):
         z, cols = conv.conv_forward(x, self.w, self.b)      # rows (N*H*W, C)
         norm = None
         if self.norm is not None:
-            gamma, beta, mean, var = self.norm
-            if train:
-                z, norm = bn.bn_train(z, gamma, beta)
-                if track:
-                    bn.bn_track(mean, var, norm[2], norm[3], rows=z.shape[0])
-            else:
-                z = bn.bn_eval(z, gamma, beta, mean, var)
+            z, norm = self._batch_norm(z, train, track)   # per channel: pixels are rows
         pooled, where = conv.pool_forward(z.reshape(n, *self.in_shape[:2], -1))
         return np.maximum(pooled, 0), (cols, norm, where)
 

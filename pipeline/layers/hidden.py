@@ -17,37 +17,15 @@ forwarded; a true gradient is applied once it has arrived and is *due*
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 
 from pipeline.math import batchnorm as bn
 from pipeline.math import layernorm as lnorm
 from pipeline.math import nn, optim, staleness
-from pipeline.layers.common import (Chance, LayerSpec, Mode, Pending, descend, flat,
+from pipeline.layers.common import (Chance, LayerSpec, Mode, Pending, Step, descend, flat,
                                     rms_norm, since)
 from pipeline.layers.sg_module import SGModule
 from pipeline.layers.stats import Applied, InputApplied, LayerStats, sg_quality
-
-
-@dataclass
-class _Step:
-    """A training step between its phases: what ``begin`` computed, for the
-    phases after it (``synthetic_dx``, ``end``)."""
-    batch: int
-    x: np.ndarray
-    h: np.ndarray
-    cache: tuple | None
-    y: np.ndarray | None
-    now: float
-    true_input: bool = False         # --unlock: the true input of a guessed batch
-    dz: np.ndarray | None = None
-    extra: dict = field(default_factory=dict)  # the normalisation's own gradients
-    sg_in: np.ndarray | None = None
-    pred: np.ndarray | None = None
-    acts: list | None = None
-    version: int = 0
-    dx: np.ndarray | None = None
 
 
 class HiddenLayer:
@@ -90,7 +68,7 @@ class HiddenLayer:
         self.arrived: dict[int, np.ndarray] = {}   # true gradients not yet due
         self.stats = LayerStats(seed=index)
         self.si = None  # --unlock forward: its InputPredictor (model.make_hidden)
-        self._open: _Step | None = None  # a training step between its phases
+        self._open: Step | None = None  # a training step between its phases
         self._back: tuple | None = None   # a true gradient between backward_dx and apply
 
     def _normalise(self, features: int) -> None:
@@ -138,14 +116,19 @@ class HiddenLayer:
         if self.ln is not None:
             z, cache = lnorm.ln_forward(z, *self.ln)
         if self.norm is not None:
-            gamma, beta, mean, var = self.norm
-            if train:
-                z, cache = bn.bn_train(z, gamma, beta)
-                if track:
-                    bn.bn_track(mean, var, cache[2], cache[3], rows=x.shape[0])
-            else:
-                z = bn.bn_eval(z, gamma, beta, mean, var)
+            z, cache = self._batch_norm(z, train, track)
         return nn.activate(self.spec.activation, z), cache
+
+    def _batch_norm(self, z: np.ndarray, train: bool, track: bool) -> tuple[np.ndarray, tuple | None]:
+        """z's rows batch-normalised: with their own statistics in training
+        (tracked unless ``track`` is False), with the tracked ones otherwise."""
+        gamma, beta, mean, var = self.norm
+        if not train:
+            return bn.bn_eval(z, gamma, beta, mean, var), None
+        z, cache = bn.bn_train(z, gamma, beta)
+        if track:
+            bn.bn_track(mean, var, cache[2], cache[3], rows=z.shape[0])
+        return z, cache
 
     def _dz(self, h: np.ndarray, cache: tuple | None, dh: np.ndarray
             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -201,7 +184,7 @@ class HiddenLayer:
                                           norm=self._kept(cache), then=then)
             return h
         self.pending[batch] = Pending(self.clock, now, act_norm)
-        self._open = _Step(batch, x, h, cache, y, now)
+        self._open = Step(batch, x, h, cache, y, now)
         return h
 
     def synthetic_dx(self, need_dx: bool) -> np.ndarray | None:
@@ -276,7 +259,7 @@ class HiddenLayer:
         assert self._open is None, "a true input came between a step's phases"
         assert batch not in self.arrived, f"gradient of batch {batch} came before its h"
         h, cache = self._forward(x, train=True)
-        self._open = _Step(batch, x, h, cache, y, 0.0, true_input=True)
+        self._open = Step(batch, x, h, cache, y, 0.0, true_input=True)
         return h
 
     def end_true(self, second_step: bool = False) -> InputApplied:
