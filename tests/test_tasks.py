@@ -99,7 +99,9 @@ def test_shuffled_batches_are_a_fresh_permutation_each_epoch():
     (["--dataset", "cifar"], "--dataset: must be addition, mnist or npz:PATH"),
     (["--dataset", "npz:"], "--dataset: must be addition, mnist or npz:PATH"),
     (["--data-dir", "x"], "--data-dir"),
-    (["--dataset", "mnist", "--data-dir", "/nonexistent-dir"], "no train-images-idx3-ubyte"),
+    (["--dataset", "mnist", "--data-dir", "/nonexistent-dir"],
+     "/nonexistent-dir: no such directory; python launch.py data mnist /nonexistent-dir "
+     "downloads MNIST there"),
     (["--dataset", "npz:/nonexistent.npz"], "not a readable NumPy archive"),
     (["--sg-hidden", "0"], "--sg-hidden: widths must be positive"),
     (["--optimizer", "rmsprop"], "--optimizer"),
