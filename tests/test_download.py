@@ -360,23 +360,24 @@ def cifar_like(site: Site, body: bytes, records: int) -> Dataset:
                    dataset_option=real.dataset_option)
 
 
-def hostile_members() -> list:
+def hostile_members(outside: Path) -> list:
+    """Members an unchecked extraction would write out of DIR, or follow."""
     link = tarfile.TarInfo(f"{CIFAR_SUBDIR}/batches.link")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
-    return [("../escaped.bin", b"out of DIR"), ("/tmp/absolute-escape.bin", b"absolute"),
+    return [("../escaped.bin", b"out of DIR"), (str(outside / "absolute.bin"), b"absolute"),
             (f"{CIFAR_SUBDIR}/../../up.bin", b"up"), (f"{CIFAR_SUBDIR}/readme.html", b"<p>"),
             link]
 
 
 def test_the_cifar_archive_gives_its_six_files_and_nothing_else(site, tmp_path):
-    body, batches = cifar_archive(3, hostile_members())
+    body, batches = cifar_archive(3, hostile_members(tmp_path / "outside"))
     cifar = cifar_like(site, body, 3)
     d = tmp_path / "in" / "data"
     code, out, err = run(cifar, d)
     assert code == 0, err
     assert listing(tmp_path / "in") == ["data", f"data/{CIFAR_SUBDIR}"] + sorted(
         f"data/{CIFAR_SUBDIR}/{n}" for n in batches)  # the archive removed, nothing escaped
-    assert not Path("/tmp/absolute-escape.bin").exists()
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "escaped.bin").exists()
     for n, b in batches.items():
         assert (d / CIFAR_SUBDIR / n).read_bytes() == b
     loaded = load_cifar10(d)  # the reader finds them where they went
