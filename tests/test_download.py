@@ -514,3 +514,20 @@ def test_an_interrupt_keeps_the_part_and_says_so(site, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert run(toy, tmp_path)[0] == 0
     assert site.seen[-2][1] == f"bytes={len(kept)}-"
+
+
+@pytest.mark.slow
+def test_launch_py_runs_the_command(tmp_path):
+    """Through ``launch.py``: a bad argument exits 2, a failed fetch 1, each
+    with one line; a local mirror's wrong file leaves nothing."""
+    from tests.conftest import error_line, run_launch
+    assert "invalid choice: 'svhn'" in error_line(run_launch("data", "svhn", str(tmp_path)))
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "train-images-idx3-ubyte.gz").write_bytes(b"not MNIST")
+    proc = run_launch("data", "mnist", str(tmp_path / "d"), "--mirror", str(mirror))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        f"data: error: train-images-idx3-ubyte.gz: {mirror}/train-images-idx3-ubyte.gz: the "
+        "file there is 9 bytes, the published one 9,912,422")
+    assert proc.stdout == "" and not (tmp_path / "d").exists()
