@@ -2,6 +2,7 @@
 
 Also ``python launch.py sweep ...`` (a staleness sweep),
 ``python launch.py report RUN_DIR`` (one run's plots),
+``python launch.py data mnist DIR`` (a dataset's files, downloaded and checked),
 ``python launch.py keys --out DIR`` (CURVE keys for a cluster) and
 ``python launch.py --cluster FILE [--role ROLE]`` (a run across machines).
 """
@@ -78,7 +79,7 @@ def _engine(argv: list[str]) -> Callable[[], int] | None:
 def _command(argv: list[str]) -> Callable[[], int]:
     """The command ``argv`` asks for, imported and parsed, ready to run (a bad
     argument exits here, with its one line)."""
-    if not any(a in ("sweep", "report", "keys") for a in argv[:1]):
+    if not any(a in ("sweep", "report", "keys", "data") for a in argv[:1]):
         _cap_blas_threads()
     from pipeline.net.memory import tune_allocator
     tune_allocator()  # the supervisor, and the reference trainer with --in-process
@@ -92,6 +93,11 @@ def _command(argv: list[str]) -> Callable[[], int]:
         from commands.report import main as report
         run_dir = parse_report(argv[1:])
         return lambda: report(run_dir, sys.stdout)
+    if argv[:1] == ["data"]:
+        from pipeline.run.subcommands import parse_data
+        from commands.data import main as data
+        data_args = parse_data(argv[1:])
+        return lambda: data(data_args, sys.stdout)
     if argv[:1] == ["keys"]:
         from pipeline.run.subcommands import parse_keys
         from pipeline.wire.protocol import all_roles

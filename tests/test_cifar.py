@@ -103,12 +103,14 @@ def one_line_error(directory: Path, *needles: str) -> str:
 
 
 def test_a_missing_directory_or_file_is_named(tmp_path):
-    one_line_error(tmp_path / "nowhere", str(tmp_path / "nowhere"), "no such directory")
+    one_line_error(tmp_path / "nowhere", f"{tmp_path / 'nowhere'}: no such directory; python "
+                   f"launch.py data cifar10 {tmp_path / 'nowhere'} downloads CIFAR-10 there")
     (tmp_path / "a-file").write_bytes(b"")
     one_line_error(tmp_path / "a-file", "not a directory")
     write_cifar(tmp_path)
     (tmp_path / "data_batch_4.bin").unlink()
-    one_line_error(tmp_path, str(tmp_path), "no data_batch_4.bin here", CIFAR_SUBDIR)
+    one_line_error(tmp_path, str(tmp_path), "no data_batch_4.bin here", CIFAR_SUBDIR,
+                   f"; python launch.py data cifar10 {tmp_path} downloads CIFAR-10 there")
     write_cifar(tmp_path)
     (tmp_path / "test_batch.bin").unlink()
     one_line_error(tmp_path, "no test_batch.bin here")

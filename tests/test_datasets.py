@@ -68,11 +68,26 @@ def test_read_idx_rejects_with_the_file_named(tmp_path, content, reason):
 
 
 def test_mnist_missing_file_and_bad_labels(tmp_path):
-    with pytest.raises(ValueError, match="train-images-idx3-ubyte"):
+    with pytest.raises(ValueError) as info:
         load_mnist(tmp_path)
+    assert str(info.value) == (f"{tmp_path}: no train-images-idx3-ubyte (or "
+                               f"train-images-idx3-ubyte.gz) here; python launch.py data mnist "
+                               f"{tmp_path} downloads MNIST there (data fashion-mnist: "
+                               "Fashion-MNIST)")
     write_mnist(tmp_path, labels=[0, 1, 2, 3, 10, 5][:6], n_test=6)
     with pytest.raises(ValueError, match=r"labels must lie in 0\.\.9, found 0\.\.10"):
         load_mnist(tmp_path)
+
+
+def test_a_missing_directory_names_the_command_that_fills_it(tmp_path):
+    with pytest.raises(ValueError) as info:
+        load_mnist(tmp_path / "no where")
+    assert str(info.value) == (f"{tmp_path / 'no where'}: no such directory; python launch.py "
+                               f"data mnist '{tmp_path / 'no where'}' downloads MNIST there "
+                               "(data fashion-mnist: Fashion-MNIST)")
+    (tmp_path / "a-file").write_bytes(b"")
+    with pytest.raises(ValueError, match="a-file: not a directory$"):
+        load_mnist(tmp_path / "a-file")
 
 
 def test_mnist_count_mismatch(tmp_path):

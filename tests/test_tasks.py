@@ -96,10 +96,12 @@ def test_shuffled_batches_are_a_fresh_permutation_each_epoch():
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "mnist"], "--data-dir: --dataset mnist needs --data-dir"),
-    (["--dataset", "cifar"], "--dataset: must be addition, mnist or npz:PATH"),
-    (["--dataset", "npz:"], "--dataset: must be addition, mnist or npz:PATH"),
+    (["--dataset", "cifar"], "--dataset: must be addition, mnist, cifar10 or npz:PATH"),
+    (["--dataset", "npz:"], "--dataset: must be addition, mnist, cifar10 or npz:PATH"),
     (["--data-dir", "x"], "--data-dir"),
-    (["--dataset", "mnist", "--data-dir", "/nonexistent-dir"], "no train-images-idx3-ubyte"),
+    (["--dataset", "mnist", "--data-dir", "/nonexistent-dir"],
+     "/nonexistent-dir: no such directory; python launch.py data mnist /nonexistent-dir "
+     "downloads MNIST there"),
     (["--dataset", "npz:/nonexistent.npz"], "not a readable NumPy archive"),
     (["--sg-hidden", "0"], "--sg-hidden: widths must be positive"),
     (["--optimizer", "rmsprop"], "--optimizer"),

@@ -7,6 +7,7 @@ import contextlib
 import gzip
 import math
 import os
+import shlex
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -107,13 +108,27 @@ def _read_idx_stream(path: Path, f, size: int | None) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
+def _fetch_hint(dataset: str, directory: Path) -> str:
+    """What a missing-data error ends with: the command that downloads the files."""
+    what = {"mnist": "MNIST there (data fashion-mnist: Fashion-MNIST)",
+            "cifar10": "CIFAR-10 there"}[dataset]
+    return f"python launch.py data {dataset} {shlex.quote(str(directory))} downloads {what}"
+
+
+def _check_directory(directory: Path, dataset: str) -> None:
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: " + ("not a directory" if directory.exists() else
+                                              f"no such directory; {_fetch_hint(dataset, directory)}"))
+
+
 def _find(directory: Path, name: str) -> Path:
     # Some copies spell train-images-idx3-ubyte as train-images.idx3-ubyte.
     dotted = name.replace("-idx", ".idx")
     for candidate in (name, f"{name}.gz", dotted, f"{dotted}.gz"):
         if (directory / candidate).exists():
             return directory / candidate
-    raise ValueError(f"{directory}: no {name} (or {name}.gz) here")
+    raise ValueError(f"{directory}: no {name} (or {name}.gz) here; "
+                     f"{_fetch_hint('mnist', directory)}")
 
 
 def _image_shape(x: np.ndarray) -> tuple[int, ...]:
@@ -151,6 +166,7 @@ def load_mnist(directory: str | Path, classes: int = 10) -> dict[str, Split]:
     """{"train": Split, "test": Split} from the four MNIST (or Fashion-MNIST)
     IDX files in ``directory``, plain or .gz; images of shape (rows, cols, 1)."""
     directory = Path(directory)
+    _check_directory(directory, "mnist")
     out = {}
     for part, (images, labels) in MNIST_FILES.items():
         xi, yi = _find(directory, images), _find(directory, labels)
@@ -167,9 +183,7 @@ def _cifar_directory(directory: Path) -> Path:
     """Where the batch files are: ``directory`` itself, or the subdirectory
     the official tarball unpacks to."""
     names = [n for files in CIFAR_FILES.values() for n in files]
-    if not directory.is_dir():
-        raise ValueError(f"{directory}: " + ("not a directory" if directory.exists()
-                                              else "no such directory"))
+    _check_directory(directory, "cifar10")
     inner = directory / CIFAR_SUBDIR
     if not any((directory / n).exists() for n in names) and inner.is_dir():
         return inner
@@ -184,7 +198,8 @@ def _open_cifar(directory: Path, name: str, stack: contextlib.ExitStack):
         pickled = (directory / name.removesuffix(".bin"), directory / "cifar-10-batches-py")
         hint = (" (this looks like the pickled 'python version'; use the binary version)"
                 if any(p.exists() for p in pickled) else "")
-        raise ValueError(f"{directory}: no {name} here (nor in {CIFAR_SUBDIR}/){hint}")
+        raise ValueError(f"{directory}: no {name} here (nor in {CIFAR_SUBDIR}/){hint}; "
+                         f"{_fetch_hint('cifar10', directory)}")
     try:
         f = stack.enter_context(open(path, "rb"))
         size = os.fstat(f.fileno()).st_size

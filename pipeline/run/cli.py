@@ -167,8 +167,9 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
                                 "gradients), one operating-system process per layer, over "
                                 "ZeroMQ. The task is binary addition, as in the original notebook, or "
                                 "classification data from MNIST-format or NumPy files.",
-                    epilog="Also: 'launch.py sweep -h' (a staleness sweep) and "
-                           "'launch.py report RUN_DIR' (plots of one run).")
+                    epilog="Also: 'launch.py data mnist DIR' (MNIST, fashion-mnist or cifar10 "
+                           "downloaded and checked), 'launch.py sweep -h' (a staleness "
+                           "sweep) and 'launch.py report RUN_DIR' (plots of one run).")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
         m = f.metadata

@@ -1,12 +1,16 @@
 """The command line of the commands besides a run and a sweep: ``report``,
-``keys`` and a cluster host (``--cluster``), each one line and exit 2 for a
-bad argument, as ``cli`` does for a run."""
+``keys``, ``data`` and a cluster host (``--cluster``), each one line and
+exit 2 for a bad argument, as ``cli`` does for a run."""
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-from pipeline.run.cli import D, _check_path, _default, _Parser
-from pipeline import limits
+from pipeline.run.cli import D, _check_path, _default, _Help, _Parser
+from pipeline import files, limits
+from pipeline.data.sources import DATASETS, Dataset
 from pipeline.run import runfiles
 
 
@@ -78,3 +82,47 @@ def parse_keys(argv: list[str]) -> tuple[str, int]:
         p.error(f"argument --layers: must be in [2, {limits.MAX_LAYERS}], got "
                 f"{limits.shown(layers)}")
     return a.out, layers
+
+
+@dataclass(frozen=True)
+class DataArgs:
+    dataset: str
+    directory: str
+    mirror: str | None
+    timeout: float
+    keep_archive: bool
+
+
+def parse_data(argv: list[str], table: dict[str, Dataset] = DATASETS) -> DataArgs:
+    p = _Parser(prog="launch.py data", formatter_class=_Help,
+                description="Download a dataset's standard files into DIR from its public "
+                            "mirrors, each checked against its published SHA-256. A broken "
+                            "download resumes where it stopped when the command is run again; "
+                            "files already in DIR with the right checksum are kept.",
+                epilog="Then: launch.py --dataset mnist --data-dir DIR (mnist, fashion-mnist) "
+                       "or --dataset cifar10 --data-dir DIR. Sources and checksums: "
+                       "docs/mnist.md.")
+    p.add_argument("dataset", choices=sorted(table), metavar="DATASET",
+                   help=f"one of {', '.join(sorted(table))} (cifar10: the binary version)")
+    p.add_argument("directory", metavar="DIR", help="where the files go (made if missing)")
+    p.add_argument("--mirror", metavar="URL",
+                   help="fetch from this base URL (http, https, file) or local directory "
+                        "instead of the public mirrors; the same checksums apply")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="give up on a mirror that sends nothing for this long")
+    p.add_argument("--keep-archive", action="store_true",
+                   help="keep an archive (cifar10's .tar.gz) once its files are out")
+    a = p.parse_args(argv)
+    if not (math.isfinite(a.timeout) and 0 < a.timeout <= 86400):
+        p.error(f"argument --timeout: must be in (0, 86400] seconds, got {a.timeout:g}")
+    if a.mirror is not None:
+        scheme = urlsplit(a.mirror).scheme
+        if scheme not in ("http", "https", "file") and not os.path.isdir(a.mirror):
+            p.error(f"argument --mirror: not an http(s):// or file:// URL, nor a directory: "
+                    f"{a.mirror!r}")
+    dataset = table[a.dataset]
+    inside = max([len(f".{r.name}.part") for r in dataset.files]
+                 + [len(os.path.join(os.path.dirname(name), files.temporary(os.path.basename(name))))
+                    for name, _ in dataset.members])
+    _check_path(p, "DIR", a.directory, inside)
+    return DataArgs(a.dataset, a.directory, a.mirror, a.timeout, a.keep_archive)
