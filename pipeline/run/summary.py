@@ -7,6 +7,7 @@ import time
 from typing import TextIO
 
 from pipeline.config import Config
+from pipeline.run import learned
 from pipeline.run.rundir import WriteError
 from pipeline.coord.sgwatch import SGWatch
 
@@ -54,6 +55,7 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
         "warnings": list(watch.warnings) if watch else [],
         "weights": weights,
     }
+    summary["warnings"] += learned.warnings(cfg, summary)
     if error:
         summary["error"] = error
     return summary
