@@ -129,10 +129,12 @@ class Supervisor:
                 self.rd.metric(a.event)
                 if a.event.get("event") == "epoch":
                     self.progress.epoch(a.event)
+            # The coordinator counts epochs by index from 0; the run
+            # directory names a checkpoint by the epochs done, as users count.
             elif isinstance(a, SaveCheckpoint):
-                self.rd.write_checkpoint(a.epoch, a.role, a.state, a.arrays)
+                self.rd.write_checkpoint(a.epoch + 1, a.role, a.state, a.arrays)
             elif isinstance(a, Commit):
-                self.rd.commit_checkpoint(a.epoch, self.coord.roles[1:],
+                self.rd.commit_checkpoint(a.epoch + 1, self.coord.roles[1:],
                                           self.cfg.keep_checkpoints)
             elif isinstance(a, Warn):
                 self.progress.warn(a.text)

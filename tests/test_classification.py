@@ -130,7 +130,7 @@ def test_resume_with_adam_and_batchnorm_equals_the_uninterrupted_run(launch, tmp
     run = launch(*args)
     run.wait_started()
     path = run.run_dir / "checkpoints" / "latest.json"
-    run.wait_for(lambda: path.exists() and json.loads(path.read_text())["epoch"] >= 9,
+    run.wait_for(lambda: path.exists() and json.loads(path.read_text())["epochs_done"] >= 10,
                  "a checkpoint after epoch 10")
     os.kill(run.proc.pid, signal.SIGKILL)
     run.proc.wait(10)

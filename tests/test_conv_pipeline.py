@@ -84,7 +84,7 @@ def test_a_killed_conv_run_resumes_to_the_uninterrupted_runs_bits(launch, tmp_pa
     run = launch(*args)
     run.wait_started()
     path = run.run_dir / "checkpoints" / "latest.json"
-    run.wait_for(lambda: path.exists() and json.loads(path.read_text())["epoch"] >= 3,
+    run.wait_for(lambda: path.exists() and json.loads(path.read_text())["epochs_done"] >= 4,
                  "a checkpoint after epoch 4")
     os.kill(run.proc.pid, signal.SIGKILL)
     run.proc.wait(10)
