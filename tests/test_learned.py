@@ -47,9 +47,9 @@ def test_against_takes_the_last_epochs_cosine_below_zero():
     ({"mode": "dni"}, False, ["--mode cdni", "a smaller --sg-lr (now 0.03)"]),
     ({"unlock": "forward"}, False, ["--si-second-step"]),
     ({"unlock": "forward", "si_second_step": True}, False,
-     ["a smaller --lr (now 0.5)", "more --epochs (now 800)"]),
+     ["more --epochs (now 800)", "a smaller --lr (now 0.5)"]),
     ({}, True, ["a smaller --sg-lr (now 0.03)"]),
-    ({"mode": "backprop"}, False, ["a smaller --lr (now 0.5)", "more --epochs (now 800)"])])
+    ({"mode": "backprop"}, False, ["more --epochs (now 800)", "a smaller --lr (now 0.5)"])])
 def test_what_to_try_table(cfg, sg_against, want):
     assert learned.tries(Config(**cfg), sg_against) == want
 
@@ -97,7 +97,7 @@ def test_a_classification_run_near_chance_names_chance():
     s = _summary(Config(**MNIST, lr=0.001), 0.1135, cosines=(0.2, 0.1))
     assert s["warnings"][1:] == [
         "warning: train accuracy ended at 11.3 %, near chance, 10.0 % for 10 classes: "
-        "this run did not learn; try a smaller --lr (now 0.001) or more --epochs (now 800)"]
+        "this run did not learn; try more --epochs (now 800) or a smaller --lr (now 0.001)"]
 
 
 @pytest.mark.parametrize("status, accuracy", [("completed", 1.0), ("interrupted", 0.0),

@@ -68,9 +68,9 @@ def tries(cfg, sg_against: bool) -> list[str]:
         out.append("--mode cdni")
     if cfg.mode in ("dni", "cdni") and (sg_against or cfg.mode == "dni"):
         out.append(f"a smaller --sg-lr (now {cfg.sg_lr:g})")
-    if not out:
-        out.append(f"a smaller --lr (now {cfg.lr:g})")
+    if not out:  # nothing in the method to blame: the training itself
         out.append(f"more --epochs (now {cfg.epochs})")
+        out.append(f"a smaller --lr (now {cfg.lr:g})")
     return out
 
 
