@@ -73,7 +73,7 @@ class Supervisor:
     def __init__(self, cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
                  cluster: "Cluster | None" = None, spawn: list[str] | None = None,
                  insecure: bool = False, resume: dict | None = None,
-                 ranks: dict[str, int] | None = None):
+                 ranks: dict[str, int] | None = None, terminal: bool | None = None):
         self.cfg, self.rd, self.run_id, self.stream = cfg, rd, run_id, stream
         self.cluster, self.insecure = cluster, insecure
         self.ctx = zmq.Context()
@@ -107,7 +107,7 @@ class Supervisor:
                                  ranks=ranks)
         self.spawn_roles = self.coord.roles if spawn is None else spawn
         self.procs: dict[str, subprocess.Popen] = {}
-        self.progress = Progress(cfg, stream)
+        self.progress = Progress(cfg, stream, terminal)
         self.write_error: WriteError | None = None  # the run directory could not be written
         self.watch: Watch | None = None  # an engine's rank 0: its ranks' connections
 

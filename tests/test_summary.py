@@ -85,3 +85,22 @@ def test_an_interrupted_run_says_how_to_go_on_after_its_table(tmp_path, checkpoi
     assert close_run(rd, s, out) == 130
     last = out.getvalue().splitlines()[-1]
     assert last == resume_hint("interrupted", str(rd.path), checkpointed)
+
+
+class _Pty(io.StringIO):
+    def isatty(self) -> bool:  # what Open MPI gives rank 0 even when its output is a file
+        return True
+
+
+@pytest.mark.parametrize("terminal, want", [
+    (None, "\r"),        # a terminal of the user's: the line redraws in place
+    (False, "epoch  10/100")])  # the engine's pty: a plain line every tenth of the run
+def test_progress_redraws_only_on_the_users_terminal(terminal, want):
+    out = _Pty()
+    p = Progress(Config(epochs=100), out, terminal)
+    for e in range(100):
+        p.epoch(_epoch(e, 1.0 + e))
+    text = out.getvalue()
+    assert want in text
+    if terminal is False:
+        assert "\r" not in text and len(text.splitlines()) == 10

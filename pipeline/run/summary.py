@@ -175,12 +175,17 @@ def close_run(rd, summary: dict, stream: TextIO) -> int:
 
 
 class Progress:
-    """One line, redrawn in place on a terminal; every tenth of the run otherwise."""
+    """One line, redrawn in place on the user's terminal; a line every tenth
+    of the run otherwise. ``terminal``: whether ``stream`` is the user's
+    terminal (default: whether it is a terminal at all). Under an engine it
+    is not, whatever isatty says: Open MPI gives each rank a pseudo-terminal
+    of its own, also when mpiexec's output goes to a file, and a line
+    redrawn with \\r there makes the log one long line."""
 
-    def __init__(self, cfg: Config, stream: TextIO):
+    def __init__(self, cfg: Config, stream: TextIO, terminal: bool | None = None):
         self.cfg = cfg
         self.stream = stream
-        self.tty = stream.isatty()
+        self.tty = stream.isatty() if terminal is None else terminal
         self.last = 0.0
         self.epochs_done = cfg.start_epoch  # a resumed run goes on from its checkpoint
         self.step = max(1, cfg.epochs // 10)
