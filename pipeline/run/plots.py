@@ -74,6 +74,17 @@ def _colour(i: int):
 
 # --- sweep -----------------------------------------------------------------------------------
 
+def seeds_said(ns: list[int]) -> str:
+    """What a sweep's points are over, from their seed counts: one seed has
+    no spread to show."""
+    if ns[-1] == 0:
+        return "no run completed"
+    if ns[-1] == 1:
+        return "one seed"
+    seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+    return f"mean ± std over {seeds} seeds"
+
+
 def sweep_plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Final accuracy (on the test split where the data has one, else the
     training set's exact sums) against injected gradient delay K, mean ± std
@@ -125,11 +136,10 @@ def sweep_plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> Pa
                 labels.append(label)
     ax_key.legend(handles, labels, loc="center", ncol=max(1, min(6, len(labels))),
                   frameon=False)
-    seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
     what = "test accuracy" if test else "training accuracy"
+    over = seeds_said(ns)
     fig.suptitle(title or f"Final {what}" + ("" if len(variants) > 1 else " and loss")
-                 + f" against gradient delay (mean ± std over {seeds} "
-                 + f"seed{'s' if ns[-1] != 1 else ''})")
+                 + f" against gradient delay ({over})")
     return _save(fig, path)
 
 
