@@ -27,7 +27,8 @@ from pipeline.net.cluster import Cluster
 from pipeline.net.transport import Net, private_dir, remove_private_dir
 from pipeline.run.in_process import run_in_process
 from pipeline.run.rundir import RunDir, WriteError, open_run
-from pipeline.run.summary import Progress, build_summary, close_run, layer_entry, save_weights
+from pipeline.run.summary import (Progress, build_summary, close_run, layer_entry,
+                                  resume_command, save_weights)
 from pipeline.wire import codec as wire
 from pipeline.wire import protocol
 from pipeline.wire.protocol import Message
@@ -311,4 +312,7 @@ class Supervisor:
                                        "message": str(failed)}
         summary = self.summary(status, error, time.perf_counter() - start, layers, saved,
                                (peaks, cpu))
-        return close_run(self.rd, summary, self.stream)
+        how = "engine" if self.watch is not None else "cluster" if self.cluster else "local"
+        path = str(getattr(self.cluster, "path", ""))
+        return close_run(self.rd, summary, self.stream,
+                         resume_command(str(self.rd.path), how, path))

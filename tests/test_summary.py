@@ -11,7 +11,8 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.run.rundir import RunDir
-from pipeline.run.summary import Progress, build_summary, close_run, resume_hint, table
+from pipeline.run.summary import (Progress, build_summary, close_run, resume_command,
+                                  resume_hint, table)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -64,13 +65,21 @@ def test_the_closing_line_agrees_with_the_layer_table_after_a_resume():
 
 @pytest.mark.parametrize("status, checkpointed, want", [
     ("completed", True, None), ("completed", False, None),
-    ("interrupted", True,
-     "  to go on from its last checkpoint: python launch.py --resume 'runs/a b'"),
-    ("failed", True, "  to go on from its last checkpoint: python launch.py --resume 'runs/a b'"),
+    ("interrupted", True, "  to go on from its last checkpoint: CMD"),
+    ("failed", True, "  to go on from its last checkpoint: CMD"),
     ("interrupted", False, "  it cannot be resumed: it has no checkpoint "
                            "(--checkpoint-every N saves one every N epochs)")])
 def test_resume_hint_table(status, checkpointed, want):
-    assert resume_hint(status, "runs/a b", checkpointed) == want
+    assert resume_hint(status, "CMD", checkpointed) == want
+
+
+@pytest.mark.parametrize("how, want", [
+    ("local", "python launch.py --resume 'runs/a b'"),
+    ("engine", "python launch.py --resume 'runs/a b' (under the same engine: "
+               "mpiexec -n N ..., srun ...)"),
+    ("cluster", "python launch.py --cluster c.toml --resume 'runs/a b'")])
+def test_resume_command_table(how, want):
+    assert resume_command("runs/a b", how, "c.toml") == want
 
 
 @pytest.mark.parametrize("checkpointed", [True, False])
@@ -84,7 +93,7 @@ def test_an_interrupted_run_says_how_to_go_on_after_its_table(tmp_path, checkpoi
                       layers=[], epochs_done=2)
     assert close_run(rd, s, out) == 130
     last = out.getvalue().splitlines()[-1]
-    assert last == resume_hint("interrupted", str(rd.path), checkpointed)
+    assert last == resume_hint("interrupted", resume_command(str(rd.path)), checkpointed)
 
 
 class _Pty(io.StringIO):

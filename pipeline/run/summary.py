@@ -122,14 +122,25 @@ def table(summary: dict, run_dir: str) -> str:
     return "\n".join(lines)
 
 
-def resume_hint(status: str, run_dir: str, checkpointed: bool) -> str | None:
-    """What to do with a run that did not finish: the command that goes on
-    from its last checkpoint, or why it cannot (None for a completed run)."""
+def resume_command(run_dir: str, how: str = "local", cluster_file: str = "") -> str:
+    """The command that goes on with the run in ``run_dir``: started here
+    (``local``), by an engine (the same engine command, with this), or on a
+    cluster file's coordinator host (``cluster``)."""
+    if how == "cluster":
+        return (f"python launch.py --cluster {shlex.quote(cluster_file)} --resume "
+                f"{shlex.quote(run_dir)}")
+    command = f"python launch.py --resume {shlex.quote(run_dir)}"
+    return f"{command} (under the same engine: mpiexec -n N ..., srun ...)" if how == "engine" \
+        else command
+
+
+def resume_hint(status: str, command: str, checkpointed: bool) -> str | None:
+    """What to do with a run that did not finish: the ``command`` that goes
+    on from its last checkpoint, or why it cannot (None for a completed run)."""
     if status == "completed":
         return None
     if checkpointed:
-        return ("  to go on from its last checkpoint: python launch.py --resume "
-                + shlex.quote(run_dir))
+        return f"  to go on from its last checkpoint: {command}"
     return ("  it cannot be resumed: it has no checkpoint (--checkpoint-every N saves one "
             "every N epochs)")
 
@@ -150,9 +161,11 @@ def save_weights(rd, weights: dict[str, dict], status: str) -> tuple[str | None,
     return ("final" if status == "completed" else "at stop"), None
 
 
-def close_run(rd, summary: dict, stream: TextIO) -> int:
+def close_run(rd, summary: dict, stream: TextIO, resume: str | None = None) -> int:
     """Write ``summary.json`` into the run directory, close it, print the
-    closing table; the run's exit code (0 completed, 130 interrupted, 1 failed).
+    closing table, and for a run that did not finish how to go on with it
+    (``resume``: the command, if not ``python launch.py --resume RUN_DIR``);
+    the run's exit code (0 completed, 130 interrupted, 1 failed).
     A summary the disk has no room for, even in the space kept for it, is
     one line on stderr."""
     rd.release()
@@ -166,7 +179,7 @@ def close_run(rd, summary: dict, stream: TextIO) -> int:
     finally:
         rd.close()
     print(table(summary, str(rd.path)), file=stream, flush=True)
-    hint = resume_hint(summary["status"], str(rd.path),
+    hint = resume_hint(summary["status"], resume or resume_command(str(rd.path)),
                        (rd.path / runfiles.CHECKPOINTS / runfiles.LATEST).is_file())
     if hint:
         print(hint, file=stream, flush=True)
