@@ -73,6 +73,12 @@ def test_resume_hint_table(status, checkpointed, want):
     assert resume_hint(status, "CMD", checkpointed) == want
 
 
+def test_an_in_process_run_is_never_resumable():
+    assert resume_hint("interrupted", "CMD", False, in_process=True) == \
+        "  it cannot be resumed: the in-process reference keeps no checkpoints"
+    assert resume_hint("completed", "CMD", False, in_process=True) is None
+
+
 @pytest.mark.parametrize("how, want", [
     ("local", "python launch.py --resume 'runs/a b'"),
     ("engine", "python launch.py --resume 'runs/a b' (under the same engine: "

@@ -134,11 +134,14 @@ def resume_command(run_dir: str, how: str = "local", cluster_file: str = "") -> 
         else command
 
 
-def resume_hint(status: str, command: str, checkpointed: bool) -> str | None:
+def resume_hint(status: str, command: str, checkpointed: bool,
+                in_process: bool = False) -> str | None:
     """What to do with a run that did not finish: the ``command`` that goes
     on from its last checkpoint, or why it cannot (None for a completed run)."""
     if status == "completed":
         return None
+    if in_process:
+        return "  it cannot be resumed: the in-process reference keeps no checkpoints"
     if checkpointed:
         return f"  to go on from its last checkpoint: {command}"
     return ("  it cannot be resumed: it has no checkpoint (--checkpoint-every N saves one "
@@ -180,7 +183,8 @@ def close_run(rd, summary: dict, stream: TextIO, resume: str | None = None) -> i
         rd.close()
     print(table(summary, str(rd.path)), file=stream, flush=True)
     hint = resume_hint(summary["status"], resume or resume_command(str(rd.path)),
-                       (rd.path / runfiles.CHECKPOINTS / runfiles.LATEST).is_file())
+                       (rd.path / runfiles.CHECKPOINTS / runfiles.LATEST).is_file(),
+                       bool(summary.get("in_process")))
     if hint:
         print(hint, file=stream, flush=True)
     code = {"completed": 0, "interrupted": 130}.get(summary["status"], 1)
