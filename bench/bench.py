@@ -333,7 +333,9 @@ def main() -> int:
         results["cnn"] = cnn_pipeline.bench_cnn(_run, _show, _cpu_ms_per_batch,
                                                 5120 if a.quick else 20480, 1 if a.quick else 2)
     results["targets"] = targets.judge(results, os.cpu_count() or 1)
-    print("targets (issue #14 and the convolution's), from this run", flush=True)
+    print("targets, from this run: the pipeline's speed against the in-process reference, "
+          "the wire's cost against raw pyzmq, a 16-layer run, memory growth and the "
+          "convolution's speed (docs/performance.md)", flush=True)
     print("\n".join(targets.show(results["targets"])))
     for name in ("addition task", "compute-heavy"):
         roles = _get_roles(results, name)

@@ -1,4 +1,6 @@
-"""The performance targets (issue #14, and the convolution's), judged from one
+"""The performance targets (the pipeline's speed against the in-process
+reference, the wire's cost against raw pyzmq, a 16-layer run, memory
+growth, the convolution's speed: docs/performance.md), judged from one
 ``bench.py`` run's results.
 
 ``judge(results, cores)`` is pure: it takes the results dict that
@@ -89,7 +91,7 @@ def judge(results: dict, cores: int) -> list[dict]:
     rows.append(_row("addition task: pipeline DNI / reference", _get(
         results, "addition task", "ratios", "pipeline dni / reference dni"), 1.0, True, bound))
     # The wire against raw pyzmq sending the same bytes as we do, header and
-    # arrays in frames of their own (the issue's baseline); raw pyzmq's send of
+    # arrays in frames of their own (the baseline the target was set against); raw pyzmq's send of
     # the bytes joined into one frame beforehand beside it.
     wire = {r["case"]: r for r in results.get("wire") or []}
 

@@ -95,8 +95,10 @@ def _coordinate(cfg, resume, cluster: EngineCluster, exchange, opts: EngineArgs,
                   "can reach these ports can send the run messages", file=sys.stderr, flush=True)
         stream, sys.stderr = _Lenient(stream), _Lenient(sys.stderr)
         rd = open_run(cfg, resume is not None, stream)
+        # rank 0's pty is the engine's, not the user's terminal (Progress)
         sup = Supervisor(cfg, rd, secrets.token_hex(6), stream, cluster=cluster, spawn=[],
-                         insecure=opts.insecure, resume=resume, ranks=cluster.ranks)
+                         insecure=opts.insecure, resume=resume, ranks=cluster.ranks,
+                         terminal=False)
         sup.watch = RankWatch(sup, cluster)
     except BaseException:
         exchange.share(None)  # every other rank exits 2 at once instead of waiting

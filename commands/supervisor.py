@@ -27,7 +27,8 @@ from pipeline.net.cluster import Cluster
 from pipeline.net.transport import Net, private_dir, remove_private_dir
 from pipeline.run.in_process import run_in_process
 from pipeline.run.rundir import RunDir, WriteError, open_run
-from pipeline.run.summary import Progress, build_summary, close_run, layer_entry, save_weights
+from pipeline.run.summary import (Progress, build_summary, close_run, layer_entry,
+                                  resume_command, save_weights)
 from pipeline.wire import codec as wire
 from pipeline.wire import protocol
 from pipeline.wire.protocol import Message
@@ -73,7 +74,7 @@ class Supervisor:
     def __init__(self, cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
                  cluster: "Cluster | None" = None, spawn: list[str] | None = None,
                  insecure: bool = False, resume: dict | None = None,
-                 ranks: dict[str, int] | None = None):
+                 ranks: dict[str, int] | None = None, terminal: bool | None = None):
         self.cfg, self.rd, self.run_id, self.stream = cfg, rd, run_id, stream
         self.cluster, self.insecure = cluster, insecure
         self.ctx = zmq.Context()
@@ -107,7 +108,7 @@ class Supervisor:
                                  ranks=ranks)
         self.spawn_roles = self.coord.roles if spawn is None else spawn
         self.procs: dict[str, subprocess.Popen] = {}
-        self.progress = Progress(cfg, stream)
+        self.progress = Progress(cfg, stream, terminal)
         self.write_error: WriteError | None = None  # the run directory could not be written
         self.watch: Watch | None = None  # an engine's rank 0: its ranks' connections
 
@@ -129,10 +130,12 @@ class Supervisor:
                 self.rd.metric(a.event)
                 if a.event.get("event") == "epoch":
                     self.progress.epoch(a.event)
+            # The coordinator counts epochs by index from 0; the run
+            # directory names a checkpoint by the epochs done, as users count.
             elif isinstance(a, SaveCheckpoint):
-                self.rd.write_checkpoint(a.epoch, a.role, a.state, a.arrays)
+                self.rd.write_checkpoint(a.epoch + 1, a.role, a.state, a.arrays)
             elif isinstance(a, Commit):
-                self.rd.commit_checkpoint(a.epoch, self.coord.roles[1:],
+                self.rd.commit_checkpoint(a.epoch + 1, self.coord.roles[1:],
                                           self.cfg.keep_checkpoints)
             elif isinstance(a, Warn):
                 self.progress.warn(a.text)
@@ -309,4 +312,7 @@ class Supervisor:
                                        "message": str(failed)}
         summary = self.summary(status, error, time.perf_counter() - start, layers, saved,
                                (peaks, cpu))
-        return close_run(self.rd, summary, self.stream)
+        how = "engine" if self.watch is not None else "cluster" if self.cluster else "local"
+        path = str(getattr(self.cluster, "path", ""))
+        return close_run(self.rd, summary, self.stream,
+                         resume_command(str(self.rd.path), how, path))

@@ -126,7 +126,7 @@ def kill_and_resume(run: Launch, after_epoch: int, timeout: float = 90) -> Launc
     resume it with ``--resume`` to its end. Returns the finished resumed run."""
     run.wait_started()
     path = run.run_dir / "checkpoints" / "latest.json"
-    run.wait_for(lambda: path.exists() and json.loads(path.read_text())["epoch"] >= after_epoch - 1,
+    run.wait_for(lambda: path.exists() and json.loads(path.read_text())["epochs_done"] >= after_epoch,
                  f"a checkpoint after epoch {after_epoch}")
     os.kill(run.proc.pid, signal.SIGKILL)
     run.proc.wait(10)

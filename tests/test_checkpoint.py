@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def latest(run) -> int | None:
     path = run.run_dir / "checkpoints" / "latest.json"
-    return json.loads(path.read_text())["epoch"] if path.exists() else None
+    return json.loads(path.read_text())["epochs_done"] if path.exists() else None
 
 
 ARGS = ["--lockstep", "--epochs", "60", "--checkpoint-every", "10", "--seed", "6",
@@ -45,7 +45,7 @@ def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(launch, mode, how,
     the DNI modes also keep the gradients not yet due at the barrier."""
     run = launch(*ARGS, "--mode", mode, "--grad-delay", str(delay))
     run.wait_started()
-    run.wait_for(lambda: (latest(run) or 0) >= 19, "a checkpoint after epoch 20")
+    run.wait_for(lambda: (latest(run) or 0) >= 20, "a checkpoint after epoch 20")
     if how == signal.SIGKILL:   # a crash: no summary, no clean-up
         os.kill(run.proc.pid, signal.SIGKILL)
         run.proc.wait(10)
@@ -54,13 +54,13 @@ def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(launch, mode, how,
         assert run.finish(timeout=10) == 130
     assert_no_orphans(run)
     ck = latest(run)
-    assert ck is not None and ck < 59
+    assert ck is not None and ck < 60
     # Whatever was cut short, the checkpoint in force is whole.
     d = run.run_dir / "checkpoints" / f"epoch-{ck:06d}"
     for role in ("layer1", "layer2", "output"):
         with np.load(d / f"{role}.npz") as z:
             assert "w" in z.files
-        assert json.loads((d / f"{role}.json").read_text())["clock"] == (ck + 1) * 10
+        assert json.loads((d / f"{role}.json").read_text())["clock"] == ck * 10
 
     resumed = Launch(run.run_dir, ["--resume", str(run.run_dir), "--quiet"])
     try:
@@ -302,8 +302,8 @@ def checkpointed_run(path, **kw):
     for index in (1, 2, 3):
         layer = make_output(cfg) if index == 3 else make_hidden(cfg, index)
         role = "output" if index == 3 else f"layer{index}"
-        rd.write_checkpoint(1, role, *layer_state(layer))
-    rd.commit_checkpoint(1)
+        rd.write_checkpoint(2, role, *layer_state(layer))
+    rd.commit_checkpoint(2)
     rd.write_json("summary.json", {"status": "interrupted"})
     rd.close()
     return path
@@ -316,7 +316,7 @@ def test_a_whole_checkpoint_resumes_after_its_epoch(tmp_path):
 
 
 def _npz(path, role):
-    return path / "checkpoints" / "epoch-000001" / f"{role}.npz"
+    return path / "checkpoints" / "epoch-000002" / f"{role}.npz"
 
 
 def _rewrite(path, role, change):
@@ -340,7 +340,7 @@ def _rewrite(path, role, change):
     (lambda p: _rewrite(p, "layer1", lambda a: a.pop("sg_v")), "has arrays"),
     (lambda p: _rewrite(p, "layer1", lambda a: a.update(w=a["w"].astype(np.float32))),
      "float32"),
-    (lambda p: (p / "checkpoints" / "epoch-000001" / "layer2.json").write_text('{"clock": 3}'),
+    (lambda p: (p / "checkpoints" / "epoch-000002" / "layer2.json").write_text('{"clock": 3}'),
      "layer2.json: step is missing"),
     (lambda p: (p / "config.json").write_text("{"), "config.json: unreadable"),
 ])
@@ -364,7 +364,7 @@ def test_launch_refuses_a_damaged_checkpoint_before_starting_anything(tmp_path):
 # --- a checkpoint's JSON, every field bounded and typed ---------------------------------
 
 def _set_field(path, role: str, field: str, value) -> None:
-    f = path / "checkpoints" / "epoch-000001" / f"{role}.json"
+    f = path / "checkpoints" / "epoch-000002" / f"{role}.json"
     meta = json.loads(f.read_text())
     meta[field] = value
     f.write_text(json.dumps(meta))  # NaN as JSON's NaN, as Python writes and reads it
@@ -389,7 +389,7 @@ def test_a_checkpoint_field_out_of_bounds_is_refused_naming_the_file_and_field(
     _set_field(path, role, field, value)
     with pytest.raises(ValueError, match=says) as info:
         resume_config(path, quiet=True)
-    assert str(path / "checkpoints" / "epoch-000001") in str(info.value)
+    assert str(path / "checkpoints" / "epoch-000002") in str(info.value)
 
 
 def _leaves(value, path=""):

@@ -392,3 +392,30 @@ def test_the_run_directory_options_parse_and_are_explained(capsys):
     assert "--keep-checkpoints N" in proc.stdout and "--overwrite" in proc.stdout
     line = error_line(run_launch("--keep-checkpoints", "-1"))
     assert line.startswith("launch.py: error: argument --keep-checkpoints: ")
+
+
+# --- what -h shows -----------------------------------------------------------------------
+
+def test_launch_help_names_every_other_command():
+    from pipeline.run.cli import build_parser
+    text = " ".join(build_parser().format_help().split())
+    for command in ("'launch.py sweep'", "'launch.py report RUN_DIR'",
+                    "'launch.py keys --out DIR'", "'launch.py --cluster FILE'", "mpiexec"):
+        assert command in text, command
+
+
+def test_sweep_help_reads_like_the_runs_help():
+    """Defaults as the user types them, never a Python list; each option
+    states its default once."""
+    from pipeline.run.cli import build_parser, parse_sweep
+    text = " ".join(build_parser(sweep=True).format_help().split())
+    assert "['" not in text and "[0," not in text
+    for said in ("--modes M1,M2 comma-separated modes (backprop runs at delay 0 only) "
+                 "(default: cdni,async-backprop)",
+                 "--grad-delay K1,K2 comma-separated injected gradient delays K (default: "
+                 "0,1,2,4,8,16)",
+                 "every variant runs the whole grid (default: one, unnamed) --out"):
+        assert said in text, said
+    a = parse_sweep([])
+    assert (a.modes, a.delays, a.unlocks, a.input_delays, a.seeds) == (
+        ["cdni", "async-backprop"], [0, 1, 2, 4, 8, 16], ["none"], [0], [1, 2, 3])

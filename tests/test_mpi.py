@@ -61,7 +61,8 @@ class Job:
 
     def __init__(self, tmp: Path, n: int, *args: str, via: Sequence[str] = (),
                  mpi_args: Sequence[str] = ("--oversubscribe",),
-                 env: dict[str, str] | None = None, program: Sequence[str] = ("launch.py",)):
+                 env: dict[str, str] | None = None, program: Sequence[str] = ("launch.py",),
+                 quiet: bool = True):
         """``via``: a command that runs mpiexec elsewhere (and execs it, so
         the pid is mpiexec's); ``mpi_args``: mpiexec's own options (by
         default --oversubscribe: more ranks than cores, CI has 2); ``env``:
@@ -71,7 +72,8 @@ class Job:
         self.err = open(tmp / "mpiexec.err", "w+")
         self.proc = subprocess.Popen(
             [*via, _mpiexec(), *mpi_args, "-n", str(n), sys.executable,
-             *program, "--run-dir", str(self.run_dir), "--quiet", *args],
+             *program, "--run-dir", str(self.run_dir), *(["--quiet"] if quiet else []),
+             *args],
             cwd=ROOT, env={**mpi_env(), **(env or {})}, stdout=self.out, stderr=self.err,
             stdin=subprocess.DEVNULL, start_new_session=True)
 
@@ -136,6 +138,17 @@ def assert_all_gone(pids: dict[str, int], timeout: float = 10) -> None:
         time.sleep(0.05)
     alive = {r: p for r, p in pids.items() if _alive(p)}
     assert not alive, f"ranks left running: {alive}"
+
+
+def test_progress_into_a_file_under_mpiexec_is_a_line_every_tenth_of_the_run(mpi):
+    """Rank 0's output is a pseudo-terminal of Open MPI's, not the user's:
+    no line redrawn with \\r into the log, one line per tenth instead."""
+    job = mpi(5, "--layers", "3", "--epochs", "100", quiet=False)
+    assert job.wait() == 0, job.stderr()
+    out = job.stdout()
+    assert "\r" not in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch")] == \
+        [f"{e}/100" for e in range(10, 101, 10)]
 
 
 def test_mpiexec_trains_the_addition_task_to_every_sum(mpi):

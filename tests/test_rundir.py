@@ -117,6 +117,33 @@ def test_a_checkpoint_is_in_force_only_once_committed(tmp_path):
     rd.close()
 
 
+@pytest.mark.parametrize("latest, done", [
+    ({"epochs_done": 400, "dir": "epoch-000400"}, 400),
+    ({"epoch": 399, "dir": "epoch-000399"}, 400),     # as runs wrote it before: from 0
+    ({"epoch": 0, "dir": "epoch-000000"}, 1),
+    ({"epochs_done": 400, "dir": "epoch-000399"}, None),
+    ({"epoch": 399, "dir": "epoch-000400"}, None),
+    ({"epochs_done": 0, "dir": "epoch-000000"}, None),  # no epoch done: no checkpoint
+    ({"epochs_done": True, "dir": "epoch-000001"}, None),
+    ({"epoch": "1", "dir": "epoch-000001"}, None), ({"epoch": 1}, None), ([1], None)])
+def test_latest_names_the_epochs_done_in_either_numbering(latest, done):
+    from pipeline.run.resume import latest_epochs
+    assert latest_epochs(latest) == done
+
+
+def test_a_checkpoint_named_from_zero_still_resumes(tmp_path):
+    """Runs before the checkpoints were counted from 1 named the one after
+    epoch 5 epoch-000004: it is found, and the run goes on at epoch 6."""
+    rd = RunDir(tmp_path / "run")
+    for role in ("layer1", "output"):
+        rd.write_checkpoint(4, role, {"clock": 50}, {"w": np.ones(2)})
+    rd.close()
+    (tmp_path / "run" / "checkpoints" / "latest.json").write_text(
+        '{"epoch": 4, "dir": "epoch-000004"}')
+    done, states = read_latest(tmp_path / "run", ["layer1", "output"])
+    assert done == 5 and states["layer1"][0] == {"clock": 50}
+
+
 # --- reading a finished run: load_run --------------------------------------------------------------------------------
 
 def test_load_run_reads_every_file_and_skips_the_corrupt_line(tmp_path):

@@ -56,7 +56,7 @@ def test_retention_keeps_the_newest_complete_checkpoints(tmp_path, keep, commits
     rd.close()
     assert epochs_left(tmp_path / "run") == left
     latest = json.loads((tmp_path / "run" / "checkpoints" / "latest.json").read_text())
-    assert latest == {"epoch": commits[-1], "dir": runfiles.checkpoint_dir(commits[-1])}
+    assert latest == {"epochs_done": commits[-1], "dir": runfiles.checkpoint_dir(commits[-1])}
 
 
 def test_retention_leaves_what_the_run_did_not_write(tmp_path):

@@ -52,8 +52,8 @@ def test_tracking_and_one_warning_per_layer_over_windows():
     t = w.tracking()["layer2"]
     assert t == {"first_cosine": 0.6, "last_cosine": 0.0, "last_rel_err": 9.0,
                  "first_act_norm": 3.0, "last_act_norm": 90.0,
-                 "best_cosine": pytest.approx(0.5), "best_epoch": 1,
-                 "staleness_mean": 8.0, "collapsed_epoch": 3, "gradients": 600}
+                 "best_cosine": pytest.approx(0.5), "best_epoch": 2,
+                 "staleness_mean": 8.0, "collapsed_epoch": 4, "gradients": 600}
 
 
 def test_no_warning_without_staleness_anywhere_and_none_for_layers_without_sg():
@@ -107,7 +107,7 @@ def test_summary_and_table_carry_tracking_and_warnings():
     s = build_summary(cfg, status="completed", run_id="x", wall_s=1.0, final=None,
                       layers=layers, watch=w)
     assert s["layers"][0]["sg_tracking"]["first_cosine"] == 0.7
-    assert s["layers"][0]["sg_tracking"]["collapsed_epoch"] == 1
+    assert s["layers"][0]["sg_tracking"]["collapsed_epoch"] == 2
     assert s["layers"][1]["sg_tracking"] is None
     assert s["warnings"] == w.warnings and len(w.warnings) == 1
     text = table(s, "RUN")

@@ -79,10 +79,11 @@ def test_aggregate_mean_and_sample_sd_over_completed_seeds():
     assert (a["mode"], a["grad_delay"], a["n"], a["runs"]) == ("cdni", 0, 2, 2)
     assert a["loss_mean"] == 2.0 and a["loss_std"] == pytest.approx(2 ** 0.5)
     assert a["accuracy_mean"] == 0.75 and a["accuracy_std"] == pytest.approx(0.125 ** 0.5)
-    assert (b["n"], b["runs"], b["loss_mean"], b["loss_std"]) == (1, 2, 2.0, 0.0)
+    assert (b["n"], b["runs"], b["loss_mean"], b["loss_std"]) == (1, 2, 2.0, None)
     table = markdown([a, b])
     assert "| cdni | 0 | 2 | 2.0000 ± 1.4142 | 75.0 ± 35.4 | 0.00 |" in table
-    assert "| cdni | 2 | 1 of 2 | 2.0000 ± 0.0000 | 25.0 ± 0.0 | 2.00 |" in table
+    # one seed: no spread to show, not a spread of 0
+    assert "| cdni | 2 | 1 of 2 | 2.0000 | 25.0 | 2.00 |" in table
 
 
 def test_variants_side_by_side_in_one_table():
@@ -96,6 +97,17 @@ def test_variants_side_by_side_in_one_table():
         "| cdni | 8 | 50.00 ± 1.00 | 96.00 ± 1.00 |",
         "| backprop | 0 |  | 99.00 ± 1.00 |"]
     assert markdown_by_variant([{**a, "variant": ""} for a in agg[:1]]) == ""
+    one = [{**a, "test_std": None} for a in agg]
+    assert markdown_by_variant(one).splitlines()[:1] + markdown_by_variant(one).splitlines()[4:5] \
+        == ["test accuracy %, one seed each, by variant:", "| cdni | 0 | 98.00 | 97.00 |"]
+
+
+@pytest.mark.parametrize("ns, said", [([1], "one seed"), ([0], "no run completed"),
+                                      ([3], "mean ± std over 3 seeds"),
+                                      ([1, 3], "mean ± std over 1–3 seeds")])
+def test_the_sweep_plot_says_what_its_points_are_over(ns, said):
+    from pipeline.run.plots import seeds_said
+    assert seeds_said(ns) == said
 
 
 def sweep(out: Path, *args: str) -> subprocess.CompletedProcess:

@@ -108,7 +108,7 @@ def test_a_signal_once_the_run_directory_exists_but_before_the_run(tmp_path, how
 # --- checkpoints -------------------------------------------------------------------------
 
 def _npz(path: Path, role: str) -> Path:
-    return path / "checkpoints" / "epoch-000001" / f"{role}.npz"
+    return path / "checkpoints" / "epoch-000002" / f"{role}.npz"
 
 
 def _rewrite(path: Path, role: str, **change) -> None:
@@ -121,7 +121,7 @@ def _rewrite(path: Path, role: str, **change) -> None:
 def _outside(path: Path) -> None:
     """The checkpoint's directory a link to a copy outside the run."""
     import shutil
-    d = path / "checkpoints" / "epoch-000001"
+    d = path / "checkpoints" / "epoch-000002"
     elsewhere = path.parent / "elsewhere"
     shutil.copytree(d, elsewhere)
     shutil.rmtree(d)
@@ -168,7 +168,7 @@ def test_a_damaged_checkpoint_is_one_line_before_any_process_starts(tmp_path, da
 
 def test_temporaries_of_an_interrupted_checkpoint_write_go_on_resume(tmp_path):
     path = checkpointed_run(tmp_path / "run")
-    half = path / "checkpoints" / "epoch-000001" / ".layer1.npz.tmp"
+    half = path / "checkpoints" / "epoch-000002" / ".layer1.npz.tmp"
     half.write_bytes(b"PK\x03\x04 cut short")
     (path / "checkpoints" / ".latest.json.tmp").write_text('{"epo')
     done = run_launch("--resume", str(path), "--quiet", "--lockstep")

@@ -31,12 +31,27 @@ def _task_default(name: str) -> str:
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except the empty ones and on/off flags."""
+    """Show defaults, except the empty ones, on/off flags and those the help
+    already states."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, "", False) or isinstance(action.default, bool):
+        if (action.default in (None, "", False, []) or isinstance(action.default, bool)
+                or "(default:" in (action.help or "")):
             return action.help or ""
         return super()._get_help_string(action)
+
+
+# What else launch.py does, for the foot of ``launch.py -h``.
+COMMANDS = ("other commands, each with its own -h: "
+            "'launch.py data mnist DIR' (MNIST, fashion-mnist or cifar10, downloaded and "
+            "checked); "
+            "'launch.py sweep' (a grid of runs: modes x gradient delays x seeds x variants, "
+            "with a table and a plot); "
+            "'launch.py report RUN_DIR' (one run's figures and plots); "
+            "'launch.py keys --out DIR' (CURVE keys for a cluster); "
+            "'launch.py --cluster FILE' (a run across machines without an engine, "
+            "docs/clusters.md); and under mpiexec, srun or a Kubernetes Indexed Job "
+            "this same command runs one rank of a run.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,38 +153,43 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
     """The run's options; with ``sweep``, the grid's axes take lists instead."""
     if sweep:
         p = _Parser(prog="launch.py sweep", formatter_class=_Help,
-                    description="Run a grid of modes x gradient delays x seeds, one run "
-                                "directory per point, then write results.csv, results.md and "
-                                "a plot of final accuracy against staleness. Points already "
-                                "completed are not run again, so an interrupted sweep resumes.")
+                    description="Run a grid of modes x gradient delays x seeds (x unlocks x "
+                                "variants), one run directory per point, then write "
+                                "results.csv, results.md and a plot of final accuracy against "
+                                "staleness. Points already completed are not run again, so an "
+                                "interrupted sweep resumes. Every run option below applies to "
+                                "every point.",
+                    epilog="For example: launch.py sweep --modes cdni,dni --grad-delay 0,4 "
+                           "--seeds 2 --out sweeps/small (docs/staleness.md)")
         g = p.add_argument_group("sweep")
-        g.add_argument("--modes", type=_names, default=["cdni", "async-backprop"],
+        # Lists are given as the user types them: argparse parses a string
+        # default with ``type``, and -h shows it as written.
+        g.add_argument("--modes", type=_names, default="cdni,async-backprop", metavar="M1,M2",
                        help="comma-separated modes (backprop runs at delay 0 only)")
-        g.add_argument("--grad-delay", type=_ints, default=[0, 1, 2, 4, 8, 16],
+        g.add_argument("--grad-delay", type=_ints, default="0,1,2,4,8,16", metavar="K1,K2",
                        help="comma-separated injected gradient delays K")
-        g.add_argument("--unlock", type=_unlocks, default=["none"],
+        g.add_argument("--unlock", type=_unlocks, default="none", metavar="U1,U2",
                        help="comma-separated: none, forward (--unlock forward runs the SG "
                             "modes only)")
-        g.add_argument("--input-delay", type=_ints, default=[0],
+        g.add_argument("--input-delay", type=_ints, default="0", metavar="K1,K2",
                        help="comma-separated forward delays K of the unlocked runs (each at "
                             "most the point's gradient delay; others are left out)")
-        g.add_argument("--seeds", type=int, default=3,
+        g.add_argument("--seeds", type=int, default=3, metavar="N",
                        help=f"seeds per point: --seed, --seed+1, ... (at most {MAX_SEEDS})")
         g.add_argument("--variant", type=_variant, action="append", default=[],
                        metavar="'NAME: OPTIONS'",
                        help="a named set of run options added to the others, e.g. "
                             "'sgd: --optimizer sgd --lr 0.05 --momentum 0.9'; repeatable: "
                             "every variant runs the whole grid (default: one, unnamed)")
-        g.add_argument("--out", default="", help="sweep directory (default: sweeps/<time>)")
+        g.add_argument("--out", default="", metavar="DIR",
+                       help="sweep directory (default: sweeps/<time>)")
     else:
         p = _Parser(prog="launch.py", formatter_class=_Help,
                     description="Train a network with Decoupled Neural Interfaces (synthetic "
                                 "gradients), one operating-system process per layer, over "
                                 "ZeroMQ. The task is binary addition, as in the original notebook, or "
                                 "classification data from MNIST-format or NumPy files.",
-                    epilog="Also: 'launch.py data mnist DIR' (MNIST, fashion-mnist or cifar10 "
-                           "downloaded and checked), 'launch.py sweep -h' (a staleness "
-                           "sweep) and 'launch.py report RUN_DIR' (plots of one run).")
+                    epilog=COMMANDS[0].upper() + COMMANDS[1:])
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
         m = f.metadata

@@ -16,11 +16,30 @@ from pipeline.wire.protocol import is_count, roles
 from pipeline.run.runfiles import LONGEST_INSIDE, checkpoint_dir
 
 
+def latest_epochs(latest) -> int | None:
+    """The epochs done by the checkpoint a ``latest.json`` names, None if it
+    names none: ``{"epochs_done": N, "dir": "epoch-N"}``, or as runs wrote
+    it before they counted checkpoints from 1, ``{"epoch": N - 1, "dir":
+    "epoch-(N - 1)"}`` (the epoch's index from 0)."""
+    if not isinstance(latest, dict):
+        return None
+    if "epochs_done" in latest:
+        done = latest["epochs_done"]
+        named = done
+    else:
+        named = latest.get("epoch")
+        done = named + 1 if is_count(named) else None
+    if (not is_count(done) or not 1 <= done <= limits.MAX_COUNT
+            or latest.get("dir") != checkpoint_dir(named)):
+        return None
+    return done
+
+
 def read_latest(path: Path, roles: list[str]
                 ) -> tuple[int, dict[str, tuple[dict, dict[str, np.ndarray]]]]:
-    """(epoch, {role: (state, arrays)}) of the checkpoint ``latest.json``
-    names, which must be inside this run directory; ValueError naming the
-    file and what is wrong with it."""
+    """(epochs done, {role: (state, arrays)}) of the checkpoint
+    ``latest.json`` names, which must be inside this run directory;
+    ValueError naming the file and what is wrong with it."""
     latest_path = path / "checkpoints" / "latest.json"
     try:
         latest = json.loads(latest_path.read_text())
@@ -29,9 +48,8 @@ def read_latest(path: Path, roles: list[str]
                       "--checkpoint-every, and did a checkpoint complete?") from None
     except (OSError, ValueError) as exc:
         raise refuse(f"{latest_path}: unreadable ({exc})") from None
-    epoch = latest.get("epoch") if isinstance(latest, dict) else None
-    if (not is_count(epoch) or epoch >= limits.MAX_COUNT
-            or latest.get("dir") != checkpoint_dir(epoch)):
+    done = latest_epochs(latest)
+    if done is None:
         raise refuse(f"{latest_path} must name an epoch and its directory "
                       f"epoch-NNNNNN in this run, got {latest!r}")
     d = path / "checkpoints" / latest["dir"]
@@ -50,7 +68,7 @@ def read_latest(path: Path, roles: list[str]
         if not isinstance(state, dict):
             raise refuse(f"checkpoint {d}: {role}.json is not a JSON object")
         states[role] = (state, arrays)
-    return epoch, states
+    return done, states
 
 
 def resume_config(run_dir, quiet: bool):
@@ -71,8 +89,9 @@ def resume_config(run_dir, quiet: bool):
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise refuse(f"{path / 'config.json'}: unreadable ({exc})") from None
     RunDir.check_resumable(path)
-    epoch, states = read_latest(path, roles(config.get("layers", 0))[1:])
-    cfg = Config.from_dict({**config, "start_epoch": epoch + 1, "run_dir": str(path),
+    done, states = read_latest(path, roles(config.get("layers", 0))[1:])
+    cfg = Config.from_dict({**config, "start_epoch": done, "run_dir": str(path),
                             "quiet": quiet})
-    check_states(cfg, states, str(path / "checkpoints" / checkpoint_dir(epoch)))
+    latest = json.loads((path / "checkpoints" / "latest.json").read_text())
+    check_states(cfg, states, str(path / "checkpoints" / latest["dir"]))
     return cfg, states

@@ -69,7 +69,8 @@ def open_run(cfg, resuming: bool, stream: TextIO) -> "RunDir":
     if not cfg.quiet:
         print(f"run directory: {rd.path}", file=stream, flush=True)
         if resuming:
-            print(f"resuming at epoch {cfg.start_epoch + 1}", file=stream, flush=True)
+            print(f"resuming at epoch {cfg.start_epoch + 1}/{cfg.epochs}, after the "
+                  f"checkpoint of epoch {cfg.start_epoch}", file=stream, flush=True)
     return rd
 
 
@@ -239,7 +240,8 @@ class RunDir:
 
     def write_checkpoint(self, epoch: int, role: str, state: dict,
                          arrays: dict[str, np.ndarray]) -> None:
-        """One role's part of the checkpoint of ``epoch`` (none once the disk
+        """One role's part of the checkpoint taken when ``epoch`` epochs
+        were done, counted from 1 as the user reads them (none once the disk
         is full). A write that fails takes the epoch's directory with it:
         never in force, it would only be half."""
         if self.full is not None:
@@ -254,7 +256,7 @@ class RunDir:
 
     def commit_checkpoint(self, epoch: int, roles: list[str] | None = None,
                           keep: int = 0) -> list[int]:
-        """Every role's state of ``epoch`` is on disk: make it the one to
+        """Every role's state after ``epoch`` epochs is on disk: make it the one to
         resume from. Written last and atomically, so a crash mid-checkpoint
         leaves the previous one in force. Then, with ``keep`` (and the
         ``roles`` a checkpoint holds), all but the newest ``keep`` complete
@@ -263,7 +265,7 @@ class RunDir:
             return []
         try:
             self.write_json(f"{runfiles.CHECKPOINTS}/{runfiles.LATEST}",
-                            {"epoch": epoch, "dir": checkpoint_dir(epoch)})
+                            {"epochs_done": epoch, "dir": checkpoint_dir(epoch)})
         except WriteError:
             runfiles.remove_checkpoint(self.path / runfiles.CHECKPOINTS / checkpoint_dir(epoch))
             raise

@@ -35,12 +35,16 @@ _WHOLE = {"": re.compile(r"(?:config\.json|summary\.json|report\.png)"),
           "epoch": re.compile(rf"{_ROLE}\.(?:npz|json)")}
 
 
-def checkpoint_dir(epoch: int) -> str:
-    return f"epoch-{epoch:06d}"
+def checkpoint_dir(epochs_done: int) -> str:
+    """The checkpoint taken when ``epochs_done`` epochs were trained, named as
+    the progress line counts: ``epoch-000400`` after epoch 400/800, and a
+    resume goes on at epoch 401. (Runs before this numbering named it by
+    the epoch's index from 0, ``epoch-000399``; ``latest.json`` says which.)"""
+    return f"epoch-{epochs_done:06d}"
 
 
 def checkpoint_epoch(name: str) -> int | None:
-    """The epoch of a checkpoint directory's name, None for any other name."""
+    """The epochs done of a checkpoint directory's name, None for any other name."""
     m = _EPOCH.fullmatch(name)
     return int(m.group(1)) if m else None
 

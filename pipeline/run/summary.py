@@ -2,11 +2,13 @@
 the progress line and the closing table."""
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from typing import TextIO
 
 from pipeline.config import Config
+from pipeline.run import learned, runfiles
 from pipeline.run.rundir import WriteError
 from pipeline.coord.sgwatch import SGWatch
 
@@ -29,9 +31,12 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
     tracking = watch.tracking() if watch else {}
     layers = [{**L, "sg_tracking": tracking.get(L["role"])} for L in layers]
     train_s = final.get("train_s") or 0.0
-    # Without the final evaluation (a run cut short), the output layer's
-    # finished epochs tell how many batches were trained.
-    batches = final.get("batches", epochs_done * cfg.batches_per_epoch)
+    # "batches" counts the whole run, before a resume too, as the layers'
+    # counters do (they come back from the checkpoint); the rate counts what
+    # this process trained, in the time it took. Without the final
+    # evaluation (a run cut short), the finished epochs tell the batches.
+    before = cfg.start_epoch * cfg.batches_per_epoch
+    here = final.get("batches", max(0, epochs_done * cfg.batches_per_epoch - before))
     summary = {
         "status": status,
         "mode": cfg.mode,
@@ -39,13 +44,15 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
         "lockstep": cfg.lockstep,
         "epochs": cfg.epochs,
         "epochs_done": epochs_done,
-        "batches": batches,
+        "start_epoch": cfg.start_epoch,
+        "batches": before + here,
+        "process_batches": here,
         "final_loss": final.get("final_loss"),
         "train_accuracy": final.get("train_accuracy"),
         "test_loss": final.get("test_loss"),
         "test_accuracy": final.get("test_accuracy"),
         "dataset": cfg.dataset,
-        "batches_per_s": batches / train_s if train_s > 0 else None,
+        "batches_per_s": here / train_s if train_s > 0 else None,
         "wall_s": wall_s,
         "run_id": run_id,
         "peak_rss_mb": peak_rss_mb or {},
@@ -54,6 +61,7 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
         "warnings": list(watch.warnings) if watch else [],
         "weights": weights,
     }
+    summary["warnings"] += learned.warnings(cfg, summary)
     if error:
         summary["error"] = error
     return summary
@@ -75,8 +83,12 @@ def table(summary: dict, run_dir: str) -> str:
         e = s["error"]
         lines.append(f"  failed role {e.get('role')}: {e.get('message')}")
     where = "in-process reference" if s["in_process"] else "pipeline"
+    start = s.get("start_epoch") or 0
+    # After a resume the wall time and the rate are this process's alone.
+    resumed = (f" ({s.get('process_batches')} since the resume at epoch {start + 1})"
+               if start else "")
     lines.append(f"  {s['mode']} ({where}{', lockstep' if s['lockstep'] else ''}), "
-                 f"{s['epochs_done']}/{s['epochs']} epochs, {s['batches']} batches, "
+                 f"{s['epochs_done']}/{s['epochs']} epochs, {s['batches']} batches{resumed}, "
                  f"{s['wall_s']:.1f} s wall"
                  + (f", {s['batches_per_s']:.0f} batches/s" if s["batches_per_s"] else ""))
     if s["final_loss"] is not None:
@@ -110,6 +122,32 @@ def table(summary: dict, run_dir: str) -> str:
     return "\n".join(lines)
 
 
+def resume_command(run_dir: str, how: str = "local", cluster_file: str = "") -> str:
+    """The command that goes on with the run in ``run_dir``: started here
+    (``local``), by an engine (the same engine command, with this), or on a
+    cluster file's coordinator host (``cluster``)."""
+    if how == "cluster":
+        return (f"python launch.py --cluster {shlex.quote(cluster_file)} --resume "
+                f"{shlex.quote(run_dir)}")
+    command = f"python launch.py --resume {shlex.quote(run_dir)}"
+    return f"{command} (under the same engine: mpiexec -n N ..., srun ...)" if how == "engine" \
+        else command
+
+
+def resume_hint(status: str, command: str, checkpointed: bool,
+                in_process: bool = False) -> str | None:
+    """What to do with a run that did not finish: the ``command`` that goes
+    on from its last checkpoint, or why it cannot (None for a completed run)."""
+    if status == "completed":
+        return None
+    if in_process:
+        return "  it cannot be resumed: the in-process reference keeps no checkpoints"
+    if checkpointed:
+        return f"  to go on from its last checkpoint: {command}"
+    return ("  it cannot be resumed: it has no checkpoint (--checkpoint-every N saves one "
+            "every N epochs)")
+
+
 def save_weights(rd, weights: dict[str, dict], status: str) -> tuple[str | None,
                                                                    WriteError | None]:
     """Write each layer's weights (role -> arrays) into the run directory,
@@ -126,9 +164,11 @@ def save_weights(rd, weights: dict[str, dict], status: str) -> tuple[str | None,
     return ("final" if status == "completed" else "at stop"), None
 
 
-def close_run(rd, summary: dict, stream: TextIO) -> int:
+def close_run(rd, summary: dict, stream: TextIO, resume: str | None = None) -> int:
     """Write ``summary.json`` into the run directory, close it, print the
-    closing table; the run's exit code (0 completed, 130 interrupted, 1 failed).
+    closing table, and for a run that did not finish how to go on with it
+    (``resume``: the command, if not ``python launch.py --resume RUN_DIR``);
+    the run's exit code (0 completed, 130 interrupted, 1 failed).
     A summary the disk has no room for, even in the space kept for it, is
     one line on stderr."""
     rd.release()
@@ -142,19 +182,29 @@ def close_run(rd, summary: dict, stream: TextIO) -> int:
     finally:
         rd.close()
     print(table(summary, str(rd.path)), file=stream, flush=True)
+    hint = resume_hint(summary["status"], resume or resume_command(str(rd.path)),
+                       (rd.path / runfiles.CHECKPOINTS / runfiles.LATEST).is_file(),
+                       bool(summary.get("in_process")))
+    if hint:
+        print(hint, file=stream, flush=True)
     code = {"completed": 0, "interrupted": 130}.get(summary["status"], 1)
     return code if written or code else 1
 
 
 class Progress:
-    """One line, redrawn in place on a terminal; every tenth of the run otherwise."""
+    """One line, redrawn in place on the user's terminal; a line every tenth
+    of the run otherwise. ``terminal``: whether ``stream`` is the user's
+    terminal (default: whether it is a terminal at all). Under an engine it
+    is not, whatever isatty says: Open MPI gives each rank a pseudo-terminal
+    of its own, also when mpiexec's output goes to a file, and a line
+    redrawn with \\r there makes the log one long line."""
 
-    def __init__(self, cfg: Config, stream: TextIO):
+    def __init__(self, cfg: Config, stream: TextIO, terminal: bool | None = None):
         self.cfg = cfg
         self.stream = stream
-        self.tty = stream.isatty()
+        self.tty = stream.isatty() if terminal is None else terminal
         self.last = 0.0
-        self.epochs_done = 0
+        self.epochs_done = cfg.start_epoch  # a resumed run goes on from its checkpoint
         self.step = max(1, cfg.epochs // 10)
 
     def epoch(self, event: dict) -> None:
@@ -164,7 +214,9 @@ class Progress:
         now = time.monotonic()
         last_epoch = self.epochs_done == self.cfg.epochs
         line = progress_line(event["epoch"], self.cfg.epochs, event["loss"], event["accuracy"],
-                             event["elapsed_s"], self.epochs_done * self.cfg.batches_per_epoch,
+                             # the rate: this process's batches in its own time
+                             event["elapsed_s"],
+                             (self.epochs_done - self.cfg.start_epoch) * self.cfg.batches_per_epoch,
                              event.get("test_accuracy"),
                              "acc" if self.cfg.classification else "exact")
         if self.tty:

@@ -108,10 +108,12 @@ def row(p: Point, summary: dict, run_dir: str) -> dict:
 
 
 def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation; one value has no spread (None),
+    and is shown without one."""
     if not values:
         return None, None
     m = sum(values) / len(values)
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
     return m, sd
 
 
@@ -152,6 +154,8 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 def _pm(m: float | None, sd: float | None, fmt: str, scale: float = 1.0) -> str:
     if m is None:
         return "n/a"
+    if sd is None:  # one seed: no spread to show
+        return f"{m * scale:{fmt}}"
     return f"{m * scale:{fmt}} ± {sd * scale:{fmt}}"
 
 
@@ -172,7 +176,9 @@ def markdown_by_variant(agg: list[dict]) -> str:
                  _pm(cells[(mode, k, v)][f"{key}_mean"], cells[(mode, k, v)][f"{key}_std"],
                      ".2f", 100) if (mode, k, v) in cells else "" for v in variants) + " |"
                for mode, k in rows)]
-    return f"{what}, mean ± sd over the seeds, by variant:\n\n" + "\n".join(lines) + "\n"
+    over = ("one seed each" if all(a.get(f"{key}_std") is None for a in agg)
+            else "mean ± sd over the seeds")
+    return f"{what}, {over}, by variant:\n\n" + "\n".join(lines) + "\n"
 
 
 def markdown(agg: list[dict]) -> str:
