@@ -8,7 +8,7 @@ from typing import TextIO
 
 from pipeline.run import plots
 from pipeline.run.report import text_report
-from pipeline.run.rundir import load_run
+from pipeline.run.finished import load_run
 
 
 def main(run_dir: str | os.PathLike, stream: TextIO) -> int:
