@@ -264,6 +264,12 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Co
     _check_path(p, "--run-dir", given["run_dir"], runfiles.LONGEST_INSIDE)
     _check_path(p, "--data-dir", given["data_dir"], len("train-images-idx3-ubyte.gz"))
     _check_path(p, "--dataset", given["dataset"].removeprefix("npz:"))
+    if given.get("tensorboard"):
+        from pipeline.run import tensorboard
+        try:
+            tensorboard.require()
+        except ValueError as exc:
+            p.error(str(exc))
     # Beyond the bound, --layers is refused by the Config, naming it; the
     # default widths of so many layers are never made.
     task = {"hidden": default_hidden(min(given["layers"], limits.MAX_LAYERS + 1)),

@@ -60,9 +60,14 @@ def open_run(cfg, resuming: bool, stream: TextIO) -> "RunDir":
     """The run directory of ``cfg`` (a new one, or the one a resumed run goes
     on in), announced on ``stream`` unless --quiet; what --overwrite removed
     is said whatever --quiet."""
+    if cfg.tensorboard:  # tensorboardX is imported only when asked for
+        from pipeline.run import tensorboard
+        tensorboard.require()  # before anything is made
     rd = RunDir(cfg.run_dir or default_path(cfg.mode), resume=resuming,
                 overwrite=cfg.overwrite, reserve=runfiles.reserve_bytes(cfg))
     _OPENED.append((rd, cfg))
+    if cfg.tensorboard:
+        tensorboard.attach(rd)
     if rd.removed:
         print(f"--overwrite: removed {', '.join(rd.removed)} from {rd.path}", file=stream,
               flush=True)
@@ -88,6 +93,7 @@ class RunDir:
         self.path = Path(path)
         self.removed: list[str] = []   # what --overwrite removed, for the user
         self.full: WriteError | None = None  # the write that found the disk full
+        self.board = None  # --tensorboard: a tensorboard.Board, given every event too
         option = "--resume" if resume else "--run-dir"
         files.check_path(self.path, option, runfiles.LONGEST_INSIDE)
         ours = self._check_place(option, resume, overwrite)
@@ -217,8 +223,9 @@ class RunDir:
         return self._atomic(name, lambda f: f.write(text.encode()))
 
     def metric(self, event: dict) -> None:
-        """Append one event, a whole line or nothing; once the disk is full,
-        none (the run is stopping)."""
+        """Append one event, a whole line or nothing (and with --tensorboard
+        its scalars, a whole record); once the disk is full, none (the run is
+        stopping)."""
         if self.full is not None:
             return
         line = (json.dumps(event, default=_jsonable) + "\n").encode()
@@ -231,6 +238,11 @@ class RunDir:
                 os.ftruncate(self._metrics, self._metrics_end)  # no half line
             raise self._failed(self._metrics_path, exc) from None
         self._metrics_end += len(line)
+        if self.board is not None:
+            try:
+                self.board.add(event)
+            except OSError as exc:
+                raise self._failed(self.board.path, exc) from None
 
     def write_npz(self, name: str, arrays: dict[str, np.ndarray]) -> Path:
         return self._atomic(name, lambda f: np.savez(f, **arrays))
@@ -276,6 +288,8 @@ class RunDir:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._metrics)
+        if self.board is not None:
+            self.board.close()
         self.release()
         self._lock.close()  # and with it the lock
         _OPENED[:] = [(rd, cfg) for rd, cfg in _OPENED if rd is not self]
