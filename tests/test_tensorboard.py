@@ -21,8 +21,8 @@ from pipeline.run import runfiles, tensorboard
 from pipeline.run.cli import parse_run, parse_sweep
 from pipeline.run.rundir import RunDir, WriteError, open_run
 
-pytestmark = [pytest.mark.timeout(60),
-              pytest.mark.skipif(not tensorboard.available(), reason=tensorboard.HINT)]
+pytestmark = pytest.mark.timeout(60)
+needs_tensorboardx = pytest.mark.skipif(not tensorboard.available(), reason=tensorboard.HINT)
 
 
 # --- an independent reader -----------------------------------------------------------------
@@ -167,6 +167,7 @@ def test_scalars_of_each_event(event, epochs, want):
     assert sorted(tensorboard.scalars(event, epochs)) == sorted(want)
 
 
+@needs_tensorboardx
 def test_the_framing_is_tfrecords():
     # the CRC written here against its published check value
     assert crc32c(b"123456789") == 0xE3069283
@@ -186,6 +187,7 @@ def _run(argv: list[str]) -> Path:
     return Path(cfg.run_dir)
 
 
+@needs_tensorboardx
 def test_an_in_process_run_shows_what_metrics_jsonl_says(tmp_path):
     run_dir = _run(["--in-process", "--tensorboard", "--epochs", "12", "--grad-delay", "2",
                     "--quiet", "--run-dir", str(tmp_path / "run")])
@@ -200,6 +202,7 @@ def test_an_in_process_run_shows_what_metrics_jsonl_says(tmp_path):
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in board.iterdir())
 
 
+@needs_tensorboardx
 def test_a_sweeps_points_are_separate_tensorboard_runs(tmp_path):
     from commands.sweep import run_sweep
     out = tmp_path / "sweep"
@@ -220,6 +223,7 @@ def test_a_sweeps_points_are_separate_tensorboard_runs(tmp_path):
         assert sg == ("cdni" in run)   # async-backprop has no synthetic gradients
 
 
+@needs_tensorboardx
 def test_a_resumed_run_adds_an_event_file(tmp_path, monkeypatch):
     rd = RunDir(tmp_path / "run")
     clock = iter([1_800_000_000.0, 1_800_000_000.5, 1_800_000_001.0])
@@ -261,6 +265,7 @@ def test_without_tensorboardx_the_option_is_one_line_and_exit_2(tmp_path, monkey
     assert not (tmp_path / "run").exists()
 
 
+@needs_tensorboardx
 def test_a_board_that_cannot_be_made_refuses_the_run_and_leaves_nothing(tmp_path, monkeypatch):
     cfg, _ = parse_run(["--tensorboard", "--quiet", "--run-dir", str(tmp_path / "run")])
 
@@ -273,6 +278,7 @@ def test_a_board_that_cannot_be_made_refuses_the_run_and_leaves_nothing(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+@needs_tensorboardx
 def test_a_full_disk_at_the_event_file_stops_the_run_and_leaves_whole_records(tmp_path,
                                                                                monkeypatch):
     rd = RunDir(tmp_path / "run")
@@ -298,6 +304,7 @@ def test_a_full_disk_at_the_event_file_stops_the_run_and_leaves_whole_records(tm
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@needs_tensorboardx
 def test_a_pipeline_run_through_launch_py(tmp_path):
     from tests.conftest import run_launch
     run_dir = tmp_path / "run"
