@@ -116,7 +116,11 @@ class Board:
         self._fd: int | None = files.open_private(self.path, os.O_APPEND)
         self._end = os.fstat(self._fd).st_size
         self.epochs = 0  # the last epoch seen, from 1: the final evaluation's step
-        self._write(Event(wall_time=clock(), file_version="brain.Event:2"))
+        try:
+            self._write(Event(wall_time=clock(), file_version="brain.Event:2"))
+        except OSError:
+            self.close()
+            raise
 
     def add(self, event: dict) -> None:
         found = scalars(event, self.epochs)
