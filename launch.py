@@ -1,7 +1,7 @@
 """Train a network of DNI layers, one process per layer: ``python launch.py --layers 3``.
 
 Also ``python launch.py sweep ...`` (a staleness sweep),
-``python launch.py report RUN_DIR`` (one run's plots),
+``python launch.py report RUN_DIR ...`` (one run's plots, or several compared),
 ``python launch.py data mnist DIR`` (a dataset's files, downloaded and checked),
 ``python launch.py keys --out DIR`` (CURVE keys for a cluster) and
 ``python launch.py --cluster FILE [--role ROLE]`` (a run across machines).
@@ -90,9 +90,9 @@ def _command(argv: list[str]) -> Callable[[], int]:
         return lambda: run_sweep(args, sys.stdout)
     if argv[:1] == ["report"]:
         from pipeline.run.subcommands import parse_report
-        from commands.report import main as report
-        run_dir = parse_report(argv[1:])
-        return lambda: report(run_dir, sys.stdout)
+        from commands.report import run as report
+        report_args = parse_report(argv[1:])
+        return lambda: report(report_args, sys.stdout)
     if argv[:1] == ["data"]:
         from pipeline.run.subcommands import parse_data
         from commands.data import main as data

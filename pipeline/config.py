@@ -249,6 +249,10 @@ class Config:
         "(saying which) before this one starts; a directory holding anything else is refused",
         OUT, kind="flag", sweep=False)
     quiet: bool = option(False, "no progress line", OUT, kind="flag")
+    tensorboard: bool = option(
+        False, "also write TensorBoard event files to RUN_DIR/tensorboard/, per epoch: loss "
+        "and accuracy, each layer's staleness, SG cosine and relative error, batches/s "
+        "(pip install -e '.[tb]'; docs/design.md#tensorboard)", OUT, kind="flag")
 
     def __post_init__(self) -> None:
         from pipeline import validation  # (it reads this module's ConfigError and flags)

@@ -12,7 +12,7 @@ import pytest
 
 from commands import report as report_command
 from pipeline.run import plots, report
-from pipeline.run.rundir import load_run
+from pipeline.run.finished import load_run
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -47,7 +47,8 @@ COMMANDS = ("other commands, each with its own -h: "
             "checked); "
             "'launch.py sweep' (a grid of runs: modes x gradient delays x seeds x variants, "
             "with a table and a plot); "
-            "'launch.py report RUN_DIR' (one run's figures and plots); "
+            "'launch.py report RUN_DIR' (one run's figures and plots; several run "
+            "directories: side by side, their curves in one figure); "
             "'launch.py keys --out DIR' (CURVE keys for a cluster); "
             "'launch.py --cluster FILE' (a run across machines without an engine, "
             "docs/clusters.md); and under mpiexec, srun or a Kubernetes Indexed Job "
@@ -264,6 +265,12 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Co
     _check_path(p, "--run-dir", given["run_dir"], runfiles.LONGEST_INSIDE)
     _check_path(p, "--data-dir", given["data_dir"], len("train-images-idx3-ubyte.gz"))
     _check_path(p, "--dataset", given["dataset"].removeprefix("npz:"))
+    if given.get("tensorboard"):
+        from pipeline.run import tensorboard
+        try:
+            tensorboard.require()
+        except ValueError as exc:
+            p.error(str(exc))
     # Beyond the bound, --layers is refused by the Config, naming it; the
     # default widths of so many layers are never made.
     task = {"hidden": default_hidden(min(given["layers"], limits.MAX_LAYERS + 1)),

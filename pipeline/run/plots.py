@@ -5,7 +5,7 @@ import math
 import os
 from pathlib import Path
 
-from pipeline.run.rundir import load_run
+from pipeline.run.finished import load_run
 from pipeline.files import write_private
 
 HINT = "plots need matplotlib: pip install -e '.[plot]'"

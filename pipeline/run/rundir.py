@@ -60,9 +60,14 @@ def open_run(cfg, resuming: bool, stream: TextIO) -> "RunDir":
     """The run directory of ``cfg`` (a new one, or the one a resumed run goes
     on in), announced on ``stream`` unless --quiet; what --overwrite removed
     is said whatever --quiet."""
+    if cfg.tensorboard:  # tensorboardX is imported only when asked for
+        from pipeline.run import tensorboard
+        tensorboard.require()  # before anything is made
     rd = RunDir(cfg.run_dir or default_path(cfg.mode), resume=resuming,
                 overwrite=cfg.overwrite, reserve=runfiles.reserve_bytes(cfg))
     _OPENED.append((rd, cfg))
+    if cfg.tensorboard:
+        tensorboard.attach(rd)
     if rd.removed:
         print(f"--overwrite: removed {', '.join(rd.removed)} from {rd.path}", file=stream,
               flush=True)
@@ -88,6 +93,7 @@ class RunDir:
         self.path = Path(path)
         self.removed: list[str] = []   # what --overwrite removed, for the user
         self.full: WriteError | None = None  # the write that found the disk full
+        self.board = None  # --tensorboard: a tensorboard.Board, given every event too
         option = "--resume" if resume else "--run-dir"
         files.check_path(self.path, option, runfiles.LONGEST_INSIDE)
         ours = self._check_place(option, resume, overwrite)
@@ -217,8 +223,9 @@ class RunDir:
         return self._atomic(name, lambda f: f.write(text.encode()))
 
     def metric(self, event: dict) -> None:
-        """Append one event, a whole line or nothing; once the disk is full,
-        none (the run is stopping)."""
+        """Append one event, a whole line or nothing (and with --tensorboard
+        its scalars, a whole record); once the disk is full, none (the run is
+        stopping)."""
         if self.full is not None:
             return
         line = (json.dumps(event, default=_jsonable) + "\n").encode()
@@ -231,6 +238,11 @@ class RunDir:
                 os.ftruncate(self._metrics, self._metrics_end)  # no half line
             raise self._failed(self._metrics_path, exc) from None
         self._metrics_end += len(line)
+        if self.board is not None:
+            try:
+                self.board.add(event)
+            except OSError as exc:
+                raise self._failed(self.board.path, exc) from None
 
     def write_npz(self, name: str, arrays: dict[str, np.ndarray]) -> Path:
         return self._atomic(name, lambda f: np.savez(f, **arrays))
@@ -276,6 +288,8 @@ class RunDir:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._metrics)
+        if self.board is not None:
+            self.board.close()
         self.release()
         self._lock.close()  # and with it the lock
         _OPENED[:] = [(rd, cfg) for rd, cfg in _OPENED if rd is not self]
@@ -342,58 +356,3 @@ def _jsonable(value):
     if isinstance(value, (Path, tuple)):
         return str(value) if isinstance(value, Path) else list(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-# --- reading a finished run --------------------------------------------------------------
-
-def load_run(run_dir: str | os.PathLike) -> dict:
-    """{"path", "summary", "config", "events", "bad_lines"} of a finished run.
-
-    Lines of metrics.jsonl that are not JSON objects (a run killed mid-write
-    leaves half a line) are skipped and counted in ``bad_lines``. Raises
-    ValueError naming the file if the directory is not a finished run.
-    """
-    path = Path(run_dir)
-    try:
-        os.stat(path)
-    except OSError as exc:  # absent, or a name too long for the file system
-        raise ValueError(f"{path}: {exc.strerror or exc}") from None
-    if not path.is_dir():
-        raise ValueError(f"{path}: not a directory")
-    summary_path, metrics_path = path / "summary.json", path / "metrics.jsonl"
-    if not summary_path.is_file():
-        raise ValueError(f"{summary_path}: missing (the run has not finished, "
-                         "or this is not a run directory)")
-    if not metrics_path.is_file():
-        raise ValueError(f"{metrics_path}: missing")
-    summary = _json_object(summary_path)
-    config_path = path / "config.json"
-    config = _json_object(config_path) if config_path.is_file() else {}
-
-    events: list[dict] = []
-    bad = 0
-    with open(metrics_path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(event, dict):
-                events.append(event)
-            else:
-                bad += 1
-    return {"path": path, "summary": summary, "config": config, "events": events,
-            "bad_lines": bad}
-
-
-def _json_object(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
-    return obj

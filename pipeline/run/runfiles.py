@@ -24,6 +24,10 @@ FILES = ("config.json", "metrics.jsonl", "summary.json", "report.png", ".lock", 
 # What every run writes when it opens its directory: how one is recognised.
 MARKS = (".lock", "metrics.jsonl")
 WEIGHTS, CHECKPOINTS, LATEST = "weights", "checkpoints", "latest.json"
+# --tensorboard: one event file per process that opened the run (a resumed
+# run adds one), named by the time it was opened and that process's id
+# (TensorBoard reads every name holding "tfevents").
+TENSORBOARD = "tensorboard"
 _ROLE = r"(?:layer[1-9][0-9]*|output)"
 _EPOCH = re.compile(r"epoch-(\d{6,})")
 # Names inside the run directory, by the directory they are in ("": the top);
@@ -32,6 +36,7 @@ _EPOCH = re.compile(r"epoch-(\d{6,})")
 _WHOLE = {"": re.compile(r"(?:config\.json|summary\.json|report\.png)"),
           WEIGHTS: re.compile(rf"{_ROLE}\.npz"),
           CHECKPOINTS: re.compile(re.escape(LATEST)),
+          TENSORBOARD: re.compile(r"events\.out\.tfevents\.\d{10,}\.\d+"),
           "epoch": re.compile(rf"{_ROLE}\.(?:npz|json)")}
 
 
@@ -49,17 +54,24 @@ def checkpoint_epoch(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def event_file(seconds: int, pid: int) -> str:
+    """The name of the TensorBoard event file a process opened at ``seconds``
+    (since the epoch) writes."""
+    return f"events.out.tfevents.{seconds:010d}.{pid}"
+
+
 # The longest path a run writes inside its directory (the temporary of a
 # checkpoint's state), with room for any epoch a run may count to.
-LONGEST_INSIDE = len(f"{CHECKPOINTS}/{checkpoint_dir(10 ** 19)}/"
-                     f"{temporary(f'layer{MAX_LAYERS}.json')}")
+LONGEST_INSIDE = max(len(f"{CHECKPOINTS}/{checkpoint_dir(10 ** 19)}/"
+                         f"{temporary(f'layer{MAX_LAYERS}.json')}"),
+                     len(f"{TENSORBOARD}/{event_file(10 ** 11, 2 ** 32)}"))
 
 
 def _is_ours(where: str, name: str, is_dir: bool) -> tuple[bool, bool]:
     """(written by a run, a temporary) for entry ``name`` of the run's
-    directory ``where`` ("", "weights", "checkpoints" or "epoch")."""
+    directory ``where`` ("", "weights", "checkpoints", "tensorboard" or "epoch")."""
     if is_dir:
-        return ((where == "" and name in (WEIGHTS, CHECKPOINTS))
+        return ((where == "" and name in (WEIGHTS, CHECKPOINTS, TENSORBOARD))
                 or (where == CHECKPOINTS and checkpoint_epoch(name) is not None)), False
     if where == "" and name in FILES:
         return True, False
@@ -119,7 +131,8 @@ def clear(path: Path, keep: tuple[str, ...] = (".lock",)) -> list[str]:
         else:
             p.unlink()
             said[top] = said.get(top, 0) + (len(rel.parts) > 1)
-    return [f"{top}/ ({n} file{'s' * (n != 1)})" if top in (WEIGHTS, CHECKPOINTS) else top
+    return [f"{top}/ ({n} file{'s' * (n != 1)})" if top in (WEIGHTS, CHECKPOINTS, TENSORBOARD)
+            else top
             for top, n in said.items()]
 
 

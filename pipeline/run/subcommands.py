@@ -14,14 +14,33 @@ from pipeline.data.sources import DATASETS, Dataset
 from pipeline.run import runfiles
 
 
-def parse_report(argv: list[str]) -> str:
+@dataclass(frozen=True)
+class ReportArgs:
+    run_dirs: list[str]
+    out: str  # several runs' figure
+
+
+def parse_report(argv: list[str]) -> ReportArgs:
     p = _Parser(prog="launch.py report",
                 description="Summarise one run directory and draw its loss curves, SG quality "
-                            "and staleness histogram to RUN_DIR/report.png.")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by launch.py")
-    run_dir = p.parse_args(argv).run_dir
-    _check_path(p, "RUN_DIR", run_dir, len(".report.png.tmp"))
-    return run_dir
+                            "and staleness histogram to RUN_DIR/report.png. Given several, "
+                            "print them side by side and overlay their curves in one figure "
+                            "(--out), each run labelled by what differs in their "
+                            "configurations.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="a run directory written by launch.py; several are compared")
+    p.add_argument("--out", metavar="FILE",
+                   help="several runs' figure (default: compare.png in this directory)")
+    a = p.parse_args(argv)
+    for run_dir in a.run_dirs:
+        _check_path(p, "RUN_DIR", run_dir, len(".report.png.tmp"))
+    if a.out is not None and len(a.run_dirs) == 1:
+        p.error("argument --out: only with several RUN_DIRs (one run's figure is "
+                "RUN_DIR/report.png)")
+    out = a.out or "compare.png"
+    _check_path(p, "--out", os.path.join(os.path.dirname(out), files.temporary(
+        os.path.basename(out))))
+    return ReportArgs(a.run_dirs, out)
 
 
 @dataclass(frozen=True)
