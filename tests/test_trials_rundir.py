@@ -132,7 +132,7 @@ def test_the_same_disk_holds_a_run_with_a_checkpoint_every_epoch_kept_to_three(s
     assert done.returncode == 0, done.stdout + done.stderr
     assert summary(run)["status"] == "completed" and summary(run)["weights"] == "final"
     assert sorted(d.name for d in (run / "checkpoints").iterdir()) == \
-        ["epoch-000026", "epoch-000027", "epoch-000028", "latest.json"]
+        ["epoch-000027", "epoch-000028", "epoch-000029", "latest.json"]  # epochs done
 
 
 @pytest.mark.parametrize("how", [[], ["--in-process"]], ids=["pipeline", "in-process"])
@@ -241,12 +241,12 @@ def test_overwrite_replaces_a_finished_run_and_says_what_it_removed(tmp_path):
 
 # --- checkpoints without end ------------------------------------------------------------------
 
-@pytest.mark.parametrize("keep, left", [([], [2, 3, 4]), (["--keep-checkpoints", "1"], [4]),
-                                        (["--keep-checkpoints", "0"], [0, 1, 2, 3, 4])],
+@pytest.mark.parametrize("keep, left", [([], [3, 4, 5]), (["--keep-checkpoints", "1"], [5]),
+                                        (["--keep-checkpoints", "0"], [1, 2, 3, 4, 5])],
                          ids=["default 3", "1", "0 keeps all"])
 def test_only_the_newest_checkpoints_are_kept(tmp_path, keep, left):
     """Once --epochs 1500 --checkpoint-every 1 left 1,499 epoch directories
-    (one after every epoch but the last)."""
+    (one after every epoch but the last; each named by the epochs done)."""
     run = tmp_path / "run"
     done = run_launch("--epochs", "6", "--checkpoint-every", "1", "--quiet", "--run-dir",
                       str(run), *keep)
