@@ -198,7 +198,7 @@ def test_a_killed_rank_ends_the_job_failed_by_role_host_and_rank_with_nothing_le
 
 
 # The engine's SIGKILL at the worst moment: as rank 0's clean-up begins
-# (Open MPI sends it a quarter second after its SIGTERM, whatever the load).
+# (Open MPI sends it a quarter second after its SIGTERM, however busy rank 0 is).
 KILLED_AS_THE_CLEAN_UP_BEGINS = """
 import os, signal, sys
 sys.argv[0] = "launch.py"
