@@ -86,6 +86,7 @@ def test_lockstep_unlocked_pipeline_equals_reference_bit_for_bit(launch, extra):
 @pytest.mark.parametrize("kw", [
     dict(unlock="forward"),
     dict(unlock="forward", grad_delay=3, input_delay=2, si_second_step=True, si_lr=0.05),
+    dict(unlock="forward", si_second_step=True, si_output_scale=0.3),  # --unlock's defaults
     dict(unlock="hidden", mode="dni", grad_delay=1, input_delay=1, activation="relu",
          lr=0.1),
     dict(unlock="forward", layers=2, hidden=(12,), grad_delay=2, input_delay=1),
