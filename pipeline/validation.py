@@ -161,9 +161,12 @@ def _unlock(cfg, need) -> None:
     need(cfg.unlock in UNLOCKS, "--unlock", f"must be one of {', '.join(UNLOCKS)}")
     need(cfg.si_lr >= 0, "--si-lr", "must be positive (or 0: --sg-lr)")
     need(cfg.input_delay >= 0, "--input-delay", "must be at least 0")
+    need(math.isfinite(cfg.si_output_scale) and cfg.si_output_scale >= 0, "--si-output-scale",
+         "must be at least 0")
     if cfg.unlock == "none":
         for name in ("si_lr", "si_second_step", "input_delay"):
             need(not getattr(cfg, name), flag(name), "needs --unlock forward")
+        need(cfg.si_output_scale == 1.0, "--si-output-scale", "needs --unlock forward")
         return
     need(cfg.mode in SG_MODES, "--unlock",
          f"forward needs synthetic gradients: --mode cdni or dni, not {cfg.mode}")

@@ -345,8 +345,8 @@ def plain_unlocked_dni(cfg: Config):
             u, ub = si[cfg.layers]
             x_hat = xb @ u + ub
             dlt = act("sigmoid", x_hat @ wo + bo) - yb
-            wo -= lr * x_hat.T @ dlt / n
-            bo -= lr * dlt.sum(0) / n
+            wo -= lr * cfg.si_output_scale * x_hat.T @ dlt / n   # --si-output-scale
+            bo -= lr * cfg.si_output_scale * dlt.sum(0) / n
         last = t == len(every) - 1
         for s in (range(max(0, t - kin), t + 1) if last else [t - kin] if t >= kin else []):
             true_step(s, *every[s])

@@ -10,12 +10,13 @@ import struct
 import time
 
 import msgpack
+import numpy as np
 import pytest
 
 from pipeline import limits
 from pipeline.run import cli, subcommands
 from pipeline.run.cli import parse
-from pipeline.config import Config, flag
+from pipeline.config import UNLOCK_DEFAULTS, Config, flag
 from tests.conftest import error_line, run_launch
 
 pytestmark = pytest.mark.timeout(60)
@@ -59,14 +60,42 @@ def test_parse_staleness_remedies():
 def test_parse_unlock_options():
     assert parse(["--unlock", "forward", "--si-lr", "0.2", "--si-second-step", "--grad-delay",
                   "3", "--input-delay", "2"]) == Config(
-        unlock="forward", si_lr=0.2, si_second_step=True, grad_delay=3, input_delay=2)
+        unlock="forward", si_lr=0.2, si_second_step=True, si_output_scale=0.3, grad_delay=3,
+        input_delay=2)
     # an unlocked layer takes either normalisation (batch norm tracks true batches only)
     assert parse(["--unlock", "forward", "--batchnorm"]).batchnorm
     assert parse(["--unlock", "hidden", "--layernorm"]).layernorm
 
 
+@pytest.mark.parametrize("classification", [False, True], ids=["addition", "classification"])
+def test_the_unlock_defaults_apply_under_unlock_only(classification, tmp_path):
+    """--unlock turns the second step on and scales the output layer's
+    synthetic step (UNLOCK_DEFAULTS); without it the Config is the one it
+    was before they existed, so locked runs are the same bits."""
+    task = []
+    if classification:
+        rng = np.random.default_rng(0)
+        np.savez(tmp_path / "d.npz", x_train=rng.random((20, 12), dtype=np.float32),
+                 y_train=rng.integers(0, 3, 20))
+        task = ["--dataset", f"npz:{tmp_path / 'd.npz'}"]
+    locked = parse(task)
+    assert (locked.si_second_step, locked.si_output_scale) == (False, 1.0)
+    assert locked == dataclasses.replace(parse(task + ["--unlock", "forward"]), unlock="none",
+                                         si_second_step=False, si_output_scale=1.0)
+    for unlock in ("forward", "hidden"):
+        cfg = parse(task + ["--unlock", unlock])
+        assert (cfg.si_second_step, cfg.si_output_scale) == (True, 0.3)
+        assert {k: getattr(cfg, k) for k in UNLOCK_DEFAULTS} == UNLOCK_DEFAULTS
+    # each can still be set, or turned off
+    cfg = parse(task + ["--unlock", "forward", "--no-si-second-step", "--si-output-scale", "1"])
+    assert (cfg.si_second_step, cfg.si_output_scale) == (False, 1.0)
+    assert dataclasses.replace(cfg, unlock="none") == locked
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--unlock", "forward", "--mode", "backprop"], "--unlock"),
+    (["--si-output-scale", "0.5"], "--si-output-scale"),
+    (["--unlock", "forward", "--si-output-scale", "-1"], "--si-output-scale"),
     (["--unlock", "forward", "--input-delay", "1"], "--input-delay"),
     (["--input-delay", "1", "--grad-delay", "1"], "--input-delay"),
     (["--unlock", "forward", "--input-delay", "-1"], "--input-delay"),

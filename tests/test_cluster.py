@@ -17,7 +17,7 @@ import zmq
 
 from pipeline.net import security
 from pipeline.wire import codec as wire, protocol
-from pipeline.config import Config
+from pipeline.config import Config, defaults_for
 from tests.conftest import _alive, error_line, run_launch
 from tests.test_pipeline import assert_bit_identical, reference_weights
 
@@ -208,7 +208,8 @@ def test_unlocked_cluster_run_with_keys_equals_the_reference(tmp_path, roles):
     assert ports["layer2"]["input"] == ports["layer2"]["act"] + 2
     assert ports["output"]["input"] == ports["output"]["act"] + 1
     assert "input" not in ports["layer1"]
-    assert_bit_identical(Weights(tmp_path / "run"), reference_weights(Config(**run)))
+    cfg = Config(**defaults_for("addition", "forward"), **run)  # as the cluster file's
+    assert_bit_identical(Weights(tmp_path / "run"), reference_weights(cfg))
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import pytest
 
-from pipeline.config import Config
+from pipeline.config import Config, defaults_for
 from tests.conftest import _alive
 from tests.test_cluster import Weights
 from tests.test_pipeline import assert_bit_identical, reference_weights
@@ -176,7 +176,8 @@ def test_lockstep_under_mpiexec_equals_the_in_process_reference_bit_for_bit(mpi,
               "--hidden", "32,24,16", *extra)
     assert job.wait() == 0, job.stderr()
     assert job.summary()["status"] == "completed"
-    cfg = Config(layers=4, lockstep=True, epochs=20, seed=4, hidden=(32, 24, 16), **unlock)
+    cfg = Config(layers=4, lockstep=True, epochs=20, seed=4, hidden=(32, 24, 16), **unlock,
+                 **defaults_for("addition", unlock.get("unlock", "none")))
     assert_bit_identical(Weights(job.run_dir), reference_weights(cfg))
 
 

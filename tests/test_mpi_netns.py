@@ -18,7 +18,7 @@ import pytest
 
 from tests.netns import (SUBNET, Hosts, epoch_logged, host_name, kill_pids, ns_pids,
                          on_host, write_rsh_agent)
-from pipeline.config import Config
+from pipeline.config import Config, defaults_for
 from tests.test_cluster import Weights
 from tests.test_mpi import ROOT, Job, _mpiexec, assert_all_gone
 from tests.test_pipeline import assert_bit_identical, reference_weights
@@ -124,7 +124,7 @@ def test_an_unlocked_lockstep_run_across_three_hosts_equals_the_reference(across
     procs = job.config()["processes"]
     assert "input" in procs["layer2"]["endpoints"] and "input" in procs["output"]["endpoints"]
     cfg = Config(layers=3, epochs=30, lockstep=True, unlock="forward", grad_delay=1,
-                 input_delay=1)
+                 input_delay=1, **defaults_for("addition", "forward"))
     assert_bit_identical(Weights(job.run_dir), reference_weights(cfg))
     assert_all_gone(job.rank_pids())
 

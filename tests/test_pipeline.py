@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from pipeline.wire import codec as wire, protocol
-from pipeline.config import Config
+from pipeline.config import Config, defaults_for
 from tests.kit import reference
 from pipeline.net.transport import LOCAL_IPC
 from tests.conftest import assert_no_orphans
@@ -222,7 +222,8 @@ def test_garbage_on_live_sockets_is_counted_and_harmless(launch, unlock):
     reported = {e["role"] for e in events if e["event"] == "decode_error"}
     assert reported == {"layer1", "layer2", "output"}
     assert_bit_identical(run, reference_weights(Config(lockstep=True, epochs=300, seed=3,
-                                                       unlock=unlock)))
+                                                       unlock=unlock,
+                                                       **defaults_for("addition", unlock))))
     if unlock == "forward":
         assert set(config["processes"]["layer2"]["endpoints"]) == {"act", "grad", "input"}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.net import rendezvous, security
-from pipeline.config import Config
+from pipeline.config import Config, defaults_for
 from pipeline.net.engines import Engine
 from tests.conftest import _alive
 from tests.test_cluster import Weights, free_ports
@@ -77,7 +77,8 @@ def test_torchrun_style_variables_start_a_run_through_rank_0(tmp_path, unlock):
         assert {r: p["rank"] for r, p in config["processes"].items()} == {
             "source": 1, "layer1": 2, "layer2": 3, "output": 4}
         if unlock:
-            cfg = Config(layers=3, epochs=60, lockstep=True, **unlock)
+            cfg = Config(layers=3, epochs=60, lockstep=True, **unlock,
+                         **defaults_for("addition", unlock["unlock"]))
             assert_bit_identical(Weights(tmp_path / "run"), reference_weights(cfg))
     finally:
         for p in procs:

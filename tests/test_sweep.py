@@ -222,7 +222,8 @@ def test_grid_unlocks_the_sg_modes_with_input_delays_up_to_the_gradient_delay():
     assert Point("dni", 4, 2, "", "hidden", 0).line == "dni hidden unlocked, input delay 0"
     assert p.line == "dni unlocked, input delay 1" and Point("dni", 4, 2).line == "dni"
     assert Point("cdni", 2, 1).fields() == dict(mode="cdni", grad_delay=2, unlock="none",
-                                                input_delay=0, si_lr=0.0, si_second_step=False)
+                                                input_delay=0, si_lr=0.0, si_second_step=False,
+                                                si_output_scale=1.0)
 
 
 def test_parse_sweep_keeps_the_synthetic_input_options_for_the_unlocked_points(tmp_path):
@@ -238,6 +239,13 @@ def test_parse_sweep_keeps_the_synthetic_input_options_for_the_unlocked_points(t
     assert (locked.unlock, locked.si_second_step, locked.si_lr) == ("none", False, 0.0)
     assert (k1.unlock, k1.input_delay, k1.si_second_step, k1.si_lr) == ("forward", 1, True, 0.1)
     assert k0.input_delay == 0
+    # the unlocked points take --unlock's defaults (UNLOCK_DEFAULTS), the locked ones not
+    assert (locked.si_output_scale, k0.si_output_scale, k1.si_output_scale) == (1.0, 0.3, 0.3)
+    args = parse_sweep(["--modes", "cdni", "--grad-delay", "0", "--unlock", "none,forward"])
+    locked, unlocked = (point_config(args.bases[""], p, tmp_path)
+                        for p in grid(args.modes, args.delays, [1], [""], args.unlocks))
+    assert (locked.si_second_step, locked.si_output_scale) == (False, 1.0)
+    assert (unlocked.si_second_step, unlocked.si_output_scale) == (True, 0.3)
 
 
 def test_aggregate_keeps_unlocked_runs_apart():

@@ -9,7 +9,8 @@ import signal
 import numpy as np
 import pytest
 
-from pipeline.config import Config
+from pipeline.config import Config, defaults_for
+from pipeline.run.cli import parse
 from tests.kit import reference
 from tests.conftest import Launch, assert_no_orphans
 from tests.test_checkpoint import latest
@@ -48,7 +49,7 @@ def test_lockstep_unlocked_pipeline_equals_reference_bit_for_bit(launch, extra):
     kw = {**SMALL, "unlock": "forward", **extra}
     run = launch("--lockstep", "--quiet", *argv(**kw))
     assert run.finish() == 0, run.err
-    cfg = Config(**kw)
+    cfg = Config(**{**defaults_for("addition", "forward"), **kw})  # as the command line
     ref = reference(cfg)
     expected = reference_weights(cfg)
     # every unlocked layer carries its synthetic-input model, and it learnt
@@ -85,6 +86,7 @@ def test_lockstep_unlocked_pipeline_equals_reference_bit_for_bit(launch, extra):
 @pytest.mark.parametrize("kw", [
     dict(unlock="forward"),
     dict(unlock="forward", grad_delay=3, input_delay=2, si_second_step=True, si_lr=0.05),
+    dict(unlock="forward", si_second_step=True, si_output_scale=0.3),  # --unlock's defaults
     dict(unlock="hidden", mode="dni", grad_delay=1, input_delay=1, activation="relu",
          lr=0.1),
     dict(unlock="forward", layers=2, hidden=(12,), grad_delay=2, input_delay=1),
@@ -119,6 +121,18 @@ def test_unlocking_changes_the_weights_of_the_layers_above_the_first_only():
         assert not (locked[role]["w"] == unlocked[role]["w"]).all()
         assert "si_u" in unlocked[role] and "si_u" not in locked[role]
     assert "si_u" not in unlocked["layer1"]
+
+
+@pytest.mark.slow  # no process, but seconds a seed
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_unlock_forward_learns_the_addition_task_with_its_defaults(seed):
+    """--unlock forward and nothing else (so UNLOCK_DEFAULTS: the second
+    step, the output layer's synthetic step at 0.3 of --lr) gets every sum
+    right, under the lockstep schedule (docs/unlock.md has the search)."""
+    cfg = parse(["--unlock", "forward", "--lockstep", "--seed", str(seed)])
+    assert (cfg.si_second_step, cfg.si_output_scale) == (True, 0.3)
+    assert reference(cfg).train_accuracy == 1.0
 
 
 @pytest.mark.slow
@@ -214,8 +228,8 @@ def test_resumed_unlocked_run_equals_the_uninterrupted_run_bit_for_bit(launch, d
     s = resumed.summary()
     assert s["status"] == "completed" and s["epochs_done"] == 40
     # the reference takes the same barriers: the forward delay stops at each
-    cfg = Config(lockstep=True, epochs=40, seed=6, update_prob=0.8, unlock="forward",
-                 si_second_step=True, checkpoint_every=10, **delays)
+    cfg = Config(**{**defaults_for("addition", "forward"), **delays}, lockstep=True, epochs=40,
+                 seed=6, update_prob=0.8, unlock="forward", checkpoint_every=10)
     assert_bit_identical(resumed, reference_weights(cfg))
     for layer in s["layers"]:  # the counters run on across the resume
         assert layer["forward_batches"] == cfg.total_batches

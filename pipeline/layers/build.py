@@ -91,6 +91,7 @@ def make_output(cfg: Config) -> OutputLayer:
                       dtype=cfg.np_dtype, optimizer=cfg.optimizer,
                       softmax=cfg.classification, momentum=cfg.momentum)
     _unlock(out, cfg, n)
+    out.si_scale = cfg.si_output_scale
     return out
 
 

@@ -29,6 +29,7 @@ class OutputLayer:
         self.update = update or Chance(1.0, rng)
         self.w, self.b = nn.init_dense(rng, fan_in, fan_out, dtype)
         self.si = None  # --unlock forward: its InputPredictor (model.make_output)
+        self.si_scale = 1.0  # its step on a synthetic input, times lr (--si-output-scale)
         self.opt = optim.make(optimizer, self.weights(), lr, momentum)
         self.clock = 0
         self.step = 0
@@ -53,12 +54,13 @@ class OutputLayer:
                            f"--lr or --sg-lr")
         return dz, loss, correct
 
-    def train_step(self, x: np.ndarray, y: np.ndarray, need_dx: bool
+    def train_step(self, x: np.ndarray, y: np.ndarray, need_dx: bool, scale: float = 1.0
                    ) -> tuple[np.ndarray | None, float, int]:
-        """Forward, loss, update. Returns (dx for upstream, loss, correct examples).
-        Under ``--unlock forward`` this is the synthetic step, on x_hat."""
+        """Forward, loss, update (its step size times ``scale``). Returns (dx
+        for upstream, loss, correct examples). Under ``--unlock forward`` this
+        is the synthetic step, on x_hat."""
         dz, loss, correct = self._checked_loss(x, y)
-        dx = self._grads(x, dz, need_dx)
+        dx = self._grads(x, dz, need_dx, scale)
         self.clock += 1
         self.stats.forward_batches += 1
         self.stats.record(Applied(self.clock, None, 0, 0.0))
@@ -79,12 +81,13 @@ class OutputLayer:
             dx = nn.input_grad(dz, self.w).reshape(x.shape) if need_dx else None
         return dx, loss, correct
 
-    def _grads(self, x: np.ndarray, dz: np.ndarray, need_dx: bool) -> np.ndarray | None:
+    def _grads(self, x: np.ndarray, dz: np.ndarray, need_dx: bool, scale: float = 1.0
+               ) -> np.ndarray | None:
         """The update with the loss's gradient dz; returns dx at the input,
         shaped as x came (an image batch from a convolutional layer gets its
         gradient as one), or None without ``need_dx``."""
         dw, db, dx = nn.dense_grads(flat(x), dz, self.w, need_dx)
-        descend(self, {"w": dw, "b": db})
+        descend(self, {"w": dw, "b": db}, scale)
         return None if dx is None else dx.reshape(x.shape)
 
     def synthetic_step(self, batch: int, x_net: np.ndarray, y: np.ndarray,
@@ -92,11 +95,12 @@ class OutputLayer:
         """``--unlock forward``: the source's batch reaches the output layer,
         which steps on the loss at the input its model predicts from the
         network input ``x_net`` (``train_step``), the true loss's gradient in
-        place of a synthetic one. Nothing is sent, and the loss returned is
+        place of a synthetic one, with its step size times ``si_scale``
+        (that input is the poorest of the net). Nothing is sent, and the loss returned is
         not the network's (the true chain's comes later). ``now``: as for a
         hidden layer; the output layer keeps no times."""
         x_hat = self.si.guess(batch, x_net, y, self.clock + 1)  # the clock the step moves to
-        _, loss, _ = self.train_step(x_hat, y, need_dx=False)
+        _, loss, _ = self.train_step(x_hat, y, need_dx=False, scale=self.si_scale)
         return loss
 
     def true_input(self, batch: int, x: np.ndarray, y: np.ndarray, need_dx: bool,

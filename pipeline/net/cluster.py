@@ -39,8 +39,9 @@ class Cluster:
     keys: Path | None               # CURVE key directory, None: no encryption
 
     def config(self, **overrides) -> Config:
-        return Config.from_dict({**defaults_for(self.run.get("dataset", "addition")),
-                                 **self.run, **overrides})
+        run = {**self.run, **overrides}
+        return Config.from_dict({**defaults_for(run.get("dataset", "addition"),
+                                                run.get("unlock", "none")), **run})
 
     def policy(self, insecure: bool) -> str:
         """"curve", "plain" (loopback only) or "insecure"; ValueError for a
@@ -121,7 +122,8 @@ def load(path: str | Path) -> Cluster:
     if not isinstance(run, dict) or set(run) - names:
         raise _fail(path, f"[run] may only set run options, not {sorted(set(run) - names)}")
     try:
-        cfg = Config.from_dict({**defaults_for(run.get("dataset", "addition")), **run})
+        cfg = Config.from_dict({**defaults_for(run.get("dataset", "addition"),
+                                               run.get("unlock", "none")), **run})
     except ValueError as exc:
         raise _fail(path, f"[run]: {exc}") from None
     roles_doc = doc.get("roles")

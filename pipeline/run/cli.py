@@ -274,7 +274,7 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Co
     # Beyond the bound, --layers is refused by the Config, naming it; the
     # default widths of so many layers are never made.
     task = {"hidden": default_hidden(min(given["layers"], limits.MAX_LAYERS + 1)),
-            **defaults_for(given["dataset"])}
+            **defaults_for(given["dataset"], given["unlock"])}
     all_examples = given["examples"] is None and given["dataset"] != "addition"
     fields = {}
     for f in dataclasses.fields(Config):

@@ -40,7 +40,7 @@ class Point:
         out = dict(mode=self.mode, grad_delay=self.grad_delay, unlock=self.unlock,
                    input_delay=self.input_delay)
         if self.unlock == "none":
-            out.update(si_lr=0.0, si_second_step=False)
+            out.update(si_lr=0.0, si_second_step=False, si_output_scale=1.0)
         return out
 
     @property
