@@ -8,6 +8,7 @@ no data files.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -36,7 +37,6 @@ def bench_cnn(run: Callable[[list[str]], dict], show: Callable[[str, str, dict],
     """Each run ``rounds`` times, taking turns, each keeping its fastest
     round; the ratio of batches per second, and the bound the runs' own CPU
     per batch puts on it on this machine's cores."""
-    import os
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = images(Path(tmp) / "images.npz", examples)
