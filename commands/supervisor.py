@@ -48,7 +48,7 @@ def run(cfg: Config, stream: TextIO = sys.stdout, resume: dict | None = None) ->
     each layer role's checkpointed state, for a run that goes on from one."""
     rd = open_run(cfg, resume is not None, stream)
     run_id = secrets.token_hex(6)
-    if cfg.in_process:
+    if cfg.in_process or cfg.simulate:
         return run_in_process(cfg, rd, run_id, stream, SIGNALS.shielded)
     return Supervisor(cfg, rd, run_id, stream, resume=resume).run()
 

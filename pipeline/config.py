@@ -12,46 +12,14 @@ from pipeline import limits
 from pipeline.math.nn import ACTIVATIONS
 from pipeline.math.optim import OPTIMIZERS
 from pipeline.wire.protocol import layer_role
+from pipeline.defaults import (  # noqa: F401  (re-exported: where a run's defaults live)
+    CLASSIFICATION_DEFAULTS, UNLOCK_DEFAULTS, default_hidden, defaults_for)
 
 MODES = ("cdni", "dni", "backprop", "async-backprop")
 SG_MODES = ("cdni", "dni")
 UNLOCKS = ("none", "hidden", "forward")
 DTYPES = ("float64", "float32")
-
-
-def default_hidden(layers: int) -> tuple[int, ...]:
-    """The notebook's widths, 128 then 64, the last repeated for deeper nets."""
-    return tuple(([128] + [64] * max(0, layers - 2))[: max(1, layers - 1)])
-
-
-# What a classification run uses where the command line or cluster file says
-# nothing: the paper's feed-forward MNIST setting (256-unit ReLU layers with
-# batch normalisation, Adam, batches of 256), float32, with a learning rate and
-# length that fit a laptop. Batch normalisation is what keeps cDNI with Adam
-# accurate when its feedback is stale: without it, a few steps of delay
-# wreck 3-layer MNIST (docs/staleness-mnist.md has the figures).
-CLASSIFICATION_DEFAULTS = {"activation": "relu", "hidden": (256,), "epochs": 10,
-                           "batch_size": 256, "lr": 1e-3, "sg_lr": 1e-3,
-                           "optimizer": "adam", "dtype": "float32", "shuffle": True,
-                           "batchnorm": True}
-
-
-# What an unlocked run (--unlock forward or hidden) uses where the command
-# line or cluster file says nothing: the layer's second step on the true
-# input, and the output layer's step on its synthetic input at 0.3 of --lr
-# (the output layer's synthetic input is the poorest of the net, and a full
-# step on it keeps the addition task's weights from settling). With them,
-# --unlock forward reaches 100 % exact sums on the addition task over seeds
-# 1-3; docs/unlock.md has the configurations tried and the MNIST figures.
-UNLOCK_DEFAULTS = {"si_second_step": True, "si_output_scale": 0.3}
-
-
-def defaults_for(dataset: str, unlock: str = "none") -> dict:
-    """The defaults of the options that depend on the task, and on --unlock."""
-    out = {} if dataset == "addition" else dict(CLASSIFICATION_DEFAULTS)
-    if unlock != "none":
-        out.update(UNLOCK_DEFAULTS)
-    return out
+PAIRS = ("slow", "layer_step_ms")  # the fields of LAYER:VALUE pairs
 
 
 def flag(name: str) -> str:
@@ -83,11 +51,12 @@ def option(default, help: str, group: str, *, kind: str = "", metavar: str | Non
         flag=flag, cli=cli, sweep=sweep, most=most))
 
 
-NET, TRAIN, UNLOCK, DATA, PIPE, FAULTS, STALE, REMEDY, OUT = (
+NET, TRAIN, UNLOCK, DATA, PIPE, FAULTS, STALE, REMEDY, VIRTUAL, OUT = (
     "network", "training", "complete unlock: synthetic inputs (docs/unlock.md)", "data",
     "pipeline", "faults", "staleness: measure it, inject it",
     "staleness remedies (each off at 0; tau: a gradient's staleness in the layer's steps, "
-    "tau_bar: the running mean of the last ~10; see docs/staleness.md)", "output")
+    "tau_bar: the running mean of the last ~10; see docs/staleness.md)",
+    "virtual time: one process, modelled step and link times (docs/simulate.md)", "output")
 
 
 @dataclass(frozen=True)
@@ -228,7 +197,8 @@ class Config:
                              "(exact under --lockstep; at least K free-running; at most 2**20)",
                              STALE, sweep=False, most=limits.MAX_QUEUE)
     link_delay_ms: float = option(0.0, "wall-clock delay on the gradient links, with optional "
-                                  "+-jitter (order is kept); free-running only; at most a week",
+                                  "+-jitter (order is kept); free-running only (virtual under --simulate); at most "
+                                  "a week",
                                   STALE, kind="link_delay", metavar="MS[:JITTER]",
                                   flag="--link-delay", most=limits.MAX_WAIT_S * 1000)
     link_jitter_ms: float = option(0.0, "+- uniform jitter on that delay", STALE, cli=False,
@@ -259,6 +229,30 @@ class Config:
     delay_comp: float = option(
         0.0, "async-backprop: DC-ASGD's correction g + LAMBDA*g*g*(w_now - w_then) of a true "
         "gradient computed at older weights", REMEDY, metavar="LAMBDA")
+    # virtual time (pipeline.nodes.virtual) ---------------------------------------------
+    simulate: bool = option(
+        False, "train in this process on a virtual clock: every role's step and every "
+        "message take a modelled time, events are taken in virtual-time order, and the same "
+        "command gives the same weights bit for bit on any machine; --slow, --link-delay "
+        "act on virtual time", VIRTUAL, kind="flag")
+    step_ms: float = option(1.0, "--simulate: a layer's time for one training batch, "
+                            "forward and gradient together (ms)", VIRTUAL, metavar="MS",
+                            most=limits.MAX_WAIT_S * 1000)
+    layer_step_ms: tuple[tuple[int, float], ...] = option(
+        (), "--simulate: layer LAYER's step time instead (0: the source, whose default is "
+        "0 ms); repeatable", VIRTUAL, kind="straggler", metavar="LAYER:MS",
+        most=limits.MAX_WAIT_S * 1000)
+    bandwidth: float = option(0.0, "--simulate: every link carries this many megabytes per "
+                              "second, so a message's size counts (0: no limit)", VIRTUAL,
+                              metavar="MB_S")
+    step_jitter: float = option(0.0, "--simulate: each step time is multiplied by exp(N(0, "
+                                "S**2)), drawn from --timing-seed (0: none)", VIRTUAL,
+                                metavar="S", most=10.0)
+    timing_seed: int = option(1, "--simulate: the seed of the jitter draws, steps and links "
+                              "(0 to 2**32 - 1)", VIRTUAL, most=2 ** 32 - 1)
+    timing_from: str = option("", "--simulate: each role's step and message times as "
+                              "measured in this run directory's real run", VIRTUAL,
+                              metavar="RUN_DIR")
     # output -----------------------------------------------------------------------
     run_dir: str = option("", "directory for config.json, metrics.jsonl, summary.json and "
                           "weights (default: runs/<time>-<mode>-<id>)", OUT, sweep=False)
@@ -288,7 +282,8 @@ class Config:
         object.__setattr__(self, "image", tuple(self.image))
         object.__setattr__(self, "freeze", tuple(self.freeze))
         object.__setattr__(self, "sg_hidden", tuple(self.sg_hidden))
-        object.__setattr__(self, "slow", tuple((int(i), float(f)) for i, f in self.slow))
+        for name in PAIRS:
+            object.__setattr__(self, name, tuple((int(i), float(f)) for i, f in getattr(self, name)))
         validation.validate(self)
         limits.check_wire(self)
 
@@ -387,7 +382,8 @@ class Config:
         d["image"] = list(self.image)
         d["freeze"] = list(self.freeze)
         d["sg_hidden"] = list(self.sg_hidden)
-        d["slow"] = [list(p) for p in self.slow]
+        for name in PAIRS:
+            d[name] = [list(p) for p in getattr(self, name)]
         return d
 
     @classmethod

@@ -61,10 +61,10 @@ def _numbers(cfg):
         value, most, option = getattr(cfg, f.name), f.metadata["most"], flag(f.name)
         if f.name in ("hidden", "sg_hidden"):
             yield from ((option, "widths ", w, WIRE_INT) for w in value)
-        elif f.name == "slow":
+        elif f.name in ("slow", "layer_step_ms"):
             for layer, factor in value:
                 yield option, "LAYER ", layer, WIRE_INT
-                yield option, "FACTOR ", factor, most
+                yield option, "FACTOR " if f.name == "slow" else "MS ", factor, most
         elif isinstance(f.default, bool) or not isinstance(f.default, (int, float)):
             continue
         elif most is not None:
@@ -189,7 +189,7 @@ def run_bytes(cfg, rows: int | None = None) -> tuple[int, int]:
     item = cfg.np_dtype.itemsize
     data = (cfg.examples + cfg.test_examples) * (cfg.dims[0] + cfg.dims[-1]) * item
     arrays = sum(_layer_bytes(cfg, k, rows) for k in range(1, cfg.layers + 1)) + 2 * data
-    processes = 1 if cfg.in_process else cfg.layers + 2  # the workers and the supervisor
+    processes = 1 if cfg.in_process or cfg.simulate else cfg.layers + 2  # the workers and the supervisor
     return arrays + processes * PROCESS_MIB * MIB, processes
 
 
@@ -216,7 +216,7 @@ def check(cfg) -> None:
     from pipeline.config import ConfigError
     need, processes = run_bytes(cfg)
     files = FILES_PER_PROCESS * processes + FILES_SPARE
-    if not cfg.in_process and open_files(files) < files:
+    if not (cfg.in_process or cfg.simulate) and open_files(files) < files:
         raise ConfigError("--layers", f"{processes} processes need about {files} open files; "
                                       f"this process may open {open_files(files)} (ulimit -n)")
     have = available_bytes()

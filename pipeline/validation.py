@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from pipeline import limits
-from pipeline.config import DTYPES, MODES, SG_MODES, UNLOCKS, ConfigError, flag
+from pipeline.config import DTYPES, MODES, PAIRS, SG_MODES, UNLOCKS, ConfigError, flag
 from pipeline.math.nn import ACTIVATIONS
 from pipeline.math.optim import OPTIMIZERS
 from pipeline.wire.protocol import is_int as _is_int
@@ -23,7 +23,7 @@ def check_types(cfg) -> None:
         if f.name in ("hidden", "sg_hidden", "conv", "image", "freeze"):
             ok = isinstance(value, (tuple, list)) and all(_is_int(h) for h in value)
             want = "a list of integers"
-        elif f.name == "slow":
+        elif f.name in PAIRS:
             ok = isinstance(value, (tuple, list)) and all(
                 isinstance(p, (tuple, list)) and len(p) == 2 and _is_int(p[0])
                 and isinstance(p[1], (int, float)) and not isinstance(p[1], bool)
@@ -108,6 +108,29 @@ def validate(cfg) -> None:
     need(not (wall_clock and cfg.in_process), "--in-process",
          "--link-delay and --slow act on real processes; the in-process reference has none")
     need(cfg.blas_threads >= 1, "--blas-threads", "must be at least 1")
+    _virtual(cfg, need)
+
+
+def _virtual(cfg, need) -> None:
+    """--simulate and its timing model."""
+    need(not (cfg.simulate and cfg.in_process), "--simulate",
+         "is a run of its own: not with --in-process")
+    need(not (cfg.simulate and (cfg.checkpoint_every or cfg.start_epoch)), "--simulate",
+         "checkpoints and --resume are the process pipeline's (docs/simulate.md)")
+    timing = {"step_ms": cfg.step_ms != 1.0, "layer_step_ms": bool(cfg.layer_step_ms),
+              "bandwidth": cfg.bandwidth != 0.0, "step_jitter": cfg.step_jitter != 0.0,
+              "timing_from": bool(cfg.timing_from)}
+    for name, given in timing.items():
+        need(cfg.simulate or not given, flag(name), "acts on virtual time: add --simulate")
+    need(cfg.step_ms >= 0, "--step-ms", "must be at least 0")
+    for index, ms in cfg.layer_step_ms:
+        need(0 <= index <= cfg.layers, "--layer-step-ms",
+             f"layers are 0 (the source) to {cfg.layers}, got {index}")
+        need(ms >= 0, "--layer-step-ms", f"must be at least 0 ms, got {ms}")
+    need(len({i for i, _ in cfg.layer_step_ms}) == len(cfg.layer_step_ms), "--layer-step-ms",
+         "a layer is named twice")
+    need(cfg.bandwidth >= 0, "--bandwidth", "must be at least 0 (0: no limit)")
+    need(cfg.step_jitter >= 0, "--step-jitter", "must be at least 0")
 
 def _conv(cfg, need) -> None:
     """--conv: image data, room for the layers, and what convolutional

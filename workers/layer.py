@@ -44,13 +44,15 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
         outs["up"] = net.outbox(*peers["upstream_grad"], hwm)
     delay_s, jitter_s = cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000
     outlet.attach(link, outs)
-    Pump(link, node, acts, outlet, grads,
-         act_line=(DelayLine(delay_s, jitter_s, layer_rng(cfg, index, Stream.ACT_LINK))
-                   if cfg.delay_activations else None),
-         grad_line=(DelayLine(delay_s, jitter_s, layer_rng(cfg, index, Stream.GRAD_LINK))
-                    if cfg.link_delay_ms > 0 else None),
-         slowdown=cfg.slowdown(index), hwm=hwm, inputs=inputs).run()
+    pump = Pump(link, node, acts, outlet, grads,
+                act_line=(DelayLine(delay_s, jitter_s, layer_rng(cfg, index, Stream.ACT_LINK))
+                          if cfg.delay_activations else None),
+                grad_line=(DelayLine(delay_s, jitter_s, layer_rng(cfg, index, Stream.GRAD_LINK))
+                           if cfg.link_delay_ms > 0 else None),
+                slowdown=cfg.slowdown(index), hwm=hwm, inputs=inputs)
+    pump.run()
     counters, weights = node.finish(time.perf_counter())
+    counters["handle_ms"] = pump.handle_ms()
     link.finish(counters, errors(), weights)
 
 

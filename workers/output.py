@@ -35,11 +35,13 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
     link.send(link.say.ready(endpoints))
     peers = protocol.peers(link.wait_for(protocol.START))
     outlet.attach(link, {"up": net.outbox(*peers["upstream_grad"], hwm)})
-    Pump(link, node, acts, outlet,
-         act_line=(DelayLine(cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000,
-                             layer_rng(cfg, cfg.layers, Stream.ACT_LINK)) if cfg.delay_activations else None),
-         slowdown=cfg.slowdown(cfg.layers), hwm=hwm, inputs=inputs).run()
+    pump = Pump(link, node, acts, outlet,
+                act_line=(DelayLine(cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000,
+                                    layer_rng(cfg, cfg.layers, Stream.ACT_LINK)) if cfg.delay_activations else None),
+                slowdown=cfg.slowdown(cfg.layers), hwm=hwm, inputs=inputs)
+    pump.run()
     counters, weights = node.finish(time.perf_counter())
+    counters["handle_ms"] = pump.handle_ms()
     link.finish(counters, errors(), weights)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pipeline import files, limits
 from pipeline.data import tasks
 from pipeline.run import runfiles
+from pipeline.nodes.timing import measured
 from pipeline.config import (CLASSIFICATION_DEFAULTS, MODES, UNLOCKS, Config, ConfigError,
                              default_hidden, defaults_for)
 
@@ -286,11 +287,18 @@ def _config(p: argparse.ArgumentParser, a: argparse.Namespace, **override) -> Co
         fields[f.name] = value
     fields["link_delay_ms"], fields["link_jitter_ms"] = given["link_delay_ms"] or (0.0, 0.0)
     fields["slow"] = tuple(given["slow"])
+    fields["layer_step_ms"] = tuple(given["layer_step_ms"])
     try:
-        return tasks.resolve(Config(**fields), limit_examples=not all_examples)
+        cfg = tasks.resolve(Config(**fields), limit_examples=not all_examples)
     except ConfigError as exc:
         p.error(str(exc))
         raise  # unreachable: error() exits
+    if cfg.timing_from:
+        try:
+            measured(cfg.timing_from)  # a run directory without them: one line now
+        except ValueError as exc:
+            p.error(str(exc))
+    return cfg
 
 
 def parse_run(argv: list[str] | None = None) -> tuple[Config, str | None]:

@@ -1,6 +1,7 @@
 """``launch.py --in-process``: a run trained by the in-process reference
 (``reference``), written up in the same run directory a pipeline run
-writes: the baseline a pipeline run is timed against."""
+writes: the baseline a pipeline run is timed against. ``--simulate`` runs
+the same way, through the virtual-time scheduler (``virtual``)."""
 from __future__ import annotations
 
 import time
@@ -13,9 +14,19 @@ from pipeline.wire import protocol
 from pipeline.config import Config
 from pipeline.layers.output import Diverged
 from pipeline.nodes.reference import train_reference
+from pipeline.nodes.timing import Timing, measured
+from pipeline.nodes.virtual import simulate
 from pipeline.run.rundir import RunDir, WriteError
 from pipeline.coord.sgwatch import SGWatch
 from pipeline.run.summary import Progress, build_summary, close_run, layer_entry, save_weights
+
+
+def _train(cfg: Config, emit, live: list):
+    """The reference's run, or under --simulate the virtual-time run."""
+    if not cfg.simulate:
+        return train_reference(cfg, tasks.load(cfg), emit, layers=live)
+    timing = Timing.of(cfg, measured(cfg.timing_from) if cfg.timing_from else None)
+    return simulate(cfg, tasks.load(cfg), timing, emit, layers=live)
 
 
 def run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
@@ -42,7 +53,7 @@ def run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
     try:
         rd.write_json("config.json", {"run_id": run_id, "config": cfg.to_dict(),
                                       "processes": {}})
-        result = train_reference(cfg, tasks.load(cfg), emit, layers=live)
+        result = _train(cfg, emit, live)
     except KeyboardInterrupt:
         status = "interrupted"
     except Diverged as exc:
@@ -55,7 +66,8 @@ def run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
         if status == "completed":
             final = {"final_loss": result.final_loss, "train_accuracy": result.train_accuracy,
                      "test_loss": result.test_loss, "test_accuracy": result.test_accuracy,
-                     "batches": result.batches, "train_s": result.wall_s}
+                     "batches": result.batches, "train_s": result.wall_s,
+                     "virtual_s": getattr(result, "virtual_s", None)}
         if status == "completed" or at_stop:
             layers = [layer_entry(L.index, protocol.layer_role(L.index, cfg.layers),
                                   L.stats.as_dict(), 0) for L in live]

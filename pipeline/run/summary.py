@@ -41,6 +41,7 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
         "status": status,
         "mode": cfg.mode,
         "in_process": cfg.in_process,
+        "simulate": cfg.simulate,
         "lockstep": cfg.lockstep,
         "epochs": cfg.epochs,
         "epochs_done": epochs_done,
@@ -54,6 +55,7 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
         "dataset": cfg.dataset,
         "batches_per_s": here / train_s if train_s > 0 else None,
         "wall_s": wall_s,
+        "virtual_s": final.get("virtual_s"),
         "run_id": run_id,
         "peak_rss_mb": peak_rss_mb or {},
         "cpu_s": cpu_s or {},
@@ -82,7 +84,8 @@ def table(summary: dict, run_dir: str) -> str:
     if s.get("error"):
         e = s["error"]
         lines.append(f"  failed role {e.get('role')}: {e.get('message')}")
-    where = "in-process reference" if s["in_process"] else "pipeline"
+    where = ("virtual time" if s.get("simulate") else
+             "in-process reference" if s["in_process"] else "pipeline")
     start = s.get("start_epoch") or 0
     # After a resume the wall time and the rate are this process's alone.
     resumed = (f" ({s.get('process_batches')} since the resume at epoch {start + 1})"
@@ -90,6 +93,7 @@ def table(summary: dict, run_dir: str) -> str:
     lines.append(f"  {s['mode']} ({where}{', lockstep' if s['lockstep'] else ''}), "
                  f"{s['epochs_done']}/{s['epochs']} epochs, {s['batches']} batches{resumed}, "
                  f"{s['wall_s']:.1f} s wall"
+                 + (f", {s['virtual_s']:.1f} s virtual" if s.get("virtual_s") is not None else "")
                  + (f", {s['batches_per_s']:.0f} batches/s" if s["batches_per_s"] else ""))
     if s["final_loss"] is not None:
         what = "exact sums" if s.get("dataset", "addition") == "addition" else "train accuracy"

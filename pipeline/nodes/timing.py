@@ -1,0 +1,153 @@
+"""The timing model of a virtual-time run (``--simulate``): how long each
+role takes over each message, and how long each message takes on its link.
+Pure: numbers in, times out, in whole nanoseconds (so that equal times are
+equal, and the scheduler's tie rule decides); the draws come from their own
+seeded streams.
+
+A role's *step* S is its time for one training batch, forward and gradient
+together (``--step-ms``, ``--layer-step-ms``; ``--slow`` multiplies it). A
+hidden layer spends it in two handlings, split as its mode works: the SG
+modes do most of their work when the activation comes (forward, synthetic
+gradient, dx, update: 2/3 of S) and train the SG module when the true
+gradient comes (1/3); the backprop modes only forward when the activation
+comes (1/3) and do backward and update with the gradient (2/3). An unlocked
+layer's synthetic step costs what a forward handling does. The output layer
+does its whole step on the activation. An evaluation batch is a forward pass,
+1/3 of S; a checkpoint barrier and the end of the stream cost nothing. The
+source's step (layer 0, default 0) is its time to send a batch.
+
+``--timing-from RUN_DIR`` replaces the modelled handling times by the ones a
+real run measured (``handle_ms`` in each layer's entry of its summary.json).
+
+A link delays a message by ``--link-delay`` (gradient links; activation
+links too with ``--delay-activations``; ``+-jitter`` uniform) after the
+message has crossed it at ``--bandwidth`` megabytes per second; a link keeps
+order, as TCP does: no message arrives before the one sent ahead of it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import SG_MODES, Config
+from pipeline.wire.protocol import ACT, CHECKPOINT, EOF, EVAL, GRAD, INPUT, Message
+
+FORWARD = 1 / 3  # the share of a step that one forward pass takes
+HEADER_BYTES = 64  # a message's bytes beside its arrays, on a link with a bandwidth
+_STREAM = 0x5113  # the timing draws' streams: [timing seed, this, role, purpose]
+STEP, GRAD_LINK, ACT_LINK = 0, 1, 2
+
+
+def split(cfg: Config, position: int, step_s: float) -> dict[str, float]:
+    """The seconds a role at ``position`` (0 the source, 1..N-1 hidden,
+    N the output layer) spends on each kind of message, for a step of
+    ``step_s``."""
+    if position == 0:
+        return {ACT: step_s, EVAL: step_s}
+    forward = FORWARD * step_s
+    if position == cfg.layers:
+        return {ACT: step_s, INPUT: forward, EVAL: forward}
+    on_act = (1 - FORWARD) * step_s if cfg.mode in SG_MODES else forward
+    return {ACT: on_act, INPUT: on_act, GRAD: step_s - on_act, EVAL: forward}
+
+
+def measured(run_dir: str | Path) -> dict[int, dict[str, float]]:
+    """The handling times (seconds, by message kind) a real run measured,
+    by layer index: ValueError in one line where the run directory has none."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        layers = json.loads(path.read_text())["layers"]
+        out = {int(L["index"]): {k: float(ms) / 1000 for k, ms in L["handle_ms"].items()
+                                 if k in (ACT, INPUT, GRAD, EVAL) and ms is not None}
+               for L in layers}
+    except FileNotFoundError:
+        raise ValueError(f"--timing-from: no summary.json in {run_dir}") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"--timing-from: {path} holds no handling times (a real run of this "
+                         f"version writes them: handle_ms in each layer's entry)") from None
+    if not out:
+        raise ValueError(f"--timing-from: {path} lists no layer")
+    return out
+
+
+@dataclass
+class _Link:
+    """One link's state: when its wire is free, when its last message arrives."""
+    rng: np.random.Generator
+    free: int = 0
+    last: int = -1
+
+
+@dataclass
+class Timing:
+    """The run's model: ``steps[p][kind]`` seconds for role ``p``; the links'
+    delay, jitter and bandwidth; the step jitter; their seed. What it
+    returns is in nanoseconds."""
+    steps: list[dict[str, float]]
+    delay_s: float = 0.0
+    jitter_s: float = 0.0
+    act_links: bool = False          # --delay-activations
+    bytes_per_s: float = 0.0         # 0: no limit
+    step_jitter: float = 0.0
+    seed: int = 1
+    _rngs: dict = field(default_factory=dict, repr=False)
+    _links: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, cfg: Config, measured_s: dict[int, dict[str, float]] | None = None) -> "Timing":
+        """The model ``cfg`` asks for (``measured_s``: ``measured``'s, which
+        replace the modelled handling times of the layers they name)."""
+        per = dict(cfg.layer_step_ms)
+        steps = []
+        for p in range(cfg.layers + 1):
+            ms = per.get(p, 0.0 if p == 0 else cfg.step_ms)
+            times = split(cfg, p, ms / 1000)
+            if measured_s and p in measured_s:
+                times.update(measured_s[p])
+            factor = cfg.slowdown(p) if p else 1.0
+            steps.append({k: s * factor for k, s in times.items()})
+        return cls(steps, cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000,
+                   cfg.delay_activations, cfg.bandwidth * 1e6, cfg.step_jitter, cfg.timing_seed)
+
+    def _rng(self, position: int, purpose: int) -> np.random.Generator:
+        key = (position, purpose)
+        if key not in self._rngs:
+            self._rngs[key] = np.random.default_rng([self.seed, _STREAM, position, purpose])
+        return self._rngs[key]
+
+    def handling_ns(self, position: int, kind: str) -> int:
+        """How long role ``position`` takes over a message of ``kind`` (one draw
+        of the step jitter per handling that takes time)."""
+        s = self.steps[position].get(kind, 0.0) if kind not in (CHECKPOINT, EOF) else 0.0
+        if s > 0 and self.step_jitter > 0:
+            s *= math.exp(self._rng(position, STEP).normal(0.0, self.step_jitter))
+        return _ns(s)
+
+    def arrival_ns(self, sent: int, to: int, box: str, msg: Message) -> int:
+        """When a message released at ``sent`` reaches role ``to``'s inbox
+        ``box`` ("act", "grad" or "input")."""
+        purpose = GRAD_LINK if box == "grad" else ACT_LINK
+        link = self._links.get((to, box))
+        if link is None:
+            link = self._links[(to, box)] = _Link(self._rng(to, purpose))
+        start = max(sent, link.free)
+        if self.bytes_per_s > 0:
+            size = HEADER_BYTES + sum(a.nbytes for a in msg.arrays)
+            link.free = start + _ns(size / self.bytes_per_s)
+        else:
+            link.free = start
+        delay = 0.0
+        if box == "grad" or (box == "act" and self.act_links):
+            delay = self.delay_s
+            if self.jitter_s > 0:
+                delay = max(0.0, delay + link.rng.uniform(-self.jitter_s, self.jitter_s))
+        link.last = max(link.last, link.free + _ns(delay))
+        return link.last
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * 1e9)

@@ -1,0 +1,265 @@
+"""Tests for the virtual-time run (pipeline.nodes.virtual, pipeline.nodes.timing):
+the scheduler's order on exact tables worked out by hand, the --lockstep
+weights bit for bit whatever the timing, a slow source's free run equal to
+--lockstep, bit-reproducible runs, 24 layers, the timing model's numbers."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.config import MODES, Config
+from pipeline.data import tasks
+from pipeline.nodes.reference import train_reference
+from pipeline.nodes.timing import Timing, measured, split
+from pipeline.nodes.virtual import simulate
+from pipeline.run.cli import parse_run
+from pipeline.wire.protocol import ACT, EVAL, GRAD, INPUT, Message
+
+pytestmark = pytest.mark.timeout(120)
+MS = 1_000_000  # nanoseconds
+
+
+def run(trace: list | None = None, **kw):
+    cfg = tasks.resolve(Config(simulate=True, **kw))
+    return simulate(cfg, tasks.load(cfg), Timing.of(cfg), trace=trace)
+
+
+def table(**kw) -> list[tuple]:
+    """(ms, role position, kind, batch) of every handling, as it starts."""
+    trace: list = []
+    run(trace, **{"epochs": 1, "examples": 3, "batch_size": 1, "step_ms": 3.0, **kw})
+    return [(t / MS, p, kind, b) for t, p, kind, b in trace]
+
+
+def weights(result) -> list[dict]:
+    return [L.weights() for L in result.hidden] + [result.output.weights()]
+
+
+def same(a: list[dict], b: list[dict]) -> bool:
+    return all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+               for x, y in zip(a, b, strict=True))
+
+
+# --- the scheduler's order, on tables worked out by hand -----------------------------
+# A step of 3 ms: async-backprop spends 1 ms on an activation, 2 on a gradient,
+# 1 on an evaluation batch; the output layer 3 ms on an activation, 1 on an
+# evaluation batch. Positions: 0 the source, then the layers.
+
+def test_two_links_with_equal_times_gradient_first():
+    # The source takes 4 ms a batch: layer 1's gradient of batch 0 (sent by
+    # the output layer at 8) and the source's batch 1 (sent at 8) reach it
+    # at the same time, and it takes the gradient first, as the pump does.
+    got = table(layers=2, hidden=(8,), mode="async-backprop", examples=2,
+                layer_step_ms=((0, 4.0),))
+    assert got == [
+        (0, 0, ACT, 0),
+        (4, 0, ACT, 1), (4, 1, ACT, 0),
+        (5, 2, ACT, 0),
+        (8, 0, EVAL, 0), (8, 1, GRAD, 0),      # the tie: the gradient first
+        (10, 1, ACT, 1),
+        (11, 2, ACT, 1),
+        (12, 0, EVAL, 1), (12, 1, EVAL, 0),
+        (14, 1, GRAD, 1), (14, 2, EVAL, 0),    # the output was busy until 14
+        (16, 0, "eof", 2), (16, 1, EVAL, 1),   # the source first, then down the chain
+        (17, 1, "eof", 2), (17, 2, EVAL, 1),
+        (18, 2, "eof", 2)]
+
+
+def test_a_straggler_holds_the_layers_around_it():
+    # Layer 2 at twice the step: 2 ms an activation or evaluation, 4 a gradient.
+    got = table(layers=3, mode="async-backprop", slow=((2, 2.0),))
+    source = [(0, 0, k, b) for k, b in [(ACT, 0), (ACT, 1), (ACT, 2), (EVAL, 0), (EVAL, 1),
+                                        (EVAL, 2), ("eof", 3)]]
+    layer1 = [(0, 1, ACT, 0), (1, 1, ACT, 1), (2, 1, ACT, 2), (3, 1, EVAL, 0), (4, 1, EVAL, 1),
+              (5, 1, EVAL, 2), (6, 1, "eof", 3), (11, 1, GRAD, 0), (15, 1, GRAD, 1),
+              (19, 1, GRAD, 2)]
+    layer2 = [(1, 2, ACT, 0), (3, 2, ACT, 1), (5, 2, ACT, 2), (7, 2, GRAD, 0), (11, 2, GRAD, 1),
+              (15, 2, GRAD, 2), (19, 2, EVAL, 0), (21, 2, EVAL, 1), (23, 2, EVAL, 2),
+              (25, 2, "eof", 3)]
+    output = [(3, 3, ACT, 0), (6, 3, ACT, 1), (9, 3, ACT, 2), (21, 3, EVAL, 0),
+              (23, 3, EVAL, 1), (25, 3, EVAL, 2), (26, 3, "eof", 3)]
+    for role in (source, layer1, layer2, output):
+        p = role[0][1]
+        assert [e for e in got if e[1] == p] == role
+    assert len(got) == 7 + 10 + 10 + 7
+
+
+def test_a_dropped_gradient_goes_up_as_lost_and_is_handled_in_its_turn():
+    trace: list = []
+    result = run(trace, layers=3, mode="async-backprop", epochs=1, examples=3, batch_size=1,
+                 step_ms=3.0, drop_prob=1.0)
+    got = [(t / MS, p, k, b) for t, p, k, b in trace if p in (1, 2) and k == GRAD]
+    # The output's dx of batch b leaves at 5, 8, 11 and is dropped by layer 2
+    # (2 ms a gradient), which tells layer 1 it is lost.
+    assert got == [(5, 2, GRAD, 0), (7, 1, GRAD, 0), (8, 2, GRAD, 1), (10, 1, GRAD, 1),
+                   (11, 2, GRAD, 2), (13, 1, GRAD, 2)]
+    first, second = (L.stats for L in result.hidden)
+    assert second.dropped_gradients == 3 and first.lost_gradients == 3
+    assert result.virtual_s == pytest.approx(0.015)
+
+
+def test_locked_backprop_waits_for_each_round_trip():
+    got = table(layers=3, mode="backprop")
+    training = [e for e in got if e[2] in (ACT, GRAD)]
+    assert training == [
+        (0, 0, ACT, 0), (0, 0, ACT, 1), (0, 1, ACT, 0), (0, 0, ACT, 2), (1, 2, ACT, 0),
+        (2, 3, ACT, 0), (5, 2, GRAD, 0), (7, 1, GRAD, 0),
+        (9, 1, ACT, 1), (10, 2, ACT, 1), (11, 3, ACT, 1), (14, 2, GRAD, 1), (16, 1, GRAD, 1),
+        (18, 1, ACT, 2), (19, 2, ACT, 2), (20, 3, ACT, 2), (23, 2, GRAD, 2), (25, 1, GRAD, 2)]
+
+
+# --- what any timing gives ---------------------------------------------------------
+
+TIMINGS = [dict(layer_step_ms=((2, 7.0),), step_jitter=0.5, link_delay_ms=3.0,
+                link_jitter_ms=1.0),
+           dict(slow=((1, 5.0),), bandwidth=0.5, delay_activations=True, link_delay_ms=0.5)]
+
+
+@pytest.mark.parametrize("timing", TIMINGS, ids=["jitter-links", "straggler-bandwidth"])
+@pytest.mark.parametrize("mode,delay", [(m, k) for m in MODES for k in (0, 2)
+                                        if not (m == "backprop" and k)])
+def test_lockstep_gives_the_reference_weights_whatever_the_timing(mode, delay, timing):
+    cfg = tasks.resolve(Config(mode=mode, epochs=8, lockstep=True, grad_delay=delay))
+    want = weights(train_reference(cfg, tasks.load(cfg)))
+    got = weights(run(mode=mode, epochs=8, lockstep=True, grad_delay=delay, **timing))
+    assert same(want, got)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_source_slower_than_the_round_trip_gives_the_lockstep_schedule(mode):
+    # Free-running, but each batch's gradients are all back before the next
+    # batch leaves the source (100 ms against a round trip of 3 ms).
+    cfg = tasks.resolve(Config(mode=mode, epochs=8, lockstep=True))
+    want = weights(train_reference(cfg, tasks.load(cfg)))
+    got = weights(run(mode=mode, epochs=8, layer_step_ms=((0, 100.0),)))
+    assert same(want, got)
+    fast = weights(run(mode=mode, epochs=8))
+    assert mode == "backprop" or not same(want, fast)  # free-running proper differs
+
+
+def test_unlocked_lockstep_gives_the_reference_weights():
+    kw = dict(mode="cdni", unlock="forward", si_second_step=True, si_output_scale=0.3,
+              epochs=6, lockstep=True, grad_delay=2, input_delay=1)
+    cfg = tasks.resolve(Config(**kw))
+    want = weights(train_reference(cfg, tasks.load(cfg)))
+    assert same(want, weights(run(step_jitter=0.3, link_delay_ms=2.0, **kw)))
+
+
+def test_a_run_is_bit_reproducible_and_its_timing_seed_matters():
+    kw = dict(epochs=30, step_jitter=0.4, link_delay_ms=2.0, link_jitter_ms=1.5)
+    a, b = run(**kw), run(**kw)
+    assert same(weights(a), weights(b)) and a.virtual_s == b.virtual_s
+    assert [L.stats.as_dict() for L in a.hidden] == [L.stats.as_dict() for L in b.hidden]
+    c = run(timing_seed=2, **kw)
+    assert not same(weights(a), weights(c)) and c.virtual_s != a.virtual_s
+
+
+def test_24_layers_free_running_where_staleness_comes_from():
+    # 5 ms links both ways against 1 ms steps. async-backprop: a gradient
+    # crosses every layer above, so the first layer is the most stale; dni:
+    # each layer's feedback is the next layer's synthetic gradient, one link
+    # away, so every layer but the last (fed by the output) sees the same.
+    def stale(mode):
+        result = run(layers=24, hidden=(16,), epochs=10, mode=mode, link_delay_ms=5.0,
+                     delay_activations=True, max_inflight=64)
+        assert result.batches == 100
+        return [L.stats.as_dict()["staleness_steps"]["mean"] for L in result.hidden]
+    backprop = stale("async-backprop")
+    assert len(backprop) == 23
+    assert backprop == sorted(backprop, reverse=True) and backprop[0] > 1.5 * backprop[-1]
+    dni = stale("dni")
+    assert len(set(dni[:-1])) == 1 and dni[0] < backprop[0]
+
+
+# --- the timing model's numbers ----------------------------------------------------
+
+def test_the_step_splits_as_each_mode_works():
+    for mode, act, grad in [("cdni", 2, 1), ("dni", 2, 1), ("backprop", 1, 2),
+                            ("async-backprop", 1, 2)]:
+        cfg = Config(mode=mode, layers=3)
+        assert split(cfg, 1, 3.0) == pytest.approx({ACT: act, INPUT: act, GRAD: grad, EVAL: 1})
+        assert split(cfg, 3, 3.0) == pytest.approx({ACT: 3, INPUT: 1, EVAL: 1})
+        assert split(cfg, 0, 3.0) == {ACT: 3.0, EVAL: 3.0}
+
+
+def _msg(nbytes: int) -> Message:
+    return Message(GRAD, "r", arrays=(np.zeros(nbytes, np.uint8),))
+
+
+def test_a_link_delays_carries_at_its_bandwidth_and_keeps_order():
+    cfg = Config(simulate=True, link_delay_ms=2.0, bandwidth=1000.0)  # 1000 MB/s: 1 ns a byte
+    t = Timing.of(cfg)
+    assert t.arrival_ns(0, 1, "grad", _msg(936)) == 1000 + 2 * MS
+    # the wire is busy until 1000: the next one starts then
+    assert t.arrival_ns(500, 1, "grad", _msg(936)) == 2000 + 2 * MS
+    # an activation link has no delay without --delay-activations
+    assert t.arrival_ns(0, 1, "act", _msg(936)) == 1000
+    jittery = Timing.of(Config(simulate=True, link_delay_ms=2.0, link_jitter_ms=2.0))
+    arrivals = [jittery.arrival_ns(i * MS, 1, "grad", _msg(8)) for i in range(200)]
+    assert arrivals == sorted(arrivals) and len(set(arrivals)) > 100
+
+
+def test_the_step_jitter_is_lognormal_from_its_own_seed():
+    t = Timing.of(Config(simulate=True, step_jitter=0.5, timing_seed=7))
+    draws = np.array([t.handling_ns(1, ACT) for _ in range(4000)]) / (2 * MS / 3)
+    assert np.median(np.log(draws)) == pytest.approx(0.0, abs=0.05)
+    assert np.std(np.log(draws)) == pytest.approx(0.5, abs=0.03)
+    again = Timing.of(Config(simulate=True, step_jitter=0.5, timing_seed=7))
+    assert [again.handling_ns(1, ACT) for _ in range(5)] == list(
+        (draws[:5] * (2 * MS / 3)).round().astype(int))
+
+
+def test_timing_from_a_run_directory(tmp_path):
+    summary = {"layers": [
+        {"index": 1, "role": "layer1", "handle_ms": {"act": 0.5, "grad": 0.25, "eof": 0.1}},
+        {"index": 2, "role": "output", "handle_ms": {"act": 2.0, "eval": 0.75}}]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    got = measured(tmp_path)
+    assert got == {1: {ACT: 0.0005, GRAD: 0.00025}, 2: {ACT: 0.002, EVAL: 0.00075}}
+    cfg = Config(simulate=True, layers=2, hidden=(8,), timing_from=str(tmp_path),
+                 slow=((2, 2.0),))
+    t = Timing.of(cfg, got)
+    assert t.handling_ns(1, ACT) == 500_000 and t.handling_ns(1, GRAD) == 250_000
+    assert t.handling_ns(1, EVAL) == MS // 3        # not measured: the model's
+    assert t.handling_ns(2, ACT) == 4 * MS          # --slow on top of the measurement
+    (tmp_path / "summary.json").write_text(json.dumps({"layers": [{"index": 1}]}))
+    with pytest.raises(ValueError, match="holds no handling times"):
+        measured(tmp_path)
+    with pytest.raises(ValueError, match="no summary.json"):
+        measured(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--step-ms", "2"], "argument --step-ms: acts on virtual time: add --simulate"),
+    (["--simulate", "--in-process"], "argument --simulate: is a run of its own"),
+    (["--simulate", "--layer-step-ms", "5:1"], "argument --layer-step-ms: layers are 0"),
+    (["--simulate", "--checkpoint-every", "2"], "argument --simulate: checkpoints"),
+    (["--simulate", "--bandwidth", "-1"], "argument --bandwidth: must be at least 0"),
+])
+def test_bad_timing_options_are_one_line(args, says, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_run(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert says in err[-1]
+
+
+def test_the_run_directory_says_virtual_and_wall_seconds(tmp_path):
+    from pipeline.run.in_process import run_in_process
+    from pipeline.run.rundir import RunDir
+    import io
+    cfg = tasks.resolve(Config(simulate=True, epochs=20, step_ms=2.0, quiet=True,
+                               run_dir=str(tmp_path / "r")))
+    rd = RunDir(tmp_path / "r")
+    assert run_in_process(cfg, rd, "abc", io.StringIO()) == 0
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["simulate"] is True and s["virtual_s"] > 0 and s["wall_s"] > 0
+    # 200 batches through 2 layers and the output, 2 ms a step each: at least 0.4 s
+    assert s["virtual_s"] >= 0.4
+    events = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    epochs = [e for e in events if e["event"] == "epoch"]
+    assert len(epochs) == 20 and all("wall_s" in e and e["elapsed_s"] <= s["virtual_s"]
+                                     for e in epochs)
