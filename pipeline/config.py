@@ -245,9 +245,12 @@ class Config:
     bandwidth: float = option(0.0, "--simulate: every link carries this many megabytes per "
                               "second, so a message's size counts (0: no limit)", VIRTUAL,
                               metavar="MB_S")
-    step_jitter: float = option(0.0, "--simulate: each step time is multiplied by exp(N(0, "
-                                "S**2)), drawn from --timing-seed (0: none)", VIRTUAL,
-                                metavar="S", most=10.0)
+    step_jitter: float = option(0.0, "--simulate: each handling's time is lognormal with "
+                                "this sigma and its mean at the modelled time, drawn from "
+                                "--timing-seed (0: none)", VIRTUAL, metavar="S", most=10.0)
+    cores: int = option(0, "--simulate: the roles share this many cores, each busy role "
+                        "working at cores/busy of its speed when more are busy (0: each role "
+                        "its own machine)", VIRTUAL, metavar="N", most=limits.MAX_BLAS_THREADS)
     timing_seed: int = option(1, "--simulate: the seed of the jitter draws, steps and links "
                               "(0 to 2**32 - 1)", VIRTUAL, most=2 ** 32 - 1)
     timing_from: str = option("", "--simulate: each role's step and message times as "

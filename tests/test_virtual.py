@@ -111,6 +111,22 @@ def test_locked_backprop_waits_for_each_round_trip():
         (18, 1, ACT, 2), (19, 2, ACT, 2), (20, 3, ACT, 2), (23, 2, GRAD, 2), (25, 1, GRAD, 2)]
 
 
+def test_roles_sharing_one_core_each_go_at_half_speed():
+    # One core: layer 1's evaluation batch (1 ms of work) and the output
+    # layer's step (3 ms) run side by side from 1 ms at half speed each, so
+    # the evaluation ends at 3 and the step at 5 (at 3 and 4 with a machine each).
+    got = table(layers=2, hidden=(8,), mode="async-backprop", examples=1, cores=1)
+    assert got == [(0, 0, ACT, 0), (0, 0, EVAL, 0), (0, 1, ACT, 0), (0, 0, "eof", 1),
+                   (1, 1, EVAL, 0), (1, 2, ACT, 0),
+                   (3, 1, "eof", 1),
+                   (5, 1, GRAD, 0), (5, 2, EVAL, 0),   # 2 ms and 1 ms of work, shared
+                   (7, 2, "eof", 1)]                    # the gradient's last 1 ms: 7 to 8
+    kw = dict(layers=2, hidden=(8,), mode="async-backprop", examples=1, epochs=1,
+              batch_size=1, step_ms=3.0)
+    assert run(cores=1, **kw).virtual_s == pytest.approx(0.008)
+    assert run(cores=2, **kw).virtual_s == run(**kw).virtual_s == pytest.approx(0.006)
+
+
 # --- what any timing gives ---------------------------------------------------------
 
 TIMINGS = [dict(layer_step_ms=((2, 7.0),), step_jitter=0.5, link_delay_ms=3.0,
@@ -202,29 +218,46 @@ def test_a_link_delays_carries_at_its_bandwidth_and_keeps_order():
     assert arrivals == sorted(arrivals) and len(set(arrivals)) > 100
 
 
-def test_the_step_jitter_is_lognormal_from_its_own_seed():
+def test_the_step_jitter_is_lognormal_around_the_step_from_its_own_seed():
     t = Timing.of(Config(simulate=True, step_jitter=0.5, timing_seed=7))
-    draws = np.array([t.handling_ns(1, ACT) for _ in range(4000)]) / (2 * MS / 3)
-    assert np.median(np.log(draws)) == pytest.approx(0.0, abs=0.05)
-    assert np.std(np.log(draws)) == pytest.approx(0.5, abs=0.03)
+    draws = np.array([t.handling_ns(1, ACT) for _ in range(20000)]) / (2 * MS / 3)
+    assert np.mean(draws) == pytest.approx(1.0, abs=0.02)          # its mean: the step's share
+    assert np.std(np.log(draws)) == pytest.approx(0.5, abs=0.02)
     again = Timing.of(Config(simulate=True, step_jitter=0.5, timing_seed=7))
     assert [again.handling_ns(1, ACT) for _ in range(5)] == list(
         (draws[:5] * (2 * MS / 3)).round().astype(int))
 
 
+def _handled(count, cpu_ms, cpu_sd_ms):
+    return {"count": count, "cpu_ms": cpu_ms, "cpu_sd_ms": cpu_sd_ms, "wall_ms": 2 * cpu_ms,
+            "wall_sd_ms": 0.0}
+
+
 def test_timing_from_a_run_directory(tmp_path):
-    summary = {"layers": [
-        {"index": 1, "role": "layer1", "handle_ms": {"act": 0.5, "grad": 0.25, "eof": 0.1}},
-        {"index": 2, "role": "output", "handle_ms": {"act": 2.0, "eval": 0.75}}]}
+    # layer1 handled 400 activations at 0.5 ms and 400 gradients at 0.25 ms
+    # of CPU: 0.3 s, of the 0.6 s its worker used: each handling counts double.
+    summary = {"batches": 400, "cpu_s": {"source": 0.2, "layer1": 0.6}, "layers": [
+        {"index": 1, "role": "layer1", "handling": {
+            "act": _handled(400, 0.5, 0.0), "grad": _handled(400, 0.25, 0.25),
+            "eof": _handled(1, 0.1, 0.0)}},
+        {"index": 2, "role": "output", "handling": {"act": _handled(400, 2.0, 0.0),
+                                                      "eval": _handled(10, 0.75, 0.0)}}]}
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     got = measured(tmp_path)
-    assert got == {1: {ACT: 0.0005, GRAD: 0.00025}, 2: {ACT: 0.002, EVAL: 0.00075}}
+    sigma = np.sqrt(np.log(2.0))  # a coefficient of variation of 1
+    assert got == {0: {ACT: (0.0005, 0.0)},
+                   1: {ACT: (0.001, 0.0), GRAD: (pytest.approx(0.0005), pytest.approx(sigma))},
+                   2: {ACT: (0.002, 0.0), EVAL: (0.00075, 0.0)}}
     cfg = Config(simulate=True, layers=2, hidden=(8,), timing_from=str(tmp_path),
                  slow=((2, 2.0),))
     t = Timing.of(cfg, got)
-    assert t.handling_ns(1, ACT) == 500_000 and t.handling_ns(1, GRAD) == 250_000
+    assert t.handling_ns(1, ACT) == MS
+    assert t.handling_ns(0, ACT) == 500_000 and t.handling_ns(0, EVAL) == 0
     assert t.handling_ns(1, EVAL) == MS // 3        # not measured: the model's
     assert t.handling_ns(2, ACT) == 4 * MS          # --slow on top of the measurement
+    grads = np.array([t.handling_ns(1, GRAD) for _ in range(20000)]) / 500_000
+    assert np.mean(grads) == pytest.approx(1.0, abs=0.03)
+    assert np.std(grads) == pytest.approx(1.0, abs=0.15)
     (tmp_path / "summary.json").write_text(json.dumps({"layers": [{"index": 1}]}))
     with pytest.raises(ValueError, match="holds no handling times"):
         measured(tmp_path)
@@ -238,6 +271,7 @@ def test_timing_from_a_run_directory(tmp_path):
     (["--simulate", "--layer-step-ms", "5:1"], "argument --layer-step-ms: layers are 0"),
     (["--simulate", "--checkpoint-every", "2"], "argument --simulate: checkpoints"),
     (["--simulate", "--bandwidth", "-1"], "argument --bandwidth: must be at least 0"),
+    (["--cores", "2"], "argument --cores: acts on virtual time"),
 ])
 def test_bad_timing_options_are_one_line(args, says, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -52,15 +52,16 @@ def test_a_real_run_records_its_handling_times_and_a_virtual_run_takes_them(tmp_
     assert real.returncode == 0, real.stderr
     layers = json.loads((tmp_path / "real" / "summary.json").read_text())["layers"]
     for L in layers:
-        assert L["handle_ms"]["act"] > 0, L
-        assert ("grad" in L["handle_ms"]) == (L["role"] != "output"), L
+        act = L["handling"]["act"]
+        assert act["count"] == 400 and 0 < act["cpu_ms"] and 0 < act["wall_ms"], L
+        assert ("grad" in L["handling"]) == (L["role"] != "output"), L
     sim = run_launch("--simulate", "--timing-from", str(tmp_path / "real"), "--epochs", "40",
                      "--run-dir", str(tmp_path / "sim"))
     assert sim.returncode == 0, sim.stderr
     assert "(virtual time)" in sim.stdout and "s virtual" in sim.stdout
     s = json.loads((tmp_path / "sim" / "summary.json").read_text())
     assert s["status"] == "completed" and s["virtual_s"] > 0
-    # 400 batches, each through the output layer at its measured time at least
-    assert s["virtual_s"] >= 400 * layers[-1]["handle_ms"]["act"] / 1000 * 0.999
+    # 400 batches, each through the output layer at its measured CPU time at least
+    assert s["virtual_s"] >= 400 * layers[-1]["handling"]["act"]["cpu_ms"] / 1000 * 0.999
     bad = run_launch("--simulate", "--timing-from", str(tmp_path), "--epochs", "2")
     assert bad.returncode != 0 and "--timing-from: no summary.json" in bad.stderr

@@ -52,7 +52,7 @@ def main(link: ControlLink, cfg: Config, net: Net) -> None:
                 slowdown=cfg.slowdown(index), hwm=hwm, inputs=inputs)
     pump.run()
     counters, weights = node.finish(time.perf_counter())
-    counters["handle_ms"] = pump.handle_ms()
+    counters["handling"] = pump.handling()
     link.finish(counters, errors(), weights)
 
 

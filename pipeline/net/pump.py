@@ -69,14 +69,14 @@ class Pump:
         self.acts, self.grads, self.inputs = acts, grads, inputs
         self.act_line, self.grad_line = act_line, grad_line
         self.slowdown, self.hwm = slowdown, hwm
-        self.spent: dict[str, list] = {}  # message kind: [handlings, seconds]
+        self.spent: dict[str, list] = {}  # kind: [count, cpu s, cpu s^2, wall s, wall s^2]
 
     def _call(self, handle: Handler, msg: Message) -> None:
         self.link.progress += 1
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if self.slowdown == 1.0:
             handle(msg, t0)
-            self._timed(msg.kind, t0)
+            self._timed(msg.kind, t0, c0)
             return
         self.outlet.held = []
         try:
@@ -84,20 +84,34 @@ class Pump:
             straggle(t0, self.slowdown)
         finally:
             held, self.outlet.held = self.outlet.held, None
-        self._timed(msg.kind, t0)
+        self._timed(msg.kind, t0, c0)
         for port, out in held:
             self.outlet(port, out)
 
-    def _timed(self, kind: str, t0: float) -> None:
-        """Count the handling that began at ``t0`` (a straggler's slowed work included)."""
-        spent = self.spent.setdefault(kind, [0, 0.0])
-        spent[0] += 1
-        spent[1] += time.perf_counter() - t0
+    def _timed(self, kind: str, t0: float, c0: float) -> None:
+        """Count the handling that began at ``t0`` (wall) and ``c0`` (the
+        thread's CPU time): CPU time is the work itself, without the waits for
+        a core or a straggler's idling; wall time has them."""
+        wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        s = self.spent.get(kind)
+        if s is None:
+            s = self.spent[kind] = [0, 0.0, 0.0, 0.0, 0.0]
+        s[0] += 1
+        s[1] += cpu
+        s[2] += cpu * cpu
+        s[3] += wall
+        s[4] += wall * wall
 
-    def handle_ms(self) -> dict[str, float]:
-        """The mean milliseconds of a handling, by message kind: what a
-        virtual-time run takes from this one (``--timing-from``)."""
-        return {kind: 1000 * total / count for kind, (count, total) in self.spent.items()}
+    def handling(self) -> dict[str, dict]:
+        """By message kind: how many were handled, and the mean and standard
+        deviation of their CPU and wall milliseconds (what a virtual-time run
+        takes from this one: ``--timing-from``)."""
+        out = {}
+        for kind, (n, c, cc, w, ww) in self.spent.items():
+            out[kind] = {"count": n, "cpu_ms": 1000 * c / n, "wall_ms": 1000 * w / n,
+                         "cpu_sd_ms": 1000 * max(0.0, cc / n - (c / n) ** 2) ** 0.5,
+                         "wall_sd_ms": 1000 * max(0.0, ww / n - (w / n) ** 2) ** 0.5}
+        return out
 
     @staticmethod
     def _burst(inbox: Inbox, take: Callable[[Message], None], may: Callable[[], bool],

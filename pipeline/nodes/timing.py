@@ -16,8 +16,10 @@ does its whole step on the activation. An evaluation batch is a forward pass,
 1/3 of S; a checkpoint barrier and the end of the stream cost nothing. The
 source's step (layer 0, default 0) is its time to send a batch.
 
-``--timing-from RUN_DIR`` replaces the modelled handling times by the ones a
-real run measured (``handle_ms`` in each layer's entry of its summary.json).
+``--step-jitter S`` spreads every handling's time as a lognormal with that
+sigma and its mean at the modelled time. ``--timing-from RUN_DIR`` replaces
+the modelled handling times and spreads by what a real run measured
+(``measured``).
 
 A link delays a message by ``--link-delay`` (gradient links; activation
 links too with ``--delay-activations``; ``+-jitter`` uniform) after the
@@ -55,23 +57,44 @@ def split(cfg: Config, position: int, step_s: float) -> dict[str, float]:
     return {ACT: on_act, INPUT: on_act, GRAD: step_s - on_act, EVAL: forward}
 
 
-def measured(run_dir: str | Path) -> dict[int, dict[str, float]]:
-    """The handling times (seconds, by message kind) a real run measured,
-    by layer index: ValueError in one line where the run directory has none."""
+Measured = dict[int, dict[str, tuple[float, float]]]  # index: kind: (seconds, sigma)
+
+
+def measured(run_dir: str | Path) -> Measured:
+    """What a real run measured, by layer index: for each kind of message,
+    the mean seconds of a handling and the sigma of a lognormal with the
+    measured spread. The seconds are the handling's CPU time, scaled so that
+    they add up to the worker's whole CPU time (the pump's own work, its
+    polls, reads and sends, shared out in proportion); the source (index 0)
+    gets its CPU time over the batches it sent. ValueError in one line where
+    the run directory has none."""
     path = Path(run_dir) / "summary.json"
     try:
-        layers = json.loads(path.read_text())["layers"]
-        out = {int(L["index"]): {k: float(ms) / 1000 for k, ms in L["handle_ms"].items()
-                                 if k in (ACT, INPUT, GRAD, EVAL) and ms is not None}
-               for L in layers}
+        summary = json.loads(path.read_text())
+        cpu = summary.get("cpu_s") or {}
+        out: Measured = {}
+        for L in summary["layers"]:
+            h = {k: v for k, v in L["handling"].items() if k in (ACT, INPUT, GRAD, EVAL)}
+            handled = sum(v["count"] * v["cpu_ms"] for v in h.values()) / 1000
+            scale = cpu[L["role"]] / handled if cpu.get(L["role"]) and handled > 0 else 1.0
+            out[int(L["index"])] = {k: (v["cpu_ms"] / 1000 * scale, _sigma(v)) for k, v in h.items()}
+        source, batches = cpu.get("source"), summary.get("batches")
+        if out and source and batches:
+            out[0] = {ACT: (float(source) / batches, 0.0)}
     except FileNotFoundError:
         raise ValueError(f"--timing-from: no summary.json in {run_dir}") from None
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
         raise ValueError(f"--timing-from: {path} holds no handling times (a real run of this "
-                         f"version writes them: handle_ms in each layer's entry)") from None
+                         f"version writes them: handling in each layer's entry)") from None
     if not out:
         raise ValueError(f"--timing-from: {path} lists no layer")
     return out
+
+
+def _sigma(v: dict) -> float:
+    """The lognormal sigma whose coefficient of variation is the measured one."""
+    mean, sd = float(v["cpu_ms"]), float(v["cpu_sd_ms"])
+    return math.sqrt(math.log1p((sd / mean) ** 2)) if mean > 0 else 0.0
 
 
 @dataclass
@@ -84,34 +107,37 @@ class _Link:
 
 @dataclass
 class Timing:
-    """The run's model: ``steps[p][kind]`` seconds for role ``p``; the links'
-    delay, jitter and bandwidth; the step jitter; their seed. What it
+    """The run's model: ``steps[p][kind]`` seconds for role ``p``, and
+    ``sigmas[p][kind]`` the lognormal spread of each handling around it;
+    the links' delay, jitter and bandwidth; the seed of the draws. What it
     returns is in nanoseconds."""
     steps: list[dict[str, float]]
+    sigmas: list[dict[str, float]] = field(default_factory=list)
     delay_s: float = 0.0
     jitter_s: float = 0.0
     act_links: bool = False          # --delay-activations
     bytes_per_s: float = 0.0         # 0: no limit
-    step_jitter: float = 0.0
     seed: int = 1
     _rngs: dict = field(default_factory=dict, repr=False)
     _links: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, cfg: Config, measured_s: dict[int, dict[str, float]] | None = None) -> "Timing":
+    def of(cls, cfg: Config, measured_s: Measured | None = None) -> "Timing":
         """The model ``cfg`` asks for (``measured_s``: ``measured``'s, which
-        replace the modelled handling times of the layers they name)."""
+        replace the modelled handling times and spreads of the kinds they name)."""
         per = dict(cfg.layer_step_ms)
-        steps = []
+        steps, sigmas = [], []
         for p in range(cfg.layers + 1):
             ms = per.get(p, 0.0 if p == 0 else cfg.step_ms)
             times = split(cfg, p, ms / 1000)
-            if measured_s and p in measured_s:
-                times.update(measured_s[p])
+            spread = {k: cfg.step_jitter for k in times}
+            for kind, (seconds, sigma) in (measured_s or {}).get(p, {}).items():
+                times[kind], spread[kind] = seconds, sigma
             factor = cfg.slowdown(p) if p else 1.0
             steps.append({k: s * factor for k, s in times.items()})
-        return cls(steps, cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000,
-                   cfg.delay_activations, cfg.bandwidth * 1e6, cfg.step_jitter, cfg.timing_seed)
+            sigmas.append(spread)
+        return cls(steps, sigmas, cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000,
+                   cfg.delay_activations, cfg.bandwidth * 1e6, cfg.timing_seed)
 
     def _rng(self, position: int, purpose: int) -> np.random.Generator:
         key = (position, purpose)
@@ -121,10 +147,11 @@ class Timing:
 
     def handling_ns(self, position: int, kind: str) -> int:
         """How long role ``position`` takes over a message of ``kind`` (one draw
-        of the step jitter per handling that takes time)."""
+        of its spread per handling that takes time)."""
         s = self.steps[position].get(kind, 0.0) if kind not in (CHECKPOINT, EOF) else 0.0
-        if s > 0 and self.step_jitter > 0:
-            s *= math.exp(self._rng(position, STEP).normal(0.0, self.step_jitter))
+        sigma = self.sigmas[position].get(kind, 0.0) if self.sigmas else 0.0
+        if s > 0 and sigma > 0:  # lognormal with its mean at s
+            s *= math.exp(self._rng(position, STEP).normal(-sigma * sigma / 2, sigma))
         return _ns(s)
 
     def arrival_ns(self, sent: int, to: int, box: str, msg: Message) -> int:

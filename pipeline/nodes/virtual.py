@@ -38,8 +38,6 @@ from pipeline.nodes.timing import Timing
 from pipeline.wire import protocol
 from pipeline.wire.protocol import ACT, METRIC, Message
 
-ARRIVE, DONE = 0, 1
-
 
 @dataclass
 class SimResult(ReferenceResult):
@@ -47,13 +45,12 @@ class SimResult(ReferenceResult):
 
 
 class _Role:
-    """One role's inboxes and whether it is busy."""
+    """One role's inboxes."""
 
     def __init__(self) -> None:
         self.acts: deque[Message] = deque()
         self.grads: deque[Message] = deque()
         self.inputs: deque[Message] = deque()
-        self.busy = False
 
 
 def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None,
@@ -73,8 +70,8 @@ def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None
     order = itertools.count()
     in_flight = {}  # (position, box): messages on their way there
 
-    def at(t: int, what: int, payload) -> None:
-        heapq.heappush(heap, (t, next(order), what, payload))
+    def arrive(t: int, to: int, box: str, msg: Message) -> None:
+        heapq.heappush(heap, (t, next(order), to, box, msg))
 
     def outlet(port: str, msg: Message) -> None:
         if port != "link":
@@ -101,7 +98,7 @@ def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None
         to, box = ((p + 1, "act") if port == "down" else (p - 1, "grad") if port == "up"
                    else (input_box[port], "input"))
         in_flight[(to, box)] = in_flight.get((to, box), 0) + 1
-        at(timing.arrival_ns(t, to, box, msg), ARRIVE, (to, box, msg))
+        arrive(timing.arrival_ns(t, to, box, msg), to, box, msg)
 
     def backlog(to: int, box: str) -> int:
         r = roles[to]
@@ -131,10 +128,10 @@ def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None
             return node.on_activation, r.acts.popleft()
         return None
 
-    def start(p: int, t: int) -> bool:
+    def start(p: int, t: int) -> None:
         took = pick(p)
         if took is None:
-            return False
+            return
         handler, msg = took
         if trace is not None:
             trace.append((t, p, msg.kind, msg.batch))
@@ -142,28 +139,32 @@ def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None
             sent.extend(src.fan_out(msg))
         else:
             handler(msg, t / 1e9)
-        end = t + timing.handling_ns(p, msg.kind)
-        for port, out in sent:
-            route(p, port, out, end)
+        busy[p] = [timing.handling_ns(p, msg.kind), list(sent)]  # work left, what it sent
         sent.clear()
-        roles[p].busy = True
-        at(end, DONE, p)
-        return True
 
+    busy: dict[int, list] = {}  # role position: [nanoseconds of work left, its sends]
+    cores = cfg.cores
     now = 0  # nanoseconds
     while True:
         for p in range(n + 1):
-            if not roles[p].busy:
+            if p not in busy:
                 start(p, now)
-        if not heap:
+        # Each busy role works at 1 ns a ns, or cores/busy when they share too few cores.
+        share = (1, 1) if not cores or len(busy) <= cores else (cores, len(busy))
+        ends = (now + -(-min(w for w, _ in busy.values()) * share[1] // share[0])
+                if busy else None)
+        if ends is None and not heap:
             break
-        now = heap[0][0]
+        t = ends if not heap or (ends is not None and ends <= heap[0][0]) else heap[0][0]
+        done = (t - now) * share[0] // share[1]
+        now = t
+        for p in list(busy):  # the ends first, in chain order: their sends leave now
+            busy[p][0] -= done
+            if busy[p][0] <= 0:
+                for port, out in busy.pop(p)[1]:
+                    route(p, port, out, now)
         while heap and heap[0][0] == now:
-            _, _, what, payload = heapq.heappop(heap)
-            if what == DONE:
-                roles[payload].busy = False
-                continue
-            to, box, msg = payload
+            _, _, to, box, msg = heapq.heappop(heap)
             in_flight[(to, box)] -= 1
             r = roles[to]
             (r.acts if box == "act" else r.grads if box == "grad" else r.inputs).append(msg)
