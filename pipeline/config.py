@@ -248,9 +248,11 @@ class Config:
     step_jitter: float = option(0.0, "--simulate: each handling's time is lognormal with "
                                 "this sigma and its mean at the modelled time, drawn from "
                                 "--timing-seed (0: none)", VIRTUAL, metavar="S", most=10.0)
-    cores: int = option(0, "--simulate: the roles share this many cores, each busy role "
-                        "working at cores/busy of its speed when more are busy (0: each role "
-                        "its own machine)", VIRTUAL, metavar="N", most=limits.MAX_BLAS_THREADS)
+    cores: int = option(0, "--simulate: the roles share this many cores (0: each its own "
+                        "machine)", VIRTUAL, metavar="N", most=limits.MAX_BLAS_THREADS)
+    quantum_ms: float = option(0.0, "--cores: a role computes for slices of this much work, "
+                               "taking turns (0: all at once, each at cores/busy of its "
+                               "speed)", VIRTUAL, metavar="MS", flag="--quantum")
     timing_seed: int = option(1, "--simulate: the seed of the jitter draws, steps and links "
                               "(0 to 2**32 - 1)", VIRTUAL, most=2 ** 32 - 1)
     timing_from: str = option("", "--simulate: each role's step and message times as "

@@ -119,7 +119,8 @@ def _virtual(cfg, need) -> None:
          "checkpoints and --resume are the process pipeline's (docs/simulate.md)")
     timing = {"step_ms": cfg.step_ms != 1.0, "layer_step_ms": bool(cfg.layer_step_ms),
               "bandwidth": cfg.bandwidth != 0.0, "step_jitter": cfg.step_jitter != 0.0,
-              "timing_from": bool(cfg.timing_from), "cores": cfg.cores != 0}
+              "timing_from": bool(cfg.timing_from), "cores": cfg.cores != 0,
+              "quantum_ms": cfg.quantum_ms != 0.0}
     for name, given in timing.items():
         need(cfg.simulate or not given, flag(name), "acts on virtual time: add --simulate")
     need(cfg.step_ms >= 0, "--step-ms", "must be at least 0")
@@ -132,6 +133,8 @@ def _virtual(cfg, need) -> None:
     need(cfg.bandwidth >= 0, "--bandwidth", "must be at least 0 (0: no limit)")
     need(cfg.step_jitter >= 0, "--step-jitter", "must be at least 0")
     need(cfg.cores >= 0, "--cores", "must be at least 0 (0: each role its own machine)")
+    need(cfg.quantum_ms >= 0, "--quantum", "must be at least 0 ms")
+    need(not cfg.quantum_ms or cfg.cores, "--quantum", "slices cores: add --cores N")
 
 def _conv(cfg, need) -> None:
     """--conv: image data, room for the layers, and what convolutional

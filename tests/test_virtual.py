@@ -127,6 +127,22 @@ def test_roles_sharing_one_core_each_go_at_half_speed():
     assert run(cores=2, **kw).virtual_s == run(**kw).virtual_s == pytest.approx(0.006)
 
 
+@pytest.mark.parametrize("quantum,eof1,eof2", [(1.0, 3, 7), (3.0, 2, 8)])
+def test_roles_taking_turns_on_one_core_in_slices(quantum, eof1, eof2):
+    # One core in slices. Quantum 1 ms: at 1 ms the output layer's step
+    # (3 ms) and layer 1's evaluation batch (1 ms) take turns, a slice each,
+    # so layer 1 reaches its end of stream at 3; the output's step ends at 5
+    # and its evaluation batch at 7 (after a slice of layer 1's gradient).
+    # Quantum 3 ms: layer 1 keeps the core for its slice's 2 ms left, ends
+    # its stream at 2, and the output's step runs 2 to 5 in one slice; then
+    # layer 1's gradient (waiting first) runs 5 to 7, the output's evaluation 7 to 8.
+    got = table(layers=2, hidden=(8,), mode="async-backprop", examples=1, cores=1,
+                quantum_ms=quantum)
+    assert got == [(0, 0, ACT, 0), (0, 0, EVAL, 0), (0, 1, ACT, 0), (0, 0, "eof", 1),
+                   (1, 1, EVAL, 0), (1, 2, ACT, 0), (eof1, 1, "eof", 1),
+                   (5, 1, GRAD, 0), (5, 2, EVAL, 0), (eof2, 2, "eof", 1)]
+
+
 # --- what any timing gives ---------------------------------------------------------
 
 TIMINGS = [dict(layer_step_ms=((2, 7.0),), step_jitter=0.5, link_delay_ms=3.0,
@@ -272,6 +288,7 @@ def test_timing_from_a_run_directory(tmp_path):
     (["--simulate", "--checkpoint-every", "2"], "argument --simulate: checkpoints"),
     (["--simulate", "--bandwidth", "-1"], "argument --bandwidth: must be at least 0"),
     (["--cores", "2"], "argument --cores: acts on virtual time"),
+    (["--simulate", "--quantum", "2"], "argument --quantum: slices cores: add --cores N"),
 ])
 def test_bad_timing_options_are_one_line(args, says, capsys):
     with pytest.raises(SystemExit) as exc:

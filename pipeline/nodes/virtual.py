@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipeline.config import Config
+from pipeline.nodes.cores import Cores
 from pipeline.nodes.driver import Arrays, HiddenNode, OutputNode, SourceNode
 from pipeline.nodes.reference import Emit, ReferenceResult
 from pipeline.nodes.timing import Timing
@@ -143,23 +144,21 @@ def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None
         sent.clear()
 
     busy: dict[int, list] = {}  # role position: [nanoseconds of work left, its sends]
-    cores = cfg.cores
+    cpus = Cores(cfg.cores, round(cfg.quantum_ms * 1e6))
     now = 0  # nanoseconds
     while True:
         for p in range(n + 1):
             if p not in busy:
                 start(p, now)
-        # Each busy role works at 1 ns a ns, or cores/busy when they share too few cores.
-        share = (1, 1) if not cores or len(busy) <= cores else (cores, len(busy))
-        ends = (now + -(-min(w for w, _ in busy.values()) * share[1] // share[0])
-                if busy else None)
-        if ends is None and not heap:
+        cpus.settle(busy)
+        wait = cpus.next_ns(busy)
+        if wait is None and not heap:
             break
-        t = ends if not heap or (ends is not None and ends <= heap[0][0]) else heap[0][0]
-        done = (t - now) * share[0] // share[1]
+        t = now + wait if not heap or (wait is not None and now + wait <= heap[0][0]) \
+            else heap[0][0]
+        cpus.advance(busy, t - now)
         now = t
-        for p in list(busy):  # the ends first, in chain order: their sends leave now
-            busy[p][0] -= done
+        for p in sorted(busy):  # the ends first, in chain order: their sends leave now
             if busy[p][0] <= 0:
                 for port, out in busy.pop(p)[1]:
                     route(p, port, out, now)
