@@ -83,6 +83,11 @@ def test_emitted_events_per_epoch(mode):
     assert all(e["role"] == "output" and e["batches"] == 3 for e in epochs)
     assert sorted((e["role"], e["epoch"]) for e in layer) == \
         [(r, ep) for r in ("layer1", "layer2") for ep in range(1, 4)]
+    # the final evaluation, as the output node sends a process run's coordinator
+    final = [e for e in events if e["event"] == "final"]
+    assert len(final) == 1 and final[0]["role"] == "output"
+    assert (final[0]["final_loss"], final[0]["train_accuracy"], final[0]["batches"]) == \
+        (res.final_loss, res.train_accuracy, res.batches)
     for e in layer:
         assert e["gradients"] == 3
         # lockstep rules, no delay: every gradient is applied in its own step

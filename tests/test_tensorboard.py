@@ -198,7 +198,13 @@ def test_an_in_process_run_shows_what_metrics_jsonl_says(tmp_path):
     assert steps == set(range(1, 13))
     assert got["staleness/layer1/steps_mean", 12] == 2.0   # every gradient 2 steps late
     assert ("sg/layer2/cosine", 12) in got
-    assert not any(tag.startswith("final/") for tag, _ in got)  # the reference logs no final event
+    # the final evaluation, as a process run's: once in metrics.jsonl, at the last epoch's step
+    finals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"final"' in line]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(finals) == 1 and finals[0]["final_loss"] == summary["final_loss"]
+    assert got["final/loss", 12] == float(np.float32(summary["final_loss"]))
+    assert got["final/train_accuracy", 12] == float(np.float32(summary["train_accuracy"]))
     board = run_dir / "tensorboard"
     assert stat.S_IMODE(board.stat().st_mode) == 0o700
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in board.iterdir())
