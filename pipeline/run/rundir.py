@@ -222,7 +222,7 @@ class RunDir:
         """config.json, as this process starts the run (or goes on with it),
         and in metrics.jsonl the numbering of the events it will append."""
         path = self.write_json("config.json", obj)
-        self.metric(runfiles.NUMBERING)
+        self.metric(dict(runfiles.NUMBERING))
         return path
 
     def write_json(self, name: str, obj: dict) -> Path:
