@@ -130,8 +130,8 @@ class Supervisor:
                 self.rd.metric(a.event)
                 if a.event.get("event") == "epoch":
                     self.progress.epoch(a.event)
-            # The coordinator counts epochs by index from 0; the run
-            # directory names a checkpoint by the epochs done, as users count.
+            # A checkpoint's epoch is the barrier's index from 0; the run
+            # directory names it by the epochs done, as users count.
             elif isinstance(a, SaveCheckpoint):
                 self.rd.write_checkpoint(a.epoch + 1, a.role, a.state, a.arrays)
             elif isinstance(a, Commit):
@@ -239,7 +239,7 @@ class Supervisor:
             while not self.coord.all_ready:  # a rejoin may take a ready back
                 self._step()
                 self.coord.waiting_for(deadline, time.monotonic())
-            self.rd.write_json("config.json", {
+            self.rd.write_config({
                 "run_id": self.run_id, "config": self.cfg.to_dict(),
                 "supervisor": {"control": self.endpoint, "pid": os.getpid()},
                 "cluster": str(self.cluster.path) if self.cluster else None,

@@ -72,6 +72,20 @@ def test_resumed_run_equals_the_uninterrupted_run_bit_for_bit(launch, mode, how,
     cfg = Config(lockstep=True, epochs=60, seed=6, update_prob=0.8, drop_prob=0.1, mode=mode,
                  grad_delay=delay)
     assert_bit_identical(resumed, reference_weights(cfg))
+    # metrics.jsonl counts as the checkpoint directories do: each process's
+    # events after its numbering line, a checkpoint event named by the epochs
+    # done (the killed run's last one may be in force but not yet logged),
+    # and the resumed run's epochs going on from ck + 1.
+    events = [json.loads(line) for line in
+              (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    marks = [i for i, e in enumerate(events) if e["event"] == "numbering"]
+    assert len(marks) == 2 and marks[0] == 0
+    before, after = events[:marks[1]], events[marks[1]:]
+    assert [e["epoch"] for e in before if e["event"] == "checkpoint"] in (
+        list(range(10, ck + 1, 10)), list(range(10, ck, 10)))
+    assert [e["epoch"] for e in after if e["event"] == "epoch"] == list(range(ck + 1, 61))
+    assert [e["epoch"] for e in after if e["event"] == "checkpoint"] == \
+        list(range(ck + 10, 60, 10))
     # The counters run on across the resume: every batch is there once, and
     # only the last K gradients expire (at the end of training).
     for layer in summary["layers"]:

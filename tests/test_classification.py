@@ -64,7 +64,7 @@ def test_every_mode_learns_a_small_classification_problem(launch, tmp_path, mode
     assert s["train_accuracy"] >= 0.9, s
     # The test split was evaluated after every epoch, through the pipeline.
     events = epochs_of(run)
-    assert [e["epoch"] for e in events] == list(range(12))
+    assert [e["epoch"] for e in events] == list(range(1, 13))
     assert all(0 <= e["test_accuracy"] <= 1 and e["test_loss"] > 0 for e in events)
     assert events[-1]["test_accuracy"] == s["test_accuracy"]
     assert events[-1]["test_accuracy"] > events[0]["test_accuracy"] or \

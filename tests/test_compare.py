@@ -62,16 +62,16 @@ def test_names_are_the_directories_or_the_paths_where_two_share_one():
 # --- curves and the table --------------------------------------------------------------------
 
 def test_curves_of_a_run_count_a_repeated_epoch_as_last_logged():
-    events = [{"event": "epoch", "epoch": 0, "loss": 4.0, "accuracy": 0.0},
-              {"event": "layer", "role": "layer1", "epoch": 0, "sg_cosine": 0.2},
-              {"event": "layer", "role": "layer2", "epoch": 0, "sg_cosine": 0.6},
-              {"event": "epoch", "epoch": 1, "loss": 3.0, "accuracy": 0.25,
+    events = [{"event": "epoch", "epoch": 1, "loss": 4.0, "accuracy": 0.0},
+              {"event": "layer", "role": "layer1", "epoch": 1, "sg_cosine": 0.2},
+              {"event": "layer", "role": "layer2", "epoch": 1, "sg_cosine": 0.6},
+              {"event": "epoch", "epoch": 2, "loss": 3.0, "accuracy": 0.25,
                "test_loss": 3.5, "test_accuracy": 0.2},
-              {"event": "layer", "role": "layer1", "epoch": 1, "sg_cosine": None},
-              {"event": "layer", "role": "layer2", "epoch": 1, "sg_cosine": 0.8},
-              # killed after epoch 2, resumed from the checkpoint of epoch 1
-              {"event": "epoch", "epoch": 2, "loss": 9.0, "accuracy": 0.0},
-              {"event": "epoch", "epoch": 2, "loss": 2.0, "accuracy": 0.5},
+              {"event": "layer", "role": "layer1", "epoch": 2, "sg_cosine": None},
+              {"event": "layer", "role": "layer2", "epoch": 2, "sg_cosine": 0.8},
+              # killed after epoch 3, resumed from the checkpoint of epoch 2
+              {"event": "epoch", "epoch": 3, "loss": 9.0, "accuracy": 0.0},
+              {"event": "epoch", "epoch": 3, "loss": 2.0, "accuracy": 0.5},
               {"event": "epoch", "epoch": True, "loss": 1.0},
               {"event": "final", "final_loss": 2.0}]
     assert compare.curves(events) == {

@@ -160,7 +160,7 @@ def test_metric_events_are_recorded_within_their_budget():
     assert got[:-1] == [[("record", "x")]] * allowed
     assert "more metric events than 272 by epoch 0" in got[-1][0][1]
     epoch = co.receive(conn("output"), said("output").metric(
-        {"event": "epoch", "epoch": 1, "loss": 1.0, "accuracy": 0.5, "elapsed_s": 1.0}), 100, 1.0)
+        {"event": "epoch", "epoch": 2, "loss": 1.0, "accuracy": 0.5, "elapsed_s": 1.0}), 100, 1.0)
     assert kinds(epoch) == [("record", "epoch")] and co.epochs_done == 2
     assert kinds(co.receive(conn("layer1"), said("layer1").metric({"event": "x"}), 100, 1.0)) \
         == [("record", "x")]  # two epochs more of budget
@@ -171,7 +171,7 @@ def test_the_final_event_is_kept_and_a_collapse_warned():
     co.receive(conn("output"), said("output").metric({"event": "final", "final_loss": 0.5}),
                100, 1.0)
     assert co.final == {"event": "final", "final_loss": 0.5}
-    collapse = {"event": "layer", "role": "layer1", "epoch": 0, "gradients": 400,
+    collapse = {"event": "layer", "role": "layer1", "epoch": 1, "gradients": 400,
                 "sg_cosine": 0.05, "sg_rel_err": 9.0, "staleness_steps_mean": 4.0}
     out = co.receive(conn("layer1"), said("layer1").metric(collapse), 100, 1.0)
     assert [type(a) for a in out] == [Record, Warn] and "layer1" in out[1].text
@@ -213,9 +213,14 @@ def test_a_checkpoint_is_saved_role_by_role_and_committed_when_every_layer_has_s
                                "of epoch 3 is due from layer1")]),   # the last epoch: none
         ("layer1", 1, [("save", 1, "layer1")]),
     ]
+    records = []
     for role, epoch, want in table:
-        assert kinds(co.receive(conn(role), state_of(c, role, epoch), 10, 1.0)) == want
+        out = co.receive(conn(role), state_of(c, role, epoch), 10, 1.0)
+        assert kinds(out) == want
+        records += [a.event for a in out if isinstance(a, Record)]
     assert co.committed == 0
+    # metrics.jsonl counts as the user does: the barrier of epoch 0 is epoch 1
+    assert records == [{"event": "checkpoint", "epoch": 1}]
     assert "no checkpoint of epoch 0 is due from source" in co.receive(
         conn("source"), said("source").state(0, {}, {}), 10, 1.0)[0].text
 

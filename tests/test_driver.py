@@ -182,11 +182,11 @@ def test_layer_events_go_to_the_link_as_epochs_close():
         n.on_activation(act(c, t), float(t))
         n.on_gradient(grad(c, t), float(t) + 0.5)
     links = [m for p, m in w.msgs if p == "link"]
-    assert [protocol.event(m)["epoch"] for m in links] == [0]   # epoch 1 still open
+    assert [protocol.event(m)["epoch"] for m in links] == [1]   # epoch 2 still open
     n.finish(9.0)
     links = [m for p, m in w.msgs if p == "link"]
     assert [(e["event"], e["epoch"], e["gradients"]) for e in map(protocol.event, links)] == \
-        [("layer", 0, 2), ("layer", 1, 1)]
+        [("layer", 1, 2), ("layer", 2, 1)]
 
 
 def test_gradient_checks_refuse_what_is_not_awaited():
@@ -221,7 +221,7 @@ def test_output_sends_the_true_gradient_up_and_reports_each_epoch():
     assert [s for s in w.take() if s[0] == "up"] == [("up", "grad", t) for t in range(4)]
     events = [protocol.event(m) for p, m in w.msgs if p == "link"]
     assert [(e["event"], e["epoch"], e["batches"]) for e in events] == \
-        [("epoch", 0, 2), ("epoch", 1, 2)]
+        [("epoch", 1, 2), ("epoch", 2, 2)]
 
 
 def test_output_holds_an_epoch_until_its_test_split_and_reports_the_final_pass_at_eof():
@@ -234,12 +234,12 @@ def test_output_holds_an_epoch_until_its_test_split_and_reports_the_final_pass_a
     y = np.eye(3)[[0, 1]]
     for t in range(2):
         n.on_activation(up.act(t, 0, np.ones((2, 5)) * t, y), float(t))
-    assert [p for p, _ in w.msgs] == ["up", "up"]     # epoch 0 held for its test split
+    assert [p for p, _ in w.msgs] == ["up", "up"]     # epoch 1 held for its test split
     n.on_activation(up.evaluation(0, 0, np.ones((2, 5)), y, 0), 2.0)
     assert [p for p, _ in w.msgs] == ["up", "up"]     # 2 of 3 test examples
     n.on_activation(up.evaluation(1, 0, np.ones((1, 5)), np.eye(3)[[2]], 0), 2.5)
     event = protocol.event(w.msgs[-1][1])
-    assert (event["event"], event["epoch"]) == ("epoch", 0)
+    assert (event["event"], event["epoch"]) == ("epoch", 1)
     assert event["test_accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0)
     n.on_activation(up.evaluation(0, 0, np.ones((2, 5)), y, None), 3.0)
     n.on_activation(up.eof(2), 3.5)

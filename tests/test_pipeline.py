@@ -68,6 +68,21 @@ def test_lockstep_pipeline_equals_reference_bit_for_bit(launch, mode):
         assert layer["sg_updates"] == expect_sg
 
 
+def assert_metrics_count_epochs_from_1(run, epochs: int) -> None:
+    """metrics.jsonl: the numbering line first, the N-th epoch's event
+    ``"epoch": N``, and one final evaluation, summary.json's figures."""
+    events = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert events[0] == {"event": "numbering", "epoch_base": 1}
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == list(range(1, epochs + 1))
+    layer1 = [e["epoch"] for e in events if e["event"] == "layer" and e["role"] == "layer1"]
+    assert layer1 == list(range(1, epochs + 1))
+    final = [e for e in events if e["event"] == "final"]
+    s = run.summary()
+    assert len(final) == 1 and final[0]["role"] == "output"
+    assert (final[0]["final_loss"], final[0]["train_accuracy"]) == \
+        (s["final_loss"], s["train_accuracy"])
+
+
 def test_free_running_pipeline_solves_the_seed_task(launch):
     run = launch()  # the defaults: cdni, --layers 3, the addition task
     assert run.finish() == 0, run.err
@@ -85,6 +100,7 @@ def test_free_running_pipeline_solves_the_seed_task(launch):
     assert "exact sums 100.0 %" in run.out
     lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
     assert sum('"event": "epoch"' in line for line in lines) == cfg.epochs
+    assert_metrics_count_epochs_from_1(run, cfg.epochs)
     config = run.config()
     assert set(config["processes"]) == {"source", "layer1", "layer2", "output"}
     # Local links: Unix sockets in the run's private directory where there are
@@ -244,6 +260,7 @@ def test_in_process_run_writes_the_same_run_directory(launch):
     assert [L["role"] for L in s["layers"]] == ["layer1", "layer2", "output"]
     assert_bit_identical(run, reference_weights(Config(mode="backprop", epochs=20)))
     assert (run.run_dir / "metrics.jsonl").read_text().count('"event": "epoch"') == 20
+    assert_metrics_count_epochs_from_1(run, 20)  # the final event too, as a process run's
 
 
 def test_run_dir_with_a_finished_run_is_refused(launch):

@@ -79,10 +79,15 @@ def test_emitted_events_per_epoch(mode):
     res = reference(cfg, emit=events.append)
     epochs = [e for e in events if e["event"] == "epoch"]
     layer = [e for e in events if e["event"] == "layer"]
-    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert all(e["role"] == "output" and e["batches"] == 3 for e in epochs)
     assert sorted((e["role"], e["epoch"]) for e in layer) == \
-        [(r, ep) for r in ("layer1", "layer2") for ep in range(3)]
+        [(r, ep) for r in ("layer1", "layer2") for ep in range(1, 4)]
+    # the final evaluation, as the output node sends a process run's coordinator
+    final = [e for e in events if e["event"] == "final"]
+    assert len(final) == 1 and final[0]["role"] == "output"
+    assert (final[0]["final_loss"], final[0]["train_accuracy"], final[0]["batches"]) == \
+        (res.final_loss, res.train_accuracy, res.batches)
     for e in layer:
         assert e["gradients"] == 3
         # lockstep rules, no delay: every gradient is applied in its own step
@@ -108,7 +113,7 @@ def test_every_epoch_has_its_layer_event(kw):
     layer = [e for e in events if e["event"] == "layer"]
     for k, h in enumerate(res.hidden, start=1):
         mine = [e for e in layer if e["role"] == f"layer{k}"]
-        assert [e["epoch"] for e in mine] == [0, 1, 2]
+        assert [e["epoch"] for e in mine] == [1, 2, 3]
         assert sum(e["gradients"] for e in mine) == h.stats.true_gradients
 
 

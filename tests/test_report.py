@@ -58,14 +58,17 @@ SUMMARY = {
 }
 
 
-def _events(epochs: int = 4, sg: bool = True) -> list[dict]:
-    out = []
+def _events(epochs: int = 4, sg: bool = True, base: int = 1) -> list[dict]:
+    """A run's events; ``base`` 0: as runs wrote them before they counted
+    epochs from 1 (no numbering line, the N-th epoch ``"epoch": N - 1``)."""
+    out = [{"event": "numbering", "epoch_base": 1}] if base == 1 else []
     for ep in range(epochs):
-        out.append({"event": "epoch", "role": "output", "epoch": ep, "loss": 6.47 / (ep + 1),
+        out.append({"event": "epoch", "role": "output", "epoch": ep + base,
+                    "loss": 6.47 / (ep + 1),
                     "accuracy": 0.01 * ep, "batches": 10, "elapsed_s": 0.01 * (ep + 1),
                     "batches_per_s": 4202.1})
         for i, role in ((2, "layer2"), (1, "layer1")):
-            out.append({"event": "layer", "role": role, "epoch": ep, "gradients": 10,
+            out.append({"event": "layer", "role": role, "epoch": ep + base, "gradients": 10,
                         "staleness_steps_mean": 5.5 / i, "staleness_steps_max": 7,
                         "staleness_s_mean": 0.0131 / i + 0.001 * ep, "staleness_s_max": 0.0154,
                         "sg_loss": 0.0035 if sg else None,

@@ -35,14 +35,33 @@ def test_json_and_npz_are_written_whole_and_no_temporary_file_stays(tmp_path):
 
 def test_metrics_are_appended_a_line_each_and_flushed(tmp_path):
     rd = RunDir(tmp_path / "run")
-    rd.metric({"event": "epoch", "epoch": 0})
+    rd.metric({"event": "epoch", "epoch": 1})
     # flushed: readable before the directory is closed
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == \
-        '{"event": "epoch", "epoch": 0}\n'
-    rd.metric({"event": "epoch", "epoch": 1})
+        '{"event": "epoch", "epoch": 1}\n'
+    rd.metric({"event": "epoch", "epoch": 2})
     rd.close()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_each_process_says_the_numbering_of_its_events_with_the_config(tmp_path):
+    """config.json, then the numbering line before the events; a resume
+    rewrites config.json and says it again before its own events."""
+    numbering = '{"event": "numbering", "epoch_base": 1}\n'
+    rd = RunDir(tmp_path / "run")
+    rd.write_config({"run_id": "x", "config": {}})
+    rd.metric({"event": "epoch", "epoch": 1})
+    rd.close()
+    rd = RunDir(tmp_path / "run", resume=True)
+    rd.write_config({"run_id": "x", "config": {"start_epoch": 1}})
+    rd.metric({"event": "epoch", "epoch": 2})
+    rd.close()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"] == \
+        {"start_epoch": 1}
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == (
+        numbering + '{"event": "epoch", "epoch": 1}\n' + numbering
+        + '{"event": "epoch", "epoch": 2}\n')
 
 
 def test_a_finished_run_is_not_overwritten_and_a_completed_one_not_resumed(tmp_path):
@@ -210,7 +229,7 @@ def killed_run(path):
     """The directory of a run killed after its checkpoint of epoch 1."""
     rd = RunDir(path)
     rd.write_json("config.json", {"run_id": "r", "config": {"layers": 2}})
-    rd.metric({"event": "epoch", "epoch": 0})
+    rd.metric({"event": "epoch", "epoch": 1})
     for role in ("layer1", "output"):
         rd.write_checkpoint(1, role, {"clock": 20}, {"w": np.ones(2)})
     rd.commit_checkpoint(1)
@@ -467,7 +486,7 @@ def test_a_resumed_run_does_not_join_a_killed_runs_half_line(tmp_path):
     rd.metric({"event": "epoch", "epoch": 2})
     rd.close()
     assert [json.loads(line)["epoch"] for line in
-            (path / "metrics.jsonl").read_text().splitlines()] == [0, 2]
+            (path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_a_summary_the_disk_has_no_room_for_is_one_line(tmp_path, monkeypatch, capsys):

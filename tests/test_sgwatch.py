@@ -36,10 +36,10 @@ def test_collapse_rule_table(cos, rel, stale, want):
 def test_tracking_and_one_warning_per_layer_over_windows():
     w = SGWatch(Config(grad_delay=8, lockstep=True))
     # two epochs of 100 gradients make a window; means weighted by gradients
-    assert w.add(ev("layer2", 0, 100, 0.6, 0.8, 8.0, 3.0)) is None
-    assert w.add(ev("layer2", 1, 100, 0.4, 1.0, 8.0, 5.0)) is None  # window: cos 0.5, rel 0.9
-    assert w.add(ev("layer2", 2, 150, 0.1, 4.0, 8.0, 9.0)) is None  # half a window so far
-    warning = w.add(ev("layer2", 3, 50, 0.5, 1.0, 8.0, 60.0))       # cos 0.2, rel 3.25
+    assert w.add(ev("layer2", 1, 100, 0.6, 0.8, 8.0, 3.0)) is None
+    assert w.add(ev("layer2", 2, 100, 0.4, 1.0, 8.0, 5.0)) is None  # window: cos 0.5, rel 0.9
+    assert w.add(ev("layer2", 3, 150, 0.1, 4.0, 8.0, 9.0)) is None  # half a window so far
+    warning = w.add(ev("layer2", 4, 50, 0.5, 1.0, 8.0, 60.0))       # cos 0.2, rel 3.25
     assert warning is not None and warning.startswith("warning: layer2's synthetic gradients")
     assert "by epoch 4 (relative error 3.25, cosine 0.20 against 0.50 at best" in warning
     assert "8.0 steps stale itself" in warning
@@ -47,7 +47,7 @@ def test_tracking_and_one_warning_per_layer_over_windows():
     assert warning.endswith("try --batchnorm, --sg-lookahead 1 or a smaller --grad-delay "
                             "(now 8) (docs/staleness.md)")
     # later collapses of the same layer say nothing more
-    assert w.add(ev("layer2", 4, 200, 0.0, 9.0, 8.0, 90.0)) is None
+    assert w.add(ev("layer2", 5, 200, 0.0, 9.0, 8.0, 90.0)) is None
     assert w.warnings == [warning]
     t = w.tracking()["layer2"]
     assert t == {"first_cosine": 0.6, "last_cosine": 0.0, "last_rel_err": 9.0,
@@ -58,11 +58,11 @@ def test_tracking_and_one_warning_per_layer_over_windows():
 
 def test_no_warning_without_staleness_anywhere_and_none_for_layers_without_sg():
     w = SGWatch(Config())
-    for epoch in range(4):
+    for epoch in range(1, 5):
         assert w.add(ev("layer1", epoch, 200, 0.0, 50.0, 0.0)) is None
-    assert w.add({"event": "layer", "role": "layer1", "epoch": 5, "gradients": 200,
+    assert w.add({"event": "layer", "role": "layer1", "epoch": 6, "gradients": 200,
                   "sg_cosine": None, "sg_rel_err": None, "staleness_steps_mean": 3}) is None
-    assert w.add({"event": "epoch", "role": "output", "epoch": 0}) is None
+    assert w.add({"event": "epoch", "role": "output", "epoch": 1}) is None
     assert w.warnings == [] and w.tracking()["layer1"]["collapsed_epoch"] is None
 
 
@@ -70,8 +70,8 @@ def test_staleness_of_another_layer_is_enough():
     """A module may collapse with little staleness of its own when the layer
     below runs ahead (seen free-running on MNIST)."""
     w = SGWatch(Config())
-    w.add(ev("layer1", 0, 200, 0.5, 0.9, 2.0))
-    warning = w.add(ev("layer2", 0, 200, 0.2, 3.2, 0.1))
+    w.add(ev("layer1", 1, 200, 0.5, 0.9, 2.0))
+    warning = w.add(ev("layer2", 1, 200, 0.2, 3.2, 0.1))
     assert warning is not None and "0.1 steps stale itself, the stalest layer 2.0)" in warning
     assert "a smaller --max-inflight (now 8)" in warning
 
@@ -94,8 +94,8 @@ def test_advice_names_only_what_the_run_does_not_use(kw, want):
 def test_summary_and_table_carry_tracking_and_warnings():
     cfg = Config(grad_delay=2, lockstep=True)
     w = SGWatch(cfg)
-    w.add(ev("layer1", 0, 250, 0.7, 0.5, 2.0))
-    w.add(ev("layer1", 1, 250, 0.1, 4.0, 2.0))
+    w.add(ev("layer1", 1, 250, 0.7, 0.5, 2.0))
+    w.add(ev("layer1", 2, 250, 0.1, 4.0, 2.0))
     counters = {"forward_batches": 500, "weight_updates": 500, "skipped_updates": 0,
                 "sg_updates": 498, "true_gradients": 498, "dropped_gradients": 0,
                 "lost_gradients": 0, "expired_gradients": 2,

@@ -139,12 +139,13 @@ def test_staleness_running_figures():
 
 def test_layer_epoch_event_exact_and_resets():
     # Batches 0..3 are epoch 3 when an epoch has one batch... use 4 per epoch:
-    # APPLIED's batches 0..3 all fall in epoch 0; batch 4 opens epoch 1.
+    # APPLIED's batches 0..3 all fall in the first epoch, "epoch": 1 (counted
+    # from 1); batch 4 opens epoch 2.
     ep = LayerEpoch("layer2", batches_per_epoch=4)
     assert [ep.add(a, 12.5) for a in APPLIED] == [None] * 4
-    e = ep.add(Applied(4, None, 1, 2.0), 12.5)  # a later epoch closes epoch 0
+    e = ep.add(Applied(4, None, 1, 2.0), 12.5)  # a later epoch closes epoch 1
     assert e == pytest.approx({
-        "event": "layer", "role": "layer2", "epoch": 0, "gradients": 4,
+        "event": "layer", "role": "layer2", "epoch": 1, "gradients": 4,
         "staleness_steps_mean": 2.25, "staleness_steps_max": 5,
         "staleness_s_mean": 0.5, "staleness_s_max": 1.0,
         "sg_loss": 2.5, "sg_cosine": 1 / 3, "sg_rel_err": 0.4375, "act_norm": 4.0,
@@ -152,7 +153,7 @@ def test_layer_epoch_event_exact_and_resets():
     assert e["staleness_steps_max"] == 5 and type(e["staleness_steps_max"]) is int
     # the next epoch starts from nothing, and flush closes it
     assert ep.flush(13.0) == {
-        "event": "layer", "role": "layer2", "epoch": 1, "gradients": 1,
+        "event": "layer", "role": "layer2", "epoch": 2, "gradients": 1,
         "staleness_steps_mean": 1.0, "staleness_steps_max": 1,
         "staleness_s_mean": 2.0, "staleness_s_max": 2.0,
         "sg_loss": None, "sg_cosine": None, "sg_rel_err": None, "act_norm": None,
@@ -161,12 +162,12 @@ def test_layer_epoch_event_exact_and_resets():
 
 
 def test_layer_epoch_skipped_epoch_gets_no_event():
-    # Every gradient of epoch 1 was lost: epoch 0 closes when epoch 2 begins.
+    # Every gradient of epoch 2 was lost: epoch 1 closes when epoch 3 begins.
     ep = LayerEpoch("layer1", batches_per_epoch=2)
     assert ep.add(Applied(0, None, 0, 0.0), 1.0) is None
     e = ep.add(Applied(4, None, 0, 0.0), 2.0)
-    assert (e["epoch"], e["gradients"]) == (0, 1)
-    assert ep.flush(3.0)["epoch"] == 2
+    assert (e["epoch"], e["gradients"]) == (1, 1)
+    assert ep.flush(3.0)["epoch"] == 3
 
 
 def test_layer_epoch_flush_with_no_gradients():
@@ -179,11 +180,11 @@ def test_epoch_stats_event_weights_losses_by_batch_size():
     st = EpochStats()
     st.add(2.0, 3, 10)
     st.add(1.0, 5, 5)   # a short last batch
-    e = st.epoch_event("output", 0, 4.0)
-    assert e == {"event": "epoch", "role": "output", "epoch": 0, "loss": 25 / 15,
+    e = st.epoch_event("output", 1, 4.0)
+    assert e == {"event": "epoch", "role": "output", "epoch": 1, "loss": 25 / 15,
                  "accuracy": 8 / 15, "batches": 2, "elapsed_s": 4.0, "batches_per_s": 0.5}
     st.add(3.0, 1, 2)
-    e = st.epoch_event("output", 1, 5.0)
+    e = st.epoch_event("output", 2, 5.0)
     assert (e["loss"], e["accuracy"], e["batches"], e["batches_per_s"]) == (3.0, 0.5, 1, 1.0)
 
 

@@ -28,7 +28,7 @@ def test_the_rate_after_a_resume_counts_this_processes_batches():
     out = io.StringIO()
     p = Progress(RESUMED, out)
     assert p.epochs_done == 400  # a run cut short at once has done what its checkpoint did
-    p.epoch(_epoch(799, 10.0))
+    p.epoch(_epoch(800, 10.0))
     # 400 epochs of 10 batches in 10 s: 400 batches/s, not the 800 of the whole run
     assert out.getvalue() == ("epoch 800/800  loss   0.0300  exact 100.0 %      400 batches/s"
                               "    10.0 s\n")
@@ -113,8 +113,8 @@ class _Pty(io.StringIO):
 def test_progress_redraws_only_on_the_users_terminal(terminal, want):
     out = _Pty()
     p = Progress(Config(epochs=100), out, terminal)
-    for e in range(100):
-        p.epoch(_epoch(e, 1.0 + e))
+    for e in range(1, 101):
+        p.epoch(_epoch(e, e))
     text = out.getvalue()
     assert want in text
     if terminal is False:

@@ -97,11 +97,11 @@ def expected(run_dir: Path) -> dict[tuple[str, int], float]:
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         e = json.loads(line)
         if e["event"] == "epoch":
-            pairs, step = [(e.get(k), tag) for k, tag in EPOCH], e["epoch"] + 1
+            pairs, step = [(e.get(k), tag) for k, tag in EPOCH], e["epoch"]
             epochs = max(epochs, step)
         elif e["event"] == "layer":
             pairs = [(e.get(k), tag.format(e["role"])) for k, tag in LAYER]
-            step = e["epoch"] + 1
+            step = e["epoch"]
         elif e["event"] == "final":
             pairs = [(e["final_loss"], "final/loss"),
                      (e["train_accuracy"], "final/train_accuracy")]
@@ -121,14 +121,14 @@ def check_run(run_dir: Path) -> dict[tuple[str, int], float]:
 # --- scalars: the exact table --------------------------------------------------------------
 
 @pytest.mark.parametrize("event, epochs, want", [
-    ({"event": "epoch", "role": "output", "epoch": 0, "loss": 6.5, "accuracy": 0.01,
+    ({"event": "epoch", "role": "output", "epoch": 1, "loss": 6.5, "accuracy": 0.01,
       "batches": 10, "elapsed_s": 0.1, "batches_per_s": 93.5, "rss_mb": 43.6},
      0, [("loss/train", 6.5, 1), ("accuracy/train", 0.01, 1), ("speed/batches_per_s", 93.5, 1)]),
-    ({"event": "epoch", "role": "output", "epoch": 9, "loss": 0.25, "accuracy": 0.9,
+    ({"event": "epoch", "role": "output", "epoch": 10, "loss": 0.25, "accuracy": 0.9,
       "test_loss": 0.3, "test_accuracy": 0.875, "batches_per_s": None},
      0, [("loss/train", 0.25, 10), ("loss/test", 0.3, 10), ("accuracy/train", 0.9, 10),
          ("accuracy/test", 0.875, 10)]),
-    ({"event": "layer", "role": "layer2", "epoch": 3, "gradients": 10,
+    ({"event": "layer", "role": "layer2", "epoch": 4, "gradients": 10,
       "staleness_steps_mean": 0.4, "staleness_steps_max": 1, "staleness_s_mean": 0.0048,
       "staleness_s_max": 0.0118, "sg_loss": 1.5, "sg_cosine": 0.31, "sg_rel_err": 0.97,
       "act_norm": 2.99, "elapsed_s": 0.35, "rss_mb": 43.8},
@@ -137,7 +137,7 @@ def check_run(run_dir: Path) -> dict[tuple[str, int], float]:
          ("sg/layer2/cosine", 0.31, 4), ("sg/layer2/rel_err", 0.97, 4), ("sg/layer2/loss", 1.5, 4),
          ("activations/layer2/norm", 2.99, 4)]),
     # async-backprop: no SG figures (null); an unlocked layer's true inputs
-    ({"event": "layer", "role": "layer12", "epoch": 0, "staleness_steps_mean": 2.0,
+    ({"event": "layer", "role": "layer12", "epoch": 1, "staleness_steps_mean": 2.0,
       "staleness_steps_max": 2, "staleness_s_mean": None, "staleness_s_max": None,
       "sg_loss": None, "sg_cosine": None, "sg_rel_err": None, "act_norm": None,
       "si_loss": 0.5, "si_cosine": 0.75, "si_rel_err": 0.25, "input_staleness_mean": 1.5},
@@ -149,18 +149,20 @@ def check_run(run_dir: Path) -> dict[tuple[str, int], float]:
       "batches": 8000, "train_s": 11.0},
      800, [("final/loss", 0.03, 800), ("final/train_accuracy", 1.0, 800)]),
     # a diverged loss is shown as it is
-    ({"event": "epoch", "role": "output", "epoch": 1, "loss": float("inf")},
+    ({"event": "epoch", "role": "output", "epoch": 2, "loss": float("inf")},
      0, [("loss/train", float("inf"), 2)]),
     # nothing else: other events, and what is not a number, an epoch or a role
     ({"event": "checkpoint", "epoch": 4}, 0, []),
     ({"event": "decode_error", "role": "layer1", "reason": "bad magic"}, 0, []),
+    ({"event": "numbering", "epoch_base": 1}, 0, []),
     ({"event": "epoch", "role": "output", "epoch": True, "loss": 1.0}, 0, []),
+    ({"event": "epoch", "role": "output", "epoch": 0, "loss": 1.0}, 0, []),  # from 1
     ({"event": "epoch", "role": "output", "epoch": -1, "loss": 1.0}, 0, []),
     ({"event": "epoch", "role": "output", "epoch": 1.5, "loss": 1.0}, 0, []),
     ({"event": "epoch", "role": "output", "loss": 1.0}, 0, []),
-    ({"event": "layer", "role": "../etc", "epoch": 0, "sg_cosine": 0.5}, 0, []),
-    ({"event": "layer", "role": None, "epoch": 0, "sg_cosine": 0.5}, 0, []),
-    ({"event": "epoch", "role": "output", "epoch": 0, "loss": "6.5", "accuracy": True,
+    ({"event": "layer", "role": "../etc", "epoch": 1, "sg_cosine": 0.5}, 0, []),
+    ({"event": "layer", "role": None, "epoch": 1, "sg_cosine": 0.5}, 0, []),
+    ({"event": "epoch", "role": "output", "epoch": 1, "loss": "6.5", "accuracy": True,
       "test_loss": [1.0], "batches_per_s": 7}, 0, [("speed/batches_per_s", 7.0, 1)]),
 ])
 def test_scalars_of_each_event(event, epochs, want):
@@ -196,7 +198,13 @@ def test_an_in_process_run_shows_what_metrics_jsonl_says(tmp_path):
     assert steps == set(range(1, 13))
     assert got["staleness/layer1/steps_mean", 12] == 2.0   # every gradient 2 steps late
     assert ("sg/layer2/cosine", 12) in got
-    assert not any(tag.startswith("final/") for tag, _ in got)  # the reference logs no final event
+    # the final evaluation, as a process run's: once in metrics.jsonl, at the last epoch's step
+    finals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"final"' in line]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(finals) == 1 and finals[0]["final_loss"] == summary["final_loss"]
+    assert got["final/loss", 12] == float(np.float32(summary["final_loss"]))
+    assert got["final/train_accuracy", 12] == float(np.float32(summary["train_accuracy"]))
     board = run_dir / "tensorboard"
     assert stat.S_IMODE(board.stat().st_mode) == 0o700
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in board.iterdir())
@@ -228,12 +236,12 @@ def test_a_resumed_run_adds_an_event_file(tmp_path, monkeypatch):
     rd = RunDir(tmp_path / "run")
     clock = iter([1_800_000_000.0, 1_800_000_000.5, 1_800_000_001.0])
     rd.board = tensorboard.Board(rd.path / "tensorboard", clock=lambda: next(clock))
-    rd.metric({"event": "epoch", "role": "output", "epoch": 0, "loss": 2.0})
+    rd.metric({"event": "epoch", "role": "output", "epoch": 1, "loss": 2.0})
     rd.close()
     monkeypatch.setattr(os, "getpid", lambda: 99)
     rd = RunDir(tmp_path / "run", resume=True)
     rd.board = tensorboard.Board(rd.path / "tensorboard", clock=lambda: 1_800_000_100.0)
-    rd.metric({"event": "epoch", "role": "output", "epoch": 1, "loss": 1.0})
+    rd.metric({"event": "epoch", "role": "output", "epoch": 2, "loss": 1.0})
     rd.close()
     names = sorted(p.name for p in (tmp_path / "run" / "tensorboard").iterdir())
     assert names[1] == "events.out.tfevents.1800000100.99" and len(names) == 2
@@ -283,7 +291,7 @@ def test_a_full_disk_at_the_event_file_stops_the_run_and_leaves_whole_records(tm
                                                                                monkeypatch):
     rd = RunDir(tmp_path / "run")
     rd.board = tensorboard.Board(rd.path / "tensorboard")
-    event = {"event": "epoch", "role": "output", "epoch": 0, "loss": 2.0, "accuracy": 0.5}
+    event = {"event": "epoch", "role": "output", "epoch": 1, "loss": 2.0, "accuracy": 0.5}
     rd.metric(event)
     real_write = os.write
 
@@ -294,9 +302,9 @@ def test_a_full_disk_at_the_event_file_stops_the_run_and_leaves_whole_records(tm
         return real_write(fd, data)
     monkeypatch.setattr(tensorboard.os, "write", half)
     with pytest.raises(WriteError, match=r"cannot write .*tfevents.*No space left") as exc:
-        rd.metric({**event, "epoch": 1})
+        rd.metric({**event, "epoch": 2})
     assert exc.value.full and rd.full is exc.value
-    rd.metric({**event, "epoch": 2})  # the run is stopping: nothing more is written
+    rd.metric({**event, "epoch": 3})  # the run is stopping: nothing more is written
     rd.close()
     assert read_scalars(tmp_path / "run" / "tensorboard") == {("loss/train", 1): 2.0,
                                                               ("accuracy/train", 1): 0.5}

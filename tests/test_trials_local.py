@@ -252,7 +252,7 @@ def test_a_second_run_with_the_same_run_dir_is_refused(launch):
     assert summary(first.run_dir)["status"] == "interrupted"
     events = [json.loads(line) for line in
               (first.run_dir / "metrics.jsonl").read_text().splitlines()]
-    firsts = [e for e in events if e.get("event") == "epoch" and e.get("epoch") == 0]
+    firsts = [e for e in events if e.get("event") == "epoch" and e.get("epoch") == 1]
     assert len(firsts) == 1  # one run's events, not two interleaved
 
 

@@ -312,5 +312,7 @@ def test_the_run_directory_says_virtual_and_wall_seconds(tmp_path):
     assert s["virtual_s"] >= 0.4
     events = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
     epochs = [e for e in events if e["event"] == "epoch"]
-    assert len(epochs) == 20 and all("wall_s" in e and e["elapsed_s"] <= s["virtual_s"]
-                                     for e in epochs)
+    assert [e["epoch"] for e in epochs] == list(range(1, 21))
+    assert all("wall_s" in e and e["elapsed_s"] <= s["virtual_s"] for e in epochs)
+    final = [e for e in events if e["event"] == "final"]
+    assert len(final) == 1 and final[0]["final_loss"] == s["final_loss"]

@@ -58,7 +58,9 @@ class Record:
 
 @dataclass(frozen=True)
 class SaveCheckpoint:
-    """Write ``role``'s state of ``epoch`` under checkpoints/."""
+    """Write ``role``'s state of ``epoch`` under checkpoints/. Here and in
+    ``Commit`` ``epoch`` is the barrier's, its index from 0; the run
+    directory names the checkpoint by the epochs done, ``epoch + 1``."""
     epoch: int
     role: str
     state: dict
@@ -222,8 +224,8 @@ class Coordinator:
     def _metric(self, role: str, event: dict, size: int) -> list[Action]:
         self._metric_budget(role, size)
         out: list[Action] = [Record(event)]
-        if event.get("event") == "epoch":
-            self.epochs_done = event["epoch"] + 1
+        if event.get("event") == "epoch":  # its epoch counts from 1: the epochs done
+            self.epochs_done = event["epoch"]
         elif event.get("event") == "final":
             self.final = event
         elif (warning := self.watch.add(event)) is not None:
@@ -255,7 +257,8 @@ class Coordinator:
         if got >= set(self.roles[1:]):
             self.committed = epoch
             del self.checkpoints[epoch]
-            out += [Commit(epoch), Record({"event": "checkpoint", "epoch": epoch})]
+            # In metrics.jsonl as the user counts: the epochs done.
+            out += [Commit(epoch), Record({"event": "checkpoint", "epoch": epoch + 1})]
         return out
 
     # -- the handshake ------------------------------------------------------------------

@@ -106,8 +106,7 @@ class Tracking:
     first_act_norm: float | None = None   # mean per-example |h| in the first and last epoch
     last_act_norm: float | None = None
     best_cosine: float | None = None      # over windows of >= WINDOW gradients
-    # Epochs counted from 1, as the progress line counts them (the events'
-    # "epoch" is the index from 0).
+    # Epochs counted from 1, as the progress line and the events count them.
     best_epoch: int | None = None         # the last epoch of that window
     staleness_mean: float | None = None   # steps stale, mean over the gradients
     collapsed_epoch: int | None = None    # the last epoch of the first window that collapsed
@@ -153,9 +152,9 @@ class SGWatch:
         warning = None
         stalest = max(L.staleness_mean or 0.0 for L in self.layers.values())
         if t.collapsed_epoch is None and collapsed(w_cos, w_rel, stalest):
-            t.collapsed_epoch = epoch + 1
+            t.collapsed_epoch = epoch
             warning = (f"warning: {role}'s synthetic gradients stopped tracking the true ones "
-                       f"by epoch {epoch + 1} (relative error {w_rel:.2f}, cosine {w_cos:.2f}"
+                       f"by epoch {epoch} (relative error {w_rel:.2f}, cosine {w_cos:.2f}"
                        + (f" against {t.best_cosine:.2f} at best" if t.best_cosine is not None
                           else "")
                        + f"; {w_stale:.1f} steps stale itself, the stalest layer {stalest:.1f}"
@@ -163,7 +162,7 @@ class SGWatch:
                        + advice(self.cfg))
             self.warnings.append(warning)
         if t.best_cosine is None or w_cos > t.best_cosine:
-            t.best_cosine, t.best_epoch = w_cos, epoch + 1
+            t.best_cosine, t.best_epoch = w_cos, epoch
         return warning
 
     def tracking(self) -> dict[str, dict]:

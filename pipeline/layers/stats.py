@@ -1,4 +1,8 @@
-"""Per-epoch accumulators that turn a stream of batches into metric events."""
+"""Per-epoch accumulators that turn a stream of batches into metric events.
+
+An event's ``epoch`` counts from 1, as the user does: the N-th epoch is
+epoch N, its event written once N epochs are done (a batch's epoch index
+from 0, ``batch // batches_per_epoch``, stays inside)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +32,8 @@ class EpochStats:
         return out
 
     def epoch_event(self, role: str, epoch: int, elapsed: float) -> dict:
-        """The output layer's epoch: mean training loss and exact-match rate
-        over the batches as they were trained (weights moving)."""
+        """The output layer's ``epoch`` (counted from 1): mean training loss and
+        exact-match rate over the batches as they were trained (weights moving)."""
         loss, acc, batches = self.take()
         span, self.last_elapsed = elapsed - self.last_elapsed, elapsed
         return {"event": "epoch", "role": role, "epoch": epoch, "loss": loss,
@@ -124,7 +128,8 @@ class _Mean:
 
 class LayerEpoch:
     """A hidden layer's applied gradients, grouped by the epoch of their
-    batch -> one ``layer`` event per epoch. An epoch is closed when a
+    batch -> one ``layer`` event per epoch, its ``epoch`` counted from 1
+    (``self.epoch``: the open epoch's index from 0). An epoch is closed when a
     gradient of a later epoch is applied, or at the end (``flush``): its last
     batch's gradient may never come (dropped, or expired under a delay)."""
 
@@ -162,7 +167,7 @@ class LayerEpoch:
         """The open epoch's event (None if nothing was applied since)."""
         if self.epoch is None or not self.steps.count:
             return None
-        e = {"event": "layer", "role": self.role, "epoch": self.epoch,
+        e = {"event": "layer", "role": self.role, "epoch": self.epoch + 1,
              "gradients": self.steps.count,
              "staleness_steps_mean": self.steps.mean, "staleness_steps_max": self.steps.max,
              "staleness_s_mean": self.seconds.mean, "staleness_s_max": self.seconds.max,

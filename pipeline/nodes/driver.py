@@ -317,11 +317,12 @@ class OutputNode(_LayerNode):
                 "train_s": self.train_s, **self.last_test}))
 
     def _end_epoch(self, batch: int, now: float) -> None:
-        """The epoch's event, held until its test split is evaluated (if any)."""
+        """The epoch's event (its epoch counted from 1), held until its test
+        split is evaluated (if any)."""
         cfg = self.cfg
         self.train_s = now - self.start
         event = self.stats.epoch_event(self.role, schedule.epoch_of(
-            batch, cfg.batches_per_epoch), self.train_s)
+            batch, cfg.batches_per_epoch) + 1, self.train_s)
         event.update(self.input_epoch.take())
         if cfg.test_examples:
             self.held.append(event)

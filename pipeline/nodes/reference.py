@@ -52,7 +52,8 @@ def train_reference(cfg: Config, task: Arrays, emit: Emit | None = None,
     queue while its schedule lets it; gradients go up their queues and are
     delivered as they come, top layer first, so locked backprop passes its
     gradient all the way down in one sweep. ``emit`` gets every metric event
-    the nodes send the coordinator; ``should_stop`` is asked before each
+    the nodes send the coordinator (their epochs counted from 1), the
+    output's ``final`` evaluation too; ``should_stop`` is asked before each
     training batch (True: KeyboardInterrupt); ``layers`` gets every layer as
     it is made (layer 1 first), for a run cut short to write them as they are."""
     emit = emit or (lambda event: None)
@@ -63,11 +64,10 @@ def train_reference(cfg: Config, task: Arrays, emit: Emit | None = None,
     grads = [deque() for _ in range(n - 1)]  # grads[i]: the gradient queue of layer i + 1
 
     def link(msg: Message) -> None:
-        if msg.kind == METRIC:
+        if msg.kind == METRIC:  # "final" too, as a process run's coordinator records it
             if msg.meta["event"] == "final":
                 final.update(msg.meta)
-            else:
-                emit(dict(msg.meta))
+            emit(dict(msg.meta))
 
     def outlet(i: int):
         """Where layer i + 1's node sends: the queues of its neighbours."""

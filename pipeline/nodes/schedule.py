@@ -129,6 +129,8 @@ def input_stream(cfg) -> Iterator[Turn]:
 
 
 def epoch_of(batch: int, batches_per_epoch: int) -> int:
+    """The index from 0 of ``batch``'s epoch, as the schedule counts (the
+    metric events a user reads count from 1: this + 1)."""
     return batch // batches_per_epoch
 
 
@@ -138,8 +140,10 @@ def ends_epoch(batch: int, batches_per_epoch: int) -> bool:
 
 
 def checkpoint_due(epoch: int, cfg) -> bool:
-    """Is there a checkpoint after ``epoch``? Every ``checkpoint_every``
-    epochs, except after the last (the run's end saves the weights anyway)."""
+    """Is there a checkpoint after ``epoch`` (its index from 0, as the
+    barrier carries it; the run directory names it ``epoch + 1``)? Every
+    ``checkpoint_every`` epochs, except after the last (the run's end saves
+    the weights anyway)."""
     every = cfg.checkpoint_every
     return every > 0 and (epoch + 1) % every == 0 and epoch + 1 < cfg.epochs
 

@@ -120,10 +120,10 @@ def curves(events: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     for key in ("loss", "accuracy", "test_loss", "test_accuracy"):
         xs = [k for k in sorted(epochs) if isinstance(epochs[k].get(key), (int, float))]
         if xs:
-            out[key] = ([k + 1 for k in xs], [float(epochs[k][key]) for k in xs])
+            out[key] = (xs, [float(epochs[k][key]) for k in xs])
     if cosines:
         xs = sorted(cosines)
-        out["sg_cosine"] = ([k + 1 for k in xs],
+        out["sg_cosine"] = (xs,
                             [sum(cosines[k].values()) / len(cosines[k]) for k in xs])
     return out
 

@@ -6,9 +6,17 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.run.runfiles import NUMBERING
+
+# The events whose "epoch" a user reads; the base a run without a numbering
+# line counted them from.
+NUMBERED, OLD_BASE = frozenset({"epoch", "layer", "checkpoint"}), 0
+
 
 def load_run(run_dir: str | os.PathLike) -> dict:
-    """{"path", "summary", "config", "events", "bad_lines"} of a finished run.
+    """{"path", "summary", "config", "events", "bad_lines"} of a finished run,
+    the events' epochs counted from 1 whichever numbering wrote them
+    (``renumbered``).
 
     Lines of metrics.jsonl that are not JSON objects (a run killed mid-write
     leaves half a line) are skipped and counted in ``bad_lines``. Raises
@@ -46,8 +54,26 @@ def load_run(run_dir: str | os.PathLike) -> dict:
                 events.append(event)
             else:
                 bad += 1
-    return {"path": path, "summary": summary, "config": config, "events": events,
+    return {"path": path, "summary": summary, "config": config, "events": renumbered(events),
             "bad_lines": bad}
+
+
+def renumbered(events: list[dict]) -> list[dict]:
+    """``events`` (of metrics.jsonl, in order) with every ``epoch`` of an
+    epoch, layer or checkpoint event counted from 1 (the N-th epoch is N).
+    Events count as the last numbering line before them says
+    (``runfiles.NUMBERING``); those before any, a run's from before that
+    line (or its part before a resume by this version), from 0."""
+    base, out = OLD_BASE, []
+    for e in events:
+        if e.get("event") == NUMBERING["event"] and type(e.get("epoch_base")) is int:
+            base = e["epoch_base"]
+        epoch = e.get("epoch")
+        if (base != 1 and e.get("event") in NUMBERED and isinstance(epoch, int)
+                and not isinstance(epoch, bool)):
+            e = {**e, "epoch": epoch + 1 - base}
+        out.append(e)
+    return out
 
 
 def _json_object(path: Path) -> dict:

@@ -51,8 +51,7 @@ def run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
     live: list = []  # the layers as they train
     at_stop = False
     try:
-        rd.write_json("config.json", {"run_id": run_id, "config": cfg.to_dict(),
-                                      "processes": {}})
+        rd.write_config({"run_id": run_id, "config": cfg.to_dict(), "processes": {}})
         result = _train(cfg, emit, live)
     except KeyboardInterrupt:
         status = "interrupted"

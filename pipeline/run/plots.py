@@ -191,8 +191,8 @@ def _delay_axis(ax, delays: list[int]) -> None:
 # --- one run ---------------------------------------------------------------------------------
 
 def _epoch_axis(ax) -> None:
-    """Epochs numbered from 1 as the progress line prints them (the events'
-    ``epoch`` is the index from 0: the curves plot it + 1)."""
+    """Epochs numbered from 1 as the progress line prints them and the
+    events count them (``finished.load_run`` renumbers older runs')."""
     from matplotlib.ticker import MaxNLocator
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
@@ -253,7 +253,7 @@ def _training_panel(ax, events: list[dict], what: str = "exact sums") -> None:
     if not epochs:
         _note(ax, "no epoch events in metrics.jsonl")
         return
-    x = [e["epoch"] + 1 for e in epochs]
+    x = [e["epoch"] for e in epochs]
     loss = [_num(e.get("loss")) for e in epochs]
     acc = [_num(e.get("accuracy")) * 100 for e in epochs]
     # Not the layer colours of the other panels: these curves are the whole net's.
@@ -285,7 +285,7 @@ def _sg_panel(ax, layer_events: dict[str, list[dict]], colours: dict[str, object
         if all(math.isnan(v) for v in cos + rel):
             skipped.append(role)
             continue
-        x = [e["epoch"] + 1 for e in es]
+        x = [e["epoch"] for e in es]
         c = colours.get(role, "0.3")
         ax.plot(x, cos, color=c, lw=1.6, label=f"{role} cosine", **_marker(x))
         ax.plot(x, rel, color=c, lw=1.2, ls="--", label=f"{role} rel. error", **_marker(x))
@@ -339,7 +339,7 @@ def _seconds_panel(ax, layer_events: dict[str, list[dict]], colours: dict[str, o
         ys = [_num(e.get("staleness_s_mean")) * 1e3 for e in es]
         if all(math.isnan(v) for v in ys):
             continue
-        x = [e["epoch"] + 1 for e in es]
+        x = [e["epoch"] for e in es]
         ax.plot(x, ys, color=colours.get(role, "0.3"), lw=1.4, label=role, **_marker(x))
         drawn = True
     if not drawn:

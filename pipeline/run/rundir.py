@@ -218,6 +218,13 @@ class RunDir:
             _fsync_dir(final.parent)  # the rename itself survives a crash
         return final
 
+    def write_config(self, obj: dict) -> Path:
+        """config.json, as this process starts the run (or goes on with it),
+        and in metrics.jsonl the numbering of the events it will append."""
+        path = self.write_json("config.json", obj)
+        self.metric(dict(runfiles.NUMBERING))
+        return path
+
     def write_json(self, name: str, obj: dict) -> Path:
         text = json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n"
         return self._atomic(name, lambda f: f.write(text.encode()))

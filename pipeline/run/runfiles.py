@@ -28,6 +28,11 @@ WEIGHTS, CHECKPOINTS, LATEST = "weights", "checkpoints", "latest.json"
 # run adds one), named by the time it was opened and that process's id
 # (TensorBoard reads every name holding "tfevents").
 TENSORBOARD = "tensorboard"
+# The line each process that writes a run puts in metrics.jsonl before its
+# events: they count epochs from 1 (the N-th epoch is "epoch": N). Lines
+# before any such line are a run's from before this numbering, which counted
+# from 0 (``finished.renumbered`` reads both).
+NUMBERING = {"event": "numbering", "epoch_base": 1}
 _ROLE = r"(?:layer[1-9][0-9]*|output)"
 _EPOCH = re.compile(r"epoch-(\d{6,})")
 # Names inside the run directory, by the directory they are in ("": the top);

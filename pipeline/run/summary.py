@@ -72,9 +72,10 @@ def build_summary(cfg: Config, *, status: str, run_id: str, wall_s: float,
 def progress_line(epoch: int, epochs: int, loss: float, accuracy: float, elapsed: float,
                   batches: int, test_accuracy: float | None = None,
                   what: str = "exact") -> str:
+    """The line of ``epoch`` (counted from 1, as its event counts) of ``epochs``."""
     rate = batches / elapsed if elapsed > 0 else 0.0
     test = f"  test {test_accuracy * 100:5.1f} %" if test_accuracy is not None else ""
-    return (f"epoch {epoch + 1:>{len(str(epochs))}}/{epochs}  loss {loss:8.4f}  "
+    return (f"epoch {epoch:>{len(str(epochs))}}/{epochs}  loss {loss:8.4f}  "
             f"{what} {accuracy * 100:5.1f} %{test}  {rate:7.0f} batches/s  {elapsed:6.1f} s")
 
 
@@ -212,7 +213,7 @@ class Progress:
         self.step = max(1, cfg.epochs // 10)
 
     def epoch(self, event: dict) -> None:
-        self.epochs_done = event["epoch"] + 1
+        self.epochs_done = event["epoch"]  # counted from 1: the epochs done
         if self.cfg.quiet:
             return
         now = time.monotonic()

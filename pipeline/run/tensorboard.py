@@ -67,18 +67,18 @@ def _number(value) -> bool:
 
 def scalars(event: dict, epochs: int = 0) -> list[tuple[str, float, int]]:
     """(tag, value, step) of each figure of a metric event; the step is the
-    epoch counted from 1, as the progress line and the report count it (the
-    event's ``epoch`` is its index from 0); the final evaluation's step is
-    ``epochs``, the epochs the run had done. Fields absent, null or not
-    numbers give nothing; so do other events (checkpoints, decode errors)."""
+    event's ``epoch``, counted from 1 as the progress line and the report
+    count it; the final evaluation's step is ``epochs``, the epochs the run
+    had done. Fields absent, null or not numbers give nothing; so do other
+    events (checkpoints, decode errors, the numbering)."""
     kind = event.get("event")
     if kind == "final":
         table, step = FINAL_TAGS, epochs
     else:
         epoch = event.get("epoch")
-        if not (_number(epoch) and epoch == int(epoch) >= 0):
+        if not (_number(epoch) and epoch == int(epoch) >= 1):
             return []
-        step = int(epoch) + 1
+        step = int(epoch)
         role = event.get("role")
         if kind == "epoch":
             table = EPOCH_TAGS

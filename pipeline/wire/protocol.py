@@ -23,6 +23,11 @@ checkpoint  (none)        ``{"epoch": e}``: a barrier, save after epoch e
 eof         (none)        (none): the stream has ended
 ==========  ============  ============================================
 
+On the wire an epoch is its index from 0 (the eval's ``test``, a barrier's
+and a layer state's ``epoch``); no user reads it. What a user reads counts
+from 1: the metric events' ``epoch`` (``pipeline.layers.stats``), the
+checkpoint after epoch e is ``epoch-(e + 1)``.
+
 Control link (every worker to the coordinator and back): hello, config,
 ready, start, metric, checkpoint (a layer's state), done, error, heartbeat
 and stop, each built and read by the functions below. ``checks`` holds the
