@@ -3,7 +3,8 @@ for each setting, REPEATS real free-running runs, then the virtual twin of
 the first with --timing-from it; each layer's mean staleness and the
 accuracy, side by side, in validation.csv and validation.md.
 
-    python docs/results/simulate/validate.py WORK_DIR OUT_DIR [--cores N] [--only NAME]
+    python docs/results/simulate/validate.py WORK_DIR OUT_DIR [--cores N] [--quantum MS]
+                                             [--only NAME]
 
 WORK_DIR holds the run directories (kept, so a row can be looked at again;
 a setting whose runs are there already is not run again). MNIST rows need
@@ -61,6 +62,7 @@ def main() -> None:
     p.add_argument("work")
     p.add_argument("out")
     p.add_argument("--cores", default="2")
+    p.add_argument("--quantum", default="3")
     p.add_argument("--only", default="")
     a = p.parse_args()
     work, out = Path(a.work), Path(a.out)
@@ -70,8 +72,9 @@ def main() -> None:
         if a.only and not name.startswith(a.only):
             continue
         real = [launch(args, work / f"{name}-real{i}") for i in range(1, REPEATS + 1)]
-        twin = launch([*args, "--simulate", "--cores", a.cores, "--timing-from",
-                       str(work / f"{name}-real1")], work / f"{name}-virtual")
+        twin = launch([*args, "--simulate", "--cores", a.cores, "--quantum", a.quantum,
+                       "--timing-from", str(work / f"{name}-real1")],
+                      work / f"{name}-virtual-c{a.cores}-q{a.quantum}")
         per_layer = list(zip(*[stale(s) for s in real]))
         want = [statistics.mean(v) for v in per_layer]
         got = stale(twin)
