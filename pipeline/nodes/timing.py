@@ -107,8 +107,9 @@ class _Link:
 
 @dataclass
 class Timing:
-    """The run's model: ``steps[p][kind]`` seconds for role ``p``, and
-    ``sigmas[p][kind]`` the lognormal spread of each handling around it;
+    """The run's model: ``steps[p][kind]`` seconds of work for role ``p``,
+    ``sigmas[p][kind]`` the lognormal spread of each handling around it, and
+    ``slow[p]`` its straggler factor (its idling after each handling);
     the links' delay, jitter and bandwidth; the seed of the draws. What it
     returns is in nanoseconds."""
     steps: list[dict[str, float]]
@@ -118,6 +119,7 @@ class Timing:
     act_links: bool = False          # --delay-activations
     bytes_per_s: float = 0.0         # 0: no limit
     seed: int = 1
+    slow: list[float] = field(default_factory=list)  # --slow's factor by role
     _rngs: dict = field(default_factory=dict, repr=False)
     _links: dict = field(default_factory=dict, repr=False)
 
@@ -133,11 +135,11 @@ class Timing:
             spread = {k: cfg.step_jitter for k in times}
             for kind, (seconds, sigma) in (measured_s or {}).get(p, {}).items():
                 times[kind], spread[kind] = seconds, sigma
-            factor = cfg.slowdown(p) if p else 1.0
-            steps.append({k: s * factor for k, s in times.items()})
+            steps.append(times)
             sigmas.append(spread)
+        slow = [cfg.slowdown(p) if p else 1.0 for p in range(cfg.layers + 1)]
         return cls(steps, sigmas, cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000,
-                   cfg.delay_activations, cfg.bandwidth * 1e6, cfg.timing_seed)
+                   cfg.delay_activations, cfg.bandwidth * 1e6, cfg.timing_seed, slow)
 
     def _rng(self, position: int, purpose: int) -> np.random.Generator:
         key = (position, purpose)
@@ -153,6 +155,13 @@ class Timing:
         if s > 0 and sigma > 0:  # lognormal with its mean at s
             s *= math.exp(self._rng(position, STEP).normal(-sigma * sigma / 2, sigma))
         return _ns(s)
+
+    def idle_ns(self, position: int, work_ns: int) -> int:
+        """A straggler's (``--slow``) idling after a handling of ``work_ns``:
+        (factor - 1) times the work, time that needs no core, as the real
+        straggler sleeps it; its sends leave after it."""
+        factor = self.slow[position] if self.slow else 1.0
+        return round(work_ns * (factor - 1.0))
 
     def arrival_ns(self, sent: int, to: int, box: str, msg: Message) -> int:
         """When a message released at ``sent`` reaches role ``to``'s inbox

@@ -139,28 +139,40 @@ def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None
             sent.extend(src.fan_out(msg))
         else:
             handler(msg, t / 1e9)
-        busy[p] = [timing.handling_ns(p, msg.kind), list(sent)]  # work left, what it sent
+        work = timing.handling_ns(p, msg.kind)
+        busy[p] = [work, list(sent), timing.idle_ns(p, work)]  # work left, its sends, idling
         sent.clear()
 
-    busy: dict[int, list] = {}  # role position: [nanoseconds of work left, its sends]
+    busy: dict[int, list] = {}  # role position: [ns of work left, its sends, ns idling after]
+    asleep: dict[int, tuple] = {}  # a straggler idling: (when it wakes, its sends)
     cpus = Cores(cfg.cores, round(cfg.quantum_ms * 1e6))
     now = 0  # nanoseconds
     while True:
         for p in range(n + 1):
-            if p not in busy:
+            if p not in busy and p not in asleep:
                 start(p, now)
         cpus.settle(busy)
         wait = cpus.next_ns(busy)
-        if wait is None and not heap:
+        times = [t for t in (now + wait if wait is not None else None,
+                             heap[0][0] if heap else None,
+                             min((w for w, _ in asleep.values()), default=None)) if t is not None]
+        if not times:
             break
-        t = now + wait if not heap or (wait is not None and now + wait <= heap[0][0]) \
-            else heap[0][0]
+        t = min(times)
         cpus.advance(busy, t - now)
         now = t
         for p in sorted(busy):  # the ends first, in chain order: their sends leave now
             if busy[p][0] <= 0:
-                for port, out in busy.pop(p)[1]:
-                    route(p, port, out, now)
+                _, out, idle = busy.pop(p)
+                if idle > 0:
+                    asleep[p] = (now + idle, out)
+                else:
+                    for port, msg in out:
+                        route(p, port, msg, now)
+        for p in sorted(asleep):  # a straggler's idling over: its sends leave
+            if asleep[p][0] == now:
+                for port, msg in asleep.pop(p)[1]:
+                    route(p, port, msg, now)
         while heap and heap[0][0] == now:
             _, _, to, box, msg = heapq.heappop(heap)
             in_flight[(to, box)] -= 1
