@@ -144,17 +144,19 @@ def test_roles_taking_turns_on_one_core_in_slices(quantum, eof1, eof2):
 
 
 def test_a_stragglers_idling_needs_no_core():
-    # Layer 1 at --slow 3 on one shared core: 1 ms of work then 2 ms idle
-    # for an activation. At 3 ms its evaluation batch (1 ms of work) and the
-    # output's step (3 ms) share the core, half speed each, to 5; layer 1
-    # then idles to 7 while the output finishes alone, at 7. Its gradient
-    # (2 ms of work, shared with the output's evaluation to 9, alone to 10)
-    # idles 4 ms more: the end of the stream at 14.
+    # Layer 1 at --slow 3 on one shared core idles twice as long as each
+    # handling took, waits for the core included, as the real straggler
+    # sleeps. Its activation: 1 ms of work alone, idle to 3. At 3 its
+    # evaluation batch (1 ms of work) and the output's step (3 ms) share the
+    # core, half speed each: layer 1's took 2 ms, so it idles 4 (to 9) while
+    # the output finishes alone at 7. At 9 its gradient (2 ms of work) and
+    # the output's evaluation share the core to 11, alone to 12: took 3,
+    # idles 6; the end of the stream at 18.
     got = table(layers=2, hidden=(8,), mode="async-backprop", examples=1, cores=1,
                 slow=((1, 3.0),))
     assert got == [(0, 0, ACT, 0), (0, 0, EVAL, 0), (0, 1, ACT, 0), (0, 0, "eof", 1),
-                   (3, 1, EVAL, 0), (3, 2, ACT, 0), (7, 1, GRAD, 0), (7, 2, EVAL, 0),
-                   (14, 1, "eof", 1), (14, 2, "eof", 1)]
+                   (3, 1, EVAL, 0), (3, 2, ACT, 0), (9, 1, GRAD, 0), (9, 2, EVAL, 0),
+                   (18, 1, "eof", 1), (18, 2, "eof", 1)]
 
 
 # --- what any timing gives ---------------------------------------------------------
@@ -285,7 +287,7 @@ def test_timing_from_a_run_directory(tmp_path):
     assert t.handling_ns(0, ACT) == 500_000 and t.handling_ns(0, EVAL) == 0
     assert t.handling_ns(1, EVAL) == MS // 3        # not measured: the model's
     assert t.handling_ns(2, ACT) == 2 * MS          # the work measured, and --slow's
-    assert t.idle_ns(2, 2 * MS) == 2 * MS           # idling on top of it
+    assert t.idle_ns(2, 2 * MS) == 2 * MS           # idling as long again
     grads = np.array([t.handling_ns(1, GRAD) for _ in range(20000)]) / 500_000
     assert np.mean(grads) == pytest.approx(1.0, abs=0.03)
     assert np.std(grads) == pytest.approx(1.0, abs=0.15)

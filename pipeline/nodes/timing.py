@@ -156,12 +156,13 @@ class Timing:
             s *= math.exp(self._rng(position, STEP).normal(-sigma * sigma / 2, sigma))
         return _ns(s)
 
-    def idle_ns(self, position: int, work_ns: int) -> int:
-        """A straggler's (``--slow``) idling after a handling of ``work_ns``:
-        (factor - 1) times the work, time that needs no core, as the real
-        straggler sleeps it; its sends leave after it."""
+    def idle_ns(self, position: int, took_ns: int) -> int:
+        """A straggler's (``--slow``) idling after a handling that took
+        ``took_ns`` from its start (waits for a core included): (factor - 1)
+        times that, time that needs no core, as the real straggler sleeps it
+        (``pipeline.net.delay.straggle``); its sends leave after it."""
         factor = self.slow[position] if self.slow else 1.0
-        return round(work_ns * (factor - 1.0))
+        return round(took_ns * (factor - 1.0))
 
     def arrival_ns(self, sent: int, to: int, box: str, msg: Message) -> int:
         """When a message released at ``sent`` reaches role ``to``'s inbox

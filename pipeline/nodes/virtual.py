@@ -139,11 +139,10 @@ def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None
             sent.extend(src.fan_out(msg))
         else:
             handler(msg, t / 1e9)
-        work = timing.handling_ns(p, msg.kind)
-        busy[p] = [work, list(sent), timing.idle_ns(p, work)]  # work left, its sends, idling
+        busy[p] = [timing.handling_ns(p, msg.kind), list(sent), t]  # work left, sends, start
         sent.clear()
 
-    busy: dict[int, list] = {}  # role position: [ns of work left, its sends, ns idling after]
+    busy: dict[int, list] = {}  # role position: [ns of work left, its sends, when it began]
     asleep: dict[int, tuple] = {}  # a straggler idling: (when it wakes, its sends)
     cpus = Cores(cfg.cores, round(cfg.quantum_ms * 1e6))
     now = 0  # nanoseconds
@@ -163,7 +162,8 @@ def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None
         now = t
         for p in sorted(busy):  # the ends first, in chain order: their sends leave now
             if busy[p][0] <= 0:
-                _, out, idle = busy.pop(p)
+                _, out, began = busy.pop(p)
+                idle = timing.idle_ns(p, now - began)
                 if idle > 0:
                     asleep[p] = (now + idle, out)
                 else:
