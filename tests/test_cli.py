@@ -443,7 +443,8 @@ def test_sweep_help_reads_like_the_runs_help():
                  "(default: cdni,async-backprop)",
                  "--grad-delay K1,K2 comma-separated injected gradient delays K (default: "
                  "0,1,2,4,8,16)",
-                 "every variant runs the whole grid (default: one, unnamed) --out"):
+                 "every variant runs the whole grid (default: one, unnamed) --axis",
+                 "e.g. 'link-delay=0 5 20'; repeatable --out"):
         assert said in text, said
     a = parse_sweep([])
     assert (a.modes, a.delays, a.unlocks, a.input_delays, a.seeds) == (

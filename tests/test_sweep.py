@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.run.sweep import Point, aggregate, grid, markdown, markdown_by_variant
+from pipeline.run.sweep import (Point, aggregate, expand_axes, grid, markdown,
+                                 markdown_by_variant, parse_axis)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(120)
@@ -288,3 +289,31 @@ def test_sweep_rejects_a_grid_that_cannot_unlock_in_one_line(tmp_path, argv, fla
     done = sweep(tmp_path / "s", *argv)
     assert done.returncode == 2 and f"argument {flag}: " in done.stderr
     assert done.stderr.count("\n") == 1 and not (tmp_path / "s").exists()
+
+
+def test_axes_expand_into_a_variant_per_combination():
+    assert parse_axis("link-delay=0 5 20") == ("link-delay", ["0", "5", "20"])
+    assert parse_axis("--slow=2:3") == ("slow", ["2:3"])
+    for bad in ("layers", "layers=", "=3 6", "Layers=3", "link delay=1"):
+        with pytest.raises(ValueError, match="expected OPTION=V1 V2"):
+            parse_axis(bad)
+    axes = [("link-delay", ["0", "5"]), ("slow", ["2:3"])]
+    assert expand_axes([], axes) == [
+        ("link-delay0-slow2_3", ["--link-delay", "0", "--slow", "2:3"]),
+        ("link-delay5-slow2_3", ["--link-delay", "5", "--slow", "2:3"])]
+    assert expand_axes([("fast", ["--step-ms", "0.5"]), ("slow", [])], axes[:1]) == [
+        ("fast-link-delay0", ["--step-ms", "0.5", "--link-delay", "0"]),
+        ("fast-link-delay5", ["--step-ms", "0.5", "--link-delay", "5"]),
+        ("slow-link-delay0", ["--link-delay", "0"]),
+        ("slow-link-delay5", ["--link-delay", "5"])]
+
+
+def test_a_sweep_over_virtual_time_axes_sets_each_points_options():
+    from pipeline.run.cli import parse_sweep
+    a = parse_sweep(["--simulate", "--axis", "link-delay=0 5", "--axis", "layers=3 6",
+                     "--modes", "cdni", "--grad-delay", "0", "--seeds", "1"])
+    got = {name: (c.simulate, c.link_delay_ms, c.layers) for name, c in a.bases.items()}
+    assert got == {"link-delay0-layers3": (True, 0.0, 3), "link-delay0-layers6": (True, 0.0, 6),
+                   "link-delay5-layers3": (True, 5.0, 3), "link-delay5-layers6": (True, 5.0, 6)}
+    with pytest.raises(SystemExit):
+        parse_sweep(["--axis", "grad-delay=1 2"])  # an axis of the grid's own

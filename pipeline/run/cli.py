@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pipeline import files, limits
 from pipeline.data import tasks
 from pipeline.run import runfiles
+from pipeline.run.sweep import expand_axes, parse_axis
 from pipeline.nodes.timing import measured
 from pipeline.config import (CLASSIFICATION_DEFAULTS, MODES, UNLOCKS, Config, ConfigError,
                              default_hidden, defaults_for)
@@ -124,6 +125,13 @@ def _variant(text: str) -> tuple[str, list[str]]:
         raise argparse.ArgumentTypeError(f"variant {name}: {exc}") from None
 
 
+def _axis(text: str) -> tuple[str, list[str]]:
+    try:
+        return parse_axis(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 PARSE = {"widths": lambda text: _widths(text), "link_delay": lambda text: _link_delay(text),
          "straggler": lambda text: _straggler(text)}
 
@@ -183,6 +191,9 @@ def build_parser(sweep: bool = False) -> argparse.ArgumentParser:
                        help="a named set of run options added to the others, e.g. "
                             "'sgd: --optimizer sgd --lr 0.05 --momentum 0.9'; repeatable: "
                             "every variant runs the whole grid (default: one, unnamed)")
+        g.add_argument("--axis", type=_axis, action="append", default=[],
+                       metavar="'OPTION=V1 V2'", help="a run option as one more axis, every "
+                       "value with every variant, e.g. 'link-delay=0 5 20'; repeatable")
         g.add_argument("--out", default="", metavar="DIR",
                        help="sweep directory (default: sweeps/<time>)")
     else:
@@ -347,6 +358,8 @@ def parse_sweep(argv: list[str]) -> SweepArgs:
         p.error("argument --input-delay: delays must be at least 0")
     seeds = list(range(a.seed, a.seed + a.seeds))
     parsed = {"": a}
+    if a.axis:
+        a.variant = expand_axes(a.variant, a.axis)
     if a.variant:
         parsed = {}
         for name, options in a.variant:

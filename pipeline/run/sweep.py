@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,29 @@ CSV_FIELDS = ["variant", "mode", "unlock", "grad_delay", "input_delay", "seed", 
               "final_loss", "train_accuracy", "test_accuracy", "staleness_mean",
               "staleness_max", "sg_cosine_mean", "si_cosine_mean", "input_staleness_mean",
               "batches_per_s", "wall_s", "run_dir"]
+
+
+def parse_axis(text: str) -> tuple[str, list[str]]:
+    """``--axis 'OPTION=V1 V2 ...'``: a run option and its values (ValueError
+    in one line otherwise)."""
+    option, sep, values = text.partition("=")
+    option, vals = option.strip().lstrip("-"), values.split()
+    if not sep or not re.fullmatch(r"[a-z][a-z0-9-]*", option) or not vals:
+        raise ValueError(f"expected OPTION=V1 V2 ... like 'link-delay=0 5 20', got {text[:80]!r}")
+    return option, vals
+
+
+def expand_axes(variants: list[tuple[str, list[str]]],
+                axes: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    """Every variant (none: one, unnamed) with every value of each axis: a
+    variant per combination, its name the variant's and the values'
+    (``fast-link-delay5-layers6``), its options the variant's and the values'."""
+    out = variants or [("", [])]
+    for option, values in axes:
+        out = [("-".join(filter(None, (name, re.sub(r"[^A-Za-z0-9_.+=-]", "_",
+                                                      option + value))))[:64],
+                [*options, f"--{option}", value]) for name, options in out for value in values]
+    return out
 
 
 @dataclass(frozen=True)
