@@ -242,9 +242,8 @@ class Config:
         (), "--simulate: layer LAYER's step time instead (0: the source, whose default is "
         "0 ms); repeatable", VIRTUAL, kind="straggler", metavar="LAYER:MS",
         most=limits.MAX_WAIT_S * 1000)
-    bandwidth: float = option(0.0, "--simulate: every link carries this many megabytes per "
-                              "second, so a message's size counts (0: no limit)", VIRTUAL,
-                              metavar="MB_S")
+    bandwidth: float = option(0.0, "--simulate: every link's megabytes per second, so a "
+                              "message's size counts (0: no limit)", VIRTUAL, metavar="MB_S")
     step_jitter: float = option(0.0, "--simulate: each handling's time is lognormal with "
                                 "this sigma and its mean at the modelled time, drawn from "
                                 "--timing-seed (0: none)", VIRTUAL, metavar="S", most=10.0)
@@ -253,11 +252,13 @@ class Config:
     quantum_ms: float = option(0.0, "--cores: a role computes for slices of this much work, "
                                "taking turns (0: all at once, each at cores/busy of its "
                                "speed)", VIRTUAL, metavar="MS", flag="--quantum")
+    emulated_links: bool = option(False, "--simulate: a --link-delay starts when the "
+                                  "receiver reads the message, as a real run's emulated "
+                                  "one does, not at the send", VIRTUAL, kind="flag")
     timing_seed: int = option(1, "--simulate: the seed of the jitter draws, steps and links "
                               "(0 to 2**32 - 1)", VIRTUAL, most=2 ** 32 - 1)
-    timing_from: str = option("", "--simulate: each role's step and message times as "
-                              "measured in this run directory's real run", VIRTUAL,
-                              metavar="RUN_DIR")
+    timing_from: str = option("", "--simulate: each role's handling times as measured in "
+                              "this real run's directory", VIRTUAL, metavar="RUN_DIR")
     # output -----------------------------------------------------------------------
     run_dir: str = option("", "directory for config.json, metrics.jsonl, summary.json and "
                           "weights (default: runs/<time>-<mode>-<id>)", OUT, sweep=False)
@@ -267,9 +268,8 @@ class Config:
         OUT, kind="flag", sweep=False)
     quiet: bool = option(False, "no progress line", OUT, kind="flag")
     tensorboard: bool = option(
-        False, "also write TensorBoard event files to RUN_DIR/tensorboard/, per epoch: loss "
-        "and accuracy, each layer's staleness, SG cosine and relative error, batches/s "
-        "(pip install -e '.[tb]'; docs/design.md#tensorboard)", OUT, kind="flag")
+        False, "also write TensorBoard event files to RUN_DIR/tensorboard/ (pip install -e "
+        "'.[tb]'; docs/design.md#tensorboard)", OUT, kind="flag")
 
     def __post_init__(self) -> None:
         from pipeline import validation  # (it reads this module's ConfigError and flags)

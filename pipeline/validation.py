@@ -120,7 +120,7 @@ def _virtual(cfg, need) -> None:
     timing = {"step_ms": cfg.step_ms != 1.0, "layer_step_ms": bool(cfg.layer_step_ms),
               "bandwidth": cfg.bandwidth != 0.0, "step_jitter": cfg.step_jitter != 0.0,
               "timing_from": bool(cfg.timing_from), "cores": cfg.cores != 0,
-              "quantum_ms": cfg.quantum_ms != 0.0}
+              "quantum_ms": cfg.quantum_ms != 0.0, "emulated_links": cfg.emulated_links}
     for name, given in timing.items():
         need(cfg.simulate or not given, flag(name), "acts on virtual time: add --simulate")
     need(cfg.step_ms >= 0, "--step-ms", "must be at least 0")

@@ -159,6 +159,20 @@ def test_a_stragglers_idling_needs_no_core():
                    (18, 1, "eof", 1), (18, 2, "eof", 1)]
 
 
+@pytest.mark.parametrize("emulated,first", [(False, 6.5), (True, 7.0)])
+def test_a_link_delay_from_the_send_or_from_the_read(emulated, first):
+    # The output layer (4.5 ms a step) sends dx of batch 0 at 5.5 ms over a
+    # 1 ms link. A network delivers it at 6.5, when layer 1 is idle. The
+    # emulated link starts the delay when layer 1 reads its socket: it is
+    # busy with an evaluation batch (5 to 6), reads at 6, gets it at 7. The
+    # later gradients find it idle: 11 and 15.5 either way.
+    got = table(layers=2, hidden=(8,), mode="async-backprop", layer_step_ms=((2, 4.5),),
+                link_delay_ms=1.0, emulated_links=emulated)
+    assert [e for e in got if e[2] == GRAD] == [(first, 1, GRAD, 0), (11, 1, GRAD, 1),
+                                                (15.5, 1, GRAD, 2)]
+    assert (5, 1, EVAL, 2) in got and (6, 1, "eof", 3) in got
+
+
 # --- what any timing gives ---------------------------------------------------------
 
 TIMINGS = [dict(layer_step_ms=((2, 7.0),), step_jitter=0.5, link_delay_ms=3.0,

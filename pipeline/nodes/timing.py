@@ -24,7 +24,11 @@ the modelled handling times and spreads by what a real run measured
 A link delays a message by ``--link-delay`` (gradient links; activation
 links too with ``--delay-activations``; ``+-jitter`` uniform) after the
 message has crossed it at ``--bandwidth`` megabytes per second; a link keeps
-order, as TCP does: no message arrives before the one sent ahead of it.
+order, as TCP does: no message arrives before the one sent ahead of it. The
+delay starts at the send, as a network's does; with ``--emulated-links``,
+when the receiving role reads the message from its socket (between two
+handlings), as this tool's own emulation of a slow link does
+(``pipeline.net.delay``).
 """
 from __future__ import annotations
 
@@ -120,6 +124,7 @@ class Timing:
     bytes_per_s: float = 0.0         # 0: no limit
     seed: int = 1
     slow: list[float] = field(default_factory=list)  # --slow's factor by role
+    at_receiver: bool = False        # --emulated-links: the delay starts when read
     _rngs: dict = field(default_factory=dict, repr=False)
     _links: dict = field(default_factory=dict, repr=False)
 
@@ -139,7 +144,8 @@ class Timing:
             sigmas.append(spread)
         slow = [cfg.slowdown(p) if p else 1.0 for p in range(cfg.layers + 1)]
         return cls(steps, sigmas, cfg.link_delay_ms / 1000, cfg.link_jitter_ms / 1000,
-                   cfg.delay_activations, cfg.bandwidth * 1e6, cfg.timing_seed, slow)
+                   cfg.delay_activations, cfg.bandwidth * 1e6, cfg.timing_seed, slow,
+                   cfg.emulated_links)
 
     def _rng(self, position: int, purpose: int) -> np.random.Generator:
         key = (position, purpose)
@@ -164,25 +170,42 @@ class Timing:
         factor = self.slow[position] if self.slow else 1.0
         return round(took_ns * (factor - 1.0))
 
-    def arrival_ns(self, sent: int, to: int, box: str, msg: Message) -> int:
-        """When a message released at ``sent`` reaches role ``to``'s inbox
-        ``box`` ("act", "grad" or "input")."""
-        purpose = GRAD_LINK if box == "grad" else ACT_LINK
+    def delayed(self, box: str) -> bool:
+        """Does ``--link-delay`` hold messages to an inbox ``box``?"""
+        return self.delay_s > 0 and (box == "grad" or (box == "act" and self.act_links))
+
+    def _link(self, to: int, box: str) -> _Link:
         link = self._links.get((to, box))
         if link is None:
+            purpose = GRAD_LINK if box == "grad" else ACT_LINK
             link = self._links[(to, box)] = _Link(self._rng(to, purpose))
+        return link
+
+    def arrival_ns(self, sent: int, to: int, box: str, msg: Message) -> int:
+        """When a message released at ``sent`` reaches role ``to``'s inbox
+        ``box`` ("act", "grad" or "input"); with ``at_receiver``, when it
+        reaches the receiver's socket, the delay still to come (``held_ns``)."""
+        link = self._link(to, box)
         start = max(sent, link.free)
         if self.bytes_per_s > 0:
             size = HEADER_BYTES + sum(a.nbytes for a in msg.arrays)
             link.free = start + _ns(size / self.bytes_per_s)
         else:
             link.free = start
+        if self.at_receiver and self.delayed(box):
+            return link.free
+        return self.held_ns(link.free, to, box)
+
+    def held_ns(self, start: int, to: int, box: str) -> int:
+        """The link's delay, from ``start``: when the message reaches the
+        inbox, never before the one ahead of it."""
+        link = self._link(to, box)
         delay = 0.0
-        if box == "grad" or (box == "act" and self.act_links):
+        if self.delayed(box):
             delay = self.delay_s
             if self.jitter_s > 0:
                 delay = max(0.0, delay + link.rng.uniform(-self.jitter_s, self.jitter_s))
-        link.last = max(link.last, link.free + _ns(delay))
+        link.last = max(link.last, start + _ns(delay))
         return link.last
 
 

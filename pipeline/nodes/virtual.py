@@ -52,6 +52,7 @@ class _Role:
         self.acts: deque[Message] = deque()
         self.grads: deque[Message] = deque()
         self.inputs: deque[Message] = deque()
+        self.socket: list[Message] = []  # --emulated-links: arrived, not read yet
 
 
 def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None,
@@ -98,7 +99,16 @@ def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None
         to, box = ((p + 1, "act") if port == "down" else (p - 1, "grad") if port == "up"
                    else (input_box[port], "input"))
         in_flight[(to, box)] = in_flight.get((to, box), 0) + 1
-        arrive(timing.arrival_ns(t, to, box, msg), to, box, msg)
+        at = timing.arrival_ns(t, to, box, msg)
+        arrive(at, to, "socket" if timing.at_receiver and timing.delayed(box) else box, msg)
+
+    def read(p: int, t: int) -> None:
+        """--emulated-links: an idle role reads what waits in its sockets, and
+        each message's delay starts now."""
+        for msg in roles[p].socket:
+            box = "grad" if msg.kind == protocol.GRAD else "act"
+            arrive(timing.held_ns(t, p, box), p, box, msg)
+        roles[p].socket.clear()
 
     def backlog(to: int, box: str) -> int:
         r = roles[to]
@@ -149,6 +159,7 @@ def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None
     while True:
         for p in range(n + 1):
             if p not in busy and p not in asleep:
+                read(p, now)
                 start(p, now)
         cpus.settle(busy)
         wait = cpus.next_ns(busy)
@@ -175,8 +186,11 @@ def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None
                     route(p, port, msg, now)
         while heap and heap[0][0] == now:
             _, _, to, box, msg = heapq.heappop(heap)
-            in_flight[(to, box)] -= 1
             r = roles[to]
+            if box == "socket":  # --emulated-links: read when the role is next idle
+                r.socket.append(msg)
+                continue
+            in_flight[(to, box)] -= 1
             (r.acts if box == "act" else r.grads if box == "grad" else r.inputs).append(msg)
     stuck = [protocol.layer_role(p, n) for p in range(1, n + 1) if not nodes[p].finished]
     if stuck or not src_done:

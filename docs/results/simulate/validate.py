@@ -1,7 +1,8 @@
 """The virtual-time run against real ones (docs/simulate.md#validation):
 for each setting, REPEATS real free-running runs, then the virtual twin of
-the first with --timing-from it; each layer's mean staleness and the
-accuracy, side by side, in validation.csv and validation.md.
+the first with --timing-from it (sharing the machine's cores in slices,
+its links delayed as this tool emulates them); each layer's mean staleness
+and the accuracy, side by side, in validation.csv and validation.md.
 
     python docs/results/simulate/validate.py WORK_DIR OUT_DIR [--cores N] [--quantum MS]
                                              [--only NAME]
@@ -74,8 +75,8 @@ def main() -> None:
             continue
         real = [launch(args, work / f"{name}-real{i}") for i in range(1, REPEATS + 1)]
         twin = launch([*args, "--simulate", "--cores", a.cores, "--quantum", a.quantum,
-                       "--timing-from", str(work / f"{name}-real1")],
-                      work / f"{name}-virtual-c{a.cores}-q{a.quantum}")
+                       "--emulated-links", "--timing-from", str(work / f"{name}-real1")],
+                      work / f"{name}-virtual-c{a.cores}-q{a.quantum}-emulated")
         per_layer = list(zip(*[stale(s) for s in real]))
         want = [statistics.mean(v) for v in per_layer]
         got = stale(twin)
