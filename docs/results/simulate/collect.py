@@ -3,10 +3,12 @@ every finished run of the sweep as a row of depth.csv; depth.md, the means
 and sample standard deviations over seeds; depth.png, staleness and accuracy
 against depth.
 
-    python docs/results/simulate/collect.py SWEEP_DIR OUT_DIR [TARGET]
+    python docs/results/simulate/collect.py SWEEP_DIR OUT_DIR [TARGET [CONTROL_DIR]]
 
 TARGET (default 0.9): the test accuracy whose first epoch gives the virtual
-time to it ("-" where no seed's run reached it).
+time to it ("-" where no seed's run reached it). CONTROL_DIR: the control
+sweep (the same nets under --lockstep, K = 0, named layersN-MODE-delay0-seedS):
+its accuracies go in control.md and as dashed lines in the plot.
 """
 import csv
 import json
@@ -17,6 +19,7 @@ from pathlib import Path
 
 sweep, out = Path(sys.argv[1]), Path(sys.argv[2])
 target = float(sys.argv[3]) if len(sys.argv) > 3 else 0.9
+control_dir = Path(sys.argv[4]) if len(sys.argv) > 4 else None
 MODES = ["backprop", "async-backprop", "dni", "cdni"]
 rows = []
 for path in sorted(sweep.glob("runs/*/summary.json")):
@@ -69,6 +72,19 @@ for (d, link, mode), g in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0]
 (out / "depth.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 
+control: dict = {}  # (depth, mode) -> test accuracies under --lockstep, K = 0
+if control_dir:
+    for path in sorted(control_dir.glob("runs/*/summary.json")):
+        s = json.loads(path.read_text())
+        m = re.match(r"layers(\d+)-(.+)-delay0-seed(\d+)$", path.parent.name)
+        if s.get("status") == "completed" and m:
+            control.setdefault((int(m[1]), m[2]), []).append(s["test_accuracy"])
+    lines = ["| depth | mode | seeds | test accuracy % under --lockstep, K = 0 |", "|---|---|---|---|"]
+    for (d, mode), accs in sorted(control.items(), key=lambda kv: (kv[0][0], MODES.index(kv[0][1]))):
+        lines.append(f"| {d} | {mode} | {len(accs)} | {ms(accs, 100)} |")
+    (out / "control.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
 try:
     import matplotlib
     matplotlib.use("Agg")
@@ -87,6 +103,11 @@ for j, link in enumerate(links):
                         marker="o", label=mode)
         axes[1][j].plot(xs, [100 * statistics.mean(r["test_accuracy"] for r in g)
                              for _, g in pts], marker="o", label=mode)
+        lock = sorted((d, accs) for (d, md), accs in control.items() if md == mode)
+        if lock:
+            colour = axes[1][j].get_lines()[-1].get_color()
+            axes[1][j].plot([d for d, _ in lock], [100 * statistics.mean(a) for _, a in lock],
+                            ls="--", color=colour, label=f"{mode}, --lockstep K=0")
     axes[0][j].set_title(f"links {link} ms, steps 2 ms")
     axes[1][j].set_xlabel("layers")
     for ax in (axes[0][j], axes[1][j]):
@@ -95,5 +116,7 @@ for j, link in enumerate(links):
 axes[0][0].set_ylabel("layer 1's mean staleness (steps)")
 axes[1][0].set_ylabel("test accuracy % (mean of seeds)")
 axes[0][0].legend()
+if control:
+    axes[1][0].legend(fontsize=7)
 fig.tight_layout()
 fig.savefig(out / "depth.png", dpi=110)
