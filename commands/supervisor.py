@@ -49,7 +49,7 @@ def run(cfg: Config, stream: TextIO = sys.stdout, resume: dict | None = None) ->
     rd = open_run(cfg, resume is not None, stream)
     run_id = secrets.token_hex(6)
     if cfg.in_process or cfg.simulate:
-        return run_in_process(cfg, rd, run_id, stream, SIGNALS.shielded)
+        return run_in_process(cfg, rd, run_id, stream, SIGNALS.shielded, resume)
     return Supervisor(cfg, rd, run_id, stream, resume=resume).run()
 
 

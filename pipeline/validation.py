@@ -115,8 +115,6 @@ def _virtual(cfg, need) -> None:
     """--simulate and its timing model."""
     need(not (cfg.simulate and cfg.in_process), "--simulate",
          "is a run of its own: not with --in-process")
-    need(not (cfg.simulate and (cfg.checkpoint_every or cfg.start_epoch)), "--simulate",
-         "checkpoints and --resume are the process pipeline's (docs/simulate.md)")
     timing = {"step_ms": cfg.step_ms != 1.0, "layer_step_ms": bool(cfg.layer_step_ms),
               "bandwidth": cfg.bandwidth != 0.0, "step_jitter": cfg.step_jitter != 0.0,
               "timing_from": bool(cfg.timing_from), "cores": cfg.cores != 0,

@@ -316,7 +316,6 @@ def test_timing_from_a_run_directory(tmp_path):
     (["--step-ms", "2"], "argument --step-ms: acts on virtual time: add --simulate"),
     (["--simulate", "--in-process"], "argument --simulate: is a run of its own"),
     (["--simulate", "--layer-step-ms", "5:1"], "argument --layer-step-ms: layers are 0"),
-    (["--simulate", "--checkpoint-every", "2"], "argument --simulate: checkpoints"),
     (["--simulate", "--bandwidth", "-1"], "argument --bandwidth: must be at least 0"),
     (["--cores", "2"], "argument --cores: acts on virtual time"),
     (["--simulate", "--quantum", "2"], "argument --quantum: slices cores: add --cores N"),
@@ -347,3 +346,74 @@ def test_the_run_directory_says_virtual_and_wall_seconds(tmp_path):
     assert all("wall_s" in e and e["elapsed_s"] <= s["virtual_s"] for e in epochs)
     final = [e for e in events if e["event"] == "final"]
     assert len(final) == 1 and final[0]["final_loss"] == s["final_loss"]
+
+
+# --- checkpoints and resume -----------------------------------------------------------
+def _run_dir(tmp_path, name: str, should_stop=None, **kw) -> int:
+    from pipeline.run.in_process import run_in_process
+    from pipeline.run.rundir import RunDir
+    import io
+    kw = {"simulate": True, "epochs": 40, "step_ms": 2.0, "quiet": True,
+          "checkpoint_every": 10, "keep_checkpoints": 0, **kw}
+    cfg = tasks.resolve(Config(run_dir=str(tmp_path / name), **kw))
+    return run_in_process(cfg, RunDir(tmp_path / name), name, io.StringIO(),
+                          should_stop=should_stop)
+
+
+def _stop_after(path, epochs: int):
+    """True once the run at ``path`` has committed the checkpoint of ``epochs``."""
+    latest = path / "checkpoints" / "latest.json"
+    return lambda: latest.is_file() and json.loads(latest.read_text())["epochs_done"] >= epochs
+
+
+def _resume(path) -> int:
+    from commands.supervisor import run
+    from pipeline.run.resume import resume_config
+    import io
+    cfg, states = resume_config(path, True)
+    assert cfg.start_epoch == 20 and cfg.simulate
+    return run(cfg, io.StringIO(), resume=states)
+
+
+def _final_weights(path) -> list[dict]:
+    out = []
+    for role in ("layer1", "layer2", "output"):
+        with np.load(path / "weights" / f"{role}.npz") as z:
+            out.append({k: z[k] for k in z.files})
+    return out
+
+
+def test_a_lockstep_run_stopped_and_resumed_ends_as_the_whole_run_bit_for_bit(tmp_path):
+    assert _run_dir(tmp_path, "whole", lockstep=True) == 0
+    cut = tmp_path / "cut"
+    assert _run_dir(tmp_path, "cut", _stop_after(cut, 20), lockstep=True) == 130
+    s = json.loads((cut / "summary.json").read_text())
+    assert s["status"] == "interrupted"
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == [
+        "epoch-000010", "epoch-000020", "latest.json"]
+    assert _resume(cut) == 0
+    assert same(_final_weights(cut), _final_weights(tmp_path / "whole"))
+    events = [json.loads(line) for line in (cut / "metrics.jsonl").open()]
+    assert [e["epoch"] for e in events if e["event"] == "checkpoint"] == [10, 20, 30]
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == list(range(1, 41))
+
+
+def test_a_free_running_resume_starts_afresh_and_is_reproducible(tmp_path):
+    import shutil
+    assert _run_dir(tmp_path, "whole") == 0
+    cut = tmp_path / "cut"
+    assert _run_dir(tmp_path, "cut", _stop_after(cut, 20)) == 130
+    shutil.copytree(cut, tmp_path / "again")
+    assert _resume(cut) == 0 and _resume(tmp_path / "again") == 0
+    assert same(_final_weights(cut), _final_weights(tmp_path / "again"))
+    # Its pipeline restarts empty at the checkpoint, as a real resumed run's
+    # processes do: the staleness after it is not the whole run's, nor the weights.
+    assert not same(_final_weights(cut), _final_weights(tmp_path / "whole"))
+    s = json.loads((cut / "summary.json").read_text())
+    assert s["status"] == "completed" and s["start_epoch"] == 20 and s["virtual_s"] > 0
+
+
+def test_checkpoints_are_kept_as_keep_checkpoints_says(tmp_path):
+    assert _run_dir(tmp_path, "r", keep_checkpoints=1) == 0
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == [
+        "epoch-000030", "latest.json"]

@@ -32,12 +32,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pipeline.config import Config
+from pipeline.layers.state import load_layer_state
 from pipeline.nodes.cores import Cores
 from pipeline.nodes.driver import Arrays, HiddenNode, OutputNode, SourceNode
 from pipeline.nodes.reference import Emit, ReferenceResult
 from pipeline.nodes.timing import Timing
 from pipeline.wire import protocol
-from pipeline.wire.protocol import ACT, METRIC, Message
+from pipeline.wire.protocol import ACT, CHECKPOINT, METRIC, Message
 
 
 @dataclass
@@ -57,11 +58,18 @@ class _Role:
 
 def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None,
              should_stop: Callable[[], bool] | None = None,
-             layers: list | None = None, trace: list | None = None) -> SimResult:
+             layers: list | None = None, trace: list | None = None,
+             checkpoint: Callable[[Message], None] | None = None,
+             states: dict | None = None) -> SimResult:
     """Train ``cfg`` on ``task`` in virtual time under ``timing``. ``emit``,
     ``should_stop`` and ``layers`` as ``train_reference``'s (each metric event
     also gets ``wall_s``, the machine's seconds so far); ``trace`` gets
-    ``(time in ns, role position, kind, batch)`` of every handling as it starts."""
+    ``(time in ns, role position, kind, batch)`` of every handling as it starts.
+    ``checkpoint`` gets each layer's state message at a checkpoint barrier, as
+    a process run's coordinator does; ``states``: each layer role's (state,
+    arrays) of the checkpoint a resumed run (``cfg.start_epoch``) goes on
+    from. A resumed run starts with every role idle and every link empty at
+    virtual time 0, as a real resumed run starts its processes afresh."""
     emit = emit or (lambda event: None)
     wall0 = time.perf_counter()
     n = cfg.layers
@@ -82,10 +90,14 @@ def simulate(cfg: Config, task: Arrays, timing: Timing, emit: Emit | None = None
             if msg.meta["event"] == "final":
                 final.update(msg.meta)
             emit({**msg.meta, "wall_s": time.perf_counter() - wall0})
+        elif msg.kind == CHECKPOINT and checkpoint is not None:
+            checkpoint(msg)
 
     hidden = [HiddenNode(cfg, k, outlet) for k in range(1, n)]
     output = OutputNode(cfg, outlet)
     nodes = [None, *hidden, output]
+    for p, node in enumerate(nodes[1:] if states else [], 1):  # a resumed run goes on
+        load_layer_state(node.layer, *states[protocol.layer_role(p, n)])
     if layers is not None:
         layers.extend(node.layer for node in nodes[1:])
     input_box = {protocol.input_port(protocol.layer_role(p, n)): p

@@ -17,25 +17,52 @@ from pipeline.nodes.reference import train_reference
 from pipeline.nodes.timing import Timing, measured
 from pipeline.nodes.virtual import simulate
 from pipeline.run.rundir import RunDir, WriteError
+from pipeline.coord.coordinator import Commit, Coordinator, Record, SaveCheckpoint
 from pipeline.coord.sgwatch import SGWatch
 from pipeline.run.summary import Progress, build_summary, close_run, layer_entry, save_weights
 
 
-def _train(cfg: Config, emit, live: list):
-    """The reference's run, or under --simulate the virtual-time run."""
+def _train(cfg: Config, rd: RunDir, run_id: str, emit, live: list, resume: dict | None,
+           should_stop: Callable[[], bool] | None):
+    """The reference's run, or under --simulate the virtual-time run, whose
+    checkpoints go into the run directory as a process run's do."""
     if not cfg.simulate:
-        return train_reference(cfg, tasks.load(cfg), emit, layers=live)
+        return train_reference(cfg, tasks.load(cfg), emit, should_stop, layers=live)
     timing = Timing.of(cfg, measured(cfg.timing_from) if cfg.timing_from else None)
-    return simulate(cfg, tasks.load(cfg), timing, emit, layers=live)
+    return simulate(cfg, tasks.load(cfg), timing, emit, should_stop, layers=live,
+                    checkpoint=_checkpoints(cfg, rd, run_id), states=resume)
+
+
+def _checkpoints(cfg: Config, rd: RunDir, run_id: str) -> Callable:
+    """Each layer's state message at a checkpoint barrier, taken by the
+    coordinator's own rules (due, once per role, checked against the run's
+    layers) and written and committed in the run directory as it says."""
+    coord = Coordinator(cfg, run_id)
+
+    def take(msg) -> None:
+        for a in coord.take(msg, 0):
+            if isinstance(a, SaveCheckpoint):
+                rd.write_checkpoint(a.epoch + 1, a.role, a.state, a.arrays)
+            elif isinstance(a, Commit):
+                rd.commit_checkpoint(a.epoch + 1, coord.roles[1:], cfg.keep_checkpoints)
+            elif isinstance(a, Record):
+                rd.metric(a.event)
+            else:  # a state the rules refuse: the nodes' bug, not the user's input
+                raise RuntimeError(f"checkpoint: {a}")
+    return take
 
 
 def run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
-                   shield: Callable[[], AbstractContextManager] = nullcontext) -> int:
+                   shield: Callable[[], AbstractContextManager] = nullcontext,
+                   resume: dict | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> int:
     """``launch.py --in-process``: train with the reference and write the
     same run directory a pipeline run writes; returns the exit code.
     ``shield()`` holds signals off while the results are written. Should the
     run directory fail (its disk full), the run stops and writes the layers
-    as they are."""
+    as they are. ``resume``: each layer role's checkpointed (state, arrays)
+    (--simulate only); ``should_stop``: asked before each training batch, True
+    ends the run ``interrupted`` as a signal does."""
     progress = Progress(cfg, stream)
     watch = SGWatch(cfg)
 
@@ -52,7 +79,7 @@ def run_in_process(cfg: Config, rd: RunDir, run_id: str, stream: TextIO,
     at_stop = False
     try:
         rd.write_config({"run_id": run_id, "config": cfg.to_dict(), "processes": {}})
-        result = _train(cfg, emit, live)
+        result = _train(cfg, rd, run_id, emit, live, resume, should_stop)
     except KeyboardInterrupt:
         status = "interrupted"
     except Diverged as exc:
