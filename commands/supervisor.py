@@ -20,8 +20,8 @@ import zmq
 
 from commands.spawn import SIGNALS, module_of, spawn, worker_env
 from pipeline.config import Config
-from pipeline.coord.coordinator import (Action, Commit, Coordinator, Record, SaveCheckpoint,
-                                        Say, Send, Warn, WorkerFailed)
+from pipeline.coord.coordinator import (Action, Coordinator, Record, Say, Send, Warn,
+                                        WorkerFailed)
 from pipeline.net import memory, security, transport
 from pipeline.net.cluster import Cluster
 from pipeline.net.transport import Net, private_dir, remove_private_dir
@@ -124,19 +124,14 @@ class Supervisor:
     # -- what the coordinator says to do ---------------------------------------------------
     def _do(self, actions: list[Action]) -> None:
         for a in actions:
+            if self.rd.take_checkpoint(a, self.coord.roles[1:], self.cfg.keep_checkpoints):
+                continue
             if isinstance(a, Send):
                 self._send(a.role, a.msg)
             elif isinstance(a, Record):
                 self.rd.metric(a.event)
                 if a.event.get("event") == "epoch":
                     self.progress.epoch(a.event)
-            # A checkpoint's epoch is the barrier's index from 0; the run
-            # directory names it by the epochs done, as users count.
-            elif isinstance(a, SaveCheckpoint):
-                self.rd.write_checkpoint(a.epoch + 1, a.role, a.state, a.arrays)
-            elif isinstance(a, Commit):
-                self.rd.commit_checkpoint(a.epoch + 1, self.coord.roles[1:],
-                                          self.cfg.keep_checkpoints)
             elif isinstance(a, Warn):
                 self.progress.warn(a.text)
             elif isinstance(a, Say):

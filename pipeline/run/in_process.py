@@ -17,7 +17,7 @@ from pipeline.nodes.reference import train_reference
 from pipeline.nodes.timing import Timing, measured
 from pipeline.nodes.virtual import simulate
 from pipeline.run.rundir import RunDir, WriteError
-from pipeline.coord.coordinator import Commit, Coordinator, Record, SaveCheckpoint
+from pipeline.coord.coordinator import Coordinator, Record
 from pipeline.coord.sgwatch import SGWatch
 from pipeline.run.summary import Progress, build_summary, close_run, layer_entry, save_weights
 
@@ -41,11 +41,9 @@ def _checkpoints(cfg: Config, rd: RunDir, run_id: str) -> Callable:
 
     def take(msg) -> None:
         for a in coord.take(msg, 0):
-            if isinstance(a, SaveCheckpoint):
-                rd.write_checkpoint(a.epoch + 1, a.role, a.state, a.arrays)
-            elif isinstance(a, Commit):
-                rd.commit_checkpoint(a.epoch + 1, coord.roles[1:], cfg.keep_checkpoints)
-            elif isinstance(a, Record):
+            if rd.take_checkpoint(a, coord.roles[1:], cfg.keep_checkpoints):
+                continue
+            if isinstance(a, Record):
                 rd.metric(a.event)
             else:  # a state the rules refuse: the nodes' bug, not the user's input
                 raise RuntimeError(f"checkpoint: {a}")

@@ -23,6 +23,7 @@ from typing import TextIO
 import numpy as np
 
 from pipeline import files
+from pipeline.coord.coordinator import Commit, SaveCheckpoint
 from pipeline.run import runfiles
 from pipeline.files import open_private
 from pipeline.run.runfiles import checkpoint_dir
@@ -291,6 +292,20 @@ class RunDir:
         if not keep or roles is None:
             return []
         return runfiles.prune_checkpoints(self.path, epoch, keep, roles)
+
+    def take_checkpoint(self, action, roles: list[str], keep: int) -> bool:
+        """Carry out the coordinator's checkpoint ``action`` (``SaveCheckpoint``:
+        write a role's part; ``Commit``: make it the one to resume from, keep
+        ``keep`` of them, each holding ``roles``); whether it was one. Its epoch
+        is the barrier's index from 0; the run directory names a checkpoint by
+        the epochs done, as users count."""
+        if isinstance(action, SaveCheckpoint):
+            self.write_checkpoint(action.epoch + 1, action.role, action.state, action.arrays)
+        elif isinstance(action, Commit):
+            self.commit_checkpoint(action.epoch + 1, roles, keep)
+        else:
+            return False
+        return True
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
